@@ -1,0 +1,60 @@
+# coupon — first-come-first-served coupon issuance service.
+# `just serve` serves; `just test` runs every test. Each sets itself up.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := ".venv/bin/python"
+
+# List the recipes.
+default:
+    @just --list
+
+# Create .venv and install the project with its development tools (idempotent).
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if command -v uv >/dev/null; then uv=(uv); else
+        python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
+        uv=(python3 -m uv)
+    fi
+    "${uv[@]}" sync --extra dev --frozen --quiet
+
+# Serve the API on PORT (8000), creating the database and schema when missing.
+serve *ARGS: setup
+    {{python}} -m coupon serve {{ARGS}}
+
+# Serve with the in-memory backend: no PostgreSQL or Redis needed (one process).
+demo *ARGS: setup
+    {{python}} -m coupon serve --in-memory {{ARGS}}
+
+# Create the database when missing and apply migrations.
+migrate: setup
+    {{python}} -m coupon migrate
+
+# Lint: ruff, formatting, mypy --strict, buf lint of the proto.
+lint: setup
+    .venv/bin/ruff check src tests bench
+    .venv/bin/ruff format --check src tests bench
+    .venv/bin/mypy
+    just buf lint
+
+# Run every test (lint first). Local PostgreSQL/Redis are used when reachable,
+# testcontainers otherwise. Extra arguments go to pytest.
+test *ARGS: lint
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$({{python}} -m tools.test_services)"
+    exec {{python}} -m pytest {{ARGS}}
+
+# Run buf (installed from npm into node_modules on first use), e.g. `just buf lint`.
+buf *ARGS:
+    @[ -x node_modules/.bin/buf ] || npm ci --silent --no-audit --no-fund
+    node_modules/.bin/buf {{ARGS}}
+
+# Regenerate the protobuf and Connect code from proto/.
+gen: setup
+    {{python}} -m tools.gen
+
+# Run the load-test and verification tool against a running server (see README).
+loadtest *ARGS: setup
+    {{python}} -m coupon loadtest {{ARGS}}

@@ -1,0 +1,1 @@
+"""coupon: first-come-first-served coupon issuance."""

@@ -1,0 +1,210 @@
+"""In-memory backend: one process, nothing durable. For unit tests and demos.
+
+It honours the same contracts as the PostgreSQL and Redis adapters (the contract suite in
+tests/contract runs against both), including atomicity inside one event loop: no method
+awaits between reading and writing shared state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from coupon.application.ports import (
+    Admission,
+    AdmissionKind,
+    Clock,
+    ConstraintViolation,
+    CouponPage,
+    Recorded,
+    RecordOutcome,
+)
+from coupon.domain.campaign import Campaign
+from coupon.domain.codes import CodeCipher
+from coupon.domain.coupon import Coupon
+
+
+class SystemClock:
+    async def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class ManualClock:
+    """A clock the tests move by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.current = now
+
+    async def now(self) -> datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> None:
+        self.current += timedelta(seconds=seconds)
+
+
+@dataclass
+class MemoryStore:
+    campaigns: dict[str, Campaign] = field(default_factory=dict)
+    coupons: dict[str, list[Coupon]] = field(default_factory=dict)
+    by_user: dict[tuple[str, str], Coupon] = field(default_factory=dict)
+    slots: set[tuple[str, int]] = field(default_factory=set)
+    codes: set[str] = field(default_factory=set)
+
+
+class MemoryCampaignRepository:
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    async def add(self, campaign: Campaign) -> None:
+        if campaign.id in self._store.campaigns:
+            raise ConstraintViolation(f"campaign {campaign.id} exists")
+        self._store.campaigns[campaign.id] = campaign
+        self._store.coupons[campaign.id] = []
+
+    async def get(self, campaign_id: str) -> Campaign | None:
+        campaign = self._store.campaigns.get(campaign_id)
+        if campaign is None:
+            return None
+        return campaign.with_issued_count(len(self._store.coupons[campaign_id]))
+
+
+class MemoryCouponLedger:
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    async def record(self, coupon: Coupon) -> Recorded:
+        store = self._store
+        campaign = store.campaigns.get(coupon.campaign_id)
+        if campaign is None:
+            raise ConstraintViolation(f"campaign {coupon.campaign_id} does not exist")
+        if not 1 <= coupon.slot <= campaign.total_coupons:
+            raise ConstraintViolation(f"slot {coupon.slot} is outside the stock")
+        if coupon.issued_at < campaign.starts_at or (
+            campaign.ends_at is not None and coupon.issued_at >= campaign.ends_at
+        ):
+            raise ConstraintViolation("issued_at is outside the campaign window")
+        key = (coupon.campaign_id, coupon.user_id)
+        existing = store.by_user.get(key)
+        if existing is not None:
+            return Recorded(RecordOutcome.USER_HAS_COUPON, existing)
+        if (coupon.campaign_id, coupon.slot) in store.slots:
+            return Recorded(RecordOutcome.SLOT_TAKEN)
+        if coupon.code in store.codes:
+            return Recorded(RecordOutcome.CODE_TAKEN)
+        store.by_user[key] = coupon
+        store.slots.add((coupon.campaign_id, coupon.slot))
+        store.codes.add(coupon.code)
+        store.coupons[coupon.campaign_id].append(coupon)
+        return Recorded(RecordOutcome.RECORDED)
+
+    async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:
+        return self._store.by_user.get((campaign_id, user_id))
+
+    async def page(self, campaign_id: str, after: int, limit: int) -> CouponPage:
+        issued = self._store.coupons.get(campaign_id, [])
+        chunk = issued[after : after + limit]
+        last = after + len(chunk)
+        return CouponPage(chunk, last, has_more=last < len(issued))
+
+    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
+        return [(c.user_id, c.slot) for c in self._store.coupons.get(campaign_id, [])]
+
+
+@dataclass
+class _GateState:
+    total: int
+    starts_at: datetime
+    ends_at: datetime | None
+    next_slot: int = 0
+    free: list[int] = field(default_factory=list)
+    # user -> slot for every admitted user; pending keeps admission times, oldest first.
+    users: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, datetime] = field(default_factory=dict)
+
+
+class MemoryStockGate:
+    STALE_BATCH = 10
+
+    def __init__(self, clock: Clock, lease_seconds: float = 15.0) -> None:
+        self._clock = clock
+        self._lease = timedelta(seconds=lease_seconds)
+        self._states: dict[str, _GateState] = {}
+
+    def drop(self, campaign_id: str) -> None:
+        """Lose the campaign's state, as a Redis flush would (for tests)."""
+        self._states.pop(campaign_id, None)
+
+    async def admit(self, campaign_id: str, user_id: str) -> Admission:
+        now = await self._clock.now()
+        state = self._states.get(campaign_id)
+        if state is None:
+            return Admission(AdmissionKind.NOT_LOADED, now)
+        if now < state.starts_at:
+            return Admission(AdmissionKind.NOT_STARTED, now)
+        if state.ends_at is not None and now >= state.ends_at:
+            return Admission(AdmissionKind.ENDED, now)
+        held = state.users.get(user_id)
+        if held is not None:
+            admitted_at = state.pending.get(user_id)
+            pending = admitted_at is not None
+            stale = ((user_id, held),) if pending and now - admitted_at > self._lease else ()  # type: ignore[operator]
+            return Admission(AdmissionKind.ALREADY_HELD, now, held, pending, stale)
+        if state.free:
+            slot = state.free.pop()
+        elif state.next_slot < state.total:
+            state.next_slot += 1
+            slot = state.next_slot
+        else:
+            stale_list: list[tuple[str, int]] = []
+            for user, admitted_at in state.pending.items():
+                if now - admitted_at <= self._lease or len(stale_list) >= self.STALE_BATCH:
+                    break
+                stale_list.append((user, state.users[user]))
+            return Admission(AdmissionKind.SOLD_OUT, now, stale=tuple(stale_list))
+        state.users[user_id] = slot
+        state.pending[user_id] = now
+        return Admission(AdmissionKind.ADMITTED, now, slot)
+
+    async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
+        taken = {slot for _, slot in holdings}
+        top = max(taken, default=0)
+        self._states[campaign.id] = _GateState(
+            total=campaign.total_coupons,
+            starts_at=campaign.starts_at,
+            ends_at=campaign.ends_at,
+            next_slot=top,
+            free=[s for s in range(top, 0, -1) if s not in taken],
+            users=dict(holdings),
+        )
+
+    async def confirm(self, campaign_id: str, user_id: str) -> None:
+        state = self._states.get(campaign_id)
+        if state is not None:
+            state.pending.pop(user_id, None)
+
+    async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
+        state = self._states.get(campaign_id)
+        if state is not None and state.users.get(user_id) == slot:
+            del state.users[user_id]
+            state.pending.pop(user_id, None)
+            state.free.append(slot)
+
+    async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
+        state = self._states.get(campaign_id)
+        if state is not None and state.users.get(user_id) == slot:
+            del state.users[user_id]
+            state.pending.pop(user_id, None)
+
+
+class MemoryCodeGenerator:
+    """Codes from a per-process sequence under a random key: unique within the process."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._cipher = CodeCipher(key or secrets.token_bytes(32))
+        self._sequence = itertools.count()
+
+    async def next_code(self) -> str:
+        return self._cipher.encode(next(self._sequence))

@@ -1,0 +1,292 @@
+"""The durable coupon ledger, with group commit.
+
+Concurrent `record` calls are gathered into one INSERT (one transaction, one fsync), so
+throughput is not capped by the disk's fsync rate. A call returns only after its row's
+transaction has committed (I5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from coupon.adapters.postgres.pool import TRANSIENT, connection
+from coupon.application.ports import (
+    ConstraintViolation,
+    CouponPage,
+    Recorded,
+    RecordOutcome,
+)
+from coupon.domain.codes import CodeCipher
+from coupon.domain.coupon import Coupon
+from coupon.domain.errors import Unavailable
+
+log = logging.getLogger("coupon")
+
+# Stock and window come from the campaign row itself, so the coupons' CHECK constraints
+# compare against the real campaign, not against what the caller claims.
+_INSERT_BATCH = """
+INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code, user_id,
+                     issued_at)
+SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, r.slot, r.code, r.user_id, r.issued_at
+  FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
+       AS r(campaign_id, slot, code, user_id, issued_at)
+  JOIN campaigns c ON c.id = r.campaign_id
+ON CONFLICT DO NOTHING
+RETURNING code
+"""
+_COUPON_COLUMNS = "code, campaign_id, user_id, issued_at, slot"
+_BY_USER = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND user_id = $2"
+_BY_USERS = f"""
+SELECT {_COUPON_COLUMNS} FROM coupons
+ WHERE (campaign_id, user_id) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))
+"""
+_SLOT_TAKEN = """
+SELECT r.campaign_id, r.slot FROM unnest($1::uuid[], $2::bigint[]) AS r(campaign_id, slot)
+ WHERE EXISTS (SELECT 1 FROM coupons c WHERE c.campaign_id = r.campaign_id AND c.slot = r.slot)
+"""
+_PAGE = f"""
+SELECT id, {_COUPON_COLUMNS} FROM coupons
+ WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
+"""
+_HOLDINGS = "SELECT user_id, slot FROM coupons WHERE campaign_id = $1"
+
+
+def coupon_from_row(row: asyncpg.Record) -> Coupon:
+    return Coupon(
+        code=row["code"],
+        campaign_id=str(row["campaign_id"]),
+        user_id=row["user_id"],
+        issued_at=row["issued_at"],
+        slot=row["slot"],
+    )
+
+
+BatchObserver = Callable[[int, float], None]
+
+
+class PostgresCouponLedger:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_batch: int = 512,
+        max_concurrent_batches: int = 2,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._queue: list[tuple[Coupon, asyncio.Future[Recorded]]] = []
+        self._wakeup = asyncio.Event()
+        self._batch_slots = asyncio.Semaphore(max_concurrent_batches)
+        self._batches: set[asyncio.Task[None]] = set()
+        self._observer = observer
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._flusher is not None:
+            await self._flusher
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    async def record(self, coupon: Coupon) -> Recorded:
+        if self._closing and self._flusher is not None and self._flusher.done():
+            raise Unavailable("the server is shutting down")
+        self.start()
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._queue.append((coupon, future))
+        self._wakeup.set()
+        return await future
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                # While all batch slots are busy, requests keep queueing: the next batch
+                # takes them all at once. That is the group commit.
+                await self._batch_slots.acquire()
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                task = asyncio.get_running_loop().create_task(self._commit(batch))
+                self._batches.add(task)
+                task.add_done_callback(self._batch_done)
+            if self._closing:
+                return
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._batch_slots.release()
+
+    async def _commit(self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await self._insert(batch)
+        except BaseException as exc:
+            if isinstance(exc, TRANSIENT):
+                exc = Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        if self._observer is not None:
+            self._observer(len(batch), time.perf_counter() - started)
+
+    async def _insert(
+        self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]
+    ) -> list[Recorded | Exception]:
+        coupons = [coupon for coupon, _ in batch]
+        async with connection(self._pool) as conn:
+            try:
+                inserted = await self._insert_rows(conn, coupons)
+            except asyncpg.IntegrityConstraintViolationError:
+                if len(coupons) == 1:
+                    raise
+                # A CHECK or foreign key failed for some row: find which, one by one, so
+                # that the others still commit.
+                return [await self._insert_one(conn, c) for c in coupons]
+            return await self._classify(conn, coupons, inserted)
+
+    async def _insert_rows(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str]:
+        rows = await conn.fetch(
+            _INSERT_BATCH,
+            [uuid.UUID(c.campaign_id) for c in coupons],
+            [c.slot for c in coupons],
+            [c.code for c in coupons],
+            [c.user_id for c in coupons],
+            [c.issued_at for c in coupons],
+        )
+        return {row["code"] for row in rows}
+
+    async def _insert_one(self, conn: asyncpg.Connection, coupon: Coupon) -> Recorded | Exception:
+        try:
+            inserted = await self._insert_rows(conn, [coupon])
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            return ConstraintViolation(f"{type(exc).__name__}: {exc}")
+        result = (await self._classify(conn, [coupon], inserted))[0]
+        return result
+
+    async def _classify(
+        self, conn: asyncpg.Connection, coupons: Sequence[Coupon], inserted: set[str]
+    ) -> list[Recorded | Exception]:
+        """Say why each row that ON CONFLICT skipped was skipped."""
+        recorded = Recorded(RecordOutcome.RECORDED)
+        skipped = [c for c in coupons if c.code not in inserted]
+        if not skipped:
+            return [recorded] * len(coupons)
+        holders = {
+            (str(row["campaign_id"]), row["user_id"]): coupon_from_row(row)
+            for row in await conn.fetch(
+                _BY_USERS,
+                [uuid.UUID(c.campaign_id) for c in skipped],
+                [c.user_id for c in skipped],
+            )
+        }
+        taken = {
+            (str(row["campaign_id"]), row["slot"])
+            for row in await conn.fetch(
+                _SLOT_TAKEN, [uuid.UUID(c.campaign_id) for c in skipped], [c.slot for c in skipped]
+            )
+        }
+        results: list[Recorded | Exception] = []
+        for coupon in coupons:
+            if coupon.code in inserted:
+                results.append(recorded)
+                continue
+            holder = holders.get((coupon.campaign_id, coupon.user_id))
+            if holder is not None and holder.code != coupon.code:
+                results.append(Recorded(RecordOutcome.USER_HAS_COUPON, holder))
+            elif holder is not None:
+                results.append(recorded)
+            elif (coupon.campaign_id, coupon.slot) in taken:
+                results.append(Recorded(RecordOutcome.SLOT_TAKEN))
+            elif await conn.fetchval("SELECT 1 FROM coupons WHERE code = $1", coupon.code):
+                results.append(Recorded(RecordOutcome.CODE_TAKEN))
+            else:
+                results.append(ConstraintViolation(f"campaign {coupon.campaign_id} not found"))
+        return results
+
+    async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:
+        async with connection(self._pool) as conn:
+            row = await conn.fetchrow(_BY_USER, uuid.UUID(campaign_id), user_id)
+        return None if row is None else coupon_from_row(row)
+
+    async def page(self, campaign_id: str, after: int, limit: int) -> CouponPage:
+        async with connection(self._pool) as conn:
+            rows = await conn.fetch(_PAGE, uuid.UUID(campaign_id), after, limit + 1)
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        last = rows[-1]["id"] if rows else after
+        return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
+
+    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
+        async with connection(self._pool) as conn:
+            rows = await conn.fetch(_HOLDINGS, uuid.UUID(campaign_id))
+        return [(r["user_id"], r["slot"]) for r in rows]
+
+
+class PostgresCodeGenerator:
+    """Sequence numbers in blocks from one PostgreSQL sequence, shared by every process:
+    no two processes ever hold the same number, and restarts only leave gaps."""
+
+    BLOCK = 10_000
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        # Loaded on first use, so the server starts (and reports unready) while
+        # PostgreSQL is down.
+        self._encode: Callable[[int], str] | None = None
+        self._next = 0
+        self._end = 0
+        self._refill: asyncio.Future[None] | None = None
+
+    async def next_code(self) -> str:
+        while self._next >= self._end:
+            if self._refill is None:
+                self._refill = asyncio.ensure_future(self._reserve_block())
+                try:
+                    await self._refill
+                finally:
+                    self._refill = None
+            else:
+                await asyncio.shield(self._refill)
+        sequence = self._next
+        self._next += 1
+        assert self._encode is not None
+        return self._encode(sequence)
+
+    async def _reserve_block(self) -> None:
+        if self._encode is None:
+            self._encode = CodeCipher(await load_code_key(self._pool)).encode
+        async with connection(self._pool) as conn:
+            block = int(await conn.fetchval("SELECT nextval('coupon_code_blocks')"))
+        self._next, self._end = block * self.BLOCK, (block + 1) * self.BLOCK
+
+
+async def load_code_key(pool: asyncpg.Pool) -> bytes:
+    async with connection(pool) as conn:
+        key = await conn.fetchval("SELECT key FROM code_key WHERE id = 1")
+    if key is None:
+        raise RuntimeError("code_key is missing: run `coupon migrate`")
+    return bytes(key)

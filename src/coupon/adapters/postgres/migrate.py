@@ -1,0 +1,96 @@
+"""Versioned SQL migrations, applied in order, once, under an advisory lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+log = logging.getLogger("coupon")
+
+# Any constant shared by all server processes: several workers may start at once.
+_LOCK_ID = 0x636F75706F6E  # "coupon"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped with the package, in order."""
+    found = []
+    for entry in resources.files("coupon.adapters.postgres.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text()))
+    return sorted(found)
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+async def ensure_database(database_url: str) -> bool:
+    """Create the database named in the URL when it does not exist. True if created."""
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    if not name:
+        return False
+    try:
+        conn = await asyncpg.connect(database_url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    admin = await asyncpg.connect(admin_url)
+    try:
+        quoted = '"' + name.replace('"', '""') + '"'
+        await admin.execute(f"CREATE DATABASE {quoted}")
+    except asyncpg.DuplicateDatabaseError:
+        return False
+    finally:
+        await admin.close()
+    log.info("database created", extra={"database": name})
+    return True
+
+
+async def current_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
+
+async def migrate(database_url: str, *, create_database: bool = True) -> list[int]:
+    """Apply pending migrations; returns the versions applied."""
+    if create_database:
+        await ensure_database(database_url)
+    conn = await asyncpg.connect(database_url)
+    applied: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = await current_version(conn)
+            for version, name, sql in migrations():
+                if version <= done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(version)
+                log.info("migration applied", extra={"version": version, "migration": name})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    finally:
+        await conn.close()
+    return applied

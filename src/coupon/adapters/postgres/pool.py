@@ -1,0 +1,64 @@
+"""The asyncpg pool and the mapping of database failures to `Unavailable`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import asyncpg
+
+from coupon.domain.errors import Unavailable
+
+# Errors after which retrying later can succeed: the server is down, restarting,
+# overloaded or the connection broke.
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+INFINITY = datetime.max.replace(tzinfo=UTC)
+
+
+def to_db_end(ends_at: datetime | None) -> datetime:
+    return INFINITY if ends_at is None else ends_at
+
+
+def from_db_end(ends_at: datetime) -> datetime | None:
+    return None if ends_at.year == 9999 else ends_at
+
+
+async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            database_url,
+            # Connections open lazily, so start-up does not need PostgreSQL to be up.
+            min_size=0,
+            max_size=size,
+            # A stuck statement must not hold a request (and its Redis slot) for long.
+            server_settings={"statement_timeout": "10s", "application_name": "coupon"},
+            timeout=5,
+        )
+    except TRANSIENT as exc:
+        raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; transient database failures become `Unavailable`."""
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            yield conn
+    except TRANSIENT as exc:
+        raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,130 @@
+"""Ports: what the use cases need from the outside world, named for what they do.
+
+Adapters under `coupon.adapters` implement these; `entrypoints/ioc.py` alone decides which.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import Coupon
+
+
+class Clock(Protocol):
+    """The one authoritative clock every server process agrees on (I3)."""
+
+    async def now(self) -> datetime: ...
+
+
+class CampaignRepository(Protocol):
+    async def add(self, campaign: Campaign) -> None: ...
+
+    async def get(self, campaign_id: str) -> Campaign | None:
+        """The campaign with its current `issued_count`, or None."""
+        ...
+
+
+class RecordOutcome(enum.Enum):
+    RECORDED = "recorded"
+    # The user already holds a coupon of this campaign (the gate did not know: Redis
+    # lost state). The existing coupon is returned in `Recorded.existing`.
+    USER_HAS_COUPON = "user_has_coupon"
+    # Another coupon already occupies this slot; the slot is not free after all.
+    SLOT_TAKEN = "slot_taken"
+    # The code is already in use (only possible if the code key changed).
+    CODE_TAKEN = "code_taken"
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    outcome: RecordOutcome
+    existing: Coupon | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CouponPage:
+    coupons: Sequence[Coupon]
+    # Position of the last coupon returned; pass it back as `after` for the next page.
+    last_position: int
+    has_more: bool
+
+
+class ConstraintViolation(Exception):
+    """The ledger refused a coupon that breaks an invariant (over-issue, outside the window)."""
+
+
+class CouponLedger(Protocol):
+    """The durable record of issued coupons: PostgreSQL in production."""
+
+    async def record(self, coupon: Coupon) -> Recorded:
+        """Commit `coupon` durably before returning (I5); adapters may group commits.
+
+        Raises ConstraintViolation for a slot beyond the stock or a time outside the window.
+        """
+        ...
+
+    async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None: ...
+
+    async def page(self, campaign_id: str, after: int, limit: int) -> CouponPage:
+        """Coupons of a campaign in issue order, those after position `after` (0: first)."""
+        ...
+
+    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
+        """(user_id, slot) of every coupon of the campaign: what a gate rebuild needs."""
+        ...
+
+
+class AdmissionKind(enum.Enum):
+    ADMITTED = "admitted"
+    ALREADY_HELD = "already_held"
+    SOLD_OUT = "sold_out"
+    NOT_STARTED = "not_started"
+    ENDED = "ended"
+    # The gate has no state for this campaign (never loaded, or Redis lost it).
+    NOT_LOADED = "not_loaded"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    kind: AdmissionKind
+    # The authoritative time of the decision; becomes the coupon's issued_at.
+    now: datetime
+    slot: int = 0
+    # ALREADY_HELD: the holder's coupon is not yet known to be committed.
+    pending: bool = False
+    # ALREADY_HELD / SOLD_OUT: admissions older than the lease that were never
+    # confirmed; the caller settles them against the ledger (I6).
+    stale: Sequence[tuple[str, int]] = field(default_factory=tuple)
+
+
+class StockGate(Protocol):
+    """Fast admission in front of the ledger: window, one-per-user and stock, atomically."""
+
+    async def admit(self, campaign_id: str, user_id: str) -> Admission: ...
+
+    async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
+        """(Re)build the campaign's gate state from the ledger's holdings."""
+        ...
+
+    async def confirm(self, campaign_id: str, user_id: str) -> None:
+        """The user's coupon is committed: its slot is no longer pending."""
+        ...
+
+    async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
+        """Nothing was recorded for this admission: give the slot back."""
+        ...
+
+    async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
+        """Drop the user's admission without returning the slot (the ledger holds it)."""
+        ...
+
+
+class CodeGenerator(Protocol):
+    async def next_code(self) -> str:
+        """A code no other coupon has or will have."""
+        ...

@@ -1,0 +1,130 @@
+"""Campaigns and their rules: the issue window, the stock, the derived status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from coupon.domain.errors import CampaignEnded, CampaignNotStarted, InvalidArgument
+
+NAME_MAX_CHARS = 200
+TOTAL_COUPONS_MAX = 10_000_000
+# Timestamps outside this range cannot be stored by PostgreSQL's timestamptz without
+# surprises and make no sense for a campaign; refusing them early gives a clear error.
+EARLIEST = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+LATEST = datetime.fromisoformat("9000-01-01T00:00:00+00:00")
+
+
+class CampaignStatus(enum.Enum):
+    SCHEDULED = "scheduled"
+    ACTIVE = "active"
+    SOLD_OUT = "sold_out"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    id: str
+    name: str
+    total_coupons: int
+    starts_at: datetime
+    ends_at: datetime | None
+    created_at: datetime
+    issued_count: int = 0
+
+    def status_at(self, now: datetime) -> CampaignStatus:
+        if self.ends_at is not None and now >= self.ends_at:
+            return CampaignStatus.ENDED
+        if self.issued_count >= self.total_coupons:
+            return CampaignStatus.SOLD_OUT
+        if now < self.starts_at:
+            return CampaignStatus.SCHEDULED
+        return CampaignStatus.ACTIVE
+
+    def ensure_open(self, now: datetime) -> None:
+        """I3: nothing is issued before `starts_at` nor at or after `ends_at`."""
+        if now < self.starts_at:
+            raise CampaignNotStarted(self.starts_at)
+        if self.ends_at is not None and now >= self.ends_at:
+            raise CampaignEnded(self.ends_at)
+
+    def with_issued_count(self, issued_count: int) -> Campaign:
+        return Campaign(
+            id=self.id,
+            name=self.name,
+            total_coupons=self.total_coupons,
+            starts_at=self.starts_at,
+            ends_at=self.ends_at,
+            created_at=self.created_at,
+            issued_count=issued_count,
+        )
+
+
+def validate_name(name: str) -> str:
+    if not name or not name.strip():
+        raise InvalidArgument("name", "must not be empty")
+    if len(name) > NAME_MAX_CHARS:
+        raise InvalidArgument(
+            "name", f"must be at most {NAME_MAX_CHARS} characters (got {len(name)})"
+        )
+    if any(ch in name for ch in "\x00"):
+        raise InvalidArgument("name", "must not contain NUL characters")
+    return name
+
+
+def validate_total_coupons(total_coupons: int) -> int:
+    if not 1 <= total_coupons <= TOTAL_COUPONS_MAX:
+        raise InvalidArgument(
+            "total_coupons",
+            f"must be between 1 and {TOTAL_COUPONS_MAX} (got {total_coupons})",
+        )
+    return total_coupons
+
+
+def validate_time(field: str, value: datetime | None, *, required: bool) -> datetime | None:
+    if value is None:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    if not EARLIEST <= value < LATEST:
+        raise InvalidArgument(
+            field,
+            f"must be between {EARLIEST.isoformat()} and {LATEST.isoformat()} "
+            f"(got {value.isoformat()})",
+        )
+    return value
+
+
+def new_campaign(
+    *,
+    campaign_id: str,
+    name: str,
+    total_coupons: int,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+    now: datetime,
+) -> Campaign:
+    """Validate every field of a new campaign; raise InvalidArgument naming the first bad one."""
+    validate_name(name)
+    validate_total_coupons(total_coupons)
+    start = validate_time("starts_at", starts_at, required=True)
+    assert start is not None
+    end = validate_time("ends_at", ends_at, required=False)
+    if end is not None and end <= start:
+        raise InvalidArgument(
+            "ends_at",
+            f"must be after starts_at ({start.isoformat()}); got {end.isoformat()}",
+        )
+    if end is not None and end <= now:
+        raise InvalidArgument(
+            "ends_at", f"must be in the future (got {end.isoformat()}, now {now.isoformat()})"
+        )
+    return Campaign(
+        id=campaign_id,
+        name=name,
+        total_coupons=total_coupons,
+        starts_at=start,
+        ends_at=end,
+        created_at=now,
+    )

@@ -1,0 +1,48 @@
+"""Issued coupons and the identifiers requests carry."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from coupon.domain.errors import InvalidArgument
+
+USER_ID_MAX_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Coupon:
+    code: str
+    campaign_id: str
+    user_id: str
+    issued_at: datetime
+    # Position of this coupon in the campaign's stock, 1..total_coupons. The database
+    # keeps (campaign_id, slot) unique, which alone makes over-issue impossible (I1).
+    slot: int
+
+
+def validate_user_id(user_id: str) -> str:
+    if not user_id:
+        raise InvalidArgument("user_id", "must not be empty")
+    if len(user_id) > USER_ID_MAX_CHARS:
+        raise InvalidArgument(
+            "user_id", f"must be at most {USER_ID_MAX_CHARS} characters (got {len(user_id)})"
+        )
+    if "\x00" in user_id:
+        raise InvalidArgument("user_id", "must not contain NUL characters")
+    return user_id
+
+
+def validate_campaign_id(campaign_id: str, field: str = "campaign_id") -> str:
+    """Campaign ids are canonical UUID strings; anything else cannot name a campaign."""
+    if not campaign_id:
+        raise InvalidArgument(field, "must not be empty")
+    try:
+        parsed = uuid.UUID(campaign_id)
+    except ValueError:
+        raise InvalidArgument(
+            field, f"must be a campaign id such as 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 "
+            f"(got {campaign_id[:64]!r})"
+        ) from None
+    return str(parsed)

@@ -1,0 +1,55 @@
+"""Domain exceptions: every rule that can refuse a request raises one of these.
+
+The Connect layer maps each class to one Connect code, in one table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class CouponError(Exception):
+    """Base of every error the service reports to a caller."""
+
+
+class InvalidArgument(CouponError):
+    """A field is malformed or out of range; `field` names it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class CampaignNotFound(CouponError):
+    def __init__(self, campaign_id: str) -> None:
+        super().__init__(f"campaign {campaign_id} does not exist")
+        self.campaign_id = campaign_id
+
+
+class CampaignNotStarted(CouponError):
+    def __init__(self, starts_at: datetime) -> None:
+        super().__init__(
+            f"campaign has not started yet: it starts at {starts_at.isoformat()}"
+        )
+        self.starts_at = starts_at
+
+
+class CampaignEnded(CouponError):
+    def __init__(self, ends_at: datetime) -> None:
+        super().__init__(f"campaign has ended: it ended at {ends_at.isoformat()}")
+        self.ends_at = ends_at
+
+
+class SoldOut(CouponError):
+    def __init__(self, total_coupons: int) -> None:
+        super().__init__(f"all {total_coupons} coupons of this campaign have been issued")
+        self.total_coupons = total_coupons
+
+
+class Unauthenticated(CouponError):
+    pass
+
+
+class Unavailable(CouponError):
+    """A dependency is down or overloaded; nothing was issued, retrying is safe."""

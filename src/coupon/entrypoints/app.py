@@ -1,0 +1,94 @@
+"""The ASGI application: Connect RPCs, plus Litestar for health, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.datastructures import State
+from litestar.types import Receive, Scope, Send
+
+from coupon.application.use_cases import IssueCoupon
+from coupon.entrypoints.connect_service import CouponService
+from coupon.entrypoints.health import Readiness
+from coupon.entrypoints.ioc import make_container
+from coupon.entrypoints.logs import configure_logging
+from coupon.entrypoints.settings import Settings, load_settings
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
+
+log = logging.getLogger("coupon")
+
+CONNECT_PREFIX = "/coupon.v1.CouponService/"
+# Requests are a few dozen bytes; anything near this is not a request of ours.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class CouponApp:
+    """Connect paths go straight to the Connect app (no web-framework router on the hot
+    path); everything else, lifespan included, goes to Litestar."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connect: CouponServiceASGIApplication | None = None
+        self.readiness: Readiness | None = None
+        self.web = Litestar(
+            route_handlers=[healthz, readyz],
+            lifespan=[self._lifespan],
+            openapi_config=None,
+            state=State({"coupon": self}),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(CONNECT_PREFIX):
+            connect = self.connect
+            if connect is not None:
+                await connect(scope, receive, send)  # type: ignore[arg-type]
+                return
+        await self.web(scope, receive, send)
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:
+        container = make_container(self.settings)
+        service = await container.get(CouponService)
+        issue = await container.get(IssueCoupon)
+        self.readiness = await container.get(Readiness)
+        self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
+        log.info(
+            "serving",
+            extra={"backend": self.settings.backend, "admin_token": bool(self.settings.admin_token)},
+        )
+        try:
+            yield
+        finally:
+            # The server has stopped taking requests; finish every admitted issue (its
+            # commit included) before the pool closes.
+            await issue.drain()
+            await container.close()
+            self.connect = None
+
+
+@get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", media_type=MediaType.JSON)
+async def readyz(state: State) -> Response[dict[str, object]]:
+    app = state.coupon
+    assert isinstance(app, CouponApp)
+    if app.readiness is None:
+        return Response({"status": "starting"}, status_code=503)
+    ready, checks = await app.readiness.check()
+    return Response(
+        {"status": "ok" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+def create_app() -> CouponApp:
+    """Factory for the ASGI server: settings from the environment of this process."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return CouponApp(settings)

@@ -1,0 +1,157 @@
+"""The Connect service: thin, it translates, calls one use case, translates back."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from coupon.application.use_cases import CreateCampaign, GetCampaign, IssueCoupon
+from coupon.domain.errors import (
+    CampaignEnded,
+    CampaignNotFound,
+    CampaignNotStarted,
+    CouponError,
+    InvalidArgument,
+    SoldOut,
+    Unauthenticated,
+    Unavailable,
+)
+from coupon.entrypoints.translate import (
+    campaign_message,
+    coupon_message,
+    to_datetime,
+    to_timestamp,
+)
+from coupon.gen.coupon.v1 import coupon_pb
+
+log = logging.getLogger("coupon")
+
+# Every domain error maps to one Connect code, here and nowhere else.
+ERROR_CODES: dict[type[CouponError], Code] = {
+    InvalidArgument: Code.INVALID_ARGUMENT,
+    CampaignNotFound: Code.NOT_FOUND,
+    CampaignNotStarted: Code.FAILED_PRECONDITION,
+    CampaignEnded: Code.FAILED_PRECONDITION,
+    SoldOut: Code.RESOURCE_EXHAUSTED,
+    Unauthenticated: Code.UNAUTHENTICATED,
+    Unavailable: Code.UNAVAILABLE,
+}
+
+T = TypeVar("T")
+
+
+def connect_error(exc: CouponError) -> ConnectError:
+    return ConnectError(ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
+
+
+async def _call(work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except CouponError as exc:
+        raise connect_error(exc) from None
+
+
+class AdminGuard:
+    """Admin RPCs need `Authorization: Bearer <token>` whenever a token is configured."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode() if token else b""
+
+    def check(self, ctx: RequestContext[object, object]) -> None:
+        if not self._expected:
+            return
+        given = ctx.request_headers().get("authorization", "").encode()
+        # Constant time, so the comparison does not leak how much of a guess was right.
+        if not hmac.compare_digest(given, self._expected):
+            raise ConnectError(
+                Code.UNAUTHENTICATED,
+                "this RPC needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'",
+            )
+
+
+
+
+class CouponService:
+    def __init__(
+        self,
+        create: CreateCampaign,
+        get: GetCampaign,
+        issue: IssueCoupon,
+        admin: AdminGuard,
+    ) -> None:
+        self._create = create
+        self._get = get
+        self._issue = issue
+        self._admin = admin
+
+    async def create_campaign(
+        self,
+        request: coupon_pb.CreateCampaignRequest,
+        ctx: RequestContext[coupon_pb.CreateCampaignRequest, coupon_pb.CreateCampaignResponse],
+        /,
+    ) -> coupon_pb.CreateCampaignResponse:
+        self._admin.check(ctx)  # type: ignore[arg-type]
+
+        async def work() -> coupon_pb.CreateCampaignResponse:
+            campaign = await self._create.execute(
+                name=request.name,
+                total_coupons=request.total_coupons,
+                starts_at=to_datetime("starts_at", request.starts_at),
+                ends_at=to_datetime("ends_at", request.ends_at),
+            )
+            return coupon_pb.CreateCampaignResponse(
+                campaign=campaign_message(campaign, campaign.created_at)
+            )
+
+        return await _call(work())
+
+    async def get_campaign(
+        self,
+        request: coupon_pb.GetCampaignRequest,
+        ctx: RequestContext[coupon_pb.GetCampaignRequest, coupon_pb.GetCampaignResponse],
+        /,
+    ) -> coupon_pb.GetCampaignResponse:
+        self._admin.check(ctx)  # type: ignore[arg-type]
+
+        async def work() -> coupon_pb.GetCampaignResponse:
+            view = await self._get.execute(
+                campaign_id=request.campaign_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+            return coupon_pb.GetCampaignResponse(
+                campaign=campaign_message(view.campaign, view.now),
+                coupons=[coupon_message(c) for c in view.coupons],
+                next_page_token=view.next_page_token,
+            )
+
+        return await _call(work())
+
+    async def issue_coupon(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        ctx: RequestContext[coupon_pb.IssueCouponRequest, coupon_pb.IssueCouponResponse],
+        /,
+    ) -> coupon_pb.IssueCouponResponse:
+        try:
+            issued = await self._issue.execute(
+                campaign_id=request.campaign_id, user_id=request.user_id
+            )
+        except CouponError as exc:
+            raise connect_error(exc) from None
+        coupon = issued.coupon
+        return coupon_pb.IssueCouponResponse(
+            coupon=coupon_pb.Coupon(
+                code=coupon.code,
+                campaign_id=coupon.campaign_id,
+                user_id=coupon.user_id,
+                issued_at=to_timestamp(coupon.issued_at),
+            ),
+            already_issued=issued.already_issued,
+        )

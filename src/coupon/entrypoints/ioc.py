@@ -1,0 +1,154 @@
+"""dishka providers: the only place that knows which adapter serves which port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
+
+from coupon.adapters.memory.store import (
+    MemoryCampaignRepository,
+    MemoryCodeGenerator,
+    MemoryCouponLedger,
+    MemoryStockGate,
+    MemoryStore,
+    SystemClock,
+)
+from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
+from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
+from coupon.adapters.postgres.migrate import current_version, latest_version
+from coupon.adapters.postgres.pool import create_pool
+from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate, create_client
+from coupon.application.ports import (
+    CampaignRepository,
+    Clock,
+    CodeGenerator,
+    CouponLedger,
+    StockGate,
+)
+from coupon.application.use_cases import (
+    CampaignDirectory,
+    CreateCampaign,
+    GetCampaign,
+    IssueCoupon,
+)
+from coupon.entrypoints.connect_service import AdminGuard, CouponService
+from coupon.entrypoints.health import Readiness
+from coupon.entrypoints.settings import Settings
+
+log = logging.getLogger("coupon")
+
+
+class MemoryProvider(Provider):
+    scope = Scope.APP
+
+    @provide
+    def store(self) -> MemoryStore:
+        return MemoryStore()
+
+    campaigns = provide(MemoryCampaignRepository, provides=CampaignRepository)
+    ledger = provide(MemoryCouponLedger, provides=CouponLedger)
+    clock = provide(SystemClock, provides=Clock)
+
+    @provide
+    def gate(self, clock: Clock, settings: Settings) -> StockGate:
+        return MemoryStockGate(clock, lease_seconds=settings.pending_lease_seconds)
+
+    @provide
+    def codes(self) -> CodeGenerator:
+        return MemoryCodeGenerator()
+
+    @provide
+    def readiness(self) -> Readiness:
+        return Readiness({})
+
+
+class StorageProvider(Provider):
+    """PostgreSQL as the source of truth, Redis as the admission gate."""
+
+    scope = Scope.APP
+
+    @provide
+    async def pool(self, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+        pool = await create_pool(settings.database_url, settings.db_pool_size)
+        try:
+            yield pool
+        finally:
+            await pool.close()
+
+    @provide
+    async def redis(self, settings: Settings) -> AsyncIterator[aioredis.Redis]:
+        client = create_client(settings.redis_url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    campaigns = provide(PostgresCampaignRepository, provides=CampaignRepository)
+
+    @provide
+    async def ledger(self, pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[CouponLedger]:
+        ledger = PostgresCouponLedger(pool, max_batch=settings.max_batch)
+        ledger.start()
+        try:
+            yield ledger
+        finally:
+            # Commit what is queued before the pool closes: graceful shutdown loses nothing.
+            await ledger.close()
+
+    @provide
+    def clock(self, client: aioredis.Redis) -> Clock:
+        return RedisClock(client)
+
+    @provide
+    def gate(self, client: aioredis.Redis, settings: Settings) -> StockGate:
+        return RedisStockGate(
+            client, prefix=settings.redis_prefix, lease_seconds=settings.pending_lease_seconds
+        )
+
+    @provide
+    def codes(self, pool: asyncpg.Pool) -> CodeGenerator:
+        return PostgresCodeGenerator(pool)
+
+    @provide
+    def readiness(self, pool: asyncpg.Pool, client: aioredis.Redis) -> Readiness:
+        async def postgres() -> None:
+            async with pool.acquire(timeout=2) as conn:
+                version = await current_version(conn)
+            if version < latest_version():
+                raise RuntimeError(
+                    f"schema version {version}, expected {latest_version()}: run coupon migrate"
+                )
+
+        async def redis() -> None:
+            await client.ping()
+
+        return Readiness({"postgres": postgres, "redis": redis})
+
+
+class ApplicationProvider(Provider):
+    scope = Scope.APP
+
+    settings = from_context(provides=Settings, scope=Scope.APP)
+
+    @provide
+    def directory(self, campaigns: CampaignRepository) -> CampaignDirectory:
+        return CampaignDirectory(campaigns)
+
+    create = provide(CreateCampaign)
+    get = provide(GetCampaign)
+    issue = provide(IssueCoupon)
+
+    @provide
+    def admin(self, settings: Settings) -> AdminGuard:
+        return AdminGuard(settings.admin_token)
+
+    service = provide(CouponService)
+
+
+def make_container(settings: Settings) -> AsyncContainer:
+    backend = MemoryProvider() if settings.backend == "memory" else StorageProvider()
+    return make_async_container(ApplicationProvider(), backend, context={Settings: settings})

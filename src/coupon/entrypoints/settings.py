@@ -1,0 +1,157 @@
+"""Settings: one typed object built once from the environment (and a `.env` file).
+
+Names stay compatible with the original Go service (APP_ENV, PORT, DATABASE_URL,
+REDIS_ADDRESS, REDIS_PASSWORD, REDIS_DB). Nothing else in the project reads os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+
+class SettingsError(ValueError):
+    """A variable has a value the service cannot use; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    app_env: str = "development"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    backend: str = "postgres"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/coupon"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "coupon"
+    admin_token: str = ""
+    pending_lease_seconds: float = 15.0
+    db_pool_size: int = 8
+    max_batch: int = 512
+    log_level: str = "INFO"
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.production and not self.admin_token:
+            raise SettingsError(
+                "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: "
+                "CreateCampaign and GetCampaign would otherwise be open to anyone"
+            )
+        if self.backend not in ("postgres", "memory"):
+            raise SettingsError(
+                f"COUPON_BACKEND must be 'postgres' or 'memory' (got {self.backend!r})"
+            )
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"PORT must be between 1 and 65535 (got {self.port})")
+        if not 1 <= self.workers <= 256:
+            raise SettingsError(f"WORKERS must be between 1 and 256 (got {self.workers})")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; '#' comments; optional single or double quotes around the value."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE (got {raw!r})")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number (got {raw!r})") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number (got {raw!r})") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive (got {raw!r})")
+    return value
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    url = env.get("REDIS_URL", "")
+    if url:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(f"REDIS_URL must start with redis://, rediss:// (got {url!r})")
+        return url
+    address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SettingsError(f"REDIS_ADDRESS must be host:port (got {address!r})")
+    db = _int(env, "REDIS_DB", 0)
+    if db < 0:
+        raise SettingsError(f"REDIS_DB must be 0 or more (got {db})")
+    password = env.get("REDIS_PASSWORD", "")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+DEFAULTS = Settings()
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+) -> Settings:
+    env: dict[str, str] = {}
+    if dotenv is not None:
+        env.update(read_dotenv(dotenv))
+    env.update(os.environ if environ is None else environ)
+    database_url = env.get("DATABASE_URL", "") or DEFAULTS.database_url
+    if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
+        raise SettingsError(
+            f"DATABASE_URL must start with postgresql:// (got {database_url!r})"
+        )
+    app_env = env.get("APP_ENV", "") or "development"
+    settings = Settings(
+        app_env=app_env,
+        host=env.get("HOST", "") or DEFAULTS.host,
+        port=_int(env, "PORT", DEFAULTS.port),
+        workers=_int(env, "WORKERS", DEFAULTS.workers),
+        backend=(env.get("COUPON_BACKEND", "") or "postgres").lower(),
+        database_url=database_url,
+        redis_url=_redis_url(env),
+        redis_prefix=env.get("COUPON_REDIS_PREFIX", "") or DEFAULTS.redis_prefix,
+        admin_token=env.get("COUPON_ADMIN_TOKEN", ""),
+        pending_lease_seconds=_float(
+            env, "COUPON_PENDING_LEASE_SECONDS", DEFAULTS.pending_lease_seconds
+        ),
+        db_pool_size=_int(env, "COUPON_DB_POOL_SIZE", DEFAULTS.db_pool_size),
+        max_batch=_int(env, "COUPON_MAX_BATCH", DEFAULTS.max_batch),
+        log_level=(env.get("LOG_LEVEL", "") or "INFO").upper(),
+    )
+    settings.check()
+    return settings

@@ -1,0 +1,62 @@
+"""The one place where protobuf messages and domain objects meet."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from coupon.domain.campaign import Campaign, CampaignStatus
+from coupon.domain.coupon import Coupon
+from coupon.domain.errors import InvalidArgument
+from coupon.gen.coupon.v1 import coupon_pb
+
+# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+_STATUS = {
+    CampaignStatus.SCHEDULED: coupon_pb.CampaignStatus.SCHEDULED,
+    CampaignStatus.ACTIVE: coupon_pb.CampaignStatus.ACTIVE,
+    CampaignStatus.SOLD_OUT: coupon_pb.CampaignStatus.SOLD_OUT,
+    CampaignStatus.ENDED: coupon_pb.CampaignStatus.ENDED,
+}
+
+
+def to_datetime(field: str, value: Timestamp | None) -> datetime | None:
+    if value is None:
+        return None
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 10**9:
+        raise InvalidArgument(
+            field, f"is not a valid timestamp (seconds={value.seconds}, nanos={value.nanos})"
+        )
+    base = datetime.fromtimestamp(0, UTC)
+
+    return base + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def to_timestamp(value: datetime) -> Timestamp:
+    whole = int(value.replace(microsecond=0).timestamp())
+    return Timestamp(seconds=whole, nanos=value.microsecond * 1000)
+
+
+def campaign_message(campaign: Campaign, now: datetime) -> coupon_pb.Campaign:
+    return coupon_pb.Campaign(
+        id=campaign.id,
+        name=campaign.name,
+        total_coupons=campaign.total_coupons,
+        issued_count=campaign.issued_count,
+        starts_at=to_timestamp(campaign.starts_at),
+        ends_at=None if campaign.ends_at is None else to_timestamp(campaign.ends_at),
+        created_at=to_timestamp(campaign.created_at),
+        status=_STATUS[campaign.status_at(now)],
+    )
+
+
+def coupon_message(coupon: Coupon) -> coupon_pb.Coupon:
+    return coupon_pb.Coupon(
+        code=coupon.code,
+        campaign_id=coupon.campaign_id,
+        user_id=coupon.user_id,
+        issued_at=to_timestamp(coupon.issued_at),
+    )
