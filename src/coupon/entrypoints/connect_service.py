@@ -66,7 +66,7 @@ class AdminGuard:
     def check(self, ctx: RequestContext[object, object]) -> None:
         if not self._expected:
             return
-        given = ctx.request_headers().get("authorization", "").encode()
+        given = ctx.request_headers.get("authorization", "").encode()
         # Constant time, so the comparison does not leak how much of a guess was right.
         if not hmac.compare_digest(given, self._expected):
             raise ConnectError(

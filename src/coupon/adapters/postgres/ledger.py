@@ -160,9 +160,9 @@ class PostgresCouponLedger:
         async with connection(self._pool) as conn:
             try:
                 inserted = await self._insert_rows(conn, coupons)
-            except asyncpg.IntegrityConstraintViolationError:
+            except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
-                    raise
+                    return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
                 # A CHECK or foreign key failed for some row: find which, one by one, so
                 # that the others still commit.
                 return [await self._insert_one(conn, c) for c in coupons]

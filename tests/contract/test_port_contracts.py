@@ -1,0 +1,344 @@
+"""One contract suite for the ports, run against the memory adapters and against the real
+ones (PostgreSQL, Redis). A fake that passes here behaves like production."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from coupon.adapters.memory.store import (
+    MemoryCampaignRepository,
+    MemoryCodeGenerator,
+    MemoryCouponLedger,
+    MemoryStockGate,
+    MemoryStore,
+    SystemClock,
+)
+from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
+from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
+from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
+from coupon.application.ports import (
+    AdmissionKind,
+    CampaignRepository,
+    Clock,
+    CodeGenerator,
+    ConstraintViolation,
+    CouponLedger,
+    RecordOutcome,
+    StockGate,
+)
+from coupon.application.use_cases import new_campaign_id
+from coupon.domain.campaign import Campaign
+from coupon.domain.codes import is_well_formed
+from coupon.domain.coupon import Coupon
+
+LEASE = 0.3
+
+
+@dataclass
+class Adapters:
+    campaigns: CampaignRepository
+    ledger: CouponLedger
+    gate: StockGate
+    codes: CodeGenerator
+    clock: Clock
+
+    async def new_campaign(
+        self, total: int = 5, *, starts_in: float = -60, ends_in: float | None = None
+    ) -> Campaign:
+        now = await self.clock.now()
+        campaign = Campaign(
+            id=new_campaign_id(),
+            name="contract",
+            total_coupons=total,
+            starts_at=now + timedelta(seconds=starts_in),
+            ends_at=None if ends_in is None else now + timedelta(seconds=ends_in),
+            created_at=now,
+        )
+        await self.campaigns.add(campaign)
+        await self.gate.load(campaign, ())
+        return campaign
+
+    async def coupon(self, campaign: Campaign, user: str, slot: int) -> Coupon:
+        return Coupon(await self.codes.next_code(), campaign.id, user, campaign.starts_at, slot)
+
+
+@pytest.fixture
+def memory_adapters() -> Adapters:
+    store = MemoryStore()
+    clock = SystemClock()
+    return Adapters(
+        MemoryCampaignRepository(store),
+        MemoryCouponLedger(store),
+        MemoryStockGate(clock, lease_seconds=LEASE),
+        MemoryCodeGenerator(),
+        clock,
+    )
+
+
+@pytest.fixture
+async def real_adapters(
+    pg_pool: asyncpg.Pool, redis_client: aioredis.Redis, redis_prefix: str
+) -> AsyncIterator[Adapters]:
+    ledger = PostgresCouponLedger(pg_pool)
+    yield Adapters(
+        PostgresCampaignRepository(pg_pool),
+        ledger,
+        RedisStockGate(redis_client, prefix=redis_prefix, lease_seconds=LEASE),
+        PostgresCodeGenerator(pg_pool),
+        RedisClock(redis_client),
+    )
+    await ledger.close()
+
+
+@pytest.fixture(params=["memory", "real"])
+def adapters(request: pytest.FixtureRequest) -> Adapters:
+    found: Adapters = request.getfixturevalue(f"{request.param}_adapters")
+    return found
+
+
+# --- campaign repository ---------------------------------------------------------------
+
+
+async def test_repository_returns_what_was_added(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(ends_in=3600)
+    got = await adapters.campaigns.get(c.id)
+    assert got == c
+
+
+async def test_repository_keeps_open_ended_campaigns_open_ended(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    got = await adapters.campaigns.get(c.id)
+    assert got is not None and got.ends_at is None
+
+
+async def test_repository_returns_none_for_unknown_id(adapters: Adapters) -> None:
+    assert await adapters.campaigns.get(new_campaign_id()) is None
+
+
+# --- ledger --------------------------------------------------------------------------
+
+
+async def test_ledger_records_and_finds_by_user(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    coupon = await adapters.coupon(c, "alice", 1)
+    assert (await adapters.ledger.record(coupon)).outcome is RecordOutcome.RECORDED
+    assert await adapters.ledger.find_by_user(c.id, "alice") == coupon
+    assert await adapters.ledger.find_by_user(c.id, "bob") is None
+    got = await adapters.campaigns.get(c.id)
+    assert got is not None and got.issued_count == 1
+
+
+async def test_ledger_returns_the_existing_coupon_of_a_user(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    first = await adapters.coupon(c, "alice", 1)
+    await adapters.ledger.record(first)
+    second = await adapters.ledger.record(await adapters.coupon(c, "alice", 2))
+    assert second.outcome is RecordOutcome.USER_HAS_COUPON
+    assert second.existing == first
+
+
+async def test_ledger_refuses_a_taken_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    await adapters.ledger.record(await adapters.coupon(c, "alice", 1))
+    result = await adapters.ledger.record(await adapters.coupon(c, "bob", 1))
+    assert result.outcome is RecordOutcome.SLOT_TAKEN
+
+
+async def test_ledger_refuses_a_taken_code(adapters: Adapters) -> None:
+    a = await adapters.new_campaign()
+    b = await adapters.new_campaign()
+    coupon = await adapters.coupon(a, "alice", 1)
+    await adapters.ledger.record(coupon)
+    clash = Coupon(coupon.code, b.id, "bob", b.starts_at, 1)
+    assert (await adapters.ledger.record(clash)).outcome is RecordOutcome.CODE_TAKEN
+
+
+async def test_ledger_refuses_a_slot_beyond_the_stock(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=2)
+    with pytest.raises(ConstraintViolation):
+        await adapters.ledger.record(await adapters.coupon(c, "alice", 3))
+    with pytest.raises(ConstraintViolation):
+        await adapters.ledger.record(await adapters.coupon(c, "alice", 0))
+
+
+async def test_ledger_refuses_a_coupon_issued_before_the_start(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    early = Coupon(await adapters.codes.next_code(), c.id, "alice",
+                   c.starts_at - timedelta(microseconds=1), 1)
+    with pytest.raises(ConstraintViolation):
+        await adapters.ledger.record(early)
+
+
+async def test_ledger_refuses_a_coupon_of_an_unknown_campaign(adapters: Adapters) -> None:
+    ghost = Coupon(await adapters.codes.next_code(), new_campaign_id(), "alice",
+                   datetime.now(UTC), 1)
+    with pytest.raises(ConstraintViolation):
+        await adapters.ledger.record(ghost)
+
+
+async def test_ledger_concurrent_records_keep_one_per_user_and_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=50)
+    coupons = [await adapters.coupon(c, f"user-{i % 30}", 1 + i % 50) for i in range(200)]
+    results = await asyncio.gather(*(adapters.ledger.record(x) for x in coupons))
+    recorded = [x for x, r in zip(coupons, results, strict=True)
+                if r.outcome is RecordOutcome.RECORDED]
+    assert len({x.user_id for x in recorded}) == len(recorded)
+    assert len({x.slot for x in recorded}) == len(recorded)
+    page = await adapters.ledger.page(c.id, 0, 1000)
+    assert sorted(x.code for x in page.coupons) == sorted(x.code for x in recorded)
+
+
+async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=10)
+    coupons = [await adapters.coupon(c, f"u{i}", i + 1) for i in range(10)]
+    for x in coupons:
+        await adapters.ledger.record(x)
+    first = await adapters.ledger.page(c.id, 0, 4)
+    assert list(first.coupons) == coupons[:4] and first.has_more
+    second = await adapters.ledger.page(c.id, first.last_position, 4)
+    assert list(second.coupons) == coupons[4:8] and second.has_more
+    third = await adapters.ledger.page(c.id, second.last_position, 4)
+    assert list(third.coupons) == coupons[8:] and not third.has_more
+    holdings = await adapters.ledger.holdings(c.id)
+    assert sorted(holdings) == sorted((x.user_id, x.slot) for x in coupons)
+
+
+# --- stock gate ----------------------------------------------------------------------
+
+
+async def test_gate_admits_each_slot_once_then_sells_out(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=3)
+    slots = [(await adapters.gate.admit(c.id, f"u{i}")).slot for i in range(3)]
+    assert sorted(slots) == [1, 2, 3]
+    assert (await adapters.gate.admit(c.id, "u9")).kind is AdmissionKind.SOLD_OUT
+
+
+async def test_gate_concurrent_admissions_never_share_a_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=100)
+    results = await asyncio.gather(*(adapters.gate.admit(c.id, f"u{i}") for i in range(300)))
+    admitted = [r.slot for r in results if r.kind is AdmissionKind.ADMITTED]
+    assert sorted(admitted) == list(range(1, 101))
+    assert sum(r.kind is AdmissionKind.SOLD_OUT for r in results) == 200
+
+
+async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    first = await adapters.gate.admit(c.id, "alice")
+    again = await adapters.gate.admit(c.id, "alice")
+    assert again.kind is AdmissionKind.ALREADY_HELD
+    assert again.slot == first.slot and again.pending
+    await adapters.gate.confirm(c.id, "alice")
+    confirmed = await adapters.gate.admit(c.id, "alice")
+    assert confirmed.kind is AdmissionKind.ALREADY_HELD and not confirmed.pending
+
+
+async def test_gate_refuses_before_start_and_at_end(adapters: Adapters) -> None:
+    early = await adapters.new_campaign(starts_in=3600)
+    assert (await adapters.gate.admit(early.id, "a")).kind is AdmissionKind.NOT_STARTED
+    ended = await adapters.new_campaign(starts_in=-10, ends_in=-0.001)
+    assert (await adapters.gate.admit(ended.id, "a")).kind is AdmissionKind.ENDED
+
+
+async def test_gate_decision_time_is_never_before_the_start(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(starts_in=0.2)
+    seen = []
+    deadline = asyncio.get_running_loop().time() + 2
+    while asyncio.get_running_loop().time() < deadline:
+        admission = await adapters.gate.admit(c.id, f"u{len(seen)}")
+        seen.append(admission)
+        if admission.kind is AdmissionKind.ADMITTED:
+            break
+    admitted = [a for a in seen if a.kind is AdmissionKind.ADMITTED]
+    assert admitted and admitted[0].now >= c.starts_at
+    assert all(a.now < c.starts_at for a in seen if a.kind is AdmissionKind.NOT_STARTED)
+
+
+async def test_gate_reports_unknown_campaign_as_not_loaded(adapters: Adapters) -> None:
+    admission = await adapters.gate.admit(new_campaign_id(), "a")
+    assert admission.kind is AdmissionKind.NOT_LOADED
+
+
+async def test_gate_release_returns_the_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    a = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.release(c.id, "alice", a.slot)
+    b = await adapters.gate.admit(c.id, "bob")
+    assert b.kind is AdmissionKind.ADMITTED and b.slot == a.slot
+
+
+async def test_gate_release_of_a_slot_the_user_no_longer_holds_does_nothing(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=2)
+    a = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.release(c.id, "alice", a.slot + 1)
+    assert (await adapters.gate.admit(c.id, "alice")).kind is AdmissionKind.ALREADY_HELD
+    await adapters.gate.release(c.id, "alice", a.slot)
+    await adapters.gate.release(c.id, "alice", a.slot)  # twice: the slot comes back once
+    slots = [(await adapters.gate.admit(c.id, u)).slot for u in ("b", "c")]
+    assert sorted(slots) == [1, 2]
+    assert (await adapters.gate.admit(c.id, "d")).kind is AdmissionKind.SOLD_OUT
+
+
+async def test_gate_forget_drops_the_user_but_not_the_slot(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    a = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.forget(c.id, "alice", a.slot)
+    assert (await adapters.gate.admit(c.id, "bob")).kind is AdmissionKind.SOLD_OUT
+
+
+async def test_gate_load_rebuilds_users_and_free_slots(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=5)
+    if isinstance(adapters.gate, MemoryStockGate):
+        adapters.gate.drop(c.id)
+    else:
+        assert isinstance(adapters.gate, RedisStockGate)
+        client = adapters.gate._client
+        await client.delete(*adapters.gate.keys(c.id))
+    assert (await adapters.gate.admit(c.id, "x")).kind is AdmissionKind.NOT_LOADED
+    await adapters.gate.load(c, [("alice", 1), ("bob", 3)])
+    held = await adapters.gate.admit(c.id, "alice")
+    assert held.kind is AdmissionKind.ALREADY_HELD and held.slot == 1 and not held.pending
+    slots = sorted([(await adapters.gate.admit(c.id, u)).slot for u in ("c", "d", "e")])
+    assert slots == [2, 4, 5]
+    assert (await adapters.gate.admit(c.id, "f")).kind is AdmissionKind.SOLD_OUT
+
+
+async def test_gate_reports_unconfirmed_admissions_after_the_lease(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    a = await adapters.gate.admit(c.id, "ghost")
+    assert (await adapters.gate.admit(c.id, "bob")).stale == ()
+    await asyncio.sleep(LEASE + 0.1)
+    sold_out = await adapters.gate.admit(c.id, "bob")
+    assert sold_out.kind is AdmissionKind.SOLD_OUT
+    assert list(sold_out.stale) == [("ghost", a.slot)]
+    held = await adapters.gate.admit(c.id, "ghost")
+    assert list(held.stale) == [("ghost", a.slot)]
+
+
+# --- code generator ------------------------------------------------------------------
+
+
+async def test_codes_are_well_formed_and_distinct(adapters: Adapters) -> None:
+    codes = [await adapters.codes.next_code() for _ in range(2000)]
+    assert len(set(codes)) == 2000
+    assert all(is_well_formed(x) for x in codes)
+
+
+async def test_codes_from_two_generators_never_clash(adapters: Adapters) -> None:
+    if not isinstance(adapters.codes, PostgresCodeGenerator):
+        pytest.skip("memory codes are unique within one process only (the memory backend "
+                    "is one process)")
+    other = PostgresCodeGenerator(adapters.codes._pool)
+    mine = {await adapters.codes.next_code() for _ in range(500)}
+    theirs = {await other.next_code() for _ in range(500)}
+    assert not mine & theirs
+
+

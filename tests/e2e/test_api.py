@@ -1,0 +1,289 @@
+"""Every RPC and every error code of the API, through the generated Connect client over
+HTTP, against a real server process — with the memory backend and with PostgreSQL/Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from coupon.domain.codes import is_well_formed
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
+from tests.support.client import admin, all_coupons, connect_client, in_seconds, ts
+from tests.support.server import ServerProcess
+
+TOKEN = "s3cret-admin-token"
+AUTH = admin(TOKEN)
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=["memory", "postgres"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    env = {"COUPON_ADMIN_TOKEN": TOKEN}
+    if request.param == "postgres":
+        env.update(request.getfixturevalue("server_env"))
+    proc = ServerProcess(env=env, in_memory=request.param == "memory")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def client(server: ServerProcess) -> AsyncIterator[CouponServiceClient]:
+    async with connect_client(server.url) as c:
+        yield c
+
+
+async def create(
+    client: CouponServiceClient, total: int = 3, starts_in: float = -1, **kw: object
+) -> coupon_pb.Campaign:
+    response = await client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name="launch", total_coupons=total, starts_at=in_seconds(starts_in), **kw
+        ),
+        headers=AUTH,
+    )
+    assert response.campaign is not None
+    return response.campaign
+
+
+async def error_of(work: object) -> ConnectError:
+    with pytest.raises(ConnectError) as caught:
+        await work  # type: ignore[misc]
+    return caught.value
+
+
+async def test_create_campaign_returns_the_campaign(client: CouponServiceClient) -> None:
+    starts = datetime.now(UTC) + timedelta(hours=1)
+    ends = starts + timedelta(hours=2)
+    response = await client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name="봄 세일", total_coupons=1000, starts_at=ts(starts), ends_at=ts(ends)
+        ),
+        headers=AUTH,
+    )
+    c = response.campaign
+    assert c is not None and c.id and c.name == "봄 세일"
+    assert c.total_coupons == 1000 and c.issued_count == 0
+    assert c.starts_at is not None and c.starts_at.to_datetime() == starts.replace(
+        microsecond=starts.microsecond
+    )
+    assert c.ends_at is not None and c.created_at is not None
+    assert c.status == coupon_pb.CampaignStatus.SCHEDULED
+
+
+async def test_issue_then_repeat_returns_the_same_coupon(client: CouponServiceClient) -> None:
+    c = await create(client)
+    first = await client.issue_coupon(
+        coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="alice")
+    )
+    again = await client.issue_coupon(
+        coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="alice")
+    )
+    assert first.coupon is not None and again.coupon is not None
+    assert not first.already_issued and again.already_issued
+    assert again.coupon.code == first.coupon.code
+    assert is_well_formed(first.coupon.code) and len(first.coupon.code) <= 10
+    assert first.coupon.campaign_id == c.id and first.coupon.user_id == "alice"
+
+
+async def test_get_campaign_pages_through_issued_coupons(client: CouponServiceClient) -> None:
+    c = await create(client, total=5)
+    codes = []
+    for user in ("a", "b", "c", "d"):
+        r = await client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=user))
+        assert r.coupon is not None
+        codes.append(r.coupon.code)
+    page = await client.get_campaign(
+        coupon_pb.GetCampaignRequest(campaign_id=c.id, page_size=3), headers=AUTH
+    )
+    assert [x.code for x in page.coupons] == codes[:3] and page.next_page_token
+    rest = await client.get_campaign(
+        coupon_pb.GetCampaignRequest(
+            campaign_id=c.id, page_size=3, page_token=page.next_page_token
+        ),
+        headers=AUTH,
+    )
+    assert [x.code for x in rest.coupons] == codes[3:] and rest.next_page_token == ""
+    assert rest.campaign is not None and rest.campaign.issued_count == 4
+    assert rest.campaign.status == coupon_pb.CampaignStatus.ACTIVE
+
+
+async def test_sold_out_is_resource_exhausted(client: CouponServiceClient) -> None:
+    c = await create(client, total=1)
+    await client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="a"))
+    err = await error_of(
+        client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="b"))
+    )
+    assert err.code == Code.RESOURCE_EXHAUSTED
+    _, coupons = await all_coupons(client, c.id, TOKEN)
+    assert len(coupons) == 1
+    campaign, _ = await all_coupons(client, c.id, TOKEN)
+    assert campaign.status == coupon_pb.CampaignStatus.SOLD_OUT
+
+
+async def test_before_start_is_failed_precondition_with_the_start(
+    client: CouponServiceClient,
+) -> None:
+    c = await create(client, starts_in=3600)
+    err = await error_of(
+        client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="a"))
+    )
+    assert err.code == Code.FAILED_PRECONDITION
+    assert c.starts_at is not None
+    assert c.starts_at.to_datetime().isoformat()[:19] in err.message
+
+
+async def test_after_end_is_failed_precondition(client: CouponServiceClient) -> None:
+    c = await create(client, starts_in=-5, ends_at=in_seconds(0.3))
+    import asyncio
+
+    await asyncio.sleep(0.5)
+    err = await error_of(
+        client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="a"))
+    )
+    assert err.code == Code.FAILED_PRECONDITION and "ended" in err.message
+
+
+async def test_unknown_campaign_is_not_found(client: CouponServiceClient) -> None:
+    missing = "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50"
+    err = await error_of(
+        client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=missing, user_id="a"))
+    )
+    assert err.code == Code.NOT_FOUND
+    err = await error_of(
+        client.get_campaign(coupon_pb.GetCampaignRequest(campaign_id=missing), headers=AUTH)
+    )
+    assert err.code == Code.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "x" * 201}, "name"),
+        ({"total_coupons": 0}, "total_coupons"),
+        ({"total_coupons": 10_000_001}, "total_coupons"),
+        ({"starts_at": None}, "starts_at"),
+        ({"ends_at": "before_start"}, "ends_at"),
+    ],
+)
+async def test_bad_campaign_fields_are_invalid_argument_naming_the_field(
+    client: CouponServiceClient, request_kw: dict[str, object], field: str
+) -> None:
+    fields: dict[str, object] = {
+        "name": "ok", "total_coupons": 10, "starts_at": in_seconds(60),
+    }
+    fields.update(request_kw)
+    if fields.get("ends_at") == "before_start":
+        fields["ends_at"] = in_seconds(30)
+    err = await error_of(
+        client.create_campaign(coupon_pb.CreateCampaignRequest(**fields), headers=AUTH)  # type: ignore[arg-type]
+    )
+    assert err.code == Code.INVALID_ARGUMENT
+    assert err.message.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    ("campaign_id", "user_id", "field"),
+    [
+        ("", "alice", "campaign_id"),
+        ("nope", "alice", "campaign_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "u" * 129, "user_id"),
+    ],
+)
+async def test_bad_issue_fields_are_invalid_argument_naming_the_field(
+    client: CouponServiceClient, campaign_id: str, user_id: str, field: str
+) -> None:
+    err = await error_of(
+        client.issue_coupon(
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user_id)
+        )
+    )
+    assert err.code == Code.INVALID_ARGUMENT and err.message.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "field"),
+    [(-1, "", "page_size"), (10_001, "", "page_size"), (10, "bogus", "page_token")],
+)
+async def test_bad_page_fields_are_invalid_argument(
+    client: CouponServiceClient, page_size: int, page_token: str, field: str
+) -> None:
+    c = await create(client)
+    err = await error_of(
+        client.get_campaign(
+            coupon_pb.GetCampaignRequest(
+                campaign_id=c.id, page_size=page_size, page_token=page_token
+            ),
+            headers=AUTH,
+        )
+    )
+    assert err.code == Code.INVALID_ARGUMENT and err.message.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"},
+                                     {"authorization": TOKEN}])
+async def test_admin_rpcs_without_the_token_are_unauthenticated(
+    client: CouponServiceClient, headers: dict[str, str]
+) -> None:
+    err = await error_of(
+        client.create_campaign(
+            coupon_pb.CreateCampaignRequest(name="x", total_coupons=1, starts_at=in_seconds(1)),
+            headers=headers,
+        )
+    )
+    assert err.code == Code.UNAUTHENTICATED
+    err = await error_of(
+        client.get_campaign(
+            coupon_pb.GetCampaignRequest(campaign_id="0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50"),
+            headers=headers,
+        )
+    )
+    assert err.code == Code.UNAUTHENTICATED
+
+
+async def test_rejected_requests_change_nothing(client: CouponServiceClient) -> None:
+    c = await create(client, total=2)
+    for bad in ("", "u" * 129):
+        await error_of(
+            client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=bad))
+        )
+    campaign, coupons = await all_coupons(client, c.id, TOKEN)
+    assert campaign.issued_count == 0 and coupons == []
+
+
+def test_connect_json_works_with_plain_http(server: ServerProcess) -> None:
+    """What the README's curl examples do."""
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+        json={"name": "curl", "totalCoupons": "2", "startsAt": "2026-01-01T00:00:00Z"},
+        headers=AUTH,
+    )
+    assert response.status_code == 200, response.text
+    campaign_id = response.json()["campaign"]["id"]
+    issued = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+        json={"campaignId": campaign_id, "userId": "curl-user"},
+    )
+    assert issued.status_code == 200 and issued.json()["coupon"]["userId"] == "curl-user"
+    bad = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+        json={"campaignId": campaign_id, "userId": ""},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["code"] == "invalid_argument"
+
+
+def test_health_and_readiness(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ok"

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from coupon.domain.campaign import Campaign, CampaignStatus, new_campaign
+from coupon.domain.coupon import validate_campaign_id, validate_user_id
+from coupon.domain.errors import CampaignEnded, CampaignNotStarted, InvalidArgument
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def campaign(**changes: object) -> Campaign:
+    fields: dict[str, object] = {
+        "campaign_id": "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50",
+        "name": "launch",
+        "total_coupons": 10,
+        "starts_at": NOW,
+        "ends_at": NOW + timedelta(hours=1),
+        "now": NOW - timedelta(minutes=1),
+    }
+    fields.update(changes)
+    return new_campaign(**fields)  # type: ignore[arg-type]
+
+
+def test_campaign_is_scheduled_before_its_start_and_active_from_it() -> None:
+    c = campaign()
+    assert c.status_at(NOW - timedelta(microseconds=1)) is CampaignStatus.SCHEDULED
+    assert c.status_at(NOW) is CampaignStatus.ACTIVE
+
+
+def test_campaign_is_sold_out_when_every_coupon_is_issued() -> None:
+    assert campaign().with_issued_count(10).status_at(NOW) is CampaignStatus.SOLD_OUT
+
+
+def test_campaign_is_ended_at_its_end_even_with_stock_left() -> None:
+    assert campaign().status_at(NOW + timedelta(hours=1)) is CampaignStatus.ENDED
+
+
+def test_ensure_open_refuses_one_microsecond_before_start_and_names_the_start() -> None:
+    with pytest.raises(CampaignNotStarted, match="2026-11-24T12:00:00"):
+        campaign().ensure_open(NOW - timedelta(microseconds=1))
+    campaign().ensure_open(NOW)
+
+
+def test_ensure_open_refuses_at_the_end() -> None:
+    with pytest.raises(CampaignEnded):
+        campaign().ensure_open(NOW + timedelta(hours=1))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "   "}, "name"),
+        ({"name": "x" * 201}, "name"),
+        ({"total_coupons": 0}, "total_coupons"),
+        ({"total_coupons": -5}, "total_coupons"),
+        ({"total_coupons": 10_000_001}, "total_coupons"),
+        ({"starts_at": None}, "starts_at"),
+        ({"starts_at": datetime(1970, 1, 1, tzinfo=UTC)}, "starts_at"),
+        ({"ends_at": NOW}, "ends_at"),
+        ({"ends_at": NOW - timedelta(hours=1)}, "ends_at"),
+        ({"ends_at": datetime(9500, 1, 1, tzinfo=UTC)}, "ends_at"),
+    ],
+)
+def test_new_campaign_names_the_bad_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        campaign(**changes)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_total_coupons_error_says_the_range_and_the_value() -> None:
+    with pytest.raises(InvalidArgument, match=r"between 1 and 10000000 \(got 0\)"):
+        campaign(total_coupons=0)
+
+
+def test_name_of_200_characters_and_ten_million_coupons_are_accepted() -> None:
+    c = campaign(name="쿠" * 200, total_coupons=10_000_000)
+    assert c.total_coupons == 10_000_000
+
+
+@pytest.mark.parametrize("user_id", ["", "x" * 129, "a\x00b"])
+def test_bad_user_ids_are_refused(user_id: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_user_id(user_id)
+    assert caught.value.field == "user_id"
+
+
+@pytest.mark.parametrize("campaign_id", ["", "42", "not-a-uuid", "x" * 500])
+def test_bad_campaign_ids_are_refused(campaign_id: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_campaign_id(campaign_id)
+    assert caught.value.field == "campaign_id"

@@ -1,0 +1,269 @@
+"""Use cases on the memory adapters (hand-written fakes, no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from coupon.adapters.memory.store import (
+    ManualClock,
+    MemoryCampaignRepository,
+    MemoryCodeGenerator,
+    MemoryCouponLedger,
+    MemoryStockGate,
+    MemoryStore,
+)
+from coupon.application.ports import Recorded
+from coupon.application.use_cases import (
+    CampaignDirectory,
+    CreateCampaign,
+    GetCampaign,
+    IssueCoupon,
+    decode_page_token,
+    encode_page_token,
+)
+from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import Coupon
+from coupon.domain.errors import (
+    CampaignEnded,
+    CampaignNotFound,
+    CampaignNotStarted,
+    InvalidArgument,
+    SoldOut,
+    Unavailable,
+)
+
+START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+class FlakyLedger(MemoryCouponLedger):
+    """A ledger whose commits fail while `failing` is set, like a database going away."""
+
+    failing = False
+
+    async def record(self, coupon: Coupon) -> Recorded:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise Unavailable("PostgreSQL is unavailable")
+        return await super().record(coupon)
+
+
+@dataclass
+class World:
+    clock: ManualClock
+    store: MemoryStore
+    gate: MemoryStockGate
+    ledger: FlakyLedger
+    create: CreateCampaign
+    get: GetCampaign
+    issue: IssueCoupon
+
+    async def campaign(self, total: int = 10, **kw: object) -> Campaign:
+        fields: dict[str, object] = {
+            "name": "launch",
+            "total_coupons": total,
+            "starts_at": START,
+            "ends_at": None,
+        }
+        fields.update(kw)
+        return await self.create.execute(**fields)  # type: ignore[arg-type]
+
+    async def all_coupons(self, campaign_id: str) -> list[Coupon]:
+        coupons: list[Coupon] = []
+        token = ""
+        while True:
+            view = await self.get.execute(campaign_id=campaign_id, page_size=7, page_token=token)
+            coupons.extend(view.coupons)
+            token = view.next_page_token
+            if not token:
+                return coupons
+
+
+@pytest.fixture
+def world() -> World:
+    clock = ManualClock(START - timedelta(minutes=5))
+    store = MemoryStore()
+    campaigns = MemoryCampaignRepository(store)
+    ledger = FlakyLedger(store)
+    gate = MemoryStockGate(clock, lease_seconds=10)
+    return World(
+        clock=clock,
+        store=store,
+        gate=gate,
+        ledger=ledger,
+        create=CreateCampaign(campaigns, gate, clock),
+        get=GetCampaign(campaigns, ledger, clock),
+        issue=IssueCoupon(
+            gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), campaigns
+        ),
+    )
+
+
+async def test_issue_gives_a_coupon_with_the_authoritative_time(world: World) -> None:
+    c = await world.campaign()
+    world.clock.current = START
+    issued = await world.issue.execute(campaign_id=c.id, user_id="alice")
+    assert not issued.already_issued
+    assert issued.coupon.issued_at == START
+    assert 1 <= len(issued.coupon.code) <= 10
+
+
+async def test_second_request_from_same_user_returns_same_coupon(world: World) -> None:
+    c = await world.campaign()
+    world.clock.current = START
+    first = await world.issue.execute(campaign_id=c.id, user_id="alice")
+    second = await world.issue.execute(campaign_id=c.id, user_id="alice")
+    assert second.already_issued
+    assert second.coupon == first.coupon
+
+
+async def test_request_before_start_is_refused_with_the_start_time(world: World) -> None:
+    c = await world.campaign()
+    world.clock.current = START - timedelta(microseconds=1)
+    with pytest.raises(CampaignNotStarted) as caught:
+        await world.issue.execute(campaign_id=c.id, user_id="alice")
+    assert caught.value.starts_at == START
+    assert (await world.get.execute(campaign_id=c.id, page_size=0, page_token="")).coupons == []
+
+
+async def test_request_at_the_end_is_refused(world: World) -> None:
+    c = await world.campaign(ends_at=START + timedelta(minutes=1))
+    world.clock.current = START + timedelta(minutes=1)
+    with pytest.raises(CampaignEnded):
+        await world.issue.execute(campaign_id=c.id, user_id="alice")
+
+
+async def test_stock_runs_out_after_exactly_total_coupons(world: World) -> None:
+    c = await world.campaign(total=3)
+    world.clock.current = START
+    for user in ("a", "b", "c"):
+        await world.issue.execute(campaign_id=c.id, user_id=user)
+    with pytest.raises(SoldOut):
+        await world.issue.execute(campaign_id=c.id, user_id="d")
+    assert (await world.issue.execute(campaign_id=c.id, user_id="a")).already_issued
+
+
+async def test_unknown_campaign_is_not_found(world: World) -> None:
+    with pytest.raises(CampaignNotFound):
+        await world.issue.execute(
+            campaign_id="0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", user_id="alice"
+        )
+
+
+async def test_thousands_of_concurrent_requests_keep_invariants(world: World) -> None:
+    c = await world.campaign(total=300)
+    world.clock.current = START
+    rng = random.Random(7)
+    users = [f"user-{rng.randrange(800)}" for _ in range(3000)]
+    results = await asyncio.gather(
+        *(world.issue.execute(campaign_id=c.id, user_id=u) for u in users),
+        return_exceptions=True,
+    )
+    successes = [r for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(f, SoldOut) for f in failures)
+    listed = await world.all_coupons(c.id)
+    assert len(listed) == 300  # I1, and stock fully used: more than 300 users asked
+    assert len({x.code for x in listed}) == 300  # I2
+    assert len({x.user_id for x in listed}) == 300  # I4
+    by_user = {x.user_id: x for x in listed}
+    for s in successes:  # every success is in the list, the same coupon for the same user
+        assert by_user[s.coupon.user_id] == s.coupon
+    first_time = Counter(s.coupon.user_id for s in successes if not s.already_issued)
+    assert max(first_time.values()) == 1
+
+
+async def test_failed_commit_returns_the_slot(world: World) -> None:
+    c = await world.campaign(total=1)
+    world.clock.current = START
+    world.ledger.failing = True
+    with pytest.raises(Unavailable):
+        await world.issue.execute(campaign_id=c.id, user_id="alice")
+    world.ledger.failing = False
+    issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
+    assert issued.coupon.user_id == "bob"
+
+
+async def test_gate_state_lost_is_rebuilt_from_the_ledger(world: World) -> None:
+    c = await world.campaign(total=5)
+    world.clock.current = START
+    first = {u: await world.issue.execute(campaign_id=c.id, user_id=u) for u in "abc"}
+    world.gate.drop(c.id)
+    again = await world.issue.execute(campaign_id=c.id, user_id="a")
+    assert again.already_issued and again.coupon == first["a"].coupon
+    await world.issue.execute(campaign_id=c.id, user_id="d")
+    await world.issue.execute(campaign_id=c.id, user_id="e")
+    with pytest.raises(SoldOut):
+        await world.issue.execute(campaign_id=c.id, user_id="f")
+    assert len(await world.all_coupons(c.id)) == 5
+
+
+async def test_slot_of_a_vanished_request_comes_back_after_the_lease(world: World) -> None:
+    """I6: an admission whose process died before recording is settled after the lease."""
+    c = await world.campaign(total=1)
+    world.clock.current = START
+    admission = await world.gate.admit(c.id, "ghost")  # admitted, then the process "died"
+    assert admission.slot == 1
+    with pytest.raises(SoldOut):
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+    world.clock.advance(11)
+    issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
+    assert issued.coupon.slot == 1
+
+
+async def test_vanished_request_that_did_commit_keeps_its_coupon(world: World) -> None:
+    c = await world.campaign(total=1)
+    world.clock.current = START
+    admission = await world.gate.admit(c.id, "alice")
+    coupon = Coupon("가가가가가가가가가가", c.id, "alice", START, admission.slot)
+    await world.ledger.record(coupon)  # committed, but the confirm never reached the gate
+    world.clock.advance(11)
+    with pytest.raises(SoldOut):
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+    assert (await world.issue.execute(campaign_id=c.id, user_id="alice")).coupon == coupon
+
+
+async def test_pages_cover_every_coupon_once_in_issue_order(world: World) -> None:
+    c = await world.campaign(total=20)
+    world.clock.current = START
+    issued = [await world.issue.execute(campaign_id=c.id, user_id=f"u{i}") for i in range(20)]
+    listed = await world.all_coupons(c.id)
+    assert listed == [i.coupon for i in issued]
+
+
+async def test_page_token_of_another_campaign_is_refused(world: World) -> None:
+    a = await world.campaign()
+    b = await world.campaign()
+    token = encode_page_token(a.id, 5)
+    with pytest.raises(InvalidArgument) as caught:
+        await world.get.execute(campaign_id=b.id, page_size=10, page_token=token)
+    assert caught.value.field == "page_token"
+
+
+@pytest.mark.parametrize("token", ["garbage!", "Zm9v", "x" * 300])
+def test_malformed_page_tokens_are_refused(token: str) -> None:
+    with pytest.raises(InvalidArgument):
+        decode_page_token("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", token)
+
+
+@pytest.mark.parametrize("size", [-1, 10_001])
+async def test_page_size_out_of_range_is_refused(world: World, size: int) -> None:
+    c = await world.campaign()
+    with pytest.raises(InvalidArgument) as caught:
+        await world.get.execute(campaign_id=c.id, page_size=size, page_token="")
+    assert caught.value.field == "page_size"
+
+
+async def test_campaign_status_and_count_follow_issuance(world: World) -> None:
+    c = await world.campaign(total=2)
+    view = await world.get.execute(campaign_id=c.id, page_size=0, page_token="")
+    assert view.campaign.issued_count == 0
+    world.clock.current = START
+    await world.issue.execute(campaign_id=c.id, user_id="a")
+    view = await world.get.execute(campaign_id=c.id, page_size=0, page_token="")
+    assert view.campaign.issued_count == 1
