@@ -21,8 +21,13 @@ def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO)) for p in PROTO.rglob("*.proto"))
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO}",
-            f"--py_out={out}", f"--connectrpc_out={out}", *protos,
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO}",
+            f"--py_out={out}",
+            f"--connectrpc_out={out}",
+            *protos,
         ],
         check=True,
         env=env,

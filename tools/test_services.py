@@ -11,7 +11,11 @@ import shlex
 import socket
 
 LOCAL = {
-    "COUPON_TEST_DATABASE_URL": ("127.0.0.1", 5432, "postgresql://postgres@127.0.0.1:5432/postgres"),
+    "COUPON_TEST_DATABASE_URL": (
+        "127.0.0.1",
+        5432,
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+    ),
     "COUPON_TEST_REDIS_URL": ("127.0.0.1", 6379, "redis://127.0.0.1:6379/0"),
 }
 

@@ -170,15 +170,17 @@ async def test_ledger_refuses_a_slot_beyond_the_stock(adapters: Adapters) -> Non
 
 async def test_ledger_refuses_a_coupon_issued_before_the_start(adapters: Adapters) -> None:
     c = await adapters.new_campaign()
-    early = Coupon(await adapters.codes.next_code(), c.id, "alice",
-                   c.starts_at - timedelta(microseconds=1), 1)
+    early = Coupon(
+        await adapters.codes.next_code(), c.id, "alice", c.starts_at - timedelta(microseconds=1), 1
+    )
     with pytest.raises(ConstraintViolation):
         await adapters.ledger.record(early)
 
 
 async def test_ledger_refuses_a_coupon_of_an_unknown_campaign(adapters: Adapters) -> None:
-    ghost = Coupon(await adapters.codes.next_code(), new_campaign_id(), "alice",
-                   datetime.now(UTC), 1)
+    ghost = Coupon(
+        await adapters.codes.next_code(), new_campaign_id(), "alice", datetime.now(UTC), 1
+    )
     with pytest.raises(ConstraintViolation):
         await adapters.ledger.record(ghost)
 
@@ -187,8 +189,9 @@ async def test_ledger_concurrent_records_keep_one_per_user_and_slot(adapters: Ad
     c = await adapters.new_campaign(total=50)
     coupons = [await adapters.coupon(c, f"user-{i % 30}", 1 + i % 50) for i in range(200)]
     results = await asyncio.gather(*(adapters.ledger.record(x) for x in coupons))
-    recorded = [x for x, r in zip(coupons, results, strict=True)
-                if r.outcome is RecordOutcome.RECORDED]
+    recorded = [
+        x for x, r in zip(coupons, results, strict=True) if r.outcome is RecordOutcome.RECORDED
+    ]
     assert len({x.user_id for x in recorded}) == len(recorded)
     assert len({x.slot for x in recorded}) == len(recorded)
     page = await adapters.ledger.page(c.id, 0, 1000)
@@ -334,11 +337,10 @@ async def test_codes_are_well_formed_and_distinct(adapters: Adapters) -> None:
 
 async def test_codes_from_two_generators_never_clash(adapters: Adapters) -> None:
     if not isinstance(adapters.codes, PostgresCodeGenerator):
-        pytest.skip("memory codes are unique within one process only (the memory backend "
-                    "is one process)")
+        pytest.skip(
+            "memory codes are unique within one process only (the memory backend is one process)"
+        )
     other = PostgresCodeGenerator(adapters.codes._pool)
     mine = {await adapters.codes.next_code() for _ in range(500)}
     theirs = {await other.next_code() for _ in range(500)}
     assert not mine & theirs
-
-

@@ -179,7 +179,9 @@ async def test_bad_campaign_fields_are_invalid_argument_naming_the_field(
     client: CouponServiceClient, request_kw: dict[str, object], field: str
 ) -> None:
     fields: dict[str, object] = {
-        "name": "ok", "total_coupons": 10, "starts_at": in_seconds(60),
+        "name": "ok",
+        "total_coupons": 10,
+        "starts_at": in_seconds(60),
     }
     fields.update(request_kw)
     if fields.get("ends_at") == "before_start":
@@ -204,9 +206,7 @@ async def test_bad_issue_fields_are_invalid_argument_naming_the_field(
     client: CouponServiceClient, campaign_id: str, user_id: str, field: str
 ) -> None:
     err = await error_of(
-        client.issue_coupon(
-            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user_id)
-        )
+        client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user_id))
     )
     assert err.code == Code.INVALID_ARGUMENT and err.message.startswith(f"{field}: ")
 
@@ -230,8 +230,9 @@ async def test_bad_page_fields_are_invalid_argument(
     assert err.code == Code.INVALID_ARGUMENT and err.message.startswith(f"{field}: ")
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"},
-                                     {"authorization": TOKEN}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}]
+)
 async def test_admin_rpcs_without_the_token_are_unauthenticated(
     client: CouponServiceClient, headers: dict[str, str]
 ) -> None:

@@ -13,18 +13,27 @@ import pytest
 STARTS = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-async def make_campaign(pool: asyncpg.Pool, total: int, ends_at: datetime | None = None) -> uuid.UUID:
+async def make_campaign(
+    pool: asyncpg.Pool, total: int, ends_at: datetime | None = None
+) -> uuid.UUID:
     campaign_id = uuid.uuid4()
     await pool.execute(
         "INSERT INTO campaigns (id, name, total_coupons, starts_at, ends_at) "
         "VALUES ($1, 'schema', $2, $3, coalesce($4, 'infinity'::timestamptz))",
-        campaign_id, total, STARTS, ends_at,
+        campaign_id,
+        total,
+        STARTS,
+        ends_at,
     )
     return campaign_id
 
 
 async def insert(
-    pool: asyncpg.Pool, campaign_id: uuid.UUID, slot: int, code: str, user: str,
+    pool: asyncpg.Pool,
+    campaign_id: uuid.UUID,
+    slot: int,
+    code: str,
+    user: str,
     issued_at: datetime = STARTS,
 ) -> bool:
     """Insert one coupon the way any client could, stock and window copied from the campaign."""
@@ -34,7 +43,11 @@ async def insert(
             " user_id, issued_at)"
             " SELECT id, total_coupons, starts_at, ends_at, $2, $3, $4, $5"
             " FROM campaigns WHERE id = $1",
-            campaign_id, slot, code, user, issued_at,
+            campaign_id,
+            slot,
+            code,
+            user,
+            issued_at,
         )
     except asyncpg.IntegrityConstraintViolationError:
         return False
@@ -42,21 +55,23 @@ async def insert(
 
 
 async def count(pool: asyncpg.Pool, campaign_id: uuid.UUID) -> int:
-    return int(await pool.fetchval("SELECT count(*) FROM coupons WHERE campaign_id = $1",
-                                   campaign_id))
+    return int(
+        await pool.fetchval("SELECT count(*) FROM coupons WHERE campaign_id = $1", campaign_id)
+    )
 
 
 async def test_concurrent_inserts_never_exceed_the_stock(pg_pool: asyncpg.Pool) -> None:
     campaign_id = await make_campaign(pg_pool, total=20)
     tag = uuid.uuid4().hex[:6]
-    results = await asyncio.gather(*(
-        insert(pg_pool, campaign_id, slot, f"{tag}{i}", f"user-{i}")
-        for i, slot in enumerate(s for s in range(1, 41) for _ in range(3))
-    ))
+    results = await asyncio.gather(
+        *(
+            insert(pg_pool, campaign_id, slot, f"{tag}{i}", f"user-{i}")
+            for i, slot in enumerate(s for s in range(1, 41) for _ in range(3))
+        )
+    )
     assert sum(results) == 20
     assert await count(pg_pool, campaign_id) == 20
-    issued = await pg_pool.fetchval("SELECT issued_count FROM campaigns WHERE id = $1",
-                                    campaign_id)
+    issued = await pg_pool.fetchval("SELECT issued_count FROM campaigns WHERE id = $1", campaign_id)
     assert issued == 20
 
 
@@ -68,7 +83,8 @@ async def test_a_slot_beyond_the_stock_is_refused_even_with_a_forged_total(
         await pg_pool.execute(
             "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,"
             " user_id, issued_at) VALUES ($1, 1000, $2, 'infinity', 500, 'forged', 'u', $2)",
-            campaign_id, STARTS,
+            campaign_id,
+            STARTS,
         )
     assert await count(pg_pool, campaign_id) == 0
 
@@ -77,9 +93,9 @@ async def test_concurrent_inserts_of_one_code_keep_one(pg_pool: asyncpg.Pool) ->
     a = await make_campaign(pg_pool, total=100)
     b = await make_campaign(pg_pool, total=100)
     code = f"dup{uuid.uuid4().hex[:6]}"
-    results = await asyncio.gather(*(
-        insert(pg_pool, a if i % 2 else b, 1 + i // 2, code, f"user-{i}") for i in range(40)
-    ))
+    results = await asyncio.gather(
+        *(insert(pg_pool, a if i % 2 else b, 1 + i // 2, code, f"user-{i}") for i in range(40))
+    )
     assert sum(results) == 1
     assert await pg_pool.fetchval("SELECT count(*) FROM coupons WHERE code = $1", code) == 1
 
@@ -87,10 +103,12 @@ async def test_concurrent_inserts_of_one_code_keep_one(pg_pool: asyncpg.Pool) ->
 async def test_concurrent_inserts_for_one_user_keep_one(pg_pool: asyncpg.Pool) -> None:
     campaign_id = await make_campaign(pg_pool, total=100)
     tag = uuid.uuid4().hex[:6]
-    results = await asyncio.gather(*(
-        insert(pg_pool, campaign_id, slot, f"{tag}{slot}", "the-same-user")
-        for slot in range(1, 51)
-    ))
+    results = await asyncio.gather(
+        *(
+            insert(pg_pool, campaign_id, slot, f"{tag}{slot}", "the-same-user")
+            for slot in range(1, 51)
+        )
+    )
     assert sum(results) == 1
     assert await count(pg_pool, campaign_id) == 1
 
@@ -100,8 +118,7 @@ async def test_a_coupon_before_the_start_or_at_the_end_is_refused(pg_pool: async
     tag = uuid.uuid4().hex[:6]
     early = STARTS - timedelta(microseconds=1)
     assert not await insert(pg_pool, campaign_id, 1, f"{tag}a", "u1", early)
-    assert not await insert(pg_pool, campaign_id, 1, f"{tag}b", "u1",
-                            STARTS + timedelta(hours=1))
+    assert not await insert(pg_pool, campaign_id, 1, f"{tag}b", "u1", STARTS + timedelta(hours=1))
     assert await insert(pg_pool, campaign_id, 1, f"{tag}c", "u1", STARTS)
     assert await count(pg_pool, campaign_id) == 1
 

@@ -32,8 +32,18 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "coupon", "serve", "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", str(workers)]
+        args = [
+            sys.executable,
+            "-m",
+            "coupon",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+        ]
         if in_memory:
             args.append("--in-memory")
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("COUPON_", "REDIS_"))}

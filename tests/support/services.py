@@ -32,9 +32,10 @@ def _containers() -> Iterator[tuple[str, str]]:
     from testcontainers.postgres import PostgresContainer
     from testcontainers.redis import RedisContainer
 
-    with PostgresContainer("postgres:16-alpine", driver=None) as pg, RedisContainer(
-        "redis:7-alpine"
-    ) as rd:
+    with (
+        PostgresContainer("postgres:16-alpine", driver=None) as pg,
+        RedisContainer("redis:7-alpine") as rd,
+    ):
         pg_url = pg.get_connection_url().replace("postgresql+psycopg2", "postgresql")
         redis_url = f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0"
         yield pg_url, redis_url

@@ -36,16 +36,14 @@ def test_codes_are_at_most_ten_hangul_syllables_and_digits(cipher: CodeCipher) -
     for sequence in [0, 1, LAST_SEQUENCE] + [rng.randrange(2**60) for _ in range(1000)]:
         code = cipher.encode(sequence)
         assert len(code) == CODE_LENGTH <= 10
-        assert all(is_hangul_syllable(s) or s.isdigit() and s.isascii() for s in code)
+        assert all(is_hangul_syllable(s) or s in "0123456789" for s in code)
         assert is_well_formed(code)
 
 
 @pytest.mark.parametrize(
     "sequence", [0, 1, 2, 2**30 - 1, 2**30, 2**59, LAST_SEQUENCE - 1, LAST_SEQUENCE]
 )
-def test_decode_inverts_encode_at_the_edges_of_the_range(
-    cipher: CodeCipher, sequence: int
-) -> None:
+def test_decode_inverts_encode_at_the_edges_of_the_range(cipher: CodeCipher, sequence: int) -> None:
     assert cipher.decode(cipher.encode(sequence)) == sequence
 
 

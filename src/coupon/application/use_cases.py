@@ -208,8 +208,9 @@ class IssueCoupon:
             if kind is AdmissionKind.ADMITTED:
                 # Once admitted, finish recording even if the caller goes away: the
                 # coupon is then either committed (and returned on retry) or released.
-                task = asyncio.ensure_future(self._record(campaign_id, user_id, admission.now,
-                                                          admission.slot))
+                task = asyncio.ensure_future(
+                    self._record(campaign_id, user_id, admission.now, admission.slot)
+                )
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 issued = await asyncio.shield(task)
@@ -259,8 +260,9 @@ class IssueCoupon:
     ) -> Issued | None:
         try:
             code = await self._codes.next_code()
-            coupon = Coupon(code=code, campaign_id=campaign_id, user_id=user_id,
-                            issued_at=now, slot=slot)
+            coupon = Coupon(
+                code=code, campaign_id=campaign_id, user_id=user_id, issued_at=now, slot=slot
+            )
             recorded = await self._ledger.record(coupon)
         except BaseException:
             # I6: nothing was recorded (or we cannot know; then the lease settles it).
@@ -283,9 +285,11 @@ class IssueCoupon:
     async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
         try:
             await self._gate.release(campaign_id, user_id, slot)
-        except Exception:
-            log.warning("slot release failed; the lease will return it",
-                        extra={"campaign_id": campaign_id, "slot": slot})
+        except Unavailable:
+            log.warning(
+                "slot release failed; the lease will return it",
+                extra={"campaign_id": campaign_id, "slot": slot},
+            )
 
     async def _settle(self, campaign_id: str, stale: Sequence[tuple[str, int]]) -> bool:
         """Settle admissions whose requests vanished (I6). True if any slot came back."""

@@ -121,8 +121,10 @@ class CodeCipher:
 
 def is_well_formed(code: str) -> bool:
     """Right length and alphabet; says nothing about whether the code was issued."""
-    return isinstance(code, str) and len(code) == CODE_LENGTH and all(
-        symbol in _SYMBOL_VALUE for symbol in code
+    return (
+        isinstance(code, str)
+        and len(code) == CODE_LENGTH
+        and all(symbol in _SYMBOL_VALUE for symbol in code)
     )
 
 
@@ -130,9 +132,7 @@ def _parse(code: str) -> int:
     if not isinstance(code, str):
         raise InvalidCode(f"a coupon code must be text, not {type(code).__name__}")
     if len(code) != CODE_LENGTH:
-        raise InvalidCode(
-            f"a coupon code has exactly {CODE_LENGTH} characters (got {len(code)})"
-        )
+        raise InvalidCode(f"a coupon code has exactly {CODE_LENGTH} characters (got {len(code)})")
     value = 0
     for symbol in code:
         symbol_value = _SYMBOL_VALUE.get(symbol)

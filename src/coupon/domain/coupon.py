@@ -42,7 +42,8 @@ def validate_campaign_id(campaign_id: str, field: str = "campaign_id") -> str:
         parsed = uuid.UUID(campaign_id)
     except ValueError:
         raise InvalidArgument(
-            field, f"must be a campaign id such as 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 "
-            f"(got {campaign_id[:64]!r})"
+            field,
+            f"must be a campaign id such as 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 "
+            f"(got {campaign_id[:64]!r})",
         ) from None
     return str(parsed)

@@ -29,9 +29,7 @@ class CampaignNotFound(CouponError):
 
 class CampaignNotStarted(CouponError):
     def __init__(self, starts_at: datetime) -> None:
-        super().__init__(
-            f"campaign has not started yet: it starts at {starts_at.isoformat()}"
-        )
+        super().__init__(f"campaign has not started yet: it starts at {starts_at.isoformat()}")
         self.starts_at = starts_at
 
 

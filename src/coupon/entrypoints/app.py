@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.types import Receive, Scope, Send
 
 from coupon.application.use_cases import IssueCoupon
@@ -41,10 +42,10 @@ class CouponApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(CONNECT_PREFIX):
+        if scope["type"] == ScopeType.HTTP and scope["path"].startswith(CONNECT_PREFIX):
             connect = self.connect
             if connect is not None:
-                await connect(scope, receive, send)  # type: ignore[arg-type]
+                await connect(scope, receive, send)
                 return
         await self.web(scope, receive, send)
 
@@ -57,7 +58,10 @@ class CouponApp:
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
         log.info(
             "serving",
-            extra={"backend": self.settings.backend, "admin_token": bool(self.settings.admin_token)},
+            extra={
+                "backend": self.settings.backend,
+                "admin_token": bool(self.settings.admin_token),
+            },
         )
         try:
             yield

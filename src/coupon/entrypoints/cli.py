@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 
@@ -95,16 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create the database and apply migrations")
     migrate.set_defaults(handler=_migrate)
 
-    try:
-        from coupon.loadtest.cli import add_arguments, run
-    except ImportError:  # pragma: no cover - the load tool is part of the package
-        pass
-    else:
-        loadtest = commands.add_parser(
-            "loadtest", help="drive a burst at a server and verify the invariants"
-        )
-        add_arguments(loadtest)
-        loadtest.set_defaults(handler=lambda args, _settings: run(args))
+    loadtest = commands.add_parser(
+        "loadtest", help="drive a burst at a server and verify the invariants"
+    )
+    tool = importlib.import_module("coupon.loadtest.cli")
+    tool.add_arguments(loadtest)
+    loadtest.set_defaults(handler=lambda args, _settings: tool.run(args))
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from connectrpc.code import Code
@@ -75,8 +75,6 @@ class AdminGuard:
             )
 
 
-
-
 class CouponService:
     def __init__(
         self,
@@ -96,7 +94,7 @@ class CouponService:
         ctx: RequestContext[coupon_pb.CreateCampaignRequest, coupon_pb.CreateCampaignResponse],
         /,
     ) -> coupon_pb.CreateCampaignResponse:
-        self._admin.check(ctx)  # type: ignore[arg-type]
+        self._admin.check(ctx)
 
         async def work() -> coupon_pb.CreateCampaignResponse:
             campaign = await self._create.execute(
@@ -117,7 +115,7 @@ class CouponService:
         ctx: RequestContext[coupon_pb.GetCampaignRequest, coupon_pb.GetCampaignResponse],
         /,
     ) -> coupon_pb.GetCampaignResponse:
-        self._admin.check(ctx)  # type: ignore[arg-type]
+        self._admin.check(ctx)
 
         async def work() -> coupon_pb.GetCampaignResponse:
             view = await self._get.execute(

@@ -132,9 +132,7 @@ def load_settings(
     env.update(os.environ if environ is None else environ)
     database_url = env.get("DATABASE_URL", "") or DEFAULTS.database_url
     if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
-        raise SettingsError(
-            f"DATABASE_URL must start with postgresql:// (got {database_url!r})"
-        )
+        raise SettingsError(f"DATABASE_URL must start with postgresql:// (got {database_url!r})")
     app_env = env.get("APP_ENV", "") or "development"
     settings = Settings(
         app_env=app_env,

@@ -141,7 +141,11 @@ class RedisStockGate:
                 )
                 log.info(
                     "gate loaded",
-                    extra={"campaign_id": campaign.id, "holdings": len(holdings), "free": len(gaps)},
+                    extra={
+                        "campaign_id": campaign.id,
+                        "holdings": len(holdings),
+                        "free": len(gaps),
+                    },
                 )
             finally:
                 await self._client.delete(lock)
