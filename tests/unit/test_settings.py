@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coupon.entrypoints.settings import SettingsError, load_settings
+
+
+def test_defaults_point_at_local_postgres_and_redis() -> None:
+    s = load_settings({}, dotenv=None)
+    assert s.database_url == "postgresql://postgres@127.0.0.1:5432/coupon"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.port == 8000 and s.backend == "postgres"
+
+
+def test_go_service_redis_variables_build_the_url() -> None:
+    s = load_settings(
+        {"REDIS_ADDRESS": "cache:6380", "REDIS_PASSWORD": "p@ss", "REDIS_DB": "2"}, dotenv=None
+    )
+    assert s.redis_url == "redis://:p%40ss@cache:6380/2"
+
+
+def test_redis_url_wins_over_the_parts() -> None:
+    s = load_settings(
+        {"REDIS_URL": "redis://other:1/3", "REDIS_ADDRESS": "cache:6380"}, dotenv=None
+    )
+    assert s.redis_url == "redis://other:1/3"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"WORKERS": "0"}, "WORKERS"),
+        ({"REDIS_DB": "x"}, "REDIS_DB"),
+        ({"REDIS_ADDRESS": "nohost"}, "REDIS_ADDRESS"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"COUPON_BACKEND": "sqlite"}, "COUPON_BACKEND"),
+        ({"COUPON_PENDING_LEASE_SECONDS": "-1"}, "COUPON_PENDING_LEASE_SECONDS"),
+        ({"APP_ENV": "production"}, "COUPON_ADMIN_TOKEN"),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(env, dotenv=None)
+
+
+def test_production_with_a_token_starts() -> None:
+    s = load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": "t"}, dotenv=None)
+    assert s.production and s.admin_token == "t"
+
+
+def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("# comment\nPORT=9000\nexport WORKERS='3'\nCOUPON_ADMIN_TOKEN=\"abc\"\n")
+    s = load_settings({"PORT": "9100"}, dotenv=dotenv)
+    assert s.port == 9100 and s.workers == 3 and s.admin_token == "abc"
+
+
+def test_malformed_dotenv_line_is_reported_with_its_number(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PORT=9000\nnonsense\n")
+    with pytest.raises(SettingsError, match=":2:"):
+        load_settings({}, dotenv=dotenv)
+
+
+def test_serve_in_production_without_a_token_refuses_to_start() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COUPON_ADMIN_TOKEN"}
+    env["APP_ENV"] = "production"
+    done = subprocess.run(
+        [sys.executable, "-m", "coupon", "serve", "--in-memory", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "COUPON_ADMIN_TOKEN must be set when APP_ENV=production" in done.stderr
