@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from coupon.adapters.redis.stock_gate import create_client
+from coupon.adapters.redis.client import create_client
 from tests.support.services import (
     TestServices,
     create_database,

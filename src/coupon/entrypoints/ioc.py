@@ -21,7 +21,8 @@ from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool
-from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate, create_client
+from coupon.adapters.redis.client import create_client
+from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
 from coupon.application.ports import (
     CampaignRepository,
     Clock,

@@ -179,16 +179,3 @@ class RedisStockGate:
             await self._settle(keys=self.keys(campaign_id), args=[user_id, slot, mode])
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}") from exc
-
-
-def create_client(url: str, max_connections: int = 64) -> aioredis.Redis:
-    # A blocking pool: under a burst, requests queue for a connection instead of failing.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=15,
-    )
-    return aioredis.Redis(connection_pool=pool)
