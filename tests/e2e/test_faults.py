@@ -1,0 +1,272 @@
+"""Failures staged against real server processes: PostgreSQL or Redis unreachable, a
+server killed mid-burst, a client that hangs up. Nothing acknowledged is lost, no slot is
+stranded for good, and the service recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from connectrpc.errors import ConnectError
+
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
+from tests.support.client import all_coupons, connect_client, in_seconds
+from tests.support.proxy import CuttableProxy
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+LEASE = "1"
+
+
+async def create(client: CouponServiceClient, total: int) -> str:
+    r = await client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name="faults", total_coupons=total, starts_at=in_seconds(-1)
+        )
+    )
+    assert r.campaign is not None
+    return r.campaign.id
+
+
+async def issue(client: CouponServiceClient, campaign_id: str, user: str) -> str:
+    """The code, or the Connect error code."""
+    try:
+        r = await client.issue_coupon(
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user)
+        )
+    except ConnectError as exc:
+        return f"error:{exc.code.value}"
+    assert r.coupon is not None
+    return r.coupon.code
+
+
+async def db_coupons(pool: asyncpg.Pool, campaign_id: str) -> dict[str, str]:
+    rows = await pool.fetch(
+        "SELECT user_id, code FROM coupons WHERE campaign_id = $1", uuid.UUID(campaign_id)
+    )
+    return {r["user_id"]: r["code"] for r in rows}
+
+
+async def until_issued(client: CouponServiceClient, campaign_id: str, user: str) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = await issue(client, campaign_id, user)
+        if not result.startswith("error:"):
+            return result
+        assert result == "error:unavailable", result
+        await asyncio.sleep(0.2)
+    raise AssertionError("the service did not recover within 20 s")
+
+
+async def sell_out(
+    client: CouponServiceClient, campaign_id: str, prefix: str, n: int
+) -> Counter[str]:
+    results = await asyncio.gather(*(issue(client, campaign_id, f"{prefix}-{i}") for i in range(n)))
+    return Counter("ok" if not r.startswith("error:") else r for r in results)
+
+
+@pytest.fixture
+def pg_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
+    proxy, url = CuttableProxy.for_url(server_env["DATABASE_URL"])
+    server = ServerProcess(
+        env={**server_env, "DATABASE_URL": url, "COUPON_PENDING_LEASE_SECONDS": LEASE}
+    )
+    try:
+        server.wait_ready()
+        yield proxy, server
+    finally:
+        server.stop()
+        proxy.close()
+
+
+@pytest.fixture
+def redis_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
+    proxy, url = CuttableProxy.for_url(server_env["REDIS_URL"])
+    server = ServerProcess(
+        env={**server_env, "REDIS_URL": url, "COUPON_PENDING_LEASE_SECONDS": LEASE}
+    )
+    try:
+        server.wait_ready()
+        yield proxy, server
+    finally:
+        server.stop()
+        proxy.close()
+
+
+async def test_postgres_outage_gives_unavailable_loses_nothing_and_recovers(
+    pg_proxy: tuple[CuttableProxy, ServerProcess], pg_pool: asyncpg.Pool
+) -> None:
+    proxy, server = pg_proxy
+    total = 30
+    async with connect_client(server.url) as client:
+        campaign_id = await create(client, total)
+        before = {f"b{i}": await issue(client, campaign_id, f"b{i}") for i in range(5)}
+        proxy.block()
+        during = await asyncio.gather(*(issue(client, campaign_id, f"d{i}") for i in range(20)))
+        assert set(during) == {"error:unavailable"}, Counter(during)
+        proxy.unblock()
+        await until_issued(client, campaign_id, "after-0")
+        # Every slot the failed requests took came back: the rest of the stock is issuable.
+        outcome = await sell_out(client, campaign_id, "after-more", 40)
+        stored = await db_coupons(pg_pool, campaign_id)
+    assert {u: stored[u] for u in before} == before  # acknowledged before: still there
+    assert not any(u.startswith("d") for u in stored)  # nothing issued during the outage
+    assert len(stored) == total
+    assert outcome["ok"] == total - 6 and outcome["error:resource_exhausted"] == 40 - (total - 6)
+
+
+async def test_redis_outage_gives_unavailable_and_recovers(
+    redis_proxy: tuple[CuttableProxy, ServerProcess], pg_pool: asyncpg.Pool
+) -> None:
+    proxy, server = redis_proxy
+    total = 20
+    async with connect_client(server.url) as client:
+        campaign_id = await create(client, total)
+        first = await issue(client, campaign_id, "alice")
+        proxy.block()
+        during = await asyncio.gather(*(issue(client, campaign_id, f"d{i}") for i in range(10)))
+        assert set(during) == {"error:unavailable"}, Counter(during)
+        proxy.unblock()
+        await until_issued(client, campaign_id, "after-0")
+        outcome = await sell_out(client, campaign_id, "after-more", 30)
+        stored = await db_coupons(pg_pool, campaign_id)
+    assert stored["alice"] == first
+    assert not any(u.startswith("d") for u in stored)
+    assert len(stored) == total and outcome["ok"] == total - 2
+
+
+async def test_server_killed_mid_burst_strands_no_stock(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """I5 and I6: SIGKILL during a burst; every acknowledged coupon is in PostgreSQL, and
+    stock admitted but never recorded becomes issuable again after the lease."""
+    env = {**server_env, "COUPON_PENDING_LEASE_SECONDS": LEASE}
+    total = 300
+    victim = ServerProcess(env=env, workers=2)
+    victim.wait_ready()
+    acknowledged: dict[str, str] = {}
+    lost = 0
+    try:
+        async with connect_client(victim.url) as client:
+            campaign_id = await create(client, total)
+
+            async def user(i: int) -> None:
+                nonlocal lost
+                try:
+                    r = await client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=f"k{i}")
+                    )
+                except ConnectError:
+                    lost += 1
+                    return
+                assert r.coupon is not None
+                acknowledged[f"k{i}"] = r.coupon.code
+
+            async def kill_midway() -> None:
+                while len(acknowledged) < 60:
+                    await asyncio.sleep(0.002)
+                victim.signal(signal.SIGKILL)
+
+            await asyncio.gather(kill_midway(), *(user(i) for i in range(250)))
+    finally:
+        victim.stop()
+    stored = await db_coupons(pg_pool, campaign_id)
+    assert all(stored.get(u) == code for u, code in acknowledged.items())  # I5
+    survivor = ServerProcess(env=env)
+    try:
+        survivor.wait_ready()
+        await asyncio.sleep(float(LEASE) + 0.5)
+        async with connect_client(survivor.url) as client:
+            outcome = await sell_out(client, campaign_id, "later", total)
+            _, listed = await all_coupons(client, campaign_id, "")
+    finally:
+        survivor.stop()
+    print("kill:", dict(outcome), "stored", len(stored), "acked", len(acknowledged), "lost", lost)
+    assert lost > 0, "the kill cut requests in flight"
+    assert len(listed) == total, (outcome, len(stored), lost)  # I6: nothing stranded
+    assert len({c.code for c in listed}) == total and len({c.user_id for c in listed}) == total
+
+
+def hang_up_after_sending(port: int, campaign_id: str, user: str) -> None:
+    """Send an IssueCoupon request and reset the connection without reading the answer."""
+    body = f'{{"campaignId": "{campaign_id}", "userId": "{user}"}}'.encode()
+    head = (
+        "POST /coupon.v1.CouponService/IssueCoupon HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body)
+        # SO_LINGER 0: close with a reset, as a client that crashed would.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+async def test_client_that_hangs_up_gets_its_coupon_on_retry(
+    pg_proxy: tuple[CuttableProxy, ServerProcess], pg_pool: asyncpg.Pool
+) -> None:
+    _, server = pg_proxy
+    async with connect_client(server.url) as client:
+        campaign_id = await create(client, 50)
+        users = [f"gone-{i}" for i in range(20)]
+        for user in users:
+            hang_up_after_sending(server.port, campaign_id, user)
+        await asyncio.sleep(0.5)
+        retried = {u: await issue(client, campaign_id, u) for u in users}
+        stored = await db_coupons(pg_pool, campaign_id)
+    # Whatever the hang-up interrupted, each user ends with one coupon, the one stored.
+    assert retried == {u: stored[u] for u in users}
+    assert len(stored) == len(users)
+
+
+async def test_sigterm_during_a_burst_finishes_in_flight_issues(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """Graceful shutdown: every success a client received is in PostgreSQL, and what is in
+    PostgreSQL that no client heard of is bounded by the requests whose connection was cut."""
+    server = ServerProcess(env=server_env, workers=2)
+    server.wait_ready()
+    acknowledged: dict[str, str] = {}
+    failures: Counter[str] = Counter()
+    try:
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, 1000)
+
+            async def user(i: int) -> None:
+                try:
+                    r = await client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=f"t{i}")
+                    )
+                except ConnectError as exc:
+                    failures[exc.code.value] += 1
+                    return
+                assert r.coupon is not None
+                acknowledged[f"t{i}"] = r.coupon.code
+
+            async def terminate_midway() -> None:
+                while len(acknowledged) < 50:
+                    await asyncio.sleep(0.002)
+                server.signal(signal.SIGTERM)
+
+            await asyncio.gather(terminate_midway(), *(user(i) for i in range(400)))
+        started = time.monotonic()
+        code = server.process.wait(40)
+        shutdown_seconds = time.monotonic() - started
+    finally:
+        server.stop()
+    stored = await db_coupons(pg_pool, campaign_id)
+    assert all(stored.get(u) == c for u, c in acknowledged.items())
+    unheard = set(stored) - set(acknowledged)
+    cut = sum(failures.values())
+    print(
+        f"sigterm: acked {len(acknowledged)} stored {len(stored)} unheard {len(unheard)} "
+        f"failures {dict(failures)} exit {code} in {shutdown_seconds:.1f}s"
+    )
+    assert len(unheard) <= cut
+    assert code is not None
