@@ -267,3 +267,25 @@ async def test_campaign_status_and_count_follow_issuance(world: World) -> None:
     await world.issue.execute(campaign_id=c.id, user_id="a")
     view = await world.get.execute(campaign_id=c.id, page_size=0, page_token="")
     assert view.campaign.issued_count == 1
+
+
+async def test_stranded_slot_behind_many_unconfirmed_commits_still_comes_back(
+    world: World,
+) -> None:
+    """Requests killed between commit and confirm leave committed admissions pending; a
+    stranded slot queued behind more of them than one stale batch still comes back."""
+    c = await world.campaign(total=120)
+    world.clock.current = START
+    for i in range(119):
+        admission = await world.gate.admit(c.id, f"done-{i}")
+        await world.ledger.record(
+            Coupon(
+                await MemoryCodeGenerator().next_code(), c.id, f"done-{i}", START, admission.slot
+            )
+        )  # committed; the confirm never reached the gate
+    world.clock.advance(1)
+    await world.gate.admit(c.id, "ghost")  # admitted, never recorded
+    world.clock.advance(11)
+    issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
+    assert not issued.already_issued
+    assert len(await world.all_coupons(c.id)) == 120

@@ -181,6 +181,7 @@ class IssueCoupon:
     # How long a request waits for a concurrent request of the same user to commit.
     HOLDER_WAIT_SECONDS = 3.0
     MAX_ROUNDS = 8
+    MAX_SETTLES = 200
 
     def __init__(
         self,
@@ -196,13 +197,16 @@ class IssueCoupon:
         self._directory = directory
         self._campaigns = campaigns
         self._warming: dict[str, asyncio.Future[None]] = {}
+        self._settling: dict[str, asyncio.Lock] = {}
         self._in_flight: set[asyncio.Task[Issued | None]] = set()
 
     async def execute(self, *, campaign_id: str, user_id: str) -> Issued:
         campaign_id = validate_campaign_id(campaign_id)
         user_id = validate_user_id(user_id)
         holder_deadline = 0.0
-        for _ in range(self.MAX_ROUNDS):
+        rounds = settles = 0
+        while rounds < self.MAX_ROUNDS:
+            rounds += 1
             admission = await self._gate.admit(campaign_id, user_id)
             kind = admission.kind
             if kind is AdmissionKind.ADMITTED:
@@ -223,7 +227,9 @@ class IssueCoupon:
                     if admission.pending:
                         await self._gate.confirm(campaign_id, user_id)
                     return Issued(existing, already_issued=True)
-                if admission.stale:
+                if admission.stale and settles < self.MAX_SETTLES:
+                    settles += 1
+                    rounds -= 1
                     await self._settle(campaign_id, admission.stale)
                     continue
                 if not admission.pending:
@@ -250,7 +256,12 @@ class IssueCoupon:
                 assert ends_at is not None
                 raise CampaignEnded(ends_at)
             if kind is AdmissionKind.SOLD_OUT:
-                if admission.stale and await self._settle(campaign_id, admission.stale):
+                # Stranded admissions may hide behind the reported ones: keep settling while
+                # there are any (a budget of its own, so a long backlog is worked through).
+                if admission.stale and settles < self.MAX_SETTLES:
+                    settles += 1
+                    rounds -= 1
+                    await self._settle(campaign_id, admission.stale)
                     continue
                 raise SoldOut((await self._directory.require(campaign_id)).total_coupons)
         raise Unavailable("could not settle this request; retry")
@@ -291,16 +302,23 @@ class IssueCoupon:
                 extra={"campaign_id": campaign_id, "slot": slot},
             )
 
-    async def _settle(self, campaign_id: str, stale: Sequence[tuple[str, int]]) -> bool:
-        """Settle admissions whose requests vanished (I6). True if any slot came back."""
-        freed = False
-        for user_id, slot in stale:
-            if await self._ledger.find_by_user(campaign_id, user_id) is not None:
-                await self._gate.confirm(campaign_id, user_id)
-            else:
-                await self._gate.release(campaign_id, user_id, slot)
-                freed = True
-        return freed
+    async def _settle(self, campaign_id: str, stale: Sequence[tuple[str, int]]) -> None:
+        """Settle admissions whose requests vanished (I6): confirm those the ledger holds,
+        give the others' slots back. One settle per campaign at a time in this process;
+        requests arriving meanwhile wait for it and then look again."""
+        lock = self._settling.setdefault(campaign_id, asyncio.Lock())
+        if lock.locked():
+            async with lock:
+                return
+        async with lock:
+            found = await asyncio.gather(
+                *(self._ledger.find_by_user(campaign_id, user_id) for user_id, _ in stale)
+            )
+            for (user_id, slot), coupon in zip(stale, found, strict=True):
+                if coupon is not None:
+                    await self._gate.confirm(campaign_id, user_id)
+                else:
+                    await self._gate.release(campaign_id, user_id, slot)
 
     async def _warm(self, campaign_id: str) -> None:
         """Rebuild the gate from the ledger, once per process however many requests ask."""

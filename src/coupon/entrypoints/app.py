@@ -16,6 +16,7 @@ from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import configure_logging
+from coupon.entrypoints.metrics import render
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
 
@@ -35,7 +36,7 @@ class CouponApp:
         self.connect: CouponServiceASGIApplication | None = None
         self.readiness: Readiness | None = None
         self.web = Litestar(
-            route_handlers=[healthz, readyz],
+            route_handlers=[healthz, readyz, metrics],
             lifespan=[self._lifespan],
             openapi_config=None,
             state=State({"coupon": self}),
@@ -89,6 +90,14 @@ async def readyz(state: State) -> Response[dict[str, object]]:
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+@get("/metrics", sync_to_thread=False)
+def metrics(state: State) -> Response[bytes]:
+    app = state.coupon
+    assert isinstance(app, CouponApp)
+    body, content_type = render(app.settings.metrics_dir)
+    return Response(body, media_type=content_type)
 
 
 def create_app() -> CouponApp:

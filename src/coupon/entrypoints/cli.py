@@ -7,6 +7,8 @@ import asyncio
 import importlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from coupon.entrypoints.settings import Settings, SettingsError, load_settings
 
@@ -29,6 +31,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.backend == "memory" and settings.workers > 1:
         print("--in-memory keeps state in one process: serving with 1 worker", file=sys.stderr)
         settings = settings.with_overrides(workers=1)
+    # Workers add up their metrics through files in one directory, fresh for each start.
+    metrics_dir = settings.metrics_dir or tempfile.mkdtemp(prefix="coupon-metrics-")
+    for stale in Path(metrics_dir).glob("*.db"):
+        stale.unlink()
     # Worker processes build their settings from the environment: hand the overrides on.
     os.environ.update(
         {
@@ -36,6 +42,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "HOST": settings.host,
             "PORT": str(settings.port),
             "WORKERS": str(settings.workers),
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )
     from granian import Granian

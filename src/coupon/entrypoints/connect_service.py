@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ from coupon.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from coupon.entrypoints.metrics import Metrics
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
@@ -50,11 +52,50 @@ def connect_error(exc: CouponError) -> ConnectError:
     return ConnectError(ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
 
 
-async def _call(work: Awaitable[T]) -> T:
-    try:
-        return await work
-    except CouponError as exc:
-        raise connect_error(exc) from None
+# Why IssueCoupon turned a request away, for the rejections metric.
+REJECTION_REASONS: dict[type[CouponError], str] = {
+    SoldOut: "sold_out",
+    CampaignNotStarted: "not_started",
+    CampaignEnded: "ended",
+    CampaignNotFound: "not_found",
+    InvalidArgument: "invalid",
+    Unavailable: "unavailable",
+}
+
+
+class Observed:
+    """Counts and times one RPC method."""
+
+    def __init__(self, metrics: Metrics, rpc: str) -> None:
+        self._metrics = metrics
+        self._rpc = rpc
+        self.ok = metrics.requests.labels(rpc, "ok")
+        self.latency = metrics.latency.labels(rpc)
+
+    def failed(self, started: float, code: Code) -> None:
+        self._metrics.requests.labels(self._rpc, code.value).inc()
+        self.latency.observe(time.perf_counter() - started)
+
+    def succeeded(self, started: float) -> None:
+        self.ok.inc()
+        self.latency.observe(time.perf_counter() - started)
+
+    async def call(self, work: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            result = await work
+        except CouponError as exc:
+            error = connect_error(exc)
+            self.failed(started, error.code)
+            raise error from None
+        except ConnectError as exc:
+            self.failed(started, exc.code)
+            raise
+        except Exception:
+            self.failed(started, Code.INTERNAL)
+            raise
+        self.succeeded(started)
+        return result
 
 
 class AdminGuard:
@@ -82,11 +123,16 @@ class CouponService:
         get: GetCampaign,
         issue: IssueCoupon,
         admin: AdminGuard,
+        metrics: Metrics,
     ) -> None:
         self._create = create
         self._get = get
         self._issue = issue
         self._admin = admin
+        self._metrics = metrics
+        self._observe_create = Observed(metrics, "CreateCampaign")
+        self._observe_get = Observed(metrics, "GetCampaign")
+        self._observe_issue = Observed(metrics, "IssueCoupon")
 
     async def create_campaign(
         self,
@@ -94,9 +140,8 @@ class CouponService:
         ctx: RequestContext[coupon_pb.CreateCampaignRequest, coupon_pb.CreateCampaignResponse],
         /,
     ) -> coupon_pb.CreateCampaignResponse:
-        self._admin.check(ctx)
-
         async def work() -> coupon_pb.CreateCampaignResponse:
+            self._admin.check(ctx)
             campaign = await self._create.execute(
                 name=request.name,
                 total_coupons=request.total_coupons,
@@ -107,7 +152,7 @@ class CouponService:
                 campaign=campaign_message(campaign, campaign.created_at)
             )
 
-        return await _call(work())
+        return await self._observe_create.call(work())
 
     async def get_campaign(
         self,
@@ -115,9 +160,8 @@ class CouponService:
         ctx: RequestContext[coupon_pb.GetCampaignRequest, coupon_pb.GetCampaignResponse],
         /,
     ) -> coupon_pb.GetCampaignResponse:
-        self._admin.check(ctx)
-
         async def work() -> coupon_pb.GetCampaignResponse:
+            self._admin.check(ctx)
             view = await self._get.execute(
                 campaign_id=request.campaign_id,
                 page_size=request.page_size,
@@ -129,7 +173,7 @@ class CouponService:
                 next_page_token=view.next_page_token,
             )
 
-        return await _call(work())
+        return await self._observe_get.call(work())
 
     async def issue_coupon(
         self,
@@ -137,13 +181,26 @@ class CouponService:
         ctx: RequestContext[coupon_pb.IssueCouponRequest, coupon_pb.IssueCouponResponse],
         /,
     ) -> coupon_pb.IssueCouponResponse:
+        started = time.perf_counter()
+        observed = self._observe_issue
         try:
             issued = await self._issue.execute(
                 campaign_id=request.campaign_id, user_id=request.user_id
             )
         except CouponError as exc:
-            raise connect_error(exc) from None
+            error = connect_error(exc)
+            observed.failed(started, error.code)
+            self._metrics.rejections.labels(REJECTION_REASONS.get(type(exc), "other")).inc()
+            raise error from None
+        except Exception:
+            observed.failed(started, Code.INTERNAL)
+            raise
         coupon = issued.coupon
+        if issued.already_issued:
+            self._metrics.rejections.labels("already_issued").inc()
+        else:
+            self._metrics.issued.labels(coupon.campaign_id).inc()
+        observed.succeeded(started)
         return coupon_pb.IssueCouponResponse(
             coupon=coupon_pb.Coupon(
                 code=coupon.code,

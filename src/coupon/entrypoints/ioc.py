@@ -38,6 +38,7 @@ from coupon.application.use_cases import (
 )
 from coupon.entrypoints.connect_service import AdminGuard, CouponService
 from coupon.entrypoints.health import Readiness
+from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.settings import Settings
 
 log = logging.getLogger("coupon")
@@ -92,7 +93,9 @@ class StorageProvider(Provider):
 
     @provide
     async def ledger(self, pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[CouponLedger]:
-        ledger = PostgresCouponLedger(pool, max_batch=settings.max_batch)
+        ledger = PostgresCouponLedger(
+            pool, max_batch=settings.max_batch, observer=get_metrics().observe_batch
+        )
         ledger.start()
         try:
             yield ledger
@@ -146,6 +149,10 @@ class ApplicationProvider(Provider):
     @provide
     def admin(self, settings: Settings) -> AdminGuard:
         return AdminGuard(settings.admin_token)
+
+    @provide
+    def metrics(self) -> Metrics:
+        return get_metrics()
 
     service = provide(CouponService)
 

@@ -32,6 +32,8 @@ class Settings:
     db_pool_size: int = 8
     max_batch: int = 512
     log_level: str = "INFO"
+    # Where worker processes share Prometheus metrics (prometheus_client reads it too).
+    metrics_dir: str = ""
 
     @property
     def production(self) -> bool:
@@ -105,8 +107,17 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 def _redis_url(env: Mapping[str, str]) -> str:
     url = env.get("REDIS_URL", "")
     if url:
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError(f"REDIS_URL must start with redis://, rediss:// (got {url!r})")
+        if urlsplit(url).scheme not in (
+            "redis",
+            "rediss",
+            "unix",
+            "redis+cluster",
+            "rediss+cluster",
+        ):
+            raise SettingsError(
+                "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// "
+                f"or rediss+cluster:// (got {url!r})"
+            )
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")
@@ -150,6 +161,7 @@ def load_settings(
         db_pool_size=_int(env, "COUPON_DB_POOL_SIZE", DEFAULTS.db_pool_size),
         max_batch=_int(env, "COUPON_MAX_BATCH", DEFAULTS.max_batch),
         log_level=(env.get("LOG_LEVEL", "") or "INFO").upper(),
+        metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
     )
     settings.check()
     return settings

@@ -126,7 +126,7 @@ class _GateState:
 
 
 class MemoryStockGate:
-    STALE_BATCH = 10
+    STALE_BATCH = 50
 
     def __init__(self, clock: Clock, lease_seconds: float = 15.0) -> None:
         self._clock = clock

@@ -1,11 +1,143 @@
-"""Redis clients for the gate."""
+"""Redis clients for the gate: one server, or Redis Cluster.
+
+    REDIS_URL=redis://[user:password@]host:port/db            one server
+    REDIS_URL=redis+cluster://[user:password@]h1:p1,h2:p2     Redis Cluster
+
+`rediss://` and `rediss+cluster://` are the same over TLS. The nodes of a cluster URL are
+startup nodes: any one reachable node is enough, the rest of the cluster (and which node
+serves which slot) is discovered from it. Every key of a campaign carries the hash tag
+`{campaign_id}`, so all of a campaign's keys live in one slot and each gate script runs on
+the one node that owns that slot.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
+
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import ScriptTextT
+from redis.utils import str_if_bytes
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+"""What the gate, the clock and readiness are given: one server or a cluster."""
 
 
-def create_client(url: str, max_connections: int = 64) -> aioredis.Redis:
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """`redis+cluster://[user:pw@]h1:p1,h2:p2[/0][?opts]` -> startup nodes, client kwargs.
+
+    Credentials, TLS and query options are read by redis-py's own URL parser (the same
+    that reads `redis://` URLs), so they mean the same for a cluster as for one server.
+    Raises ValueError naming what is wrong.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a Redis Cluster URL (redis+cluster://...): {url!r}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    nodes = [_host_port(item, url) for item in hostlist.split(",")]
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"Redis Cluster has only database 0 (got path {parts.path!r} in {url!r})")
+    scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
+    first_host, first_port = nodes[0]
+    host = f"[{first_host}]" if ":" in first_host else first_host
+    auth = f"{userinfo}@" if userinfo else ""
+    single = urlunsplit((scheme, f"{auth}{host}:{first_port}", "/0", parts.query, ""))
+    kwargs: dict[str, Any] = dict(parse_url(single))
+    for name in ("host", "port", "db", "path"):
+        kwargs.pop(name, None)
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True
+    return nodes, kwargs
+
+
+def _host_port(item: str, url: str) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [IPv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, ""
+    if not host:
+        raise ValueError(f"Redis Cluster URL has an empty host in {item!r}: {url!r}")
+    if port == "":
+        return host, 6379
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"Redis Cluster URL has a bad port in {item!r}: {url!r}")
+    return host, int(port)
+
+
+class QueueingRedisCluster(RedisCluster):
+    """RedisCluster whose callers queue for a connection instead of failing.
+
+    redis-py's cluster client raises MaxConnectionsError when a node's pool is empty; the
+    single-server client waits (a blocking pool). During a burst every request of a hot
+    campaign goes to the one node that owns its slot, so without waiting the burst would
+    turn into `unavailable`. At most `max_connections` commands are in flight at once
+    (a fan-out command such as SCRIPT LOAD counts once and takes one connection per
+    node), so no node's pool (`max_connections` + a margin) ever runs dry; the others wait
+    up to `pool_timeout` seconds, as the single-server pool does.
+    """
+
+    def __init__(self, *args: Any, pool_timeout: float = 5.0, in_flight: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(in_flight)
+        self._pool_timeout = pool_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"no Redis Cluster connection free after {self._pool_timeout}s"
+            ) from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
+
+    async def script_load(self, script: ScriptTextT) -> str:
+        """SCRIPT LOAD on every primary that answers.
+
+        A script is run by EVALSHA on the node that owns its keys; a node without the
+        script (restarted, promoted) answers NOSCRIPT and the script is loaded. redis-py
+        loads it on every primary at once and fails if any one is down, which would fail
+        requests for campaigns on healthy nodes because of a dead one. Here it fails only
+        when no primary took the script.
+        """
+        await self.initialize()
+        results = await asyncio.gather(
+            *(
+                self.execute_command("SCRIPT LOAD", script, target_nodes=node)
+                for node in self.get_primaries()
+            ),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for result in results:
+            if not isinstance(result, BaseException):
+                return str_if_bytes(result)
+        raise errors[0] if errors else RedisConnectionError("Redis Cluster has no primary")
+
+
+def create_client(url: str, max_connections: int = 64) -> RedisClient:
+    """A Redis Cluster client for `redis+cluster://` URLs, a one-server client otherwise."""
+    if is_cluster_url(url):
+        return create_cluster_client(url, max_connections)
     # A blocking pool: under a burst, requests queue for a connection instead of failing.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -16,3 +148,26 @@ def create_client(url: str, max_connections: int = 64) -> aioredis.Redis:
         health_check_interval=15,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def create_cluster_client(url: str, max_connections: int = 64) -> RedisCluster:
+    nodes, kwargs = parse_cluster_url(url)
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+        "health_check_interval": 15,
+        **kwargs,  # options given in the URL win
+    }
+    return QueueingRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        in_flight=max_connections,
+        pool_timeout=5.0,
+        # Per node; in_flight keeps use below it (margin: topology refreshes).
+        max_connections=max_connections + 8,
+        # Serve the slots that are up even when a master is down and its slots are not.
+        require_full_coverage=False,
+        # On a connection error or CLUSTERDOWN, refresh the slot map and retry a few
+        # times (a failover moves slots); then fail, and the request gets `unavailable`.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        **options,
+    )

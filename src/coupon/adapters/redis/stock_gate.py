@@ -70,7 +70,7 @@ class RedisClock:
 
 
 class RedisStockGate:
-    STALE_BATCH = 10
+    STALE_BATCH = 50
     LOAD_CHUNK = 10_000
 
     def __init__(
