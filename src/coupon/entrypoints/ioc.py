@@ -108,10 +108,14 @@ class StorageProvider(Provider):
         return RedisClock(client)
 
     @provide
-    def gate(self, client: aioredis.Redis, settings: Settings) -> StockGate:
-        return RedisStockGate(
+    async def gate(self, client: aioredis.Redis, settings: Settings) -> AsyncIterator[StockGate]:
+        gate = RedisStockGate(
             client, prefix=settings.redis_prefix, lease_seconds=settings.pending_lease_seconds
         )
+        try:
+            yield gate
+        finally:
+            await gate.close()
 
     @provide
     def codes(self, pool: asyncpg.Pool) -> CodeGenerator:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coupon.application.ports import Admission, AdmissionKind
 from coupon.domain.campaign import Campaign
@@ -70,7 +69,12 @@ class RedisClock:
 
 
 class RedisStockGate:
+    """Admissions of concurrent requests for one campaign share one script call (one round
+    trip, one Redis command): with a call in flight, newcomers queue for the next one, so
+    batches grow with the load. Confirms are batched too, and nobody waits for them."""
+
     STALE_BATCH = 50
+    MAX_BATCH = 512
     LOAD_CHUNK = 10_000
 
     def __init__(
@@ -81,6 +85,11 @@ class RedisStockGate:
         self._lease_us = int(lease_seconds * 1_000_000)
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
+        self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
+        self._busy: set[str] = set()
+        self._confirms: dict[str, list[str]] = {}
+        self._confirming: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def keys(self, campaign_id: str) -> list[str]:
         tag = f"{self._prefix}:{{{campaign_id}}}"
@@ -89,22 +98,104 @@ class RedisStockGate:
     def _lock_key(self, campaign_id: str) -> str:
         return f"{self._prefix}:{{{campaign_id}}}:loading"
 
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def admit(self, campaign_id: str, user_id: str) -> Admission:
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(campaign_id, []).append((user_id, future))
+        if campaign_id not in self._busy:
+            self._busy.add(campaign_id)
+            # Start on the next loop iteration, so the requests of this one join the batch.
+            asyncio.get_running_loop().call_soon(self._spawn, self._drain(campaign_id))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller left, but its admission is decided anyway: give a slot back.
+            future.add_done_callback(lambda f: self._abandoned(campaign_id, user_id, f))
+            raise
+
+    def _abandoned(self, campaign_id: str, user_id: str, future: asyncio.Future[Admission]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        admission = future.result()
+        if admission.kind is AdmissionKind.ADMITTED:
+            self._spawn(self._release_quietly(campaign_id, user_id, admission.slot))
+
+    async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
+        try:
+            await self.release(campaign_id, user_id, slot)
+        except Unavailable:
+            log.warning(
+                "release failed; the lease will return the slot", extra={"campaign_id": campaign_id}
+            )
+
+    async def _drain(self, campaign_id: str) -> None:
+        try:
+            while queue := self._waiting.pop(campaign_id, None):
+                if len(queue) > self.MAX_BATCH:
+                    self._waiting[campaign_id] = queue[self.MAX_BATCH :] + self._waiting.get(
+                        campaign_id, []
+                    )
+                    queue = queue[: self.MAX_BATCH]
+                await self._admit_batch(campaign_id, queue)
+        finally:
+            self._busy.discard(campaign_id)
+
+    async def _admit_batch(
+        self, campaign_id: str, batch: list[tuple[str, asyncio.Future[Admission]]]
+    ) -> None:
+        confirms = self._confirms.pop(campaign_id, [])
+        if len(confirms) > self.MAX_BATCH:  # Lua's unpack() has a limit; send the rest later
+            self._confirms[campaign_id] = confirms[self.MAX_BATCH :]
+            confirms = confirms[: self.MAX_BATCH]
         try:
             reply = await self._admit(
-                keys=self.keys(campaign_id), args=[user_id, self._lease_us, self.STALE_BATCH]
+                keys=self.keys(campaign_id),
+                args=[
+                    self._lease_us,
+                    self.STALE_BATCH,
+                    len(confirms),
+                    *confirms,
+                    *(user for user, _ in batch),
+                ],
             )
         except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}") from exc
-        kind = _KINDS[reply[0]]
-        now = _from_micros(int(reply[1]))
-        if kind is AdmissionKind.ADMITTED:
-            return Admission(kind, now, int(reply[2]))
-        if kind is AdmissionKind.ALREADY_HELD:
-            return Admission(kind, now, int(reply[2]), bool(reply[3]), _pairs(reply[4:]))
-        if kind is AdmissionKind.SOLD_OUT:
-            return Admission(kind, now, stale=_pairs(reply[2:]))
-        return Admission(kind, now)
+            error = Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        now = _from_micros(int(reply[0]))
+        tag = reply[1]
+        if tag != b"M":
+            whole = Admission(_KINDS[tag], now)
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(whole)
+            return
+        stale = _pairs(reply[3])
+        for (user, future), result in zip(batch, reply[2], strict=True):
+            if future.done():
+                continue
+            kind = result[0]
+            if kind == b"A":
+                future.set_result(Admission(AdmissionKind.ADMITTED, now, int(result[1])))
+            elif kind == b"H":
+                slot = int(result[1])
+                own = ((user, slot),) if result[3] else ()
+                future.set_result(
+                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[2]), own)
+                )
+            else:
+                future.set_result(Admission(AdmissionKind.SOLD_OUT, now, stale=stale))
 
     async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
         """Rebuild from the ledger. One process loads (a short Redis lock); the others wait
@@ -162,11 +253,33 @@ class RedisStockGate:
         raise Unavailable("the campaign's gate is still being rebuilt; retry")
 
     async def confirm(self, campaign_id: str, user_id: str) -> None:
+        """Queued: sent with the campaign's next admission batch, or on its own right after;
+        nobody waits for it. A confirm that never arrives is harmless: the lease settles
+        the admission later."""
+        self._confirms.setdefault(campaign_id, []).append(user_id)
+        if self._confirming is None:
+            self._confirming = asyncio.ensure_future(self._send_confirms())
+
+    async def _send_confirms(self) -> None:
         try:
-            await self._client.zrem(self.keys(campaign_id)[3], user_id)
-        except (RedisError, OSError, RedisTimeoutError):
-            # Harmless: an unconfirmed admission is settled against the ledger later.
-            log.warning("confirm failed", extra={"campaign_id": campaign_id})
+            await asyncio.sleep(0)
+            while self._confirms:
+                confirms, self._confirms = self._confirms, {}
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for campaign_id, users in confirms.items():
+                        pipe.zrem(self.keys(campaign_id)[3], *users)
+                    await pipe.execute()
+        except (RedisError, OSError):
+            log.warning("confirms failed; the lease settles those admissions")
+        finally:
+            self._confirming = None
+
+    async def close(self) -> None:
+        """Send queued confirms and wait for batches in flight (graceful shutdown)."""
+        if self._confirming is not None:
+            await asyncio.gather(self._confirming, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
         await self._settle_call(campaign_id, user_id, slot, "release")

@@ -1,52 +1,72 @@
--- One round trip decides a request: window (I3) against Redis's clock, the one clock all
--- server processes share; one per user (I4); and a stock slot (I1), all atomically.
--- KEYS: meta, users, free, pending.  ARGV: user_id, lease (microseconds), stale batch size.
--- Replies: {'L', now} not loaded; {'B', now} before start; {'E', now} ended;
--- {'H', now, slot, pending, stale...} already held; {'S', now, stale...} sold out;
--- {'A', now, slot} admitted. `stale` is a flat list user, slot, ... of admissions older
--- than the lease that were never confirmed: the caller settles them against the ledger.
+-- Admission of a batch of requests for one campaign, in one round trip. Decides, atomically
+-- and against Redis's clock (the one clock every server process shares), the window (I3),
+-- one coupon per user (I4) and a stock slot for each newcomer (I1).
+-- KEYS: meta, users, free, pending.
+-- ARGV: lease (microseconds), stale batch size, n, n confirmed users, then the users to admit.
+-- Confirmed users (their coupons are committed) ride along so that confirming costs no
+-- round trip of its own and is ordered before the admissions that follow it.
+-- Reply: {now, 'L'} not loaded | {now, 'B'} before the start | {now, 'E'} ended |
+--        {now, 'M', results, stale} where results[i] is, for ARGV user i,
+--          {'A', slot}              admitted
+--          {'H', slot, pending, s}  already held; s = 1 when its admission is older than
+--                                   the lease and still unconfirmed
+--          {'S'}                    sold out
+--        and stale is a flat list user, slot, ... of unconfirmed admissions older than the
+--        lease (only when something sold out): the caller settles them against the ledger.
 local meta, users, free, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, lease, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, batch, confirmed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if confirmed > 0 then redis.call('ZREM', pending, unpack(ARGV, 4, 3 + confirmed)) end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local m = redis.call('HMGET', meta, 'total', 'starts', 'ends', 'next')
-if not m[1] then return {'L', now} end
-if now < tonumber(m[2]) then return {'B', now} end
+if not m[1] then return {now, 'L'} end
+if now < tonumber(m[2]) then return {now, 'B'} end
 local ends = tonumber(m[3])
-if ends >= 0 and now >= ends then return {'E', now} end
+if ends >= 0 and now >= ends then return {now, 'E'} end
 
-local held = redis.call('HGET', users, user)
-if held then
-  local reply = {'H', now, tonumber(held), 0}
-  local since = redis.call('ZSCORE', pending, user)
-  if since then
-    reply[4] = 1
-    if now - tonumber(since) > lease then
-      reply[5] = user
-      reply[6] = tonumber(held)
+local total, nxt = tonumber(m[1]), tonumber(m[4])
+local taken_next = false
+local results = {}
+local stale = nil
+
+for i = 4 + confirmed, #ARGV do
+  local user = ARGV[i]
+  local held = redis.call('HGET', users, user)
+  if held then
+    local since = redis.call('ZSCORE', pending, user)
+    if since then
+      local old = 0
+      if now - tonumber(since) > lease then old = 1 end
+      results[#results + 1] = {'H', tonumber(held), 1, old}
+    else
+      results[#results + 1] = {'H', tonumber(held), 0, 0}
     end
-  end
-  return reply
-end
-
-local slot = redis.call('RPOP', free)
-if not slot then
-  local nxt = tonumber(m[4])
-  if nxt < tonumber(m[1]) then
-    slot = redis.call('HINCRBY', meta, 'next', 1)
   else
-    local reply = {'S', now}
-    local old = redis.call('ZRANGEBYSCORE', pending, '-inf', now - lease, 'LIMIT', 0, batch)
-    for _, u in ipairs(old) do
-      reply[#reply + 1] = u
-      reply[#reply + 1] = tonumber(redis.call('HGET', users, u) or 0)
+    local slot = redis.call('RPOP', free)
+    if not slot and nxt < total then
+      nxt = nxt + 1
+      taken_next = true
+      slot = nxt
     end
-    return reply
+    if slot then
+      redis.call('HSET', users, user, slot)
+      redis.call('ZADD', pending, now, user)
+      results[#results + 1] = {'A', tonumber(slot)}
+    else
+      results[#results + 1] = {'S'}
+      if not stale then
+        stale = {}
+        local old = redis.call('ZRANGEBYSCORE', pending, '-inf', now - lease, 'LIMIT', 0, batch)
+        for _, u in ipairs(old) do
+          stale[#stale + 1] = u
+          stale[#stale + 1] = tonumber(redis.call('HGET', users, u) or 0)
+        end
+      end
+    end
   end
 end
 
-redis.call('HSET', users, user, slot)
-redis.call('ZADD', pending, now, user)
-return {'A', now, tonumber(slot)}
+if taken_next then redis.call('HSET', meta, 'next', nxt) end
+return {now, 'M', results, stale or {}}
