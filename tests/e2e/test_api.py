@@ -288,3 +288,46 @@ def test_health_and_readiness(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
+
+
+async def test_thousands_of_concurrent_issues_keep_i1_to_i4(client: CouponServiceClient) -> None:
+    import asyncio
+    import random
+    from collections import Counter
+
+    total = 250
+    c = await create(client, total=total)
+    rng = random.Random(11)
+    users = [f"u{rng.randrange(700)}" for _ in range(3000)]
+    gate = asyncio.Semaphore(300)
+
+    async def one(user: str) -> tuple[str, str, bool]:
+        async with gate:
+            try:
+                r = await client.issue_coupon(
+                    coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=user)
+                )
+            except ConnectError as exc:
+                return user, f"error:{exc.code.value}", False
+            assert r.coupon is not None
+            return user, r.coupon.code, r.already_issued
+
+    results = await asyncio.gather(*(one(u) for u in users))
+    errors = Counter(code for _, code, _ in results if code.startswith("error:"))
+    assert set(errors) <= {"error:resource_exhausted"}, errors
+    campaign, listed = await all_coupons(client, c.id, TOKEN, page_size=100)
+    assert len(listed) == total == campaign.issued_count  # I1, and the stock is used up
+    assert len({x.code for x in listed}) == total  # I2
+    assert len({x.user_id for x in listed}) == total  # I4
+    assert all(  # I3
+        x.issued_at is not None
+        and c.starts_at is not None
+        and x.issued_at.to_datetime() >= c.starts_at.to_datetime()
+        for x in listed
+    )
+    by_user = {x.user_id: x.code for x in listed}
+    for user, code, _ in results:
+        if not code.startswith("error:"):
+            assert by_user[user] == code
+    first = Counter(user for user, code, again in results if not again and "error" not in code)
+    assert max(first.values()) == 1
