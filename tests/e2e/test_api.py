@@ -331,3 +331,38 @@ async def test_thousands_of_concurrent_issues_keep_i1_to_i4(client: CouponServic
             assert by_user[user] == code
     first = Counter(user for user, code, again in results if not again and "error" not in code)
     assert max(first.values()) == 1
+
+
+async def test_compressed_requests_with_deadlines_are_served_by_the_full_protocol(
+    server: ServerProcess, client: CouponServiceClient
+) -> None:
+    c = await create(client)
+    plain = await client.issue_coupon(
+        coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="both-ways")
+    )
+    async with CouponServiceClient(server.url) as gzip_client:  # gzip request bodies
+        again = await gzip_client.issue_coupon(
+            coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id="both-ways"),
+            timeout_ms=5000,
+        )
+    assert again.already_issued and again.coupon == plain.coupon
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/proto", b"\xff\xff\xff\x0f"),
+        ("application/json", b"{not json"),
+        ("application/json", b'{"campaignId": 42}'),
+    ],
+)
+def test_undecodable_issue_bodies_are_invalid_argument(
+    server: ServerProcess, content_type: str, body: bytes
+) -> None:
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+        content=body,
+        headers={"content-type": content_type},
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument"

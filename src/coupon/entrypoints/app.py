@@ -13,6 +13,7 @@ from litestar.types import Receive, Scope, Send
 
 from coupon.application.use_cases import IssueCoupon
 from coupon.entrypoints.connect_service import CouponService
+from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import configure_logging
@@ -34,6 +35,7 @@ class CouponApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connect: CouponServiceASGIApplication | None = None
+        self.fast_issue: FastIssue | None = None
         self.readiness: Readiness | None = None
         self.web = Litestar(
             route_handlers=[healthz, readyz, metrics],
@@ -44,6 +46,12 @@ class CouponApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and scope["path"].startswith(CONNECT_PREFIX):
+            fast = self.fast_issue
+            if fast is not None and scope["path"] == ISSUE_PATH:
+                codec = fast.accepts(scope)
+                if codec is not None:
+                    await fast(scope, receive, send, codec)
+                    return
             connect = self.connect
             if connect is not None:
                 await connect(scope, receive, send)
@@ -57,6 +65,7 @@ class CouponApp:
         issue = await container.get(IssueCoupon)
         self.readiness = await container.get(Readiness)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
+        self.fast_issue = FastIssue(service.issue, MAX_REQUEST_BYTES)
         log.info(
             "serving",
             extra={
@@ -72,6 +81,7 @@ class CouponApp:
             await issue.drain()
             await container.close()
             self.connect = None
+            self.fast_issue = None
 
 
 @get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)

@@ -181,6 +181,10 @@ class CouponService:
         ctx: RequestContext[coupon_pb.IssueCouponRequest, coupon_pb.IssueCouponResponse],
         /,
     ) -> coupon_pb.IssueCouponResponse:
+        return await self.issue(request)
+
+    async def issue(self, request: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
+        """IssueCoupon without a request context: also served by the fast path."""
         started = time.perf_counter()
         observed = self._observe_issue
         try:
