@@ -198,7 +198,6 @@ class IssueCoupon:
         self._campaigns = campaigns
         self._warming: dict[str, asyncio.Future[None]] = {}
         self._settling: dict[str, asyncio.Lock] = {}
-        self._in_flight: set[asyncio.Task[Issued | None]] = set()
 
     async def execute(self, *, campaign_id: str, user_id: str) -> Issued:
         campaign_id = validate_campaign_id(campaign_id)
@@ -210,14 +209,7 @@ class IssueCoupon:
             admission = await self._gate.admit(campaign_id, user_id)
             kind = admission.kind
             if kind is AdmissionKind.ADMITTED:
-                # Once admitted, finish recording even if the caller goes away: the
-                # coupon is then either committed (and returned on retry) or released.
-                task = asyncio.ensure_future(
-                    self._record(campaign_id, user_id, admission.now, admission.slot)
-                )
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-                issued = await asyncio.shield(task)
+                issued = await self._record(campaign_id, user_id, admission.now, admission.slot)
                 if issued is not None:
                     return issued
                 continue
@@ -274,7 +266,16 @@ class IssueCoupon:
             coupon = Coupon(
                 code=code, campaign_id=campaign_id, user_id=user_id, issued_at=now, slot=slot
             )
+        except BaseException:
+            await self._release_quietly(campaign_id, user_id, slot)
+            raise
+        try:
             recorded = await self._ledger.record(coupon)
+        except asyncio.CancelledError:
+            # The caller left while its coupon was being committed. The row may still commit
+            # with its batch: the admission stays pending, and the lease settles it against
+            # the ledger (the user's retry gets the coupon, or the slot comes back).
+            raise
         except BaseException:
             # I6: nothing was recorded (or we cannot know; then the lease settles it).
             await self._release_quietly(campaign_id, user_id, slot)
@@ -339,8 +340,3 @@ class IssueCoupon:
             raise
         finally:
             del self._warming[campaign_id]
-
-    async def drain(self) -> None:
-        """Wait for every admitted request to finish recording (graceful shutdown)."""
-        while self._in_flight:
-            await asyncio.gather(*list(self._in_flight), return_exceptions=True)

@@ -11,7 +11,6 @@ from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import Receive, Scope, Send
 
-from coupon.application.use_cases import IssueCoupon
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
 from coupon.entrypoints.health import Readiness
@@ -62,7 +61,6 @@ class CouponApp:
     async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:
         container = make_container(self.settings)
         service = await container.get(CouponService)
-        issue = await container.get(IssueCoupon)
         self.readiness = await container.get(Readiness)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
         self.fast_issue = FastIssue(service.issue, MAX_REQUEST_BYTES)
@@ -76,9 +74,8 @@ class CouponApp:
         try:
             yield
         finally:
-            # The server has stopped taking requests; finish every admitted issue (its
-            # commit included) before the pool closes.
-            await issue.drain()
+            # The server has stopped taking requests and finished those in flight; closing
+            # the container commits whatever the ledger still has queued, then closes pools.
             await container.close()
             self.connect = None
             self.fast_issue = None

@@ -110,19 +110,9 @@ class RedisStockGate:
             self._busy.add(campaign_id)
             # Start on the next loop iteration, so the requests of this one join the batch.
             asyncio.get_running_loop().call_soon(self._spawn, self._drain(campaign_id))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # The caller left, but its admission is decided anyway: give a slot back.
-            future.add_done_callback(lambda f: self._abandoned(campaign_id, user_id, f))
-            raise
-
-    def _abandoned(self, campaign_id: str, user_id: str, future: asyncio.Future[Admission]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        admission = future.result()
-        if admission.kind is AdmissionKind.ADMITTED:
-            self._spawn(self._release_quietly(campaign_id, user_id, admission.slot))
+        # A caller cancelled while waiting cancels `future`; the batch then gives its slot
+        # back if it was admitted (see _admit_batch).
+        return await future
 
     async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
         try:
@@ -183,9 +173,11 @@ class RedisStockGate:
             return
         stale = _pairs(reply[3])
         for (user, future), result in zip(batch, reply[2], strict=True):
-            if future.done():
-                continue
             kind = result[0]
+            if future.done():
+                if kind == b"A":  # its caller left: nobody will record this admission
+                    self._spawn(self._release_quietly(campaign_id, user, int(result[1])))
+                continue
             if kind == b"A":
                 future.set_result(Admission(AdmissionKind.ADMITTED, now, int(result[1])))
             elif kind == b"H":
