@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-import redis.asyncio as aioredis
 from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
 
 from coupon.adapters.memory.store import (
@@ -21,7 +20,7 @@ from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool
-from coupon.adapters.redis.client import create_client
+from coupon.adapters.redis.client import RedisClient, create_client
 from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
 from coupon.application.ports import (
     CampaignRepository,
@@ -82,7 +81,7 @@ class StorageProvider(Provider):
             await pool.close()
 
     @provide
-    async def redis(self, settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    async def redis(self, settings: Settings) -> AsyncIterator[RedisClient]:
         client = create_client(settings.redis_url)
         try:
             yield client
@@ -104,11 +103,11 @@ class StorageProvider(Provider):
             await ledger.close()
 
     @provide
-    def clock(self, client: aioredis.Redis) -> Clock:
+    def clock(self, client: RedisClient) -> Clock:
         return RedisClock(client)
 
     @provide
-    async def gate(self, client: aioredis.Redis, settings: Settings) -> AsyncIterator[StockGate]:
+    async def gate(self, client: RedisClient, settings: Settings) -> AsyncIterator[StockGate]:
         gate = RedisStockGate(
             client, prefix=settings.redis_prefix, lease_seconds=settings.pending_lease_seconds
         )
@@ -122,7 +121,7 @@ class StorageProvider(Provider):
         return PostgresCodeGenerator(pool)
 
     @provide
-    def readiness(self, pool: asyncpg.Pool, client: aioredis.Redis) -> Readiness:
+    def readiness(self, pool: asyncpg.Pool, client: RedisClient) -> Readiness:
         async def postgres() -> None:
             async with pool.acquire(timeout=2) as conn:
                 version = await current_version(conn)

@@ -1,10 +1,10 @@
-"""Latency histograms (HDR): exact enough percentiles in fixed memory, mergeable across processes."""
+"""Latency histograms (HDR): precise percentiles in fixed memory, mergeable across processes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+from hdrh.histogram import HdrHistogram
 
 # Microsecond resolution up to one hour, three significant digits: 0.1% error at every
 # percentile, in a few hundred KB per histogram whatever the number of requests.

@@ -111,21 +111,10 @@ class Observations:
     def user_id(self, user: int) -> str:
         return user_id(self.user_prefix, user)
 
-    def parse_user(self, uid: str) -> int | None:
-        """Our user number for a user id, or None for a user this run did not create."""
-        if not uid.startswith(self.user_prefix):
-            return None
-        digits = uid[len(self.user_prefix) :]
-        return int(digits) if digits.isdigit() else None
-
     def row(self, i: int) -> Request:
         return Request(
             i, self.user[i], self.intended_ns[i], self.sent_ns[i], self.done_ns[i], self.outcome[i]
         )
-
-    def rows(self) -> Iterator[Request]:
-        for i in range(len(self.outcome)):
-            yield self.row(i)
 
     def successes(self) -> Iterator[Success]:
         for k, row in enumerate(self.ok_row):

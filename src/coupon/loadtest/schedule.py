@@ -48,11 +48,6 @@ class OpenLoopSchedule:
         return i
 
 
-def asked_requests(rate: float, window_ns: int) -> int:
-    """Requests the whole run should have sent in [0, window_ns) at the asked rate."""
-    return OpenLoopSchedule(rate).due_before(window_ns)
-
-
 class UserPicker:
     """Chooses the user of each request of one process.
 
@@ -144,9 +139,9 @@ def judge_generator(
         problems.append(f"p99 send lag {lag_p99_ms:.1f} ms exceeds the allowed {max_lag_ms:.1f} ms")
     if problems and inflight_cap_waits:
         problems.append(
-            f"the in-flight cap was reached {inflight_cap_waits} times: the server is slower "
-            "than the asked rate allows (raise --max-inflight) or the generator is saturated "
-            "(add --processes)"
+            f"sends waited {inflight_cap_waits} times for a free slot under --max-inflight: "
+            "answers came back too slowly for this rate (the server is saturated, or raise "
+            "--max-inflight)"
         )
     elif problems:
         problems.append("the generator is saturated: add --processes or lower --rate")

@@ -48,7 +48,8 @@ class IssueCodec:
 
     def encode(self, campaign_id: str, user_id: str) -> bytes:
         message = coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user_id)
-        return message.to_json().encode() if self.json else message.to_binary()
+        body: bytes = message.to_json().encode() if self.json else message.to_binary()
+        return body
 
     def decode(self, status: int, body: bytes) -> IssueReply:
         if status != 200:

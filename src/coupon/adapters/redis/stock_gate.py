@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from coupon.adapters.redis.client import RedisClient
 from coupon.application.ports import Admission, AdmissionKind
 from coupon.domain.campaign import Campaign
 from coupon.domain.errors import Unavailable
@@ -57,7 +57,7 @@ _KINDS = {
 class RedisClock:
     """Redis's clock: the one clock all server processes share (I3)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def now(self) -> datetime:
@@ -78,7 +78,7 @@ class RedisStockGate:
     LOAD_CHUNK = 10_000
 
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = "coupon", lease_seconds: float = 15.0
+        self, client: RedisClient, *, prefix: str = "coupon", lease_seconds: float = 15.0
     ) -> None:
         self._client = client
         self._prefix = prefix

@@ -1,0 +1,156 @@
+"""`coupon loadtest` against real servers: it passes the real one, with and without reading
+PostgreSQL directly, and fails one that breaks the invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coupon.loadtest.cli import main
+from tests.support.server import ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    report = tmp_path / "report.json"
+    code = main(
+        [
+            "--url",
+            url,
+            "--coupons",
+            "200",
+            "--users",
+            "600",
+            "--start-in",
+            "1",
+            "--rate",
+            "1000",
+            "--processes",
+            "2",
+            "--tail",
+            "0.5",
+            # Invariants are the point here, not how punctual a busy test machine is.
+            "--max-lag",
+            "1000",
+            "--report",
+            str(report),
+            "--chart",
+            str(tmp_path / "chart.png"),
+            "--quiet",
+            *extra,
+        ]
+    )
+    return code, json.loads(report.read_text())
+
+
+def failed_checks(document: dict[str, Any]) -> set[str]:
+    return {c["name"] for c in document["verification"]["checks"] if not c["passed"]}
+
+
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_real_server_passes_every_check(memory_server: ServerProcess, tmp_path: Path) -> None:
+    code, document = loadtest(memory_server.url, tmp_path)
+
+    assert code == 0, document["verdict"]
+    assert failed_checks(document) == set()
+    assert document["throughput"]["issued"] == 200
+    assert document["timeline"]["sold_out"] is True
+    outcomes = document["outcomes"]
+    assert outcomes["ok_new"] == 200
+    assert outcomes["failed_precondition"] > 0  # the early probe reached the server
+    assert outcomes["resource_exhausted"] > 0  # and so did the demand beyond the stock
+    assert document["generator"]["kept_up"] is True
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.integration
+def test_real_server_passes_when_checked_in_postgresql_too(
+    server_env: dict[str, str], database: str, tmp_path: Path
+) -> None:
+    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        code, document = loadtest(server.url, tmp_path, "--database-url", database, "--json")
+    finally:
+        server.stop()
+
+    assert code == 0, document["verdict"]
+    sources = {c["source"] for c in document["verification"]["checks"]}
+    assert sources == {"client", "api", "database", "api+database"}
+    assert document["throughput"]["issued"] == 200
+
+
+@pytest.fixture
+def broken_server(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path / "broken.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "tests.loadtest.broken_server:app",
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GRANIAN_")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "broken.log").read_text()
+            try:
+                httpx.get(url, timeout=1)  # any answer means it is serving
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "broken server did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_server_that_over_issues_repeats_codes_and_opens_early_fails(
+    broken_server: str, tmp_path: Path
+) -> None:
+    code, document = loadtest(broken_server, tmp_path)
+
+    assert code == 1
+    assert document["verdict"]["passed"] is False
+    assert {
+        "no over-issue",
+        "no duplicate code",
+        "no coupon issued outside the window",
+        "no success received before starts_at",
+    } <= failed_checks(document)

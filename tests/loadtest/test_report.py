@@ -1,0 +1,201 @@
+"""The report: exit codes, the JSON document, the summary, the chart, the progress line."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from coupon.loadtest import chart, report
+from coupon.loadtest.histogram import LatencyHistogram
+from coupon.loadtest.progress import Progress, Snapshot, render
+from coupon.loadtest.runner import RunData
+from coupon.loadtest.scenario import LoadConfig, Target
+from coupon.loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon.loadtest.verify import Check, Verification, verify
+from coupon.loadtest.worker import WorkerResult
+
+from .fakes import CLOCK, NS_PER_S, SERVER_AHEAD_NS, T0, FakeServer, Faults, drive, starting_after
+
+PASSED = Verification((Check("x", "I1", "api", True, "fine"),), {})
+FAILED = Verification(
+    (Check("no over-issue", "I1", "api", False, "too many", ("101 coupons for 100",)),), {}
+)
+
+
+def generator(*, kept_up: bool) -> GeneratorVerdict:
+    return judge_generator(
+        rate=1000.0,
+        window_ns=NS_PER_S,
+        due=1000,
+        sent=1000 if kept_up else 10,
+        lag_p99_ms=1.0,
+        max_lag_ms=50.0,
+        inflight_cap_waits=0,
+    )
+
+
+def test_a_clean_run_exits_zero() -> None:
+    verdict = report.decide(PASSED, generator(kept_up=True), interrupted=False)
+
+    assert (verdict.passed, verdict.exit_code) == (True, 0)
+
+
+def test_a_violated_invariant_exits_one_whatever_else_happened() -> None:
+    verdict = report.decide(FAILED, generator(kept_up=False), interrupted=True)
+
+    assert verdict.exit_code == report.EXIT_VIOLATION
+    assert verdict.reasons == ["api: no over-issue: too many (e.g. 101 coupons for 100)"]
+
+
+def test_a_rate_that_was_not_offered_exits_three() -> None:
+    verdict = report.decide(PASSED, generator(kept_up=False), interrupted=False)
+
+    assert verdict.exit_code == report.EXIT_RATE_NOT_OFFERED
+    assert "asked rate not offered" in verdict.reasons[0]
+
+
+def test_closed_loop_has_no_rate_to_miss() -> None:
+    assert report.decide(PASSED, None, interrupted=False).exit_code == report.EXIT_OK
+
+
+def config(**changes: object) -> LoadConfig:
+    values: dict[str, object] = {
+        "url": "http://127.0.0.1:8000",
+        "coupons": 100,
+        "users": 300,
+        "start_in_s": 0.3,
+        "campaign_id": None,
+        "rate": 1000.0,
+        "concurrency": None,
+        "duration_s": None,
+        "tail_s": 1.0,
+        "max_duration_s": 60.0,
+        "processes": 1,
+        "json": False,
+        "admin_token": "",
+        "database_url": None,
+        "report_path": "r.json",
+        "chart_path": None,
+        "quiet": True,
+        "repeat_fraction": 0.2,
+        "timeout_s": 5.0,
+        "max_inflight": 100,
+        "max_lag_ms": 50.0,
+        "seed": 0,
+        "name": "test",
+    }
+    values.update(changes)
+    return LoadConfig(**values)  # type: ignore[arg-type]
+
+
+def fake_run(faults: Faults | None = None) -> RunData:
+    server = FakeServer(100, starting_after(0.3), faults or Faults())
+    run = drive(server, users=300, requests=1200)
+    obs = run.observations
+    latency = LatencyHistogram()
+    latency.record_many_ns(d - i for d, i in zip(obs.done_ns, obs.intended_ns, strict=True))
+    result = WorkerResult(
+        index=0,
+        observations=obs,
+        histograms={"success": latency.encode(), "send_lag": LatencyHistogram().encode()},
+        due=1200,
+        sent=1200,
+        stop_rel_ns=round(1.2 * NS_PER_S),
+        inflight_cap_waits=0,
+        error_examples={"resource_exhausted": "sold out"},
+    )
+    return RunData(
+        config=config(),
+        target=Target(run.plan, CLOCK, created=True, name="test"),
+        t0_wall_ns=T0,
+        stop_rel_ns=result.stop_rel_ns,
+        settled_rel_ns=None,
+        results=[result],
+        observations=obs,
+        histograms={"success": latency, "send_lag": LatencyHistogram()},
+        ledgers=[server.ledger()],
+    )
+
+
+def document(run: RunData) -> dict[str, object]:
+    verification = verify(run.observations, run.target.plan, run.target.clock, run.ledgers)
+    gen = report.generator_verdict(run)
+    verdict = report.decide(verification, gen, interrupted=False)
+    starts_rel = run.target.plan.starts_at_ns - SERVER_AHEAD_NS - T0
+    timeline = chart.series(run.observations, starts_rel)
+    return report.build(run, verification, gen, verdict, timeline, None)
+
+
+def test_report_counts_every_outcome_and_gives_the_verdicts() -> None:
+    doc = json.loads(json.dumps(document(fake_run())))
+
+    assert doc["verdict"] == {"passed": True, "exit_code": 0, "reasons": []}
+    assert doc["outcomes"]["ok_new"] == 100
+    assert sum(doc["outcomes"].values()) == doc["throughput"]["requests"] == 1200
+    assert doc["throughput"]["issued"] == 100
+    assert doc["timeline"]["sold_out"] is True
+    assert doc["latency_ms"]["success"]["count"] == 1200
+    assert {"p50", "p90", "p99", "p99.9", "max"} <= set(doc["latency_ms"]["success"])
+    assert doc["verification"]["passed"] is True
+    assert doc["generator"]["kept_up"] is True
+
+
+def test_summary_names_each_failed_check() -> None:
+    doc = document(fake_run(Faults(over_issue=3)))
+
+    text = report.summary_text(doc)
+
+    assert "FAIL api" in text
+    assert "[I1] no over-issue" in text
+    assert "FAILED (exit 1)" in text
+    assert "103 coupons listed for a stock of 100" in text
+
+
+def test_chart_marks_the_start_at_zero_and_is_written(tmp_path: Path) -> None:
+    run = fake_run()
+    starts_rel = run.target.plan.starts_at_ns - SERVER_AHEAD_NS - T0
+    timeline = chart.series(run.observations, starts_rel)
+    path = tmp_path / "chart.png"
+
+    chart.draw(timeline, str(path), title="t", markers={"starts_at": 0.0})
+
+    assert timeline.time_s[0] < 0 < timeline.time_s[-1]
+    assert sum(timeline.rates["issued"]) * timeline.bucket_s == 100
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(
+        elapsed_s=1.5,
+        to_start_s=-0.5,
+        sent=1500,
+        issued=100,
+        repeats=7,
+        sold_out=300,
+        not_open=1000,
+        errors=2,
+        lost=1,
+        inflight=10,
+        rate=1000.0,
+        stock_left=0,
+    )
+
+
+def test_progress_line_shows_what_an_operator_watches() -> None:
+    line = render(snapshot())
+
+    for part in ("T+0.5s", "sent 1500 (1000/s)", "issued 100", "sold out 300", "errors 2"):
+        assert part in line
+    assert "stock left 0" in line
+
+
+def test_progress_is_silent_when_not_on_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream)
+
+    progress.update(snapshot())
+    progress.close()
+
+    assert not progress.live
+    assert stream.getvalue() == ""
