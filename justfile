@@ -58,3 +58,28 @@ gen: setup
 # Run the load-test and verification tool against a running server (see README).
 loadtest *ARGS: setup
     {{python}} -m coupon loadtest {{ARGS}}
+
+# Measure IssueCoupon against the no-op ceiling, verify the invariants, append to
+# bench/RESULTS.md (see bench/run.py; `just bench --quick` to try it, `--help` for options).
+bench *ARGS: setup
+    {{python}} -m bench {{ARGS}}
+
+# Settings from .env (see .env.example); uses `docker compose`, else `docker-compose`.
+# Build and start the Docker stack: api (after `coupon migrate`), PostgreSQL, Redis.
+up *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+    "${compose[@]}" up -d --build {{ARGS}}
+
+# `just down -v` also deletes the database volume.
+# Stop and remove the Docker stack's containers.
+down *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+    "${compose[@]}" down {{ARGS}}
+
+# Two instances on a throwaway 3-master Redis Cluster: burst, kill a master, verify, tear down.
+cluster-demo *ARGS: setup
+    {{python}} -m tools.cluster_demo {{ARGS}}

@@ -210,7 +210,7 @@ async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapt
     third = await adapters.ledger.page(c.id, second.last_position, 4)
     assert list(third.coupons) == coupons[8:] and not third.has_more
     holdings = await adapters.ledger.holdings(c.id)
-    assert sorted(holdings) == sorted((x.user_id, x.slot) for x in coupons)
+    assert sorted(holdings, key=lambda x: x.slot) == coupons
 
 
 # --- stock gate ----------------------------------------------------------------------
@@ -237,9 +237,24 @@ async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> 
     again = await adapters.gate.admit(c.id, "alice")
     assert again.kind is AdmissionKind.ALREADY_HELD
     assert again.slot == first.slot and again.pending
-    await adapters.gate.confirm(c.id, "alice")
+    assert again.held is None
+    coupon = await adapters.coupon(c, "alice", first.slot)
+    await adapters.gate.confirm(coupon)
+    await asyncio.sleep(0.01)  # confirms are sent in the background
     confirmed = await adapters.gate.admit(c.id, "alice")
     assert confirmed.kind is AdmissionKind.ALREADY_HELD and not confirmed.pending
+    assert confirmed.held == coupon  # a repeat is answered by the gate alone
+
+
+async def test_gate_ignores_a_confirm_for_a_released_admission(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    a = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.release(c.id, "alice", a.slot)
+    b = await adapters.gate.admit(c.id, "bob")
+    await adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
+    await asyncio.sleep(0.01)
+    assert (await adapters.gate.admit(c.id, "alice")).kind is AdmissionKind.SOLD_OUT
+    assert (await adapters.gate.admit(c.id, "bob")).slot == b.slot
 
 
 async def test_gate_refuses_before_start_and_at_end(adapters: Adapters) -> None:
@@ -306,9 +321,11 @@ async def test_gate_load_rebuilds_users_and_free_slots(adapters: Adapters) -> No
         client = adapters.gate._client
         await client.delete(*adapters.gate.keys(c.id))
     assert (await adapters.gate.admit(c.id, "x")).kind is AdmissionKind.NOT_LOADED
-    await adapters.gate.load(c, [("alice", 1), ("bob", 3)])
+    alice = await adapters.coupon(c, "alice", 1)
+    await adapters.gate.load(c, [alice, await adapters.coupon(c, "bob", 3)])
     held = await adapters.gate.admit(c.id, "alice")
     assert held.kind is AdmissionKind.ALREADY_HELD and held.slot == 1 and not held.pending
+    assert held.held == alice
     slots = sorted([(await adapters.gate.admit(c.id, u)).slot for u in ("c", "d", "e")])
     assert slots == [2, 4, 5]
     assert (await adapters.gate.admit(c.id, "f")).kind is AdmissionKind.SOLD_OUT

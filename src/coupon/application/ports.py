@@ -74,8 +74,8 @@ class CouponLedger(Protocol):
         """Coupons of a campaign in issue order, those after position `after` (0: first)."""
         ...
 
-    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
-        """(user_id, slot) of every coupon of the campaign: what a gate rebuild needs."""
+    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
+        """Every coupon of the campaign: what a gate rebuild needs."""
         ...
 
 
@@ -100,6 +100,8 @@ class Admission:
     # ALREADY_HELD / SOLD_OUT: admissions older than the lease that were never
     # confirmed; the caller settles them against the ledger (I6).
     stale: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    # ALREADY_HELD and confirmed: the holder's coupon, so a repeat costs no ledger read.
+    held: Coupon | None = None
 
 
 class StockGate(Protocol):
@@ -107,12 +109,13 @@ class StockGate(Protocol):
 
     async def admit(self, campaign_id: str, user_id: str) -> Admission: ...
 
-    async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
+    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
         """(Re)build the campaign's gate state from the ledger's holdings."""
         ...
 
-    async def confirm(self, campaign_id: str, user_id: str) -> None:
-        """The user's coupon is committed: its slot is no longer pending."""
+    async def confirm(self, coupon: Coupon) -> None:
+        """The coupon is committed: its admission is no longer pending, and repeats of its
+        user can be answered with it."""
         ...
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:

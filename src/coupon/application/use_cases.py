@@ -137,11 +137,14 @@ def decode_page_token(campaign_id: str, token: str) -> int:
         raise bad
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        owner, _, position = raw.rpartition(":")
-        value = int(position)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
-    if owner != campaign_id or value < 0:
+    owner, _, position = raw.rpartition(":")
+    # Positions are bigint keys: plain ASCII digits within int64, nothing else.
+    if owner != campaign_id or not (position.isascii() and position.isdigit()):
+        raise bad
+    value = int(position)
+    if value > 2**63 - 1:
         raise bad
     return value
 
@@ -214,10 +217,11 @@ class IssueCoupon:
                     return issued
                 continue
             if kind is AdmissionKind.ALREADY_HELD:
+                if admission.held is not None:
+                    return Issued(admission.held, already_issued=True)
                 existing = await self._ledger.find_by_user(campaign_id, user_id)
                 if existing is not None:
-                    if admission.pending:
-                        await self._gate.confirm(campaign_id, user_id)
+                    await self._gate.confirm(existing)
                     return Issued(existing, already_issued=True)
                 if admission.stale and settles < self.MAX_SETTLES:
                     settles += 1
@@ -228,7 +232,9 @@ class IssueCoupon:
                     # The gate says committed but the ledger has nothing: the gate is wrong.
                     await self._gate.release(campaign_id, user_id, admission.slot)
                     continue
-                # A request of this user is being recorded right now; wait for it.
+                # A request of this user is being recorded right now; wait for it (a wait
+                # of its own, not one of the rounds).
+                rounds -= 1
                 now = time.monotonic()
                 if holder_deadline == 0.0:
                     holder_deadline = now + self.HOLDER_WAIT_SECONDS
@@ -282,7 +288,7 @@ class IssueCoupon:
             raise
         outcome = recorded.outcome
         if outcome is RecordOutcome.RECORDED:
-            await self._gate.confirm(campaign_id, user_id)
+            await self._gate.confirm(coupon)
             return Issued(coupon, already_issued=False)
         if outcome is RecordOutcome.USER_HAS_COUPON:
             assert recorded.existing is not None
@@ -317,7 +323,7 @@ class IssueCoupon:
             )
             for (user_id, slot), coupon in zip(stale, found, strict=True):
                 if coupon is not None:
-                    await self._gate.confirm(campaign_id, user_id)
+                    await self._gate.confirm(coupon)
                 else:
                     await self._gate.release(campaign_id, user_id, slot)
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
@@ -53,9 +53,32 @@ class CouponApp:
                     return
             connect = self.connect
             if connect is not None:
-                await connect(scope, receive, send)
+                await self._connect_closing_unread(connect, scope, receive, send)
                 return
         await self.web(scope, receive, send)
+
+    @staticmethod
+    async def _connect_closing_unread(
+        connect: CouponServiceASGIApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A response sent before the request body was read (an early refusal) closes the
+        connection: the unread body would otherwise be taken for the next request."""
+        body_done = False
+
+        async def receive_tracking() -> ReceiveMessage:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await connect(scope, receive_tracking, send_closing)
 
     @asynccontextmanager
     async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:

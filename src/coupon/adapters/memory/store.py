@@ -109,8 +109,8 @@ class MemoryCouponLedger:
         last = after + len(chunk)
         return CouponPage(chunk, last, has_more=last < len(issued))
 
-    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
-        return [(c.user_id, c.slot) for c in self._store.coupons.get(campaign_id, [])]
+    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
+        return list(self._store.coupons.get(campaign_id, []))
 
 
 @dataclass
@@ -123,6 +123,7 @@ class _GateState:
     # user -> slot for every admitted user; pending keeps admission times, oldest first.
     users: dict[str, int] = field(default_factory=dict)
     pending: dict[str, datetime] = field(default_factory=dict)
+    held: dict[str, Coupon] = field(default_factory=dict)
 
 
 class MemoryStockGate:
@@ -151,7 +152,9 @@ class MemoryStockGate:
             admitted_at = state.pending.get(user_id)
             pending = admitted_at is not None
             stale = ((user_id, held),) if pending and now - admitted_at > self._lease else ()  # type: ignore[operator]
-            return Admission(AdmissionKind.ALREADY_HELD, now, held, pending, stale)
+            return Admission(
+                AdmissionKind.ALREADY_HELD, now, held, pending, stale, state.held.get(user_id)
+            )
         if state.free:
             slot = state.free.pop()
         elif state.next_slot < state.total:
@@ -168,8 +171,8 @@ class MemoryStockGate:
         state.pending[user_id] = now
         return Admission(AdmissionKind.ADMITTED, now, slot)
 
-    async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
-        taken = {slot for _, slot in holdings}
+    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
+        taken = {c.slot for c in holdings}
         top = max(taken, default=0)
         self._states[campaign.id] = _GateState(
             total=campaign.total_coupons,
@@ -177,19 +180,22 @@ class MemoryStockGate:
             ends_at=campaign.ends_at,
             next_slot=top,
             free=[s for s in range(top, 0, -1) if s not in taken],
-            users=dict(holdings),
+            users={c.user_id: c.slot for c in holdings},
+            held={c.user_id: c for c in holdings},
         )
 
-    async def confirm(self, campaign_id: str, user_id: str) -> None:
-        state = self._states.get(campaign_id)
-        if state is not None:
-            state.pending.pop(user_id, None)
+    async def confirm(self, coupon: Coupon) -> None:
+        state = self._states.get(coupon.campaign_id)
+        if state is not None and state.users.get(coupon.user_id) == coupon.slot:
+            state.pending.pop(coupon.user_id, None)
+            state.held[coupon.user_id] = coupon
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
         state = self._states.get(campaign_id)
         if state is not None and state.users.get(user_id) == slot:
             del state.users[user_id]
             state.pending.pop(user_id, None)
+            state.held.pop(user_id, None)
             state.free.append(slot)
 
     async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
@@ -197,6 +203,7 @@ class MemoryStockGate:
         if state is not None and state.users.get(user_id) == slot:
             del state.users[user_id]
             state.pending.pop(user_id, None)
+            state.held.pop(user_id, None)
 
 
 class MemoryCodeGenerator:

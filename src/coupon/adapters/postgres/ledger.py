@@ -54,7 +54,7 @@ _PAGE = f"""
 SELECT id, {_COUPON_COLUMNS} FROM coupons
  WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
 """
-_HOLDINGS = "SELECT user_id, slot FROM coupons WHERE campaign_id = $1"
+_HOLDINGS = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1"
 
 
 def coupon_from_row(row: asyncpg.Record) -> Coupon:
@@ -240,10 +240,10 @@ class PostgresCouponLedger:
         last = rows[-1]["id"] if rows else after
         return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
 
-    async def holdings(self, campaign_id: str) -> Sequence[tuple[str, int]]:
+    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
         async with connection(self._pool) as conn:
             rows = await conn.fetch(_HOLDINGS, uuid.UUID(campaign_id))
-        return [(r["user_id"], r["slot"]) for r in rows]
+        return [coupon_from_row(r) for r in rows]
 
 
 class PostgresCodeGenerator:

@@ -13,6 +13,8 @@ the one node that owns that slot.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,7 +23,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import SLOT_ID
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import ScriptTextT
 from redis.utils import str_if_bytes
 
@@ -86,21 +90,45 @@ class QueueingRedisCluster(RedisCluster):
     redis-py's cluster client raises MaxConnectionsError when a node's pool is empty; the
     single-server client waits (a blocking pool). During a burst every request of a hot
     campaign goes to the one node that owns its slot, so without waiting the burst would
-    turn into `unavailable`. At most `max_connections` commands are in flight at once
-    (a fan-out command such as SCRIPT LOAD counts once and takes one connection per
-    node), so no node's pool (`max_connections` + a margin) ever runs dry; the others wait
-    up to `pool_timeout` seconds, as the single-server pool does.
+    turn into `unavailable`. Here each master has its own limit of `max_connections`
+    commands in flight (by the slot of the command's keys; keyless commands such as TIME
+    and PING share a small extra limit), below the size of its pool, so no pool runs dry;
+    callers wait up to `pool_timeout` seconds, as with the single-server pool. A limit
+    per master, not one for the client: a master that hangs holds up only its own
+    campaigns' callers, not everyone's.
     """
+
+    KEYLESS_IN_FLIGHT = 8
 
     def __init__(self, *args: Any, pool_timeout: float = 5.0, in_flight: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._in_flight = asyncio.Semaphore(in_flight)
+        self._per_node = in_flight
+        self._limits: dict[str, asyncio.Semaphore] = {}
         self._pool_timeout = pool_timeout
 
+    async def _limit_for(self, args: tuple[Any, ...], target: object) -> asyncio.Semaphore:
+        name = ""  # keyless, or not known yet: the shared limit
+        if isinstance(target, ClusterNode):
+            name = target.name
+        elif target is None and self.command_flags.get(args[0]) in (None, SLOT_ID):
+            try:
+                if self._initialize:
+                    await self.initialize()
+                slot = await self._determine_slot(*args)
+                name = self.nodes_manager.get_node_from_slot(slot).name
+            except (RedisError, RedisClusterException):
+                pass  # execute_command reports it properly
+        limit = self._limits.get(name)
+        if limit is None:
+            size = self._per_node if name else self.KEYLESS_IN_FLIGHT
+            limit = self._limits[name] = asyncio.Semaphore(size)
+        return limit
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        limit = await self._limit_for(args, kwargs.get("target_nodes"))
         try:
             async with asyncio.timeout(self._pool_timeout):
-                await self._in_flight.acquire()
+                await limit.acquire()
         except TimeoutError:
             raise RedisConnectionError(
                 f"no Redis Cluster connection free after {self._pool_timeout}s"
@@ -108,7 +136,22 @@ class QueueingRedisCluster(RedisCluster):
         try:
             return await super().execute_command(*args, **kwargs)
         finally:
-            self._in_flight.release()
+            limit.release()
+
+    def pipeline(  # type: ignore[override]
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> SlotPipeline:
+        """A non-transactional pipeline that sends its commands one by one, concurrently.
+
+        redis-py's ClusterPipeline answers a connection error on any one node by closing
+        every connection of the whole client (then retrying): with a master down, each
+        pipeline that touches its slots would also fail the commands in flight on the
+        healthy masters. Here each queued command goes through `execute_command` (routing,
+        MOVED, retries, a slot-map refresh that touches no other node's connections).
+        """
+        if transaction or shard_hint:
+            raise NotImplementedError("only pipeline(transaction=False) on Redis Cluster")
+        return SlotPipeline(self)
 
     async def script_load(self, script: ScriptTextT) -> str:
         """SCRIPT LOAD on every primary that answers.
@@ -132,6 +175,44 @@ class QueueingRedisCluster(RedisCluster):
             if not isinstance(result, BaseException):
                 return str_if_bytes(result)
         raise errors[0] if errors else RedisConnectionError("Redis Cluster has no primary")
+
+
+class SlotPipeline:
+    """`async with client.pipeline(transaction=False) as pipe: pipe.zrem(...); await
+    pipe.execute()` on QueueingRedisCluster: queued calls run concurrently on execute."""
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._calls: list[functools.partial[Awaitable[Any]]] = []
+
+    async def __aenter__(self) -> SlotPipeline:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._calls = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __getattr__(self, name: str) -> Callable[..., SlotPipeline]:
+        command = getattr(self._client, name)
+        if not callable(command) or name.startswith("_"):
+            raise AttributeError(name)
+
+        def queue(*args: Any, **kwargs: Any) -> SlotPipeline:
+            self._calls.append(functools.partial(command, *args, **kwargs))
+            return self
+
+        return queue
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        calls, self._calls = self._calls, []
+        results = await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return list(results)
 
 
 def create_client(url: str, max_connections: int = 64) -> RedisClient:
@@ -162,8 +243,9 @@ def create_cluster_client(url: str, max_connections: int = 64) -> RedisCluster:
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         in_flight=max_connections,
         pool_timeout=5.0,
-        # Per node; in_flight keeps use below it (margin: topology refreshes).
-        max_connections=max_connections + 8,
+        # Per node. The in-flight limits keep use below it; the margin is for keyless
+        # commands and topology refreshes.
+        max_connections=max_connections + QueueingRedisCluster.KEYLESS_IN_FLIGHT + 2,
         # Serve the slots that are up even when a master is down and its slots are not.
         require_full_coverage=False,
         # On a connection error or CLUSTERDOWN, refresh the slot map and retry a few

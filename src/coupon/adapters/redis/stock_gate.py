@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from coupon.adapters.redis.client import RedisClient
 from coupon.application.ports import Admission, AdmissionKind
 from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Unavailable
 
 log = logging.getLogger("coupon")
@@ -42,6 +43,18 @@ def _pairs(flat: Sequence[Any]) -> tuple[tuple[str, int], ...]:
         (flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i]), int(flat[i + 1]))
         for i in range(0, len(flat) - 1, 2)
     )
+
+
+def _holding(coupon: Coupon) -> str:
+    """The users-hash value of a committed coupon: 'slot|code|issued_at in microseconds'."""
+    return f"{coupon.slot}|{coupon.code}|{_micros(coupon.issued_at)}"
+
+
+def _held(campaign_id: str, user_id: str, value: bytes) -> Coupon | None:
+    parts = value.decode().split("|")
+    if len(parts) != 3:
+        return None  # still pending: no coupon yet
+    return Coupon(parts[1], campaign_id, user_id, _from_micros(int(parts[2])), int(parts[0]))
 
 
 _KINDS = {
@@ -87,7 +100,7 @@ class RedisStockGate:
         self._settle = client.register_script(_script("settle.lua"))
         self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
         self._busy: set[str] = set()
-        self._confirms: dict[str, list[str]] = {}
+        self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
         self._confirming: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -138,16 +151,13 @@ class RedisStockGate:
         self, campaign_id: str, batch: list[tuple[str, asyncio.Future[Admission]]]
     ) -> None:
         confirms = self._confirms.pop(campaign_id, [])
-        if len(confirms) > self.MAX_BATCH:  # Lua's unpack() has a limit; send the rest later
-            self._confirms[campaign_id] = confirms[self.MAX_BATCH :]
-            confirms = confirms[: self.MAX_BATCH]
         try:
             reply = await self._admit(
                 keys=self.keys(campaign_id),
                 args=[
                     self._lease_us,
                     self.STALE_BATCH,
-                    len(confirms),
+                    len(confirms) // 2,
                     *confirms,
                     *(user for user, _ in batch),
                 ],
@@ -183,13 +193,14 @@ class RedisStockGate:
             elif kind == b"H":
                 slot = int(result[1])
                 own = ((user, slot),) if result[3] else ()
+                held = _held(campaign_id, user, result[4])
                 future.set_result(
-                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[2]), own)
+                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[2]), own, held)
                 )
             else:
                 future.set_result(Admission(AdmissionKind.SOLD_OUT, now, stale=stale))
 
-    async def load(self, campaign: Campaign, holdings: Sequence[tuple[str, int]]) -> None:
+    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
         """Rebuild from the ledger. One process loads (a short Redis lock); the others wait
         for the meta key, which is written last, so nobody is admitted on half a state."""
         meta, users, free, pending = self.keys(campaign.id)
@@ -204,11 +215,11 @@ class RedisStockGate:
                 if await self._client.exists(meta):
                     return
                 await self._client.delete(users, free, pending)
-                taken = {slot for _, slot in holdings}
+                taken = {c.slot for c in holdings}
                 top = max(taken, default=0)
                 for start in range(0, len(holdings), self.LOAD_CHUNK):
                     chunk = holdings[start : start + self.LOAD_CHUNK]
-                    await self._client.hset(users, mapping=dict(chunk))
+                    await self._client.hset(users, mapping={c.user_id: _holding(c) for c in chunk})
                 gaps = [s for s in range(1, top + 1) if s not in taken]
                 for start in range(0, len(gaps), self.LOAD_CHUNK):
                     await self._client.rpush(free, *gaps[start : start + self.LOAD_CHUNK])
@@ -244,11 +255,11 @@ class RedisStockGate:
             await asyncio.sleep(0.05)
         raise Unavailable("the campaign's gate is still being rebuilt; retry")
 
-    async def confirm(self, campaign_id: str, user_id: str) -> None:
+    async def confirm(self, coupon: Coupon) -> None:
         """Queued: sent with the campaign's next admission batch, or on its own right after;
         nobody waits for it. A confirm that never arrives is harmless: the lease settles
         the admission later."""
-        self._confirms.setdefault(campaign_id, []).append(user_id)
+        self._confirms.setdefault(coupon.campaign_id, []).extend((coupon.user_id, _holding(coupon)))
         if self._confirming is None:
             self._confirming = asyncio.ensure_future(self._send_confirms())
 
@@ -256,11 +267,15 @@ class RedisStockGate:
         try:
             await asyncio.sleep(0)
             while self._confirms:
-                confirms, self._confirms = self._confirms, {}
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for campaign_id, users in confirms.items():
-                        pipe.zrem(self.keys(campaign_id)[3], *users)
-                    await pipe.execute()
+                campaign_id = next(iter(self._confirms))
+                if campaign_id in self._busy:  # they go with the batch in flight's successor
+                    await asyncio.sleep(0.001)
+                    continue
+                confirms = self._confirms.pop(campaign_id)
+                await self._admit(
+                    keys=self.keys(campaign_id),
+                    args=[self._lease_us, self.STALE_BATCH, len(confirms) // 2, *confirms],
+                )
         except (RedisError, OSError):
             log.warning("confirms failed; the lease settles those admissions")
         finally:

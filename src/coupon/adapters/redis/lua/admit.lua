@@ -2,20 +2,32 @@
 -- and against Redis's clock (the one clock every server process shares), the window (I3),
 -- one coupon per user (I4) and a stock slot for each newcomer (I1).
 -- KEYS: meta, users, free, pending.
--- ARGV: lease (microseconds), stale batch size, n, n confirmed users, then the users to admit.
--- Confirmed users (their coupons are committed) ride along so that confirming costs no
--- round trip of its own and is ordered before the admissions that follow it.
+-- ARGV: lease (microseconds), stale batch size, n, n pairs (user, 'slot|code|issued_us') of
+-- confirmed coupons, then the users to admit. Confirms (the coupon is committed) ride along
+-- so that confirming costs no round trip of its own and is ordered before what follows.
+-- users maps user -> 'slot' while the admission is pending, 'slot|code|issued_us' after.
 -- Reply: {now, 'L'} not loaded | {now, 'B'} before the start | {now, 'E'} ended |
 --        {now, 'M', results, stale} where results[i] is, for ARGV user i,
 --          {'A', slot}              admitted
---          {'H', slot, pending, s}  already held; s = 1 when its admission is older than
---                                   the lease and still unconfirmed
+--          {'H', slot, pending, s, value}  already held; s = 1 when its admission is older
+--                                   than the lease and still unconfirmed; value as in users
 --          {'S'}                    sold out
 --        and stale is a flat list user, slot, ... of unconfirmed admissions older than the
 --        lease (only when something sold out): the caller settles them against the ledger.
 local meta, users, free, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lease, batch, confirmed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if confirmed > 0 then redis.call('ZREM', pending, unpack(ARGV, 4, 3 + confirmed)) end
+
+local function slot_of(value) return string.match(value, '^(%d+)') end
+
+for j = 0, confirmed - 1 do
+  local user, value = ARGV[4 + 2 * j], ARGV[5 + 2 * j]
+  local current = redis.call('HGET', users, user)
+  -- Only the admission this coupon was recorded for: never revive a released one.
+  if current and slot_of(current) == slot_of(value) then
+    redis.call('ZREM', pending, user)
+    redis.call('HSET', users, user, value)
+  end
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -31,17 +43,18 @@ local taken_next = false
 local results = {}
 local stale = nil
 
-for i = 4 + confirmed, #ARGV do
+for i = 4 + 2 * confirmed, #ARGV do
   local user = ARGV[i]
   local held = redis.call('HGET', users, user)
   if held then
+    local slot = tonumber(slot_of(held))
     local since = redis.call('ZSCORE', pending, user)
     if since then
       local old = 0
       if now - tonumber(since) > lease then old = 1 end
-      results[#results + 1] = {'H', tonumber(held), 1, old}
+      results[#results + 1] = {'H', slot, 1, old, held}
     else
-      results[#results + 1] = {'H', tonumber(held), 0, 0}
+      results[#results + 1] = {'H', slot, 0, 0, held}
     end
   else
     local slot = redis.call('RPOP', free)

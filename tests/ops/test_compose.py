@@ -1,0 +1,450 @@
+"""The container set-up: Dockerfile, docker-compose.yml, .env.example, .dockerignore.
+
+No Docker engine is needed. The files are read and checked against the README and the
+CLI; Debian's `docker-compose` 1.29 (which CI installs) validates and resolves the compose
+file; the health-check commands run for real against a server and a Redis on this
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from coupon.entrypoints.cli import build_parser
+from coupon.entrypoints.settings import load_settings
+from tests.support.server import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERIGNORE = ROOT / ".dockerignore"
+README = ROOT / "README.md"
+
+# The original Go service's variables, plus the token and the worker count.
+GO_COMPATIBLE = {
+    "APP_ENV",
+    "PORT",
+    "DATABASE_URL",
+    "REDIS_ADDRESS",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "COUPON_ADMIN_TOKEN",
+    "WORKERS",
+}
+SERVE = ["coupon", "serve"]
+MIGRATE = ["coupon", "migrate"]
+
+
+# --- readers ---------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each stage, continuation lines joined; index 0 holds what comes
+    before the first FROM (global ARGs)."""
+    stages: list[list[tuple[str, str]]] = [[]]
+    current = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, rest = current.partition(" ")
+        current = ""
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), rest.strip()))
+    return stages
+
+
+def final_stage() -> list[tuple[str, str]]:
+    return dockerfile_stages()[-1]
+
+
+def instruction(stage: list[tuple[str, str]], keyword: str) -> str | None:
+    """The last `keyword` of a stage (the one Docker uses), or None."""
+    found = [rest for key, rest in stage if key == keyword]
+    return found[-1] if found else None
+
+
+def exec_form(value: str) -> list[str]:
+    """A JSON-array instruction; Docker silently falls back to the shell form when the
+    JSON is malformed, so insist on valid JSON."""
+    parsed = json.loads(value)
+    assert isinstance(parsed, list) and all(isinstance(x, str) for x in parsed), value
+    return parsed
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for key, rest in final_stage():
+        if key == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def services() -> dict[str, dict[str, Any]]:
+    found = compose()["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def env_example() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for raw in ENV_EXAMPLE.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f".env.example: not KEY=VALUE: {raw!r}"
+            values[key.strip()] = value.strip()
+    return values
+
+
+def unescape(value: str) -> str:
+    """Compose writes a literal `$` as `$$`; the container sees one `$`."""
+    return value.replace("$$", "$")
+
+
+# --- Dockerfile ------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_on_python_slim_in_stages() -> None:
+    stages = dockerfile_stages()
+    args = dict(rest.partition("=")[::2] for key, rest in stages[0] if key == "ARG")
+    bases = [rest.split()[0] for stage in stages[1:] for key, rest in stage if key == "FROM"]
+    assert len(bases) >= 2, "a build stage and a runtime stage"
+    for base in bases:
+        image = args.get(base.strip("${}"), base) if base.startswith("$") else base
+        assert image.startswith("python:3.11-slim"), base
+
+
+def test_dockerfile_installs_the_locked_dependencies_with_uv() -> None:
+    runs = [rest for stage in dockerfile_stages() for key, rest in stage if key == "RUN"]
+    syncs = [run for run in runs if "uv sync" in run]
+    assert syncs, "the image installs with `uv sync`"
+    for run in syncs:
+        assert "--frozen" in run and "--no-dev" in run, run
+    copied = " ".join(rest for stage in dockerfile_stages() for key, rest in stage if key == "COPY")
+    assert "uv.lock" in copied and "pyproject.toml" in copied
+
+
+def test_container_runs_as_a_non_root_user() -> None:
+    stage = final_stage()
+    user = instruction(stage, "USER")
+    assert user is not None, "the runtime stage needs a USER line"
+    name = user.split(":")[0]
+    assert name not in ("root", "0"), user
+    keywords = [key for key, _ in stage]
+    assert keywords.index("USER") < keywords.index("CMD"), "USER before the command"
+    if name.isdigit():
+        # The numeric id has a passwd entry (logs and tools show a name, not a number).
+        created = [rest for key, rest in stage if key == "RUN" and "useradd" in rest]
+        assert created and f"--uid {name}" in created[0]
+
+
+def test_dockerfile_command_is_the_readmes_coupon_serve_on_all_interfaces() -> None:
+    stage = final_stage()
+    entrypoint = instruction(stage, "ENTRYPOINT")
+    cmd = instruction(stage, "CMD")
+    assert cmd is not None
+    command = (exec_form(entrypoint) if entrypoint else []) + exec_form(cmd)
+    assert command == SERVE
+    # `coupon serve` reads HOST, PORT and WORKERS; HOST=0.0.0.0 makes it reachable from
+    # outside the container while `-e HOST=...` (or PORT, WORKERS) still overrides it.
+    env = dockerfile_env()
+    assert env["HOST"] == "0.0.0.0"
+    assert env["PORT"] == "8000" and instruction(stage, "EXPOSE") == "8000"
+    assert "/app/.venv/bin" in env["PATH"]
+
+
+def test_the_commands_exist_as_the_readme_documents_them() -> None:
+    readme = README.read_text()
+    assert "coupon serve" in readme and "coupon migrate" in readme
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["coupon"] == "coupon.entrypoints.cli:main"
+    parser = build_parser()
+    assert parser.parse_args(SERVE[1:]).command == "serve"
+    assert parser.parse_args(MIGRATE[1:]).command == "migrate"
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
+    ignored = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for path in (".git", ".venv", "node_modules", ".env", "**/__pycache__"):
+        assert path in ignored, path
+    # ...but not what the image is built from.
+    for path in ("src", "pyproject.toml", "uv.lock", "README.md"):
+        assert path not in ignored, path
+
+
+# --- docker-compose.yml (static) -------------------------------------------------------
+
+
+def test_compose_has_the_api_its_migration_postgres_and_redis() -> None:
+    found = services()
+    assert set(found) == {"api", "migrate", "postgres", "redis"}
+    assert found["postgres"]["image"] == "postgres:16"
+    assert found["redis"]["image"] == "redis:7"
+    redis_command = " ".join(found["redis"]["command"])
+    assert "--maxmemory-policy noeviction" in redis_command
+
+
+def test_compose_runs_the_readmes_commands_from_the_dockerfiles_image() -> None:
+    found = services()
+    api, migrate = found["api"], found["migrate"]
+    assert api["command"] == SERVE
+    assert migrate["command"] == MIGRATE
+    assert api["build"] == migrate["build"] == "."
+    assert api["image"] == migrate["image"], "one image for both"
+    assert exec_form(instruction(final_stage(), "CMD") or "") == api["command"]
+    assert migrate.get("restart") == "no", "migrate runs once"
+
+
+def test_api_starts_only_after_the_migration_succeeded_and_the_stores_are_healthy() -> None:
+    found = services()
+    assert found["api"]["depends_on"] == {
+        "migrate": {"condition": "service_completed_successfully"},
+        "postgres": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+    assert found["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+
+
+def test_every_service_has_a_health_check() -> None:
+    found = services()
+    one_shot = {
+        name
+        for service in found.values()
+        for name, dep in service.get("depends_on", {}).items()
+        if dep.get("condition") == "service_completed_successfully"
+    }
+    assert one_shot == {"migrate"}
+    for name, service in found.items():
+        check = service.get("healthcheck")
+        assert isinstance(check, dict), f"{name} has no healthcheck"
+        if name in one_shot:
+            # A job that exits: health does not apply, and the image's /readyz check is
+            # switched off explicitly rather than inherited.
+            assert check == {"disable": True}, name
+            continue
+        test = check["test"]
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+        assert check["interval"] and check["timeout"] and check["retries"], name
+
+
+def test_api_health_check_is_the_images_curl_free_readyz_check() -> None:
+    test = services()["api"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and "/readyz" in test[3]
+    assert "curl" not in " ".join(test)
+    healthcheck = instruction(final_stage(), "HEALTHCHECK")
+    assert healthcheck is not None
+    image_check = exec_form(healthcheck[healthcheck.index("CMD ") + 4 :])
+    assert image_check == test[1:], "the Dockerfile and compose run the same check"
+
+
+def test_env_example_lists_the_go_compatible_variables_and_the_api_gets_each() -> None:
+    example = env_example()
+    assert set(example) >= GO_COMPATIBLE
+    readme = README.read_text()
+    environment = services()["api"]["environment"]
+    for name in example:
+        assert f"`{name}`" in readme, f"{name} is not in the README's Configuration table"
+        assert name in environment, f"the api service does not get {name}"
+        # Passed through from .env / the environment, not hard-coded.
+        assert str(environment[name]).startswith("${" + name), (name, environment[name])
+    assert environment["HOST"] == "0.0.0.0"
+
+
+def test_env_example_is_also_a_working_env_file_for_coupon_serve() -> None:
+    """Empty values mean the defaults, so a copy of .env.example works on the machine too."""
+    settings = load_settings({}, dotenv=ENV_EXAMPLE)
+    assert settings.app_env == "development" and settings.port == 8000
+    assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/coupon"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+# --- docker-compose (the tool) ---------------------------------------------------------
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    DOCKER_COMPOSE is None,
+    reason="docker-compose is not installed (CI installs Debian's: apt-get install "
+    "docker-compose); it validates docker-compose.yml without a Docker engine",
+)
+
+
+def run_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """docker-compose with only `env_file` for interpolation: the variables of this
+    shell and the project's own .env stay out of it."""
+    assert DOCKER_COMPOSE is not None
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": str(env_file.parent)}
+    return subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(COMPOSE), "--env-file", str(env_file), *args],
+        env=clean,
+        cwd=env_file.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def resolved(env_file: Path) -> dict[str, Any]:
+    done = run_compose(env_file, "config")
+    assert done.returncode == 0, done.stderr
+    loaded = yaml.safe_load(done.stdout)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@needs_compose
+@pytest.mark.parametrize("env_file", ["empty", ".env.example"])
+def test_docker_compose_config_is_valid(tmp_path: Path, env_file: str) -> None:
+    source = tmp_path / "compose.env"
+    source.write_text("" if env_file == "empty" else ENV_EXAMPLE.read_text())
+    done = run_compose(source, "config", "-q")
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stderr, done.stderr
+
+
+@needs_compose
+def test_resolved_compose_environment_is_accepted_by_the_service(tmp_path: Path) -> None:
+    source = tmp_path / "compose.env"
+    source.write_text(ENV_EXAMPLE.read_text())
+    api = resolved(source)["services"]["api"]
+    env = {k: str(v) for k, v in api["environment"].items()}
+    settings = load_settings(env, dotenv=None)
+    assert settings.host == "0.0.0.0" and settings.port == 8000 and settings.workers == 1
+    assert settings.database_url == "postgresql://coupon:coupon@postgres:5432/coupon"
+    assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.admin_token == "" and not settings.production
+    assert api["ports"] == [{"published": 8000, "target": 8000}]
+    migrate = resolved(source)["services"]["migrate"]
+    assert (
+        load_settings(
+            {k: str(v) for k, v in migrate["environment"].items()}, dotenv=None
+        ).database_url
+        == settings.database_url
+    )
+
+
+@needs_compose
+def test_values_from_env_reach_the_api_and_redis(tmp_path: Path) -> None:
+    source = tmp_path / "compose.env"
+    source.write_text(
+        "APP_ENV=production\nPORT=9000\nWORKERS=4\nCOUPON_ADMIN_TOKEN=s3cret\n"
+        "REDIS_PASSWORD=p@ss\nREDIS_DB=2\n"
+        "DATABASE_URL=postgresql://app:pw@db.internal:5432/coupons\n"
+    )
+    config = resolved(source)["services"]
+    env = {k: str(v) for k, v in config["api"]["environment"].items()}
+    settings = load_settings(env, dotenv=None)
+    assert settings.production and settings.admin_token == "s3cret"
+    assert settings.port == 9000 and settings.workers == 4
+    assert settings.redis_url == "redis://:p%40ss@redis:6379/2"
+    assert settings.database_url == "postgresql://app:pw@db.internal:5432/coupons"
+    assert config["api"]["ports"] == [{"published": 9000, "target": 9000}]
+    assert config["redis"]["environment"]["REDIS_PASSWORD"] == "p@ss"
+
+
+# --- the health checks and the Redis command, run for real -----------------------------
+
+
+def run_check(test: list[str], env: dict[str, str]) -> int:
+    kind, *command = test
+    if kind == "CMD-SHELL":
+        command = ["sh", "-c", unescape(command[0])]
+    elif command[0] == "python":
+        command = [sys.executable, *command[1:]]
+    return subprocess.run(
+        command, env={"PATH": os.environ.get("PATH", ""), **env}, timeout=20, check=False
+    ).returncode
+
+
+@pytest.mark.e2e
+def test_api_health_check_passes_when_ready_and_fails_when_down() -> None:
+    test = services()["api"]["healthcheck"]["test"]
+    server = ServerProcess(env={}, in_memory=True)
+    try:
+        server.wait_ready()
+        assert run_check(test, {"PORT": str(server.port)}) == 0
+    finally:
+        server.stop()
+    assert run_check(test, {"PORT": str(server.port)}) != 0
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+@pytest.mark.parametrize("password", ["", "pa ss$word"])
+def test_redis_command_and_health_check(tmp_path: Path, password: str) -> None:
+    """The compose file's redis command and health check, with the same shell, against a
+    redis-server on a free loopback port (no persistence, in a scratch directory)."""
+    redis = services()["redis"]
+    port = free_port()
+    script = unescape(redis["command"][2]).replace(
+        "redis-server",
+        f"redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no "
+        f"--dir {shlex.quote(str(tmp_path))}",
+        1,
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "REDIS_PASSWORD": password}
+    process = subprocess.Popen(
+        [*redis["command"][:2], script], env=env, cwd=tmp_path, start_new_session=True
+    )
+    check = redis["healthcheck"]["test"]
+    check = [check[0], unescape(check[1]).replace("redis-cli", f"redis-cli -p {port}")]
+    try:
+        deadline = time.monotonic() + 10
+        while run_check(check, {"REDIS_PASSWORD": password}) != 0:
+            assert process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis never became healthy"
+            time.sleep(0.05)
+        cli = ["redis-cli", "-p", str(port)]
+        cli_env = {**env, "REDISCLI_AUTH": password} if password else env
+        policy = subprocess.run(
+            [*cli, "config", "get", "maxmemory-policy"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert policy == ["maxmemory-policy", "noeviction"]
+        if password:
+            # The password is really required, and a wrong one fails the health check.
+            anonymous = subprocess.run(
+                [*cli, "ping"], env=env, capture_output=True, text=True, check=False
+            )
+            assert "NOAUTH" in anonymous.stdout + anonymous.stderr
+            assert run_check(check, {"REDIS_PASSWORD": "wrong"}) != 0
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
