@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,7 @@ from coupon.adapters.memory.store import (
 from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
-from coupon.adapters.postgres.pool import create_pool
+from coupon.adapters.postgres.pool import create_pool, warm
 from coupon.adapters.redis.client import RedisClient, create_client
 from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
 from coupon.application.ports import (
@@ -72,12 +73,18 @@ class StorageProvider(Provider):
 
     scope = Scope.APP
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._background: set[asyncio.Future[None]] = set()
+
     @provide
     async def pool(self, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
+        warming = asyncio.ensure_future(warm(pool, settings.db_pool_size))
         try:
             yield pool
         finally:
+            warming.cancel()
             await pool.close()
 
     @provide
@@ -118,7 +125,9 @@ class StorageProvider(Provider):
 
     @provide
     def codes(self, pool: asyncpg.Pool) -> CodeGenerator:
-        return PostgresCodeGenerator(pool)
+        codes = PostgresCodeGenerator(pool)
+        self._background.add(asyncio.ensure_future(codes.warm()))
+        return codes
 
     @provide
     def readiness(self, pool: asyncpg.Pool, client: RedisClient) -> Readiness:

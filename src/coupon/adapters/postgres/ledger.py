@@ -8,6 +8,7 @@ transaction has committed (I5).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -260,6 +261,12 @@ class PostgresCodeGenerator:
         self._next = 0
         self._end = 0
         self._refill: asyncio.Future[None] | None = None
+
+    async def warm(self) -> None:
+        """Load the key and reserve a block now rather than at the first issue."""
+        with contextlib.suppress(Unavailable):
+            if self._next >= self._end:
+                await self._reserve_block()
 
     async def next_code(self) -> str:
         while self._next >= self._end:

@@ -54,6 +54,18 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     return pool
 
 
+async def warm(pool: asyncpg.Pool, count: int) -> None:
+    """Open `count` connections ahead of need, so a burst at a campaign's start does not
+    wait for connections to be made. Failures are left for the requests to report."""
+
+    async def hold() -> None:
+        async with pool.acquire(timeout=5) as conn:
+            await conn.execute("SELECT 1")
+            await asyncio.sleep(0.05)  # keep it while the others open theirs
+
+    await asyncio.gather(*(hold() for _ in range(count)), return_exceptions=True)
+
+
 @asynccontextmanager
 async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; transient database failures become `Unavailable`."""
