@@ -83,3 +83,10 @@ def test_serve_in_production_without_a_token_refuses_to_start() -> None:
     )
     assert done.returncode == 2
     assert "COUPON_ADMIN_TOKEN must be set when APP_ENV=production" in done.stderr
+
+
+def test_redis_cluster_url_is_accepted_and_checked() -> None:
+    s = load_settings({"REDIS_URL": "redis+cluster://10.0.0.1:6379,10.0.0.2:6379"}, dotenv=None)
+    assert s.redis_url.startswith("redis+cluster://")
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        load_settings({"REDIS_URL": "redis+cluster://10.0.0.1:6379/3"}, dotenv=None)

@@ -118,6 +118,13 @@ def _redis_url(env: Mapping[str, str]) -> str:
                 "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// "
                 f"or rediss+cluster:// (got {url!r})"
             )
+        if urlsplit(url).scheme.endswith("+cluster"):
+            from coupon.adapters.redis.client import parse_cluster_url
+
+            try:
+                parse_cluster_url(url)
+            except ValueError as exc:
+                raise SettingsError(f"REDIS_URL: {exc}") from None
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")

@@ -1,0 +1,125 @@
+"""Scale-out end to end: two API instances on a 3-master Redis Cluster and one PostgreSQL.
+
+Round 1: campaigns on every shard, a burst at both instances at once through the start;
+I1-I5 per campaign from GetCampaign and from the database. Round 2: a master is SIGKILLed
+mid-run; I1, I2 and I4 (and I5) still hold in the database, campaigns on the dead shard
+answer `unavailable`, and campaigns on the other shards keep issuing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from tests.cluster.conftest import needs_redis_server
+from tests.support.server import ServerProcess
+from tools.cluster_demo import (
+    ALREADY,
+    ISSUED,
+    TOKEN,
+    describe_failure,
+    format_table,
+    global_duplicate_codes,
+    run_round,
+    split_by_kill,
+)
+from tools.redis_cluster import LocalRedisCluster
+
+pytestmark = [pytest.mark.e2e, needs_redis_server]
+
+KILLED = 0  # usually also the client's default node (TIME, PING): that moves too
+
+
+@pytest.fixture(scope="module")
+def instances(
+    server_env: dict[str, str], redis_cluster: LocalRedisCluster
+) -> Iterator[list[ServerProcess]]:
+    env = {**server_env, "REDIS_URL": redis_cluster.url, "COUPON_ADMIN_TOKEN": TOKEN}
+    started: list[ServerProcess] = []
+    try:
+        # Two cores here: one worker per instance; the point is two processes.
+        started = [ServerProcess(env=env, workers=1) for _ in range(2)]
+        for server in started:
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive_a_dead_master(
+    instances: list[ServerProcess],
+    redis_cluster: LocalRedisCluster,
+    pg_pool: asyncpg.Pool,
+) -> None:
+    began = time.monotonic()
+    urls = [s.url for s in instances]
+
+    # -- round 1: a burst through the start, every shard -----------------------------
+    burst = await run_round(
+        urls,
+        redis_cluster,
+        pg_pool,
+        title="burst",
+        total=60,
+        starts_in=1.5,
+        users=180,
+        requests=300,
+        concurrency=48,
+        time_limit=20,
+    )
+    print(format_table(burst.checks, redis_cluster))
+    assert len({c.master for c in burst.campaigns}) == 3, "campaigns on every shard"
+    for check in burst.checks:
+        assert not check.violations, (check.campaign, check.violations)
+        assert check.issued == check.campaign.total, "sold out: no stock left stranded"
+        assert check.issued == check.listed == check.issued_count
+    kinds = Counter(o.kind for o in burst.outcomes)
+    assert kinds[ISSUED] == sum(c.campaign.total for c in burst.checks)
+    assert kinds[ALREADY] > 0 and kinds["resource_exhausted"] > 0
+    refused_early = [o for o in burst.outcomes if o.kind == "failed_precondition"]
+    starts = {c.id: c.starts_at for c in burst.campaigns}
+    assert refused_early and all(o.sent_at < starts[o.campaign_id] for o in refused_early)
+    # With every master up, nothing is unavailable: not Redis, and not PostgreSQL (group
+    # commits of two instances lock campaign rows in one order, so they cannot deadlock).
+    expected = {ISSUED, ALREADY, "failed_precondition", "resource_exhausted"}
+    assert set(kinds) <= expected, kinds
+    assert {o.instance for o in burst.outcomes} == {0, 1}, "both instances took load"
+
+    # -- round 2: a master dies mid-run ----------------------------------------------
+    failure = await run_round(
+        urls,
+        redis_cluster,
+        pg_pool,
+        title="failure",
+        total=150,
+        starts_in=-1.0,
+        users=300,
+        requests=300,
+        concurrency=48,
+        pace=0.01,
+        kill_master=KILLED,
+        kill_after=0.3,
+        time_limit=20,
+    )
+    print(format_table(failure.checks, redis_cluster, dead=[KILLED]))
+    print(describe_failure(failure))
+    assert failure.killed_at is not None and not redis_cluster.nodes[KILLED].alive
+    # I1, I2, I4 from the database (and I3, I5, and GetCampaign agreeing with it).
+    for check in failure.checks:
+        assert not check.violations, (check.campaign, check.violations)
+    assert await global_duplicate_codes(pg_pool) == 0
+    seen = split_by_kill(failure)
+    dead, alive = seen["killed shard"], seen["other shards"]
+    # The dead shard's campaigns: nothing succeeds any more, every answer is `unavailable`.
+    assert dead and set(dead) == {"unavailable (Redis)"}, dead
+    # The others keep issuing, and never see the dead node.
+    assert alive[ISSUED] > 0, alive
+    assert "unavailable (Redis)" not in alive, alive
+    for check in failure.checks:
+        if check.campaign.master != KILLED:
+            assert check.issued > 0
+    assert time.monotonic() - began < 50

@@ -1,0 +1,525 @@
+"""Two API instances on a local 3-master Redis Cluster: a short burst, then the proof.
+
+`just cluster-demo` (or `python -m tools.cluster_demo`) starts a throwaway Redis Cluster
+(tools/redis_cluster.py), a throwaway PostgreSQL database on the local server, and two
+`coupon serve` instances against both; creates campaigns until every shard owns at least
+one; drives IssueCoupon at both instances at once, through each campaign's start; then
+checks I1-I5 per campaign from GetCampaign and from the database and prints a table. Then
+a second round of campaigns, with a master SIGKILLed in the middle of it (`--kill-master
+N`, 0 by default; `--no-kill` skips the round). Everything is torn down at the end; the
+exit code is 1 on any violation.
+
+The load and verification helpers here are also used by tests/cluster/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from connectrpc.errors import ConnectError
+
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
+from tests.support.client import admin, all_coupons, connect_client, ts
+from tests.support.server import ServerProcess
+from tools.redis_cluster import LocalRedisCluster, redis_server_path
+
+TOKEN = "cluster-demo-token"
+ISSUED = "issued"
+ALREADY = "already_issued"
+
+
+# -- campaigns across shards -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlacedCampaign:
+    id: str
+    total: int
+    starts_at: datetime
+    slot: int
+    master: int  # index in LocalRedisCluster.nodes of the master that owns the slot
+
+
+async def create_campaigns_on_every_shard(
+    client: CouponServiceClient,
+    cluster: LocalRedisCluster,
+    *,
+    total: int,
+    starts_in: float,
+    name: str = "cluster",
+    token: str = TOKEN,
+    at_least: int = 0,
+    max_campaigns: int = 40,
+) -> list[PlacedCampaign]:
+    """Create campaigns until every master owns one (and at least `at_least` exist).
+
+    A campaign's gate keys all carry the hash tag `{campaign_id}`, so CLUSTER KEYSLOT of
+    the tag alone gives the slot, and the slot map gives the master."""
+    placed: list[PlacedCampaign] = []
+    starts = datetime.now(UTC) + timedelta(seconds=starts_in)
+    while len({p.master for p in placed}) < len(cluster.nodes) or len(placed) < at_least:
+        if len(placed) >= max_campaigns:
+            raise RuntimeError(f"{max_campaigns} campaigns did not cover every shard")
+        created = await client.create_campaign(
+            coupon_pb.CreateCampaignRequest(
+                name=f"{name}-{len(placed) + 1}", total_coupons=total, starts_at=ts(starts)
+            ),
+            headers=admin(token),
+        )
+        assert created.campaign is not None and created.campaign.starts_at is not None
+        slot = cluster.keyslot(f"{{{created.campaign.id}}}")
+        placed.append(
+            PlacedCampaign(
+                id=created.campaign.id,
+                total=total,
+                starts_at=created.campaign.starts_at.to_datetime(),
+                slot=slot,
+                master=cluster.master_for_slot(slot),
+            )
+        )
+    return placed
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    instance: int
+    campaign_id: str
+    user: str
+    sent_at: datetime
+    received_at: datetime
+    code: str = ""
+    issued_at: datetime | None = None
+    already: bool = False
+    error: str = ""
+    message: str = ""
+
+    @property
+    def kind(self) -> str:
+        """`issued`, `already_issued`, or the Connect code of the error."""
+        if self.code:
+            return ALREADY if self.already else ISSUED
+        return self.error
+
+
+def plan_requests(
+    campaigns: Sequence[PlacedCampaign],
+    *,
+    users_per_campaign: int,
+    requests_per_campaign: int,
+    seed: int = 7,
+) -> list[tuple[str, str]]:
+    """(campaign, user) pairs, campaigns interleaved; users repeat (repeat requests)."""
+    rng = random.Random(seed)
+    requests = [
+        (c.id, f"user-{rng.randrange(users_per_campaign)}")
+        for c in campaigns
+        for _ in range(requests_per_campaign)
+    ]
+    rng.shuffle(requests)
+    return requests
+
+
+async def drive(
+    urls: Sequence[str],
+    requests: Sequence[tuple[str, str]],
+    outcomes: list[Outcome],
+    *,
+    concurrency: int,
+    pace: float = 0.0,
+    time_limit: float = 30.0,
+    timeout_ms: int = 10_000,
+) -> None:
+    """IssueCoupon for every request, `concurrency` at a time, spread over every URL at
+    once (worker i sends to urls[i % len(urls)]); stops early after `time_limit` seconds."""
+    queue = list(reversed(requests))
+    deadline = time.monotonic() + time_limit
+
+    async def worker(index: int, client: CouponServiceClient) -> None:
+        while queue and time.monotonic() < deadline:
+            campaign_id, user = queue.pop()
+            sent = datetime.now(UTC)
+            outcome = Outcome(index % len(urls), campaign_id, user, sent, sent)
+            try:
+                reply = await client.issue_coupon(
+                    coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user),
+                    timeout_ms=timeout_ms,
+                )
+                assert reply.coupon is not None and reply.coupon.issued_at is not None
+                outcome.code = reply.coupon.code
+                outcome.issued_at = reply.coupon.issued_at.to_datetime()
+                outcome.already = reply.already_issued
+            except ConnectError as exc:
+                outcome.error = exc.code.value
+                outcome.message = str(exc)
+            outcome.received_at = datetime.now(UTC)
+            outcomes.append(outcome)
+            if pace:
+                await asyncio.sleep(pace)
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(connect_client(url)) for url in urls]
+        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(concurrency)))
+
+
+# -- verification ----------------------------------------------------------------------
+
+
+@dataclass
+class CampaignCheck:
+    campaign: PlacedCampaign
+    issued: int = 0  # rows in PostgreSQL
+    listed: int = 0  # coupons GetCampaign lists
+    issued_count: int = 0  # the campaign's issued_count from GetCampaign
+    duplicate_codes: int = 0  # within the campaign (all campaigns: global_duplicate_codes)
+    per_user_max: int = 0
+    early: int = 0  # coupons issued before starts_at + successes received before it
+    slots_ok: bool = True
+    acked_missing: int = 0  # successes a client got that PostgreSQL does not have
+    codes_mismatch: int = 0  # successes whose code differs from the stored one
+    outcomes: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+
+
+async def global_duplicate_codes(pool: asyncpg.Pool) -> int:
+    """I2 across every campaign: codes stored more than once in the whole table."""
+    found = await pool.fetchval(
+        "SELECT count(*) FROM (SELECT code FROM coupons GROUP BY code HAVING count(*) > 1) d"
+    )
+    return int(found)
+
+
+async def check_campaign(
+    client: CouponServiceClient,
+    pool: asyncpg.Pool,
+    campaign: PlacedCampaign,
+    outcomes: Sequence[Outcome],
+    *,
+    token: str = TOKEN,
+) -> CampaignCheck:
+    check = CampaignCheck(campaign)
+    mine = [o for o in outcomes if o.campaign_id == campaign.id]
+    check.outcomes = Counter(o.kind for o in mine)
+    api_campaign, listed = await all_coupons(client, campaign.id, token)
+    rows = await pool.fetch(
+        "SELECT user_id, code, issued_at, slot FROM coupons WHERE campaign_id = $1",
+        uuid.UUID(campaign.id),
+    )
+    stored = {r["user_id"]: r["code"] for r in rows}
+    check.issued = len(rows)
+    check.listed = len(listed)
+    check.issued_count = int(api_campaign.issued_count)
+    check.duplicate_codes = len(rows) - len({r["code"] for r in rows})
+    check.per_user_max = max(Counter(r["user_id"] for r in rows).values(), default=0)
+    check.early = sum(r["issued_at"] < campaign.starts_at for r in rows)
+    check.early += sum(
+        c.issued_at is not None and c.issued_at.to_datetime() < campaign.starts_at for c in listed
+    )
+    successes = [o for o in mine if o.code]
+    check.early += sum(o.received_at < campaign.starts_at for o in successes)
+    slots = [int(r["slot"]) for r in rows]
+    check.slots_ok = len(set(slots)) == len(slots) and all(1 <= s <= campaign.total for s in slots)
+    check.acked_missing = sum(o.user not in stored for o in successes)
+    check.codes_mismatch = sum(o.user in stored and stored[o.user] != o.code for o in successes)
+
+    v = check.violations
+    if check.issued > campaign.total or not check.slots_ok:
+        v.append(f"I1: {check.issued} coupons for a stock of {campaign.total}")
+    if check.duplicate_codes:
+        v.append(f"I2: {check.duplicate_codes} duplicate codes")
+    if check.early:
+        v.append(f"I3: {check.early} coupons or successes before the start")
+    if check.per_user_max > 1:
+        v.append(f"I4: a user holds {check.per_user_max} coupons")
+    if check.acked_missing or check.codes_mismatch:
+        v.append(
+            f"I5: {check.acked_missing} acknowledged coupons missing, "
+            f"{check.codes_mismatch} with another code"
+        )
+    api_pairs = {(c.user_id, c.code) for c in listed}
+    if api_pairs != set(stored.items()) or check.issued_count != len(rows):
+        v.append("GetCampaign disagrees with the database")
+    return check
+
+
+def format_table(
+    checks: Sequence[CampaignCheck], cluster: LocalRedisCluster, dead: Sequence[int] = ()
+) -> str:
+    codes = sorted({k for c in checks for k in c.outcomes})
+    header = (
+        f"{'campaign':<36} {'shard':<22} {'total':>5} {'issued':>6} {'dupes':>5} "
+        f"{'user max':>8} {'early':>5}  client saw"
+    )
+    lines = [header, "-" * len(header)]
+    for c in checks:
+        node = cluster_node_label(cluster, c.campaign.master, dead)
+        seen = ", ".join(f"{k} {c.outcomes[k]}" for k in codes if c.outcomes[k])
+        lines.append(
+            f"{c.campaign.id:<36} {node:<22} {c.campaign.total:>5} {c.issued:>6} "
+            f"{c.duplicate_codes:>5} {c.per_user_max:>8} {c.early:>5}  {seen}"
+        )
+        lines.extend(f"    VIOLATION {text}" for text in c.violations)
+    return "\n".join(lines)
+
+
+def cluster_node_label(cluster: LocalRedisCluster, master: int, dead: Sequence[int]) -> str:
+    return f"m{master} :{cluster.nodes[master].port}{' (killed)' if master in dead else ''}"
+
+
+# -- the demo --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def servers(env: dict[str, str], count: int, log_dir: Path) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    try:
+        for _ in range(count):
+            started.append(ServerProcess(env=env, workers=1, log_dir=log_dir))
+        for server in started:
+            server.wait_ready(timeout=60)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _database_url(server_url: str, name: str) -> str:
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+
+
+async def _drop_database(database_url: str) -> None:
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    assert name.startswith("coupon_cluster_demo_"), name
+    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@dataclass
+class RoundResult:
+    campaigns: list[PlacedCampaign]
+    outcomes: list[Outcome]
+    checks: list[CampaignCheck]
+    elapsed: float
+    killed: int | None = None
+    killed_at: datetime | None = None  # when the master was SIGKILLed
+
+
+async def run_round(
+    urls: Sequence[str],
+    cluster: LocalRedisCluster,
+    pool: asyncpg.Pool,
+    *,
+    title: str,
+    total: int,
+    starts_in: float,
+    users: int,
+    requests: int,
+    concurrency: int,
+    pace: float = 0.0,
+    kill_master: int | None = None,
+    kill_after: float = 0.3,
+    early_share: float = 0.1,
+    time_limit: float = 30.0,
+) -> RoundResult:
+    """Campaigns on every shard, then load at every instance, then the checks.
+
+    With `starts_in` > 0, `early_share` of the requests go out at once (long before the
+    start: all must be refused), the rest from just before the start, through it. With
+    `kill_master`, that master is SIGKILLed once `kill_after` of the responses are in."""
+    outcomes: list[Outcome] = []
+    result = RoundResult([], outcomes, [], 0.0, kill_master)
+    async with connect_client(urls[0]) as api:
+        campaigns = await create_campaigns_on_every_shard(
+            api, cluster, total=total, starts_in=starts_in, name=title
+        )
+        result.campaigns = campaigns
+        planned = plan_requests(campaigns, users_per_campaign=users, requests_per_campaign=requests)
+        print(
+            f"\n{title}: {len(campaigns)} campaigns of {total} coupons on "
+            f"{len({c.master for c in campaigns})} shards; {len(planned)} requests from "
+            f"{concurrency} concurrent clients at {len(urls)} instances"
+            + (f"; master m{kill_master} is killed mid-run" if kill_master is not None else ""),
+            flush=True,
+        )
+
+        async def kill_midway() -> None:
+            if kill_master is None:
+                return
+            while len(outcomes) < kill_after * len(planned):
+                await asyncio.sleep(0.005)
+            result.killed_at = datetime.now(UTC)
+            cluster.kill_master(kill_master)
+
+        started = time.monotonic()
+        early: list[tuple[str, str]] = []
+        if starts_in > 0:
+            early = planned[: int(len(planned) * early_share)]
+            await drive(urls, early, outcomes, concurrency=concurrency, time_limit=time_limit)
+            starts = min(c.starts_at for c in campaigns)
+            await asyncio.sleep(max(0.0, (starts - datetime.now(UTC)).total_seconds() - 0.1))
+        await asyncio.gather(
+            drive(
+                urls,
+                planned[len(early) :],
+                outcomes,
+                concurrency=concurrency,
+                pace=pace,
+                time_limit=time_limit,
+            ),
+            kill_midway(),
+        )
+        result.elapsed = time.monotonic() - started
+        result.checks = [await check_campaign(api, pool, c, outcomes) for c in campaigns]
+    print(f"{len(outcomes)} responses in {result.elapsed:.1f}s; client saw: {_totals(outcomes)}")
+    return result
+
+
+def split_by_kill(result: RoundResult) -> dict[str, Counter[str]]:
+    """What clients saw after the kill, for campaigns on the killed shard and the others
+    (requests sent after the kill; those in flight at that moment may have gone either
+    way). Errors from the gate's Redis are told apart from the rest by their message."""
+    assert result.killed_at is not None
+    dead = {c.id for c in result.campaigns if c.master == result.killed}
+    seen: dict[str, Counter[str]] = {"killed shard": Counter(), "other shards": Counter()}
+    for o in result.outcomes:
+        if o.sent_at < result.killed_at:
+            continue
+        kind = o.kind
+        if kind == "unavailable" and o.message.startswith("Redis"):
+            kind = "unavailable (Redis)"
+        seen["killed shard" if o.campaign_id in dead else "other shards"][kind] += 1
+    return seen
+
+
+def describe_failure(result: RoundResult) -> str:
+    lines = ["after the kill, clients saw:"]
+    for group, counts in split_by_kill(result).items():
+        lines.append(f"  {group}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common()))
+    return "\n".join(lines)
+
+
+def _totals(outcomes: Sequence[Outcome]) -> str:
+    counts = Counter(o.kind for o in outcomes)
+    return ", ".join(f"{k} {n}" for k, n in counts.most_common())
+
+
+async def demo(args: argparse.Namespace) -> int:
+    database_url = _database_url(args.postgres, f"coupon_cluster_demo_{secrets.token_hex(4)}")
+    from coupon.adapters.postgres.migrate import migrate
+
+    failures = 0
+    with (
+        LocalRedisCluster(masters=3) as cluster,
+        tempfile.TemporaryDirectory(prefix="coupon-cluster-demo-") as logs,
+    ):
+        print(f"Redis Cluster up: REDIS_URL={cluster.url}")
+        for (first, last), index in sorted(cluster.slot_owners().items()):
+            print(f"  m{index} {cluster.nodes[index].address}: slots {first}-{last}")
+        try:
+            await migrate(database_url)
+            env = {
+                "DATABASE_URL": database_url,
+                "REDIS_URL": cluster.url,
+                "COUPON_REDIS_PREFIX": "coupon-demo",
+                "COUPON_ADMIN_TOKEN": TOKEN,
+                "LOG_LEVEL": "WARNING",
+            }
+            with servers(env, 2, Path(logs)) as instances:
+                urls = [s.url for s in instances]
+                print(f"2 instances: {', '.join(urls)}  (database {urlsplit(database_url).path})")
+                pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+                assert pool is not None
+                try:
+                    burst = await run_round(
+                        urls,
+                        cluster,
+                        pool,
+                        title="burst",
+                        total=args.total,
+                        starts_in=2.0,
+                        users=args.total * 3,
+                        requests=args.total * 5,
+                        concurrency=args.concurrency,
+                    )
+                    print(format_table(burst.checks, cluster))
+                    failures += sum(bool(c.violations) for c in burst.checks)
+                    if args.kill_master is not None:
+                        failure = await run_round(
+                            urls,
+                            cluster,
+                            pool,
+                            title="failure",
+                            total=args.total * 2,
+                            starts_in=-1.0,
+                            users=args.total * 3,
+                            requests=args.total * 3,
+                            concurrency=args.concurrency,
+                            pace=0.01,
+                            kill_master=args.kill_master,
+                        )
+                        print(format_table(failure.checks, cluster, dead=[args.kill_master]))
+                        print(describe_failure(failure))
+                        failures += sum(bool(c.violations) for c in failure.checks)
+                    duplicates = await global_duplicate_codes(pool)
+                    print(f"\ncodes stored twice across all campaigns (I2): {duplicates}")
+                    failures += bool(duplicates)
+                finally:
+                    await pool.close()
+        finally:
+            await _drop_database(database_url)
+    print("all invariants hold" if not failures else f"{failures} violation(s)")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server; a database coupon_cluster_demo_<random> is made and dropped",
+    )
+    parser.add_argument("--total", type=int, default=100, help="coupons per campaign")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    parser.add_argument(
+        "--kill-master",
+        type=int,
+        choices=[0, 1, 2],
+        default=0,
+        help="the master SIGKILLed in the middle of the second round (default 0)",
+    )
+    parser.add_argument(
+        "--no-kill", action="store_true", help="only the first round: no master is killed"
+    )
+    args = parser.parse_args(argv)
+    if args.no_kill:
+        args.kill_master = None
+    if redis_server_path() is None:
+        print("cluster-demo: redis-server is not on PATH", file=sys.stderr)
+        return 2
+    return asyncio.run(demo(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
