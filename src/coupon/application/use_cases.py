@@ -105,14 +105,6 @@ class CreateCampaign:
         except Unavailable:
             # The campaign is durable; the gate is rebuilt on first use.
             log.warning("gate prewarm failed", extra={"campaign_id": campaign.id})
-        log.info(
-            "campaign created",
-            extra={
-                "campaign_id": campaign.id,
-                "total_coupons": campaign.total_coupons,
-                "starts_at": campaign.starts_at.isoformat(),
-            },
-        )
         return campaign
 
 

@@ -15,7 +15,7 @@ from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
-from coupon.entrypoints.logs import configure_logging
+from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
 from coupon.entrypoints.metrics import render
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
@@ -45,6 +45,7 @@ class CouponApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and scope["path"].startswith(CONNECT_PREFIX):
+            REQUEST_HEADERS.set(scope["headers"])
             fast = self.fast_issue
             if fast is not None and scope["path"] == ISSUE_PATH:
                 codec = fast.accepts(scope)

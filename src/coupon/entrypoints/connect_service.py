@@ -23,6 +23,7 @@ from coupon.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from coupon.entrypoints.logs import request_id
 from coupon.entrypoints.metrics import Metrics
 from coupon.entrypoints.translate import (
     campaign_message,
@@ -46,6 +47,9 @@ ERROR_CODES: dict[type[CouponError], Code] = {
 }
 
 T = TypeVar("T")
+
+# Failures worth a log line: the service's or a dependency's, not the caller's.
+_LOGGED_FAILURES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.UNAVAILABLE, Code.DATA_LOSS})
 
 
 def connect_error(exc: CouponError) -> ConnectError:
@@ -72,9 +76,19 @@ class Observed:
         self.ok = metrics.requests.labels(rpc, "ok")
         self.latency = metrics.latency.labels(rpc)
 
-    def failed(self, started: float, code: Code) -> None:
+    def failed(self, started: float, code: Code, message: str = "") -> None:
         self._metrics.requests.labels(self._rpc, code.value).inc()
         self.latency.observe(time.perf_counter() - started)
+        if code in _LOGGED_FAILURES:
+            log.warning(
+                "rpc failed",
+                extra={
+                    "rpc": self._rpc,
+                    "code": code.value,
+                    "error": message,
+                    "request_id": request_id(),
+                },
+            )
 
     def succeeded(self, started: float) -> None:
         self.ok.inc()
@@ -86,13 +100,13 @@ class Observed:
             result = await work
         except CouponError as exc:
             error = connect_error(exc)
-            self.failed(started, error.code)
+            self.failed(started, error.code, error.message)
             raise error from None
         except ConnectError as exc:
-            self.failed(started, exc.code)
+            self.failed(started, exc.code, exc.message)
             raise
-        except Exception:
-            self.failed(started, Code.INTERNAL)
+        except Exception as exc:
+            self.failed(started, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
             raise
         self.succeeded(started)
         return result
@@ -148,6 +162,16 @@ class CouponService:
                 starts_at=to_datetime("starts_at", request.starts_at),
                 ends_at=to_datetime("ends_at", request.ends_at),
             )
+            log.info(
+                "campaign created",
+                extra={
+                    "campaign_id": campaign.id,
+                    "campaign_name": campaign.name,
+                    "total_coupons": campaign.total_coupons,
+                    "starts_at": campaign.starts_at.isoformat(),
+                    "request_id": request_id(),
+                },
+            )
             return coupon_pb.CreateCampaignResponse(
                 campaign=campaign_message(campaign, campaign.created_at)
             )
@@ -193,11 +217,11 @@ class CouponService:
             )
         except CouponError as exc:
             error = connect_error(exc)
-            observed.failed(started, error.code)
+            observed.failed(started, error.code, error.message)
             self._metrics.rejections.labels(REJECTION_REASONS.get(type(exc), "other")).inc()
             raise error from None
-        except Exception:
-            observed.failed(started, Code.INTERNAL)
+        except Exception as exc:
+            observed.failed(started, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
             raise
         coupon = issued.coupon
         if issued.already_issued:

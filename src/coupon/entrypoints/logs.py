@@ -5,7 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
+from collections.abc import Iterable
+from contextvars import ContextVar
 from datetime import UTC, datetime
+
+# The raw headers of the request being served, so a log line can carry its request id.
+REQUEST_HEADERS: ContextVar[Iterable[tuple[bytes, bytes]]] = ContextVar(
+    "request_headers", default=()
+)
+
+
+def request_id() -> str:
+    """The caller's X-Request-Id, or a new id: log lines of one request share it."""
+    for name, value in REQUEST_HEADERS.get():
+        if name == b"x-request-id" and value:
+            return value.decode("latin-1")[:128]
+    return uuid.uuid4().hex
+
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

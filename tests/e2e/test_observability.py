@@ -1,0 +1,70 @@
+"""/metrics adds up every worker; logs are JSON lines carrying a request id."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+ISSUE = "/coupon.v1.CouponService/IssueCoupon"
+CREATE = "/coupon.v1.CouponService/CreateCampaign"
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    proc = ServerProcess(env=server_env, workers=2)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_every_worker_s_requests_and_issues(server: ServerProcess) -> None:
+    created = httpx.post(
+        f"{server.url}{CREATE}",
+        json={"name": "metrics", "totalCoupons": 30, "startsAt": "2026-01-01T00:00:00Z"},
+        headers={"x-request-id": "create-42"},
+    ).json()["campaign"]["id"]
+    # New connections each time, so the requests spread over both workers.
+    for i in range(40):
+        httpx.post(f"{server.url}{ISSUE}", json={"campaignId": created, "userId": f"u{i % 35}"})
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "coupon_coupons_issued_total", campaign_id=created) == 30
+    assert metric(text, "coupon_rpc_requests_total", rpc="IssueCoupon", code="ok") >= 35
+    assert metric(text, "coupon_issue_rejections_total", reason="sold_out") >= 5
+    assert metric(text, "coupon_issue_rejections_total", reason="already_issued") >= 5
+    assert metric(text, "coupon_rpc_duration_seconds_count", rpc="IssueCoupon") >= 40
+    assert metric(text, "coupon_db_batch_size_count") >= 1
+    assert metric(text, "coupon_db_commit_seconds_count") >= 1
+    assert re.search(
+        r'coupon_rpc_requests_total\{code="resource_exhausted",rpc="IssueCoupon"\}', text
+    )
+
+
+def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
+    httpx.post(
+        f"{server.url}{CREATE}",
+        json={"name": "logged", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"},
+        headers={"x-request-id": "req-logged-7"},
+    )
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    created = [e for e in entries if e.get("message") == "campaign created"]
+    assert any(e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created)
+    assert all({"time", "level", "message"} <= set(e) for e in entries)
