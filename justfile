@@ -33,8 +33,8 @@ migrate: setup
 
 # Lint: ruff, formatting, mypy --strict, buf lint of the proto.
 lint: setup
-    .venv/bin/ruff check src tests tools
-    .venv/bin/ruff format --check src tests tools
+    .venv/bin/ruff check src tests tools bench
+    .venv/bin/ruff format --check src tests tools bench
     .venv/bin/mypy
     just buf lint
 
