@@ -66,5 +66,7 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
     )
     entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     created = [e for e in entries if e.get("message") == "campaign created"]
-    assert any(e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created)
+    assert any(
+        e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created
+    )
     assert all({"time", "level", "message"} <= set(e) for e in entries)
