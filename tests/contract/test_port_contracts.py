@@ -350,14 +350,3 @@ async def test_codes_are_well_formed_and_distinct(adapters: Adapters) -> None:
     codes = [await adapters.codes.next_code() for _ in range(2000)]
     assert len(set(codes)) == 2000
     assert all(is_well_formed(x) for x in codes)
-
-
-async def test_codes_from_two_generators_never_clash(adapters: Adapters) -> None:
-    if not isinstance(adapters.codes, PostgresCodeGenerator):
-        pytest.skip(
-            "memory codes are unique within one process only (the memory backend is one process)"
-        )
-    other = PostgresCodeGenerator(adapters.codes._pool)
-    mine = {await adapters.codes.next_code() for _ in range(500)}
-    theirs = {await other.next_code() for _ in range(500)}
-    assert not mine & theirs
