@@ -93,22 +93,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from coupon.entrypoints.cli import run_asgi
 
-    # The same options as `coupon serve` (coupon/entrypoints/cli.py).
-    Granian(
-        "bench.noop_app:create_app",
-        factory=True,
-        address=args.host,
-        port=args.port,
-        workers=args.workers,
-        interface=Interfaces.ASGI,
-        loop=Loops.uvloop,
-        backlog=4096,
-        log_access=False,
-        workers_kill_timeout=30,
-    ).serve()
+    # The same server and options as `coupon serve`.
+    run_asgi("bench.noop_app:create_app", args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

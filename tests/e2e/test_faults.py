@@ -5,6 +5,7 @@ stranded for good, and the service recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -73,32 +74,31 @@ async def sell_out(
     return Counter("ok" if not r.startswith("error:") else r for r in results)
 
 
-@pytest.fixture
-def pg_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
-    proxy, url = CuttableProxy.for_url(server_env["DATABASE_URL"])
-    server = ServerProcess(
-        env={**server_env, "DATABASE_URL": url, "COUPON_PENDING_LEASE_SECONDS": LEASE}
-    )
+@contextlib.contextmanager
+def server_behind_proxy(
+    server_env: dict[str, str], variable: str
+) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
+    """A server that reaches the service named by `variable` through a cuttable proxy."""
+    proxy, url = CuttableProxy.for_url(server_env[variable])
+    server = ServerProcess(env={**server_env, variable: url, "COUPON_PENDING_LEASE_SECONDS": LEASE})
     try:
         server.wait_ready()
         yield proxy, server
     finally:
         server.stop()
         proxy.close()
+
+
+@pytest.fixture
+def pg_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
+    with server_behind_proxy(server_env, "DATABASE_URL") as found:
+        yield found
 
 
 @pytest.fixture
 def redis_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, ServerProcess]]:
-    proxy, url = CuttableProxy.for_url(server_env["REDIS_URL"])
-    server = ServerProcess(
-        env={**server_env, "REDIS_URL": url, "COUPON_PENDING_LEASE_SECONDS": LEASE}
-    )
-    try:
-        server.wait_ready()
-        yield proxy, server
-    finally:
-        server.stop()
-        proxy.close()
+    with server_behind_proxy(server_env, "REDIS_URL") as found:
+        yield found
 
 
 async def test_postgres_outage_gives_unavailable_loses_nothing_and_recovers(

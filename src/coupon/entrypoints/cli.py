@@ -13,6 +13,26 @@ from pathlib import Path
 from coupon.entrypoints.settings import Settings, SettingsError, load_settings
 
 
+def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
+    """Serve an ASGI app factory with granian and uvloop, as `coupon serve` does."""
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    Granian(
+        factory,
+        factory=True,
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,
+        loop=Loops.uvloop,
+        backlog=4096,
+        log_access=False,
+        # Bound the graceful shutdown: in-flight issues get this long to commit.
+        workers_kill_timeout=30,
+    ).serve()
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     overrides: dict[str, object] = {}
     if args.host is not None:
@@ -45,28 +65,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
-
     print(
         f"coupon: serving on http://{settings.host}:{settings.port} "
         f"({settings.backend}, {settings.workers} worker(s))",
         file=sys.stderr,
         flush=True,
     )
-    Granian(
-        "coupon.entrypoints.app:create_app",
-        factory=True,
-        address=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        interface=Interfaces.ASGI,
-        loop=Loops.uvloop,
-        backlog=4096,
-        log_access=False,
-        # Bound the graceful shutdown: in-flight issues get this long to commit.
-        workers_kill_timeout=30,
-    ).serve()
+    run_asgi("coupon.entrypoints.app:create_app", settings.host, settings.port, settings.workers)
     return 0
 
 

@@ -101,38 +101,23 @@ class FastIssue:
         except ConnectError as exc:
             await self._error(send, exc)
             return
-        payload = decoder.encode(response)
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-        await send(start)
-        end: HTTPResponseBodyEvent = {
-            "type": "http.response.body",
-            "body": payload,
-            "more_body": False,
-        }
-        await send(end)
+        await _respond(send, 200, content_type, decoder.encode(response))
 
     @staticmethod
     async def _error(send: Send, error: ConnectError) -> None:
         payload = json.dumps({"code": error.code.value, "message": error.message}).encode()
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": _STATUS.get(error.code, 500),
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-        await send(start)
-        end: HTTPResponseBodyEvent = {
-            "type": "http.response.body",
-            "body": payload,
-            "more_body": False,
-        }
-        await send(end)
+        await _respond(send, _STATUS.get(error.code, 500), b"application/json", payload)
+
+
+async def _respond(send: Send, status: int, content_type: bytes, payload: bytes) -> None:
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", content_type),
+            (b"content-length", str(len(payload)).encode()),
+        ],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": payload, "more_body": False}
+    await send(end)
