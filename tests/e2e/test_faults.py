@@ -20,6 +20,7 @@ from connectrpc.errors import ConnectError
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from tests.support.client import all_coupons, connect_client, in_seconds
+from tests.support.private_redis import PrivateRedis
 from tests.support.proxy import CuttableProxy
 from tests.support.server import ServerProcess
 
@@ -282,3 +283,58 @@ async def test_sigterm_during_a_burst_finishes_in_flight_issues(
     assert len(unheard) <= cut
     assert len(acknowledged) < 400, "the signal came mid-burst"
     assert code == 0 and shutdown_seconds < 30
+
+
+async def test_redis_restarted_mid_burst_keeps_invariants_and_resumes(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """Redis crashes and comes back empty mid-campaign: I1-I4 hold, issuance resumes
+    within seconds, and stock admitted but never acknowledged is issued again (I6)."""
+    private = PrivateRedis()
+    server = ServerProcess(
+        env={**server_env, "REDIS_URL": private.url, "COUPON_PENDING_LEASE_SECONDS": LEASE},
+        workers=2,
+    )
+    total = 300
+    acknowledged: dict[str, str] = {}
+    outcomes: Counter[str] = Counter()
+    restarted_at: list[float] = []
+    first_success_after: list[float] = []
+    try:
+        server.wait_ready()
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, total)
+
+            async def client_loop(first: int) -> None:
+                for i in range(first, 500, 25):
+                    result = await issue(client, campaign_id, f"r{i}")
+                    if result.startswith("error:"):
+                        outcomes[result] += 1
+                    else:
+                        outcomes["ok"] += 1
+                        acknowledged[f"r{i}"] = result
+                        if restarted_at and not first_success_after:
+                            first_success_after.append(time.monotonic() - restarted_at[0])
+                    await asyncio.sleep(0.01)
+
+            async def restart_midway() -> None:
+                while len(acknowledged) < 80:
+                    await asyncio.sleep(0.002)
+                private.restart()
+                restarted_at.append(time.monotonic())
+
+            await asyncio.gather(restart_midway(), *(client_loop(k) for k in range(25)))
+            # Whatever the burst left, the rest of the stock is issuable.
+            await sell_out(client, campaign_id, "after", total)
+            _, listed = await all_coupons(client, campaign_id, "")
+    finally:
+        server.stop()
+        private.close()
+    stored = await db_coupons(pg_pool, campaign_id)
+    print(f"redis restart: {dict(outcomes)}, resumed after {first_success_after}")
+    assert restarted_at and len(acknowledged) < 500, "the restart came mid-burst"
+    assert all(stored.get(u) == c for u, c in acknowledged.items())  # I5
+    assert len(listed) == len(stored) == total  # I1, and I6: nothing stranded
+    assert len({c.code for c in listed}) == total and len({c.user_id for c in listed}) == total
+    assert first_success_after and first_success_after[0] < 5.0
+    assert set(outcomes) <= {"ok", "error:resource_exhausted", "error:unavailable"}
