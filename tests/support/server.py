@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ class ServerProcess:
         log_dir: Path | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
             sys.executable,
@@ -64,20 +66,29 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
+            # Every worker logs "serving" when its start-up is done; a signal that reaches
+            # a worker still starting makes granian wait its kill timeout.
+            started = self.log().count('"message": "serving"')
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
+                ready = httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
+                ready = False
+            if ready and started >= self.workers:
+                return
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
 
-    def log(self) -> str:
+    def log(self, tail: int = 20_000) -> str:
         self._log.flush()
-        return self._log_path.read_text(errors="replace")[-5000:]
+        return self._log_path.read_text(errors="replace")[-tail:]
 
     def signal(self, sig: int) -> None:
-        os.killpg(self.process.pid, sig)
+        """SIGKILL hits every process of the server, as a crash of the host would; other
+        signals go to the main process only, as an orchestrator sends them."""
+        if sig == signal.SIGKILL:
+            os.killpg(self.process.pid, sig)
+        else:
+            self.process.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
@@ -87,5 +98,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.process.wait()
+        else:
+            # Workers outlive a main process that was killed alone: leave none behind.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
         return self.process.returncode
