@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 
 @dataclass(frozen=True)
 class TestServices:
+    __test__ = False  # not a test class, though its name starts with Test
+
     database_url: str
     redis_url: str
     redis_prefix: str

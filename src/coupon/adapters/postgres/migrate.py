@@ -62,8 +62,11 @@ async def current_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
-async def migrate(database_url: str, *, create_database: bool = True) -> list[int]:
-    """Apply pending migrations; returns the versions applied."""
+async def migrate(
+    database_url: str, *, create_database: bool = True, upto: int | None = None
+) -> list[int]:
+    """Apply pending migrations (those up to version `upto`, when given); returns the
+    versions applied."""
     if create_database:
         await ensure_database(database_url)
     conn = await asyncpg.connect(database_url)
@@ -78,7 +81,7 @@ async def migrate(database_url: str, *, create_database: bool = True) -> list[in
             )
             done = await current_version(conn)
             for version, name, sql in migrations():
-                if version <= done:
+                if version <= done or (upto is not None and version > upto):
                     continue
                 async with conn.transaction():
                     await conn.execute(sql)

@@ -1,0 +1,118 @@
+"""Migrations upgrade a database that already holds coupons, once, keeping every row."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from coupon.adapters.postgres.migrate import latest_version, migrate
+from tests.support.services import TestServices, drop_database
+
+STARTS = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def blank_database(services: TestServices) -> AsyncIterator[str]:
+    """A database of its own for one test, created by the migration tool, dropped after."""
+    parts = urlsplit(services.database_url)
+    name = f"{parts.path.lstrip('/')}_m{uuid.uuid4().hex[:6]}"
+    url = urlunsplit(parts._replace(path=f"/{name}"))
+    try:
+        yield url
+    finally:
+        await drop_database(url)
+
+
+async def fill(conn: asyncpg.Connection, campaigns: int, per_campaign: int) -> list[uuid.UUID]:
+    """Campaigns whose coupons interleave in id order, as concurrent campaigns do."""
+    ids = [uuid.uuid4() for _ in range(campaigns)]
+    for campaign_id in ids:
+        await conn.execute(
+            "INSERT INTO campaigns (id, name, total_coupons, starts_at) VALUES ($1, 'm', $2, $3)",
+            campaign_id,
+            per_campaign,
+            STARTS,
+        )
+    await conn.execute(
+        "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,"
+        " user_id, issued_at)"
+        " SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, s,"
+        "        left(md5(c.id::text || s), 10), 'u' || s, c.starts_at"
+        "   FROM generate_series(1, $2) s, campaigns c WHERE c.id = ANY($1::uuid[])"
+        "  ORDER BY s, c.id",
+        ids,
+        per_campaign,
+    )
+    return ids
+
+
+async def coupon_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
+    rows = await conn.fetch(
+        "SELECT id, campaign_id, slot, code, user_id, issued_at FROM coupons ORDER BY id"
+    )
+    return [tuple(row) for row in rows]
+
+
+async def test_coupons_rekeyed_by_campaign_keep_every_row_and_page_by_range(
+    blank_database: str,
+) -> None:
+    assert await migrate(blank_database, upto=2) == [1, 2]
+    conn = await asyncpg.connect(blank_database)
+    try:
+        ids = await fill(conn, campaigns=3, per_campaign=400)
+        before = await coupon_rows(conn)
+        counts = {r["id"]: r["issued_count"] for r in await conn.fetch("SELECT * FROM campaigns")}
+
+        assert await migrate(blank_database) == list(range(3, latest_version() + 1))
+
+        assert await coupon_rows(conn) == before
+        assert {
+            r["id"]: r["issued_count"] for r in await conn.fetch("SELECT * FROM campaigns")
+        } == counts
+        key = await conn.fetchval(
+            "SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i"
+            " CROSS JOIN unnest(i.indkey) WITH ORDINALITY k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indrelid = 'coupons'::regclass AND i.indisprimary"
+        )
+        assert key == ["campaign_id", "id"]
+        # No index that starts with id is left for the planner to walk in id order while
+        # it filters out the other campaigns' rows.
+        leading = await conn.fetch(
+            "SELECT indexrelid::regclass::text AS name, a.attname FROM pg_index i"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+            " WHERE i.indrelid = 'coupons'::regclass"
+        )
+        assert [r["name"] for r in leading if r["attname"] == "id"] == []
+
+        await conn.execute("ANALYZE coupons")
+        # A table this small could be read whole; ask how the index would be used.
+        await conn.execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        rows = await conn.fetch(
+            "EXPLAIN SELECT id, code FROM coupons"
+            " WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT 100",
+            ids[-1],
+            0,
+        )
+        plan = "\n".join(row[0] for row in rows)
+        assert "Index Scan using coupons_pkey" in plan and "Filter" not in plan, plan
+        await conn.execute("RESET enable_seqscan; RESET enable_bitmapscan")
+
+        # The constraints that keep I1, I2 and I4 are still there.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot,"
+                " code, user_id, issued_at)"
+                " SELECT id, total_coupons, starts_at, ends_at, 1, 'again', 'new', starts_at"
+                " FROM campaigns WHERE id = $1",
+                ids[0],
+            )
+    finally:
+        await conn.close()
+
+    assert await migrate(blank_database) == []
