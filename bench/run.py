@@ -65,7 +65,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_PREFIX = "coupon-bench"
 CAMPAIGN_SIZE = 10_000_000
 
-# Targets (issue 5). Reported as PASS/FAIL; a miss never fails the run.
+# Targets. Reported as PASS/FAIL; a miss never fails the run.
 TARGET_B_PER_S = 10_000
 TARGET_RATIO = 0.5
 TARGET_C_P99_MS = 10.0
