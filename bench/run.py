@@ -467,13 +467,13 @@ def create_campaign(server: Server, env: dict[str, str], key: str, run_id: str) 
 # --- state outside the processes ---------------------------------------------------------
 
 
-def delete_redis_keys() -> int:
-    """Delete the bench's Redis keys (prefix `coupon-bench:`) and nothing else."""
+def delete_redis_keys(prefix: str = REDIS_PREFIX) -> int:
+    """Delete the Redis keys under `prefix:` (the bench's own) and nothing else."""
     client = redis.Redis.from_url(REDIS_URL)
     deleted = 0
     try:
         batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{REDIS_PREFIX}:*", count=1000):
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 deleted += client.unlink(*batch)

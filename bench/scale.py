@@ -52,10 +52,9 @@ from typing import Any
 
 import asyncpg
 import httpx
-import redis
 
 from bench.procstat import CpuSnapshot, descendants, memory_mib, named
-from bench.run import BenchBroke, Server, background_load, ensure_wrk, git_commit
+from bench.run import BenchBroke, Server, background_load, delete_redis_keys, ensure_wrk, git_commit
 from coupon.adapters.postgres.ledger import _PAGE as PAGE_QUERY
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -204,24 +203,6 @@ async def drop_database() -> None:
         await drop_own_database(admin)
     finally:
         await admin.close()
-
-
-def delete_redis_keys() -> int:
-    """Delete the keys under `coupon-scale:` and nothing else."""
-    client = redis.Redis.from_url(REDIS_URL)
-    deleted = 0
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{REDIS_PREFIX}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += client.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += client.unlink(*batch)
-    finally:
-        client.close()
-    return deleted
 
 
 def migrate(env: dict[str, str]) -> None:
@@ -1464,11 +1445,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "sellout" in args.only:
             ensure_wrk()
-        delete_redis_keys()
+        delete_redis_keys(REDIS_PREFIX)
         try:
             asyncio.run(run_all(run))
         finally:
-            say(f"deleted {delete_redis_keys()} Redis keys under '{REDIS_PREFIX}:'")
+            say(f"deleted {delete_redis_keys(REDIS_PREFIX)} Redis keys under '{REDIS_PREFIX}:'")
             if args.keep:
                 say(f"kept the {DB_NAME} database (--keep)")
             else:
