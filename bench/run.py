@@ -447,21 +447,29 @@ def show_phase(phase: Phase) -> None:
 
 
 def create_campaign(server: Server, env: dict[str, str], key: str, run_id: str) -> str:
+    campaign_id, _ = post_campaign(
+        server.url, env["COUPON_ADMIN_TOKEN"], f"bench {run_id} {key}", CAMPAIGN_SIZE
+    )
+    return campaign_id
+
+
+def post_campaign(url: str, token: str, name: str, total: int) -> tuple[str, datetime]:
+    """CreateCampaign (Connect JSON) of a campaign that started a minute ago: its id and
+    starts_at."""
     starts_at = datetime.now(UTC) - timedelta(minutes=1)
     answer = httpx.post(
-        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+        f"{url}/coupon.v1.CouponService/CreateCampaign",
         json={
-            "name": f"bench {run_id} {key}",
-            "totalCoupons": CAMPAIGN_SIZE,
+            "name": name,
+            "totalCoupons": total,
             "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
         },
-        headers={"Authorization": f"Bearer {env['COUPON_ADMIN_TOKEN']}"},
+        headers={"Authorization": f"Bearer {token}"},
         timeout=10,
     )
     if answer.status_code != 200:
         raise BenchBroke(f"CreateCampaign: HTTP {answer.status_code} {answer.text[:300]}")
-    campaign_id: str = answer.json()["campaign"]["id"]
-    return campaign_id
+    return str(answer.json()["campaign"]["id"]), starts_at
 
 
 # --- state outside the processes ---------------------------------------------------------

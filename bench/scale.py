@@ -54,7 +54,15 @@ import asyncpg
 import httpx
 
 from bench.procstat import CpuSnapshot, descendants, memory_mib, named
-from bench.run import BenchBroke, Server, background_load, delete_redis_keys, ensure_wrk, git_commit
+from bench.run import (
+    BenchBroke,
+    Server,
+    background_load,
+    delete_redis_keys,
+    ensure_wrk,
+    git_commit,
+    post_campaign,
+)
 from coupon.adapters.postgres.ledger import _PAGE as PAGE_QUERY
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -246,23 +254,6 @@ def server_env(token: str) -> dict[str, str]:
         }
     )
     return env
-
-
-def create_campaign(url: str, token: str, name: str, total: int) -> tuple[str, datetime]:
-    starts_at = datetime.now(UTC) - timedelta(minutes=1)
-    answer = httpx.post(
-        f"{url}/coupon.v1.CouponService/CreateCampaign",
-        json={
-            "name": name,
-            "totalCoupons": total,
-            "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
-        },
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
-    if answer.status_code != 200:
-        raise BenchBroke(f"CreateCampaign: HTTP {answer.status_code} {answer.text[:300]}")
-    return str(answer.json()["campaign"]["id"]), starts_at
 
 
 @contextmanager
@@ -695,7 +686,7 @@ async def run_sellout(run: Run) -> None:
     sampler_conn = await asyncpg.connect(DATABASE_URL)
     sampler_task: asyncio.Task[None] | None = None
     try:
-        campaign_id, starts_at = create_campaign(
+        campaign_id, starts_at = post_campaign(
             server.url, run.token, f"scale sellout {run.run_id}", args.coupons
         )
         pids = server_processes(server)
