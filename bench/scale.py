@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import resource
 import shlex
 import signal
 import subprocess
@@ -55,27 +54,29 @@ import httpx
 
 from bench.procstat import CpuSnapshot, descendants, memory_mib, named
 from bench.run import (
+    ADMIN_DATABASE_URL,
+    REDIS_URL,
+    REPO,
+    RESULTS_DIR,
+    RESULTS_MD,
+    WRK_SCRIPT,
     BenchBroke,
     Server,
     background_load,
+    children_cpu_seconds,
+    commit_label,
     delete_redis_keys,
     ensure_wrk,
     git_commit,
     post_campaign,
+    verdict_word,
 )
+from bench.run import fmt_ms as ms
 from coupon.adapters.postgres.ledger import _PAGE as PAGE_QUERY
 from coupon.gen.coupon.v1 import coupon_pb
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-RESULTS_DIR = BENCH / "results"
-RESULTS_MD = BENCH / "RESULTS.md"
-WRK_SCRIPT = BENCH / "issue.lua"
-
 DB_NAME = "coupon_scale"
 DATABASE_URL = f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}"
-ADMIN_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_PREFIX = "coupon-scale"
 # The comment that marks the database as this script's: only such a database is dropped.
 DB_MARK = "bench/scale.py: scratch database, dropped by bench/scale.py"
@@ -148,21 +149,8 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def mib(size: float) -> str:
     return f"{size / 2**20:,.0f} MiB"
-
-
-def verdict_word(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def say(text: str) -> None:
@@ -1319,10 +1307,6 @@ def markdown_section(run: Run, meta: dict[str, Any]) -> str:
     out += [""]
     out += [f"- **{verdict_word(ok)}** {name}: {value}" for name, ok, value in targets(run)]
     return "\n".join(out) + "\n"
-
-
-def commit_label(meta: dict[str, Any], quote: str = "") -> str:
-    return f"{quote}{meta['commit']}{quote}" + " (+uncommitted src/ changes)" * bool(meta["dirty"])
 
 
 def write_outputs(run: Run, meta: dict[str, Any]) -> Path:
