@@ -26,6 +26,10 @@ from coupon.domain.errors import Unavailable
 log = logging.getLogger("coupon")
 
 
+def _unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+
+
 def _script(name: str) -> str:
     return resources.files("coupon.adapters.redis").joinpath("lua", name).read_text()
 
@@ -101,7 +105,6 @@ class RedisStockGate:
         self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
         self._busy: set[str] = set()
         self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
-        self._confirming: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def keys(self, campaign_id: str) -> list[str]:
@@ -116,13 +119,17 @@ class RedisStockGate:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def admit(self, campaign_id: str, user_id: str) -> Admission:
-        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(campaign_id, []).append((user_id, future))
+    def _wake(self, campaign_id: str) -> None:
+        """Make sure the campaign's drain runs: it sends whatever is waiting or queued."""
         if campaign_id not in self._busy:
             self._busy.add(campaign_id)
             # Start on the next loop iteration, so the requests of this one join the batch.
             asyncio.get_running_loop().call_soon(self._spawn, self._drain(campaign_id))
+
+    async def admit(self, campaign_id: str, user_id: str) -> Admission:
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(campaign_id, []).append((user_id, future))
+        self._wake(campaign_id)
         # A caller cancelled while waiting cancels `future`; the batch then gives its slot
         # back if it was admitted (see _admit_batch).
         return await future
@@ -136,12 +143,13 @@ class RedisStockGate:
             )
 
     async def _drain(self, campaign_id: str) -> None:
+        """One script call at a time per campaign: the requests and confirms that queued
+        meanwhile go together in the next."""
         try:
-            while queue := self._waiting.pop(campaign_id, None):
+            while campaign_id in self._waiting or campaign_id in self._confirms:
+                queue = self._waiting.pop(campaign_id, [])
                 if len(queue) > self.MAX_BATCH:
-                    self._waiting[campaign_id] = queue[self.MAX_BATCH :] + self._waiting.get(
-                        campaign_id, []
-                    )
+                    self._waiting[campaign_id] = queue[self.MAX_BATCH :]
                     queue = queue[: self.MAX_BATCH]
                 await self._admit_batch(campaign_id, queue)
         finally:
@@ -162,17 +170,19 @@ class RedisStockGate:
                     *(user for user, _ in batch),
                 ],
             )
-        except (RedisError, OSError) as exc:
-            error = Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+        except BaseException as exc:
+            error = _unavailable(exc) if isinstance(exc, (RedisError, OSError)) else exc
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
+            if confirms and error is not exc:
+                log.warning(
+                    "confirms failed; the lease settles those admissions",
+                    extra={"campaign_id": campaign_id},
+                )
+            if error is exc:
+                raise
             return
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            raise
         now = _from_micros(int(reply[0]))
         tag = reply[1]
         if tag != b"M":
@@ -244,7 +254,7 @@ class RedisStockGate:
             finally:
                 await self._client.delete(lock)
         except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def _wait_loaded(self, meta: str, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -256,37 +266,19 @@ class RedisStockGate:
         raise Unavailable("the campaign's gate is still being rebuilt; retry")
 
     async def confirm(self, coupon: Coupon) -> None:
-        """Queued: sent with the campaign's next admission batch, or on its own right after;
-        nobody waits for it. A confirm that never arrives is harmless: the lease settles
-        the admission later."""
+        """Queued: sent with the campaign's next admission batch (a batch of no requests if
+        none comes); nobody waits for it. A confirm that never arrives is harmless: the
+        lease settles the admission later."""
         self._confirms.setdefault(coupon.campaign_id, []).extend((coupon.user_id, _holding(coupon)))
-        if self._confirming is None:
-            self._confirming = asyncio.ensure_future(self._send_confirms())
-
-    async def _send_confirms(self) -> None:
-        try:
-            await asyncio.sleep(0)
-            while self._confirms:
-                campaign_id = next(iter(self._confirms))
-                if campaign_id in self._busy:  # they go with the batch in flight's successor
-                    await asyncio.sleep(0.001)
-                    continue
-                confirms = self._confirms.pop(campaign_id)
-                await self._admit(
-                    keys=self.keys(campaign_id),
-                    args=[self._lease_us, self.STALE_BATCH, len(confirms) // 2, *confirms],
-                )
-        except (RedisError, OSError):
-            log.warning("confirms failed; the lease settles those admissions")
-        finally:
-            self._confirming = None
+        self._wake(coupon.campaign_id)
 
     async def close(self) -> None:
         """Send queued confirms and wait for batches in flight (graceful shutdown)."""
-        if self._confirming is not None:
-            await asyncio.gather(self._confirming, return_exceptions=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks or self._busy:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:  # a drain is scheduled (see _wake) but has not started yet
+                await asyncio.sleep(0)
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
         await self._settle_call(campaign_id, user_id, slot, "release")
@@ -298,4 +290,4 @@ class RedisStockGate:
         try:
             await self._settle(keys=self.keys(campaign_id), args=[user_id, slot, mode])
         except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
