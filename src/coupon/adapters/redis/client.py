@@ -13,8 +13,6 @@ the one node that owns that slot.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -138,21 +136,6 @@ class QueueingRedisCluster(RedisCluster):
         finally:
             limit.release()
 
-    def pipeline(  # type: ignore[override]
-        self, transaction: Any | None = None, shard_hint: Any | None = None
-    ) -> SlotPipeline:
-        """A non-transactional pipeline that sends its commands one by one, concurrently.
-
-        redis-py's ClusterPipeline answers a connection error on any one node by closing
-        every connection of the whole client (then retrying): with a master down, each
-        pipeline that touches its slots would also fail the commands in flight on the
-        healthy masters. Here each queued command goes through `execute_command` (routing,
-        MOVED, retries, a slot-map refresh that touches no other node's connections).
-        """
-        if transaction or shard_hint:
-            raise NotImplementedError("only pipeline(transaction=False) on Redis Cluster")
-        return SlotPipeline(self)
-
     async def script_load(self, script: ScriptTextT) -> str:
         """SCRIPT LOAD on every primary that answers.
 
@@ -175,44 +158,6 @@ class QueueingRedisCluster(RedisCluster):
             if not isinstance(result, BaseException):
                 return str_if_bytes(result)
         raise errors[0] if errors else RedisConnectionError("Redis Cluster has no primary")
-
-
-class SlotPipeline:
-    """`async with client.pipeline(transaction=False) as pipe: pipe.zrem(...); await
-    pipe.execute()` on QueueingRedisCluster: queued calls run concurrently on execute."""
-
-    def __init__(self, client: RedisCluster) -> None:
-        self._client = client
-        self._calls: list[functools.partial[Awaitable[Any]]] = []
-
-    async def __aenter__(self) -> SlotPipeline:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._calls = []
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    def __getattr__(self, name: str) -> Callable[..., SlotPipeline]:
-        command = getattr(self._client, name)
-        if not callable(command) or name.startswith("_"):
-            raise AttributeError(name)
-
-        def queue(*args: Any, **kwargs: Any) -> SlotPipeline:
-            self._calls.append(functools.partial(command, *args, **kwargs))
-            return self
-
-        return queue
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        calls, self._calls = self._calls, []
-        results = await asyncio.gather(*(call() for call in calls), return_exceptions=True)
-        if raise_on_error:
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-        return list(results)
 
 
 def create_client(url: str, max_connections: int = 64) -> RedisClient:
