@@ -191,19 +191,20 @@ class MemoryStockGate:
             state.held[coupon.user_id] = coupon
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
-        state = self._states.get(campaign_id)
-        if state is not None and state.users.get(user_id) == slot:
-            del state.users[user_id]
-            state.pending.pop(user_id, None)
-            state.held.pop(user_id, None)
-            state.free.append(slot)
+        self._end_admission(campaign_id, user_id, slot, slot_back=True)
 
     async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
+        self._end_admission(campaign_id, user_id, slot, slot_back=False)
+
+    def _end_admission(self, campaign_id: str, user_id: str, slot: int, *, slot_back: bool) -> None:
+        """The user no longer holds `slot`; it is free again only when `slot_back`."""
         state = self._states.get(campaign_id)
         if state is not None and state.users.get(user_id) == slot:
             del state.users[user_id]
             state.pending.pop(user_id, None)
             state.held.pop(user_id, None)
+            if slot_back:
+                state.free.append(slot)
 
 
 class MemoryCodeGenerator:

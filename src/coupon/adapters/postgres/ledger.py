@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import asyncpg
 
-from coupon.adapters.postgres.pool import TRANSIENT, connection
+from coupon.adapters.postgres.pool import connection
 from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
@@ -77,7 +77,10 @@ class PostgresCouponLedger:
         pool: asyncpg.Pool,
         *,
         max_batch: int = 512,
-        max_concurrent_batches: int = 2,
+        # One commit in flight per process: while it runs, the next batch grows. With two,
+        # batches were smaller and PostgreSQL spent a third more CPU per coupon (bench:
+        # 45 -> 34 us per coupon, IssueCoupon 9,052 -> 10,207/s, p99 at 1,000/s unchanged).
+        max_concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
     ) -> None:
         self._pool = pool
@@ -137,8 +140,7 @@ class PostgresCouponLedger:
         try:
             results = await self._insert(batch)
         except BaseException as exc:
-            if isinstance(exc, TRANSIENT):
-                exc = Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}")
+            # Transient database failures arrive as Unavailable already (see `connection`).
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -172,7 +174,8 @@ class PostgresCouponLedger:
     async def _insert_rows(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str]:
         rows = await conn.fetch(
             _INSERT_BATCH,
-            [uuid.UUID(c.campaign_id) for c in coupons],
+            # Campaign ids are canonical UUID text already; asyncpg encodes str as uuid.
+            [c.campaign_id for c in coupons],
             [c.slot for c in coupons],
             [c.code for c in coupons],
             [c.user_id for c in coupons],
@@ -265,10 +268,18 @@ class PostgresCodeGenerator:
     async def warm(self) -> None:
         """Load the key and reserve a block now rather than at the first issue."""
         with contextlib.suppress(Unavailable):
-            if self._next >= self._end:
-                await self._reserve_block()
+            await self._ensure_block()
 
     async def next_code(self) -> str:
+        if self._next >= self._end:
+            await self._ensure_block()
+        sequence = self._next
+        self._next += 1
+        assert self._encode is not None
+        return self._encode(sequence)
+
+    async def _ensure_block(self) -> None:
+        """Until a number is free: one reservation at a time, the others wait for it."""
         while self._next >= self._end:
             if self._refill is None:
                 self._refill = asyncio.ensure_future(self._reserve_block())
@@ -278,10 +289,6 @@ class PostgresCodeGenerator:
                     self._refill = None
             else:
                 await asyncio.shield(self._refill)
-        sequence = self._next
-        self._next += 1
-        assert self._encode is not None
-        return self._encode(sequence)
 
     async def _reserve_block(self) -> None:
         if self._encode is None:

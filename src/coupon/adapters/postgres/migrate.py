@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from importlib import resources
@@ -15,14 +16,16 @@ log = logging.getLogger("coupon")
 _LOCK_ID = 0x636F75706F6E  # "coupon"
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every migration shipped with the package, in order."""
+@functools.cache
+def migrations() -> tuple[tuple[int, str, str], ...]:
+    """(version, name, sql) of every migration shipped with the package, in order (read
+    once: readiness probes ask for the latest version)."""
     found = []
     for entry in resources.files("coupon.adapters.postgres.migrations").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append((int(match[1]), match[2], entry.read_text()))
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def latest_version() -> int:
