@@ -6,7 +6,7 @@ import pytest
 
 from coupon.domain.campaign import Campaign, CampaignStatus, new_campaign
 from coupon.domain.coupon import validate_campaign_id, validate_user_id
-from coupon.domain.errors import CampaignEnded, CampaignNotStarted, InvalidArgument
+from coupon.domain.errors import InvalidArgument
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -36,17 +36,6 @@ def test_campaign_is_sold_out_when_every_coupon_is_issued() -> None:
 
 def test_campaign_is_ended_at_its_end_even_with_stock_left() -> None:
     assert campaign().status_at(NOW + timedelta(hours=1)) is CampaignStatus.ENDED
-
-
-def test_ensure_open_refuses_one_microsecond_before_start_and_names_the_start() -> None:
-    with pytest.raises(CampaignNotStarted, match="2026-11-24T12:00:00"):
-        campaign().ensure_open(NOW - timedelta(microseconds=1))
-    campaign().ensure_open(NOW)
-
-
-def test_ensure_open_refuses_at_the_end() -> None:
-    with pytest.raises(CampaignEnded):
-        campaign().ensure_open(NOW + timedelta(hours=1))
 
 
 @pytest.mark.parametrize(

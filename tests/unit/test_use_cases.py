@@ -98,9 +98,7 @@ def world() -> World:
         ledger=ledger,
         create=CreateCampaign(campaigns, gate, clock),
         get=GetCampaign(campaigns, ledger, clock),
-        issue=IssueCoupon(
-            gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), campaigns
-        ),
+        issue=IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns)),
     )
 
 

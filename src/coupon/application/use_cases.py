@@ -184,13 +184,11 @@ class IssueCoupon:
         ledger: CouponLedger,
         codes: CodeGenerator,
         directory: CampaignDirectory,
-        campaigns: CampaignRepository,
     ) -> None:
         self._gate = gate
         self._ledger = ledger
         self._codes = codes
         self._directory = directory
-        self._campaigns = campaigns
         self._warming: dict[str, asyncio.Future[None]] = {}
         self._settling: dict[str, asyncio.Lock] = {}
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from coupon.domain.errors import CampaignEnded, CampaignNotStarted, InvalidArgument
+from coupon.domain.errors import InvalidArgument
 
 NAME_MAX_CHARS = 200
 TOTAL_COUPONS_MAX = 10_000_000
@@ -42,23 +42,8 @@ class Campaign:
             return CampaignStatus.SCHEDULED
         return CampaignStatus.ACTIVE
 
-    def ensure_open(self, now: datetime) -> None:
-        """I3: nothing is issued before `starts_at` nor at or after `ends_at`."""
-        if now < self.starts_at:
-            raise CampaignNotStarted(self.starts_at)
-        if self.ends_at is not None and now >= self.ends_at:
-            raise CampaignEnded(self.ends_at)
-
     def with_issued_count(self, issued_count: int) -> Campaign:
-        return Campaign(
-            id=self.id,
-            name=self.name,
-            total_coupons=self.total_coupons,
-            starts_at=self.starts_at,
-            ends_at=self.ends_at,
-            created_at=self.created_at,
-            issued_count=issued_count,
-        )
+        return replace(self, issued_count=issued_count)
 
 
 def validate_name(name: str) -> str:
@@ -68,7 +53,7 @@ def validate_name(name: str) -> str:
         raise InvalidArgument(
             "name", f"must be at most {NAME_MAX_CHARS} characters (got {len(name)})"
         )
-    if any(ch in name for ch in "\x00"):
+    if "\x00" in name:
         raise InvalidArgument("name", "must not contain NUL characters")
     return name
 

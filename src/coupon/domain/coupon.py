@@ -34,15 +34,15 @@ def validate_user_id(user_id: str) -> str:
     return user_id
 
 
-def validate_campaign_id(campaign_id: str, field: str = "campaign_id") -> str:
+def validate_campaign_id(campaign_id: str) -> str:
     """Campaign ids are canonical UUID strings; anything else cannot name a campaign."""
     if not campaign_id:
-        raise InvalidArgument(field, "must not be empty")
+        raise InvalidArgument("campaign_id", "must not be empty")
     try:
         parsed = uuid.UUID(campaign_id)
     except ValueError:
         raise InvalidArgument(
-            field,
+            "campaign_id",
             f"must be a campaign id such as 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 "
             f"(got {campaign_id[:64]!r})",
         ) from None

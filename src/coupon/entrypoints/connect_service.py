@@ -24,12 +24,11 @@ from coupon.domain.errors import (
     Unavailable,
 )
 from coupon.entrypoints.logs import request_id
-from coupon.entrypoints.metrics import Metrics
+from coupon.entrypoints.metrics import Children, Metrics
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
     to_datetime,
-    to_timestamp,
 )
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -71,13 +70,13 @@ class Observed:
     """Counts and times one RPC method."""
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
-        self._metrics = metrics
         self._rpc = rpc
+        self._requests = Children(metrics.requests)
         self.ok = metrics.requests.labels(rpc, "ok")
         self.latency = metrics.latency.labels(rpc)
 
     def failed(self, started: float, code: Code, message: str = "") -> None:
-        self._metrics.requests.labels(self._rpc, code.value).inc()
+        self._requests(self._rpc, code.value).inc()
         self.latency.observe(time.perf_counter() - started)
         if code in _LOGGED_FAILURES:
             log.warning(
@@ -143,7 +142,8 @@ class CouponService:
         self._get = get
         self._issue = issue
         self._admin = admin
-        self._metrics = metrics
+        self._rejections = Children(metrics.rejections)
+        self._issued = Children(metrics.issued)
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
         self._observe_issue = Observed(metrics, "IssueCoupon")
@@ -218,23 +218,17 @@ class CouponService:
         except CouponError as exc:
             error = connect_error(exc)
             observed.failed(started, error.code, error.message)
-            self._metrics.rejections.labels(REJECTION_REASONS.get(type(exc), "other")).inc()
+            self._rejections(REJECTION_REASONS.get(type(exc), "other")).inc()
             raise error from None
         except Exception as exc:
             observed.failed(started, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
             raise
         coupon = issued.coupon
         if issued.already_issued:
-            self._metrics.rejections.labels("already_issued").inc()
+            self._rejections("already_issued").inc()
         else:
-            self._metrics.issued.labels(coupon.campaign_id).inc()
+            self._issued(coupon.campaign_id).inc()
         observed.succeeded(started)
         return coupon_pb.IssueCouponResponse(
-            coupon=coupon_pb.Coupon(
-                code=coupon.code,
-                campaign_id=coupon.campaign_id,
-                user_id=coupon.user_id,
-                issued_at=to_timestamp(coupon.issued_at),
-            ),
-            already_issued=issued.already_issued,
+            coupon=coupon_message(coupon), already_issued=issued.already_issued
         )

@@ -14,6 +14,7 @@ from coupon.gen.coupon.v1 import coupon_pb
 # The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 _STATUS = {
     CampaignStatus.SCHEDULED: coupon_pb.CampaignStatus.SCHEDULED,
@@ -30,9 +31,7 @@ def to_datetime(field: str, value: Timestamp | None) -> datetime | None:
         raise InvalidArgument(
             field, f"is not a valid timestamp (seconds={value.seconds}, nanos={value.nanos})"
         )
-    base = datetime.fromtimestamp(0, UTC)
-
-    return base + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
 
 
 def to_timestamp(value: datetime) -> Timestamp:
