@@ -101,6 +101,11 @@ class FastIssue:
         except ConnectError as exc:
             await self._error(send, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
+            # A Connect error all the same, as the full Connect application would answer,
+            # not the server's bare 500.
+            await self._error(send, ConnectError(Code.INTERNAL, type(exc).__name__))
+            return
         await _respond(send, 200, content_type, decoder.encode(response))
 
     @staticmethod
