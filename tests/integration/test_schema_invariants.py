@@ -35,8 +35,9 @@ async def insert(
     code: str,
     user: str,
     issued_at: datetime = STARTS,
-) -> bool:
-    """Insert one coupon the way any client could, stock and window copied from the campaign."""
+) -> str | None:
+    """Insert one coupon the way any client could, stock and window copied from the campaign.
+    None when it was stored, else the name of the constraint that refused it."""
     try:
         await pool.execute(
             "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,"
@@ -49,9 +50,9 @@ async def insert(
             user,
             issued_at,
         )
-    except asyncpg.IntegrityConstraintViolationError:
-        return False
-    return True
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        return str(exc.constraint_name)
+    return None
 
 
 async def count(pool: asyncpg.Pool, campaign_id: uuid.UUID) -> int:
@@ -69,7 +70,9 @@ async def test_concurrent_inserts_never_exceed_the_stock(pg_pool: asyncpg.Pool) 
             for i, slot in enumerate(s for s in range(1, 41) for _ in range(3))
         )
     )
-    assert sum(results) == 20
+    assert results.count(None) == 20
+    refused = set(results) - {None}
+    assert refused <= {"coupons_slot_in_stock", "coupons_slot_once"}, refused
     assert await count(pg_pool, campaign_id) == 20
     issued = await pg_pool.fetchval("SELECT issued_count FROM campaigns WHERE id = $1", campaign_id)
     assert issued == 20
@@ -96,7 +99,8 @@ async def test_concurrent_inserts_of_one_code_keep_one(pg_pool: asyncpg.Pool) ->
     results = await asyncio.gather(
         *(insert(pg_pool, a if i % 2 else b, 1 + i // 2, code, f"user-{i}") for i in range(40))
     )
-    assert sum(results) == 1
+    assert results.count(None) == 1
+    assert set(results) == {None, "coupons_code_unique"}
     assert await pg_pool.fetchval("SELECT count(*) FROM coupons WHERE code = $1", code) == 1
 
 
@@ -109,7 +113,8 @@ async def test_concurrent_inserts_for_one_user_keep_one(pg_pool: asyncpg.Pool) -
             for slot in range(1, 51)
         )
     )
-    assert sum(results) == 1
+    assert results.count(None) == 1
+    assert set(results) == {None, "coupons_one_per_user"}
     assert await count(pg_pool, campaign_id) == 1
 
 
@@ -117,12 +122,16 @@ async def test_a_coupon_before_the_start_or_at_the_end_is_refused(pg_pool: async
     campaign_id = await make_campaign(pg_pool, total=5, ends_at=STARTS + timedelta(hours=1))
     tag = uuid.uuid4().hex[:6]
     early = STARTS - timedelta(microseconds=1)
-    assert not await insert(pg_pool, campaign_id, 1, f"{tag}a", "u1", early)
-    assert not await insert(pg_pool, campaign_id, 1, f"{tag}b", "u1", STARTS + timedelta(hours=1))
-    assert await insert(pg_pool, campaign_id, 1, f"{tag}c", "u1", STARTS)
+    window = "coupons_issued_in_window"
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}a", "u1", early) == window
+    at_end = STARTS + timedelta(hours=1)
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}b", "u1", at_end) == window
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}c", "u1", STARTS) is None
     assert await count(pg_pool, campaign_id) == 1
 
 
 async def test_codes_longer_than_ten_characters_are_refused(pg_pool: asyncpg.Pool) -> None:
     campaign_id = await make_campaign(pg_pool, total=5)
-    assert not await insert(pg_pool, campaign_id, 1, "가" * 11, "u1")
+    assert await insert(pg_pool, campaign_id, 1, "가" * 11, "u1") == "coupons_code_format"
+    tag = uuid.uuid4().hex[:4]
+    assert await insert(pg_pool, campaign_id, 2, f"{tag}가나다라마바", "u2") is None
