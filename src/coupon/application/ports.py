@@ -115,7 +115,8 @@ class StockGate(Protocol):
 
     async def confirm(self, coupon: Coupon) -> None:
         """The coupon is committed: its admission is no longer pending, and repeats of its
-        user can be answered with it."""
+        user can be answered with it. May take effect later, but before any admission of
+        the campaign asked for after this call."""
         ...
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
