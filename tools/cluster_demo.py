@@ -364,10 +364,12 @@ async def run_round(
             flush=True,
         )
 
-        async def kill_midway() -> None:
+        async def kill_midway(load: asyncio.Task[None]) -> None:
             if kill_master is None:
                 return
             while len(outcomes) < kill_after * len(planned):
+                if load.done():  # the run ended first: no kill (killed_at stays None)
+                    return
                 await asyncio.sleep(0.005)
             result.killed_at = datetime.now(UTC)
             cluster.kill_master(kill_master)
@@ -379,7 +381,7 @@ async def run_round(
             await drive(urls, early, outcomes, concurrency=concurrency, time_limit=time_limit)
             starts = min(c.starts_at for c in campaigns)
             await asyncio.sleep(max(0.0, (starts - datetime.now(UTC)).total_seconds() - 0.1))
-        await asyncio.gather(
+        load = asyncio.ensure_future(
             drive(
                 urls,
                 planned[len(early) :],
@@ -387,9 +389,9 @@ async def run_round(
                 concurrency=concurrency,
                 pace=pace,
                 time_limit=time_limit,
-            ),
-            kill_midway(),
+            )
         )
+        await asyncio.gather(load, kill_midway(load))
         result.elapsed = time.monotonic() - started
         result.checks = [await check_campaign(api, pool, c, outcomes) for c in campaigns]
     print(f"{len(outcomes)} responses in {result.elapsed:.1f}s; client saw: {_totals(outcomes)}")

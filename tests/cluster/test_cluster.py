@@ -7,7 +7,6 @@ answer `unavailable`, and campaigns on the other shards keep issuing."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -55,7 +54,6 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
     redis_cluster: LocalRedisCluster,
     pg_pool: asyncpg.Pool,
 ) -> None:
-    began = time.monotonic()
     urls = [s.url for s in instances]
 
     # -- round 1: a burst through the start, every shard -----------------------------
@@ -122,4 +120,6 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
     for check in failure.checks:
         if check.campaign.master != KILLED:
             assert check.issued > 0
-    assert time.monotonic() - began < 50
+    # Neither round was cut short by its time limit: every planned request was answered.
+    for name, round_ in (("burst", burst), ("failure", failure)):
+        assert len(round_.outcomes) == len(round_.campaigns) * 300, name

@@ -11,7 +11,8 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import asyncpg
 import pytest
@@ -48,6 +49,60 @@ async def issue(client: CouponServiceClient, campaign_id: str, user: str) -> str
         return f"error:{exc.code.value}"
     assert r.coupon is not None
     return r.coupon.code
+
+
+@dataclass
+class PacedBurst:
+    acknowledged: dict[str, str] = field(default_factory=dict)  # user -> code
+    failures: Counter[str] = field(default_factory=Counter)  # Connect code -> requests
+    acted: bool = False
+    # Users whose request was sent after the action and still got a coupon.
+    served_after_action: list[str] = field(default_factory=list)
+
+
+async def paced_burst(
+    client: CouponServiceClient,
+    campaign_id: str,
+    prefix: str,
+    *,
+    requests: int,
+    clients: int,
+    pace: float,
+    act_after: int,
+    action: Callable[[], None],
+) -> PacedBurst:
+    """`requests` users (`prefix` + n) spread over `clients` paced clients; once `act_after`
+    coupons are acknowledged, `action` runs. The pacing makes the burst outlast it; a burst
+    that ends before that many acknowledgements fails the test instead of hanging it."""
+    burst = PacedBurst()
+    finished = asyncio.Event()
+
+    async def act_midway() -> None:
+        while len(burst.acknowledged) < act_after:
+            assert not finished.is_set(), f"only {len(burst.acknowledged)} acknowledged"
+            await asyncio.sleep(0.002)
+        action()
+        burst.acted = True
+
+    async def client_loop(first: int) -> None:
+        for i in range(first, requests, clients):
+            user = f"{prefix}{i}"
+            after_action = burst.acted
+            result = await issue(client, campaign_id, user)
+            if result.startswith("error:"):
+                burst.failures[result.removeprefix("error:")] += 1
+            else:
+                burst.acknowledged[user] = result
+                if after_action:
+                    burst.served_after_action.append(user)
+            await asyncio.sleep(pace)
+
+    async def clients_then_finish() -> None:
+        await asyncio.gather(*(client_loop(k) for k in range(clients)))
+        finished.set()
+
+    await asyncio.gather(act_midway(), clients_then_finish())
+    return burst
 
 
 async def db_coupons(pool: asyncpg.Pool, campaign_id: str) -> dict[str, str]:
@@ -153,38 +208,22 @@ async def test_server_killed_mid_burst_strands_no_stock(
     total = 300
     victim = ServerProcess(env=env, workers=2)
     victim.wait_ready()
-    acknowledged: dict[str, str] = {}
-    lost = 0
     try:
         async with connect_client(victim.url) as client:
             campaign_id = await create(client, total)
-
-            async def user(i: int) -> None:
-                nonlocal lost
-                try:
-                    r = await client.issue_coupon(
-                        coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=f"k{i}")
-                    )
-                except ConnectError:
-                    lost += 1
-                    return
-                assert r.coupon is not None
-                acknowledged[f"k{i}"] = r.coupon.code
-
-            async def kill_midway() -> None:
-                while len(acknowledged) < 60:
-                    await asyncio.sleep(0.002)
-                victim.signal(signal.SIGKILL)
-
-            async def client_loop(first: int) -> None:
-                # 50 paced clients: the burst outlasts the kill, whatever the server's speed.
-                for i in range(first, 250, 50):
-                    await user(i)
-                    await asyncio.sleep(0.005)
-
-            await asyncio.gather(kill_midway(), *(client_loop(k) for k in range(50)))
+            burst = await paced_burst(
+                client,
+                campaign_id,
+                "k",
+                requests=250,
+                clients=50,
+                pace=0.005,
+                act_after=60,
+                action=lambda: victim.signal(signal.SIGKILL),
+            )
     finally:
         victim.stop()
+    acknowledged, lost = burst.acknowledged, sum(burst.failures.values())
     stored = await db_coupons(pg_pool, campaign_id)
     assert all(stored.get(u) == code for u, code in acknowledged.items())  # I5
     survivor = ServerProcess(env=env)
@@ -239,50 +278,35 @@ async def test_sigterm_during_a_burst_finishes_in_flight_issues(
     PostgreSQL that no client heard of is bounded by the requests whose connection was cut."""
     server = ServerProcess(env=server_env, workers=2)
     server.wait_ready()
-    acknowledged: dict[str, str] = {}
-    failures: Counter[str] = Counter()
     try:
         async with connect_client(server.url) as client:
             campaign_id = await create(client, 1000)
-
-            async def user(i: int) -> None:
-                try:
-                    r = await client.issue_coupon(
-                        coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=f"t{i}")
-                    )
-                except ConnectError as exc:
-                    failures[exc.code.value] += 1
-                    return
-                assert r.coupon is not None
-                acknowledged[f"t{i}"] = r.coupon.code
-
-            async def terminate_midway() -> None:
-                while len(acknowledged) < 50:
-                    await asyncio.sleep(0.002)
-                server.signal(signal.SIGTERM)
-
-            async def client_loop(first: int) -> None:
-                for i in range(first, 400, 50):  # paced: the burst outlasts the signal
-                    await user(i)
-                    await asyncio.sleep(0.005)
-
-            await asyncio.gather(terminate_midway(), *(client_loop(k) for k in range(50)))
-        started = time.monotonic()
-        code = server.process.wait(40)
-        shutdown_seconds = time.monotonic() - started
+            burst = await paced_burst(
+                client,
+                campaign_id,
+                "t",
+                requests=400,
+                clients=50,
+                pace=0.005,
+                act_after=50,
+                action=lambda: server.signal(signal.SIGTERM),
+            )
+        # Bounded: the server exits within its kill timeout, or the wait fails the test.
+        code = server.process.wait(30)
     finally:
         server.stop()
+    acknowledged, failures = burst.acknowledged, burst.failures
     stored = await db_coupons(pg_pool, campaign_id)
     assert all(stored.get(u) == c for u, c in acknowledged.items())
     unheard = set(stored) - set(acknowledged)
     cut = sum(failures.values())
     print(
         f"sigterm: acked {len(acknowledged)} stored {len(stored)} unheard {len(unheard)} "
-        f"failures {dict(failures)} exit {code} in {shutdown_seconds:.1f}s"
+        f"failures {dict(failures)} exit {code}"
     )
     assert len(unheard) <= cut
     assert len(acknowledged) < 400, "the signal came mid-burst"
-    assert code == 0 and shutdown_seconds < 30
+    assert code == 0
 
 
 async def test_redis_restarted_mid_burst_keeps_invariants_and_resumes(
@@ -296,45 +320,36 @@ async def test_redis_restarted_mid_burst_keeps_invariants_and_resumes(
         workers=2,
     )
     total = 300
-    acknowledged: dict[str, str] = {}
-    outcomes: Counter[str] = Counter()
-    restarted_at: list[float] = []
-    first_success_after: list[float] = []
     try:
         server.wait_ready()
         async with connect_client(server.url) as client:
             campaign_id = await create(client, total)
-
-            async def client_loop(first: int) -> None:
-                for i in range(first, 500, 25):
-                    result = await issue(client, campaign_id, f"r{i}")
-                    if result.startswith("error:"):
-                        outcomes[result] += 1
-                    else:
-                        outcomes["ok"] += 1
-                        acknowledged[f"r{i}"] = result
-                        if restarted_at and not first_success_after:
-                            first_success_after.append(time.monotonic() - restarted_at[0])
-                    await asyncio.sleep(0.01)
-
-            async def restart_midway() -> None:
-                while len(acknowledged) < 80:
-                    await asyncio.sleep(0.002)
-                private.restart()
-                restarted_at.append(time.monotonic())
-
-            await asyncio.gather(restart_midway(), *(client_loop(k) for k in range(25)))
+            burst = await paced_burst(
+                client,
+                campaign_id,
+                "r",
+                requests=500,
+                clients=25,
+                pace=0.01,
+                act_after=80,
+                action=private.restart,
+            )
             # Whatever the burst left, the rest of the stock is issuable.
             await sell_out(client, campaign_id, "after", total)
             _, listed = await all_coupons(client, campaign_id, "")
     finally:
         server.stop()
         private.close()
+    acknowledged = burst.acknowledged
     stored = await db_coupons(pg_pool, campaign_id)
-    print(f"redis restart: {dict(outcomes)}, resumed after {first_success_after}")
-    assert restarted_at and len(acknowledged) < 500, "the restart came mid-burst"
+    print(
+        f"redis restart: {len(acknowledged)} ok, failures {dict(burst.failures)}, "
+        f"{len(burst.served_after_action)} served after the restart"
+    )
+    assert burst.acted and len(acknowledged) < 500, "the restart came mid-burst"
     assert all(stored.get(u) == c for u, c in acknowledged.items())  # I5
     assert len(listed) == len(stored) == total  # I1, and I6: nothing stranded
     assert len({c.code for c in listed}) == total and len({c.user_id for c in listed}) == total
-    assert first_success_after and first_success_after[0] < 5.0
-    assert set(outcomes) <= {"ok", "error:resource_exhausted", "error:unavailable"}
+    # Issuance resumed within the burst: requests sent after the restart got coupons.
+    assert burst.served_after_action, "nothing was issued after the restart"
+    assert set(burst.failures) <= {"resource_exhausted", "unavailable"}

@@ -12,7 +12,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.loadtest.histogram import LatencyHistogram
 from coupon.loadtest.records import OK, SOLD_OUT
-from coupon.loadtest.schedule import NS_PER_S, judge_generator
+from coupon.loadtest.schedule import NS_PER_S, OpenLoopSchedule, judge_generator
 from coupon.loadtest.worker import COUNTERS, NO_STOP, Go, Worker, WorkerResult, WorkerSpec
 from coupon.loadtest.worker import C as COUNTER
 
@@ -105,7 +105,11 @@ async def test_open_loop_offers_the_asked_rate_to_a_fast_server() -> None:
     result = await run_worker(FakeIssueServer(), 0.5, rate=200.0)
 
     assert result.due == 100
-    assert verdict(result, 200.0, max_lag_ms=100.0).kept_up
+    # Everything due was sent, never held back by the in-flight cap. (How punctual the
+    # sends were depends on how busy the test machine is; the verdict's lag limit here only
+    # excludes a generator that stalled.)
+    assert result.sent == result.due and result.inflight_cap_waits == 0
+    assert verdict(result, 200.0, max_lag_ms=1000.0).kept_up
     assert result.observations.counts() == {"ok": result.sent}
 
 
@@ -123,10 +127,17 @@ async def test_late_sends_count_their_delay_in_the_latency() -> None:
     result = await run_worker(FakeIssueServer(cpu_s=0.005), 0.2, rate=500.0)
     obs = result.observations
 
+    # Each request keeps the time the schedule gave it, not the time it went out...
+    schedule = OpenLoopSchedule(500.0)
+    assert sorted(obs.intended_ns) == [schedule.intended_ns(i) for i in range(result.sent)]
     latencies = [d - i for d, i in zip(obs.done_ns, obs.intended_ns, strict=True)]
     service = [d - s for d, s in zip(obs.done_ns, obs.sent_ns, strict=True)]
     assert all(lat >= svc for lat, svc in zip(latencies, service, strict=True))
-    assert max(latencies) > 5 * max(service)
+    # ...and the success latencies reported include the whole delay of the latest send.
+    worst_send_delay = max(s - i for s, i in zip(obs.sent_ns, obs.intended_ns, strict=True))
+    assert worst_send_delay > 0, "a generator short of CPU sends late"
+    success = LatencyHistogram.decode(result.histograms["success"])
+    assert success.percentile_ms(100.0) >= 0.99 * worst_send_delay / 1e6
 
 
 async def test_slow_answers_fill_the_inflight_cap_and_the_shortfall_is_reported() -> None:
@@ -145,10 +156,9 @@ async def test_stop_time_from_the_parent_ends_sending() -> None:
     shared = Shared()
     shared.stop_at.value = NS_PER_S // 5
 
-    started = time.monotonic()
-    result = await run_worker(FakeIssueServer(), 30.0, shared, rate=200.0)
+    # A 30 s run that the parent stops after 0.2 s: it must end well before its own end.
+    result = await asyncio.wait_for(run_worker(FakeIssueServer(), 30.0, shared, rate=200.0), 5)
 
-    assert time.monotonic() - started < 5.0
     assert result.stop_rel_ns == NS_PER_S // 5
     assert result.due == 40
 
