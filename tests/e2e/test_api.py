@@ -14,7 +14,7 @@ from connectrpc.errors import ConnectError
 from coupon.domain.codes import is_well_formed
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import admin, all_coupons, connect_client, in_seconds, ts
+from tests.support.client import admin, all_coupons, connect_client, create_campaign, in_seconds, ts
 from tests.support.server import ServerProcess
 
 TOKEN = "s3cret-admin-token"
@@ -44,14 +44,9 @@ async def client(server: ServerProcess) -> AsyncIterator[CouponServiceClient]:
 async def create(
     client: CouponServiceClient, total: int = 3, starts_in: float = -1, **kw: object
 ) -> coupon_pb.Campaign:
-    response = await client.create_campaign(
-        coupon_pb.CreateCampaignRequest(
-            name="launch", total_coupons=total, starts_at=in_seconds(starts_in), **kw
-        ),
-        headers=AUTH,
+    return await create_campaign(
+        client, total=total, starts_in=starts_in, name="launch", token=TOKEN, **kw
     )
-    assert response.campaign is not None
-    return response.campaign
 
 
 async def error_of(work: object) -> ConnectError:

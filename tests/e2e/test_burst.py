@@ -20,7 +20,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import admin, all_coupons, connect_client, in_seconds
+from tests.support.client import all_coupons, connect_client, create_campaign
 from tests.support.server import ServerProcess
 from tests.support.services import delete_prefix
 
@@ -132,14 +132,10 @@ async def test_thousands_of_concurrent_requests_issue_exactly_the_stock(
 ) -> None:
     total = 300
     async with connect_client(server.url) as client:
-        created = await client.create_campaign(
-            coupon_pb.CreateCampaignRequest(
-                name="burst", total_coupons=total, starts_at=in_seconds(-1)
-            ),
-            headers=admin(TOKEN),
+        created = await create_campaign(
+            client, total=total, starts_in=-1, name="burst", token=TOKEN
         )
-        assert created.campaign is not None
-        campaign_id = created.campaign.id
+        campaign_id = created.id
         rng = random.Random(42)
         # 4,000 requests from 900 users: many users ask several times.
         users = [f"user-{rng.randrange(900)}" for _ in range(4000)]
@@ -159,15 +155,12 @@ async def test_burst_through_the_start_issues_nothing_early_and_starts_promptly(
 ) -> None:
     total = 200
     async with connect_client(server.url) as client:
-        created = await client.create_campaign(
-            coupon_pb.CreateCampaignRequest(
-                name="start", total_coupons=total, starts_at=in_seconds(1.5)
-            ),
-            headers=admin(TOKEN),
+        created = await create_campaign(
+            client, total=total, starts_in=1.5, name="start", token=TOKEN
         )
-        assert created.campaign is not None and created.campaign.starts_at is not None
-        campaign_id = created.campaign.id
-        starts = created.campaign.starts_at.to_datetime()
+        assert created.starts_at is not None
+        campaign_id = created.id
+        starts = created.starts_at.to_datetime()
         users = [f"early-{i % 600}" for i in range(6000)]
         burst = Burst()
         await issue_many(client, campaign_id, users, concurrency=60, burst=burst, pace=0.01)
@@ -190,17 +183,14 @@ async def test_redis_state_lost_mid_burst_keeps_invariants_and_issuance_continue
     server: ServerProcess,
     pg_pool: asyncpg.Pool,
     server_env: dict[str, str],
+    redis_client: aioredis.Redis,
 ) -> None:
     total = 400
     async with connect_client(server.url) as client:
-        created = await client.create_campaign(
-            coupon_pb.CreateCampaignRequest(
-                name="flush", total_coupons=total, starts_at=in_seconds(-1)
-            ),
-            headers=admin(TOKEN),
+        created = await create_campaign(
+            client, total=total, starts_in=-1, name="flush", token=TOKEN
         )
-        assert created.campaign is not None
-        campaign_id = created.campaign.id
+        campaign_id = created.id
         rng = random.Random(7)
         users = [f"flush-{rng.randrange(1000)}" for _ in range(5000)]
         burst = Burst()
@@ -225,10 +215,6 @@ async def test_redis_state_lost_mid_burst_keeps_invariants_and_issuance_continue
         assert new_issues() > flushed[0], "issuance went on after the flush"
         listed = await check_invariants(client, pg_pool, campaign_id, total, burst)
         assert len(listed) == total, "issuance continued after the flush until sold out"
-        client_redis = aioredis.Redis.from_url(server_env["REDIS_URL"])
-        try:
-            prefix = server_env["COUPON_REDIS_PREFIX"]
-            assert await client_redis.exists(f"{prefix}:{{{campaign_id}}}:meta")
-        finally:
-            await client_redis.aclose()
+        prefix = server_env["COUPON_REDIS_PREFIX"]
+        assert await redis_client.exists(f"{prefix}:{{{campaign_id}}}:meta")
     assert set(burst.errors()) <= {"resource_exhausted", "unavailable"}, burst.errors()

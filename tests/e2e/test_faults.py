@@ -20,7 +20,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import all_coupons, connect_client, in_seconds
+from tests.support.client import all_coupons, connect_client, create_campaign
 from tests.support.private_redis import PrivateRedis
 from tests.support.proxy import CuttableProxy
 from tests.support.server import ServerProcess
@@ -30,13 +30,7 @@ LEASE = "1"
 
 
 async def create(client: CouponServiceClient, total: int) -> str:
-    r = await client.create_campaign(
-        coupon_pb.CreateCampaignRequest(
-            name="faults", total_coupons=total, starts_at=in_seconds(-1)
-        )
-    )
-    assert r.campaign is not None
-    return r.campaign.id
+    return (await create_campaign(client, total=total, name="faults")).id
 
 
 async def issue(client: CouponServiceClient, campaign_id: str, user: str) -> str:

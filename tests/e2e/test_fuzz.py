@@ -41,12 +41,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from coupon.gen.coupon.v1 import coupon_pb
+from tests.support.client import admin
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "fuzz-admin-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
+AUTH = admin(TOKEN)
 RPC_PATH = "/coupon.v1.CouponService/"
 RPCS = ("CreateCampaign", "GetCampaign", "IssueCoupon")
 MAX_BODY = 64 * 1024
@@ -432,6 +433,17 @@ def proto_int_field(number: int, good: st.SearchStrategy[int]) -> tuple[Any, Any
     return proto_int(number, good), bad
 
 
+# campaign_id is field 1 of GetCampaignRequest and of IssueCouponRequest alike.
+CAMPAIGN_ID = Field(
+    "campaignId",
+    "campaign_id",
+    1,
+    True,
+    good_campaign_refs,
+    st.one_of(bad_campaign_refs, junk),
+    proto_string(1, good_campaign_refs),
+    bad_proto_string(1, bad_campaign_refs),
+)
 RPC_FIELDS: dict[str, list[Field]] = {
     "CreateCampaign": [
         Field(
@@ -475,16 +487,7 @@ RPC_FIELDS: dict[str, list[Field]] = {
         ),
     ],
     "GetCampaign": [
-        Field(
-            "campaignId",
-            "campaign_id",
-            1,
-            True,
-            good_campaign_refs,
-            st.one_of(bad_campaign_refs, junk),
-            proto_string(1, good_campaign_refs),
-            bad_proto_string(1, bad_campaign_refs),
-        ),
+        CAMPAIGN_ID,
         Field(
             "pageSize",
             "page_size",
@@ -506,16 +509,7 @@ RPC_FIELDS: dict[str, list[Field]] = {
         ),
     ],
     "IssueCoupon": [
-        Field(
-            "campaignId",
-            "campaign_id",
-            1,
-            True,
-            good_campaign_refs,
-            st.one_of(bad_campaign_refs, junk),
-            proto_string(1, good_campaign_refs),
-            bad_proto_string(1, bad_campaign_refs),
-        ),
+        CAMPAIGN_ID,
         Field(
             "userId",
             "user_id",

@@ -6,6 +6,7 @@ import pytest
 
 from coupon.loadtest.schedule import (
     NS_PER_S,
+    GeneratorVerdict,
     OpenLoopSchedule,
     UserPicker,
     judge_generator,
@@ -101,31 +102,30 @@ def test_processes_own_disjoint_users_that_together_are_all_users() -> None:
     assert set().union(*owned) == set(range(users))
 
 
-def test_generator_that_sent_every_request_on_time_kept_up() -> None:
-    verdict = judge_generator(
+def judge(
+    sent: int = 3000, lag_p99_ms: float = 1.2, inflight_cap_waits: int = 0
+) -> GeneratorVerdict:
+    """A 3 s run asked at 1,000/s (3,000 due), judged against a 50 ms p99 send-lag limit."""
+    return judge_generator(
         rate=1000.0,
         window_ns=3 * NS_PER_S,
         due=3000,
-        sent=3000,
-        lag_p99_ms=1.2,
+        sent=sent,
+        lag_p99_ms=lag_p99_ms,
         max_lag_ms=50.0,
-        inflight_cap_waits=0,
+        inflight_cap_waits=inflight_cap_waits,
     )
+
+
+def test_generator_that_sent_every_request_on_time_kept_up() -> None:
+    verdict = judge()
 
     assert verdict.kept_up
     assert verdict.offered_rps == pytest.approx(1000.0)
 
 
 def test_generator_that_left_due_requests_unsent_fell_behind() -> None:
-    verdict = judge_generator(
-        rate=1000.0,
-        window_ns=3 * NS_PER_S,
-        due=3000,
-        sent=2400,
-        lag_p99_ms=1.2,
-        max_lag_ms=50.0,
-        inflight_cap_waits=0,
-    )
+    verdict = judge(sent=2400)
 
     assert not verdict.kept_up
     assert verdict.unsent == 600
@@ -134,30 +134,14 @@ def test_generator_that_left_due_requests_unsent_fell_behind() -> None:
 
 
 def test_generator_that_sent_everything_but_late_fell_behind() -> None:
-    verdict = judge_generator(
-        rate=1000.0,
-        window_ns=3 * NS_PER_S,
-        due=3000,
-        sent=3000,
-        lag_p99_ms=120.0,
-        max_lag_ms=50.0,
-        inflight_cap_waits=0,
-    )
+    verdict = judge(lag_p99_ms=120.0)
 
     assert not verdict.kept_up
     assert "p99 send lag" in verdict.message
 
 
 def test_generator_held_back_by_the_inflight_cap_says_the_answers_were_too_slow() -> None:
-    verdict = judge_generator(
-        rate=1000.0,
-        window_ns=3 * NS_PER_S,
-        due=3000,
-        sent=1000,
-        lag_p99_ms=900.0,
-        max_lag_ms=50.0,
-        inflight_cap_waits=42,
-    )
+    verdict = judge(sent=1000, lag_p99_ms=900.0, inflight_cap_waits=42)
 
     assert not verdict.kept_up
     assert "--max-inflight" in verdict.message

@@ -30,6 +30,26 @@ def admin(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
+async def create_campaign(
+    client: CouponServiceClient,
+    *,
+    total: int,
+    starts_in: float = -1,
+    name: str = "test",
+    token: str | None = None,
+    **fields: object,
+) -> coupon_pb.Campaign:
+    """CreateCampaign starting `starts_in` seconds from now (already open by default)."""
+    response = await client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name=name, total_coupons=total, starts_at=in_seconds(starts_in), **fields
+        ),
+        headers=admin(token) if token else None,
+    )
+    assert response.campaign is not None
+    return response.campaign
+
+
 async def all_coupons(
     client: CouponServiceClient, campaign_id: str, token: str, page_size: int = 1000
 ) -> tuple[coupon_pb.Campaign, list[coupon_pb.Coupon]]:
