@@ -22,26 +22,29 @@ import secrets
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import admin, all_coupons, connect_client, ts
+from tests.support.burst import (
+    CampaignCheck,
+    Outcome,
+    check_campaign,
+    drive,
+    global_duplicate_codes,
+)
+from tests.support.client import admin, connect_client, ts
 from tests.support.server import ServerProcess
 from tools.redis_cluster import LocalRedisCluster, redis_server_path
 
 TOKEN = "cluster-demo-token"
-ISSUED = "issued"
-ALREADY = "already_issued"
 
 
 # -- campaigns across shards -----------------------------------------------------------
@@ -99,27 +102,6 @@ async def create_campaigns_on_every_shard(
 # -- load ------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    instance: int
-    campaign_id: str
-    user: str
-    sent_at: datetime
-    received_at: datetime
-    code: str = ""
-    issued_at: datetime | None = None
-    already: bool = False
-    error: str = ""
-    message: str = ""
-
-    @property
-    def kind(self) -> str:
-        """`issued`, `already_issued`, or the Connect code of the error."""
-        if self.code:
-            return ALREADY if self.already else ISSUED
-        return self.error
-
-
 def plan_requests(
     campaigns: Sequence[PlacedCampaign],
     *,
@@ -138,130 +120,13 @@ def plan_requests(
     return requests
 
 
-async def drive(
-    urls: Sequence[str],
-    requests: Sequence[tuple[str, str]],
-    outcomes: list[Outcome],
-    *,
-    concurrency: int,
-    pace: float = 0.0,
-    time_limit: float = 30.0,
-    timeout_ms: int = 10_000,
-) -> None:
-    """IssueCoupon for every request, `concurrency` at a time, spread over every URL at
-    once (worker i sends to urls[i % len(urls)]); stops early after `time_limit` seconds."""
-    queue = list(reversed(requests))
-    deadline = time.monotonic() + time_limit
-
-    async def worker(index: int, client: CouponServiceClient) -> None:
-        while queue and time.monotonic() < deadline:
-            campaign_id, user = queue.pop()
-            sent = datetime.now(UTC)
-            outcome = Outcome(index % len(urls), campaign_id, user, sent, sent)
-            try:
-                reply = await client.issue_coupon(
-                    coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user),
-                    timeout_ms=timeout_ms,
-                )
-                assert reply.coupon is not None and reply.coupon.issued_at is not None
-                outcome.code = reply.coupon.code
-                outcome.issued_at = reply.coupon.issued_at.to_datetime()
-                outcome.already = reply.already_issued
-            except ConnectError as exc:
-                outcome.error = exc.code.value
-                outcome.message = str(exc)
-            outcome.received_at = datetime.now(UTC)
-            outcomes.append(outcome)
-            if pace:
-                await asyncio.sleep(pace)
-
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(connect_client(url)) for url in urls]
-        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(concurrency)))
-
-
 # -- verification ----------------------------------------------------------------------
 
 
-@dataclass
-class CampaignCheck:
-    campaign: PlacedCampaign
-    issued: int = 0  # rows in PostgreSQL
-    listed: int = 0  # coupons GetCampaign lists
-    issued_count: int = 0  # the campaign's issued_count from GetCampaign
-    duplicate_codes: int = 0  # within the campaign (all campaigns: global_duplicate_codes)
-    per_user_max: int = 0
-    early: int = 0  # coupons issued before starts_at + successes received before it
-    slots_ok: bool = True
-    acked_missing: int = 0  # successes a client got that PostgreSQL does not have
-    codes_mismatch: int = 0  # successes whose code differs from the stored one
-    outcomes: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
-
-
-async def global_duplicate_codes(pool: asyncpg.Pool) -> int:
-    """I2 across every campaign: codes stored more than once in the whole table."""
-    found = await pool.fetchval(
-        "SELECT count(*) FROM (SELECT code FROM coupons GROUP BY code HAVING count(*) > 1) d"
-    )
-    return int(found)
-
-
-async def check_campaign(
-    client: CouponServiceClient,
-    pool: asyncpg.Pool,
-    campaign: PlacedCampaign,
-    outcomes: Sequence[Outcome],
-    *,
-    token: str = TOKEN,
-) -> CampaignCheck:
-    check = CampaignCheck(campaign)
-    mine = [o for o in outcomes if o.campaign_id == campaign.id]
-    check.outcomes = Counter(o.kind for o in mine)
-    api_campaign, listed = await all_coupons(client, campaign.id, token)
-    rows = await pool.fetch(
-        "SELECT user_id, code, issued_at, slot FROM coupons WHERE campaign_id = $1",
-        uuid.UUID(campaign.id),
-    )
-    stored = {r["user_id"]: r["code"] for r in rows}
-    check.issued = len(rows)
-    check.listed = len(listed)
-    check.issued_count = int(api_campaign.issued_count)
-    check.duplicate_codes = len(rows) - len({r["code"] for r in rows})
-    check.per_user_max = max(Counter(r["user_id"] for r in rows).values(), default=0)
-    check.early = sum(r["issued_at"] < campaign.starts_at for r in rows)
-    check.early += sum(
-        c.issued_at is not None and c.issued_at.to_datetime() < campaign.starts_at for c in listed
-    )
-    successes = [o for o in mine if o.code]
-    check.early += sum(o.received_at < campaign.starts_at for o in successes)
-    slots = [int(r["slot"]) for r in rows]
-    check.slots_ok = len(set(slots)) == len(slots) and all(1 <= s <= campaign.total for s in slots)
-    check.acked_missing = sum(o.user not in stored for o in successes)
-    check.codes_mismatch = sum(o.user in stored and stored[o.user] != o.code for o in successes)
-
-    v = check.violations
-    if check.issued > campaign.total or not check.slots_ok:
-        v.append(f"I1: {check.issued} coupons for a stock of {campaign.total}")
-    if check.duplicate_codes:
-        v.append(f"I2: {check.duplicate_codes} duplicate codes")
-    if check.early:
-        v.append(f"I3: {check.early} coupons or successes before the start")
-    if check.per_user_max > 1:
-        v.append(f"I4: a user holds {check.per_user_max} coupons")
-    if check.acked_missing or check.codes_mismatch:
-        v.append(
-            f"I5: {check.acked_missing} acknowledged coupons missing, "
-            f"{check.codes_mismatch} with another code"
-        )
-    api_pairs = {(c.user_id, c.code) for c in listed}
-    if api_pairs != set(stored.items()) or check.issued_count != len(rows):
-        v.append("GetCampaign disagrees with the database")
-    return check
-
-
 def format_table(
-    checks: Sequence[CampaignCheck], cluster: LocalRedisCluster, dead: Sequence[int] = ()
+    checks: Sequence[CampaignCheck[PlacedCampaign]],
+    cluster: LocalRedisCluster,
+    dead: Sequence[int] = (),
 ) -> str:
     codes = sorted({k for c in checks for k in c.outcomes})
     header = (
@@ -320,7 +185,7 @@ async def _drop_database(database_url: str) -> None:
 class RoundResult:
     campaigns: list[PlacedCampaign]
     outcomes: list[Outcome]
-    checks: list[CampaignCheck]
+    checks: list[CampaignCheck[PlacedCampaign]]
     elapsed: float
     killed: int | None = None
     killed_at: datetime | None = None  # when the master was SIGKILLed
@@ -393,7 +258,9 @@ async def run_round(
         )
         await asyncio.gather(load, kill_midway(load))
         result.elapsed = time.monotonic() - started
-        result.checks = [await check_campaign(api, pool, c, outcomes) for c in campaigns]
+        result.checks = [
+            await check_campaign(api, pool, c, outcomes, token=TOKEN) for c in campaigns
+        ]
     print(f"{len(outcomes)} responses in {result.elapsed:.1f}s; client saw: {_totals(outcomes)}")
     return result
 

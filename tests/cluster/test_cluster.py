@@ -14,14 +14,12 @@ import asyncpg
 import pytest
 
 from tests.cluster.conftest import needs_redis_server
+from tests.support.burst import ALREADY, ISSUED, global_duplicate_codes
 from tests.support.server import ServerProcess
 from tools.cluster_demo import (
-    ALREADY,
-    ISSUED,
     TOKEN,
     describe_failure,
     format_table,
-    global_duplicate_codes,
     run_round,
     split_by_kill,
 )
