@@ -313,7 +313,9 @@ async def demo(args: argparse.Namespace) -> int:
                 "REDIS_URL": cluster.url,
                 "COUPON_REDIS_PREFIX": "coupon-demo",
                 "COUPON_ADMIN_TOKEN": TOKEN,
-                "LOG_LEVEL": "WARNING",
+                # INFO, not quieter: readiness waits for each worker's "serving" line. The
+                # logs go to files under the log directory, not to this terminal.
+                "LOG_LEVEL": "INFO",
             }
             with servers(env, 2, Path(logs)) as instances:
                 urls = [s.url for s in instances]
