@@ -181,14 +181,52 @@ def run_generator(argv: list[str], timeout: float) -> tuple[dict[str, Any], floa
     except subprocess.TimeoutExpired as exc:
         raise BenchBroke(f"{argv[0]} did not finish in {timeout:g} s") from exc
     cpu = children_cpu_seconds() - before
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
-            return result, cpu
+    result = bench_result(done.stdout)
+    if result is not None:
+        return result, cpu
     raise BenchBroke(
         f"{shlex.join(argv)} gave no result (exit {done.returncode}):\n"
         f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     )
+
+
+def bench_result(stdout: str) -> dict[str, Any] | None:
+    """The BENCH_RESULT line a generator (wrk with bench/issue.lua, openloop) prints."""
+    for line in stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
+            return result
+    return None
+
+
+def wrk_argv(
+    url: str, campaign: str, users: str, *, threads: int, connections: int, seconds: int
+) -> list[str]:
+    """wrk sending binary IssueCoupon (bench/issue.lua) to `campaign`, a new user per
+    request, user ids prefixed with `users`."""
+    return [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+        "--",
+        campaign,
+        users,
+    ]
+
+
+def cpu_groups(server: Server) -> dict[str, list[int]]:
+    """The processes whose CPU a phase reports: the server's, PostgreSQL's and Redis's."""
+    return {
+        "server": server.pids(),
+        "postgres": named("postgres"),
+        "redis": named("redis-server"),
+    }
 
 
 def ensure_wrk() -> str:
@@ -263,17 +301,10 @@ class Bench:
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Run `drive` (a generator) and the CPU split while it ran, in cores."""
 
-        def groups() -> dict[str, list[int]]:
-            return {
-                "server": server.pids(),
-                "postgres": named("postgres"),
-                "redis": named("redis-server"),
-            }
-
-        start, started = CpuSnapshot.take(groups()), time.monotonic()
+        start, started = CpuSnapshot.take(cpu_groups(server)), time.monotonic()
         result, generator_cpu = drive()
         wall = time.monotonic() - started
-        end = CpuSnapshot.take(groups())
+        end = CpuSnapshot.take(cpu_groups(server))
         cores = end.cores_used_since(start, wall, extra={"generator": generator_cpu})
         result["other_cpu_users"] = end.top_others(start, wall)
         return result, cores
@@ -289,20 +320,14 @@ class Bench:
     ) -> tuple[dict[str, Any], float]:
         threads = threads or self.args.threads
         connections = connections or self.args.connections
-        argv = [
-            "wrk",
-            f"-t{threads}",
-            f"-c{connections}",
-            f"-d{max(1, math.ceil(seconds))}s",  # wrk takes whole seconds
-            "--timeout",
-            "10s",
-            "-s",
-            str(WRK_SCRIPT),
+        argv = wrk_argv(
             server.url,
-            "--",
             campaign,
             f"{users}-{self.run_id}",
-        ]
+            threads=threads,
+            connections=connections,
+            seconds=max(1, math.ceil(seconds)),  # wrk takes whole seconds
+        )
         result, cpu = run_generator(argv, timeout=seconds + 60)
         errors = result["errors"]
         result["ok"] = result["requests"] - errors["status"]

@@ -52,24 +52,26 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.procstat import CpuSnapshot, descendants, memory_mib, named
+from bench.procstat import CpuSnapshot, descendants, memory_mib
 from bench.run import (
     ADMIN_DATABASE_URL,
     REDIS_URL,
     REPO,
     RESULTS_DIR,
     RESULTS_MD,
-    WRK_SCRIPT,
     BenchBroke,
     Server,
     background_load,
+    bench_result,
     children_cpu_seconds,
     commit_label,
+    cpu_groups,
     delete_redis_keys,
     ensure_wrk,
     git_commit,
     post_campaign,
     verdict_word,
+    wrk_argv,
 )
 from bench.run import fmt_ms as ms
 from coupon.adapters.postgres.ledger import _PAGE as PAGE_QUERY
@@ -513,26 +515,16 @@ async def drive_to_sellout(
     """wrk until PostgreSQL holds the whole stock, then SIGINT (wrk reports and exits)."""
     args = run.args
     total = args.coupons
-    argv = [
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{args.max_sellout_seconds}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(WRK_SCRIPT),
+    argv = wrk_argv(
         server.url,
-        "--",
         campaign_id,
         f"sellout-{run.run_id}",
-    ]
+        threads=args.threads,
+        connections=args.connections,
+        seconds=args.max_sellout_seconds,
+    )
     cpu_before = children_cpu_seconds()
-    groups = {
-        "server": server.pids(),
-        "postgres": named("postgres"),
-        "redis": named("redis-server"),
-    }
+    groups = cpu_groups(server)
     start, started = CpuSnapshot.take(groups), time.monotonic()
     wrk = await asyncio.create_subprocess_exec(
         *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -556,10 +548,7 @@ async def drive_to_sellout(
     cores = end.cores_used_since(
         start, wall, extra={"generator": children_cpu_seconds() - cpu_before}
     )
-    result: dict[str, Any] | None = None
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith("BENCH_RESULT "):
-            result = json.loads(line.removeprefix("BENCH_RESULT "))
+    result = bench_result(out.decode(errors="replace"))
     if result is None:
         raise BenchBroke(
             f"wrk gave no result (exit {wrk.returncode}):\n{out.decode()[-2000:]}\n"
