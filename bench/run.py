@@ -958,6 +958,17 @@ def bench_state() -> Iterator[None]:
         print(f"deleted {deleted} Redis keys under '{REDIS_PREFIX}:'", flush=True)
 
 
+def base_meta(recipe: str, argv: list[str] | None, commit: str, dirty: bool) -> dict[str, Any]:
+    """What every recorded run says of itself: when, which commit, which command, cores."""
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "dirty": dirty,
+        "command": shlex.join(["just", recipe, *(sys.argv[1:] if argv is None else argv)]),
+        "cores": os.cpu_count(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="coupon-bench-"))
@@ -972,11 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         commit, dirty = git_commit()
     meta: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "dirty": dirty,
-        "command": shlex.join(["just", "bench", *(sys.argv[1:] if argv is None else argv)]),
-        "cores": os.cpu_count(),
+        **base_meta("bench", argv, commit, dirty),
         "workers": args.workers,
         "duration": args.duration,
         "warmup": args.warmup,

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from bench.run import (
     BenchBroke,
     Server,
     background_load,
+    base_meta,
     bench_result,
     children_cpu_seconds,
     commit_label,
@@ -1382,11 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     commit, dirty = git_commit()
     meta: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "dirty": dirty,
-        "command": shlex.join(["just", "bench-scale", *(sys.argv[1:] if argv is None else argv)]),
-        "cores": os.cpu_count(),
+        **base_meta("bench-scale", argv, commit, dirty),
         "workers": args.workers,
         "page_size": args.page_size,
         "repeats": args.repeats,

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -42,6 +42,7 @@ from tests.support.burst import (
 )
 from tests.support.client import admin, connect_client, ts
 from tests.support.server import ServerProcess
+from tests.support.services import drop_database, with_database
 from tools.redis_cluster import LocalRedisCluster, redis_server_path
 
 TOKEN = "cluster-demo-token"
@@ -166,21 +167,6 @@ def servers(env: dict[str, str], count: int, log_dir: Path) -> Iterator[list[Ser
             server.stop()
 
 
-def _database_url(server_url: str, name: str) -> str:
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-
-
-async def _drop_database(database_url: str) -> None:
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    assert name.startswith("coupon_cluster_demo_"), name
-    conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @dataclass
 class RoundResult:
     campaigns: list[PlacedCampaign]
@@ -295,7 +281,7 @@ def _totals(outcomes: Sequence[Outcome]) -> str:
 
 
 async def demo(args: argparse.Namespace) -> int:
-    database_url = _database_url(args.postgres, f"coupon_cluster_demo_{secrets.token_hex(4)}")
+    database_url = with_database(args.postgres, f"coupon_cluster_demo_{secrets.token_hex(4)}")
     from coupon.adapters.postgres.migrate import migrate
 
     failures = 0
@@ -359,7 +345,7 @@ async def demo(args: argparse.Namespace) -> int:
                 finally:
                     await pool.close()
         finally:
-            await _drop_database(database_url)
+            await drop_database(database_url, prefix="coupon_cluster_demo_")
     print("all invariants hold" if not failures else f"{failures} violation(s)")
     return 1 if failures else 0
 

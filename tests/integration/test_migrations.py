@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from coupon.adapters.postgres.migrate import latest_version, migrate
-from tests.support.services import TestServices, drop_database
+from tests.support.services import TestServices, drop_database, with_database
 
 STARTS = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -19,9 +19,8 @@ STARTS = datetime(2026, 1, 1, tzinfo=UTC)
 @pytest.fixture
 async def blank_database(services: TestServices) -> AsyncIterator[str]:
     """A database of its own for one test, created by the migration tool, dropped after."""
-    parts = urlsplit(services.database_url)
-    name = f"{parts.path.lstrip('/')}_m{uuid.uuid4().hex[:6]}"
-    url = urlunsplit(parts._replace(path=f"/{name}"))
+    name = urlsplit(services.database_url).path.lstrip("/")
+    url = with_database(services.database_url, f"{name}_m{uuid.uuid4().hex[:6]}")
     try:
         yield url
     finally:

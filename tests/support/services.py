@@ -24,7 +24,7 @@ class TestServices:
     redis_prefix: str
 
 
-def _with_database(url: str, name: str) -> str:
+def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
@@ -54,7 +54,7 @@ def test_services() -> Iterator[TestServices]:
             redis_url = redis_url or rd_url
         run = secrets.token_hex(4)
         yield TestServices(
-            database_url=_with_database(server_url, f"coupon_test_{run}"),
+            database_url=with_database(server_url, f"coupon_test_{run}"),
             redis_url=redis_url,
             redis_prefix=f"coupon-test-{run}",
         )
@@ -66,10 +66,11 @@ async def create_database(database_url: str) -> None:
     await migrate(database_url)
 
 
-async def drop_database(database_url: str) -> None:
+async def drop_database(database_url: str, prefix: str = "coupon_test_") -> None:
+    """Drop a database this run made (its name says so: it starts with `prefix`)."""
     parts = urlsplit(database_url)
     name = parts.path.lstrip("/")
-    assert name.startswith("coupon_test_"), name
+    assert name.startswith(prefix), name
     admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
