@@ -1,4 +1,4 @@
-# coupon: the Connect API served by granian, in a slim image that runs as a non-root user.
+# coupon: the Connect API served by uvicorn, in a slim image that runs as a non-root user.
 #
 #   docker build -t coupon .
 #   docker run --rm -e DATABASE_URL=... -e REDIS_ADDRESS=... coupon coupon migrate
@@ -59,6 +59,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % (os.environ.get('PORT') or 8000), timeout=4)"]
 
-# SIGTERM: granian stops accepting, in-flight issues commit, then it exits (up to 30 s).
+# SIGTERM: uvicorn stops accepting, in-flight issues commit, then it exits (up to 30 s).
 STOPSIGNAL SIGTERM
 CMD ["coupon", "serve"]

@@ -3,7 +3,7 @@
 `create_app` builds the service's own dispatcher (`CouponApp`: Connect paths straight to the
 generated `CouponServiceASGIApplication`, everything else to Litestar) but hands the Connect
 app a service whose `issue_coupon` returns one constant response. Running this module serves
-it with granian the way `coupon serve` does, so the only difference from the real server is
+it with uvicorn the way `coupon serve` does, so the only difference from the real server is
 the work behind the RPC:
 
     python -m bench.noop_app --port 8001 --workers 2
@@ -82,7 +82,7 @@ class NoopCouponApp(CouponApp):
 
 
 def create_app() -> NoopCouponApp:
-    """Factory for granian (`factory=True`), like `coupon.entrypoints.app:create_app`."""
+    """Factory for the ASGI server (`factory=True`), like `coupon.entrypoints.app:create_app`."""
     return NoopCouponApp(Settings(backend="memory"))
 
 

@@ -55,6 +55,20 @@ def descendants(root: int) -> list[int]:
     return sorted(found)
 
 
+def is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's helper process, which the server's worker start-up leaves beside
+    the workers."""
+    try:
+        return b"resource_tracker" in (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def workers(root: int) -> list[int]:
+    """The server's worker processes below its main process `root`."""
+    return [pid for pid in descendants(root) if not is_resource_tracker(pid)]
+
+
 def named(prefix: str) -> list[int]:
     """Processes whose command name starts with `prefix` (e.g. every PostgreSQL backend)."""
     return [pid for pid in all_pids() if command_name(pid).startswith(prefix)]

@@ -2,7 +2,7 @@
 
 One run measures, each on servers started here on free loopback ports:
 
-  (a) the ceiling: the same granian + Connect stack answering IssueCoupon with a constant
+  (a) the ceiling: the same uvicorn + Connect stack answering IssueCoupon with a constant
       (bench/noop_app.py), at saturation, with wrk;
   (b) IssueCoupon on a fresh 10,000,000-coupon campaign, a new user per request, at
       saturation, with wrk (bench/issue.lua);
@@ -51,7 +51,7 @@ import asyncpg
 import httpx
 import redis
 
-from bench.procstat import CpuSnapshot, descendants, machine_seconds, memory_mib, named
+from bench.procstat import CpuSnapshot, descendants, machine_seconds, memory_mib, named, workers
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -130,16 +130,16 @@ class Server:
         raise BenchBroke(f"{self.name} server not ready after {timeout:g} s:\n{self.log_tail()}")
 
     def pids(self) -> list[int]:
-        """The granian main process and its workers."""
+        """The server's main process and its workers (and multiprocessing's helper)."""
         return [] if self.proc is None else [self.proc.pid, *descendants(self.proc.pid)]
 
     def worker_memory(self) -> list[dict[str, float]]:
         if self.proc is None:
             return []
-        return [{"pid": pid, **memory_mib(pid)} for pid in descendants(self.proc.pid)]
+        return [{"pid": pid, **memory_mib(pid)} for pid in workers(self.proc.pid)]
 
     def stop(self, timeout: float = 45.0) -> None:
-        """Graceful (SIGINT: granian drains, in-flight issues commit), then forceful."""
+        """Graceful (SIGINT: the server drains, in-flight issues commit), then forceful."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGINT)
@@ -809,9 +809,10 @@ def markdown_section(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]
 
 RESULTS_MD_HEAD = """# Bench results
 
-Appended by `just bench` (bench/run.py), newest last. (a) is the ceiling: the same granian +
-Connect stack answering IssueCoupon with a constant; (b) IssueCoupon at saturation on a fresh
-10,000,000-coupon campaign, a new user per request; (c) IssueCoupon at a fixed offered rate,
+Appended by `just bench` (bench/run.py), newest last. (a) is the ceiling: the same server
+(granian up to the switch to uvicorn noted below, uvicorn since) and Connect stack answering
+IssueCoupon with a constant; (b) IssueCoupon at saturation on a fresh 10,000,000-coupon
+campaign, a new user per request; (c) IssueCoupon at a fixed offered rate,
 open loop, latency from the intended send time. Errors are non-2xx answers plus transport
 failures. The CPU column is what each party used while the phase was measured, in cores;
 "other" is everything else on the machine (other people's processes, and interrupt time that

@@ -51,7 +51,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.procstat import CpuSnapshot, descendants, memory_mib
+from bench.procstat import CpuSnapshot, descendants, memory_mib, workers
 from bench.run import (
     ADMIN_DATABASE_URL,
     REDIS_URL,
@@ -470,20 +470,14 @@ class Sampler:
 
 
 def server_processes(server: Server) -> dict[int, str]:
-    """The granian main process and its workers (and any helper process), by role."""
+    """The server's main process and its workers (and any helper process), by role."""
     assert server.proc is not None
     found = {server.proc.pid: "main"}
-    workers = 0
+    worker_pids = workers(server.proc.pid)
     for pid in descendants(server.proc.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "resource_tracker" in cmdline:
-            found[pid] = "resource tracker"
-        else:
-            workers += 1
-            found[pid] = f"worker {workers}"
+        found[pid] = "resource tracker" if pid not in worker_pids else "worker"
+    for number, pid in enumerate(worker_pids, 1):
+        found[pid] = f"worker {number}"
     return found
 
 

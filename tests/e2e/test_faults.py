@@ -279,9 +279,11 @@ async def test_sigterm_during_a_burst_finishes_in_flight_issues(
                 client,
                 campaign_id,
                 "t",
+                # About two seconds of requests, most of them after the signal: the server's
+                # supervisor passes a signal on to the workers within half a second.
                 requests=400,
-                clients=50,
-                pace=0.005,
+                clients=20,
+                pace=0.1,
                 act_after=50,
                 action=lambda: server.signal(signal.SIGTERM),
             )

@@ -70,3 +70,16 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
         e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created
     )
     assert all({"time", "level", "message"} <= set(e) for e in entries)
+
+
+def test_the_server_itself_logs_json_lines(server: ServerProcess) -> None:
+    """Start-up lines of the HTTP server (supervisor and workers) are JSON like the service's
+    own, so one log pipeline reads them all; only the command's banner line is plain."""
+    lines = [
+        line for line in server.log().splitlines() if not line.startswith("coupon: serving on")
+    ]
+    entries = [json.loads(line) for line in lines]
+    server_lines = [e for e in entries if e["logger"].startswith("uvicorn")]
+    assert any("parent process" in e["message"] for e in server_lines)
+    assert sum("startup complete" in e["message"] for e in server_lines) == 2
+    assert all("color_message" not in e for e in entries)

@@ -1,7 +1,7 @@
 """A Connect server that breaks the promises on purpose: over-issues, repeats codes, opens
 early. The load tool must exit non-zero against it.
 
-    python -m granian --interface asgi tests.loadtest.broken_server:app
+    python -m uvicorn tests.loadtest.broken_server:app
 """
 
 from __future__ import annotations

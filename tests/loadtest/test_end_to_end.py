@@ -109,9 +109,8 @@ def broken_server(tmp_path: Path) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "granian",
-            "--interface",
-            "asgi",
+            "uvicorn",
+            "--no-access-log",
             "--host",
             "127.0.0.1",
             "--port",
@@ -119,7 +118,7 @@ def broken_server(tmp_path: Path) -> Iterator[str]:
             "tests.loadtest.broken_server:app",
         ],
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GRANIAN_")},
+        env={k: v for k, v in os.environ.items() if not k.startswith("UVICORN_")},
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -67,7 +67,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             # Every worker logs "serving" when its start-up is done; a signal that reaches
-            # a worker still starting makes granian wait its kill timeout.
+            # a worker still starting would miss it.
             started = self.log().count('"message": "serving"')
             try:
                 ready = httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
