@@ -37,6 +37,16 @@ def from_db_end(ends_at: datetime) -> datetime | None:
     return None if ends_at.year == 9999 else ends_at
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (`SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`): that is one more round trip, parsed afresh, on every
+    release, and the group commit answers its requests only after it. Pooled connections
+    never take advisory locks, open cursors, LISTEN or SET anything (migrations use a
+    connection of their own), so there is nothing to reset; asyncpg still rolls back a
+    transaction left open before it calls this. IssueCoupon at saturation: +6-19 %
+    (bench/RESULTS.md)."""
+
+
 async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
@@ -47,6 +57,7 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             # A stuck statement must not hold a request (and its Redis slot) for long.
             server_settings={"statement_timeout": "10s", "application_name": "coupon"},
             timeout=5,
+            reset=_keep_session,
         )
     except TRANSIENT as exc:
         raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
