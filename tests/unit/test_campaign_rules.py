@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from coupon.domain import coupon as coupon_module
 from coupon.domain.campaign import Campaign, CampaignStatus, new_campaign
 from coupon.domain.coupon import validate_campaign_id, validate_user_id
 from coupon.domain.errors import InvalidArgument
@@ -83,3 +85,17 @@ def test_bad_campaign_ids_are_refused(campaign_id: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         validate_campaign_id(campaign_id)
     assert caught.value.field == "campaign_id"
+
+
+def test_campaign_ids_come_back_canonical_also_when_seen_before() -> None:
+    upper = "0192F5E0-7C1A-7B3E-9D2A-5B1C2D3E4F50"
+    for _ in range(2):  # the second time from the cache of seen ids
+        assert validate_campaign_id(upper) == upper.lower()
+    with pytest.raises(InvalidArgument):
+        validate_campaign_id(upper[:-1])
+
+
+def test_the_cache_of_seen_campaign_ids_stays_bounded() -> None:
+    for n in range(10_000):
+        assert validate_campaign_id(str(uuid.UUID(int=n))) == str(uuid.UUID(int=n))
+    assert len(coupon_module._SEEN_CAMPAIGN_IDS) <= coupon_module._SEEN_CAMPAIGN_IDS_MAX

@@ -34,8 +34,17 @@ def validate_user_id(user_id: str) -> str:
     return user_id
 
 
+# Ids already seen, canonical: a burst names one campaign in every request, and parsing a
+# UUID costs more than the dictionary lookup. Bounded: emptied when full.
+_SEEN_CAMPAIGN_IDS: dict[str, str] = {}
+_SEEN_CAMPAIGN_IDS_MAX = 4096
+
+
 def validate_campaign_id(campaign_id: str) -> str:
     """Campaign ids are canonical UUID strings; anything else cannot name a campaign."""
+    seen = _SEEN_CAMPAIGN_IDS.get(campaign_id)
+    if seen is not None:
+        return seen
     if not campaign_id:
         raise InvalidArgument("campaign_id", "must not be empty")
     try:
@@ -46,4 +55,8 @@ def validate_campaign_id(campaign_id: str) -> str:
             f"must be a campaign id such as 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 "
             f"(got {campaign_id[:64]!r})",
         ) from None
-    return str(parsed)
+    canonical = str(parsed)
+    if len(_SEEN_CAMPAIGN_IDS) >= _SEEN_CAMPAIGN_IDS_MAX:
+        _SEEN_CAMPAIGN_IDS.clear()
+    _SEEN_CAMPAIGN_IDS[campaign_id] = canonical
+    return canonical

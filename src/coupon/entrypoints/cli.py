@@ -48,6 +48,8 @@ def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
         # The service's own JSON logging (configured by the factory) applies, not uvicorn's.
         log_config=None,
         server_header=False,
+        # Nothing reads the client's address or scheme: skip X-Forwarded-* handling.
+        proxy_headers=False,
         # Bound the graceful shutdown: in-flight issues get this long to commit.
         timeout_graceful_shutdown=30,
     )
