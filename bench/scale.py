@@ -473,10 +473,8 @@ def server_processes(server: Server) -> dict[int, str]:
     """The server's main process and its workers (and any helper process), by role."""
     assert server.proc is not None
     found = {server.proc.pid: "main"}
-    worker_pids = workers(server.proc.pid)
-    for pid in descendants(server.proc.pid):
-        found[pid] = "resource tracker" if pid not in worker_pids else "worker"
-    for number, pid in enumerate(worker_pids, 1):
+    found.update({pid: "resource tracker" for pid in descendants(server.proc.pid)})
+    for number, pid in enumerate(workers(server.proc.pid), 1):
         found[pid] = f"worker {number}"
     return found
 
