@@ -17,7 +17,7 @@ from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
-from coupon.entrypoints.metrics import render
+from coupon.entrypoints.metrics import get_metrics, render
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
 
@@ -133,6 +133,7 @@ async def readyz(state: State) -> Response[dict[str, object]]:
 def metrics(state: State) -> Response[bytes]:
     app = state.coupon
     assert isinstance(app, CouponApp)
+    get_metrics().flush()  # this worker's latest; the others' are at most a second old
     body, content_type = render(app.settings.metrics_dir)
     return Response(body, media_type=content_type)
 

@@ -71,9 +71,9 @@ class Observed:
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._rpc = rpc
-        self._requests = Children(metrics.requests)
-        self.ok = metrics.requests.labels(rpc, "ok")
-        self.latency = metrics.latency.labels(rpc)
+        self._requests = Children(lambda *values: metrics.counter(metrics.requests.labels(*values)))
+        self.ok = self._requests(rpc, "ok")
+        self.latency = metrics.histogram(metrics.latency.labels(rpc))
 
     def failed(self, started: float, code: Code, message: str = "") -> None:
         self._requests(self._rpc, code.value).inc()
@@ -142,8 +142,10 @@ class CouponService:
         self._get = get
         self._issue = issue
         self._admin = admin
-        self._rejections = Children(metrics.rejections)
-        self._issued = Children(metrics.issued)
+        self._rejections = Children(
+            lambda *values: metrics.counter(metrics.rejections.labels(*values))
+        )
+        self._issued = Children(lambda *values: metrics.counter(metrics.issued.labels(*values)))
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
         self._observe_issue = Observed(metrics, "IssueCoupon")

@@ -165,8 +165,10 @@ class ApplicationProvider(Provider):
         return AdminGuard(settings.admin_token)
 
     @provide
-    def metrics(self) -> Metrics:
-        return get_metrics()
+    async def metrics(self) -> AsyncIterator[Metrics]:
+        metrics = get_metrics()
+        async with metrics.flushing():
+            yield metrics
 
     service = provide(CouponService)
 

@@ -1,8 +1,19 @@
 """Prometheus metrics. With several worker processes, every worker writes to the directory
-named by PROMETHEUS_MULTIPROC_DIR (set by `coupon serve`) and /metrics adds them up."""
+named by PROMETHEUS_MULTIPROC_DIR (set by `coupon serve`) and /metrics adds them up.
+
+The per-request metrics are tallied in plain Python numbers and written out in bulk (every
+`FLUSH_SECONDS`, before this worker renders /metrics, and at shutdown): a write to the
+shared files takes a lock, a getpid() and an mmap write, four of them per IssueCoupon
+(4.7 us of the worker's CPU; the tallies take 0.2 us). Other workers' figures reach /metrics
+within `FLUSH_SECONDS`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -12,8 +23,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.values import ValueClass
+
+FLUSH_SECONDS = 1.0
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -62,26 +75,113 @@ class Metrics:
             **kw,  # type: ignore[arg-type]
         )
 
+        self._tallies: list[CounterTally | HistogramTally] = []
+
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.commit_latency.observe(seconds)
 
+    def counter(self, child: Counter) -> CounterTally:
+        """A tally in front of `child` (one labelled counter), written out by `flush`."""
+        tally = CounterTally(child)
+        self._tallies.append(tally)
+        return tally
 
-M = TypeVar("M", bound=MetricWrapperBase)
+    def histogram(self, child: Histogram) -> HistogramTally:
+        """A tally in front of `child` (one labelled histogram), written out by `flush`."""
+        tally = HistogramTally(child)
+        self._tallies.append(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Write every tally out to its metric."""
+        for tally in self._tallies:
+            tally.flush()
+
+    @contextlib.asynccontextmanager
+    async def flushing(self, seconds: float = FLUSH_SECONDS) -> AsyncIterator[None]:
+        """Flush every `seconds` while open, and once more when closed."""
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                self.flush()
+
+        task = asyncio.get_running_loop().create_task(flush_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.flush()
 
 
-class Children(Generic[M]):
-    """A labelled metric's children, looked up once per label values: `labels()` builds a
-    key and takes a lock on every call, which the IssueCoupon path would pay per request."""
+class CounterTally:
+    __slots__ = ("_child", "_pending")
 
-    def __init__(self, metric: M) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], M] = {}
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self._pending = 0.0
 
-    def __call__(self, *values: str) -> M:
+    def inc(self, amount: float = 1.0) -> None:
+        self._pending += amount
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = 0.0
+            self._child.inc(pending)
+
+
+class HistogramTally:
+    """Counts per bucket and a sum, written to the histogram's own values: what `observe`
+    writes there, once per bucket instead of once per observation."""
+
+    __slots__ = ("_bounds", "_buckets", "_counts", "_sum", "_total")
+
+    def __init__(self, child: Histogram) -> None:
+        # prometheus_client's own fields of a labelled histogram (tests/unit/test_metrics.py
+        # checks that a flushed tally reads exactly as the same observations would).
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._buckets: list[ValueClass] = child._buckets
+        self._sum: ValueClass = child._sum
+        self._counts = [0] * len(self._bounds)
+        self._total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._total += amount
+        # The first bucket whose upper bound is >= amount, as `Histogram.observe` picks.
+        self._counts[bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        self._counts = [0] * len(counts)
+        total, self._total = self._total, 0.0
+        self._sum.inc(total)
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+T = TypeVar("T")
+
+
+class Children(Generic[T]):
+    """A labelled metric's children (or their tallies), made once per label values:
+    `labels()` builds a key and takes a lock on every call, which the IssueCoupon path
+    would pay per request."""
+
+    def __init__(self, make: Callable[..., T]) -> None:
+        self._make = make
+        self._children: dict[tuple[str, ...], T] = {}
+
+    def __call__(self, *values: str) -> T:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self._metric.labels(*values)
+            child = self._children[values] = self._make(*values)
         return child
 
 
