@@ -246,6 +246,22 @@ async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> 
     assert confirmed.held == coupon  # a repeat is answered by the gate alone
 
 
+# Any user id but the empty one and NUL: spaces, separators, Hangul, emoji, 128 characters.
+ODD_USERS = ["a b", "a|b|c", "|", "1|x|2", "쿠폰사용자", "🎟️", "\t\n", "%z", "x" * 128, "0"]
+
+
+async def test_gate_keeps_odd_user_ids_apart_in_one_batch(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=len(ODD_USERS))
+    first = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in ODD_USERS))
+    assert [a.kind for a in first] == [AdmissionKind.ADMITTED] * len(ODD_USERS)
+    assert sorted(a.slot for a in first) == list(range(1, len(ODD_USERS) + 1))
+    coupons = [await adapters.coupon(c, u, a.slot) for u, a in zip(ODD_USERS, first, strict=True)]
+    for coupon in coupons:  # queued together: sent in one batch
+        await adapters.gate.confirm(coupon)
+    again = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in ODD_USERS))
+    assert [a.held for a in again] == coupons
+
+
 async def test_gate_ignores_a_confirm_for_a_released_admission(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=1)
     a = await adapters.gate.admit(c.id, "alice")

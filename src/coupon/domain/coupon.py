@@ -30,6 +30,7 @@ def validate_user_id(user_id: str) -> str:
             "user_id", f"must be at most {USER_ID_MAX_CHARS} characters (got {len(user_id)})"
         )
     if "\x00" in user_id:
+        # Also what lets the Redis gate send a batch's user ids as one NUL-joined string.
         raise InvalidArgument("user_id", "must not contain NUL characters")
     return user_id
 

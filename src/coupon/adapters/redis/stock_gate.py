@@ -165,9 +165,8 @@ class RedisStockGate:
                 args=[
                     self._lease_us,
                     self.STALE_BATCH,
-                    len(confirms) // 2,
-                    *confirms,
-                    *(user for user, _ in batch),
+                    "\0".join(confirms),
+                    "\0".join([user for user, _ in batch]),
                 ],
             )
         except BaseException as exc:

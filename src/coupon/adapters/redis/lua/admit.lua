@@ -2,12 +2,15 @@
 -- and against Redis's clock (the one clock every server process shares), the window (I3),
 -- one coupon per user (I4) and a stock slot for each newcomer (I1).
 -- KEYS: meta, users, free, pending.
--- ARGV: lease (microseconds), stale batch size, n, n pairs (user, 'slot|code|issued_us') of
--- confirmed coupons, then the users to admit. Confirms (the coupon is committed) ride along
--- so that confirming costs no round trip of its own and is ordered before what follows.
+-- ARGV: lease (microseconds), stale batch size, confirmed coupons, users to admit. The last
+-- two are lists joined by NUL (user ids never contain one): confirms as
+-- 'user NUL slot|code|issued_us NUL user NUL ...', users as 'user NUL user ...'; one string
+-- each is cheaper to send and to read than one argument per item. Confirms (the coupon is
+-- committed) ride along so that confirming costs no round trip of its own and is ordered
+-- before what follows.
 -- users maps user -> 'slot' while the admission is pending, 'slot|code|issued_us' after.
 -- Reply: {now, 'L'} not loaded | {now, 'B'} before the start | {now, 'E'} ended |
---        {now, 'M', results, stale} where results[i] is, for ARGV user i,
+--        {now, 'M', results, stale} where results[i] is, for the i-th user,
 --          {'A', slot}              admitted
 --          {'H', slot, pending, s, value}  already held; s = 1 when its admission is older
 --                                   than the lease and still unconfirmed; value as in users
@@ -15,12 +18,12 @@
 --        and stale is a flat list user, slot, ... of unconfirmed admissions older than the
 --        lease (only when something sold out): the caller settles them against the ledger.
 local meta, users, free, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local lease, batch, confirmed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, batch = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local function slot_of(value) return string.match(value, '^(%d+)') end
 
-for j = 0, confirmed - 1 do
-  local user, value = ARGV[4 + 2 * j], ARGV[5 + 2 * j]
+-- %z is NUL in the patterns of Redis's Lua (5.1).
+for user, value in string.gmatch(ARGV[3], '([^%z]+)%z([^%z]+)') do
   local current = redis.call('HGET', users, user)
   -- Only the admission this coupon was recorded for: never revive a released one.
   if current and slot_of(current) == slot_of(value) then
@@ -43,8 +46,7 @@ local taken_next = false
 local results = {}
 local stale = nil
 
-for i = 4 + 2 * confirmed, #ARGV do
-  local user = ARGV[i]
+for user in string.gmatch(ARGV[4], '[^%z]+') do
   local held = redis.call('HGET', users, user)
   if held then
     local slot = tonumber(slot_of(held))
