@@ -78,18 +78,84 @@ async def test_concurrent_inserts_never_exceed_the_stock(pg_pool: asyncpg.Pool) 
     assert issued == 20
 
 
+FORGED = (
+    "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code, user_id,"
+    " issued_at) SELECT $1, t, $2, 'infinity', s, $3 || s, 'u' || s, $2"
+    " FROM unnest($4::bigint[], $5::bigint[]) AS r(t, s)"
+)
+
+
+@pytest.mark.parametrize(
+    ("totals", "slots"),
+    [
+        ([1000], [500]),  # alone
+        ([2, 1000, 2], [1, 500, 2]),  # one forged row among honest ones in one statement
+    ],
+)
 async def test_a_slot_beyond_the_stock_is_refused_even_with_a_forged_total(
-    pg_pool: asyncpg.Pool,
+    pg_pool: asyncpg.Pool, totals: list[int], slots: list[int]
 ) -> None:
     campaign_id = await make_campaign(pg_pool, total=2)
     with pytest.raises(asyncpg.ForeignKeyViolationError):
-        await pg_pool.execute(
-            "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,"
-            " user_id, issued_at) VALUES ($1, 1000, $2, 'infinity', 500, 'forged', 'u', $2)",
-            campaign_id,
-            STARTS,
-        )
+        await pg_pool.execute(FORGED, campaign_id, STARTS, uuid.uuid4().hex[:6], totals, slots)
     assert await count(pg_pool, campaign_id) == 0
+
+
+async def test_coupons_of_an_unknown_campaign_are_refused(pg_pool: asyncpg.Pool) -> None:
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await pg_pool.execute(FORGED, uuid.uuid4(), STARTS, uuid.uuid4().hex[:6], [2], [1])
+
+
+async def test_a_campaign_with_coupons_keeps_its_stock_window_and_row(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    campaign_id = await make_campaign(pg_pool, total=2)
+    assert await insert(pg_pool, campaign_id, 1, uuid.uuid4().hex[:8], "u1") is None
+    changes = [
+        "UPDATE campaigns SET total_coupons = 1000 WHERE id = $1",
+        "UPDATE campaigns SET starts_at = starts_at - interval '1 day' WHERE id = $1",
+        "UPDATE campaigns SET ends_at = starts_at + interval '1 day' WHERE id = $1",
+        "UPDATE campaigns SET id = gen_random_uuid() WHERE id = $1",
+        "DELETE FROM campaigns WHERE id = $1",
+        "UPDATE coupons SET total_coupons = 1000 WHERE campaign_id = $1",
+        "UPDATE coupons SET starts_at = starts_at - interval '1 day' WHERE campaign_id = $1",
+    ]
+    for change in changes:
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await pg_pool.execute(change, campaign_id)
+    # What does not touch the copies still works: the name, and a campaign without coupons.
+    await pg_pool.execute("UPDATE campaigns SET name = 'renamed' WHERE id = $1", campaign_id)
+    empty = await make_campaign(pg_pool, total=2)
+    await pg_pool.execute("UPDATE campaigns SET total_coupons = 3 WHERE id = $1", empty)
+    await pg_pool.execute("DELETE FROM campaigns WHERE id = $1", empty)
+    row = await pg_pool.fetchrow(
+        "SELECT total_coupons, issued_count FROM campaigns WHERE id = $1", campaign_id
+    )
+    assert tuple(row) == (2, 1)
+
+
+async def test_a_campaign_deleted_while_coupons_are_inserted_leaves_no_orphans(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """Either the delete wins and no coupon of the campaign exists, or the coupons win and
+    the campaign is still there: never coupons without their campaign. The inserts name
+    the campaign's copies themselves, so they do not depend on reading its row."""
+    for _ in range(20):
+        campaign_id = await make_campaign(pg_pool, total=10)
+        tag = uuid.uuid4().hex[:6]
+        results = await asyncio.gather(
+            *(pg_pool.execute(FORGED, campaign_id, STARTS, tag, [10], [s]) for s in range(1, 4)),
+            pg_pool.execute("DELETE FROM campaigns WHERE id = $1", campaign_id),
+            return_exceptions=True,
+        )
+        unexpected = [
+            r
+            for r in results
+            if isinstance(r, BaseException) and not isinstance(r, asyncpg.ForeignKeyViolationError)
+        ]
+        assert not unexpected, unexpected
+        exists = await pg_pool.fetchval("SELECT count(*) FROM campaigns WHERE id = $1", campaign_id)
+        assert exists == 1 or await count(pg_pool, campaign_id) == 0, results
 
 
 async def test_concurrent_inserts_of_one_code_keep_one(pg_pool: asyncpg.Pool) -> None:

@@ -166,7 +166,7 @@ class PostgresCouponLedger:
             except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
                     return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
-                # A CHECK or foreign key failed for some row: find which, one by one, so
+                # A CHECK or the campaign check failed for some row: find which, one by one, so
                 # that the others still commit.
                 return [await self._insert_one(conn, c) for c in coupons]
             return await self._classify(conn, coupons, inserted)
