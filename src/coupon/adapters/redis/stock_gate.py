@@ -15,7 +15,12 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import RedisError
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.typing import EncodableT
 
 from coupon.adapters.redis.client import RedisClient
 from coupon.application.ports import Admission, AdmissionKind
@@ -85,6 +90,78 @@ class RedisClock:
         return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int(micros))
 
 
+class ScriptLane:
+    """Runs scripts on connections set aside from a one-server client's pool.
+
+    The client's own path (`execute_command`) takes a connection from the pool under a lock
+    and a timeout, checks it for unread data, and goes through retry and observability
+    hooks on every call: 125 us of CPU per admission batch, against 60 us here. The gate
+    has at most one batch in flight per campaign, so a few connections serve them all.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+        self._idle: list[AbstractConnection] = []
+
+    async def run(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        conn: AbstractConnection | None = None
+        try:
+            if self._idle:
+                conn = self._idle.pop()
+                try:
+                    reply = await self._evalsha(conn, script, keys, args)
+                except (RedisConnectionError, OSError):
+                    # An idle connection the server has since closed (a restart, a
+                    # timeout): once more on a new one, as the client's own retry would.
+                    await self._drop(conn)
+                    conn = None
+            if conn is None:
+                conn = await self._connection()
+                reply = await self._evalsha(conn, script, keys, args)
+        except BaseException:
+            # A reply may still be on its way: the connection cannot be used again.
+            if conn is not None:
+                await self._drop(conn)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    async def _evalsha(
+        self,
+        conn: AbstractConnection,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+    ) -> Any:
+        for attempt in (1, 2):
+            packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            await conn.send_packed_command(packed, check_health=False)
+            try:
+                return await conn.read_response()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                # The server lost its scripts (restarted, flushed): load it again.
+                script.sha = await self._client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    async def _connection(self) -> AbstractConnection:
+        conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        return conn
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        await conn.disconnect()
+        await self._pool.release(conn)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._pool.release(conn)
+
+
 class RedisStockGate:
     """Admissions of concurrent requests for one campaign share one script call (one round
     trip, one Redis command): with a call in flight, newcomers queue for the next one, so
@@ -101,6 +178,8 @@ class RedisStockGate:
         self._prefix = prefix
         self._lease_us = int(lease_seconds * 1_000_000)
         self._admit = client.register_script(_script("admit.lua"))
+        # A cluster routes each call by its keys; its client is used as it is.
+        self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else None
         self._settle = client.register_script(_script("settle.lua"))
         self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
         self._busy: set[str] = set()
@@ -160,15 +239,17 @@ class RedisStockGate:
     ) -> None:
         confirms = self._confirms.pop(campaign_id, [])
         try:
-            reply = await self._admit(
-                keys=self.keys(campaign_id),
-                args=[
-                    self._lease_us,
-                    self.STALE_BATCH,
-                    "\0".join(confirms),
-                    "\0".join([user for user, _ in batch]),
-                ],
-            )
+            keys = self.keys(campaign_id)
+            args: list[EncodableT] = [
+                self._lease_us,
+                self.STALE_BATCH,
+                "\0".join(confirms),
+                "\0".join([user for user, _ in batch]),
+            ]
+            if self._lane is not None:
+                reply = await self._lane.run(self._admit, keys, args)
+            else:
+                reply = await self._admit(keys=keys, args=args)
         except BaseException as exc:
             error = _unavailable(exc) if isinstance(exc, (RedisError, OSError)) else exc
             for _, future in batch:
@@ -278,6 +359,8 @@ class RedisStockGate:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             else:  # a drain is scheduled (see _wake) but has not started yet
                 await asyncio.sleep(0)
+        if self._lane is not None:
+            await self._lane.close()
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
         await self._settle_call(campaign_id, user_id, slot, "release")
