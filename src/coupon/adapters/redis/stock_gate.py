@@ -273,22 +273,23 @@ class RedisStockGate:
             return
         stale = _pairs(reply[3])
         for (user, future), result in zip(batch, reply[2], strict=True):
-            kind = result[0]
+            # A slot number: admitted; 0: sold out; a list: already held (see admit.lua).
             if future.done():
-                if kind == b"A":  # its caller left: nobody will record this admission
-                    self._spawn(self._release_quietly(campaign_id, user, int(result[1])))
+                if type(result) is int and result > 0:  # its caller left: nobody records it
+                    self._spawn(self._release_quietly(campaign_id, user, result))
                 continue
-            if kind == b"A":
-                future.set_result(Admission(AdmissionKind.ADMITTED, now, int(result[1])))
-            elif kind == b"H":
-                slot = int(result[1])
-                own = ((user, slot),) if result[3] else ()
-                held = _held(campaign_id, user, result[4])
-                future.set_result(
-                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[2]), own, held)
-                )
+            if type(result) is int:
+                if result > 0:
+                    future.set_result(Admission(AdmissionKind.ADMITTED, now, result))
+                else:
+                    future.set_result(Admission(AdmissionKind.SOLD_OUT, now, stale=stale))
             else:
-                future.set_result(Admission(AdmissionKind.SOLD_OUT, now, stale=stale))
+                slot = int(result[0])
+                own = ((user, slot),) if result[2] else ()
+                held = _held(campaign_id, user, result[3])
+                future.set_result(
+                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[1]), own, held)
+                )
 
     async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
         """Rebuild from the ledger. One process loads (a short Redis lock); the others wait

@@ -11,10 +11,11 @@
 -- users maps user -> 'slot' while the admission is pending, 'slot|code|issued_us' after.
 -- Reply: {now, 'L'} not loaded | {now, 'B'} before the start | {now, 'E'} ended |
 --        {now, 'M', results, stale} where results[i] is, for the i-th user,
---          {'A', slot}              admitted
---          {'H', slot, pending, s, value}  already held; s = 1 when its admission is older
+--          slot                     admitted (a number, 1 or more)
+--          0                        sold out
+--          {slot, pending, s, value}  already held; s = 1 when its admission is older
 --                                   than the lease and still unconfirmed; value as in users
---          {'S'}                    sold out
+--        (plain numbers for the common answers: no table to build and send per user)
 --        and stale is a flat list user, slot, ... of unconfirmed admissions older than the
 --        lease (only when something sold out): the caller settles them against the ledger.
 local meta, users, free, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -24,9 +25,9 @@ local function slot_of(value) return string.match(value, '^(%d+)') end
 
 -- %z is NUL in the patterns of Redis's Lua (5.1).
 for user, value in string.gmatch(ARGV[3], '([^%z]+)%z([^%z]+)') do
-  local current = redis.call('HGET', users, user)
-  -- Only the admission this coupon was recorded for: never revive a released one.
-  if current and slot_of(current) == slot_of(value) then
+  -- Only the admission this coupon was recorded for, while it is pending (its value is
+  -- then the slot alone): never revive a released one, and a confirmed one stays as it is.
+  if redis.call('HGET', users, user) == slot_of(value) then
     redis.call('ZREM', pending, user)
     redis.call('HSET', users, user, value)
   end
@@ -43,6 +44,8 @@ if ends >= 0 and now >= ends then return {now, 'E'} end
 
 local total, nxt = tonumber(m[1]), tonumber(m[4])
 local taken_next = false
+-- Slots given back (released admissions); usually none, and then no RPOP per user.
+local nfree = redis.call('LLEN', free)
 local results = {}
 local stale = nil
 
@@ -54,12 +57,16 @@ for user in string.gmatch(ARGV[4], '[^%z]+') do
     if since then
       local old = 0
       if now - tonumber(since) > lease then old = 1 end
-      results[#results + 1] = {'H', slot, 1, old, held}
+      results[#results + 1] = {slot, 1, old, held}
     else
-      results[#results + 1] = {'H', slot, 0, 0, held}
+      results[#results + 1] = {slot, 0, 0, held}
     end
   else
-    local slot = redis.call('RPOP', free)
+    local slot = nil
+    if nfree > 0 then
+      slot = redis.call('RPOP', free)
+      nfree = nfree - 1
+    end
     if not slot and nxt < total then
       nxt = nxt + 1
       taken_next = true
@@ -68,9 +75,9 @@ for user in string.gmatch(ARGV[4], '[^%z]+') do
     if slot then
       redis.call('HSET', users, user, slot)
       redis.call('ZADD', pending, now, user)
-      results[#results + 1] = {'A', tonumber(slot)}
+      results[#results + 1] = tonumber(slot)
     else
-      results[#results + 1] = {'S'}
+      results[#results + 1] = 0
       if not stale then
         stale = {}
         local old = redis.call('ZRANGEBYSCORE', pending, '-inf', now - lease, 'LIMIT', 0, batch)
