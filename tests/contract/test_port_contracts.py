@@ -198,6 +198,37 @@ async def test_ledger_concurrent_records_keep_one_per_user_and_slot(adapters: Ad
     assert sorted(x.code for x in page.coupons) == sorted(x.code for x in recorded)
 
 
+async def test_ledger_batch_with_conflicts_records_the_rest(adapters: Adapters) -> None:
+    """Recorded together: a user's second coupon, a taken slot, a stranger's coupon, and
+    honest ones; each gets its own answer and the honest ones are stored."""
+    c = await adapters.new_campaign(total=10)
+    first = await adapters.coupon(c, "alice", 1)
+    await adapters.ledger.record(first)
+    ghost = Coupon(await adapters.codes.next_code(), new_campaign_id(), "g", c.starts_at, 1)
+    batch = [
+        await adapters.coupon(c, "alice", 2),  # alice has a coupon
+        await adapters.coupon(c, "bob", 1),  # slot 1 is taken
+        await adapters.coupon(c, "carol", 3),
+        ghost,  # no such campaign
+        await adapters.coupon(c, "dave", 4),
+    ]
+    results = await asyncio.gather(
+        *(adapters.ledger.record(x) for x in batch), return_exceptions=True
+    )
+    assert isinstance(results[3], ConstraintViolation)
+    outcomes = [r.outcome for r in results if not isinstance(r, BaseException)]
+    assert outcomes == [
+        RecordOutcome.USER_HAS_COUPON,
+        RecordOutcome.SLOT_TAKEN,
+        RecordOutcome.RECORDED,
+        RecordOutcome.RECORDED,
+    ]
+    page = await adapters.ledger.page(c.id, 0, 100)
+    assert sorted(x.user_id for x in page.coupons) == ["alice", "carol", "dave"]
+    got = await adapters.campaigns.get(c.id)
+    assert got is not None and got.issued_count == 3
+
+
 async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=10)
     coupons = [await adapters.coupon(c, f"u{i}", i + 1) for i in range(10)]

