@@ -99,10 +99,14 @@ class PostgresCouponLedger:
         self._observer = observer
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        # The loop the flusher runs on (see `start`): Python 3.11's get_running_loop() is
+        # a getpid() system call, and `record` needs the loop for every coupon.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+            self._loop = asyncio.get_running_loop()
+            self._flusher = self._loop.create_task(self._flush_forever())
 
     async def close(self) -> None:
         """Commit everything queued, then stop."""
@@ -117,12 +121,14 @@ class PostgresCouponLedger:
         if self._closing and self._flusher is not None and self._flusher.done():
             raise Unavailable("the server is shutting down")
         self.start()
-        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        future: asyncio.Future[Recorded] = self._loop.create_future()
         self._queue.append((coupon, future))
         self._wakeup.set()
         return await future
 
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -132,7 +138,7 @@ class PostgresCouponLedger:
                 await self._batch_slots.acquire()
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                task = asyncio.get_running_loop().create_task(self._commit(batch))
+                task = loop.create_task(self._commit(batch))
                 self._batches.add(task)
                 task.add_done_callback(self._batch_done)
             if self._closing:

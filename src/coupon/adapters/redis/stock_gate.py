@@ -185,6 +185,15 @@ class RedisStockGate:
         self._busy: set[str] = set()
         self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the gate (and its connections) run on, looked up once: on Python 3.11
+        each asyncio.get_running_loop() is a getpid() system call, two per request here."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def keys(self, campaign_id: str) -> list[str]:
         tag = f"{self._prefix}:{{{campaign_id}}}"
@@ -203,10 +212,10 @@ class RedisStockGate:
         if campaign_id not in self._busy:
             self._busy.add(campaign_id)
             # Start on the next loop iteration, so the requests of this one join the batch.
-            asyncio.get_running_loop().call_soon(self._spawn, self._drain(campaign_id))
+            self._running_loop().call_soon(self._spawn, self._drain(campaign_id))
 
     async def admit(self, campaign_id: str, user_id: str) -> Admission:
-        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Admission] = self._running_loop().create_future()
         self._waiting.setdefault(campaign_id, []).append((user_id, future))
         self._wake(campaign_id)
         # A caller cancelled while waiting cancels `future`; the batch then gives its slot
