@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import asyncpg
 
@@ -32,13 +33,18 @@ log = logging.getLogger("coupon")
 # Stock and window come from the campaign row itself, so the coupons' CHECK constraints
 # compare against the real campaign, not against what the caller claims. Rows of unknown
 # campaigns drop out of the join; RETURNING says which rows went in.
+#
+# A batch names few campaigns and few times (every coupon of one admission batch has the
+# same issued_at), so each is sent once ($1, $7) and rows point at them by position:
+# encoding a timestamptz costs asyncpg 1.4 us and a uuid 0.5 us, per element.
 _INSERT_BATCH = """
 INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code, user_id,
                      issued_at)
-SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, r.slot, r.code, r.user_id, r.issued_at
-  FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
-       AS r(campaign_id, slot, code, user_id, issued_at)
-  JOIN campaigns c ON c.id = r.campaign_id
+SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, r.slot, r.code, r.user_id,
+       ($7::timestamptz[])[r.issued]
+  FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::int[])
+       AS r(campaign, slot, code, user_id, issued)
+  JOIN campaigns c ON c.id = ($1::uuid[])[r.campaign]
 {on_conflict}
 RETURNING code
 """
@@ -195,14 +201,20 @@ class PostgresCouponLedger:
         coupons: Sequence[Coupon],
         statement: str = _INSERT_SKIPPING_CONFLICTS,
     ) -> set[str]:
+        campaigns: dict[str, int] = {}  # campaign id -> its position in $1, from 1
+        times: dict[datetime, int] = {}  # issued_at -> its position in $7
+        campaign_of = [campaigns.setdefault(c.campaign_id, len(campaigns) + 1) for c in coupons]
+        issued_at = [times.setdefault(c.issued_at, len(times) + 1) for c in coupons]
         rows = await conn.fetch(
             statement,
             # Campaign ids are canonical UUID text already; asyncpg encodes str as uuid.
-            [c.campaign_id for c in coupons],
+            list(campaigns),
+            campaign_of,
             [c.slot for c in coupons],
             [c.code for c in coupons],
             [c.user_id for c in coupons],
-            [c.issued_at for c in coupons],
+            issued_at,
+            list(times),
         )
         return {row["code"] for row in rows}
 
