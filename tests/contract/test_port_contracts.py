@@ -262,6 +262,38 @@ async def test_gate_concurrent_admissions_never_share_a_slot(adapters: Adapters)
     assert sum(r.kind is AdmissionKind.SOLD_OUT for r in results) == 200
 
 
+async def test_gate_admits_a_user_asking_many_times_at_once_only_once(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=10)
+    asks = ["alice", "bob", "alice", "alice", "carol", "bob"]
+    results = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in asks))
+    admitted = {
+        u: r.slot for u, r in zip(asks, results, strict=True) if r.kind is AdmissionKind.ADMITTED
+    }
+    assert sorted(admitted) == ["alice", "bob", "carol"]
+    assert sorted(admitted.values()) == [1, 2, 3]
+    for user, result in zip(asks, results, strict=True):
+        if result.kind is not AdmissionKind.ADMITTED:
+            assert result.kind is AdmissionKind.ALREADY_HELD and result.pending
+            assert result.slot == admitted[user] and result.held is None
+
+
+async def test_gate_takes_thousands_of_confirms_at_once(adapters: Adapters) -> None:
+    """More confirms than one command takes (they queue while Redis is busy)."""
+    c = await adapters.new_campaign(total=5000)
+    users = [f"u{i}" for i in range(4500)]
+    first = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in users))
+    coupons = [
+        Coupon(f"c{i}", c.id, u, a.now, a.slot)
+        for i, (u, a) in enumerate(zip(users, first, strict=True))
+    ]
+    for coupon in coupons:
+        await adapters.gate.confirm(coupon)
+    again = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in users))
+    assert [a.held for a in again] == coupons
+
+
 async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> None:
     c = await adapters.new_campaign()
     first = await adapters.gate.admit(c.id, "alice")

@@ -23,13 +23,47 @@ local lease, batch = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local function slot_of(value) return string.match(value, '^(%d+)') end
 
+-- Commands take many items at once (one HMGET, HSET, ZADD, ZREM per call, not per user):
+-- each redis.call has a cost of its own. In chunks, as Lua's unpack takes at most about
+-- 8,000 values; an even size keeps field-value and score-member pairs together.
+local CHUNK = 4000
+
+local function hmget(key, fields)
+  local out = {}
+  for i = 1, #fields, CHUNK do
+    local got = redis.call('HMGET', key, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+    for j = 1, #got do out[#out + 1] = got[j] end
+  end
+  return out
+end
+
+local function in_chunks(command, key, items)
+  for i = 1, #items, CHUNK do
+    redis.call(command, key, unpack(items, i, math.min(i + CHUNK - 1, #items)))
+  end
+end
+
 -- %z is NUL in the patterns of Redis's Lua (5.1).
+local confirmed, values = {}, {}
 for user, value in string.gmatch(ARGV[3], '([^%z]+)%z([^%z]+)') do
-  -- Only the admission this coupon was recorded for, while it is pending (its value is
-  -- then the slot alone): never revive a released one, and a confirmed one stays as it is.
-  if redis.call('HGET', users, user) == slot_of(value) then
-    redis.call('ZREM', pending, user)
-    redis.call('HSET', users, user, value)
+  confirmed[#confirmed + 1] = user
+  values[#values + 1] = value
+end
+if #confirmed > 0 then
+  local current = hmget(users, confirmed)
+  local settled, done = {}, {}
+  for i = 1, #confirmed do
+    -- Only the admission this coupon was recorded for, while it is pending (its value is
+    -- then the slot alone): never revive a released one; a confirmed one stays as it is.
+    if current[i] == slot_of(values[i]) then
+      settled[#settled + 1] = confirmed[i]
+      settled[#settled + 1] = values[i]
+      done[#done + 1] = confirmed[i]
+    end
+  end
+  if #done > 0 then
+    in_chunks('ZREM', pending, done)
+    in_chunks('HSET', users, settled)
   end
 end
 
@@ -49,14 +83,25 @@ local nfree = redis.call('LLEN', free)
 local results = {}
 local stale = nil
 
-for user in string.gmatch(ARGV[4], '[^%z]+') do
-  local held = redis.call('HGET', users, user)
-  if held then
+local asking = {}
+for user in string.gmatch(ARGV[4], '[^%z]+') do asking[#asking + 1] = user end
+local holding = hmget(users, asking)
+local admitted = {}  -- user -> slot, admitted by this call
+local slots, since = {}, {}  -- HSET users and ZADD pending arguments
+
+for i = 1, #asking do
+  local user = asking[i]
+  local held = holding[i]
+  local mine = admitted[user]
+  if mine then
+    -- The same user twice in one call: the second finds the first's pending admission.
+    results[#results + 1] = {mine, 1, 0, tostring(mine)}
+  elseif held then
     local slot = tonumber(slot_of(held))
-    local since = redis.call('ZSCORE', pending, user)
-    if since then
+    local at = redis.call('ZSCORE', pending, user)
+    if at then
       local old = 0
-      if now - tonumber(since) > lease then old = 1 end
+      if now - tonumber(at) > lease then old = 1 end
       results[#results + 1] = {slot, 1, old, held}
     else
       results[#results + 1] = {slot, 0, 0, held}
@@ -73,9 +118,13 @@ for user in string.gmatch(ARGV[4], '[^%z]+') do
       slot = nxt
     end
     if slot then
-      redis.call('HSET', users, user, slot)
-      redis.call('ZADD', pending, now, user)
-      results[#results + 1] = tonumber(slot)
+      slot = tonumber(slot)
+      admitted[user] = slot
+      slots[#slots + 1] = user
+      slots[#slots + 1] = slot
+      since[#since + 1] = now
+      since[#since + 1] = user
+      results[#results + 1] = slot
     else
       results[#results + 1] = 0
       if not stale then
@@ -90,5 +139,9 @@ for user in string.gmatch(ARGV[4], '[^%z]+') do
   end
 end
 
+if #slots > 0 then
+  in_chunks('HSET', users, slots)
+  in_chunks('ZADD', pending, since)
+end
 if taken_next then redis.call('HSET', meta, 'next', nxt) end
 return {now, 'M', results, stale or {}}
