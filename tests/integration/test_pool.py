@@ -1,9 +1,16 @@
 """The service's connection pool: releasing a connection costs no round trip, and still
-leaves no transaction open for the next user."""
+leaves no transaction open for the next user; a connection kept aside for the group
+commits is reused, replaced when it broke, and given back."""
 
 from __future__ import annotations
 
-from coupon.adapters.postgres.pool import create_pool
+import asyncio
+
+import asyncpg
+import pytest
+
+from coupon.adapters.postgres.pool import KeptConnection, create_pool
+from coupon.domain.errors import Unavailable
 
 
 async def test_release_sends_nothing_to_the_server(database: str) -> None:
@@ -34,4 +41,64 @@ async def test_a_transaction_left_open_is_rolled_back_on_release(database: str) 
             missing = await again.fetchval("SELECT to_regclass('pg_temp.left_open')")
             assert missing is None
     finally:
+        await pool.close()
+
+
+async def test_a_kept_connection_serves_use_after_use_and_goes_back_on_close(
+    database: str,
+) -> None:
+    pool = await create_pool(database, 2)
+    kept = KeptConnection(pool)
+    try:
+        async with kept.use() as conn:
+            first = conn.get_server_pid()
+        async with kept.use() as conn:
+            assert conn.get_server_pid() == first
+        assert pool.get_idle_size() == 0  # kept aside, not in the pool
+        await kept.close()
+        assert pool.get_idle_size() == 1
+    finally:
+        await pool.close()
+
+
+async def test_two_uses_at_once_take_two_connections_and_keep_one(database: str) -> None:
+    pool = await create_pool(database, 2)
+    kept = KeptConnection(pool)
+    try:
+        both = asyncio.Event()
+        pids: list[int] = []
+
+        async def use() -> None:
+            async with kept.use() as conn:
+                pids.append(conn.get_server_pid())
+                if len(pids) == 2:
+                    both.set()
+                await both.wait()
+
+        await asyncio.gather(use(), use())
+        assert len(set(pids)) == 2
+        assert pool.get_idle_size() == 1  # the other one went back
+        await kept.close()
+        assert pool.get_idle_size() == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_kept_connection_that_broke_is_replaced(database: str) -> None:
+    pool = await create_pool(database, 2)
+    kept = KeptConnection(pool)
+    admin = await asyncpg.connect(database)
+    try:
+        async with kept.use() as conn:
+            broken = conn.get_server_pid()
+        await admin.execute("SELECT pg_terminate_backend($1)", broken)
+        with pytest.raises(Unavailable):
+            async with kept.use() as conn:
+                await conn.fetchval("SELECT 1")
+        async with kept.use() as conn:
+            assert conn.get_server_pid() != broken
+            assert await conn.fetchval("SELECT 1") == 1
+        await kept.close()
+    finally:
+        await admin.close()
         await pool.close()

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import asyncpg
 
-from coupon.adapters.postgres.pool import connection
+from coupon.adapters.postgres.pool import KeptConnection, connection
 from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
@@ -32,7 +32,7 @@ log = logging.getLogger("coupon")
 
 # Stock and window come from the campaign row itself, so the coupons' CHECK constraints
 # compare against the real campaign, not against what the caller claims. Rows of unknown
-# campaigns drop out of the join; RETURNING says which rows went in.
+# campaigns drop out of the join.
 #
 # A batch names few campaigns and few times (every coupon of one admission batch has the
 # same issued_at), so each is sent once ($1, $7) and rows point at them by position:
@@ -45,15 +45,17 @@ SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, r.slot, r.code, r.user_id,
   FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::int[])
        AS r(campaign, slot, code, user_id, issued)
   JOIN campaigns c ON c.id = ($1::uuid[])[r.campaign]
-{on_conflict}
-RETURNING code
+{then}
 """
 # The common batch conflicts with nothing (Redis admits each user and slot once), and a
 # plain insert costs PostgreSQL a quarter less per row than one that must skip conflicts
 # (speculative insertion into every unique index): 23-25 against 29-32 us per row in
-# 30-row batches. A batch that does conflict fails as a whole and goes again, skipping.
-_INSERT = _INSERT_BATCH.format(on_conflict="")
-_INSERT_SKIPPING_CONFLICTS = _INSERT_BATCH.format(on_conflict="ON CONFLICT DO NOTHING")
+# 30-row batches. A batch that does conflict fails as a whole and goes again, skipping. A
+# plain insert that succeeded stored every row whose campaign exists: its row count says
+# whether all went in, with no RETURNING rows to decode.
+_INSERT = _INSERT_BATCH.format(then="")
+_INSERT_SKIPPING_CONFLICTS = _INSERT_BATCH.format(then="ON CONFLICT DO NOTHING RETURNING code")
+_PRESENT = "SELECT code FROM coupons WHERE code = ANY($1::text[])"
 _COUPON_COLUMNS = "code, campaign_id, user_id, issued_at, slot"
 _BY_USER = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND user_id = $2"
 _BY_USERS = f"""
@@ -69,6 +71,26 @@ SELECT id, {_COUPON_COLUMNS} FROM coupons
  WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
 """
 _HOLDINGS = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1"
+
+
+_RECORDED = Recorded(RecordOutcome.RECORDED)
+
+
+def _insert_arguments(coupons: Sequence[Coupon]) -> tuple[object, ...]:
+    campaigns: dict[str, int] = {}  # campaign id -> its position in $1, from 1
+    times: dict[datetime, int] = {}  # issued_at -> its position in $7
+    campaign_of = [campaigns.setdefault(c.campaign_id, len(campaigns) + 1) for c in coupons]
+    issued_at = [times.setdefault(c.issued_at, len(times) + 1) for c in coupons]
+    return (
+        # Campaign ids are canonical UUID text already; asyncpg encodes str as uuid.
+        list(campaigns),
+        campaign_of,
+        [c.slot for c in coupons],
+        [c.code for c in coupons],
+        [c.user_id for c in coupons],
+        issued_at,
+        list(times),
+    )
 
 
 def coupon_from_row(row: asyncpg.Record) -> Coupon:
@@ -97,6 +119,7 @@ class PostgresCouponLedger:
         observer: BatchObserver | None = None,
     ) -> None:
         self._pool = pool
+        self._commits = KeptConnection(pool)
         self._max_batch = max_batch
         self._queue: list[tuple[Coupon, asyncio.Future[Recorded]]] = []
         self._wakeup = asyncio.Event()
@@ -122,6 +145,7 @@ class PostgresCouponLedger:
             await self._flusher
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
+        await self._commits.close()
 
     async def record(self, coupon: Coupon) -> Recorded:
         if self._closing and self._flusher is not None and self._flusher.done():
@@ -179,14 +203,19 @@ class PostgresCouponLedger:
         self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]
     ) -> list[Recorded | Exception]:
         coupons = [coupon for coupon, _ in batch]
-        async with connection(self._pool) as conn:
+        async with self._commits.use() as conn:
             try:
                 try:
-                    inserted = await self._insert_rows(conn, coupons, _INSERT)
+                    stored = await self._insert_all(conn, coupons)
+                    if stored == len(coupons):
+                        return [_RECORDED] * len(coupons)
+                    # A campaign is unknown: its rows dropped out of the join.
+                    rows = await conn.fetch(_PRESENT, [c.code for c in coupons])
+                    inserted = {row["code"] for row in rows}
                 except asyncpg.UniqueViolationError:
                     # A user or slot recorded already (or a code): skip those rows, keep
                     # the others, then say why each skipped row was skipped.
-                    inserted = await self._insert_rows(conn, coupons, _INSERT_SKIPPING_CONFLICTS)
+                    inserted = await self._insert_rows(conn, coupons)
             except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
                     return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
@@ -195,27 +224,14 @@ class PostgresCouponLedger:
                 return [await self._insert_one(conn, c) for c in coupons]
             return await self._classify(conn, coupons, inserted)
 
-    async def _insert_rows(
-        self,
-        conn: asyncpg.Connection,
-        coupons: Sequence[Coupon],
-        statement: str = _INSERT_SKIPPING_CONFLICTS,
-    ) -> set[str]:
-        campaigns: dict[str, int] = {}  # campaign id -> its position in $1, from 1
-        times: dict[datetime, int] = {}  # issued_at -> its position in $7
-        campaign_of = [campaigns.setdefault(c.campaign_id, len(campaigns) + 1) for c in coupons]
-        issued_at = [times.setdefault(c.issued_at, len(times) + 1) for c in coupons]
-        rows = await conn.fetch(
-            statement,
-            # Campaign ids are canonical UUID text already; asyncpg encodes str as uuid.
-            list(campaigns),
-            campaign_of,
-            [c.slot for c in coupons],
-            [c.code for c in coupons],
-            [c.user_id for c in coupons],
-            issued_at,
-            list(times),
-        )
+    async def _insert_all(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> int:
+        """Insert plainly (failing on any conflict); the number of rows stored."""
+        status = await conn.execute(_INSERT, *_insert_arguments(coupons))
+        return int(status.rsplit(" ", 1)[1])  # 'INSERT 0 <rows>'
+
+    async def _insert_rows(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str]:
+        """Insert skipping conflicting rows; the codes of the rows stored."""
+        rows = await conn.fetch(_INSERT_SKIPPING_CONFLICTS, *_insert_arguments(coupons))
         return {row["code"] for row in rows}
 
     async def _insert_one(self, conn: asyncpg.Connection, coupon: Coupon) -> Recorded | Exception:
@@ -230,7 +246,7 @@ class PostgresCouponLedger:
         self, conn: asyncpg.Connection, coupons: Sequence[Coupon], inserted: set[str]
     ) -> list[Recorded | Exception]:
         """Say why each row that ON CONFLICT skipped was skipped."""
-        recorded = Recorded(RecordOutcome.RECORDED)
+        recorded = _RECORDED
         skipped = [c for c in coupons if c.code not in inserted]
         if not skipped:
             return [recorded] * len(coupons)
