@@ -89,7 +89,9 @@ class AdmissionKind(enum.Enum):
     NOT_LOADED = "not_loaded"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per request, and a frozen dataclass takes 1 us to build (a
+# setattr call per field) against 0.2 us. Nothing changes one after it is made.
+@dataclass(slots=True)
 class Admission:
     kind: AdmissionKind
     # The authoritative time of the decision; becomes the coupon's issued_at.

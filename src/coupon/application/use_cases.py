@@ -164,7 +164,7 @@ class GetCampaign:
         return CampaignView(campaign, page.coupons, token, await self._clock.now())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as Admission: built per request
 class Issued:
     coupon: Coupon
     already_issued: bool
