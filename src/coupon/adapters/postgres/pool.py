@@ -88,6 +88,13 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
 
 
+def _open(conn: asyncpg.Connection) -> bool:
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # a closed connection was taken back by its pool
+        return False
+
+
 class KeptConnection:
     """A pooled connection kept between uses, for one user that needs a connection again
     and again (the ledger's group commits): the pool's acquire and release cost 20-30 us
@@ -104,6 +111,9 @@ class KeptConnection:
         database failures become `Unavailable`, as with `connection`."""
         conn, self._kept = self._kept, None
         try:
+            if conn is not None and not _open(conn):  # the server closed it meanwhile
+                await self._release_quietly(conn)
+                conn = None
             if conn is None:
                 conn = await self._pool.acquire(timeout=5)
             yield conn
@@ -115,7 +125,7 @@ class KeptConnection:
                     f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}"
                 ) from exc
             raise
-        if self._kept is None and not conn.is_closed():
+        if self._kept is None and _open(conn):
             self._kept = conn
         else:
             await self._release_quietly(conn)
