@@ -172,6 +172,11 @@ def create_client(url: str, max_connections: int = 64) -> RedisClient:
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=15,
+        # After Redis restarts, every idle pooled connection is closed, and the pool's
+        # check on checkout does not see it: the first command on each would fail. Retry
+        # on a new connection, as the cluster client does (the gate's admissions use
+        # their own connections and retry on their own, see ScriptLane).
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
     )
     return aioredis.Redis(connection_pool=pool)
 
