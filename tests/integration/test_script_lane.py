@@ -3,14 +3,17 @@ they recover from what a pooled connection recovers from, and go back to the poo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
+from coupon.adapters.redis.client import create_client
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.application.use_cases import new_campaign_id
 from coupon.domain.campaign import Campaign
+from tests.support.private_redis import PrivateRedis
 
 
 async def loaded_gate(client: aioredis.Redis, prefix: str) -> tuple[RedisStockGate, str]:
@@ -67,3 +70,20 @@ async def test_connections_go_back_to_the_pool_on_close(
     assert in_use(redis_client) > before
     await gate.close()
     assert in_use(redis_client) == before
+
+
+async def test_a_redis_restart_costs_no_batch() -> None:
+    """Every connection, kept by the gate or idle in the pool, is closed by the restart;
+    the next batch still gets its answer (the state is gone: not loaded)."""
+    redis = PrivateRedis()
+    client = create_client(redis.url)
+    try:
+        gate, campaign = await loaded_gate(client, "lane")
+        await asyncio.gather(*(client.time() for _ in range(8)))  # idle pooled connections
+        assert (await gate.admit(campaign, "before")).kind is AdmissionKind.ADMITTED
+        redis.restart()
+        assert (await gate.admit(campaign, "after")).kind is AdmissionKind.NOT_LOADED
+        await gate.close()
+    finally:
+        await client.aclose()
+        redis.close()

@@ -104,30 +104,30 @@ class ScriptLane:
         self._pool = client.connection_pool
         self._idle: list[AbstractConnection] = []
 
+    ATTEMPTS = 3
+
     async def run(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
-        conn: AbstractConnection | None = None
-        try:
-            if self._idle:
-                conn = self._idle.pop()
-                try:
-                    reply = await self._evalsha(conn, script, keys, args)
-                except (RedisConnectionError, OSError):
-                    # An idle connection the server has since closed (a restart, a
-                    # timeout): once more on a new one, as the client's own retry would.
-                    await self._drop(conn)
-                    conn = None
-            if conn is None:
-                conn = await self._connection()
+        for attempt in range(1, self.ATTEMPTS + 1):
+            conn = self._idle.pop() if self._idle else await self._connection()
+            try:
                 reply = await self._evalsha(conn, script, keys, args)
-        except BaseException:
-            # A reply may still be on its way: the connection cannot be used again.
-            if conn is not None:
+            except (RedisConnectionError, OSError):
+                # A connection the server has closed (Redis restarted, or dropped an idle
+                # client), kept here or idle in the pool: once more on another, as the
+                # client's own retry would.
                 await self._drop(conn)
-            raise
-        self._idle.append(conn)
-        return reply
+                if attempt == self.ATTEMPTS:
+                    raise
+                continue
+            except BaseException:
+                # A reply may still be on its way: the connection cannot be used again.
+                await self._drop(conn)
+                raise
+            self._idle.append(conn)
+            return reply
+        raise AssertionError("unreachable")
 
     async def _evalsha(
         self,
