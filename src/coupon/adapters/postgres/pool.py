@@ -85,7 +85,11 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         async with pool.acquire(timeout=5) as conn:
             yield conn
     except TRANSIENT as exc:
-        raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from exc
+        raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}")
 
 
 def _open(conn: asyncpg.Connection) -> bool:
@@ -121,9 +125,7 @@ class KeptConnection:
             if conn is not None:
                 await self._release_quietly(conn)
             if isinstance(exc, TRANSIENT):
-                raise Unavailable(
-                    f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise _unavailable(exc) from exc
             raise
         if self._kept is None and _open(conn):
             self._kept = conn
