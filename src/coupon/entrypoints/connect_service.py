@@ -24,7 +24,7 @@ from coupon.domain.errors import (
     Unavailable,
 )
 from coupon.entrypoints.logs import request_id
-from coupon.entrypoints.metrics import Children, Metrics
+from coupon.entrypoints.metrics import Metrics
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
@@ -71,7 +71,7 @@ class Observed:
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._rpc = rpc
-        self._requests = Children(lambda *values: metrics.counter(metrics.requests.labels(*values)))
+        self._requests = metrics.counters(metrics.requests)
         self.ok = self._requests(rpc, "ok")
         self.latency = metrics.histogram(metrics.latency.labels(rpc))
 
@@ -142,10 +142,8 @@ class CouponService:
         self._get = get
         self._issue = issue
         self._admin = admin
-        self._rejections = Children(
-            lambda *values: metrics.counter(metrics.rejections.labels(*values))
-        )
-        self._issued = Children(lambda *values: metrics.counter(metrics.issued.labels(*values)))
+        self._rejections = metrics.counters(metrics.rejections)
+        self._issued = metrics.counters(metrics.issued)
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
         self._observe_issue = Observed(metrics, "IssueCoupon")

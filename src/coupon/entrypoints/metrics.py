@@ -87,6 +87,10 @@ class Metrics:
         self._tallies.append(tally)
         return tally
 
+    def counters(self, metric: Counter) -> Children[CounterTally]:
+        """Tallies in front of a labelled counter's children, one per label values."""
+        return Children(lambda *values: self.counter(metric.labels(*values)))
+
     def histogram(self, child: Histogram) -> HistogramTally:
         """A tally in front of `child` (one labelled histogram), written out by `flush`."""
         tally = HistogramTally(child)
