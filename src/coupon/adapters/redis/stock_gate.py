@@ -99,12 +99,12 @@ class ScriptLane:
     has at most one batch in flight per campaign, so a few connections serve them all.
     """
 
+    ATTEMPTS = 3
+
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._pool = client.connection_pool
         self._idle: list[AbstractConnection] = []
-
-    ATTEMPTS = 3
 
     async def run(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
@@ -136,17 +136,16 @@ class ScriptLane:
         keys: Sequence[str],
         args: Sequence[EncodableT],
     ) -> Any:
-        for attempt in (1, 2):
-            packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            await conn.send_packed_command(packed, check_health=False)
-            try:
-                return await conn.read_response()
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                # The server lost its scripts (restarted, flushed): load it again.
-                script.sha = await self._client.script_load(script.script)
-        raise AssertionError("unreachable")
+        packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        await conn.send_packed_command(packed, check_health=False)
+        try:
+            return await conn.read_response()
+        except NoScriptError:
+            # The server lost its scripts (restarted, flushed): load it and send again.
+            script.sha = await self._client.script_load(script.script)
+        packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        await conn.send_packed_command(packed, check_health=False)
+        return await conn.read_response()
 
     async def _connection(self) -> AbstractConnection:
         conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
