@@ -5,8 +5,10 @@ commits is reused, replaced when it broke, and given back."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import asyncpg
+import pytest
 
 from coupon.adapters.postgres.pool import KeptConnection, create_pool
 
@@ -42,64 +44,72 @@ async def test_a_transaction_left_open_is_rolled_back_on_release(database: str) 
         await pool.close()
 
 
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database, 2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def seen_closed(conn: asyncpg.Connection) -> bool:
+    """Whether the client has noticed that the server closed `conn`."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # closed, and taken back by its pool already
+        return True
+
+
 async def test_a_kept_connection_serves_use_after_use_and_goes_back_on_close(
-    database: str,
+    pool: asyncpg.Pool,
 ) -> None:
-    pool = await create_pool(database, 2)
     kept = KeptConnection(pool)
-    try:
+    async with kept.use() as conn:
+        first = conn.get_server_pid()
+    async with kept.use() as conn:
+        assert conn.get_server_pid() == first
+    assert pool.get_idle_size() == 0  # kept aside, not in the pool
+    await kept.close()
+    assert pool.get_idle_size() == 1
+
+
+async def test_two_uses_at_once_take_two_connections_and_keep_one(pool: asyncpg.Pool) -> None:
+    kept = KeptConnection(pool)
+    both = asyncio.Event()
+    pids: list[int] = []
+
+    async def use() -> None:
         async with kept.use() as conn:
-            first = conn.get_server_pid()
-        async with kept.use() as conn:
-            assert conn.get_server_pid() == first
-        assert pool.get_idle_size() == 0  # kept aside, not in the pool
-        await kept.close()
-        assert pool.get_idle_size() == 1
-    finally:
-        await pool.close()
+            pids.append(conn.get_server_pid())
+            if len(pids) == 2:
+                both.set()
+            await both.wait()
+
+    await asyncio.gather(use(), use())
+    assert len(set(pids)) == 2
+    assert pool.get_idle_size() == 1  # the other one went back
+    await kept.close()
+    assert pool.get_idle_size() == 2
 
 
-async def test_two_uses_at_once_take_two_connections_and_keep_one(database: str) -> None:
-    pool = await create_pool(database, 2)
+async def test_a_kept_connection_the_server_closed_is_replaced(
+    pool: asyncpg.Pool, database: str
+) -> None:
     kept = KeptConnection(pool)
-    try:
-        both = asyncio.Event()
-        pids: list[int] = []
-
-        async def use() -> None:
-            async with kept.use() as conn:
-                pids.append(conn.get_server_pid())
-                if len(pids) == 2:
-                    both.set()
-                await both.wait()
-
-        await asyncio.gather(use(), use())
-        assert len(set(pids)) == 2
-        assert pool.get_idle_size() == 1  # the other one went back
-        await kept.close()
-        assert pool.get_idle_size() == 2
-    finally:
-        await pool.close()
-
-
-async def test_a_kept_connection_the_server_closed_is_replaced(database: str) -> None:
-    pool = await create_pool(database, 2)
-    kept = KeptConnection(pool)
+    async with kept.use() as conn:
+        broken = conn.get_server_pid()
     admin = await asyncpg.connect(database)
     try:
-        async with kept.use() as conn:
-            broken = conn.get_server_pid()
         await admin.execute("SELECT pg_terminate_backend($1)", broken)
-        gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1"
-        for _ in range(100):
-            if await admin.fetchval(gone, broken):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # and the client has read the server's goodbye
-        async with kept.use() as conn:
-            assert conn.get_server_pid() != broken
-            assert await conn.fetchval("SELECT 1") == 1
-        await kept.close()
     finally:
         await admin.close()
-        await pool.close()
+    for _ in range(200):  # until the client has read the server's goodbye
+        if seen_closed(conn):
+            break
+        await asyncio.sleep(0.025)
+    assert seen_closed(conn)
+    async with kept.use() as conn:
+        assert conn.get_server_pid() != broken
+        assert await conn.fetchval("SELECT 1") == 1
+    await kept.close()
