@@ -659,7 +659,8 @@ def ratio(phases: dict[str, Phase]) -> float | None:
 
 
 def ratio_text(phases: dict[str, Phase]) -> str:
-    """'(b)/(a) = 0.46', and against each ceiling run when (a') ran too."""
+    """'(b)/(a) = 0.46', against each ceiling run when (a') ran too, and the same ratio of
+    the CPU-bound rates (what the two would do if idle time and drift did not count)."""
     text = f"(b)/(a) = {ratio(phases):.2f}"
     if "a2" in phases:
         b = phases["b"].requests_per_s
@@ -667,6 +668,11 @@ def ratio_text(phases: dict[str, Phase]) -> str:
             f" (against the mean of (a) and (a'); {b / phases['a'].requests_per_s:.2f} against"
             f" (a) alone, {b / phases['a2'].requests_per_s:.2f} against (a') alone)"
         )
+    cores = os.cpu_count() or 1
+    ceilings = [phases[k].cpu_bound_rate(cores) for k in ("a", "a2") if k in phases]
+    issues = phases["b"].cpu_bound_rate(cores)
+    if issues and all(ceilings):
+        text += f"; by CPU per request {issues / (sum(ceilings) / len(ceilings)):.2f}"
     return text
 
 
