@@ -205,24 +205,30 @@ class PostgresCouponLedger:
         coupons = [coupon for coupon, _ in batch]
         async with self._commits.use() as conn:
             try:
-                try:
-                    stored = await self._insert_all(conn, coupons)
-                    if stored == len(coupons):
-                        return [_RECORDED] * len(coupons)
-                    # A campaign is unknown: its rows dropped out of the join.
-                    rows = await conn.fetch(_PRESENT, [c.code for c in coupons])
-                    inserted = {row["code"] for row in rows}
-                except asyncpg.UniqueViolationError:
-                    # A user or slot recorded already (or a code): skip those rows, keep
-                    # the others, then say why each skipped row was skipped.
-                    inserted = await self._insert_rows(conn, coupons)
+                inserted = await self._store(conn, coupons)
             except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
                     return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
                 # A CHECK or the campaign check failed for some row: find which, one by one, so
                 # that the others still commit.
                 return [await self._insert_one(conn, c) for c in coupons]
+            if inserted is None:
+                return [_RECORDED] * len(coupons)
             return await self._classify(conn, coupons, inserted)
+
+    async def _store(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str] | None:
+        """Insert the batch: None when every row went in, else the codes of those that did."""
+        try:
+            stored = await self._insert_all(conn, coupons)
+        except asyncpg.UniqueViolationError:
+            # A user or slot recorded already (or a code): skip those rows, keep the others
+            # (the caller then says why each skipped row was skipped).
+            return await self._insert_rows(conn, coupons)
+        if stored == len(coupons):
+            return None
+        # A campaign is unknown: its rows dropped out of the join.
+        rows = await conn.fetch(_PRESENT, [c.code for c in coupons])
+        return {row["code"] for row in rows}
 
     async def _insert_all(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> int:
         """Insert plainly (failing on any conflict); the number of rows stored."""
