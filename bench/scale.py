@@ -51,7 +51,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.procstat import CpuSnapshot, descendants, memory_mib, workers
+from bench.procstat import CpuSnapshot, descendants, is_resource_tracker, memory_mib, workers
 from bench.run import (
     ADMIN_DATABASE_URL,
     REDIS_URL,
@@ -473,7 +473,9 @@ def server_processes(server: Server) -> dict[int, str]:
     """The server's main process and its workers (and any helper process), by role."""
     assert server.proc is not None
     found = {server.proc.pid: "main"}
-    found.update({pid: "resource tracker" for pid in descendants(server.proc.pid)})
+    for pid in descendants(server.proc.pid):
+        if is_resource_tracker(pid):
+            found[pid] = "resource tracker"
     for number, pid in enumerate(workers(server.proc.pid), 1):
         found[pid] = f"worker {number}"
     return found
