@@ -6,11 +6,21 @@ One run measures, each on servers started here on free loopback ports:
       (bench/noop_app.py), at saturation, with wrk;
   (b) IssueCoupon on a fresh 10,000,000-coupon campaign, a new user per request, at
       saturation, with wrk (bench/issue.lua);
-  (a') the ceiling again, right after (b), on the same no-op server: (b)/(a) is taken
-      against the mean of (a) and (a'), so that a machine whose speed drifts during the run
-      (a VM's does, by a third within minutes) moves both sides of the ratio alike;
+  (a') the ceiling again, right after (b), on the same no-op server and at (a)'s connection
+      count: (b)/(a) is taken against the mean of (a) and (a'), so that a machine whose
+      speed drifts during the run (a VM's does, by a third within minutes) moves both sides
+      of the ratio alike;
   (c) IssueCoupon at a fixed offered rate (open loop, latency from the intended send time),
       with bench/openloop.py (Debian has no wrk2);
+
+"At saturation" means at the peak of throughput over the number of connections: before
+(a) and before (b), short probes at each count of a ladder (64 to 1,024 wrk connections),
+then halfway to the best count's neighbours, find the count at which that server answers
+most, and the measured run uses it. The two servers peak at different counts: the no-op
+at about 128, while IssueCoupon still gains up to 512 or more, because its group commits
+and admission calls grow with the number of requests waiting. Both are searched the same
+way; the probes are printed, with (b)/(a) at every count both probed, and
+`--connections N` measures every phase at N instead.
 
 then verifies I1-I4 (and "acknowledged <= stored") in PostgreSQL, prints one table, writes
 it as JSON to bench/results/ and appends it to bench/RESULTS.md. The CPU each party used
@@ -80,6 +90,10 @@ TITLES = {
     "c": "(c) IssueCoupon, fixed rate",
 }
 PHASES = ("a", "b", "c")  # what --only takes; (a') comes with a and b
+# wrk connection counts searched for each saturation phase's peak.
+CONNECTION_LADDER = (64, 128, 256, 512, 1024)
+# (c) offers a fixed rate: its generator opens connections as it needs them, up to this.
+OPEN_LOOP_CONNECTIONS = 128
 
 
 PARTIES = ("server", "generator", "postgres", "redis")
@@ -305,6 +319,8 @@ class Bench:
     acks: dict[str, int] = field(default_factory=dict)  # campaign id -> 2xx answers seen
     campaigns: dict[str, str] = field(default_factory=dict)  # phase key -> campaign id
     extra_ceilings: list[dict[str, Any]] = field(default_factory=list)
+    # phase key -> {connections: {"requests_per_s": .., "errors": ..}}: the saturation search
+    searches: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
 
     def measure(
         self, server: Server, drive: Callable[[], tuple[dict[str, Any], float]]
@@ -325,11 +341,10 @@ class Bench:
         campaign: str,
         users: str,
         seconds: float,
+        connections: int,
         threads: int | None = None,
-        connections: int | None = None,
     ) -> tuple[dict[str, Any], float]:
         threads = threads or self.args.threads
-        connections = connections or self.args.connections
         argv = wrk_argv(
             server.url,
             campaign,
@@ -347,11 +362,52 @@ class Bench:
         self.acks[campaign] = self.acks.get(campaign, 0) + result["ok"]
         return result, cpu
 
-    def saturation_phase(self, key: str, server: Server, campaign: str) -> Phase:
+    def saturation_point(self, key: str, server: Server, campaign: str) -> int:
+        """The connection count at which `server` answers most: a short probe at each count
+        of the ladder (all of them: a VM's noise makes a single dip a poor stopping rule),
+        then halfway to the best count's neighbours, so that a peak between two steps is
+        not missed. A count whose probe saw errors is not chosen while another is clean."""
+        ladder: list[int] = self.args.connections
+        if len(ladder) == 1:
+            return ladder[0]
+        probes: dict[int, dict[str, float]] = {}
+
+        def probe(connections: int) -> None:
+            result, _ = self.wrk(
+                server, campaign, f"probe{key}{connections}", self.args.probe, connections
+            )
+            rate = result["requests"] / (result["duration_us"] / 1e6)
+            probes[connections] = {"requests_per_s": rate, "errors": result["failed"]}
+
+        def best() -> int:
+            clean = [c for c in probes if not probes[c]["errors"]] or list(probes)
+            return max(clean, key=lambda c: probes[c]["requests_per_s"])
+
+        for connections in ladder:
+            probe(connections)
+        peak = ladder.index(best())
+        for neighbour in ladder[max(0, peak - 1) : peak] + ladder[peak + 1 : peak + 2]:
+            halfway = (ladder[peak] + neighbour) // 2
+            if halfway not in probes and halfway >= self.args.threads:
+                probe(halfway)
+        self.searches[key] = dict(sorted(probes.items()))
+        chosen = best()
+        print(f"    {search_text(self.searches[key], chosen, self.args.probe)}", flush=True)
+        return chosen
+
+    def saturation_phase(
+        self, key: str, server: Server, campaign: str, connections: int | None = None
+    ) -> Phase:
+        """`key` at saturation: at `connections` when given, else at the count the
+        saturation search finds."""
         if self.args.warmup > 0:
-            self.wrk(server, campaign, f"warm{key}", self.args.warmup)
+            warm = connections or self.args.connections[0]
+            self.wrk(server, campaign, f"warm{key}", self.args.warmup, warm)
+        if connections is None:
+            connections = self.saturation_point(key, server, campaign)
+        chosen = connections
         result, cores = self.measure(
-            server, lambda: self.wrk(server, campaign, key, self.args.duration)
+            server, lambda: self.wrk(server, campaign, key, self.args.duration, chosen)
         )
         latency = result["latency_us"]
         seconds = result["duration_us"] / 1e6
@@ -394,7 +450,7 @@ class Bench:
             "--duration",
             f"{self.args.duration:g}",
             "--connections",
-            str(self.args.connections),
+            str(OPEN_LOOP_CONNECTIONS),
         ]
         result, cores = self.measure(
             server, lambda: run_generator(argv, timeout=self.args.duration + 60)
@@ -429,20 +485,26 @@ class Bench:
         return Server("noop", argv, self.env, self.log_dir)
 
     def run_ceiling(self, server: Server, key: str = "a") -> None:
+        """(a), or (a') at the connection count (a) was measured at."""
         step(TITLES[key].split(",")[0], server)
-        self.phases[key] = self.saturation_phase(key, server, str(uuid.uuid4()))
+        first = self.phases.get("a") if key == "a2" else None
+        connections = None if first is None else int(first.generator["connections"])
+        self.phases[key] = self.saturation_phase(key, server, str(uuid.uuid4()), connections)
         show_phase(self.phases[key])
 
     def check_generator(self, server: Server) -> None:
         """The ceiling again with fewer wrk threads and with twice the connections: if the
         generator were the limit, the figure would move with it."""
-        threads, connections = self.args.threads, self.args.connections
+        threads = self.args.threads
+        connections = int(self.phases["a"].generator["connections"])
         for t, c in ((max(1, threads // 2), connections), (threads, connections * 2)):
             if (t, c) == (threads, connections):
                 continue
-            result, cores = self.measure(
-                server, lambda t=t, c=c: self.wrk(server, str(uuid.uuid4()), "g", 10, t, c)
-            )
+
+            def drive(t: int = t, c: int = c) -> tuple[dict[str, Any], float]:
+                return self.wrk(server, str(uuid.uuid4()), "g", 10, c, t)
+
+            result, cores = self.measure(server, drive)
             rate = result["requests"] / (result["duration_us"] / 1e6)
             self.extra_ceilings.append(
                 {"threads": t, "connections": c, "requests_per_s": rate, "cores": cores}
@@ -464,7 +526,8 @@ class Bench:
                 if "b" in keys:
                     time.sleep(3)  # let the last group commits and the backlog settle
                 elif self.args.warmup > 0:
-                    self.wrk(server, self.campaigns["c"], "warmc", self.args.warmup)
+                    campaign = self.campaigns["c"]
+                    self.wrk(server, campaign, "warmc", self.args.warmup, OPEN_LOOP_CONNECTIONS)
                     time.sleep(1)
                 step(f"(c) IssueCoupon at {self.args.rate:g}/s", server)
                 self.phases["c"] = self.fixed_rate_phase(server, self.campaigns["c"])
@@ -476,8 +539,9 @@ def step(what: str, server: Server) -> None:
 
 
 def show_phase(phase: Phase) -> None:
+    at = f" at {phase.generator['connections']} connections" if phase.key != "c" else ""
     print(
-        f"    {phase.requests_per_s:,.0f} req/s, p99 {fmt_ms(phase.p99_ms)} ms, "
+        f"    {phase.requests_per_s:,.0f} req/s{at}, p99 {fmt_ms(phase.p99_ms)} ms, "
         f"{phase.errors} errors; cores: {cpu_split(phase.cores)}",
         flush=True,
     )
@@ -611,6 +675,29 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def search_text(probes: dict[int, dict[str, float]], best: int, seconds: float) -> str:
+    """'search, req/s by wrk connections (5 s each): 64 25,970 · 128 27,566 ... → 128'."""
+    steps = " · ".join(
+        f"{c} {p['requests_per_s']:,.0f}" + (f" ({p['errors']:.0f} errors)" if p["errors"] else "")
+        for c, p in probes.items()
+    )
+    return f"search, req/s by wrk connections ({seconds:g} s each): {steps} → {best}"
+
+
+def probe_ratios(searches: dict[str, dict[int, dict[str, float]]]) -> str:
+    """(b)/(a) at each connection count both searches probed, or '' when one did not run."""
+    a, b = searches.get("a"), searches.get("b")
+    if not a or not b:
+        return ""
+    shared = [c for c in a if c in b]
+    steps = " · ".join(
+        f"{c} {b[c]['requests_per_s'] / a[c]['requests_per_s']:.2f}"
+        for c in shared
+        if a[c]["requests_per_s"]
+    )
+    return f"(b)/(a) at equal connections, from the search probes: {steps}"
+
+
 def cpu_split(cores: dict[str, float]) -> str:
     parts = ("server", "generator", "postgres", "redis", "other", "idle")
     return " · ".join(f"{name} {cores.get(name, 0):.2f}" for name in parts)
@@ -633,7 +720,7 @@ def other_users(phase: Phase) -> str:
 
 
 def commit_label(meta: dict[str, Any], quote: str = "") -> str:
-    return f"{quote}{meta['commit']}{quote}" + " (+uncommitted src/ changes)" * meta["dirty"]
+    return f"{quote}{meta['commit']}{quote}" + " (+uncommitted src/ changes)" * bool(meta["dirty"])
 
 
 def git_commit() -> tuple[str, bool]:
@@ -722,13 +809,39 @@ def memory_text(phases: dict[str, Phase]) -> list[str]:
     return lines
 
 
+def phase_connections(phase: Phase) -> str:
+    """The wrk connections a saturation phase ran with; '-' for the open-loop (c)."""
+    return "-" if phase.key == "c" else str(phase.generator["connections"])
+
+
+def connections_text(meta: dict[str, Any]) -> str:
+    ladder = meta["connections"]
+    if len(ladder) == 1:
+        return f"-c{ladder[0]}"
+    return "each saturation phase's peak of " + ",".join(map(str, ladder)) + " connections"
+
+
+def search_lines(bench: Bench) -> list[str]:
+    lines = []
+    for key, probes in bench.searches.items():
+        phase = bench.phases.get(key)
+        if phase is not None:
+            best = int(phase.generator["connections"])
+            lines.append(f"({phase.label}) {search_text(probes, best, bench.args.probe)}")
+    ratios = probe_ratios(bench.searches)
+    return [*lines, ratios] if ratios else lines
+
+
 def report_lines(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]) -> list[str]:
     phases = bench.phases
-    header = f"{'phase':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
+    header = (
+        f"{'phase':<32} {'req/s':>9} {'conns':>6} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
+        f"{'errors':>7}"
+    )
     lines = [
         f"coupon bench {meta['date']}  commit {commit_label(meta)}",
         f"{meta['cores']} cores, {meta['workers']} worker(s), {meta['duration']:g} s per phase, "
-        f"wrk -t{meta['threads']} -c{meta['connections']}; service from {meta['source']}; "
+        f"wrk -t{meta['threads']} at {connections_text(meta)}; service from {meta['source']}; "
         f"busy before start: {meta['background_cores']:.2f} cores",
         "",
         header,
@@ -737,12 +850,14 @@ def report_lines(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]) ->
     for phase in phases.values():
         title = phase.title + (f" {bench.args.rate:g}/s" if phase.key == "c" else "")
         lines.append(
-            f"{title:<32} {phase.requests_per_s:>9,.0f} {fmt_ms(phase.p50_ms):>8} "
-            f"{fmt_ms(phase.p99_ms):>8} {fmt_ms(phase.p999_ms):>9} {phase.errors:>7}"
+            f"{title:<32} {phase.requests_per_s:>9,.0f} {phase_connections(phase):>6} "
+            f"{fmt_ms(phase.p50_ms):>8} {fmt_ms(phase.p99_ms):>8} {fmt_ms(phase.p999_ms):>9} "
+            f"{phase.errors:>7}"
         )
     lines.append("")
     if ratio(phases) is not None:
         lines.append(ratio_text(phases))
+    lines.extend(search_lines(bench))
     lines.extend(memory_text(phases))
     lines.append("CPU while measuring, in cores (of " + str(meta["cores"]) + "):")
     for phase in phases.values():
@@ -786,12 +901,12 @@ def markdown_section(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]
         f"## {meta['date']} · commit {commit_label(meta, '`')}",
         "",
         f"`{meta['command']}` · {meta['cores']} cores · {meta['workers']} worker(s) · "
-        f"{meta['duration']:g} s per phase · wrk -t{meta['threads']} -c{meta['connections']} · "
+        f"{meta['duration']:g} s per phase · wrk -t{meta['threads']} at {connections_text(meta)} · "
         f"service from {meta['source']} · busy before start: {meta['background_cores']:.2f} cores",
         "",
-        "| phase | req/s | p50 ms | p99 ms | p99.9 ms | errors (non-2xx) "
+        "| phase | req/s | connections | p50 ms | p99 ms | p99.9 ms | errors (non-2xx) "
         "| CPU: server / generator / PostgreSQL / Redis / other / idle (cores) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for phase in phases.values():
         title = phase.title + (f" {bench.args.rate:g}/s" if phase.key == "c" else "")
@@ -801,13 +916,15 @@ def markdown_section(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]
             for k in ("server", "generator", "postgres", "redis", "other", "idle")
         )
         out.append(
-            f"| {title} | {phase.requests_per_s:,.0f} | {fmt_ms(phase.p50_ms)} | "
+            f"| {title} | {phase.requests_per_s:,.0f} | {phase_connections(phase)} | "
+            f"{fmt_ms(phase.p50_ms)} | "
             f"{fmt_ms(phase.p99_ms)} | {fmt_ms(phase.p999_ms)} | {phase.errors} | {split} |"
         )
     out.append("")
     notes = []
     if ratio(phases) is not None:
         notes.append(ratio_text(phases))
+    notes.extend(search_lines(bench))
     notes.extend(memory_text(phases))
     notes.extend(cpu_per_request(phase, meta["cores"]) for phase in phases.values())
     notes.extend(
@@ -888,6 +1005,8 @@ def write_outputs(bench: Bench, meta: dict[str, Any], verdicts: list[Verdict]) -
         "ratio_b_over_a": ratio(bench.phases),
         "ceiling_requests_per_s": ceiling(bench.phases),
         "generator_checks": bench.extra_ceilings,
+        # phase key -> wrk connections -> {requests_per_s, errors} of the probes
+        "saturation_search": bench.searches,
         "campaigns": bench.campaigns,
         "targets": [
             {"target": name, "met": ok, "value": value} for name, ok, value in targets(bench.phases)
@@ -911,7 +1030,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=2, help="server workers (default 2)")
     parser.add_argument("--duration", type=float, help="seconds per phase (default 30)")
-    parser.add_argument("--connections", type=int, default=128, help="default 128")
+    parser.add_argument(
+        "--connections",
+        default=",".join(map(str, CONNECTION_LADDER)),
+        help="wrk connections: a comma-separated ladder, searched for each saturation "
+        "phase's peak (default %(default)s), or one count to measure every phase at",
+    )
+    parser.add_argument(
+        "--probe", type=float, help="seconds per step of the saturation search (5; 2 quick)"
+    )
     parser.add_argument("--only", default="a,b,c", help="phases to run, e.g. 'b' or 'a,b'")
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--rate", type=float, default=1000, help="(c) requests/s (1000)")
@@ -933,8 +1060,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.only = sorted({p.strip() for p in args.only.split(",") if p.strip()})
     if not args.only or set(args.only) - set(PHASES):
         parser.error("--only takes a comma-separated subset of a,b,c")
+    try:
+        args.connections = sorted({int(c) for c in args.connections.split(",") if c.strip()})
+    except ValueError:
+        parser.error("--connections takes whole numbers, e.g. 128 or 64,128,256")
+    if not args.connections or args.connections[0] < args.threads:
+        parser.error("--connections: wrk needs at least one connection per thread")
     if args.duration is None:
         args.duration = 5.0 if args.quick else 30.0
+    if args.probe is None:
+        args.probe = 2.0 if args.quick else 5.0
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 3.0
     return args
@@ -1010,8 +1145,19 @@ def base_meta(recipe: str, argv: list[str] | None, commit: str, dirty: bool) -> 
     }
 
 
+def allow_open_files(connections: int) -> None:
+    """Room for wrk's sockets and the servers' (children inherit the limit): the soft limit
+    on open files raised as far as the hard one allows, when it is short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    allow_open_files(max(args.connections))
     log_dir = Path(tempfile.mkdtemp(prefix="coupon-bench-"))
     source = None
     if args.ref:
