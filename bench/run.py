@@ -817,7 +817,7 @@ def phase_connections(phase: Phase) -> str:
 def connections_text(meta: dict[str, Any]) -> str:
     ladder = meta["connections"]
     if len(ladder) == 1:
-        return f"-c{ladder[0]}"
+        return f"{ladder[0]} connections"
     return "each saturation phase's peak of " + ",".join(map(str, ladder)) + " connections"
 
 
