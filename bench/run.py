@@ -975,7 +975,8 @@ taken against the mean of the two; (c) IssueCoupon at a fixed offered rate,
 open loop, latency from the intended send time. Errors are non-2xx answers plus transport
 failures. The CPU column is what each party used while the phase was measured, in cores;
 "other" is everything else on the machine (other people's processes, and interrupt time that
-lands on an otherwise idle core, which is why (c) shows ~0.1 there).
+lands on an otherwise idle core, which is why (c) shows ~0.1 there). Each saturation phase
+runs at its own peak of connections, found by short probes.
 """
 
 
