@@ -53,7 +53,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -239,6 +239,39 @@ def wrk_argv(
     ]
 
 
+# One probe of a saturation search: connections -> (requests/s, errors).
+Probe = Callable[[int], tuple[float, int]]
+
+
+def search_peak(
+    ladder: Sequence[int], probe: Probe, least: int = 1
+) -> tuple[dict[int, dict[str, float]], int]:
+    """The probes, by connection count, and the count that answered most.
+
+    Every count of the (sorted) ladder is probed, not only up to the first dip: a VM's
+    noise makes a single dip a poor stopping rule. Then the counts halfway to the best
+    one's neighbours (when not below `least`), so that a peak between two steps is not
+    missed. A count whose probe saw errors is chosen only when every probe saw errors."""
+    probes: dict[int, dict[str, float]] = {}
+
+    def run(connections: int) -> None:
+        rate, errors = probe(connections)
+        probes[connections] = {"requests_per_s": rate, "errors": errors}
+
+    def best() -> int:
+        clean = [c for c in probes if not probes[c]["errors"]] or list(probes)
+        return max(clean, key=lambda c: probes[c]["requests_per_s"])
+
+    for connections in ladder:
+        run(connections)
+    peak = list(ladder).index(best())
+    for neighbour in [*ladder[max(0, peak - 1) : peak], *ladder[peak + 1 : peak + 2]]:
+        halfway = (ladder[peak] + neighbour) // 2
+        if halfway not in probes and halfway >= least:
+            run(halfway)
+    return dict(sorted(probes.items())), best()
+
+
 def cpu_groups(server: Server) -> dict[str, list[int]]:
     """The processes whose CPU a phase reports: the server's, PostgreSQL's and Redis's."""
     return {
@@ -363,35 +396,18 @@ class Bench:
         return result, cpu
 
     def saturation_point(self, key: str, server: Server, campaign: str) -> int:
-        """The connection count at which `server` answers most: a short probe at each count
-        of the ladder (all of them: a VM's noise makes a single dip a poor stopping rule),
-        then halfway to the best count's neighbours, so that a peak between two steps is
-        not missed. A count whose probe saw errors is not chosen while another is clean."""
+        """The connection count at which `server` answers most (see `search_peak`)."""
         ladder: list[int] = self.args.connections
         if len(ladder) == 1:
             return ladder[0]
-        probes: dict[int, dict[str, float]] = {}
 
-        def probe(connections: int) -> None:
+        def probe(connections: int) -> tuple[float, int]:
             result, _ = self.wrk(
                 server, campaign, f"probe{key}{connections}", self.args.probe, connections
             )
-            rate = result["requests"] / (result["duration_us"] / 1e6)
-            probes[connections] = {"requests_per_s": rate, "errors": result["failed"]}
+            return result["requests"] / (result["duration_us"] / 1e6), int(result["failed"])
 
-        def best() -> int:
-            clean = [c for c in probes if not probes[c]["errors"]] or list(probes)
-            return max(clean, key=lambda c: probes[c]["requests_per_s"])
-
-        for connections in ladder:
-            probe(connections)
-        peak = ladder.index(best())
-        for neighbour in ladder[max(0, peak - 1) : peak] + ladder[peak + 1 : peak + 2]:
-            halfway = (ladder[peak] + neighbour) // 2
-            if halfway not in probes and halfway >= self.args.threads:
-                probe(halfway)
-        self.searches[key] = dict(sorted(probes.items()))
-        chosen = best()
+        self.searches[key], chosen = search_peak(ladder, probe, least=self.args.threads)
         print(f"    {search_text(self.searches[key], chosen, self.args.probe)}", flush=True)
         return chosen
 
