@@ -17,7 +17,7 @@ One run measures, each on servers started here on free loopback ports:
 (a) and before (b), short probes at each count of a ladder (64 to 1,024 wrk connections),
 then halfway to the best count's neighbours, find the count at which that server answers
 most, and the measured run uses it. The two servers peak at different counts: the no-op
-at about 128, while IssueCoupon still gains up to 512 or more, because its group commits
+at 64-192, while IssueCoupon keeps gaining to 256-1,024, because its group commits
 and admission calls grow with the number of requests waiting. Both are searched the same
 way; the probes are printed, with (b)/(a) at every count both probed, and
 `--connections N` measures every phase at N instead.
@@ -419,9 +419,7 @@ class Bench:
         if self.args.warmup > 0:
             warm = connections or self.args.connections[0]
             self.wrk(server, campaign, f"warm{key}", self.args.warmup, warm)
-        if connections is None:
-            connections = self.saturation_point(key, server, campaign)
-        chosen = connections
+        chosen = connections or self.saturation_point(key, server, campaign)
         result, cores = self.measure(
             server, lambda: self.wrk(server, campaign, key, self.args.duration, chosen)
         )
