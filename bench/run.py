@@ -15,12 +15,12 @@ One run measures, each on servers started here on free loopback ports:
 
 "At saturation" means at the peak of throughput over the number of connections: before
 (a) and before (b), short probes at each count of a ladder (64 to 1,024 wrk connections),
-then halfway to the best count's neighbours, find the count at which that server answers
-most, and the measured run uses it. The two servers peak at different counts: the no-op
-at 64-192, while IssueCoupon keeps gaining to 256-1,024, because its group commits
-and admission calls grow with the number of requests waiting. Both are searched the same
-way; the probes are printed, with (b)/(a) at every count both probed, and
-`--connections N` measures every phase at N instead.
+then halfway to the best count's neighbours and the two best counts once more, find the
+count at which that server answers most, and the measured run uses it. The two servers
+peak at different counts: the no-op at 64-192, while IssueCoupon keeps gaining to
+256-1,024, because its group commits and admission calls grow with the number of requests
+waiting. Both are searched the same way; the probes are printed, with (b)/(a) at every
+count both probed, and `--connections N` measures every phase at N instead.
 
 then verifies I1-I4 (and "acknowledged <= stored") in PostgreSQL, prints one table, writes
 it as JSON to bench/results/ and appends it to bench/RESULTS.md. The CPU each party used
@@ -251,25 +251,38 @@ def search_peak(
     Every count of the (sorted) ladder is probed, not only up to the first dip: a VM's
     noise makes a single dip a poor stopping rule. Then the counts halfway to the best
     one's neighbours (when not below `least`), so that a peak between two steps is not
-    missed. A count whose probe saw errors is chosen only when every probe saw errors."""
-    probes: dict[int, dict[str, float]] = {}
+    missed. Then the two best counts once more, so that the choice does not rest on one
+    lucky probe: a count's rate is the mean of its probes. A count whose probes saw errors
+    is chosen only when every count's did."""
+    samples: dict[int, list[float]] = {}
+    errors: dict[int, int] = {}
 
     def run(connections: int) -> None:
-        rate, errors = probe(connections)
-        probes[connections] = {"requests_per_s": rate, "errors": errors}
+        rate, failed = probe(connections)
+        samples.setdefault(connections, []).append(rate)
+        errors[connections] = errors.get(connections, 0) + failed
 
-    def best() -> int:
-        clean = [c for c in probes if not probes[c]["errors"]] or list(probes)
-        return max(clean, key=lambda c: probes[c]["requests_per_s"])
+    def mean(connections: int) -> float:
+        return sum(samples[connections]) / len(samples[connections])
+
+    def ranked() -> list[int]:
+        clean = [c for c in samples if not errors[c]] or list(samples)
+        return sorted(clean, key=mean, reverse=True)
 
     for connections in ladder:
         run(connections)
-    peak = list(ladder).index(best())
+    peak = list(ladder).index(ranked()[0])
     for neighbour in [*ladder[max(0, peak - 1) : peak], *ladder[peak + 1 : peak + 2]]:
         halfway = (ladder[peak] + neighbour) // 2
-        if halfway not in probes and halfway >= least:
+        if halfway not in samples and halfway >= least:
             run(halfway)
-    return dict(sorted(probes.items())), best()
+    for connections in sorted(ranked()[:2]):
+        run(connections)
+    probes = {
+        c: {"requests_per_s": mean(c), "errors": errors[c], "probes": len(samples[c])}
+        for c in sorted(samples)
+    }
+    return probes, ranked()[0]
 
 
 def cpu_groups(server: Server) -> dict[str, list[int]]:
@@ -690,9 +703,12 @@ def fmt_ms(value: float | None) -> str:
 
 
 def search_text(probes: dict[int, dict[str, float]], best: int, seconds: float) -> str:
-    """'search, req/s by wrk connections (5 s each): 64 25,970 · 128 27,566 ... → 128'."""
+    """'search, req/s by wrk connections (5 s each): 64 25,970 · 128 27,566 (mean of 2) ...
+    → 128'."""
     steps = " · ".join(
-        f"{c} {p['requests_per_s']:,.0f}" + (f" ({p['errors']:.0f} errors)" if p["errors"] else "")
+        f"{c} {p['requests_per_s']:,.0f}"
+        + (f" (mean of {p['probes']:.0f})" if p.get("probes", 1) > 1 else "")
+        + (f" ({p['errors']:.0f} errors)" if p["errors"] else "")
         for c, p in probes.items()
     )
     return f"search, req/s by wrk connections ({seconds:g} s each): {steps} → {best}"

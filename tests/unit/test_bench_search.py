@@ -31,11 +31,13 @@ def test_a_peak_between_two_steps_is_found_halfway() -> None:
 
     probes, chosen = search_peak(LADDER, curve)
 
-    # 256 is the ladder's best; halfway to its neighbours are 192 and 384.
-    assert curve.probed == [*LADDER, 192, 384]
+    # 256 is the ladder's best; halfway to its neighbours are 192 and 384; then the two
+    # best, 192 and 256, once more.
+    assert curve.probed == [*LADDER, 192, 384, 192, 256]
     assert chosen == 192
     assert list(probes) == sorted(probes)
-    assert probes[192] == {"requests_per_s": 30_000 - 8**2, "errors": 0}
+    assert probes[192] == {"requests_per_s": 30_000 - 8**2, "errors": 0, "probes": 2}
+    assert probes[64]["probes"] == 1
 
 
 def test_a_peak_at_the_top_of_the_ladder_is_refined_below_only() -> None:
@@ -43,7 +45,7 @@ def test_a_peak_at_the_top_of_the_ladder_is_refined_below_only() -> None:
 
     _, chosen = search_peak(LADDER, curve)
 
-    assert curve.probed == [*LADDER, 768]
+    assert curve.probed == [*LADDER, 768, 768, 1024]
     assert chosen == 1024
 
 
@@ -52,7 +54,7 @@ def test_a_peak_at_the_bottom_is_refined_above_only() -> None:
 
     _, chosen = search_peak(LADDER, curve)
 
-    assert curve.probed == [*LADDER, 96]
+    assert curve.probed == [*LADDER, 96, 64, 96]
     assert chosen == 64
 
 
@@ -64,6 +66,22 @@ def test_every_count_is_probed_even_past_a_dip() -> None:
     _, chosen = search_peak(LADDER, curve)
 
     assert chosen == 1024
+
+
+def test_one_lucky_probe_does_not_choose_a_count() -> None:
+    # 1,024 is fast once, then slow; 256 is steadily a little slower than its first probe.
+    seen: dict[int, int] = {}
+
+    def rate(connections: int) -> float:
+        seen[connections] = seen.get(connections, 0) + 1
+        if connections == 1024:
+            return 20_000.0 if seen[connections] == 1 else 10_000.0
+        return {256: 18_000.0, 512: 17_000.0, 768: 16_000.0}.get(connections, 12_000.0)
+
+    probes, chosen = search_peak(LADDER, Curve(rate))
+
+    assert probes[1024]["requests_per_s"] == 15_000.0  # the mean of its two probes
+    assert chosen == 256
 
 
 def test_a_count_with_errors_is_not_chosen_while_another_is_clean() -> None:
@@ -88,7 +106,7 @@ def test_no_halfway_count_below_the_least_wrk_accepts() -> None:
 
     search_peak((2, 4), curve, least=4)
 
-    assert curve.probed == [2, 4]  # 3 would be fewer connections than wrk threads
+    assert 3 not in curve.probed  # fewer connections than wrk threads
 
 
 def test_connections_take_one_count_or_a_ladder() -> None:
