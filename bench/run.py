@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -367,6 +368,7 @@ class Bench:
     extra_ceilings: list[dict[str, Any]] = field(default_factory=list)
     # phase key -> {connections: {"requests_per_s": .., "errors": ..}}: the saturation search
     searches: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    user_sets: set[str] = field(default_factory=set)  # the users label of every wrk run
 
     def measure(
         self, server: Server, drive: Callable[[], tuple[dict[str, Any], float]]
@@ -391,6 +393,11 @@ class Bench:
         threads: int | None = None,
     ) -> tuple[dict[str, Any], float]:
         threads = threads or self.args.threads
+        # A user asks once: a second run with the same users would be answered from the gate
+        # (the user's coupon again), which is faster and stores nothing.
+        if users in self.user_sets:
+            raise BenchBroke(f"wrk users {users!r} would repeat an earlier run's users")
+        self.user_sets.add(users)
         argv = wrk_argv(
             server.url,
             campaign,
@@ -414,10 +421,12 @@ class Bench:
         if len(ladder) == 1:
             return ladder[0]
 
+        probes = itertools.count(1)
+
         def probe(connections: int) -> tuple[float, int]:
-            result, _ = self.wrk(
-                server, campaign, f"probe{key}{connections}", self.args.probe, connections
-            )
+            # Each probe its own users, a count probed twice included.
+            users = f"probe{key}{connections}n{next(probes)}"
+            result, _ = self.wrk(server, campaign, users, self.args.probe, connections)
             return result["requests"] / (result["duration_us"] / 1e6), int(result["failed"])
 
         self.searches[key], chosen = search_peak(ladder, probe, least=self.args.threads)
@@ -529,7 +538,7 @@ class Bench:
                 continue
 
             def drive(t: int = t, c: int = c) -> tuple[dict[str, Any], float]:
-                return self.wrk(server, str(uuid.uuid4()), "g", 10, c, t)
+                return self.wrk(server, str(uuid.uuid4()), f"g{t}x{c}", 10, c, t)
 
             result, cores = self.measure(server, drive)
             rate = result["requests"] / (result["duration_us"] / 1e6)
