@@ -219,6 +219,11 @@ def bench_result(stdout: str) -> dict[str, Any] | None:
     return None
 
 
+def wrk_rate(result: dict[str, Any]) -> float:
+    """Requests per second of one wrk run (its BENCH_RESULT)."""
+    return float(result["requests"]) / (float(result["duration_us"]) / 1e6)
+
+
 def wrk_argv(
     url: str, campaign: str, users: str, *, threads: int, connections: int, seconds: int
 ) -> list[str]:
@@ -427,7 +432,7 @@ class Bench:
             # Each probe its own users, a count probed twice included.
             users = f"probe{key}{connections}n{next(probes)}"
             result, _ = self.wrk(server, campaign, users, self.args.probe, connections)
-            return result["requests"] / (result["duration_us"] / 1e6), int(result["failed"])
+            return wrk_rate(result), int(result["failed"])
 
         self.searches[key], chosen = search_peak(ladder, probe, least=self.args.threads)
         print(f"    {search_text(self.searches[key], chosen, self.args.probe)}", flush=True)
@@ -446,11 +451,10 @@ class Bench:
             server, lambda: self.wrk(server, campaign, key, self.args.duration, chosen)
         )
         latency = result["latency_us"]
-        seconds = result["duration_us"] / 1e6
         threads = result["threads"]
         return Phase(
             key=key,
-            requests_per_s=result["requests"] / seconds,
+            requests_per_s=wrk_rate(result),
             p50_ms=latency["p50"] / 1000,
             p99_ms=latency["p99"] / 1000,
             p999_ms=latency["p99.9"] / 1000,
@@ -541,7 +545,7 @@ class Bench:
                 return self.wrk(server, str(uuid.uuid4()), f"g{t}x{c}", 10, c, t)
 
             result, cores = self.measure(server, drive)
-            rate = result["requests"] / (result["duration_us"] / 1e6)
+            rate = wrk_rate(result)
             self.extra_ceilings.append(
                 {"threads": t, "connections": c, "requests_per_s": rate, "cores": cores}
             )
