@@ -90,6 +90,12 @@ class RedisClock:
         return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int(micros))
 
 
+async def _call(conn: AbstractConnection, *command: EncodableT) -> Any:
+    """One command on `conn`, bypassing the pool's health check, and its reply."""
+    await conn.send_packed_command(conn.pack_command(*command), check_health=False)
+    return await conn.read_response()
+
+
 class ScriptLane:
     """Runs scripts on connections set aside from a one-server client's pool.
 
@@ -136,16 +142,12 @@ class ScriptLane:
         keys: Sequence[str],
         args: Sequence[EncodableT],
     ) -> Any:
-        packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        await conn.send_packed_command(packed, check_health=False)
         try:
-            return await conn.read_response()
+            return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             # The server lost its scripts (restarted, flushed): load it and send again.
             script.sha = await self._client.script_load(script.script)
-        packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        await conn.send_packed_command(packed, check_health=False)
-        return await conn.read_response()
+        return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _connection(self) -> AbstractConnection:
         conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
