@@ -40,11 +40,15 @@ lint: setup
 
 # Run every test (lint first). Local PostgreSQL/Redis are used when reachable,
 # testcontainers otherwise. Extra arguments go to pytest.
-test *ARGS: lint
+test *ARGS: lint test-deps
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$({{python}} -m tools.test_services)"
     exec {{python}} -m pytest {{ARGS}}
+
+# Install what the tests need beyond Python (npm packages; chromium and docker-compose on Debian).
+test-deps:
+    tools/test-deps.sh
 
 # Run buf (installed from npm into node_modules on first use), e.g. `just buf lint`.
 buf *ARGS:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# What the tests need beyond the Python environment, installed when missing:
+#   * npm packages from package-lock.json (buf, and the Node clients the protocol tests use);
+#   * on Debian, as root: chromium (browser tests) and docker-compose (validates
+#     docker-compose.yml without a Docker engine).
+# Each install runs only when its tool is missing, so a second `just test` installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x node_modules/.bin/buf ] || ! npm ls --silent >/dev/null 2>&1; then
+    npm ci --silent --no-audit --no-fund
+fi
+
+debian=()
+command -v chromium >/dev/null || debian+=(chromium)
+command -v docker-compose >/dev/null || debian+=(docker-compose)
+if [ ${#debian[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing ${debian[*]} (apt-get) ..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq "${debian[@]}" >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq "${debian[@]}" >/dev/null; }
+    else
+        echo "not installed: ${debian[*]} (needs root and apt-get); the tests that need them are skipped" >&2
+    fi
+fi
