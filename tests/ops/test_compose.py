@@ -295,8 +295,8 @@ def test_env_example_is_also_a_working_env_file_for_coupon_serve() -> None:
 DOCKER_COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     DOCKER_COMPOSE is None,
-    reason="docker-compose is not installed (CI installs Debian's: apt-get install "
-    "docker-compose); it validates docker-compose.yml without a Docker engine",
+    reason="docker-compose is not installed (`just test` installs Debian's when run as root); "
+    "it validates docker-compose.yml without a Docker engine",
 )
 
 
