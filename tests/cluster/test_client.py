@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from coupon.adapters.redis.client import create_client, is_cluster_url, parse_cluster_url
-from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
+from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
@@ -146,14 +147,20 @@ async def test_time_has_the_single_server_shape(cluster_client: RedisCluster) ->
     assert abs((now - datetime.now(UTC)).total_seconds()) < 5  # same machine's clock
 
 
+async def chunks(*coupons: Coupon) -> AsyncIterator[Sequence[Coupon]]:
+    yield list(coupons)
+
+
 @needs_redis_server
 async def test_the_gate_admits_settles_and_reloads_on_the_cluster(
     cluster_client: RedisCluster,
 ) -> None:
-    gate = RedisStockGate(cluster_client, prefix=PREFIX, lease_seconds=60)
+    gate = RedisStockGate(
+        cluster_client, prefix=PREFIX, lease_seconds=60, reissue_delay_seconds=0.1
+    )
     c = campaign(total=3)
     assert (await gate.admit(c.id, "u0")).kind is AdmissionKind.NOT_LOADED
-    await gate.load(c, ())
+    await gate.load(c, chunks())
     a1 = await gate.admit(c.id, "u1")
     a2 = await gate.admit(c.id, "u2")
     assert (a1.kind, a1.slot, a2.slot) == (AdmissionKind.ADMITTED, 1, 2)
@@ -165,13 +172,14 @@ async def test_the_gate_admits_settles_and_reloads_on_the_cluster(
     repeat = await gate.admit(c.id, "u1")
     assert (repeat.kind, repeat.pending) == (AdmissionKind.ALREADY_HELD, False)
     await gate.release(c.id, "u2", 2)  # the insert failed: slot 2 goes back
+    await asyncio.sleep(0.1)
     assert (await gate.admit(c.id, "u3")).slot == 2
     assert (await gate.admit(c.id, "u4")).slot == 3
     assert (await gate.admit(c.id, "u5")).kind is AdmissionKind.SOLD_OUT
     await gate.forget(c.id, "u4", 3)
     # Lose the campaign's state, rebuild it from (what would be) the ledger.
     await cluster_client.delete(*gate.keys(c.id))
-    await gate.load(c, (coupon(c, "u1", 1), coupon(c, "u3", 2)))
+    await gate.load(c, chunks(coupon(c, "u1", 1), coupon(c, "u3", 2)))
     assert (await gate.admit(c.id, "u1")).kind is AdmissionKind.ALREADY_HELD
     assert (await gate.admit(c.id, "u6")).slot == 3
     assert (await gate.admit(c.id, "u7")).kind is AdmissionKind.SOLD_OUT
@@ -192,7 +200,7 @@ async def test_a_burst_on_one_node_queues_for_connections_instead_of_failing(
         # And the gate's batched admissions on top of it.
         gate = RedisStockGate(client, prefix=PREFIX)
         c = campaign(total=300)
-        await gate.load(c, ())
+        await gate.load(c, chunks())
         results = await asyncio.gather(*(gate.admit(c.id, f"u{i}") for i in range(600)))
         kinds = [r.kind for r in results]
         assert kinds.count(AdmissionKind.ADMITTED) == 300
@@ -216,7 +224,7 @@ async def test_a_dead_master_fails_only_its_own_campaigns() -> None:
                 c = campaign(total=10)
                 by_master.setdefault(cluster.master_for_key(gate.keys(c.id)[0]), c)
             for c in by_master.values():
-                await gate.load(c, ())
+                await gate.load(c, chunks())
             cluster.kill_master(0)
             with pytest.raises(Unavailable):
                 await gate.admit(by_master[0].id, "alice")

@@ -4,7 +4,8 @@ ones (PostgreSQL, Redis). A fake that passes here behaves like production."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -22,7 +23,8 @@ from coupon.adapters.memory.store import (
 )
 from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
-from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
+from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import (
     AdmissionKind,
     CampaignRepository,
@@ -37,8 +39,14 @@ from coupon.application.use_cases import new_campaign_id
 from coupon.domain.campaign import Campaign
 from coupon.domain.codes import is_well_formed
 from coupon.domain.coupon import Coupon
+from coupon.domain.errors import Overloaded
 
 LEASE = 0.3
+DELAY = 0.2  # the gates' reissue delay here
+
+
+async def chunks(*coupons: Coupon) -> AsyncIterator[Sequence[Coupon]]:
+    yield list(coupons)
 
 
 @dataclass
@@ -48,6 +56,8 @@ class Adapters:
     gate: StockGate
     codes: CodeGenerator
     clock: Clock
+    # Loses a campaign's gate state, as a Redis flush would.
+    lose_gate_state: Callable[[str], Awaitable[None]]
 
     async def new_campaign(
         self, total: int = 5, *, starts_in: float = -60, ends_in: float | None = None
@@ -62,7 +72,7 @@ class Adapters:
             created_at=now,
         )
         await self.campaigns.add(campaign)
-        await self.gate.load(campaign, ())
+        await self.gate.load(campaign, chunks())
         return campaign
 
     async def coupon(self, campaign: Campaign, user: str, slot: int) -> Coupon:
@@ -73,12 +83,18 @@ class Adapters:
 def memory_adapters() -> Adapters:
     store = MemoryStore()
     clock = SystemClock()
+    gate = MemoryStockGate(clock, lease_seconds=LEASE, reissue_delay_seconds=DELAY)
+
+    async def lose(campaign_id: str) -> None:
+        gate.drop(campaign_id)
+
     return Adapters(
         MemoryCampaignRepository(store),
         MemoryCouponLedger(store),
-        MemoryStockGate(clock, lease_seconds=LEASE),
+        gate,
         MemoryCodeGenerator(),
         clock,
+        lose,
     )
 
 
@@ -87,13 +103,22 @@ async def real_adapters(
     pg_pool: asyncpg.Pool, redis_client: aioredis.Redis, redis_prefix: str
 ) -> AsyncIterator[Adapters]:
     ledger = PostgresCouponLedger(pg_pool)
+    gate = RedisStockGate(
+        redis_client, prefix=redis_prefix, lease_seconds=LEASE, reissue_delay_seconds=DELAY
+    )
+
+    async def lose(campaign_id: str) -> None:
+        await redis_client.delete(*gate.keys(campaign_id))
+
     yield Adapters(
         PostgresCampaignRepository(pg_pool),
         ledger,
-        RedisStockGate(redis_client, prefix=redis_prefix, lease_seconds=LEASE),
+        gate,
         PostgresCodeGenerator(pg_pool),
         RedisClock(redis_client),
+        lose,
     )
+    await gate.close()
     await ledger.close()
 
 
@@ -123,6 +148,17 @@ async def test_repository_returns_none_for_unknown_id(adapters: Adapters) -> Non
 
 
 # --- ledger --------------------------------------------------------------------------
+
+
+async def test_ledger_finds_many_users_at_once(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=50)
+    coupons = [await adapters.coupon(c, f"u{i}", i + 1) for i in range(50)]
+    for x in coupons:
+        await adapters.ledger.record(x)
+    asked = [f"u{i}" for i in range(0, 100, 3)]
+    found = await asyncio.gather(*(adapters.ledger.find_by_user(c.id, u) for u in asked))
+    by_user = {x.user_id: x for x in coupons}
+    assert found == [by_user.get(u) for u in asked]
 
 
 async def test_ledger_records_and_finds_by_user(adapters: Adapters) -> None:
@@ -240,8 +276,10 @@ async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapt
     assert list(second.coupons) == coupons[4:8] and second.has_more
     third = await adapters.ledger.page(c.id, second.last_position, 4)
     assert list(third.coupons) == coupons[8:] and not third.has_more
-    holdings = await adapters.ledger.holdings(c.id)
+    holdings = [x async for chunk in adapters.ledger.holdings(c.id) for x in chunk]
     assert sorted(holdings, key=lambda x: x.slot) == coupons
+    holders = [u async for chunk in adapters.ledger.holders(c.id) for u in chunk]
+    assert sorted(holders) == sorted(x.user_id for x in coupons)
 
 
 # --- stock gate ----------------------------------------------------------------------
@@ -329,9 +367,10 @@ async def test_gate_ignores_a_confirm_for_a_released_admission(adapters: Adapter
     c = await adapters.new_campaign(total=1)
     a = await adapters.gate.admit(c.id, "alice")
     await adapters.gate.release(c.id, "alice", a.slot)
+    await asyncio.sleep(DELAY)
     b = await adapters.gate.admit(c.id, "bob")
+    # Alice's confirm names bob's slot now: it neither takes it nor puts alice back into it.
     await adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
-    assert (await adapters.gate.admit(c.id, "alice")).kind is AdmissionKind.SOLD_OUT
     assert (await adapters.gate.admit(c.id, "bob")).slot == b.slot
 
 
@@ -361,10 +400,15 @@ async def test_gate_reports_unknown_campaign_as_not_loaded(adapters: Adapters) -
     assert admission.kind is AdmissionKind.NOT_LOADED
 
 
-async def test_gate_release_returns_the_slot(adapters: Adapters) -> None:
+async def test_gate_release_returns_the_slot_after_the_reissue_delay(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=1)
     a = await adapters.gate.admit(c.id, "alice")
     await adapters.gate.release(c.id, "alice", a.slot)
+    waiting = await adapters.gate.admit(c.id, "bob")
+    assert waiting.kind is AdmissionKind.SOLD_OUT
+    assert waiting.view is not None and waiting.view.reopens_at is not None
+    assert DELAY / 2 < (waiting.view.reopens_at - waiting.now).total_seconds() <= DELAY
+    await asyncio.sleep(DELAY)
     b = await adapters.gate.admit(c.id, "bob")
     assert b.kind is AdmissionKind.ADMITTED and b.slot == a.slot
 
@@ -378,6 +422,7 @@ async def test_gate_release_of_a_slot_the_user_no_longer_holds_does_nothing(
     assert (await adapters.gate.admit(c.id, "alice")).kind is AdmissionKind.ALREADY_HELD
     await adapters.gate.release(c.id, "alice", a.slot)
     await adapters.gate.release(c.id, "alice", a.slot)  # twice: the slot comes back once
+    await asyncio.sleep(DELAY)
     slots = [(await adapters.gate.admit(c.id, u)).slot for u in ("b", "c")]
     assert sorted(slots) == [1, 2]
     assert (await adapters.gate.admit(c.id, "d")).kind is AdmissionKind.SOLD_OUT
@@ -392,21 +437,101 @@ async def test_gate_forget_drops_the_user_but_not_the_slot(adapters: Adapters) -
 
 async def test_gate_load_rebuilds_users_and_free_slots(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=5)
-    if isinstance(adapters.gate, MemoryStockGate):
-        adapters.gate.drop(c.id)
-    else:
-        assert isinstance(adapters.gate, RedisStockGate)
-        client = adapters.gate._client
-        await client.delete(*adapters.gate.keys(c.id))
+    await adapters.lose_gate_state(c.id)
     assert (await adapters.gate.admit(c.id, "x")).kind is AdmissionKind.NOT_LOADED
     alice = await adapters.coupon(c, "alice", 1)
-    await adapters.gate.load(c, [alice, await adapters.coupon(c, "bob", 3)])
+    await adapters.gate.load(c, chunks(alice, await adapters.coupon(c, "bob", 3)))
     held = await adapters.gate.admit(c.id, "alice")
     assert held.kind is AdmissionKind.ALREADY_HELD and held.slot == 1 and not held.pending
     assert held.held == alice
-    slots = sorted([(await adapters.gate.admit(c.id, u)).slot for u in ("c", "d", "e")])
-    assert slots == [2, 4, 5]
+    # Slot 2 was never recorded: it comes back, after the reissue delay.
+    slots = sorted([(await adapters.gate.admit(c.id, u)).slot for u in ("c", "d")])
+    assert slots == [4, 5]
+    assert (await adapters.gate.admit(c.id, "e")).kind is AdmissionKind.SOLD_OUT
+    await asyncio.sleep(DELAY)
+    assert (await adapters.gate.admit(c.id, "e")).slot == 2
     assert (await adapters.gate.admit(c.id, "f")).kind is AdmissionKind.SOLD_OUT
+
+
+async def test_gate_load_leaves_an_existing_state_alone(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=2)
+    first = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.load(c, chunks())  # another process's late rebuild
+    again = await adapters.gate.admit(c.id, "alice")
+    assert again.kind is AdmissionKind.ALREADY_HELD and again.slot == first.slot
+
+
+async def test_gate_puts_back_a_holder_it_lost_when_their_coupon_is_confirmed(
+    adapters: Adapters,
+) -> None:
+    """A rebuild that ran while alice's coupon was being committed does not know her, and
+    takes her slot for a gap; the confirm that follows the commit puts her back, and her
+    slot is no longer free."""
+    c = await adapters.new_campaign(total=2)
+    a = await adapters.gate.admit(c.id, "alice")
+    b = await adapters.gate.admit(c.id, "bob")
+    bob = await adapters.coupon(c, "bob", b.slot)
+    await adapters.lose_gate_state(c.id)
+    await adapters.gate.load(c, chunks(bob))  # alice's commit has not landed yet
+    refused = await adapters.gate.admit(c.id, "carol")
+    assert refused.view is not None
+    alice = await adapters.coupon(c, "alice", a.slot)
+    await adapters.gate.confirm(alice)
+    held = await adapters.gate.admit(c.id, "alice")
+    assert held.kind is AdmissionKind.ALREADY_HELD and held.held == alice
+    await asyncio.sleep(DELAY)
+    sold_out = await adapters.gate.admit(c.id, "carol")
+    assert sold_out.kind is AdmissionKind.SOLD_OUT
+    assert sold_out.view is not None and sold_out.view.reopens_at is None
+    # A new holder: the gate's version moved on.
+    assert sold_out.view.version != refused.view.version
+
+
+async def test_gate_answers_holders_with_their_coupon_after_the_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=3, ends_in=0.3)
+    a = await adapters.gate.admit(c.id, "alice")
+    coupon = await adapters.coupon(c, "alice", a.slot)
+    await adapters.gate.confirm(coupon)
+    await asyncio.sleep(0.35)
+    held = await adapters.gate.admit(c.id, "alice")
+    assert held.kind is AdmissionKind.ALREADY_HELD and held.held == coupon
+    ended = await adapters.gate.admit(c.id, "bob")
+    assert ended.kind is AdmissionKind.ENDED
+    assert ended.view is not None and ended.view.ends_at == c.ends_at
+
+
+async def test_gate_version_moves_with_every_admission(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    early = await adapters.new_campaign(total=1, starts_in=3600)
+    not_started = await adapters.gate.admit(early.id, "x")
+    assert not_started.view is not None and not_started.view.starts_at == early.starts_at
+    await adapters.gate.admit(c.id, "alice")
+    first = await adapters.gate.admit(c.id, "bob")
+    again = await adapters.gate.admit(c.id, "carol")
+    assert first.view is not None and again.view is not None
+    assert first.view.version == again.view.version  # refusals add no holder
+    await adapters.gate.release(c.id, "alice", 1)
+    await asyncio.sleep(DELAY)
+    await adapters.gate.admit(c.id, "dave")
+    later = await adapters.gate.admit(c.id, "erin")
+    assert later.view is not None and later.view.version != first.view.version
+
+
+async def test_gate_lists_pending_users_until_confirmed(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=3)
+    a = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.admit(c.id, "bob")
+    assert sorted(await adapters.gate.pending_users(c.id)) == ["alice", "bob"]
+    await adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
+    await adapters.gate.admit(c.id, "carol")  # confirms are sent before what follows
+    assert sorted(await adapters.gate.pending_users(c.id)) == ["bob", "carol"]
+
+
+async def test_gate_turns_away_a_request_past_its_deadline_untouched(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    with pytest.raises(Overloaded):
+        await adapters.gate.admit(c.id, "late", deadline=time.monotonic() - 0.001)
+    assert (await adapters.gate.admit(c.id, "bob")).slot == 1
 
 
 async def test_gate_reports_unconfirmed_admissions_after_the_lease(adapters: Adapters) -> None:

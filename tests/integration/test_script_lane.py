@@ -4,6 +4,7 @@ they recover from what a pooled connection recovers from, and go back to the poo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
@@ -13,14 +14,20 @@ from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.application.use_cases import new_campaign_id
 from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import Coupon
 from tests.support.private_redis import PrivateRedis
+
+
+async def no_holdings() -> AsyncIterator[Sequence[Coupon]]:
+    return
+    yield
 
 
 async def loaded_gate(client: aioredis.Redis, prefix: str) -> tuple[RedisStockGate, str]:
     gate = RedisStockGate(client, prefix=prefix)
     now = datetime.now(UTC)
     campaign = Campaign(new_campaign_id(), "lane", 100, now - timedelta(minutes=1), None, now)
-    await gate.load(campaign, ())
+    await gate.load(campaign, no_holdings())
     return gate, campaign.id
 
 

@@ -6,7 +6,7 @@ Adapters under `coupon.adapters` implement these; `entrypoints/ioc.py` alone dec
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -68,14 +68,21 @@ class CouponLedger(Protocol):
         """
         ...
 
-    async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None: ...
+    async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:
+        """The user's coupon of the campaign; adapters may answer concurrent calls with one
+        query."""
+        ...
 
     async def page(self, campaign_id: str, after: int, limit: int) -> CouponPage:
         """Coupons of a campaign in issue order, those after position `after` (0: first)."""
         ...
 
-    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
-        """Every coupon of the campaign: what a gate rebuild needs."""
+    def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+        """Every coupon of the campaign, in chunks: what a gate rebuild needs."""
+        ...
+
+    def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
+        """The ids of the users who hold a coupon of the campaign, in chunks."""
         ...
 
 
@@ -87,6 +94,21 @@ class AdmissionKind(enum.Enum):
     ENDED = "ended"
     # The gate has no state for this campaign (never loaded, or Redis lost it).
     NOT_LOADED = "not_loaded"
+
+
+@dataclass(frozen=True, slots=True)
+class GateView:
+    """What the gate knew when it refused a batch of requests (sold out, ended, not started):
+    enough to answer the same refusal from memory, for a while, without asking again."""
+
+    # Changes whenever a user may have become a holder (an admission, a rebuild, a holder
+    # put back): a set of holders taken at one version is complete for that version.
+    version: tuple[str, int]
+    # The campaign's window as the gate applies it (a kill switch included).
+    starts_at: datetime
+    ends_at: datetime | None
+    # The earliest moment a slot given back becomes issuable again (None: no slot waits).
+    reopens_at: datetime | None = None
 
 
 # Not frozen: one is built per request, and a frozen dataclass takes 1 us to build (a
@@ -104,29 +126,40 @@ class Admission:
     stale: Sequence[tuple[str, int]] = field(default_factory=tuple)
     # ALREADY_HELD and confirmed: the holder's coupon, so a repeat costs no ledger read.
     held: Coupon | None = None
+    # SOLD_OUT / ENDED / NOT_STARTED: the gate's view, shared by the batch's refusals.
+    view: GateView | None = None
 
 
 class StockGate(Protocol):
     """Fast admission in front of the ledger: window, one-per-user and stock, atomically."""
 
-    async def admit(self, campaign_id: str, user_id: str) -> Admission: ...
+    async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
+        """Decide the user's request. `deadline` (time.monotonic(), 0: none): a request still
+        waiting to be sent to the gate then is refused with Overloaded, untouched."""
+        ...
 
-    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
-        """(Re)build the campaign's gate state from the ledger's holdings."""
+    async def load(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:
+        """(Re)build the campaign's gate state from the ledger's holdings, unless it exists."""
         ...
 
     async def confirm(self, coupon: Coupon) -> None:
         """The coupon is committed: its admission is no longer pending, and repeats of its
-        user can be answered with it. May take effect later, but before any admission of
-        the campaign asked for after this call."""
+        user are answered with it; a holder the gate had lost (Redis lost state) is put
+        back. May take effect later, but before any admission of the campaign asked for
+        after this call."""
         ...
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
-        """Nothing was recorded for this admission: give the slot back."""
+        """Nothing was recorded for this admission: give the slot back. The slot becomes
+        issuable again after the gate's reissue delay (see RefusalMemory)."""
         ...
 
     async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
         """Drop the user's admission without returning the slot (the ledger holds it)."""
+        ...
+
+    async def pending_users(self, campaign_id: str) -> Sequence[str]:
+        """Users whose admission is not yet known to be committed."""
         ...
 
 

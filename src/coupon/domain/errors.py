@@ -50,4 +50,13 @@ class Unauthenticated(CouponError):
 
 
 class Unavailable(CouponError):
-    """A dependency is down or overloaded; nothing was issued, retrying is safe."""
+    """A dependency is down or overloaded; nothing was issued, retrying is safe.
+    `retry_after_ms`, when known, is when a retry can succeed."""
+
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class Overloaded(Unavailable):
+    """The service is at capacity: the request was turned away before any work was done."""

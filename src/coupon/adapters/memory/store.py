@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -19,12 +20,14 @@ from coupon.application.ports import (
     Clock,
     ConstraintViolation,
     CouponPage,
+    GateView,
     Recorded,
     RecordOutcome,
 )
 from coupon.domain.campaign import Campaign
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
+from coupon.domain.errors import Overloaded
 
 
 class SystemClock:
@@ -43,6 +46,10 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.current += timedelta(seconds=seconds)
+
+    def seconds(self) -> float:
+        """The same time as a number, for what is timed by a monotonic clock elsewhere."""
+        return self.current.timestamp()
 
 
 @dataclass
@@ -109,8 +116,11 @@ class MemoryCouponLedger:
         last = after + len(chunk)
         return CouponPage(chunk, last, has_more=last < len(issued))
 
-    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
-        return list(self._store.coupons.get(campaign_id, []))
+    async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+        yield list(self._store.coupons.get(campaign_id, []))
+
+    async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
+        yield [c.user_id for c in self._store.coupons.get(campaign_id, [])]
 
 
 @dataclass
@@ -118,35 +128,44 @@ class _GateState:
     total: int
     starts_at: datetime
     ends_at: datetime | None
+    generation: str
     next_slot: int = 0
-    free: list[int] = field(default_factory=list)
+    # Given-back slots with the time each becomes issuable again.
+    free: dict[int, datetime] = field(default_factory=dict)
     # user -> slot for every admitted user; pending keeps admission times, oldest first.
     users: dict[str, int] = field(default_factory=dict)
     pending: dict[str, datetime] = field(default_factory=dict)
     held: dict[str, Coupon] = field(default_factory=dict)
+    admissions: int = 0
 
 
 class MemoryStockGate:
+    """The Redis gate's contract in one process: the same decisions, versions and delays."""
+
     STALE_BATCH = 50
 
-    def __init__(self, clock: Clock, lease_seconds: float = 15.0) -> None:
+    def __init__(
+        self, clock: Clock, lease_seconds: float = 15.0, reissue_delay_seconds: float = 1.0
+    ) -> None:
         self._clock = clock
         self._lease = timedelta(seconds=lease_seconds)
+        self._delay = timedelta(seconds=reissue_delay_seconds)
         self._states: dict[str, _GateState] = {}
+        self._generations = itertools.count(1)
 
     def drop(self, campaign_id: str) -> None:
         """Lose the campaign's state, as a Redis flush would (for tests)."""
         self._states.pop(campaign_id, None)
 
-    async def admit(self, campaign_id: str, user_id: str) -> Admission:
+    async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
+        if deadline and deadline < time.monotonic():
+            raise Overloaded("waited too long for the gate; retry")
         now = await self._clock.now()
         state = self._states.get(campaign_id)
         if state is None:
             return Admission(AdmissionKind.NOT_LOADED, now)
         if now < state.starts_at:
-            return Admission(AdmissionKind.NOT_STARTED, now)
-        if state.ends_at is not None and now >= state.ends_at:
-            return Admission(AdmissionKind.ENDED, now)
+            return Admission(AdmissionKind.NOT_STARTED, now, view=self._view(state))
         held = state.users.get(user_id)
         if held is not None:
             admitted_at = state.pending.get(user_id)
@@ -155,8 +174,12 @@ class MemoryStockGate:
             return Admission(
                 AdmissionKind.ALREADY_HELD, now, held, pending, stale, state.held.get(user_id)
             )
-        if state.free:
-            slot = state.free.pop()
+        if state.ends_at is not None and now >= state.ends_at:
+            return Admission(AdmissionKind.ENDED, now, view=self._view(state))
+        ready = [slot for slot, at in state.free.items() if at <= now]
+        if ready:
+            slot = min(ready, key=lambda s: (state.free[s], s))
+            del state.free[slot]
         elif state.next_slot < state.total:
             state.next_slot += 1
             slot = state.next_slot
@@ -166,45 +189,78 @@ class MemoryStockGate:
                 if now - admitted_at <= self._lease or len(stale_list) >= self.STALE_BATCH:
                     break
                 stale_list.append((user, state.users[user]))
-            return Admission(AdmissionKind.SOLD_OUT, now, stale=tuple(stale_list))
+            return Admission(
+                AdmissionKind.SOLD_OUT, now, stale=tuple(stale_list), view=self._view(state)
+            )
         state.users[user_id] = slot
         state.pending[user_id] = now
+        state.admissions += 1
         return Admission(AdmissionKind.ADMITTED, now, slot)
 
-    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
-        taken = {c.slot for c in holdings}
+    @staticmethod
+    def _view(state: _GateState) -> GateView:
+        return GateView(
+            version=(state.generation, state.admissions),
+            starts_at=state.starts_at,
+            ends_at=state.ends_at,
+            reopens_at=min(state.free.values(), default=None),
+        )
+
+    async def load(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:
+        if campaign.id in self._states:
+            return
+        coupons = [c async for chunk in holdings for c in chunk]
+        taken = {c.slot for c in coupons}
         top = max(taken, default=0)
+        reopen = await self._clock.now() + self._delay
         self._states[campaign.id] = _GateState(
             total=campaign.total_coupons,
             starts_at=campaign.starts_at,
             ends_at=campaign.ends_at,
+            generation=str(next(self._generations)),
             next_slot=top,
-            free=[s for s in range(top, 0, -1) if s not in taken],
-            users={c.user_id: c.slot for c in holdings},
-            held={c.user_id: c for c in holdings},
+            free={s: reopen for s in range(1, top + 1) if s not in taken},
+            users={c.user_id: c.slot for c in coupons},
+            held={c.user_id: c for c in coupons},
         )
 
     async def confirm(self, coupon: Coupon) -> None:
         state = self._states.get(coupon.campaign_id)
-        if state is not None and state.users.get(coupon.user_id) == coupon.slot:
-            state.pending.pop(coupon.user_id, None)
+        if state is None:
+            return
+        slot = state.users.get(coupon.user_id)
+        if slot is None:
+            # A holder the gate lost: put back, its slot no longer free.
+            state.users[coupon.user_id] = coupon.slot
+            state.held[coupon.user_id] = coupon
+            state.free.pop(coupon.slot, None)
+            state.admissions += 1
+        elif slot == coupon.slot and coupon.user_id in state.pending:
+            del state.pending[coupon.user_id]
             state.held[coupon.user_id] = coupon
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
-        self._end_admission(campaign_id, user_id, slot, slot_back=True)
+        await self._end_admission(campaign_id, user_id, slot, slot_back=True)
 
     async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
-        self._end_admission(campaign_id, user_id, slot, slot_back=False)
+        await self._end_admission(campaign_id, user_id, slot, slot_back=False)
 
-    def _end_admission(self, campaign_id: str, user_id: str, slot: int, *, slot_back: bool) -> None:
-        """The user no longer holds `slot`; it is free again only when `slot_back`."""
+    async def pending_users(self, campaign_id: str) -> Sequence[str]:
+        state = self._states.get(campaign_id)
+        return [] if state is None else list(state.pending)
+
+    async def _end_admission(
+        self, campaign_id: str, user_id: str, slot: int, *, slot_back: bool
+    ) -> None:
+        """The user no longer holds `slot`; it is free again (after the delay) when
+        `slot_back`."""
         state = self._states.get(campaign_id)
         if state is not None and state.users.get(user_id) == slot:
             del state.users[user_id]
             state.pending.pop(user_id, None)
             state.held.pop(user_id, None)
             if slot_back:
-                state.free.append(slot)
+                state.free[slot] = await self._clock.now() + self._delay
 
 
 class MemoryCodeGenerator:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -71,6 +71,12 @@ SELECT id, {_COUPON_COLUMNS} FROM coupons
  WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
 """
 _HOLDINGS = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1"
+_HOLDERS = "SELECT user_id FROM coupons WHERE campaign_id = $1"
+_BY_USERS_OF = f"""
+SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND user_id = ANY($2::text[])
+"""
+# Rows per chunk when reading a whole campaign (a rebuild, the holders of a sold-out one).
+READ_CHUNK = 20_000
 
 
 _RECORDED = Recorded(RecordOutcome.RECORDED)
@@ -126,6 +132,9 @@ class PostgresCouponLedger:
         self._batch_slots = asyncio.Semaphore(max_concurrent_batches)
         self._batches: set[asyncio.Task[None]] = set()
         self._observer = observer
+        # Look-ups by user waiting for their campaign's next query (see find_by_user).
+        self._lookups: dict[str, list[tuple[str, asyncio.Future[Coupon | None]]]] = {}
+        self._looking: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         # The loop the flusher runs on (see `start`): Python 3.11's get_running_loop() is
@@ -289,9 +298,39 @@ class PostgresCouponLedger:
         return results
 
     async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:
-        async with connection(self._pool) as conn:
-            row = await conn.fetchrow(_BY_USER, uuid.UUID(campaign_id), user_id)
-        return None if row is None else coupon_from_row(row)
+        """Concurrent look-ups of one campaign share one query, one at a time per campaign:
+        after a sell-out, every refusal is checked against the ledger until the process
+        knows the campaign's holders, and a query per request would queue on the pool."""
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Coupon | None] = loop.create_future()
+        self._lookups.setdefault(campaign_id, []).append((user_id, future))
+        if campaign_id not in self._looking:
+            self._looking.add(campaign_id)
+            task = loop.create_task(self._look_up(campaign_id))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        return await future
+
+    async def _look_up(self, campaign_id: str) -> None:
+        try:
+            while waiting := self._lookups.pop(campaign_id, None):
+                users = list({user for user, _ in waiting})
+                try:
+                    async with connection(self._pool) as conn:
+                        rows = await conn.fetch(_BY_USERS_OF, uuid.UUID(campaign_id), users)
+                except BaseException as exc:
+                    for _, future in waiting:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                found = {row["user_id"]: coupon_from_row(row) for row in rows}
+                for user, future in waiting:
+                    if not future.done():
+                        future.set_result(found.get(user))
+        finally:
+            self._looking.discard(campaign_id)
 
     async def page(self, campaign_id: str, after: int, limit: int) -> CouponPage:
         async with connection(self._pool) as conn:
@@ -301,10 +340,23 @@ class PostgresCouponLedger:
         last = rows[-1]["id"] if rows else after
         return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
 
-    async def holdings(self, campaign_id: str) -> Sequence[Coupon]:
-        async with connection(self._pool) as conn:
-            rows = await conn.fetch(_HOLDINGS, uuid.UUID(campaign_id))
-        return [coupon_from_row(r) for r in rows]
+    async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+        async for rows in self._read_all(_HOLDINGS, campaign_id):
+            yield [coupon_from_row(r) for r in rows]
+
+    async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
+        async for rows in self._read_all(_HOLDERS, campaign_id):
+            yield [r[0] for r in rows]
+
+    async def _read_all(self, query: str, campaign_id: str) -> AsyncIterator[list[asyncpg.Record]]:
+        """A campaign's rows in chunks, from one snapshot, never all in memory at once."""
+        async with (
+            connection(self._pool) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = await conn.cursor(query, uuid.UUID(campaign_id))
+            while rows := await cursor.fetch(READ_CHUNK):
+                yield rows
 
 
 class PostgresCodeGenerator:

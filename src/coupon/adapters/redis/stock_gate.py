@@ -9,26 +9,31 @@ admission.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import EncodableT
 
+from coupon.adapters.redis import admission_reply as wire
+from coupon.adapters.redis.admission_reply import Held, ReplyKind
 from coupon.adapters.redis.client import RedisClient
-from coupon.application.ports import Admission, AdmissionKind
+from coupon.adapters.redis.script_lane import ScriptLane
+from coupon.application.ports import Admission, AdmissionKind, GateView
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
-from coupon.domain.errors import Unavailable
+from coupon.domain.errors import Overloaded, Unavailable
 
 log = logging.getLogger("coupon")
+
+# What a Redis call can fail with: the server's errors, the network's, the cluster client's.
+FAILURES = (RedisError, OSError, RedisClusterException)
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
@@ -39,128 +44,17 @@ def _script(name: str) -> str:
     return resources.files("coupon.adapters.redis").joinpath("lua", name).read_text()
 
 
-def _micros(value: datetime) -> int:
-    return int(value.timestamp()) * 1_000_000 + value.microsecond
+# Renews the rebuild lock only while it is still ours; deletes it the same way.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
-
-def _from_micros(value: int) -> datetime:
-    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
-
-
-def _pairs(flat: Sequence[Any]) -> tuple[tuple[str, int], ...]:
-    return tuple(
-        (flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i]), int(flat[i + 1]))
-        for i in range(0, len(flat) - 1, 2)
-    )
-
-
-def _holding(coupon: Coupon) -> str:
-    """The users-hash value of a committed coupon: 'slot|code|issued_at in microseconds'."""
-    return f"{coupon.slot}|{coupon.code}|{_micros(coupon.issued_at)}"
-
-
-def _held(campaign_id: str, user_id: str, value: bytes) -> Coupon | None:
-    parts = value.decode().split("|")
-    if len(parts) != 3:
-        return None  # still pending: no coupon yet
-    return Coupon(parts[1], campaign_id, user_id, _from_micros(int(parts[2])), int(parts[0]))
-
-
-_KINDS = {
-    b"A": AdmissionKind.ADMITTED,
-    b"H": AdmissionKind.ALREADY_HELD,
-    b"S": AdmissionKind.SOLD_OUT,
-    b"B": AdmissionKind.NOT_STARTED,
-    b"E": AdmissionKind.ENDED,
-    b"L": AdmissionKind.NOT_LOADED,
-}
-
-
-class RedisClock:
-    """Redis's clock: the one clock all server processes share (I3)."""
-
-    def __init__(self, client: RedisClient) -> None:
-        self._client = client
-
-    async def now(self) -> datetime:
-        try:
-            seconds, micros = await self._client.time()
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {exc}") from exc
-        return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int(micros))
-
-
-async def _call(conn: AbstractConnection, *command: EncodableT) -> Any:
-    """One command on `conn`, bypassing the pool's health check, and its reply."""
-    await conn.send_packed_command(conn.pack_command(*command), check_health=False)
-    return await conn.read_response()
-
-
-class ScriptLane:
-    """Runs scripts on connections set aside from a one-server client's pool.
-
-    The client's own path (`execute_command`) takes a connection from the pool under a lock
-    and a timeout, checks it for unread data, and goes through retry and observability
-    hooks on every call: 125 us of CPU per admission batch, against 60 us here. The gate
-    has at most one batch in flight per campaign, so a few connections serve them all.
-    """
-
-    ATTEMPTS = 3
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
-        self._pool = client.connection_pool
-        self._idle: list[AbstractConnection] = []
-
-    async def run(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> Any:
-        for attempt in range(1, self.ATTEMPTS + 1):
-            conn = self._idle.pop() if self._idle else await self._connection()
-            try:
-                reply = await self._evalsha(conn, script, keys, args)
-            except (RedisConnectionError, OSError):
-                # A connection the server has closed (Redis restarted, or dropped an idle
-                # client), kept here or idle in the pool: once more on another, as the
-                # client's own retry would.
-                await self._drop(conn)
-                if attempt == self.ATTEMPTS:
-                    raise
-                continue
-            except BaseException:
-                # A reply may still be on its way: the connection cannot be used again.
-                await self._drop(conn)
-                raise
-            self._idle.append(conn)
-            return reply
-        raise AssertionError("unreachable")
-
-    async def _evalsha(
-        self,
-        conn: AbstractConnection,
-        script: AsyncScript,
-        keys: Sequence[str],
-        args: Sequence[EncodableT],
-    ) -> Any:
-        try:
-            return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # The server lost its scripts (restarted, flushed): load it and send again.
-            script.sha = await self._client.script_load(script.script)
-        return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
-
-    async def _connection(self) -> AbstractConnection:
-        conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        return conn
-
-    async def _drop(self, conn: AbstractConnection) -> None:
-        await conn.disconnect()
-        await self._pool.release(conn)
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await self._pool.release(conn)
+_Waiting = tuple[str, "asyncio.Future[Admission]", float]
 
 
 class RedisStockGate:
@@ -171,22 +65,49 @@ class RedisStockGate:
     STALE_BATCH = 50
     MAX_BATCH = 512
     LOAD_CHUNK = 10_000
+    # A call the script runs later than this after it was sent admits nobody: a Redis that
+    # was stalled (a long fork, SIGSTOP, a failover) does not hand out slots to requests
+    # that have long been answered `unavailable`.
+    ADMIT_BUDGET_S = 2.0
+    # The rebuild lock: short, renewed while the rebuild runs, so a crashed rebuilder holds
+    # a campaign up for seconds, not a minute; others wait for it this long at most.
+    LOCK_LEASE_MS = 5_000
+    LOCK_RENEW_S = 1.5
+    REBUILD_WAIT_S = 8.0
+    # How long a call whose reply was lost keeps trying to give its admissions back.
+    ABANDON_RETRY_S = (0.05, 0.1, 0.2, 0.5)
 
     def __init__(
-        self, client: RedisClient, *, prefix: str = "coupon", lease_seconds: float = 15.0
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = "coupon",
+        lease_seconds: float = 15.0,
+        reissue_delay_seconds: float = 1.0,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._lease_us = int(lease_seconds * 1_000_000)
+        self._lease_s = lease_seconds
+        self._delay_us = int(reissue_delay_seconds * 1_000_000)
         self._admit = client.register_script(_script("admit.lua"))
+        self._settle = client.register_script(_script("settle.lua"))
+        self._abandon = client.register_script(_script("abandon.lua"))
+        self._renew = client.register_script(_RENEW)
+        self._unlock = client.register_script(_UNLOCK)
         # A cluster routes each call by its keys; its client is used as it is.
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else None
-        self._settle = client.register_script(_script("settle.lua"))
-        self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
+        self._waiting: dict[str, list[_Waiting]] = {}
         self._busy: set[str] = set()
         self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Names this process's admission calls: 'origin.n'.
+        self._origin = secrets.token_hex(4)
+        self._calls = itertools.count(1)
+        # Redis's clock minus ours, in microseconds: a lower bound, from the replies.
+        self._offset_us: int | None = None
+        self._offset_at = 0.0
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the gate (and its connections) run on, looked up once: on Python 3.11
@@ -215,9 +136,9 @@ class RedisStockGate:
             # Start on the next loop iteration, so the requests of this one join the batch.
             self._running_loop().call_soon(self._spawn, self._drain(campaign_id))
 
-    async def admit(self, campaign_id: str, user_id: str) -> Admission:
+    async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
         future: asyncio.Future[Admission] = self._running_loop().create_future()
-        self._waiting.setdefault(campaign_id, []).append((user_id, future))
+        self._waiting.setdefault(campaign_id, []).append((user_id, future, deadline))
         self._wake(campaign_id)
         # A caller cancelled while waiting cancels `future`; the batch then gives its slot
         # back if it was admitted (see _admit_batch).
@@ -234,133 +155,234 @@ class RedisStockGate:
     async def _drain(self, campaign_id: str) -> None:
         """One script call at a time per campaign: the requests and confirms that queued
         meanwhile go together in the next."""
+        took = 0.0  # how long the call before this batch took
         try:
             while campaign_id in self._waiting or campaign_id in self._confirms:
                 queue = self._waiting.pop(campaign_id, [])
                 if len(queue) > self.MAX_BATCH:
                     self._waiting[campaign_id] = queue[self.MAX_BATCH :]
                     queue = queue[: self.MAX_BATCH]
-                await self._admit_batch(campaign_id, queue)
+                started = time.monotonic()
+                await self._admit_batch(campaign_id, _in_time(queue, took))
+                took = time.monotonic() - started
         finally:
             self._busy.discard(campaign_id)
 
-    async def _admit_batch(
-        self, campaign_id: str, batch: list[tuple[str, asyncio.Future[Admission]]]
-    ) -> None:
+    def _deadline_us(self, sent_us: int) -> int:
+        """The latest Redis time at which this call may still admit (0: not known yet)."""
+        if self._offset_us is None:
+            return 0
+        return sent_us + self._offset_us + int(self.ADMIT_BUDGET_S * 1_000_000)
+
+    def _observe_clock(self, redis_now_us: int) -> None:
+        """Each reply bounds Redis's clock from below: it was read before we received it."""
+        sample = redis_now_us - time.time_ns() // 1000
+        now = time.monotonic()
+        if self._offset_us is None or sample > self._offset_us or now - self._offset_at > 10:
+            self._offset_us, self._offset_at = sample, now
+
+    async def _admit_batch(self, campaign_id: str, batch: list[_Waiting]) -> None:
         confirms = self._confirms.pop(campaign_id, [])
+        if not batch and not confirms:
+            return
+        token = f"{self._origin}.{next(self._calls)}"
+        users = "\0".join([user for user, _, _ in batch])
+        keys = self.keys(campaign_id)
+        args: list[EncodableT] = [
+            self._lease_us,
+            self.STALE_BATCH,
+            "\0".join(confirms),
+            users,
+            self._deadline_us(time.time_ns() // 1000),
+            token,
+        ]
         try:
-            keys = self.keys(campaign_id)
-            args: list[EncodableT] = [
-                self._lease_us,
-                self.STALE_BATCH,
-                "\0".join(confirms),
-                "\0".join([user for user, _ in batch]),
-            ]
             if self._lane is not None:
-                reply = await self._lane.run(self._admit, keys, args)
+                raw = await self._lane.run(self._admit, keys, args)
             else:
-                reply = await self._admit(keys=keys, args=args)
+                raw = await self._admit(keys=keys, args=args)
         except BaseException as exc:
-            error = _unavailable(exc) if isinstance(exc, (RedisError, OSError)) else exc
-            for _, future in batch:
+            failure = isinstance(exc, FAILURES)
+            error = _unavailable(exc) if failure else exc
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
-            if confirms and error is not exc:
+            if batch:
+                # The call may have run with its reply lost: nobody records what it admitted.
+                self._spawn(self._give_back(campaign_id, token, users))
+            if confirms and failure:
                 log.warning(
                     "confirms failed; the lease settles those admissions",
                     extra={"campaign_id": campaign_id},
                 )
-            if error is exc:
+            if not failure:
                 raise
             return
-        now = _from_micros(int(reply[0]))
-        tag = reply[1]
-        if tag != b"M":
-            whole = Admission(_KINDS[tag], now)
-            for _, future in batch:
+        reply = wire.decode(raw)
+        self._observe_clock(reply.now_us)
+        self._answer(campaign_id, batch, reply)
+
+    def _answer(self, campaign_id: str, batch: list[_Waiting], reply: wire.Reply) -> None:
+        now = wire.from_micros(reply.now_us)
+        kind = reply.kind
+        if kind is ReplyKind.TOO_LATE:
+            error = Unavailable("Redis answered too late to admit anyone; retry")
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        if kind is not ReplyKind.DECIDED:
+            whole = Admission(
+                AdmissionKind.NOT_LOADED
+                if kind is ReplyKind.NOT_LOADED
+                else AdmissionKind.NOT_STARTED,
+                now,
+                view=_view(reply) if kind is ReplyKind.NOT_STARTED else None,
+            )
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_result(whole)
             return
-        stale = _pairs(reply[3])
-        for (user, future), result in zip(batch, reply[2], strict=True):
-            # A slot number: admitted; 0: sold out; a list: already held (see admit.lua).
-            if future.done():
-                if type(result) is int and result > 0:  # its caller left: nobody records it
-                    self._spawn(self._release_quietly(campaign_id, user, result))
-                continue
+        view: GateView | None = None
+        for (user, future, _), result in zip(batch, reply.results, strict=True):
             if type(result) is int:
                 if result > 0:
-                    future.set_result(Admission(AdmissionKind.ADMITTED, now, result))
+                    if future.done():  # its caller left: nobody records it
+                        self._spawn(self._release_quietly(campaign_id, user, result))
+                    else:
+                        future.set_result(Admission(AdmissionKind.ADMITTED, now, result))
+                    continue
+                if future.done():
+                    continue
+                if view is None:
+                    view = _view(reply)
+                if result == wire.RESULT_SOLD_OUT:
+                    future.set_result(
+                        Admission(AdmissionKind.SOLD_OUT, now, stale=reply.stale, view=view)
+                    )
                 else:
-                    future.set_result(Admission(AdmissionKind.SOLD_OUT, now, stale=stale))
-            else:
-                slot = int(result[0])
-                own = ((user, slot),) if result[2] else ()
-                held = _held(campaign_id, user, result[3])
+                    future.set_result(Admission(AdmissionKind.ENDED, now, view=view))
+            elif not future.done():
+                assert isinstance(result, Held)
                 future.set_result(
-                    Admission(AdmissionKind.ALREADY_HELD, now, slot, bool(result[1]), own, held)
+                    Admission(
+                        AdmissionKind.ALREADY_HELD,
+                        now,
+                        result.slot,
+                        result.pending,
+                        ((user, result.slot),) if result.stale else (),
+                        wire.held_coupon(campaign_id, user, result.value),
+                    )
                 )
 
-    async def load(self, campaign: Campaign, holdings: Sequence[Coupon]) -> None:
-        """Rebuild from the ledger. One process loads (a short Redis lock); the others wait
-        for the meta key, which is written last, so nobody is admitted on half a state."""
-        meta, users, free, pending = self.keys(campaign.id)
-        lock = self._lock_key(campaign.id)
-        try:
-            if await self._client.exists(meta):
-                return
-            if not await self._client.set(lock, "1", nx=True, px=60_000):
-                await self._wait_loaded(meta)
-                return
+    async def _give_back(self, campaign_id: str, token: str, users: str) -> None:
+        """Abandon a call whose reply was lost, as soon as Redis answers again: its users
+        can then be admitted again at once, not only after the lease."""
+        give_up = time.monotonic() + self._lease_s
+        delays = itertools.chain(self.ABANDON_RETRY_S, itertools.repeat(self.ABANDON_RETRY_S[-1]))
+        for delay in delays:
             try:
-                if await self._client.exists(meta):
-                    return
-                await self._client.delete(users, free, pending)
-                taken = {c.slot for c in holdings}
-                top = max(taken, default=0)
-                for start in range(0, len(holdings), self.LOAD_CHUNK):
-                    chunk = holdings[start : start + self.LOAD_CHUNK]
-                    await self._client.hset(users, mapping={c.user_id: _holding(c) for c in chunk})
-                gaps = [s for s in range(1, top + 1) if s not in taken]
-                for start in range(0, len(gaps), self.LOAD_CHUNK):
-                    await self._client.rpush(free, *gaps[start : start + self.LOAD_CHUNK])
-                ends = -1 if campaign.ends_at is None else _micros(campaign.ends_at)
-                await self._client.hset(
-                    meta,
-                    mapping={
-                        "total": campaign.total_coupons,
-                        "starts": _micros(campaign.starts_at),
-                        "ends": ends,
-                        "next": top,
-                    },
+                given = await self._abandon(
+                    keys=self.keys(campaign_id), args=[token, self._delay_us, users]
                 )
+            except FAILURES:
+                if time.monotonic() + delay > give_up:
+                    return  # the lease settles them
+                await asyncio.sleep(delay)
+                continue
+            if given:
                 log.info(
-                    "gate loaded",
-                    extra={
-                        "campaign_id": campaign.id,
-                        "holdings": len(holdings),
-                        "free": len(gaps),
-                    },
+                    "gave back admissions of a call whose reply was lost",
+                    extra={"campaign_id": campaign_id, "admissions": int(given)},
                 )
+            return
+
+    async def load(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:
+        """Rebuild from the ledger. One process rebuilds under a short lock that it renews
+        while it works; the others wait for the meta key, written last (nobody is admitted
+        on half a state), and take over if the lock lapses (the rebuilder died)."""
+        meta = self.keys(campaign.id)[0]
+        lock = self._lock_key(campaign.id)
+        token = secrets.token_hex(8)
+        give_up = time.monotonic() + self.REBUILD_WAIT_S
+        try:
+            while True:
+                if await self._client.hexists(meta, "gen"):
+                    return
+                if await self._client.set(lock, token, nx=True, px=self.LOCK_LEASE_MS):
+                    break
+                if time.monotonic() > give_up:
+                    raise Unavailable("the campaign's gate is being rebuilt; retry")
+                await asyncio.sleep(0.05)
+            renewing = asyncio.ensure_future(self._keep_lock(lock, token))
+            try:
+                if not await self._client.hexists(meta, "gen"):
+                    await self._rebuild(campaign, holdings)
             finally:
-                await self._client.delete(lock)
-        except (RedisError, OSError) as exc:
+                renewing.cancel()
+                await self._unlock(keys=[lock], args=[token])
+        except FAILURES as exc:
             raise _unavailable(exc) from exc
 
-    async def _wait_loaded(self, meta: str, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if await self._client.exists(meta):
-                return
-            await asyncio.sleep(0.05)
-        raise Unavailable("the campaign's gate is still being rebuilt; retry")
+    async def _keep_lock(self, lock: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.LOCK_RENEW_S)
+            try:
+                await self._renew(keys=[lock], args=[token, self.LOCK_LEASE_MS])
+            except FAILURES:
+                continue  # the rebuild's own commands fail the same way and report it
+
+    async def _rebuild(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:
+        meta, users, free, pending = self.keys(campaign.id)
+        client = self._client
+        # Any state there is partial or of an older script version: start clean.
+        await client.delete(meta, users, free, pending)
+        seconds, micros = await client.time()
+        started_us = int(seconds) * 1_000_000 + int(micros)
+        taken = bytearray(campaign.total_coupons + 1)
+        top = count = 0
+        async for chunk in holdings:
+            if not chunk:
+                continue
+            for start in range(0, len(chunk), self.LOAD_CHUNK):
+                part = chunk[start : start + self.LOAD_CHUNK]
+                await client.hset(users, mapping={c.user_id: wire.holding(c) for c in part})
+            for coupon in chunk:
+                taken[coupon.slot] = 1
+                top = max(top, coupon.slot)
+            count += len(chunk)
+        # Slots below the top that nobody holds were admitted and never recorded: issuable
+        # again once no process can still be answering "sold out" from memory.
+        reopen = started_us + self._delay_us
+        gaps = [slot for slot in range(1, top + 1) if not taken[slot]]
+        for start in range(0, len(gaps), self.LOAD_CHUNK):
+            await client.zadd(
+                free, {str(slot): reopen for slot in gaps[start : start + self.LOAD_CHUNK]}
+            )
+        ends = wire.NO_END if campaign.ends_at is None else wire.micros(campaign.ends_at)
+        await client.hset(
+            meta,
+            mapping={
+                "total": campaign.total_coupons,
+                "starts": wire.micros(campaign.starts_at),
+                "ends": ends,
+                "next": top,
+                "gen": f"{started_us}.{secrets.token_hex(4)}",
+                "adm": 0,
+            },
+        )
+        log.info(
+            "gate loaded",
+            extra={"campaign_id": campaign.id, "holdings": count, "free": len(gaps)},
+        )
 
     async def confirm(self, coupon: Coupon) -> None:
         """Queued: sent with the campaign's next admission batch (a batch of no requests if
         none comes); nobody waits for it. A confirm that never arrives is harmless: the
         lease settles the admission later."""
-        self._confirms.setdefault(coupon.campaign_id, []).extend((coupon.user_id, _holding(coupon)))
+        self._confirms.setdefault(coupon.campaign_id, []).extend(
+            (coupon.user_id, wire.holding(coupon))
+        )
         self._wake(coupon.campaign_id)
 
     async def close(self) -> None:
@@ -381,6 +403,50 @@ class RedisStockGate:
 
     async def _settle_call(self, campaign_id: str, user_id: str, slot: int, mode: str) -> None:
         try:
-            await self._settle(keys=self.keys(campaign_id), args=[user_id, slot, mode])
-        except (RedisError, OSError) as exc:
+            await self._settle(
+                keys=self.keys(campaign_id), args=[user_id, slot, mode, self._delay_us]
+            )
+        except FAILURES as exc:
             raise _unavailable(exc) from exc
+
+    async def pending_users(self, campaign_id: str) -> Sequence[str]:
+        try:
+            found: list[Any] = await self._client.zrange(self.keys(campaign_id)[3], 0, -1)
+        except FAILURES as exc:
+            raise _unavailable(exc) from exc
+        return [user.decode() if isinstance(user, bytes) else str(user) for user in found]
+
+
+def _in_time(queue: list[_Waiting], previous_call: float) -> list[_Waiting]:
+    """The requests still worth sending: one whose deadline passed while it waited for the
+    call before it is answered `Overloaded` untouched (nothing taken, nothing to undo)."""
+    now = 0.0
+    kept: list[_Waiting] = []
+    late: Overloaded | None = None
+    for entry in queue:
+        deadline = entry[2]
+        if deadline:
+            if not now:
+                now = time.monotonic()
+            if deadline < now:
+                future = entry[1]
+                if late is None:
+                    late = Overloaded(
+                        f"Redis is slow: the admission call before took {previous_call:.1f} s"
+                        if previous_call > 0.25
+                        else "waited too long for the gate; retry"
+                    )
+                if not future.done():
+                    future.set_exception(late)
+                continue
+        kept.append(entry)
+    return kept
+
+
+def _view(reply: wire.Reply) -> GateView:
+    return GateView(
+        version=reply.version,
+        starts_at=wire.from_micros(reply.starts_us),
+        ends_at=None if reply.ends_us == wire.NO_END else wire.from_micros(reply.ends_us),
+        reopens_at=wire.from_micros(reply.reopens_us) if reply.reopens_us else None,
+    )

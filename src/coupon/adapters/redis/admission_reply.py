@@ -1,0 +1,112 @@
+"""The admission script's reply (lua/admit.lua), decoded in one place, with every tag named.
+
+Pure: no I/O, so every shape of reply is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from coupon.domain.coupon import Coupon
+
+
+class ReplyKind(enum.IntEnum):
+    """The first element of every reply, as admit.lua declares them."""
+
+    DECIDED = 1
+    NOT_LOADED = 2
+    NOT_STARTED = 3
+    TOO_LATE = 4
+
+
+# A decided reply's result for one user, besides a slot (1 or more) or a holding (a list).
+RESULT_SOLD_OUT = 0
+RESULT_ENDED = -1
+NO_END = -1
+
+
+def micros(value: datetime) -> int:
+    return int(value.timestamp()) * 1_000_000 + value.microsecond
+
+
+def from_micros(value: int) -> datetime:
+    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+
+
+def holding(coupon: Coupon) -> str:
+    """The users-hash value of a committed coupon: 'slot|code|issued_at in microseconds'."""
+    return f"{coupon.slot}|{coupon.code}|{micros(coupon.issued_at)}"
+
+
+def held_coupon(campaign_id: str, user_id: str, value: bytes) -> Coupon | None:
+    """The coupon a users-hash value names, or None while the admission is pending."""
+    parts = value.decode().split("|")
+    if len(parts) != 3:
+        return None
+    return Coupon(parts[1], campaign_id, user_id, from_micros(int(parts[2])), int(parts[0]))
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A user the gate already knows: their slot, and their coupon once committed."""
+
+    slot: int
+    pending: bool
+    # Pending for longer than the lease: the caller settles it against the ledger.
+    stale: bool
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    kind: ReplyKind
+    now_us: int
+    version: tuple[str, int] = ("", 0)
+    starts_us: int = 0
+    ends_us: int = NO_END
+    # When the earliest given-back slot becomes issuable; 0 when none waits.
+    reopens_us: int = 0
+    # Per user: a slot (admitted), RESULT_SOLD_OUT, RESULT_ENDED, or Held.
+    results: Sequence[int | Held] = ()
+    stale: tuple[tuple[str, int], ...] = ()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _result(raw: Any) -> int | Held:
+    if type(raw) is int:
+        return raw
+    slot, pending, stale, value = raw
+    return Held(int(slot), bool(pending), bool(stale), value)
+
+
+def decode(raw: Sequence[Any]) -> Reply:
+    """One reply of admit.lua; ValueError for anything else."""
+    try:
+        kind = ReplyKind(int(raw[0]))
+        now = int(raw[1])
+        if kind is ReplyKind.NOT_LOADED or kind is ReplyKind.TOO_LATE:
+            return Reply(kind, now)
+        version = (_text(raw[2]), int(raw[3]))
+        if kind is ReplyKind.NOT_STARTED:
+            return Reply(kind, now, version, starts_us=int(raw[4]))
+        flat = raw[8]
+        stale = tuple((_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
+        return Reply(
+            kind,
+            now,
+            version,
+            starts_us=int(raw[4]),
+            ends_us=int(raw[5]),
+            reopens_us=int(raw[6]),
+            results=[_result(r) for r in raw[7]],
+            stale=stale,
+        )
+    except (IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a reply of the admission script: {raw!r}") from exc

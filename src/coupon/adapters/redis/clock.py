@@ -1,0 +1,24 @@
+"""Redis's clock: the one clock all server processes share (I3)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+
+from coupon.adapters.redis.client import RedisClient
+from coupon.domain.errors import Unavailable
+
+
+class RedisClock:
+    """Redis's clock: the one clock all server processes share (I3)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self._client = client
+
+    async def now(self) -> datetime:
+        try:
+            seconds, micros = await self._client.time()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis is unavailable: {exc}") from exc
+        return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int(micros))
