@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -18,12 +20,13 @@ from coupon.adapters.memory.store import (
     MemoryStockGate,
     MemoryStore,
 )
-from coupon.application.ports import Recorded
+from coupon.application.issue import IssueCoupon
+from coupon.application.ports import Admission, Recorded
+from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import (
     CampaignDirectory,
     CreateCampaign,
     GetCampaign,
-    IssueCoupon,
     decode_page_token,
     encode_page_token,
 )
@@ -34,11 +37,13 @@ from coupon.domain.errors import (
     CampaignNotFound,
     CampaignNotStarted,
     InvalidArgument,
+    Overloaded,
     SoldOut,
     Unavailable,
 )
 
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+REISSUE_DELAY = 0.6
 
 
 class FlakyLedger(MemoryCouponLedger):
@@ -90,7 +95,8 @@ def world() -> World:
     store = MemoryStore()
     campaigns = MemoryCampaignRepository(store)
     ledger = FlakyLedger(store)
-    gate = MemoryStockGate(clock, lease_seconds=10)
+    gate = MemoryStockGate(clock, lease_seconds=10, reissue_delay_seconds=REISSUE_DELAY)
+    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
     return World(
         clock=clock,
         store=store,
@@ -98,7 +104,9 @@ def world() -> World:
         ledger=ledger,
         create=CreateCampaign(campaigns, gate, clock),
         get=GetCampaign(campaigns, ledger, clock),
-        issue=IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns)),
+        issue=IssueCoupon(
+            gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
+        ),
     )
 
 
@@ -183,6 +191,11 @@ async def test_failed_commit_returns_the_slot(world: World) -> None:
     with pytest.raises(Unavailable):
         await world.issue.execute(campaign_id=c.id, user_id="alice")
     world.ledger.failing = False
+    # The slot comes back after the reissue delay; until then "retry", not "sold out".
+    with pytest.raises(Unavailable) as caught:
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+    assert not isinstance(caught.value, SoldOut) and caught.value.retry_after_ms > 0
+    world.clock.advance(REISSUE_DELAY)
     issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
     assert issued.coupon.user_id == "bob"
 
@@ -210,6 +223,9 @@ async def test_slot_of_a_vanished_request_comes_back_after_the_lease(world: Worl
     with pytest.raises(SoldOut):
         await world.issue.execute(campaign_id=c.id, user_id="bob")
     world.clock.advance(11)
+    with pytest.raises(Unavailable):  # settled: the slot is on its way back
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+    world.clock.advance(REISSUE_DELAY)
     issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
     assert issued.coupon.slot == 1
 
@@ -284,6 +300,93 @@ async def test_stranded_slot_behind_many_unconfirmed_commits_still_comes_back(
     world.clock.advance(1)
     await world.gate.admit(c.id, "ghost")  # admitted, never recorded
     world.clock.advance(11)
+    with pytest.raises(Unavailable):
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+    world.clock.advance(REISSUE_DELAY)
     issued = await world.issue.execute(campaign_id=c.id, user_id="bob")
     assert not issued.already_issued
     assert len(await world.all_coupons(c.id)) == 120
+
+
+async def test_a_holder_the_gate_lost_gets_their_coupon_even_when_sold_out(world: World) -> None:
+    """Redis came back from an older copy that knows only alice: bob and carol still get
+    their coupons back, newcomers are refused, and nobody gets a second coupon."""
+    c = await world.campaign(total=3)
+    world.clock.current = START
+    held = {u: (await world.issue.execute(campaign_id=c.id, user_id=u)).coupon for u in "abc"}
+    world.gate.drop(c.id)
+    await world.gate.load(c, _chunks(held["a"]))
+    with pytest.raises(SoldOut):  # slots 2 and 3 turn out taken in the ledger
+        await world.issue.execute(campaign_id=c.id, user_id="x")
+    for user in "bc":
+        again = await world.issue.execute(campaign_id=c.id, user_id=user)
+        assert again.already_issued and again.coupon == held[user]
+    world.clock.advance(1)
+    for user in "abc":
+        assert (await world.issue.execute(campaign_id=c.id, user_id=user)).coupon == held[user]
+    assert len(await world.all_coupons(c.id)) == 3
+
+
+async def test_a_holder_gets_their_coupon_after_the_end(world: World) -> None:
+    c = await world.campaign(ends_at=START + timedelta(minutes=1))
+    world.clock.current = START
+    first = await world.issue.execute(campaign_id=c.id, user_id="alice")
+    world.clock.advance(61)
+    again = await world.issue.execute(campaign_id=c.id, user_id="alice")
+    assert again.already_issued and again.coupon == first.coupon
+    with pytest.raises(CampaignEnded):
+        await world.issue.execute(campaign_id=c.id, user_id="bob")
+
+
+class CountingGate(MemoryStockGate):
+    """The memory gate, counting the admissions it is asked for."""
+
+    asked = 0
+
+    async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
+        self.asked += 1
+        return await super().admit(campaign_id, user_id, deadline)
+
+
+async def test_after_a_sell_out_refusals_come_from_memory_and_holders_from_the_gate() -> None:
+    clock = ManualClock(START)
+    store = MemoryStore()
+    campaigns = MemoryCampaignRepository(store)
+    ledger = MemoryCouponLedger(store)
+    gate = CountingGate(clock)
+    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
+    issue = IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory)
+    c = await CreateCampaign(campaigns, gate, clock).execute(
+        name="crowd", total_coupons=2, starts_at=START, ends_at=None
+    )
+    for user in ("a", "b"):
+        await issue.execute(campaign_id=c.id, user_id=user)
+    with pytest.raises(SoldOut):
+        await issue.execute(campaign_id=c.id, user_id="first-refused")
+    await asyncio.sleep(0)  # the holders are read
+    asked = gate.asked
+    for i in range(100):
+        with pytest.raises(SoldOut):
+            await issue.execute(campaign_id=c.id, user_id=f"crowd-{i}")
+        assert isinstance(issue.remembered(c.id, f"crowd-{i}"), SoldOut)
+    assert gate.asked == asked  # none of them reached the gate
+    assert (await issue.execute(campaign_id=c.id, user_id="a")).already_issued
+    assert gate.asked == asked + 1  # a holder always does
+    clock.advance(0.5)
+    with pytest.raises(SoldOut):
+        await issue.execute(campaign_id=c.id, user_id="after-the-memory")
+    assert gate.asked == asked + 2  # remembered for a while only
+
+
+async def test_a_request_past_its_deadline_is_turned_away_untouched(world: World) -> None:
+    c = await world.campaign(total=1)
+    world.clock.current = START
+    with pytest.raises(Overloaded):
+        await world.issue.execute(
+            campaign_id=c.id, user_id="late", deadline=time.monotonic() - 0.001
+        )
+    assert (await world.issue.execute(campaign_id=c.id, user_id="bob")).coupon.slot == 1
+
+
+async def _chunks(*coupons: Coupon) -> AsyncIterator[Sequence[Coupon]]:
+    yield list(coupons)

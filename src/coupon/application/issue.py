@@ -1,0 +1,317 @@
+"""IssueCoupon: admit in the gate, record durably, then answer; give the slot back on
+failure. The gate's answer decides the next step; each step either answers or sends the
+request round again, within budgets that bound how often and how long."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from coupon.application.ports import (
+    Admission,
+    AdmissionKind,
+    CodeGenerator,
+    CouponLedger,
+    RecordOutcome,
+    StockGate,
+)
+from coupon.application.refusals import RefusalMemory, refusal
+from coupon.application.use_cases import CampaignDirectory
+from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
+from coupon.domain.errors import CouponError, Overloaded, Unavailable
+
+log = logging.getLogger("coupon")
+
+
+@dataclass(slots=True)  # not frozen, as Admission: built per request
+class Issued:
+    coupon: Coupon
+    already_issued: bool
+
+
+class _Budget:
+    """How often, and until when, one request may go round again."""
+
+    __slots__ = ("deadline", "holder_wait_until", "rebuilds", "retries", "settles")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        # The gate or the ledger sent the admission back (slot taken, gate out of date).
+        self.retries = IssueCoupon.RETRIES
+        # Stranded admissions settled for the gate (a budget of its own, so a long backlog
+        # is worked through).
+        self.settles = IssueCoupon.SETTLES
+        self.rebuilds = IssueCoupon.REBUILDS
+        self.holder_wait_until = 0.0
+
+    def retry(self) -> None:
+        self.retries -= 1
+        if self.retries <= 0:
+            raise Unavailable("could not settle this request; retry")
+
+    def settle(self) -> bool:
+        self.settles -= 1
+        return self.settles >= 0
+
+    def rebuild(self) -> None:
+        self.rebuilds -= 1
+        if self.rebuilds < 0:
+            raise Unavailable("the campaign's gate could not be rebuilt; retry")
+
+    def wait_for_holder(self) -> float:
+        """Seconds to wait before asking again for a user whose earlier request is still
+        being recorded; Unavailable once that has taken too long."""
+        now = time.monotonic()
+        if not self.holder_wait_until:
+            self.holder_wait_until = now + IssueCoupon.HOLDER_WAIT_SECONDS
+        if now > self.holder_wait_until or (self.deadline and now > self.deadline):
+            raise Unavailable("an earlier request of this user is still being recorded; retry")
+        return 0.02
+
+
+_Step = Callable[["IssueCoupon", str, str, Admission, _Budget, float], Awaitable["Issued | None"]]
+
+
+class IssueCoupon:
+    HOLDER_WAIT_SECONDS = 3.0
+    RETRIES = 8
+    SETTLES = 200
+    REBUILDS = 3
+
+    def __init__(
+        self,
+        gate: StockGate,
+        ledger: CouponLedger,
+        codes: CodeGenerator,
+        directory: CampaignDirectory,
+        memory: RefusalMemory,
+    ) -> None:
+        self._gate = gate
+        self._ledger = ledger
+        self._codes = codes
+        self._directory = directory
+        self._memory = memory
+        self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        self._settling: dict[str, asyncio.Lock] = {}
+
+    def remembered(self, campaign_id: str, user_id: str) -> CouponError | None:
+        """Without I/O: the refusal this process remembers for the request (or the field it
+        gets wrong), or None when only the gate can tell."""
+        try:
+            campaign_id = validate_campaign_id(campaign_id)
+            user_id = validate_user_id(user_id)
+        except CouponError as exc:
+            return exc
+        entry = self._memory.recall(campaign_id, user_id)
+        return None if entry is None else entry.error()
+
+    async def execute(self, *, campaign_id: str, user_id: str, deadline: float = 0.0) -> Issued:
+        """`deadline` (time.monotonic(), 0: none): a request not yet admitted by then is
+        answered Overloaded rather than worked on. Once admitted, it runs to its end."""
+        campaign_id = validate_campaign_id(campaign_id)
+        user_id = validate_user_id(user_id)
+        entry = self._memory.recall(campaign_id, user_id)
+        if entry is not None:
+            raise entry.error()
+        budget = _Budget(deadline)
+        while True:
+            asked_at = self._memory.now()
+            if deadline and time.monotonic() > deadline:
+                raise Overloaded("waited too long to be served; retry")
+            admission = await self._gate.admit(campaign_id, user_id, deadline)
+            step = _STEPS[admission.kind]
+            issued = await step(self, campaign_id, user_id, admission, budget, asked_at)
+            if issued is not None:
+                return issued
+
+    # --- one step per kind of admission -------------------------------------------------
+
+    async def _admitted(
+        self, campaign_id: str, user_id: str, admission: Admission, budget: _Budget, _: float
+    ) -> Issued | None:
+        self._memory.forget(campaign_id)
+        issued = await self._record(campaign_id, user_id, admission.now, admission.slot)
+        if issued is None:
+            budget.retry()
+        return issued
+
+    async def _already_held(
+        self, campaign_id: str, user_id: str, admission: Admission, budget: _Budget, _: float
+    ) -> Issued | None:
+        if admission.held is not None:
+            return Issued(admission.held, already_issued=True)
+        existing = await self._ledger.find_by_user(campaign_id, user_id)
+        if existing is not None:
+            await self._gate.confirm(existing)
+            return Issued(existing, already_issued=True)
+        if admission.stale and budget.settle():
+            await self._settle(campaign_id, admission.stale)
+        elif not admission.pending:
+            # The gate says committed but the ledger has nothing: the gate is wrong.
+            await self._gate.release(campaign_id, user_id, admission.slot)
+            budget.retry()
+        else:
+            # A request of this user is being recorded right now: wait for it.
+            await asyncio.sleep(budget.wait_for_holder())
+        return None
+
+    async def _not_loaded(
+        self, campaign_id: str, _user: str, _a: Admission, budget: _Budget, _: float
+    ) -> Issued | None:
+        budget.rebuild()
+        await self._rebuild(campaign_id, budget.deadline)
+        return None
+
+    async def _sold_out(
+        self, campaign_id: str, user_id: str, admission: Admission, budget: _Budget, asked_at: float
+    ) -> Issued | None:
+        # Stranded admissions may hide behind the reported ones: keep settling while there
+        # are any.
+        if admission.stale and budget.settle():
+            await self._settle(campaign_id, admission.stale)
+            return None
+        return await self._refuse(campaign_id, user_id, admission, asked_at)
+
+    async def _refuse(
+        self, campaign_id: str, user_id: str, admission: Admission, asked_at: float
+    ) -> Issued | None:
+        """Not started, sold out or ended: a refusal, except to a holder the gate does not
+        know (it lost state, or was restored from an older copy): the ledger decides."""
+        view = admission.view
+        assert view is not None
+        if admission.kind is AdmissionKind.SOLD_OUT and view.reopens_at is not None:
+            # Not final: slots given back become issuable again in a moment.
+            wait = (view.reopens_at - admission.now).total_seconds()
+            raise Unavailable(
+                "every coupon is taken right now, but some are being given back; retry",
+                retry_after_ms=max(1, int(wait * 1000) + 1),
+            )
+        if admission.kind is not AdmissionKind.NOT_STARTED and not self._memory.surely_not_holder(
+            campaign_id, user_id, view.version
+        ):
+            coupon = await self._ledger.find_by_user(campaign_id, user_id)
+            if coupon is not None:
+                await self._gate.confirm(coupon)  # puts the holder back into the gate
+                return Issued(coupon, already_issued=True)
+        total = (await self._directory.require(campaign_id)).total_coupons
+        self._memory.learn(campaign_id, admission, total, asked_at)
+        raise refusal(admission.kind, view, total)
+
+    async def _decided_refusal(
+        self, campaign_id: str, user_id: str, admission: Admission, _: _Budget, asked_at: float
+    ) -> Issued | None:
+        return await self._refuse(campaign_id, user_id, admission, asked_at)
+
+    # --- the work behind the steps ------------------------------------------------------
+
+    async def _record(
+        self, campaign_id: str, user_id: str, now: datetime, slot: int
+    ) -> Issued | None:
+        try:
+            code = await self._codes.next_code()
+            coupon = Coupon(
+                code=code, campaign_id=campaign_id, user_id=user_id, issued_at=now, slot=slot
+            )
+        except BaseException:
+            await self._release_quietly(campaign_id, user_id, slot)
+            raise
+        try:
+            recorded = await self._ledger.record(coupon)
+        except asyncio.CancelledError:
+            # The caller left while its coupon was being committed. The row may still commit
+            # with its batch: the admission stays pending, and the lease settles it against
+            # the ledger (the user's retry gets the coupon, or the slot comes back).
+            raise
+        except BaseException:
+            # I6: nothing was recorded (or we cannot know; then the lease settles it).
+            await self._release_quietly(campaign_id, user_id, slot)
+            raise
+        outcome = recorded.outcome
+        if outcome is RecordOutcome.RECORDED:
+            await self._gate.confirm(coupon)
+            return Issued(coupon, already_issued=False)
+        if outcome is RecordOutcome.USER_HAS_COUPON:
+            assert recorded.existing is not None
+            await self._gate.release(campaign_id, user_id, slot)
+            await self._gate.confirm(recorded.existing)  # the holder the gate had lost
+            return Issued(recorded.existing, already_issued=True)
+        if outcome is RecordOutcome.SLOT_TAKEN:
+            await self._gate.forget(campaign_id, user_id, slot)
+            return None
+        await self._gate.release(campaign_id, user_id, slot)
+        return None
+
+    async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
+        try:
+            await self._gate.release(campaign_id, user_id, slot)
+        except Unavailable:
+            log.warning(
+                "slot release failed; the lease will return it",
+                extra={"campaign_id": campaign_id, "slot": slot},
+            )
+
+    async def _settle(self, campaign_id: str, stale: Sequence[tuple[str, int]]) -> None:
+        """Settle admissions whose requests vanished (I6): confirm those the ledger holds,
+        give the others' slots back. One settle per campaign at a time in this process;
+        requests arriving meanwhile wait for it and then look again."""
+        lock = self._settling.setdefault(campaign_id, asyncio.Lock())
+        if lock.locked():
+            async with lock:
+                return
+        async with lock:
+            found = await asyncio.gather(
+                *(self._ledger.find_by_user(campaign_id, user_id) for user_id, _ in stale)
+            )
+            for (user_id, slot), coupon in zip(stale, found, strict=True):
+                if coupon is not None:
+                    await self._gate.confirm(coupon)
+                else:
+                    await self._gate.release(campaign_id, user_id, slot)
+
+    async def _rebuild(self, campaign_id: str, deadline: float) -> None:
+        """Rebuild the gate from the ledger, once per process however many requests ask. The
+        rebuild is the process's own task: a request that stops waiting (its deadline) does
+        not stop it."""
+        task = self._rebuilding.get(campaign_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(campaign_id))
+            self._rebuilding[campaign_id] = task
+            task.add_done_callback(lambda done: self._rebuilt(campaign_id, done))
+        timeout = None if not deadline else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise Overloaded("the campaign's gate is being rebuilt; retry") from None
+
+    async def _load(self, campaign_id: str) -> None:
+        campaign = await self._directory.require(campaign_id)
+        await self._gate.load(campaign, self._ledger.holdings(campaign_id))
+
+    def _rebuilt(self, campaign_id: str, task: asyncio.Task[None]) -> None:
+        self._rebuilding.pop(campaign_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters got it, nobody else must
+
+    async def close(self) -> None:
+        """Stop rebuilds still running (shutdown); the next process redoes them."""
+        tasks = list(self._rebuilding.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+_STEPS: dict[AdmissionKind, _Step] = {
+    AdmissionKind.ADMITTED: IssueCoupon._admitted,
+    AdmissionKind.ALREADY_HELD: IssueCoupon._already_held,
+    AdmissionKind.NOT_LOADED: IssueCoupon._not_loaded,
+    AdmissionKind.SOLD_OUT: IssueCoupon._sold_out,
+    AdmissionKind.ENDED: IssueCoupon._decided_refusal,
+    AdmissionKind.NOT_STARTED: IssueCoupon._decided_refusal,
+}
