@@ -14,7 +14,15 @@ from connectrpc.errors import ConnectError
 from coupon.domain.codes import is_well_formed
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import admin, all_coupons, connect_client, create_campaign, in_seconds, ts
+from tests.support.client import (
+    admin,
+    all_coupons,
+    connect_client,
+    create_campaign,
+    in_seconds,
+    issue_retrying,
+    ts,
+)
 from tests.support.server import ServerProcess
 
 TOKEN = "s3cret-admin-token"
@@ -298,10 +306,8 @@ async def test_thousands_of_concurrent_issues_keep_i1_to_i4(client: CouponServic
 
     async def one(user: str) -> tuple[str, str, bool]:
         async with gate:
-            try:
-                r = await client.issue_coupon(
-                    coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=user)
-                )
+            try:  # as a well-behaved client: `unavailable` is retried when the answer says
+                r = await issue_retrying(client, c.id, user)
             except ConnectError as exc:
                 return user, f"error:{exc.code.value}", False
             assert r.coupon is not None

@@ -20,7 +20,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import all_coupons, connect_client, create_campaign
+from tests.support.client import all_coupons, connect_client, create_campaign, issue_retrying
 from tests.support.private_redis import PrivateRedis
 from tests.support.proxy import CuttableProxy
 from tests.support.server import ServerProcess
@@ -120,8 +120,16 @@ async def until_issued(client: CouponServiceClient, campaign_id: str, user: str)
 async def sell_out(
     client: CouponServiceClient, campaign_id: str, prefix: str, n: int
 ) -> Counter[str]:
-    results = await asyncio.gather(*(issue(client, campaign_id, f"{prefix}-{i}") for i in range(n)))
-    return Counter("ok" if not r.startswith("error:") else r for r in results)
+    """`n` users who retry `unavailable` as the answers ask, until a final answer."""
+
+    async def one(user: str) -> str:
+        try:
+            await issue_retrying(client, campaign_id, user)
+        except ConnectError as exc:
+            return f"error:{exc.code.value}"
+        return "ok"
+
+    return Counter(await asyncio.gather(*(one(f"{prefix}-{i}") for i in range(n))))
 
 
 @contextlib.contextmanager

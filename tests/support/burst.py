@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 import uuid
 from collections import Counter
@@ -15,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar
 
 import asyncpg
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import all_coupons, connect_client
+from tests.support.client import all_coupons, connect_client, retry_delay
 
 ISSUED = "issued"
 ALREADY = "already_issued"
@@ -76,30 +78,40 @@ async def drive(
     pace: float = 0.0,
     time_limit: float = 30.0,
     timeout_ms: int = 10_000,
+    retry_unavailable: int = 0,
 ) -> None:
     """IssueCoupon for every request, `concurrency` at a time, spread over every URL at
-    once (worker i sends to urls[i % len(urls)]); stops early after `time_limit` seconds."""
+    once (worker i sends to urls[i % len(urls)]); stops early after `time_limit` seconds.
+    With `retry_unavailable`, an `unavailable` answer is sent again up to that many times,
+    after the delay it asks for, as a well-behaved client does; the last answer counts."""
     queue = list(reversed(requests))
     deadline = time.monotonic() + time_limit
 
     async def worker(index: int, client: CouponServiceClient) -> None:
         while queue and time.monotonic() < deadline:
             campaign_id, user = queue.pop()
-            sent = datetime.now(UTC)
-            outcome = Outcome(index % len(urls), campaign_id, user, sent, sent)
-            try:
-                reply = await client.issue_coupon(
-                    coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user),
-                    timeout_ms=timeout_ms,
-                )
-                assert reply.coupon is not None and reply.coupon.issued_at is not None
-                outcome.code = reply.coupon.code
-                outcome.issued_at = reply.coupon.issued_at.to_datetime()
-                outcome.already = reply.already_issued
-            except ConnectError as exc:
-                outcome.error = exc.code.value
-                outcome.message = str(exc)
-            outcome.received_at = datetime.now(UTC)
+            for attempt in range(retry_unavailable + 1):
+                sent = datetime.now(UTC)
+                outcome = Outcome(index % len(urls), campaign_id, user, sent, sent)
+                delay: float | None = None
+                try:
+                    reply = await client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user),
+                        timeout_ms=timeout_ms,
+                    )
+                    assert reply.coupon is not None and reply.coupon.issued_at is not None
+                    outcome.code = reply.coupon.code
+                    outcome.issued_at = reply.coupon.issued_at.to_datetime()
+                    outcome.already = reply.already_issued
+                except ConnectError as exc:
+                    outcome.error = exc.code.value
+                    outcome.message = str(exc)
+                    if exc.code is Code.UNAVAILABLE:
+                        delay = retry_delay(exc)
+                outcome.received_at = datetime.now(UTC)
+                if delay is None or attempt == retry_unavailable:
+                    break
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             outcomes.append(outcome)
             if pace:
                 await asyncio.sleep(pace)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from protobuf.wkt import Duration
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
@@ -67,3 +73,34 @@ async def all_coupons(
         if not page_token:
             assert page.campaign is not None
             return page.campaign, coupons
+
+
+def retry_delay(error: ConnectError) -> float | None:
+    """The delay an error asks the client to wait (its google.rpc.RetryInfo), in seconds."""
+    for detail in error.details:
+        if detail.type_name == "google.rpc.RetryInfo":
+            data = detail.message_bytes
+            assert data[0] == 0x0A and data[1] == len(data) - 2, data  # field 1, one length byte
+            delay = Duration.from_binary(data[2:])
+            return int(delay.seconds) + int(delay.nanos) / 1e9
+    return None
+
+
+async def issue_retrying(
+    client: CouponServiceClient, campaign_id: str, user: str, *, give_up_after: float = 30.0
+) -> coupon_pb.IssueCouponResponse:
+    """IssueCoupon as a well-behaved client sends it: `unavailable` (nothing was done) is
+    sent again after the delay the answer asks for, with jitter; any other answer is final.
+    Raises the last ConnectError."""
+    give_up = time.monotonic() + give_up_after
+    while True:
+        try:
+            return await client.issue_coupon(
+                coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user)
+            )
+        except ConnectError as exc:
+            if exc.code is not Code.UNAVAILABLE or time.monotonic() > give_up:
+                raise
+            delay = retry_delay(exc)
+            assert delay is not None, f"unavailable without a retry hint: {exc}"
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))

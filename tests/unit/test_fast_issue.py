@@ -1,18 +1,48 @@
-"""The IssueCoupon fast path answers in the Connect protocol whatever the service raises."""
+"""The IssueCoupon fast path answers in the Connect protocol whatever the service does."""
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Awaitable, Callable
 
+import pytest
 from connectrpc.code import Code
+from connectrpc.codec import proto_binary_codec
 from connectrpc.errors import ConnectError
 from litestar.types import Message, Scope
+from protobuf.wkt import Duration
 
-from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
+from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
+from coupon.entrypoints.overload import RETRY_INFO_TYPE, RetryLater, retry_info
 from coupon.gen.coupon.v1 import coupon_pb
 
+Work = Callable[[coupon_pb.IssueCouponRequest], Awaitable[coupon_pb.IssueCouponResponse]]
 
-async def call(fast: FastIssue, body: bytes) -> tuple[int, dict[str, str], bytes]:
+
+class Service:
+    """Answers at once with `at_once` when given, else lets the request in to `work`."""
+
+    def __init__(self, work: Work | None = None, at_once: ConnectError | None = None) -> None:
+        self._work = work
+        self._at_once = at_once
+        self.let_in = 0
+
+    def issue_at_once(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> ConnectError | None:
+        return self._at_once
+
+    async def issue_let_in(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> coupon_pb.IssueCouponResponse:
+        self.let_in += 1
+        assert self._work is not None
+        return await self._work(request)
+
+
+async def call(service: Service, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    fast = FastIssue(IssueRoute(service), 1024)
     scope: Scope = {  # type: ignore[typeddict-item]
         "type": "http",
         "method": "POST",
@@ -42,7 +72,7 @@ async def test_an_unexpected_exception_is_a_connect_internal_error() -> None:
     async def issue(_: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
         raise RuntimeError("boom")
 
-    status, headers, body = await call(FastIssue(issue, 1024), b'{"campaignId": "x"}')
+    status, headers, body = await call(Service(issue), b'{"campaignId": "x"}')
     assert status == 500
     assert headers["content-type"] == "application/json"
     assert json.loads(body) == {"code": "internal", "message": "RuntimeError"}
@@ -52,6 +82,40 @@ async def test_a_connect_error_keeps_its_code_and_http_status() -> None:
     async def issue(_: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
         raise ConnectError(Code.RESOURCE_EXHAUSTED, "sold out")
 
-    status, _, body = await call(FastIssue(issue, 1024), b'{"campaignId": "x"}')
+    status, _, body = await call(Service(issue), b'{"campaignId": "x"}')
     assert status == 429
     assert json.loads(body) == {"code": "resource_exhausted", "message": "sold out"}
+
+
+async def test_an_undecodable_body_is_invalid_and_never_let_in() -> None:
+    service = Service()
+    status, _, body = await call(service, b'{"campaignId": 5')
+    assert status == 400
+    assert json.loads(body)["code"] == "invalid_argument"
+    assert service.let_in == 0
+
+
+async def test_a_request_turned_away_carries_the_retry_hint_in_header_and_detail() -> None:
+    service = Service(at_once=RetryLater("at capacity", 1250))
+    status, headers, body = await call(service, b'{"campaignId": "x", "userId": "u"}')
+    assert status == 503
+    assert headers["retry-after-ms"] == "1250"
+    assert headers["retry-after"] == "2"
+    error = json.loads(body)
+    assert error["code"] == "unavailable"
+    (detail,) = error["details"]
+    assert "type.googleapis.com/" + detail["type"] == RETRY_INFO_TYPE
+    value = detail["value"]
+    assert base64.b64decode(value + "=" * (-len(value) % 4)) == retry_info(1250)
+    assert detail["debug"] == {"retryDelay": "1.250s"}
+    assert service.let_in == 0
+
+
+@pytest.mark.parametrize(
+    ("ms", "seconds", "nanos"), [(1250, 1, 250_000_000), (300, 0, 300_000_000)]
+)
+def test_retry_info_is_field_one_holding_the_delay_as_a_duration(
+    ms: int, seconds: int, nanos: int
+) -> None:
+    duration = proto_binary_codec().encode(Duration(seconds=seconds, nanos=nanos))
+    assert retry_info(ms) == b"\x0a" + bytes([len(duration)]) + duration

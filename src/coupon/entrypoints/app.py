@@ -6,6 +6,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
@@ -13,7 +14,7 @@ from litestar.enums import ScopeType
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.connect_service import CouponService
-from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
+from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
@@ -28,13 +29,30 @@ CONNECT_PREFIX = "/coupon.v1.CouponService/"
 MAX_REQUEST_BYTES = 64 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_header_bytes: int
+    max_headers: int
+    request_timeout_seconds: float
+    max_request_bytes: int
+
+
 class CouponApp:
     """Connect paths go straight to the Connect app (no web-framework router on the hot
     path); everything else, lifespan included, goes to Litestar."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.http_limits = HttpLimits(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            request_timeout_seconds=settings.request_timeout_seconds,
+            max_request_bytes=MAX_REQUEST_BYTES,
+        )
         self.connect: CouponServiceASGIApplication | None = None
+        # IssueCoupon's common request, for the HTTP/1.1 protocol's lane (http/h1.py) and
+        # as an ASGI app for everything else that qualifies.
+        self.issue_route: IssueRoute | None = None
         self.fast_issue: FastIssue | None = None
         self.readiness: Readiness | None = None
         self.web = Litestar(
@@ -88,7 +106,8 @@ class CouponApp:
         service = await container.get(CouponService)
         self.readiness = await container.get(Readiness)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
-        self.fast_issue = FastIssue(service.issue, MAX_REQUEST_BYTES)
+        self.issue_route = IssueRoute(service)
+        self.fast_issue = FastIssue(self.issue_route, MAX_REQUEST_BYTES)
         # Everything built so far (modules, the container, pools) lives as long as the
         # process: move it out of the collector's sight, so that full collections during a
         # burst walk only what requests allocate (p99 of a 1,000-coupon page: 35 -> 15 ms).
@@ -108,6 +127,7 @@ class CouponApp:
             # the container commits whatever the ledger still has queued, then closes pools.
             await container.close()
             self.connect = None
+            self.issue_route = None
             self.fast_issue = None
 
 

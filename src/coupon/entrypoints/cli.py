@@ -19,7 +19,9 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
+def run_asgi(
+    factory: str, host: str, port: int, workers: int, *, keepalive_seconds: float = 75.0
+) -> None:
     """Serve an ASGI app factory with uvicorn (uvloop, httptools), as `coupon serve` does.
 
     uvicorn rather than granian: the whole server runs on the worker's one event-loop
@@ -29,6 +31,8 @@ def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
     8,250-10,400 issues/s on two cores (bench/RESULTS.md).
     """
     import uvicorn
+
+    from coupon.entrypoints.http.h1 import Http1Protocol
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: with these, a graceful stop exits 0 (and a signal that comes before
@@ -42,7 +46,12 @@ def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol with limits and IssueCoupon's lane (http/h1.py).
+        http=Http1Protocol,
+        # Idle keep-alive connections: closed after longer than common client pools keep
+        # theirs (httpx 5 s, undici 4 s, aiohttp 15 s), so clients close first and a request
+        # never meets the server's close on the wire.
+        timeout_keep_alive=max(1, round(keepalive_seconds)),
         backlog=4096,
         access_log=False,
         # The service's own JSON logging (configured by the factory) applies, not uvicorn's.
@@ -96,7 +105,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from coupon.entrypoints.logs import configure_logging
 
     configure_logging(settings.log_level)  # the supervisor's own lines (worker restarts)
-    run_asgi("coupon.entrypoints.app:create_app", settings.host, settings.port, settings.workers)
+    run_asgi(
+        "coupon.entrypoints.app:create_app",
+        settings.host,
+        settings.port,
+        settings.workers,
+        keepalive_seconds=settings.keepalive_seconds,
+    )
     return 0
 
 

@@ -12,19 +12,22 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from coupon.application.use_cases import CreateCampaign, GetCampaign, IssueCoupon
+from coupon.application.issue import IssueCoupon
+from coupon.application.use_cases import CreateCampaign, GetCampaign
 from coupon.domain.errors import (
     CampaignEnded,
     CampaignNotFound,
     CampaignNotStarted,
     CouponError,
     InvalidArgument,
+    Overloaded,
     SoldOut,
     Unauthenticated,
     Unavailable,
 )
 from coupon.entrypoints.logs import request_id
 from coupon.entrypoints.metrics import Metrics
+from coupon.entrypoints.overload import Doorman, RetryLater
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
@@ -43,6 +46,7 @@ ERROR_CODES: dict[type[CouponError], Code] = {
     SoldOut: Code.RESOURCE_EXHAUSTED,
     Unauthenticated: Code.UNAUTHENTICATED,
     Unavailable: Code.UNAVAILABLE,
+    Overloaded: Code.UNAVAILABLE,
 }
 
 T = TypeVar("T")
@@ -63,38 +67,57 @@ REJECTION_REASONS: dict[type[CouponError], str] = {
     CampaignNotFound: "not_found",
     InvalidArgument: "invalid",
     Unavailable: "unavailable",
+    Overloaded: "overloaded",
 }
 
 
 class Observed:
     """Counts and times one RPC method."""
 
+    LOG_EVERY_SECONDS = 1.0
+
     def __init__(self, metrics: Metrics, rpc: str) -> None:
+        self._quiet_until: dict[tuple[Code, str], float] = {}
+        self._suppressed: dict[tuple[Code, str], int] = {}
         self._rpc = rpc
         self._requests = metrics.counters(metrics.requests)
         self.ok = self._requests(rpc, "ok")
         self.latency = metrics.histogram(metrics.latency.labels(rpc))
 
-    def failed(self, started: float, code: Code, message: str = "") -> None:
+    def failed(self, started: float, code: Code, message: str = "", *, logged: bool = True) -> None:
         self._requests(self._rpc, code.value).inc()
-        self.latency.observe(time.perf_counter() - started)
-        if code in _LOGGED_FAILURES:
-            log.warning(
-                "rpc failed",
-                extra={
-                    "rpc": self._rpc,
-                    "code": code.value,
-                    "error": message,
-                    "request_id": request_id(),
-                },
-            )
+        self.latency.observe(time.monotonic() - started)
+        if logged and code in _LOGGED_FAILURES:
+            self._log_failure(code, message)
+
+    def _log_failure(self, code: Code, message: str) -> None:
+        """One line per kind of failure a second at most: an outage fails every request,
+        and a line per request would cost more than the requests."""
+        now = time.monotonic()
+        key = (code, message[:60])
+        if now < self._quiet_until.get(key, 0.0):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        if len(self._quiet_until) > 1_000:
+            self._quiet_until.clear()
+        self._quiet_until[key] = now + self.LOG_EVERY_SECONDS
+        log.warning(
+            "rpc failed",
+            extra={
+                "rpc": self._rpc,
+                "code": code.value,
+                "error": message,
+                "request_id": request_id(),
+                "same_failures_not_logged": self._suppressed.pop(key, 0),
+            },
+        )
 
     def succeeded(self, started: float) -> None:
         self.ok.inc()
-        self.latency.observe(time.perf_counter() - started)
+        self.latency.observe(time.monotonic() - started)
 
     async def call(self, work: Awaitable[T]) -> T:
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             result = await work
         except CouponError as exc:
@@ -130,6 +153,9 @@ class AdminGuard:
 
 
 class CouponService:
+    # The hint when a dependency (Redis, PostgreSQL) failed rather than the process being busy.
+    DEPENDENCY_RETRY_MS = 1_000
+
     def __init__(
         self,
         create: CreateCampaign,
@@ -137,12 +163,18 @@ class CouponService:
         issue: IssueCoupon,
         admin: AdminGuard,
         metrics: Metrics,
+        doorman: Doorman,
+        deadline_seconds: float = 0.5,
     ) -> None:
+        self._doorman = doorman
+        self._deadline = deadline_seconds
+        self._shed_errors: dict[int, RetryLater] = {}
         self._create = create
         self._get = get
         self._issue = issue
         self._admin = admin
         self._rejections = metrics.counters(metrics.rejections)
+        self._overloaded = self._rejections("overloaded")
         self._issued = metrics.counters(metrics.issued)
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
@@ -205,30 +237,88 @@ class CouponService:
         ctx: RequestContext[coupon_pb.IssueCouponRequest, coupon_pb.IssueCouponResponse],
         /,
     ) -> coupon_pb.IssueCouponResponse:
-        return await self.issue(request)
+        try:
+            return await self.issue(request)
+        except RetryLater as exc:
+            ctx.response_headers["retry-after-ms"] = str(exc.retry_after_ms)
+            raise
 
     async def issue(self, request: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
-        """IssueCoupon without a request context: also served by the fast path."""
-        started = time.perf_counter()
-        observed = self._observe_issue
+        arrived = time.monotonic()
+        error = self.issue_at_once(request, arrived)
+        if error is not None:
+            raise error
+        return await self.issue_let_in(request, arrived)
+
+    def issue_at_once(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> ConnectError | None:
+        """The answer when it needs no I/O: a bad field, a refusal this process remembers,
+        or `unavailable` when the process is at capacity. None: the request is let in, and
+        the caller must then await `issue_let_in`."""
+        refusal = self._issue.remembered(request.campaign_id, request.user_id)
+        if refusal is not None:
+            return self._refused(arrived, refusal)
+        if self._doorman.enter():
+            return None
+        return self._shed(arrived)
+
+    def _shed(self, arrived: float) -> ConnectError:
+        """Turned away at the door: one error per hint value, made once (the front doors
+        keep its encoded answer), counted, never logged."""
+        hint = self._doorman.retry_after_ms
+        error = self._shed_errors.get(hint)
+        if error is None:
+            if len(self._shed_errors) > 64:
+                self._shed_errors.clear()
+            error = self._shed_errors[hint] = RetryLater(
+                "the service is at capacity; retry after the hinted delay", hint
+            )
+        self._observe_issue.failed(arrived, Code.UNAVAILABLE, logged=False)
+        self._overloaded.inc()
+        return error
+
+    async def issue_let_in(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> coupon_pb.IssueCouponResponse:
         try:
             issued = await self._issue.execute(
-                campaign_id=request.campaign_id, user_id=request.user_id
+                campaign_id=request.campaign_id,
+                user_id=request.user_id,
+                deadline=arrived + self._deadline,
             )
         except CouponError as exc:
-            error = connect_error(exc)
-            observed.failed(started, error.code, error.message)
-            self._rejections(REJECTION_REASONS.get(type(exc), "other")).inc()
-            raise error from None
+            raise self._refused(arrived, exc) from None
         except Exception as exc:
-            observed.failed(started, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._observe_issue.failed(arrived, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            self._doorman.leave(arrived)
         coupon = issued.coupon
         if issued.already_issued:
             self._rejections("already_issued").inc()
         else:
             self._issued(coupon.campaign_id).inc()
-        observed.succeeded(started)
+        self._observe_issue.succeeded(arrived)
         return coupon_pb.IssueCouponResponse(
             coupon=coupon_message(coupon), already_issued=issued.already_issued
         )
+
+    def _refused(self, arrived: float, exc: CouponError) -> ConnectError:
+        error: ConnectError
+        if isinstance(exc, Unavailable):
+            # Every `unavailable` says when to come back: the crowd spreads its retries.
+            hint = self._doorman.retry_after_ms
+            if exc.retry_after_ms:
+                hint = exc.retry_after_ms
+            elif not isinstance(exc, Overloaded):
+                hint = max(hint, self.DEPENDENCY_RETRY_MS)
+            error = RetryLater(str(exc), hint)
+        else:
+            error = connect_error(exc)
+        # Shedding is the service working as meant: counted, never logged.
+        self._observe_issue.failed(
+            arrived, error.code, error.message, logged=not isinstance(exc, Overloaded)
+        )
+        self._rejections(REJECTION_REASONS.get(type(exc), "other")).inc()
+        return error

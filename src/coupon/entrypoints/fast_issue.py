@@ -2,16 +2,24 @@
 
 The common request — a unary POST of a binary protobuf or JSON body, uncompressed, with
 a Content-Length and no timeout header — is answered here with the Connect library's own
-codecs and error format. Anything else (compression, deadlines, GET, chunked bodies) goes
-to the full Connect application, which implements the whole protocol. Per request this
-saves the library's disconnect-watch task, its deadline scope and its header handling:
-a fifth of the CPU an issue costs.
+codecs and the Connect protocol's error format. Anything else (compression, deadlines, GET,
+chunked bodies, gRPC, gRPC-Web) goes to the full Connect application, which implements the
+whole protocol.
+
+`IssueRoute` turns a request body into response bytes; two front doors use it: the HTTP/1.1
+protocol (entrypoints/http/h1.py), which answers without an ASGI cycle at all, and
+`FastIssue`, the same route as an ASGI app (HTTP/2, and HTTP/1.1 requests the protocol
+leaves to uvicorn). What needs no I/O — a malformed body, a bad field, a remembered
+refusal, a request shed under overload — is answered synchronously, without a task.
 """
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable
+from typing import Protocol
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
@@ -24,9 +32,15 @@ from litestar.types import (
     Send,
 )
 
+from coupon.entrypoints.overload import RetryLater, retry_headers
 from coupon.gen.coupon.v1 import coupon_pb
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
+ISSUE_PATH_BYTES = ISSUE_PATH.encode()
+
+Headers = list[tuple[bytes, bytes]]
+# status, content type, body, extra headers
+Answer = tuple[int, bytes, bytes, Headers]
 
 _CODECS: dict[bytes, tuple[Codec, bytes]] = {
     b"application/proto": (proto_binary_codec(), b"application/proto"),
@@ -48,13 +62,102 @@ _STATUS = {
     Code.UNAVAILABLE: 503,
     Code.UNAUTHENTICATED: 401,
 }
+_NO_HEADERS: Headers = []
 
-Issue = Callable[[coupon_pb.IssueCouponRequest], Awaitable[coupon_pb.IssueCouponResponse]]
+
+class IssueService(Protocol):
+    """What the route needs of the service (entrypoints/connect_service.py)."""
+
+    def issue_at_once(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> ConnectError | None: ...
+
+    def issue_let_in(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> Awaitable[coupon_pb.IssueCouponResponse]: ...
+
+
+_BY_HEADER: dict[bytes, tuple[Codec, bytes] | None] = {}
+
+
+def codec_for(content_type: bytes) -> tuple[Codec, bytes] | None:
+    """The codec a Content-Type names (remembered per header value: clients send one)."""
+    try:
+        return _BY_HEADER[content_type]
+    except KeyError:
+        pass
+    codec = _CODECS.get(content_type.split(b";", 1)[0].strip().lower())
+    if len(_BY_HEADER) < 64:
+        _BY_HEADER[content_type] = codec
+    return codec
+
+
+def error_answer(error: ConnectError) -> Answer:
+    """A Connect error as the Connect protocol sends it for a unary call."""
+    body: dict[str, object] = {"code": error.code.value, "message": error.message}
+    extra = _NO_HEADERS
+    if error.details:
+        details: list[dict[str, object]] = []
+        for detail in error.details:
+            value = base64.b64encode(detail.message_bytes).decode().rstrip("=")
+            details.append({"type": detail.type_name, "value": value})
+        body["details"] = details
+    if isinstance(error, RetryLater):
+        extra = retry_headers(error.retry_after_ms)
+        details[-1]["debug"] = {"retryDelay": f"{error.retry_after_ms / 1000:.3f}s"}
+    payload = json.dumps(body, ensure_ascii=False).encode()
+    return _STATUS.get(error.code, 500), b"application/json", payload, extra
+
+
+class IssueRoute:
+    def __init__(self, service: IssueService) -> None:
+        self._service = service
+        # Shed answers: made once per error the service hands out (one per hint value).
+        self._shed: dict[int, tuple[ConnectError, Answer]] = {}
+
+    def at_once(
+        self, body: bytes, codec: tuple[Codec, bytes], arrived: float
+    ) -> Answer | coupon_pb.IssueCouponRequest:
+        """The answer, when it needs no I/O; else the decoded request, let in (the caller
+        must then await `answer`, which lets it out)."""
+        try:
+            request = codec[0].decode(body, coupon_pb.IssueCouponRequest)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
+            return error_answer(
+                ConnectError(Code.INVALID_ARGUMENT, f"cannot decode the request: {exc}")
+            )
+        error = self._service.issue_at_once(request, arrived)
+        if error is None:
+            return request
+        if isinstance(error, RetryLater):
+            known = self._shed.get(id(error))
+            if known is None or known[0] is not error:
+                if len(self._shed) > 256:
+                    self._shed.clear()
+                known = self._shed[id(error)] = (error, error_answer(error))
+            return known[1]
+        return error_answer(error)
+
+    async def answer(
+        self, request: coupon_pb.IssueCouponRequest, codec: tuple[Codec, bytes], arrived: float
+    ) -> Answer:
+        try:
+            response = await self._service.issue_let_in(request, arrived)
+        except ConnectError as exc:
+            return error_answer(exc)
+        except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
+            # A Connect error all the same, as the full Connect application would answer,
+            # not the server's bare 500.
+            return error_answer(ConnectError(Code.INTERNAL, type(exc).__name__))
+        decoder, content_type = codec
+        return 200, content_type, decoder.encode(response), _NO_HEADERS
 
 
 class FastIssue:
-    def __init__(self, issue: Issue, max_bytes: int) -> None:
-        self._issue = issue
+    """The route as an ASGI app, for requests that `accepts`."""
+
+    def __init__(self, route: IssueRoute, max_bytes: int) -> None:
+        self._route = route
         self._max_bytes = max_bytes
 
     def accepts(self, scope: Scope) -> tuple[Codec, bytes] | None:
@@ -65,7 +168,7 @@ class FastIssue:
         length = -1
         for name, value in scope["headers"]:
             if name == b"content-type":
-                codec = _CODECS.get(value.split(b";", 1)[0].strip().lower())
+                codec = codec_for(value)
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -1
             elif name in (b"content-encoding", b"connect-content-encoding"):
@@ -88,39 +191,22 @@ class FastIssue:
             body += message.get("body", b"")  # type: ignore[operator]
             if not message.get("more_body", False):
                 break
-        decoder, content_type = codec
-        try:
-            request = decoder.decode(body, coupon_pb.IssueCouponRequest)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
-            await self._error(
-                send, ConnectError(Code.INVALID_ARGUMENT, f"cannot decode the request: {exc}")
-            )
-            return
-        try:
-            response = await self._issue(request)
-        except ConnectError as exc:
-            await self._error(send, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
-            # A Connect error all the same, as the full Connect application would answer,
-            # not the server's bare 500.
-            await self._error(send, ConnectError(Code.INTERNAL, type(exc).__name__))
-            return
-        await _respond(send, 200, content_type, decoder.encode(response))
-
-    @staticmethod
-    async def _error(send: Send, error: ConnectError) -> None:
-        payload = json.dumps({"code": error.code.value, "message": error.message}).encode()
-        await _respond(send, _STATUS.get(error.code, 500), b"application/json", payload)
+        arrived = time.monotonic()
+        answer = self._route.at_once(body, codec, arrived)
+        if not isinstance(answer, tuple):
+            answer = await self._route.answer(answer, codec, arrived)
+        await respond(send, answer)
 
 
-async def _respond(send: Send, status: int, content_type: bytes, payload: bytes) -> None:
+async def respond(send: Send, answer: Answer) -> None:
+    status, content_type, payload, extra = answer
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
         "status": status,
         "headers": [
             (b"content-type", content_type),
             (b"content-length", str(len(payload)).encode()),
+            *extra,
         ],
     }
     await send(start)

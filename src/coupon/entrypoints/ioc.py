@@ -22,7 +22,9 @@ from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCoupo
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool, warm
 from coupon.adapters.redis.client import RedisClient, create_client
-from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
+from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.stock_gate import RedisStockGate
+from coupon.application.issue import IssueCoupon
 from coupon.application.ports import (
     CampaignRepository,
     Clock,
@@ -30,15 +32,12 @@ from coupon.application.ports import (
     CouponLedger,
     StockGate,
 )
-from coupon.application.use_cases import (
-    CampaignDirectory,
-    CreateCampaign,
-    GetCampaign,
-    IssueCoupon,
-)
+from coupon.application.refusals import RefusalMemory
+from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
 from coupon.entrypoints.connect_service import AdminGuard, CouponService
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.metrics import Metrics, get_metrics
+from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings
 
 log = logging.getLogger("coupon")
@@ -57,7 +56,11 @@ class MemoryProvider(Provider):
 
     @provide
     def gate(self, clock: Clock, settings: Settings) -> StockGate:
-        return MemoryStockGate(clock, lease_seconds=settings.pending_lease_seconds)
+        return MemoryStockGate(
+            clock,
+            lease_seconds=settings.pending_lease_seconds,
+            reissue_delay_seconds=reissue_delay(settings),
+        )
 
     @provide
     def codes(self) -> CodeGenerator:
@@ -118,7 +121,10 @@ class StorageProvider(Provider):
     @provide
     async def gate(self, client: RedisClient, settings: Settings) -> AsyncIterator[StockGate]:
         gate = RedisStockGate(
-            client, prefix=settings.redis_prefix, lease_seconds=settings.pending_lease_seconds
+            client,
+            prefix=settings.redis_prefix,
+            lease_seconds=settings.pending_lease_seconds,
+            reissue_delay_seconds=reissue_delay(settings),
         )
         try:
             yield gate
@@ -158,7 +164,46 @@ class ApplicationProvider(Provider):
 
     create = provide(CreateCampaign)
     get = provide(GetCampaign)
-    issue = provide(IssueCoupon)
+
+    @provide
+    async def refusals(
+        self, ledger: CouponLedger, gate: StockGate, settings: Settings
+    ) -> AsyncIterator[RefusalMemory]:
+        memory = RefusalMemory(
+            ledger,
+            gate,
+            seconds=settings.refusal_memory_ms / 1000,
+            max_holders=settings.holder_filter_max,
+        )
+        try:
+            yield memory
+        finally:
+            await memory.close()
+
+    @provide
+    async def issue(
+        self,
+        gate: StockGate,
+        ledger: CouponLedger,
+        codes: CodeGenerator,
+        directory: CampaignDirectory,
+        memory: RefusalMemory,
+    ) -> AsyncIterator[IssueCoupon]:
+        issue = IssueCoupon(gate, ledger, codes, directory, memory)
+        try:
+            yield issue
+        finally:
+            await issue.close()
+
+    @provide
+    def doorman(self, settings: Settings) -> Doorman:
+        ceiling = settings.max_in_flight
+        return Doorman(
+            target_seconds=settings.target_latency_ms / 1000,
+            initial=min(Doorman.INITIAL, ceiling),
+            floor=min(Doorman.FLOOR, ceiling),
+            ceiling=ceiling,
+        )
 
     @provide
     def admin(self, settings: Settings) -> AdminGuard:
@@ -170,7 +215,33 @@ class ApplicationProvider(Provider):
         async with metrics.flushing():
             yield metrics
 
-    service = provide(CouponService)
+    @provide
+    def service(
+        self,
+        create: CreateCampaign,
+        get: GetCampaign,
+        issue: IssueCoupon,
+        admin: AdminGuard,
+        metrics: Metrics,
+        doorman: Doorman,
+        settings: Settings,
+    ) -> CouponService:
+        return CouponService(
+            create,
+            get,
+            issue,
+            admin,
+            metrics,
+            doorman,
+            deadline_seconds=settings.request_deadline_ms / 1000,
+        )
+
+
+def reissue_delay(settings: Settings) -> float:
+    """A slot given back becomes issuable only after every process's memory of "sold out"
+    has expired (see RefusalMemory); the margin covers the processes' clocks ticking apart
+    over that time. Every process of a deployment must use the same setting."""
+    return settings.refusal_memory_ms / 1000 + 0.1
 
 
 def make_container(settings: Settings) -> AsyncContainer:

@@ -34,6 +34,20 @@ class Settings:
     log_level: str = "INFO"
     # Where worker processes share Prometheus metrics (prometheus_client reads it too).
     metrics_dir: str = ""
+    # Overload: the in-process latency IssueCoupon's admission limit aims at; how long a
+    # request may wait in the process before it is answered `unavailable` untouched; how
+    # long a process answers sold out / ended / not started from memory.
+    target_latency_ms: int = 100
+    # The most IssueCoupon requests one process works on at once, whatever it measures.
+    max_in_flight: int = 8_192
+    request_deadline_ms: int = 500
+    refusal_memory_ms: int = 500
+    holder_filter_max: int = 2_000_000
+    # HTTP/1.1 front door: header limits, the time to receive a whole request, keep-alive.
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    request_timeout_seconds: float = 10.0
+    keepalive_seconds: float = 75.0
 
     @property
     def production(self) -> bool:
@@ -58,6 +72,17 @@ class Settings:
             raise SettingsError(f"PORT must be between 1 and 65535 (got {self.port})")
         if not 1 <= self.workers <= 256:
             raise SettingsError(f"WORKERS must be between 1 and 256 (got {self.workers})")
+        for name, value, low, high in (
+            ("COUPON_TARGET_LATENCY_MS", self.target_latency_ms, 1, 60_000),
+            ("COUPON_REQUEST_DEADLINE_MS", self.request_deadline_ms, 1, 600_000),
+            ("COUPON_MAX_IN_FLIGHT", self.max_in_flight, 1, 1_000_000),
+            ("COUPON_REFUSAL_MEMORY_MS", self.refusal_memory_ms, 0, 60_000),
+            ("COUPON_HOLDER_FILTER_MAX", self.holder_filter_max, 0, 100_000_000),
+            ("COUPON_MAX_HEADER_BYTES", self.max_header_bytes, 1_024, 1_048_576),
+            ("COUPON_MAX_HEADERS", self.max_headers, 8, 10_000),
+        ):
+            if not low <= value <= high:
+                raise SettingsError(f"{name} must be between {low} and {high} (got {value})")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -169,6 +194,17 @@ def load_settings(
         max_batch=_int(env, "COUPON_MAX_BATCH", DEFAULTS.max_batch),
         log_level=(env.get("LOG_LEVEL", "") or "INFO").upper(),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
+        target_latency_ms=_int(env, "COUPON_TARGET_LATENCY_MS", DEFAULTS.target_latency_ms),
+        request_deadline_ms=_int(env, "COUPON_REQUEST_DEADLINE_MS", DEFAULTS.request_deadline_ms),
+        max_in_flight=_int(env, "COUPON_MAX_IN_FLIGHT", DEFAULTS.max_in_flight),
+        refusal_memory_ms=_int(env, "COUPON_REFUSAL_MEMORY_MS", DEFAULTS.refusal_memory_ms),
+        holder_filter_max=_int(env, "COUPON_HOLDER_FILTER_MAX", DEFAULTS.holder_filter_max),
+        max_header_bytes=_int(env, "COUPON_MAX_HEADER_BYTES", DEFAULTS.max_header_bytes),
+        max_headers=_int(env, "COUPON_MAX_HEADERS", DEFAULTS.max_headers),
+        request_timeout_seconds=_float(
+            env, "COUPON_REQUEST_TIMEOUT_SECONDS", DEFAULTS.request_timeout_seconds
+        ),
+        keepalive_seconds=_float(env, "COUPON_KEEPALIVE_SECONDS", DEFAULTS.keepalive_seconds),
     )
     settings.check()
     return settings

@@ -1,0 +1,468 @@
+"""The HTTP/1.1 front door: uvicorn's httptools protocol, with limits against hostile
+clients and a lane that answers IssueCoupon's common request without an ASGI cycle.
+
+Limits (each answered, then the connection closed):
+* headers: at most `max_headers` fields and `max_header_bytes` bytes (request line
+  included) -> 431, counted as they arrive, so a header trickled forever holds no more than
+  the limit in memory;
+* a body declared (or sent chunked) beyond the service's request size -> a Connect
+  `resource_exhausted` error (413 outside the API) before the body is read;
+* a request must arrive whole within `request_timeout` of its first byte (a new connection:
+  of being opened) -> 408: slow senders are closed, not held;
+* idle keep-alive connections are closed after `keepalive` seconds (longer than common
+  client pools keep theirs, so clients close first and never race the server's close).
+
+The IssueCoupon lane takes a POST to the IssueCoupon path with a binary or JSON body of a
+declared length, uncompressed, without a deadline header or an Origin (CORS is the ASGI
+app's), when nothing else is in flight on the connection. It hands the body to the
+IssueRoute (entrypoints/fast_issue.py) and writes the answer in one write: a shed request or
+a remembered refusal costs no task, no ASGI messages, no header objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from coupon.entrypoints.fast_issue import (
+    ISSUE_PATH_BYTES,
+    Answer,
+    IssueRoute,
+    codec_for,
+    error_answer,
+)
+
+if TYPE_CHECKING:
+    from connectrpc.codec import Codec
+
+    from coupon.gen.coupon.v1 import coupon_pb
+
+CONNECT_PREFIX = b"/coupon.v1.CouponService/"
+# Headers that send a request to the full ASGI path.
+_NOT_FOR_THE_LANE = frozenset(
+    {
+        b"transfer-encoding",
+        b"expect",
+        b"origin",
+        b"connect-timeout-ms",
+        b"grpc-timeout",
+        b"upgrade",
+    }
+)
+_ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
+
+
+class Limits(Protocol):
+    """What the protocol reads from the app's settings."""
+
+    max_header_bytes: int
+    max_headers: int
+    request_timeout_seconds: float
+    max_request_bytes: int
+
+
+class _Defaults:
+    max_header_bytes = 16_384
+    max_headers = 100
+    request_timeout_seconds = 10.0
+    max_request_bytes = 64 * 1024
+
+
+class _LaneCycle:
+    """Stands for uvicorn's RequestResponseCycle while a lane request is in flight, so that
+    a pipelined request behind it queues and a graceful shutdown waits for it."""
+
+    __slots__ = ("keep_alive", "response_complete")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.response_complete = False
+
+
+class Http1Protocol(HttpToolsProtocol):
+    # A refused request's connection: how long, and how much, is read and dropped at most.
+    LINGER_SECONDS = 2.0
+    LINGER_BYTES = 64 * 1024 * 1024
+
+    # The date header uvicorn refreshes once a second, as bytes, per list it makes.
+    _head_source: ClassVar[object] = None
+    _head_bytes: ClassVar[bytes] = b""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._front = _front_app(config.loaded_app)
+        limits: Limits = getattr(self._front, "http_limits", None) or _Defaults()
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._max_body = limits.max_request_bytes
+        self._request_timeout = limits.request_timeout_seconds
+        # Per request.
+        self._receiving_since = 0.0  # loop time of its first byte; 0: not receiving
+        self._idle_since = 0.0  # loop time its last answer went out, while idle
+        self._draining_until = 0.0  # refused and closing: read and drop until then
+        self._drained = 0
+        self._in_headers = False
+        self._header_bytes = 0  # counted from the parsed request line and fields
+        self._raw_header_bytes = 0  # counted from the bytes received while inside them
+        self._header_count = 0
+        self._too_large = False
+        self._lane = False
+        self._lane_ok = True
+        self._content_type = b""
+        self._content_length = -1
+        self._body_size = 0
+        self._body = b""
+
+    # --- connection -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A new connection must send a whole request in time too (a silent one is closed).
+        self._receiving_since = self.loop.time()
+        _Sweeper.watch(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, _LaneCycle):
+            self.cycle = None  # type: ignore[assignment]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._draining_until:
+            self._drained += len(data)
+            if self._drained > self.LINGER_BYTES:
+                self.transport.close()
+            return
+        if not self._receiving_since:
+            self._receiving_since = self.loop.time()
+        super().data_received(data)
+        if self._in_headers and not self._draining_until and not self.transport.is_closing():
+            # Still inside the headers after this chunk: the parser holds them until they
+            # end, so a header that never ends must be stopped here, by its raw size.
+            self._raw_header_bytes += len(data)
+            if self._raw_header_bytes > 2 * self._max_header_bytes:
+                self._refuse_headers()
+
+    def timed_out(self) -> None:
+        """The request did not arrive whole in time: 408, then the connection is closed."""
+        if self.transport.is_closing() or self._draining_until:
+            return
+        self._receiving_since = 0.0
+        self._close_with(408, b"text/plain; charset=utf-8", b"the request did not arrive in time")
+
+    def receiving_since(self) -> float:
+        return self._receiving_since
+
+    @property
+    def request_timeout(self) -> float:
+        return self._request_timeout
+
+    # --- parser callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        # uvicorn builds the ASGI scope here; the lane needs none, so it is built only for
+        # a request that goes to the ASGI app (see _scope).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        if not self._receiving_since:
+            self._receiving_since = self.loop.time()
+        self._in_headers = True
+        self._header_bytes = self._raw_header_bytes = 0
+        self._header_count = 0
+        self._too_large = False
+        self._lane = False
+        self._lane_ok = True
+        self._content_type = b""
+        self._content_length = -1
+        self._body_size = 0
+        self._body = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header_bytes:
+            self._too_large = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._draining_until:
+            return
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_count > self._max_headers or self._header_bytes > self._max_header_bytes:
+            self._too_large = True
+            return
+        name = name.lower()
+        if name == b"content-type":
+            self._content_type = value
+        elif name == b"content-length":
+            self._content_length = int(value) if value.isdigit() else -1
+        elif name in _NOT_FOR_THE_LANE:
+            self._lane_ok = False
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif name in _ENCODINGS and value.strip().lower() != b"identity":
+            self._lane_ok = False
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._draining_until:
+            return
+        self._in_headers = False
+        if self._too_large:
+            self._refuse_headers()
+            return
+        if self._content_length > self._max_body:
+            self._refuse_body(self._content_length)
+            return
+        route: IssueRoute | None = getattr(self._front, "issue_route", None)
+        codec = codec_for(self._content_type) if self._lane_ok else None
+        cycle = self.cycle
+        if (
+            codec is not None
+            and route is not None
+            and self.url == ISSUE_PATH_BYTES
+            and self._content_length >= 0
+            and (cycle is None or cycle.response_complete)
+            and not self.pipeline
+            and self.parser.get_method() == b"POST"
+        ):
+            self._lane = True
+            self._lane_codec = codec
+            self._lane_route = route
+            return
+        self.scope = self._scope()
+        super().on_headers_complete()
+
+    def _scope(self) -> Any:
+        """The ASGI scope, as uvicorn's on_message_begin makes it."""
+        return {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+
+    def on_body(self, body: bytes) -> None:
+        if self._draining_until:
+            return
+        self._body_size += len(body)
+        if self._body_size > self._max_body:
+            self._refuse_body(self._body_size)
+            return
+        if self._lane:
+            self._body += body
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._draining_until:
+            return
+        self._receiving_since = 0.0
+        if not self._lane:
+            super().on_message_complete()
+            return
+        self._lane = False
+        keep_alive = self.parser.should_keep_alive()
+        arrived = time.monotonic()
+        codec = self._lane_codec
+        answer = self._lane_route.at_once(self._body, codec, arrived)
+        self._body = b""
+        if isinstance(answer, tuple):
+            self._write(answer, keep_alive)
+            self._lane_done()
+            return
+        cycle = _LaneCycle(keep_alive)
+        self.cycle = cycle  # type: ignore[assignment]
+        task = self.loop.create_task(self._answer(answer, codec, arrived, cycle))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- the lane ---------------------------------------------------------------------
+
+    async def _answer(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        codec: tuple[Codec, bytes],
+        arrived: float,
+        cycle: _LaneCycle,
+    ) -> None:
+        answer = await self._lane_route.answer(request, codec, arrived)
+        cycle.response_complete = True
+        if self.transport.is_closing():
+            return  # the client left; the coupon (if any) is committed all the same
+        self._write(answer, cycle.keep_alive)
+        self._lane_done()
+
+    def _write(self, answer: Answer, keep_alive: bool, *, linger: bool = False) -> None:
+        status, content_type, payload, extra = answer
+        parts = [
+            STATUS_LINE[status],
+            self._head(),
+            b"content-type: ",
+            content_type,
+            b"\r\ncontent-length: ",
+            str(len(payload)).encode(),
+            b"\r\n",
+        ]
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", payload)
+        self.transport.write(b"".join(parts))
+        if not keep_alive and not linger:
+            self.transport.close()
+
+    def _lane_done(self) -> None:
+        self.on_response_complete()
+
+    # --- keep-alive: the sweeper closes idle connections (no timer per request) ------------
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = 0.0
+
+    def idle_since(self) -> float:
+        return self._idle_since
+
+    def _head(self) -> bytes:
+        """uvicorn's default headers (the date) as bytes, remade when uvicorn remakes them."""
+        source = self.server_state.default_headers
+        if source is not Http1Protocol._head_source:
+            Http1Protocol._head_bytes = b"".join(
+                name + b": " + value + b"\r\n" for name, value in source
+            )
+            Http1Protocol._head_source = source
+        return Http1Protocol._head_bytes
+
+    # --- refusals ---------------------------------------------------------------------
+
+    def _refuse_headers(self) -> None:
+        self._close_with(
+            431,
+            b"text/plain; charset=utf-8",
+            f"request headers are limited to {self._max_headers} fields and "
+            f"{self._max_header_bytes} bytes".encode(),
+        )
+
+    def _refuse_body(self, size: int) -> None:
+        if self.url.startswith(CONNECT_PREFIX):
+            status, content_type, payload, _ = error_answer(
+                ConnectError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"request body of {size} bytes is over the limit of {self._max_body} bytes",
+                )
+            )
+        else:
+            status, content_type = 413, b"text/plain; charset=utf-8"
+            payload = f"request body is limited to {self._max_body} bytes".encode()
+        self._close_with(status, content_type, payload)
+
+    def _close_with(self, status: int, content_type: bytes, payload: bytes) -> None:
+        """Answer (unless an answer has begun) and close: the rest of this request will not
+        be read, so the connection cannot carry another."""
+        self._in_headers = False
+        self._lane = False
+        if self.transport.is_closing():
+            return
+        if _answering(self.cycle):
+            # A request in progress learns of it as a disconnect (connection_lost).
+            self.transport.close()
+            return
+        self._write((status, content_type, payload, []), keep_alive=False, linger=True)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # A lingering close: end our side, and read (and drop) what the client is still
+        # sending for a moment. Closing with its bytes unread would make the kernel reset
+        # the connection, and a client still sending its body would never read the answer.
+        self.transport.write_eof()
+        self._draining_until = self.loop.time() + self.LINGER_SECONDS
+        self._drained = 0
+
+    def draining_until(self) -> float:
+        return self._draining_until
+
+
+def _front_app(app: object) -> object:
+    """The service's own app, inside whatever middleware uvicorn wrapped it in."""
+    for _ in range(4):
+        if hasattr(app, "issue_route"):
+            return app
+        app = getattr(app, "app", app)
+    return app
+
+
+def _answering(cycle: object) -> bool:
+    """An answer is on its way on this connection (an ASGI response started, or the lane's
+    request in flight): nothing else may be written before it."""
+    if isinstance(cycle, _LaneCycle):
+        return not cycle.response_complete
+    return bool(getattr(cycle, "response_started", False)) and not getattr(
+        cycle, "response_complete", True
+    )
+
+
+class _Sweeper:
+    """Once a second, per process: close connections whose request is late (408) or that
+    have been idle longer than the keep-alive time."""
+
+    PERIOD = 1.0
+    _by_state: ClassVar[dict[int, _Sweeper]] = {}
+
+    def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+        self._state = state
+        self._loop = loop
+        loop.call_later(self.PERIOD, self._sweep)
+
+    @classmethod
+    def watch(cls, protocol: Http1Protocol) -> None:
+        key = id(protocol.server_state)
+        if key not in cls._by_state:
+            cls._by_state[key] = cls(protocol.server_state, protocol.loop)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for connection in list(self._state.connections):
+            if isinstance(connection, Http1Protocol):
+                since = connection.receiving_since()
+                if since and now - since > connection.request_timeout:
+                    connection.timed_out()
+                    continue
+                idle = connection.idle_since()
+                if idle and now - idle > connection.timeout_keep_alive:
+                    connection.timeout_keep_alive_handler()
+                    continue
+                draining = connection.draining_until()
+                if draining and now > draining:
+                    connection.transport.close()
+        self._loop.call_later(self.PERIOD, self._sweep)

@@ -1,0 +1,203 @@
+"""The HTTP/1.1 front door against hostile connections, over real sockets to a real server:
+oversized or endless headers, bodies over the limit, senders that never finish, thousands
+of them at once; and a keep-alive connection a client leaves idle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.client import connect_client, create_campaign, issue_retrying
+from tests.support.raw_http import (
+    ISSUE,
+    closed_by_peer,
+    issue_request,
+    last_words,
+    open_connection,
+    read_response,
+)
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+REQUEST_TIMEOUT = 2
+KEEPALIVE = 3
+HOSTILE_CONNECTIONS = 2000
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    # Room for thousands of sockets, in this process and the server it starts.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20_000), hard))
+    proc = ServerProcess(
+        env={
+            **server_env,
+            "COUPON_REQUEST_TIMEOUT_SECONDS": str(REQUEST_TIMEOUT),
+            "COUPON_KEEPALIVE_SECONDS": str(KEEPALIVE),
+        }
+    )
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def campaign(server: ServerProcess) -> str:
+    async with connect_client(server.url) as client:
+        return (await create_campaign(client, total=1_000_000, name="front door")).id
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_huge_header_is_refused_with_431_and_the_connection_closed(
+    server: ServerProcess,
+) -> None:
+    reader, writer = await open_connection(server.url)
+    writer.write(f"POST {ISSUE} HTTP/1.1\r\nHost: t\r\nX-Big: ".encode())
+    try:
+        for _ in range(160):  # 10 MB, in 64 KiB pieces, as a client would stream it
+            writer.write(b"a" * 65_536)
+            await writer.drain()
+    except ConnectionError:
+        pass  # the server answered and closed long before the end
+    response = await read_response(reader)
+    assert response.status == 431
+    assert await closed_by_peer(reader, 5)
+
+
+async def test_ten_thousand_headers_are_refused_with_431(server: ServerProcess) -> None:
+    reader, writer = await open_connection(server.url)
+    head = "".join(f"X-H{i}: v\r\n" for i in range(10_000))
+    writer.write(f"GET /healthz HTTP/1.1\r\nHost: t\r\n{head}\r\n".encode())
+    response = await read_response(reader)
+    assert response.status == 431
+    assert await closed_by_peer(reader, 5)
+
+
+async def test_a_declared_body_over_the_limit_is_answered_before_it_is_sent(
+    server: ServerProcess,
+) -> None:
+    reader, writer = await open_connection(server.url)
+    writer.write(
+        f"POST {ISSUE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {50 * 1024 * 1024}\r\n\r\n".encode()
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)  # no body sent at all
+    assert response.status == 429
+    error = response.json()
+    assert error["code"] == "resource_exhausted"
+    assert "over the limit" in str(error["message"])
+
+
+async def test_a_body_over_the_limit_being_sent_gets_the_answer_not_a_reset(
+    server: ServerProcess,
+) -> None:
+    reader, writer = await open_connection(server.url)
+    size = 50 * 1024 * 1024
+    writer.write(
+        f"POST {ISSUE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/proto\r\n"
+        f"Content-Length: {size}\r\n\r\n".encode()
+    )
+
+    async def send_body() -> None:
+        chunk = b"\x00" * 65_536
+        try:
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.ensure_future(send_body())
+    response = await asyncio.wait_for(read_response(reader), 10)
+    assert response.status == 429 and response.json()["code"] == "resource_exhausted"
+    await sending
+
+
+async def test_a_sender_that_never_finishes_its_request_is_answered_408_and_closed(
+    server: ServerProcess,
+) -> None:
+    reader, writer = await open_connection(server.url)
+    started = time.monotonic()
+    answer = asyncio.ensure_future(read_response(reader))
+    writer.write(b"POST /coupon.v1.CouponService/IssueCoupon HTTP/1.1\r\nHost: t\r\n")
+    for _ in range(REQUEST_TIMEOUT * 4):  # a byte every half second: never the end
+        await asyncio.sleep(0.5)
+        if reader.at_eof() or writer.is_closing():
+            break
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            break
+    response = await answer
+    assert response.status == 408
+    assert time.monotonic() - started < REQUEST_TIMEOUT + 2
+
+
+async def test_a_connection_that_sends_nothing_is_closed(server: ServerProcess) -> None:
+    reader, _ = await open_connection(server.url)
+    response = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT + 2)
+    assert response.status == 408
+
+
+async def test_thousands_of_endless_headers_keep_memory_flat_and_clients_served(
+    server: ServerProcess, campaign: str
+) -> None:
+    """Each connection trickles an endless header; the server holds at most its limit of
+    each, closes them when their time is up, and answers ordinary clients meanwhile."""
+    before = rss_mib(server.process.pid)
+    connections = []
+    for _ in range(HOSTILE_CONNECTIONS):
+        reader, writer = await open_connection(server.url)
+        writer.write(b"POST /healthz HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        connections.append((reader, writer))
+
+    async def trickle() -> None:
+        for _ in range(REQUEST_TIMEOUT * 2):
+            for reader, writer in connections:
+                if not reader.at_eof() and not writer.is_closing():
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(b"z" * 1024)
+            await asyncio.sleep(0.5)
+
+    trickling = asyncio.ensure_future(trickle())
+    async with connect_client(server.url) as client:
+        served = [await issue_retrying(client, campaign, f"meanwhile-{i}") for i in range(20)]
+    during = rss_mib(server.process.pid)
+    await trickling
+    assert all(r.coupon is not None for r in served)
+    assert during - before < 100, (before, during)
+    ends = await asyncio.gather(*(last_words(r, REQUEST_TIMEOUT + 3) for r, _ in connections))
+    # Each was answered (408 for running out of time, 431 for growing past the limit), then
+    # closed.
+    assert {end[:12] for end in ends if end is not None} <= {b"HTTP/1.1 408", b"HTTP/1.1 431"}
+    assert None not in ends
+    for _, writer in connections:
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_reused_or_closed_cleanly(
+    server: ServerProcess, campaign: str
+) -> None:
+    reader, writer = await open_connection(server.url)
+    writer.write(issue_request(campaign, "idle-1"))
+    assert (await read_response(reader)).status == 200
+    await asyncio.sleep(KEEPALIVE - 1)  # idle, but less than the server keeps it
+    writer.write(issue_request(campaign, "idle-2"))
+    assert (await read_response(reader)).status == 200
+    # Beyond the keep-alive time the server ends it with a clean close, never a reset.
+    assert await closed_by_peer(reader, KEEPALIVE + 2)

@@ -1,0 +1,71 @@
+"""HTTP/1.1 by hand, for what no client library sends: hostile requests, and a connection
+kept idle on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+ISSUE = "/coupon.v1.CouponService/IssueCoupon"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        loaded = json.loads(self.body)
+        assert isinstance(loaded, dict)
+        return loaded
+
+
+async def open_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return await asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20)
+
+
+def issue_request(campaign_id: str, user_id: str, *, close: bool = False) -> bytes:
+    body = json.dumps({"campaignId": campaign_id, "userId": user_id}).encode()
+    head = (
+        f"POST {ISSUE} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("closed before an answer")
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Response(status, headers, body)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """True when the server ends the connection cleanly (EOF, not a reset) in time, having
+    sent nothing more."""
+    return await last_words(reader, timeout) == b""
+
+
+async def last_words(reader: asyncio.StreamReader, timeout: float) -> bytes | None:
+    """What the server sends before it ends the connection cleanly; None when it does not
+    end it in time."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    except TimeoutError:
+        return None

@@ -1,0 +1,74 @@
+"""The doorman: how many IssueCoupon requests a process works on at once, learned from the
+latency of those it answered."""
+
+from __future__ import annotations
+
+from coupon.entrypoints.overload import Doorman
+
+TARGET = 0.1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def doorman(clock: Clock, **kw: int) -> Doorman:
+    options = {"initial": 100, "floor": 10, "ceiling": 1000, **kw}
+    return Doorman(target_seconds=TARGET, clock=clock, **options)
+
+
+def window(door: Doorman, clock: Clock, *, latency: float, answered: int, extra: int = 0) -> None:
+    """One window: `answered` requests let in and answered after `latency`, and `extra`
+    more asking while they were in."""
+    started = clock.now
+    let_in = [door.enter() for _ in range(answered + extra)]
+    clock.now = started + Doorman.WINDOW_SECONDS
+    for _ in range(sum(let_in)):
+        door.leave(clock.now - latency)
+
+
+def test_requests_beyond_the_limit_are_turned_away_and_counted() -> None:
+    clock = Clock()
+    door = doorman(clock, initial=3)
+    assert [door.enter() for _ in range(5)] == [True, True, True, False, False]
+    assert door.in_flight == 3 and door.shed_total == 2
+    door.leave(clock.now)
+    assert door.enter()
+
+
+def test_the_limit_shrinks_when_answers_are_slower_than_the_target() -> None:
+    clock = Clock()
+    door = doorman(clock)
+    window(door, clock, latency=0.2, answered=50)
+    assert door.limit == 100 * 0.7  # halving latency would need 0.5; one step is at most 0.7
+    for _ in range(20):
+        window(door, clock, latency=0.2, answered=5)
+    assert door.limit == 10  # never below the floor
+
+
+def test_the_limit_grows_only_while_it_holds_requests_back() -> None:
+    clock = Clock()
+    door = doorman(clock)
+    window(door, clock, latency=0.01, answered=20)  # fast, and far below the limit
+    assert door.limit == 100
+    window(door, clock, latency=0.01, answered=100, extra=30)  # fast, and turning away
+    assert door.limit == 100 * 1.1 + 1
+    for _ in range(100):
+        window(door, clock, latency=0.01, answered=int(door.limit), extra=50)
+    assert door.limit == 1000  # never above the ceiling
+
+
+def test_the_retry_hint_grows_with_the_share_turned_away_and_stays_bounded() -> None:
+    clock = Clock()
+    door = doorman(clock)
+    window(door, clock, latency=0.01, answered=100)
+    calm = door.retry_after_ms
+    assert calm == int(1000 * TARGET)
+    window(door, clock, latency=0.01, answered=100, extra=300)
+    assert door.retry_after_ms > calm
+    window(door, clock, latency=0.01, answered=10, extra=100_000)
+    assert door.retry_after_ms == Doorman.HINT_MAX_MS
