@@ -4,6 +4,7 @@ restart (the shared one is never touched)."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -43,11 +44,21 @@ class PrivateRedis:
         raise RuntimeError("private redis-server did not start")
 
     def kill(self) -> None:
-        """SIGKILL: everything in memory is gone, as in a crash without persistence."""
+        """SIGKILL: everything in memory is gone, as in a crash without persistence; a
+        snapshot taken with BGSAVE is what the next start loads."""
         if self._process is not None:
             self._process.kill()
             self._process.wait()
             self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs, its connections stay open (a long fork, a stalled VM)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.kill()

@@ -1,0 +1,214 @@
+"""Redis faults that used to cost users their coupons or lock them out, staged against real
+server processes and a Redis of the test's own (stopped, hung, restored from a snapshot;
+the shared one is never touched):
+
+* Redis restored from an older snapshot (a failover to a lagging replica): holders the
+  gate forgot still get their coupons, however many ask at once;
+* the gate rebuilt while a holder's coupon was being committed: the holder is not left out;
+* Redis hung longer than the server waits: the user's retry succeeds within a second of
+  Redis answering again;
+* a server killed while it rebuilds a large campaign's gate: the restarted server serves
+  within seconds, not after the lock's minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
+from tests.support.client import connect_client, create_campaign, issue_retrying
+from tests.support.private_redis import PrivateRedis
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+PREFIX = "faults"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    redis = PrivateRedis()
+    try:
+        yield redis
+    finally:
+        redis.close()
+
+
+@pytest.fixture
+def server(server_env: dict[str, str], private_redis: PrivateRedis) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        env={**server_env, "REDIS_URL": private_redis.url, "COUPON_REDIS_PREFIX": PREFIX}
+    )
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def code_of(client: CouponServiceClient, campaign_id: str, user: str) -> str:
+    reply = await issue_retrying(client, campaign_id, user)
+    assert reply.coupon is not None
+    return reply.coupon.code
+
+
+async def refused(client: CouponServiceClient, campaign_id: str, user: str) -> Code:
+    with pytest.raises(ConnectError) as caught:
+        await issue_retrying(client, campaign_id, user)
+    return caught.value.code
+
+
+async def test_holders_forgotten_by_a_redis_restored_from_an_older_snapshot_get_their_coupons(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    total = 60
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        async with connect_client(server.url) as client:
+            c = (await create_campaign(client, total=total, name="snapshot")).id
+            codes = {f"u{i}": await code_of(client, c, f"u{i}") for i in range(10)}
+            saved = await admin.lastsave()
+            await admin.bgsave()
+            while await admin.lastsave() == saved:
+                await asyncio.sleep(0.05)
+            later = [f"u{i}" for i in range(10, total)]
+            codes.update(
+                zip(
+                    later,
+                    await asyncio.gather(*(code_of(client, c, u) for u in later)),
+                    strict=True,
+                )
+            )
+            private_redis.kill()
+            private_redis.start()  # with the snapshot: it knows u0..u9 only
+            # Newcomers meet slots the ledger already holds: nobody gets a second coupon.
+            for user in ("x1", "x2", "x3"):
+                assert await refused(client, c, user) is Code.RESOURCE_EXHAUSTED
+            # Every forgotten holder, all at once, gets their own coupon back, twice.
+            for _ in range(2):
+                replies = await asyncio.gather(*(issue_retrying(client, c, u) for u in later))
+                for user, reply in zip(later, replies, strict=True):
+                    assert reply.already_issued and reply.coupon is not None
+                    assert reply.coupon.code == codes[user]
+    finally:
+        await admin.aclose()
+
+
+async def test_a_holder_committed_across_a_gate_rebuild_is_not_left_out(
+    server: ServerProcess, private_redis: PrivateRedis, pg_pool: asyncpg.Pool
+) -> None:
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        async with connect_client(server.url) as client:
+            c = (await create_campaign(client, total=5, name="rebuild race")).id
+            await code_of(client, c, "u1")
+            async with pg_pool.acquire() as conn, conn.transaction():
+                # Hold the campaign row: the holder's insert waits behind it.
+                await conn.execute("SELECT 1 FROM campaigns WHERE id = $1 FOR UPDATE", uuid.UUID(c))
+                holder = asyncio.ensure_future(issue_retrying(client, c, "holder"))
+                await asyncio.sleep(0.5)
+                await admin.flushall()  # the gate is lost while the holder's commit waits
+                other = asyncio.ensure_future(issue_retrying(client, c, "other"))
+                await asyncio.sleep(0.5)  # ... and rebuilt without the holder
+            first = await holder
+            await other
+            assert first.coupon is not None and not first.already_issued
+            for user in ("u2", "u3"):  # the rest of the stock
+                await issue_retrying(client, c, user)
+            assert await refused(client, c, "latecomer") is Code.RESOURCE_EXHAUSTED
+            for _ in range(2):
+                again = await issue_retrying(client, c, "holder")
+                assert again.already_issued and again.coupon == first.coupon
+                await asyncio.sleep(1)
+    finally:
+        await admin.aclose()
+
+
+async def test_a_user_whose_request_failed_in_a_redis_hang_succeeds_at_once_after_it(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    async with connect_client(server.url) as client:
+        c = (await create_campaign(client, total=10, name="hang")).id
+        await code_of(client, c, "before")
+        private_redis.pause()
+        try:
+            with pytest.raises(ConnectError) as caught:
+                await client.issue_coupon(
+                    coupon_pb.IssueCouponRequest(campaign_id=c, user_id="hung"),
+                    timeout_ms=20_000,
+                )
+            assert caught.value.code is Code.UNAVAILABLE
+            await asyncio.sleep(max(0.0, 7 - 5.5))  # the hang lasts 7 s in all
+        finally:
+            private_redis.resume()
+        resumed = time.monotonic()
+        reply = await issue_retrying(client, c, "hung")
+        assert reply.coupon is not None and not reply.already_issued
+        assert time.monotonic() - resumed < 1.0
+
+
+async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_seconds(
+    server_env: dict[str, str], private_redis: PrivateRedis, pg_pool: asyncpg.Pool
+) -> None:
+    env = {**server_env, "REDIS_URL": private_redis.url, "COUPON_REDIS_PREFIX": PREFIX}
+    first = ServerProcess(env=env)
+    try:
+        first.wait_ready()
+        async with connect_client(first.url) as client:
+            created = await create_campaign(client, total=1_000_000, name="big rebuild")
+        c = created.id
+        stored = 300_000
+        await pg_pool.execute(
+            """
+            INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,
+                                 user_id, issued_at)
+            SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, g, 'z' || g, 'stored-' || g,
+                   c.starts_at + interval '1 second'
+              FROM campaigns c, generate_series(1, $2::int) g
+             WHERE c.id = $1
+            """,
+            uuid.UUID(c),
+            stored,
+        )
+        admin = aioredis.Redis.from_url(private_redis.url)
+        try:
+            await admin.flushall()
+            async with connect_client(first.url) as client:
+                starter = asyncio.ensure_future(
+                    client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=c, user_id="starter")
+                    )
+                )
+                lock = f"{PREFIX}:{{{c}}}:loading"
+                deadline = time.monotonic() + 30
+                while not await admin.exists(lock):
+                    assert time.monotonic() < deadline, "the rebuild never started"
+                    await asyncio.sleep(0.005)
+                first.signal(9)  # SIGKILL mid-rebuild, the lock still held
+                with pytest.raises(ConnectError):
+                    await starter
+        finally:
+            await admin.aclose()
+    finally:
+        first.stop()
+    second = ServerProcess(env=env)
+    try:
+        second.wait_ready()
+        ready = time.monotonic()
+        async with connect_client(second.url) as client:
+            reply = await issue_retrying(client, c, "after-restart")
+            served = time.monotonic() - ready
+            held = await issue_retrying(client, c, "stored-7")
+        assert reply.coupon is not None and served < 10, served
+        assert held.already_issued and held.coupon is not None and held.coupon.code == "z7"
+    finally:
+        second.stop()
