@@ -19,8 +19,20 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
+def run_asgi(
+    factory: str,
+    host: str,
+    port: int,
+    workers: int,
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
+) -> None:
     """Serve an ASGI app factory with uvicorn (uvloop, httptools), as `coupon serve` does.
+
+    Every connection first meets `AutoProtocol`, which hands it to uvicorn's httptools
+    HTTP/1.1 protocol or to our HTTP/2 one (gRPC needs HTTP/2 and trailers): one check per
+    connection, none per request. With a certificate and key the port speaks TLS and
+    offers `h2` and `http/1.1` through ALPN (uvicorn reads them from the protocol class).
 
     uvicorn rather than granian: the whole server runs on the worker's one event-loop
     thread. granian hands every request and response between its Rust I/O threads and the
@@ -42,7 +54,10 @@ def run_asgi(factory: str, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # A string, so that worker processes import the class themselves.
+        http="coupon.entrypoints.http.sniff:AutoProtocol",
+        ssl_certfile=tls_cert_file or None,
+        ssl_keyfile=tls_key_file or None,
         backlog=4096,
         access_log=False,
         # The service's own JSON logging (configured by the factory) applies, not uvicorn's.
@@ -87,8 +102,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )
+    scheme = "https" if settings.tls_cert_file else "http"
     print(
-        f"coupon: serving on http://{settings.host}:{settings.port} "
+        f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
         f"({settings.backend}, {settings.workers} worker(s))",
         file=sys.stderr,
         flush=True,
@@ -96,7 +112,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from coupon.entrypoints.logs import configure_logging
 
     configure_logging(settings.log_level)  # the supervisor's own lines (worker restarts)
-    run_asgi("coupon.entrypoints.app:create_app", settings.host, settings.port, settings.workers)
+    run_asgi(
+        "coupon.entrypoints.app:create_app",
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.tls_cert_file,
+        settings.tls_key_file,
+    )
     return 0
 
 
