@@ -27,18 +27,22 @@ GRPC_STATUS = {
 }
 UNKNOWN_CAMPAIGN = "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50"
 
-TRANSPORTS = [
-    pytest.param("connect", binary, version, id=f"connect-{fmt}-http{version}")
-    for binary, fmt in ((False, "json"), (True, "binary"))
-    for version in ("1.1", "2")
-] + [
-    pytest.param("grpc", binary, "2", id=f"grpc-{fmt}-http2")
-    for binary, fmt in ((False, "json"), (True, "binary"))
-] + [
-    pytest.param("grpcweb", binary, version, id=f"grpcweb-{fmt}-http{version}")
-    for binary, fmt in ((False, "json"), (True, "binary"))
-    for version in ("1.1", "2")
-]
+TRANSPORTS = (
+    [
+        pytest.param("connect", binary, version, id=f"connect-{fmt}-http{version}")
+        for binary, fmt in ((False, "json"), (True, "binary"))
+        for version in ("1.1", "2")
+    ]
+    + [
+        pytest.param("grpc", binary, "2", id=f"grpc-{fmt}-http2")
+        for binary, fmt in ((False, "json"), (True, "binary"))
+    ]
+    + [
+        pytest.param("grpcweb", binary, version, id=f"grpcweb-{fmt}-http{version}")
+        for binary, fmt in ((False, "json"), (True, "binary"))
+        for version in ("1.1", "2")
+    ]
+)
 
 
 def iso(moment: datetime) -> str:
