@@ -13,6 +13,8 @@ fi
 
 debian=()
 command -v chromium >/dev/null || debian+=(chromium)
+# Coupon codes are Hangul: without a Korean font the example page's screenshot shows boxes.
+[ -d /usr/share/fonts/truetype/nanum ] || debian+=(fonts-nanum)
 command -v docker-compose >/dev/null || debian+=(docker-compose)
 if [ ${#debian[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

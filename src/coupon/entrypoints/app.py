@@ -1,4 +1,5 @@
-"""The ASGI application: Connect RPCs, plus Litestar for health, readiness and metrics."""
+"""The ASGI application: Connect RPCs (Connect, gRPC and gRPC-Web), gRPC server reflection,
+plus Litestar for health, readiness, metrics and the example page."""
 
 from __future__ import annotations
 
@@ -7,19 +8,29 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
+    ServerReflectionAlphaASGIApplication,
+    ServerReflectionAlphaService,
+    ServerReflectionASGIApplication,
+    ServerReflectionService,
+)
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
+from litestar.static_files import create_static_files_router
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.connect_service import CouponService
+from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
 from coupon.entrypoints.metrics import get_metrics, render
 from coupon.entrypoints.settings import Settings, load_settings
+from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
 
 log = logging.getLogger("coupon")
@@ -27,6 +38,9 @@ log = logging.getLogger("coupon")
 CONNECT_PREFIX = "/coupon.v1.CouponService/"
 # Requests are a few dozen bytes; anything near this is not a request of ours.
 MAX_REQUEST_BYTES = 64 * 1024
+REFLECTION_PREFIX = "/grpc.reflection."
+# A page that issues a coupon from a browser with connect-web (see web/ for its source).
+EXAMPLE_PAGE = Path(__file__).parent / "static" / "example"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +69,24 @@ class CouponApp:
         self.issue_route: IssueRoute | None = None
         self.fast_issue: FastIssue | None = None
         self.readiness: Readiness | None = None
+        self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
+        # grpcurl, buf curl and other gRPC tools list and call the service without its proto.
+        self.reflection = {
+            app.path: app
+            for app in (
+                ServerReflectionASGIApplication(ServerReflectionService(coupon_pb.desc())),
+                ServerReflectionAlphaASGIApplication(
+                    ServerReflectionAlphaService(coupon_pb.desc())
+                ),
+            )
+        }
         self.web = Litestar(
-            route_handlers=[healthz, readyz, metrics],
+            route_handlers=[
+                healthz,
+                readyz,
+                metrics,
+                create_static_files_router("/example", [EXAMPLE_PAGE], html_mode=True),
+            ],
             lifespan=[self._lifespan],
             openapi_config=None,
             state=State({"coupon": self}),
@@ -65,6 +95,11 @@ class CouponApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP and scope["path"].startswith(CONNECT_PREFIX):
             REQUEST_HEADERS.set(scope["headers"])
+            cors = self.cors
+            if cors is not None and (origin := cors.allowed_origin(scope)) is not None:
+                if await cors.answer(scope, receive, send, origin):
+                    return
+                send = cors.sending(send, origin)
             fast = self.fast_issue
             if fast is not None and scope["path"] == ISSUE_PATH:
                 codec = fast.accepts(scope)
@@ -74,6 +109,11 @@ class CouponApp:
             connect = self.connect
             if connect is not None:
                 await self._connect_closing_unread(connect, scope, receive, send)
+                return
+        elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
+            reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
+            if reflection is not None:
+                await reflection(scope, receive, send)
                 return
         await self.web(scope, receive, send)
 

@@ -20,9 +20,21 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def run_asgi(
-    factory: str, host: str, port: int, workers: int, *, keepalive_seconds: float = 75.0
+    factory: str,
+    host: str,
+    port: int,
+    workers: int,
+    *,
+    keepalive_seconds: float = 75.0,
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
 ) -> None:
     """Serve an ASGI app factory with uvicorn (uvloop, httptools), as `coupon serve` does.
+
+    Every connection first meets `AutoProtocol`, which hands it to uvicorn's httptools
+    HTTP/1.1 protocol or to our HTTP/2 one (gRPC needs HTTP/2 and trailers): one check per
+    connection, none per request. With a certificate and key the port speaks TLS and
+    offers `h2` and `http/1.1` through ALPN (uvicorn reads them from the protocol class).
 
     uvicorn rather than granian: the whole server runs on the worker's one event-loop
     thread. granian hands every request and response between its Rust I/O threads and the
@@ -31,8 +43,6 @@ def run_asgi(
     8,250-10,400 issues/s on two cores (bench/RESULTS.md).
     """
     import uvicorn
-
-    from coupon.entrypoints.http.h1 import Http1Protocol
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: with these, a graceful stop exits 0 (and a signal that comes before
@@ -46,8 +56,13 @@ def run_asgi(
         port=port,
         workers=workers,
         loop="uvloop",
-        # uvicorn's httptools protocol with limits and IssueCoupon's lane (http/h1.py).
-        http=Http1Protocol,
+        # One port for HTTP/1.1 and HTTP/2: a sniffer per connection hands it to our
+        # HTTP/1.1 protocol (uvicorn's httptools protocol with limits and IssueCoupon's
+        # lane, http/h1.py) or to the HTTP/2 one (http/h2.py). A string, so that worker
+        # processes import the class themselves.
+        http="coupon.entrypoints.http.sniff:AutoProtocol",
+        ssl_certfile=tls_cert_file or None,
+        ssl_keyfile=tls_key_file or None,
         # Idle keep-alive connections: closed after longer than common client pools keep
         # theirs (httpx 5 s, undici 4 s, aiohttp 15 s), so clients close first and a request
         # never meets the server's close on the wire.
@@ -96,8 +111,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )
+    scheme = "https" if settings.tls_cert_file else "http"
     print(
-        f"coupon: serving on http://{settings.host}:{settings.port} "
+        f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
         f"({settings.backend}, {settings.workers} worker(s))",
         file=sys.stderr,
         flush=True,
@@ -111,6 +127,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.port,
         settings.workers,
         keepalive_seconds=settings.keepalive_seconds,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
     )
     return 0
 

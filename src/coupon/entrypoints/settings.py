@@ -48,6 +48,11 @@ class Settings:
     max_headers: int = 100
     request_timeout_seconds: float = 10.0
     keepalive_seconds: float = 75.0
+    # TLS (with HTTP/2 offered through ALPN) when both are set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def production(self) -> bool:
@@ -83,6 +88,18 @@ class Settings:
         ):
             if not low <= value <= high:
                 raise SettingsError(f"{name} must be between {low} and {high} (got {value})")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "COUPON_TLS_KEY_FILE" if self.tls_cert_file else "COUPON_TLS_CERT_FILE"
+            raise SettingsError(
+                f"{missing} must be set too: TLS needs both COUPON_TLS_CERT_FILE "
+                "and COUPON_TLS_KEY_FILE"
+            )
+        for name, path in (
+            ("COUPON_TLS_CERT_FILE", self.tls_cert_file),
+            ("COUPON_TLS_KEY_FILE", self.tls_key_file),
+        ):
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name} must name a readable PEM file (got {path!r})")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -127,6 +144,31 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise SettingsError(f"{name} must be positive (got {raw!r})")
     return value
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Exact origins (scheme://host[:port]), as a browser sends them in `Origin`."""
+    origins = []
+    for raw in env.get("COUPON_CORS_ORIGINS", "").split(","):
+        origin = raw.strip()
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or origin != origin.lower()
+        ):
+            raise SettingsError(
+                "COUPON_CORS_ORIGINS must be comma-separated origins like "
+                f"https://shop.example.com or http://127.0.0.1:8080, lower case, no path "
+                f"(got {origin!r})"
+            )
+        origins.append(origin)
+    return tuple(origins)
 
 
 def _redis_url(env: Mapping[str, str]) -> str:
@@ -205,6 +247,9 @@ def load_settings(
             env, "COUPON_REQUEST_TIMEOUT_SECONDS", DEFAULTS.request_timeout_seconds
         ),
         keepalive_seconds=_float(env, "COUPON_KEEPALIVE_SECONDS", DEFAULTS.keepalive_seconds),
+        tls_cert_file=env.get("COUPON_TLS_CERT_FILE", ""),
+        tls_key_file=env.get("COUPON_TLS_KEY_FILE", ""),
+        cors_origins=_origins(env),
     )
     settings.check()
     return settings

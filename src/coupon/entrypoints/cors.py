@@ -1,0 +1,83 @@
+"""CORS for the Connect and gRPC-Web paths, so that a web page on another origin can call
+the API (connect-web). Only the origins in COUPON_CORS_ORIGINS get CORS headers; with none
+configured nothing here runs, and a request without an `Origin` header costs one scan of
+its headers (the IssueCoupon hot path)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from litestar.types import Message, Receive, Scope, Send
+
+# What the Connect and gRPC-Web protocols send (connect-web, grpc-web clients), beside the
+# admin token.
+ALLOWED_HEADERS = (
+    b"Content-Type, Connect-Protocol-Version, Connect-Timeout-Ms, Connect-Accept-Encoding, "
+    b"Connect-Content-Encoding, Grpc-Timeout, Grpc-Accept-Encoding, X-Grpc-Web, "
+    b"X-User-Agent, Authorization"
+)
+# What a client must be able to read: the gRPC(-Web) status and error details, the Connect
+# protocol's headers and trailers, and the retry hint of overload answers.
+EXPOSED_HEADERS = (
+    b"Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Grpc-Encoding, Content-Encoding, "
+    b"Connect-Content-Encoding, Connect-Accept-Encoding, Retry-After-Ms"
+)
+ALLOWED_METHODS = b"POST, GET"  # Connect unary GET, for cacheable calls
+# Browsers cap it (Chromium at 2 hours); one preflight per origin and path per cap.
+MAX_AGE = b"7200"
+
+
+class Cors:
+    def __init__(self, origins: Iterable[str]) -> None:
+        self._origins = frozenset(origin.encode() for origin in origins)
+
+    def allowed_origin(self, scope: Scope) -> bytes | None:
+        """The request's Origin when it is one of ours; one pass over the headers."""
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                return value if value in self._origins else None
+        return None
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> bool:
+        """Answer a preflight (OPTIONS with Access-Control-Request-Method); False for any
+        other request, which then goes on with `sending` around its `send`."""
+        if scope.get("method") != "OPTIONS" or not any(
+            name == b"access-control-request-method" for name, _ in scope["headers"]
+        ):
+            return False
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": [
+                    (b"access-control-allow-origin", origin),
+                    (b"access-control-allow-methods", ALLOWED_METHODS),
+                    (b"access-control-allow-headers", ALLOWED_HEADERS),
+                    (b"access-control-max-age", MAX_AGE),
+                    (
+                        b"vary",
+                        b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+                    ),
+                    (b"content-length", b"0"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+    @staticmethod
+    def sending(send: Send, origin: bytes) -> Send:
+        """`send` with the CORS response headers added to the response's start."""
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    *message.get("headers", ()),
+                    (b"access-control-allow-origin", origin),
+                    (b"access-control-expose-headers", EXPOSED_HEADERS),
+                    (b"vary", b"Origin"),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_with_cors

@@ -1,0 +1,516 @@
+"""HTTP/2 for the ASGI app, on the `h2` state machine: what gRPC clients need.
+
+One connection carries many streams; each stream is one ASGI `http` request run in its own
+task. The `http.response.trailers` extension is offered, because gRPC sends its status in
+trailers. Flow control runs both ways: a request body is acknowledged to the peer only as
+the app reads it (so a slow reader holds the peer back instead of buffering), and a
+response waits for the peer's stream and connection windows, and for the transport's
+buffer to drain. A peer's RST_STREAM or a lost connection is `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+log = logging.getLogger("uvicorn.error")
+
+# Limits a peer is told in SETTINGS; h2 refuses a peer that goes past them.
+MAX_CONCURRENT_STREAMS = 100
+MAX_HEADER_LIST_SIZE = 16 * 1024
+MAX_FRAME_SIZE = 16 * 1024  # the protocol's minimum: larger frames buy nothing here
+# Per stream, what a peer may send before the app reads it; the connection as a whole
+# may have this much unread across its streams.
+STREAM_WINDOW = 64 * 1024
+CONNECTION_WINDOW = 1024 * 1024
+
+# Connection-specific headers do not exist in HTTP/2 (RFC 9113, 8.2.2): an ASGI app
+# written for HTTP/1.1 may still set them, and h2 would refuse to send them.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _Stream:
+    """One request and its response, as the stream's ASGI task sees them."""
+
+    __slots__ = (
+        "body",
+        "changed",
+        "closed",
+        "end_delivered",
+        "ended",
+        "headers_sent",
+        "response_complete",
+        "response_headers",
+        "response_status",
+        "stream_id",
+        "trailers_expected",
+    )
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        # Request body chunks not yet read by the app, with their flow-controlled size.
+        self.body: deque[tuple[bytes, int]] = deque()
+        self.ended = False  # the peer sent END_STREAM
+        self.end_delivered = False  # the app has read the end of the body
+        self.closed = False  # reset by the peer, or the connection is gone
+        # Set whenever the task may have something new to look at: body, window, reset.
+        self.changed = asyncio.Event()
+        self.response_status = 0
+        self.response_headers: Headers = []
+        self.headers_sent = False
+        self.trailers_expected = False
+        self.response_complete = False
+
+    def wake(self) -> None:
+        self.changed.set()
+
+
+class H2Protocol(asyncio.Protocol):
+    """An HTTP/2 server connection (h2c with prior knowledge, or `h2` by ALPN on TLS)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.server_state = server_state
+        self.app_state = app_state
+        self.conn = H2Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        )
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.writable = asyncio.Event()
+        self.writable.set()
+        # After a graceful GOAWAY: streams above this id are refused, open ones finish.
+        self.last_stream_id: int | None = None
+        self.idle: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.server_state.connections.add(self)  # type: ignore[arg-type]
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.client = _address(transport.get_extra_info("peername"))
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+                SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # h2 applies the header list limit to its decoder only once the peer acknowledges
+        # the settings; until then it would accept any size.
+        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
+        self._flush()
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued the GOAWAY with the reason (frame too large, too many
+            # streams, header list too long, ...): send it and hang up.
+            log.debug("HTTP/2 protocol error from %s: %s", self.client, exc)
+            self._flush()
+            self._abort()
+            return
+        for event in events:
+            self._handle(event)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost ends every stream
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self._disarm_idle()
+        self.writable.set()
+        for stream in self.streams.values():
+            stream.closed = True
+            stream.wake()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def shutdown(self) -> None:
+        """Graceful: tell the peer which streams will still be answered (GOAWAY with the
+        last stream id), finish those, then close."""
+        if self.transport is None or self.transport.is_closing() or self.last_stream_id is not None:
+            return
+        self.last_stream_id = self.conn.highest_inbound_stream_id
+        # Written beside h2 rather than through close_connection(), which would stop h2
+        # from sending anything more on the streams still running.
+        goaway = GoAwayFrame(stream_id=0)
+        goaway.last_stream_id = self.last_stream_id
+        goaway.error_code = ErrorCodes.NO_ERROR
+        self._flush()
+        self.transport.write(goaway.serialize())
+        self._close_if_done()
+
+    # --- h2 events ----------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            self._request(event)
+        elif isinstance(event, DataReceived):
+            self._data(event)
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.ended = True
+                stream.wake()
+        elif isinstance(event, TrailersReceived):
+            # Request trailers carry nothing the app reads: the body has ended.
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and event.stream_ended is not None:
+                stream.ended = True
+                stream.wake()
+        elif isinstance(event, StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._release_body(stream)
+                stream.closed = True
+                stream.wake()
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self.streams.values():
+                    stream.wake()
+            elif (stream := self.streams.get(event.stream_id)) is not None:
+                stream.wake()
+        elif isinstance(event, RemoteSettingsChanged):
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                for stream in self.streams.values():
+                    stream.wake()
+        elif isinstance(event, ConnectionTerminated):
+            # The peer is going away; h2 sends nothing after a GOAWAY, so neither can we.
+            self._abort()
+
+    def _request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.last_stream_id is not None and stream_id > self.last_stream_id:
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        scope = self._scope(event.headers or [])
+        if scope is None:
+            self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        self._disarm_idle()
+        stream = _Stream(stream_id)
+        if event.stream_ended is not None:
+            stream.ended = True
+        self.streams[stream_id] = stream
+        task = self.loop.create_task(self._run(stream, scope))
+        self.server_state.tasks.add(task)
+        task.add_done_callback(self.server_state.tasks.discard)
+
+    def _data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length or 0
+        if stream is None or stream.closed or stream.end_delivered:
+            # Nobody will read it: give the window straight back.
+            self._acknowledge(event.stream_id, size)
+            return
+        stream.body.append((event.data or b"", size))
+        if event.stream_ended is not None:
+            stream.ended = True
+        stream.wake()
+
+    def _scope(self, headers: Headers) -> dict[str, Any] | None:
+        method = path = authority = b""
+        regular: Headers = []
+        for name, value in headers:
+            if name[:1] != b":":
+                regular.append((name, value))
+            elif name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+        if not method or not path.startswith(b"/"):
+            return None  # CONNECT or a malformed request: nothing the app serves
+        if authority and not any(name == b"host" for name, _ in regular):
+            regular.insert(0, (b"host", authority))
+        raw_path, _, query = path.partition(b"?")
+        decoded = raw_path.decode("ascii", "replace")
+        if "%" in decoded:
+            decoded = unquote(decoded)
+        root_path = self.config.root_path
+        return {
+            "type": "http",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
+            "http_version": "2",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": method.decode("ascii", "replace"),
+            "root_path": root_path,
+            "path": root_path + decoded,
+            "raw_path": root_path.encode("ascii") + raw_path,
+            "query_string": query,
+            "headers": regular,
+            "state": self.app_state.copy(),
+            "extensions": {"http.response.trailers": {}},
+        }
+
+    # --- one stream's ASGI task ---------------------------------------------------------
+
+    async def _run(self, stream: _Stream, scope: dict[str, Any]) -> None:
+        async def receive() -> dict[str, Any]:
+            return await self._receive(stream)
+
+        async def send(message: dict[str, Any]) -> None:
+            await self._send(stream, message)
+
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            log.exception("Exception in ASGI application")
+            if not stream.closed:
+                if stream.headers_sent:
+                    self.conn.reset_stream(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+                else:
+                    self.conn.send_headers(
+                        stream.stream_id, [(b":status", b"500")], end_stream=True
+                    )
+                stream.response_complete = True
+        finally:
+            if not stream.response_complete and not stream.closed:
+                # The app returned without finishing its response.
+                self._reset(stream, ErrorCodes.INTERNAL_ERROR)
+            self._finish(stream)
+
+    async def _receive(self, stream: _Stream) -> dict[str, Any]:
+        while True:
+            if stream.closed:
+                return {"type": "http.disconnect"}
+            if stream.body:
+                chunks = list(stream.body)
+                stream.body.clear()
+                self._acknowledge(stream.stream_id, sum(size for _, size in chunks))
+                self._flush()
+                more = not stream.ended
+                stream.end_delivered = not more
+                body = chunks[0][0] if len(chunks) == 1 else b"".join(c for c, _ in chunks)
+                return {"type": "http.request", "body": body, "more_body": more}
+            if stream.ended and not stream.end_delivered:
+                stream.end_delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if stream.response_complete:
+                return {"type": "http.disconnect"}
+            stream.changed.clear()
+            await stream.changed.wait()
+
+    async def _send(self, stream: _Stream, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if stream.closed:
+            return  # the peer is gone: the app finishes, nothing more goes out
+        if kind == "http.response.start":
+            if stream.response_status:
+                raise RuntimeError("http.response.start sent twice")
+            stream.response_status = int(message["status"])
+            stream.response_headers = [
+                (name.lower(), value)
+                for name, value in message.get("headers", ())
+                if name.lower() not in _HOP_BY_HOP
+            ]
+            stream.trailers_expected = bool(message.get("trailers", False))
+        elif kind == "http.response.body":
+            if not stream.response_status or stream.response_complete:
+                raise RuntimeError("http.response.body outside a response")
+            body: bytes = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            end = not more and not stream.trailers_expected
+            if not stream.headers_sent:
+                # A response without a body (a gRPC trailers-only error) is one HEADERS
+                # frame that ends the stream.
+                self._send_headers(stream, end_stream=end and not body)
+                if end and not body:
+                    self._complete(stream)
+                    return
+            if body or end:
+                await self._send_data(stream, body, end)
+            if end:
+                self._complete(stream)
+        elif kind == "http.response.trailers":
+            if not stream.trailers_expected or stream.response_complete:
+                raise RuntimeError("http.response.trailers without trailers announced")
+            if not stream.headers_sent:
+                self._send_headers(stream, end_stream=False)
+            if not message.get("more_trailers", False):
+                trailers = [
+                    (name.lower(), value)
+                    for name, value in message.get("headers", ())
+                    if name.lower() not in _HOP_BY_HOP
+                ]
+                await self._writable(stream)
+                if not stream.closed:
+                    self.conn.send_headers(stream.stream_id, trailers, end_stream=True)
+                    self._flush()
+                self._complete(stream)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _send_headers(self, stream: _Stream, end_stream: bool) -> None:
+        headers = [(b":status", str(stream.response_status).encode()), *stream.response_headers]
+        self.conn.send_headers(stream.stream_id, headers, end_stream=end_stream)
+        stream.headers_sent = True
+        self._flush()
+
+    async def _send_data(self, stream: _Stream, body: bytes, end: bool) -> None:
+        view = memoryview(body)
+        while True:
+            await self._writable(stream)
+            if stream.closed:
+                return
+            try:
+                window = self.conn.local_flow_control_window(stream.stream_id)
+            except StreamClosedError:
+                return
+            if view and window <= 0:
+                stream.changed.clear()
+                await stream.changed.wait()
+                continue
+            size = min(len(view), window, self.conn.max_outbound_frame_size)
+            last = size == len(view)
+            try:
+                self.conn.send_data(
+                    stream.stream_id, view[:size].tobytes(), end_stream=end and last
+                )
+            except (FlowControlError, StreamClosedError):
+                return
+            self._flush()
+            view = view[size:]
+            if last:
+                return
+
+    async def _writable(self, stream: _Stream) -> None:
+        while not self.writable.is_set() and not stream.closed:
+            await self.writable.wait()
+
+    def _complete(self, stream: _Stream) -> None:
+        stream.response_complete = True
+        if not stream.ended:
+            # Answered before the request ended (an early refusal): the peer may stop
+            # sending the rest (RFC 9113, 8.1).
+            self._reset(stream, ErrorCodes.NO_ERROR)
+        stream.wake()
+
+    def _finish(self, stream: _Stream) -> None:
+        self._release_body(stream)
+        self.streams.pop(stream.stream_id, None)
+        self._flush()
+        if not self.streams:
+            self._arm_idle()
+        self._close_if_done()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _reset(self, stream: _Stream, code: ErrorCodes) -> None:
+        stream.closed = True
+        with contextlib.suppress(ProtocolError, StreamClosedError):  # closed by the peer
+            self.conn.reset_stream(stream.stream_id, code)
+        self._release_body(stream)
+        self._flush()
+
+    def _release_body(self, stream: _Stream) -> None:
+        """Unread body of a stream nobody will read: its bytes free the connection window."""
+        if stream.body:
+            self._acknowledge(stream.stream_id, sum(size for _, size in stream.body))
+            stream.body.clear()
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if size:
+            # A closed connection has no window to give back.
+            with contextlib.suppress(ProtocolError):
+                self.conn.acknowledge_received_data(size, stream_id)
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close_if_done(self) -> None:
+        if self.last_stream_id is not None and not self.streams and self.transport is not None:
+            self.conn.close_connection(last_stream_id=self.last_stream_id)
+            self._flush()
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        for stream in self.streams.values():
+            stream.closed = True
+            stream.wake()
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        if self.transport is not None and not self.transport.is_closing():
+            self.idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_close)
+
+    def _disarm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
+    def _idle_close(self) -> None:
+        """No stream for a while: say goodbye properly, so the client reconnects quietly."""
+        self.idle = None
+        if not self.streams:
+            self.shutdown()
+
+
+def _address(value: object) -> tuple[str, int] | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return (str(value[0]), int(value[1]))
+    return None

@@ -1,0 +1,108 @@
+"""One port for HTTP/1.1 and HTTP/2: the protocol class uvicorn runs for each connection.
+
+uvicorn stays the HTTP/1.1 server (its httptools protocol is the hot path of Connect over
+HTTP/1.1); this class looks at a connection once, before its first request, and hands it
+to HTTP/1.1 or to HTTP/2 (`h2.py`, for gRPC and any HTTP/2 client). Over TLS, ALPN has
+already decided; in cleartext, an HTTP/2 client with prior knowledge (h2c) starts with the
+connection preface, and nothing that HTTP/1.1 sends does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar, cast
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from coupon.entrypoints.http.h1 import Http1Protocol
+from coupon.entrypoints.http.h2 import H2Protocol
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# The HTTP/1.1 protocol class, constructed like uvicorn's own (config, server_state,
+# app_state, _loop): uvicorn's httptools protocol with limits and IssueCoupon's lane.
+HTTP1_PROTOCOL: type[asyncio.Protocol] = Http1Protocol
+
+
+class AutoProtocol(asyncio.Protocol):
+    """Decides HTTP/1.1 or HTTP/2 for one connection, then steps aside: after the first
+    bytes the chosen protocol owns the transport, so requests never pass through here."""
+
+    # uvicorn offers these through ALPN when it builds the TLS context.
+    alpn_protocols: ClassVar[list[str]] = ["h2", "http/1.1"]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            alpn = ssl_object.selected_alpn_protocol()
+            if alpn is not None:
+                self._switch(H2Protocol if alpn == "h2" else HTTP1_PROTOCOL, b"")
+                return
+        # Until the first bytes arrive the connection is ours: graceful shutdown closes it,
+        # and one that never speaks is closed like an idle keep-alive connection.
+        self.server_state.connections.add(self)  # type: ignore[arg-type]
+        self.idle = self.loop.call_later(self.config.timeout_keep_alive, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) < len(PREFACE) and PREFACE.startswith(self.buffer):
+            return  # a prefix of the preface (or of "POST", "PUT", "PATCH"): wait
+        self._release()
+        http2 = self.buffer.startswith(PREFACE)
+        self._switch(H2Protocol if http2 else HTTP1_PROTOCOL, self.buffer)
+
+    def eof_received(self) -> bool | None:
+        # The peer stopped sending mid-preface: HTTP/1.1 answers what it can of the bytes.
+        if self.buffer and self.transport is not None:
+            self._release()
+            protocol = self._switch(HTTP1_PROTOCOL, self.buffer)
+            return protocol.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _release(self) -> None:
+        self.server_state.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
+    def _switch(self, protocol_class: type[asyncio.Protocol], replay: bytes) -> asyncio.Protocol:
+        assert self.transport is not None
+        protocol = protocol_class(  # type: ignore[call-arg]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if replay:
+            protocol.data_received(replay)
+        self.buffer = b""
+        return protocol

@@ -1,0 +1,146 @@
+"""CORS on the Connect and gRPC-Web paths, against a real server process: allowed origins
+get the preflight and the response headers a browser needs, others and the default
+configuration get none."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coupon.entrypoints.settings import SettingsError, load_settings
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+PAGE = "http://127.0.0.1:5173"
+ISSUE = "/coupon.v1.CouponService/IssueCoupon"
+
+
+@pytest.fixture(scope="module")
+def cors_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"COUPON_CORS_ORIGINS": f"{PAGE}, https://shop.example.com"}
+    proc = ServerProcess(env=env, in_memory=True, log_dir=tmp_path_factory.mktemp("cors"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def preflight(url: str, origin: str) -> httpx.Response:
+    return httpx.options(
+        url + ISSUE,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,connect-protocol-version",
+        },
+    )
+
+
+def issue(url: str, origin: str | None, content_type: str = "application/json") -> httpx.Response:
+    headers = {"Content-Type": content_type}
+    if origin:
+        headers["Origin"] = origin
+    body = json.dumps({"campaignId": "nope", "userId": "ana"})
+    return httpx.post(url + ISSUE, headers=headers, content=body)
+
+
+def test_preflight_from_an_allowed_origin_is_answered_and_cached(
+    cors_server: ServerProcess,
+) -> None:
+    response = preflight(cors_server.url, PAGE)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == PAGE
+    assert "POST" in response.headers["access-control-allow-methods"]
+    allowed = {
+        h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")
+    }
+    assert {
+        "content-type",
+        "connect-protocol-version",
+        "connect-timeout-ms",
+        "grpc-timeout",
+        "x-grpc-web",
+        "x-user-agent",
+        "authorization",
+    } <= allowed
+    assert response.headers["access-control-max-age"] == "7200"
+
+
+def test_responses_to_an_allowed_origin_expose_the_protocol_headers(
+    cors_server: ServerProcess,
+) -> None:
+    for content_type in ("application/json", "application/grpc-web+json"):
+        response = issue(cors_server.url, "https://shop.example.com", content_type)
+        assert response.headers["access-control-allow-origin"] == "https://shop.example.com"
+        exposed = {
+            h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")
+        }
+        assert {
+            "grpc-status",
+            "grpc-message",
+            "grpc-status-details-bin",
+            "retry-after-ms",
+        } <= exposed
+        assert "origin" in response.headers["vary"].lower()
+
+
+def test_other_origins_and_requests_without_origin_get_no_cors_headers(
+    cors_server: ServerProcess,
+) -> None:
+    assert (
+        "access-control-allow-origin"
+        not in preflight(cors_server.url, "https://evil.example").headers
+    )
+    for origin in ("https://evil.example", None):
+        response = issue(cors_server.url, origin)
+        assert response.status_code == 400  # answered as usual
+        assert not any(name.startswith("access-control-") for name in response.headers)
+
+
+def test_no_origins_configured_means_no_cors_at_all(tmp_path: Path) -> None:
+    proc = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
+    try:
+        proc.wait_ready()
+        response = preflight(proc.url, PAGE)
+        assert "access-control-allow-origin" not in response.headers
+        assert "access-control-allow-origin" not in issue(proc.url, PAGE).headers
+    finally:
+        proc.stop()
+
+
+def test_cors_origins_are_parsed_and_checked() -> None:
+    settings = load_settings(
+        {"COUPON_CORS_ORIGINS": " https://a.example ,http://127.0.0.1:8080,"}, dotenv=None
+    )
+    assert settings.cors_origins == ("https://a.example", "http://127.0.0.1:8080")
+    assert load_settings({}, dotenv=None).cors_origins == ()
+    for bad in ("a.example", "https://a.example/path", "*", "ftp://a.example", "https://A.example"):
+        with pytest.raises(SettingsError, match="COUPON_CORS_ORIGINS"):
+            load_settings({"COUPON_CORS_ORIGINS": bad}, dotenv=None)
+
+
+def test_tls_settings_name_the_variable(tmp_path: Path) -> None:
+    pem = tmp_path / "cert.pem"
+    pem.write_text("not checked here")
+    with pytest.raises(SettingsError, match="COUPON_TLS_KEY_FILE must be set too"):
+        load_settings({"COUPON_TLS_CERT_FILE": str(pem)}, dotenv=None)
+    with pytest.raises(SettingsError, match="COUPON_TLS_CERT_FILE must be set too"):
+        load_settings({"COUPON_TLS_KEY_FILE": str(pem)}, dotenv=None)
+    with pytest.raises(SettingsError, match="COUPON_TLS_CERT_FILE must name a readable"):
+        load_settings(
+            {
+                "COUPON_TLS_CERT_FILE": str(tmp_path / "missing.pem"),
+                "COUPON_TLS_KEY_FILE": str(pem),
+            },
+            dotenv=None,
+        )
+    both = load_settings(
+        {"COUPON_TLS_CERT_FILE": str(pem), "COUPON_TLS_KEY_FILE": str(pem)}, dotenv=None
+    )
+    assert both.tls_cert_file == both.tls_key_file == str(pem)

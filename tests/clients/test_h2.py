@@ -1,0 +1,352 @@
+"""The HTTP/2 side of the port, frame by frame, against real server processes: flow control
+with a page larger than the client's window, many streams at once, a peer's reset, limits,
+graceful shutdown that finishes an open stream, the idle timeout, TLS with ALPN, and the
+first-bytes sniffing that tells HTTP/2 from HTTP/1.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+from coupon.gen.coupon.v1 import coupon_pb
+from tests.clients.conftest import ROOT, buf_curl
+from tests.clients.h2client import H2Client, Response, grpc_frame, grpc_message
+from tests.support.client import in_seconds
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def start_server(tmp_path: Path, **env: str) -> ServerProcess:
+    proc = ServerProcess(env=env, in_memory=True, log_dir=tmp_path)
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path_factory.mktemp("h2"))
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def create_campaign(client: H2Client, total: int) -> str:
+    response = client.call(
+        "CreateCampaign",
+        coupon_pb.CreateCampaignRequest(name="h2", total_coupons=total, starts_at=in_seconds(-60)),
+        coupon_pb.CreateCampaignResponse,
+    )
+    assert response.campaign is not None
+    return response.campaign.id
+
+
+def issue_request(campaign_id: str, user: str) -> bytes:
+    return grpc_frame(coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user))
+
+
+def issue_all(client: H2Client, campaign_id: str, users: list[str]) -> list[Response]:
+    """Every request on its own stream, all of them open at once."""
+    streams = [client.start("IssueCoupon", issue_request(campaign_id, u)) for u in users]
+    return client.wait(*streams)
+
+
+def stops_gracefully(proc: ServerProcess) -> None:
+    """SIGTERM ends the server with status 0 and no stream left behind (a stream whose task
+    never ended would hold shutdown until its timeout and be cancelled)."""
+    proc.signal(signal.SIGTERM)
+    assert proc.process.wait(timeout=45) == 0
+    assert "timeout graceful shutdown exceeded" not in proc.log()
+    assert "Traceback" not in proc.log()
+
+
+def test_many_streams_at_once_on_one_connection(server: ServerProcess) -> None:
+    client = H2Client(server.port)
+    try:
+        campaign_id = create_campaign(client, total=100)
+        assert client.conn.remote_settings.max_concurrent_streams == 100
+        responses = issue_all(client, campaign_id, [f"user-{i}" for i in range(100)])
+        assert all(r.grpc_status == b"0" for r in responses)
+        coupons = [grpc_message(r.body, coupon_pb.IssueCouponResponse).coupon for r in responses]
+        assert len({c.code for c in coupons if c is not None}) == 100
+    finally:
+        client.close()
+
+
+def test_a_page_larger_than_the_window_waits_for_window_updates(server: ServerProcess) -> None:
+    users = [f"reader-{i:04d}" for i in range(1500)]
+    client = H2Client(server.port)
+    try:
+        campaign_id = create_campaign(client, total=len(users))
+        for i in range(0, len(users), 100):
+            assert all(
+                r.grpc_status == b"0" for r in issue_all(client, campaign_id, users[i : i + 100])
+            )
+    finally:
+        client.close()
+
+    window = 8192
+    reader = H2Client(server.port, window=window, auto_acknowledge=False)
+    try:
+        request = coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=len(users))
+        stream_id = reader.start("GetCampaign", grpc_frame(request))
+        response = reader.responses[stream_id]
+        # Nothing acknowledged: the server may send exactly one window (h2 raises on a
+        # byte more), then must wait.
+        while len(response.body) < window:
+            reader.read()
+        assert len(response.body) == window and not response.ended
+        reader.acknowledge(stream_id, window)
+        reader.auto_acknowledge = True
+        [response] = reader.wait(stream_id)
+    finally:
+        reader.close()
+    assert response.grpc_status == b"0"
+    assert len(response.body) > 10 * window
+    page = grpc_message(response.body, coupon_pb.GetCampaignResponse)
+    assert [c.user_id for c in page.coupons] == users
+
+
+def test_a_reset_stream_ends_and_the_connection_goes_on(tmp_path: Path) -> None:
+    proc = start_server(tmp_path)
+    try:
+        client = H2Client(proc.port, window=1024, auto_acknowledge=False)
+        campaign_id = create_campaign(client, total=50)
+        for response in issue_all(client, campaign_id, [f"u{i}" for i in range(50)]):
+            assert response.grpc_status == b"0"
+        # A response stuck on an exhausted window, then reset by the client.
+        stuck = client.start(
+            "GetCampaign", grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        )
+        while len(client.responses[stuck].body) < 1024:
+            client.read()
+        client.reset(stuck)
+        # A request whose body never finishes, reset too.
+        unfinished = client.start("IssueCoupon", issue_request(campaign_id, "late")[:4], end=False)
+        client.reset(unfinished)
+        # The connection still serves.
+        client.auto_acknowledge = True
+        again = client.call(
+            "IssueCoupon",
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id="u1"),
+            coupon_pb.IssueCouponResponse,
+        )
+        assert again.already_issued
+        client.close()
+        stops_gracefully(proc)
+    finally:
+        proc.stop()
+
+
+def test_graceful_shutdown_finishes_an_open_stream_and_refuses_new_ones(tmp_path: Path) -> None:
+    proc = start_server(tmp_path)
+    try:
+        client = H2Client(proc.port)
+        campaign_id = create_campaign(client, total=5)
+        body = issue_request(campaign_id, "last-one-in")
+        open_stream = client.start("IssueCoupon", body[:3], end=False)
+        client.conn.ping(b"shutdown")
+        client.flush()
+        while not any(getattr(e, "ping_data", None) == b"shutdown" for e in client.read()):
+            pass  # the server has seen the stream once it answers the ping behind it
+
+        proc.signal(signal.SIGTERM)
+        frames = client.raw_frames()
+        goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
+        assert goaway.error_code == ErrorCodes.NO_ERROR
+        assert goaway.last_stream_id == open_stream
+
+        refused_stream = open_stream + 2
+        client.raw_headers(refused_stream, "IssueCoupon")
+        refused = next(f for f in frames if isinstance(f, RstStreamFrame))
+        assert (refused.stream_id, refused.error_code) == (
+            refused_stream,
+            ErrorCodes.REFUSED_STREAM,
+        )
+
+        client.raw_data(open_stream, body[3:])
+        blocks: list[dict[bytes, bytes]] = []
+        data = b""
+        for frame in frames:
+            if isinstance(frame, HeadersFrame) and frame.stream_id == open_stream:
+                blocks.append(client.decode(frame))
+            elif isinstance(frame, DataFrame) and frame.stream_id == open_stream:
+                data += frame.data
+            if frame.stream_id == open_stream and "END_STREAM" in frame.flags:
+                break
+        headers, trailers = blocks
+        assert headers[b":status"] == b"200" and trailers[b"grpc-status"] == b"0"
+        coupon = grpc_message(data, coupon_pb.IssueCouponResponse).coupon
+        assert coupon is not None and coupon.user_id == "last-one-in"
+        # With its last stream answered, the server says goodbye again and hangs up.
+        assert any(isinstance(f, GoAwayFrame) for f in frames)
+        client.close()
+        assert proc.process.wait(timeout=45) == 0
+        assert "timeout graceful shutdown exceeded" not in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_an_idle_connection_is_closed_with_goaway(server: ServerProcess) -> None:
+    client = H2Client(server.port)
+    try:
+        create_campaign(client, total=1)
+        while client.goaway is None:
+            client.read()  # uvicorn's keep-alive timeout (5 s) applies to HTTP/2 too
+        assert client.goaway.error_code == ErrorCodes.NO_ERROR
+        with pytest.raises(ConnectionError):
+            while True:
+                client.read()
+    finally:
+        client.close()
+
+
+def test_a_header_list_over_the_limit_ends_the_connection(server: ServerProcess) -> None:
+    client = H2Client(server.port)
+    try:
+        client.read()  # the server's SETTINGS, with its header list limit
+        assert client.conn.remote_settings.max_header_list_size == 16 * 1024
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"localhost"),
+                (b":path", b"/coupon.v1.CouponService/IssueCoupon"),
+                (b"x-padding", b"x" * 20_000),
+            ],
+            end_stream=True,
+        )
+        client.flush()
+        with pytest.raises(ConnectionError):
+            while True:
+                client.read()
+        assert client.goaway is not None and client.goaway.error_code != ErrorCodes.NO_ERROR
+    finally:
+        client.close()
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_http1_and_http2_are_told_apart_from_bytes_in_pieces(server: ServerProcess) -> None:
+    # HTTP/2: the preface three bytes at a time.
+    client = H2Client(server.port, dribble=3)
+    try:
+        campaign_id = create_campaign(client, total=2)
+    finally:
+        client.close()
+    # HTTP/1.1 whose first byte, "P", is also the preface's.
+    body = json.dumps({"campaignId": campaign_id, "userId": "pieces"}).encode()
+    request = (
+        b"POST /coupon.v1.CouponService/IssueCoupon HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (request[:1], request[1:3], request[3:]):
+            sock.sendall(piece)
+            time.sleep(0.02)
+        answer = b""
+        while chunk := sock.recv(65_536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(payload)["coupon"]["userId"] == "pieces"
+
+
+def test_connections_that_close_early_leave_the_server_serving(server: ServerProcess) -> None:
+    for first_bytes in (b"", b"PRI * HTTP/2.0\r\n", b"P", b"GET /healthz HTTP/1.1\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(first_bytes)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65_536):
+                pass
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl makes the test's self-signed certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_offers_http2_and_http11_through_alpn(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    proc = ServerProcess(
+        env={"COUPON_TLS_CERT_FILE": str(cert), "COUPON_TLS_KEY_FILE": str(key)},
+        in_memory=True,
+        log_dir=tmp_path,
+    )
+    try:
+        https = f"https://localhost:{proc.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with httpx.Client(verify=ssl.create_default_context(cafile=cert)) as http1:
+                    health = http1.get(f"{https}/healthz")
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.process.poll() is None, proc.log()
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.http_version == "HTTP/1.1"
+
+        context = ssl.create_default_context(cafile=cert)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        client = H2Client(proc.port, tls=context)
+        try:
+            assert isinstance(client.sock, ssl.SSLSocket)
+            assert client.sock.selected_alpn_protocol() == "h2"
+            campaign_id = create_campaign(client, total=3)
+        finally:
+            client.close()
+
+        for protocol in ("grpc", "connect", "grpcweb"):
+            done = buf_curl(
+                "--protocol", protocol, "--cacert", str(cert), "--schema", str(ROOT / "proto"),
+                f"{https}/coupon.v1.CouponService/IssueCoupon",
+                data=json.dumps({"campaignId": campaign_id, "userId": protocol}),
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["coupon"]["userId"] == protocol
+    finally:
+        proc.stop()
+
+
+def test_tls_settings_come_in_pairs(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    cert, _ = certificate
+    proc = ServerProcess(env={"COUPON_TLS_CERT_FILE": str(cert)}, in_memory=True, log_dir=tmp_path)
+    assert proc.process.wait(timeout=30) == 2
+    assert "COUPON_TLS_KEY_FILE must be set too" in proc.log()
+    proc.stop()
