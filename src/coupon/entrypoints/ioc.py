@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -76,10 +77,6 @@ class StorageProvider(Provider):
 
     scope = Scope.APP
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._background: set[asyncio.Future[None]] = set()
-
     @provide
     async def pool(self, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
@@ -88,6 +85,8 @@ class StorageProvider(Provider):
             yield pool
         finally:
             warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
             await pool.close()
 
     @provide
@@ -132,10 +131,17 @@ class StorageProvider(Provider):
             await gate.close()
 
     @provide
-    def codes(self, pool: asyncpg.Pool) -> CodeGenerator:
+    async def codes(self, pool: asyncpg.Pool) -> AsyncIterator[CodeGenerator]:
         codes = PostgresCodeGenerator(pool)
-        self._background.add(asyncio.ensure_future(codes.warm()))
-        return codes
+        # Reserve the first block now rather than at the first issue; owned here, so a
+        # shutdown during start-up does not leave it running.
+        warming = asyncio.ensure_future(codes.warm())
+        try:
+            yield codes
+        finally:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
 
     @provide
     def readiness(self, pool: asyncpg.Pool, client: RedisClient) -> Readiness:

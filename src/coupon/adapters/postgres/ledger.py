@@ -190,7 +190,7 @@ class PostgresCouponLedger:
     async def _commit(self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]) -> None:
         started = time.perf_counter()
         try:
-            results = await self._insert(batch)
+            results = await self._record_batch(batch)
         except BaseException as exc:
             # Transient database failures arrive as Unavailable already (see `connection`).
             for _, future in batch:
@@ -208,56 +208,61 @@ class PostgresCouponLedger:
         if self._observer is not None:
             self._observer(len(batch), time.perf_counter() - started)
 
-    async def _insert(
+    async def _record_batch(
         self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]
     ) -> list[Recorded | Exception]:
+        """One transaction for the batch; the outcome of each of its coupons."""
         coupons = [coupon for coupon, _ in batch]
         async with self._commits.use() as conn:
             try:
-                inserted = await self._store(conn, coupons)
+                inserted = await self._insert_batch(conn, coupons)
             except asyncpg.IntegrityConstraintViolationError as exc:
                 if len(coupons) == 1:
                     return [ConstraintViolation(f"{type(exc).__name__}: {exc}")]
                 # A CHECK or the campaign check failed for some row: find which, one by one, so
                 # that the others still commit.
-                return [await self._insert_one(conn, c) for c in coupons]
+                return [await self._record_alone(conn, c) for c in coupons]
             if inserted is None:
                 return [_RECORDED] * len(coupons)
-            return await self._classify(conn, coupons, inserted)
+            return await self._explain_skipped(conn, coupons, inserted)
 
-    async def _store(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str] | None:
+    async def _insert_batch(
+        self, conn: asyncpg.Connection, coupons: Sequence[Coupon]
+    ) -> set[str] | None:
         """Insert the batch: None when every row went in, else the codes of those that did."""
         try:
-            stored = await self._insert_all(conn, coupons)
+            stored = await self._insert_plainly(conn, coupons)
         except asyncpg.UniqueViolationError:
             # A user or slot recorded already (or a code): skip those rows, keep the others
             # (the caller then says why each skipped row was skipped).
-            return await self._insert_rows(conn, coupons)
+            return await self._insert_skipping_conflicts(conn, coupons)
         if stored == len(coupons):
             return None
         # A campaign is unknown: its rows dropped out of the join.
         rows = await conn.fetch(_PRESENT, [c.code for c in coupons])
         return {row["code"] for row in rows}
 
-    async def _insert_all(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> int:
+    async def _insert_plainly(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> int:
         """Insert plainly (failing on any conflict); the number of rows stored."""
         status = await conn.execute(_INSERT, *_insert_arguments(coupons))
         return int(status.rsplit(" ", 1)[1])  # 'INSERT 0 <rows>'
 
-    async def _insert_rows(self, conn: asyncpg.Connection, coupons: Sequence[Coupon]) -> set[str]:
+    async def _insert_skipping_conflicts(
+        self, conn: asyncpg.Connection, coupons: Sequence[Coupon]
+    ) -> set[str]:
         """Insert skipping conflicting rows; the codes of the rows stored."""
         rows = await conn.fetch(_INSERT_SKIPPING_CONFLICTS, *_insert_arguments(coupons))
         return {row["code"] for row in rows}
 
-    async def _insert_one(self, conn: asyncpg.Connection, coupon: Coupon) -> Recorded | Exception:
+    async def _record_alone(self, conn: asyncpg.Connection, coupon: Coupon) -> Recorded | Exception:
         try:
-            inserted = await self._insert_rows(conn, [coupon])
+            inserted = await self._insert_skipping_conflicts(conn, [coupon])
         except asyncpg.IntegrityConstraintViolationError as exc:
             return ConstraintViolation(f"{type(exc).__name__}: {exc}")
-        result = (await self._classify(conn, [coupon], inserted))[0]
+        result = (await self._explain_skipped(conn, [coupon], inserted))[0]
         return result
 
-    async def _classify(
+    async def _explain_skipped(
         self, conn: asyncpg.Connection, coupons: Sequence[Coupon], inserted: set[str]
     ) -> list[Recorded | Exception]:
         """Say why each row that ON CONFLICT skipped was skipped."""
