@@ -30,6 +30,8 @@ pytestmark = pytest.mark.e2e
 
 
 def start_server(tmp_path: Path, **env: str) -> ServerProcess:
+    # Idle connections close after 5 s here (75 s by default), so a test can wait for it.
+    env = {"COUPON_KEEPALIVE_SECONDS": "5", **env}
     proc = ServerProcess(env=env, in_memory=True, log_dir=tmp_path)
     proc.wait_ready()
     return proc
@@ -205,7 +207,7 @@ def test_an_idle_connection_is_closed_with_goaway(server: ServerProcess) -> None
     try:
         create_campaign(client, total=1)
         while client.goaway is None:
-            client.read()  # uvicorn's keep-alive timeout (5 s) applies to HTTP/2 too
+            client.read()  # the keep-alive timeout (5 s here) applies to HTTP/2 too
         assert client.goaway.error_code == ErrorCodes.NO_ERROR
         with pytest.raises(ConnectionError):
             while True:

@@ -103,7 +103,7 @@ class Http1Protocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._front = _front_app(config.loaded_app)
+        self._front = front_app(config.loaded_app)
         limits: Limits = getattr(self._front, "http_limits", None) or _Defaults()
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
@@ -413,7 +413,7 @@ class Http1Protocol(HttpToolsProtocol):
         return self._draining_until
 
 
-def _front_app(app: object) -> object:
+def front_app(app: object) -> object:
     """The service's own app, inside whatever middleware uvicorn wrapped it in."""
     for _ in range(4):
         if hasattr(app, "issue_route"):

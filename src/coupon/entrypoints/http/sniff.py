@@ -15,7 +15,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from coupon.entrypoints.http.h1 import Http1Protocol
+from coupon.entrypoints.http.h1 import Http1Protocol, front_app
 from coupon.entrypoints.http.h2 import H2Protocol
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -59,9 +59,21 @@ class AutoProtocol(asyncio.Protocol):
                 self._switch(H2Protocol if alpn == "h2" else HTTP1_PROTOCOL, b"")
                 return
         # Until the first bytes arrive the connection is ours: graceful shutdown closes it,
-        # and one that never speaks is closed like an idle keep-alive connection.
+        # and one that never speaks is answered 408 and closed when a request would have
+        # had to arrive (the front door's request timeout).
         self.server_state.connections.add(self)  # type: ignore[arg-type]
-        self.idle = self.loop.call_later(self.config.timeout_keep_alive, transport.close)
+        limits = getattr(front_app(self.config.loaded_app), "http_limits", None)
+        timeout = limits.request_timeout_seconds if limits is not None else 10.0
+        self.idle = self.loop.call_later(timeout, self._silent)
+
+    def _silent(self) -> None:
+        self.idle = None
+        self._release()
+        protocol = self._switch(HTTP1_PROTOCOL, b"")
+        if isinstance(protocol, Http1Protocol):
+            protocol.timed_out()
+        elif self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
