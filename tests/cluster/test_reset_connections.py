@@ -1,28 +1,32 @@
-"""A pooled Redis connection the server has reset, used again on uvloop (the event loop
-`coupon serve` runs on).
+"""Redis connections that are gone when a command is written to them: the error must be a
+connection error, which redis-py retries on a new connection and the gate answers as
+`unavailable`.
 
-uvloop closes the transport of a connection reset by its peer; the next command written
-to it raised RuntimeError ("the handler is closed") instead of a connection error, which
-redis-py neither retried nor reported as one, and the gate passed it on to the client as
-`unknown`: in the Redis Cluster kill-a-master test, a request for a campaign on the killed
-master was answered `unknown` instead of `unavailable` about one run in three. Here the
-reset is staged by aborting the transport of the one idle connection, which leaves it in
-the state uvloop leaves a reset connection in; each test fails with that RuntimeError
-without the mapping in coupon.adapters.redis.client.
+In the Redis Cluster kill-a-master test, a request for a campaign on the killed master was
+answered `unknown` instead of `unavailable` about one run in three, by two errors that
+escaped every mapping. uvloop (the event loop `coupon serve` runs on) closes the transport
+of a connection its peer reset, and the next write to it raised RuntimeError ("the handler
+is closed"); staged here by aborting the transport of an idle connection, which leaves it
+as uvloop leaves a reset one. And a connection disconnected by another task while a write
+on it is being scheduled (redis-py's cluster client does so after a node's error) raised
+AttributeError (its writer is None). Each test fails that way without the mapping in
+coupon.adapters.redis.client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import uvloop
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coupon.adapters.redis.client import create_client
 from coupon.adapters.redis.stock_gate import RedisStockGate
@@ -36,8 +40,14 @@ from tools.redis_cluster import LocalRedisCluster
 PREFIX = "coupon-reset-test"
 
 
-def on_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
+def on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     uvloop.run(scenario())
+
+
+LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
+    "asyncio": asyncio.run,
+    "uvloop": uvloop.run,
+}
 
 
 def campaign() -> Campaign:
@@ -114,3 +124,57 @@ def test_a_reset_connection_to_a_dead_master_is_unavailable_and_others_are_repla
                 await client.aclose()
 
         on_uvloop(scenario)
+
+
+async def write_while_disconnected(connection: AbstractConnection) -> None:
+    """A PING whose write is under way when another task disconnects the connection."""
+    sending = asyncio.ensure_future(
+        connection.send_packed_command(connection.pack_command("PING"), check_health=False)
+    )
+    await asyncio.sleep(0)  # the write is scheduled, not done
+    await connection.disconnect(nowait=True)
+    with pytest.raises(RedisConnectionError):
+        await sending
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_disconnected_during_a_write_is_a_connection_error_on_one_server(
+    services: TestServices, loop: str
+) -> None:
+    async def scenario() -> None:
+        client = create_client(services.redis_url)
+        assert isinstance(client, aioredis.Redis)
+        try:
+            await client.ping()
+            connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await write_while_disconnected(connection)
+            finally:
+                await client.connection_pool.release(connection)
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+    LOOPS[loop](scenario())
+
+
+@needs_redis_server
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_disconnected_during_a_write_is_a_connection_error_on_a_cluster(
+    redis_cluster: LocalRedisCluster, loop: str
+) -> None:
+    async def scenario() -> None:
+        client = create_client(redis_cluster.url)
+        assert isinstance(client, RedisCluster)
+        try:
+            key = f"{PREFIX}:{{{uuid.uuid4()}}}:n"
+            await client.set(key, 1)
+            node = client.get_node_from_key(key)
+            assert node is not None and node._free
+            await write_while_disconnected(node._free[-1])
+            assert await client.incr(key) == 2
+            await client.delete(key)
+        finally:
+            await client.aclose()
+
+    LOOPS[loop](scenario())

@@ -90,23 +90,33 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
 
 
 class _WriteFailureIsConnectionError(AbstractConnection):
-    """A command written to a connection the server has reset is a connection error.
+    """A command written to a connection that is gone is a connection error.
 
     redis-py reports a failed write as ConnectionError (retried on a new connection, and
-    `unavailable` to our callers when that fails too) from what asyncio's own event loop
-    raises. uvloop, which `coupon serve` runs on, raises RuntimeError ("unable to perform
-    operation on <TCPTransport closed=True>; the handler is closed") for a write to a
-    transport it closed when the server reset the connection, as a Redis that is killed or
-    restarted does; that escaped every mapping and reached clients as `unknown`.
+    `unavailable` to our callers when that fails too) only for what asyncio's own event
+    loop raises. Two other ways escaped every mapping and reached clients as `unknown` when
+    a Redis node was killed (the Redis Cluster kill-a-master test, about one run in three):
+    uvloop, which `coupon serve` runs on, raises RuntimeError ("unable to perform operation
+    on <TCPTransport closed=True>; the handler is closed") for a write to a transport it
+    closed when the server reset the connection; and when another task disconnects the
+    connection while the write is being scheduled (redis-py's cluster client does, after a
+    node's error), the writer is None by the time it is used.
     """
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
+        # Either way redis-py has disconnected the connection already.
         try:
             await super().send_packed_command(command, check_health)
-        except RuntimeError as exc:  # redis-py has disconnected the connection already
+        except RuntimeError as exc:
             raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except AttributeError as exc:
+            if exc.obj is not None:  # not the writer gone: a defect, reported as one
+                raise
+            raise RedisConnectionError(
+                "Error while writing to socket: the connection was closed meanwhile"
+            ) from exc
 
 
 class _TcpConnection(_WriteFailureIsConnectionError, Connection):
