@@ -68,21 +68,16 @@ loadtest *ARGS: setup
 bench *ARGS: setup
     {{python}} -m bench {{ARGS}}
 
-# Settings from .env (see .env.example); uses `docker compose`, else `docker-compose`.
+# Settings from .env (see .env.example); uses `docker compose`, else `docker-compose`,
+# once the Docker engine answers (tools/compose.sh).
 # Build and start the Docker stack: api (after `coupon migrate`), PostgreSQL, Redis.
 up *ARGS:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
-    "${compose[@]}" up -d --build {{ARGS}}
+    @tools/compose.sh up -d --build {{ARGS}}
 
 # `just down -v` also deletes the database volume.
 # Stop and remove the Docker stack's containers.
 down *ARGS:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
-    "${compose[@]}" down {{ARGS}}
+    @tools/compose.sh down {{ARGS}}
 
 # Two instances on a throwaway 3-master Redis Cluster: burst, kill a master, verify, tear down.
 cluster-demo *ARGS: setup

@@ -28,6 +28,10 @@ from tools.redis_cluster import LocalRedisCluster
 pytestmark = [pytest.mark.e2e, needs_redis_server]
 
 KILLED = 0  # usually also the client's default node (TIME, PING): that moves too
+# Each round's bound on driving its requests: a guard against a hang, not a speed check.
+# Every request for the killed master's campaigns waits out the client's retries, so a
+# round that drew many of them took over 20 s on a busy machine (3.5 s is usual).
+ROUND_TIME_LIMIT = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
         users=180,
         requests=300,
         concurrency=48,
-        time_limit=20,
+        time_limit=ROUND_TIME_LIMIT,
     )
     print(format_table(burst.checks, redis_cluster))
     assert len({c.master for c in burst.campaigns}) == 3, "campaigns on every shard"
@@ -99,7 +103,7 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
         pace=0.01,
         kill_master=KILLED,
         kill_after=0.3,
-        time_limit=20,
+        time_limit=ROUND_TIME_LIMIT,
     )
     print(format_table(failure.checks, redis_cluster, dead=[KILLED]))
     print(describe_failure(failure))

@@ -40,11 +40,38 @@ def test_redis_url_wins_over_the_parts() -> None:
         ({"COUPON_BACKEND": "sqlite"}, "COUPON_BACKEND"),
         ({"COUPON_PENDING_LEASE_SECONDS": "-1"}, "COUPON_PENDING_LEASE_SECONDS"),
         ({"APP_ENV": "production"}, "COUPON_ADMIN_TOKEN"),
+        ({"APP_ENV": "prod"}, "APP_ENV"),
+        ({"APP_ENV": "Production"}, "APP_ENV"),
+        ({"APP_ENV": "test"}, "APP_ENV"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"LOG_LEVEL": "warn"}, "LOG_LEVEL"),
+        ({"DB_DRIVER": "mysql"}, "DB_DRIVER"),
+        ({"DB_DRIVER": "pgx"}, "DB_DRIVER"),
+        ({"COUPON_DB_POOL_SIZE": "0"}, "COUPON_DB_POOL_SIZE"),
+        ({"COUPON_MAX_BATCH": "0"}, "COUPON_MAX_BATCH"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings(env, dotenv=None)
+
+
+def test_an_app_env_that_only_looks_like_production_names_the_accepted_values() -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"APP_ENV": "Production"}, dotenv=None)
+    assert str(refused.value) == (
+        "APP_ENV must be one of development, production (got 'Production')"
+    )
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", "WARNING", "error", "critical"])
+def test_log_level_is_any_python_level_in_any_case(level: str) -> None:
+    assert load_settings({"LOG_LEVEL": level}, dotenv=None).log_level == level.upper()
+
+
+@pytest.mark.parametrize("driver", ["", "postgres", "postgresql"])
+def test_db_driver_of_the_original_service_accepts_postgres(driver: str) -> None:
+    assert load_settings({"DB_DRIVER": driver}, dotenv=None).backend == "postgres"
 
 
 def test_production_with_a_token_starts() -> None:

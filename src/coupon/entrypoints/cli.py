@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
+import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 from coupon.entrypoints.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("coupon")
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -90,53 +97,189 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.in_memory:
         overrides["backend"] = "memory"
     settings = settings.with_overrides(**overrides)
-    if settings.backend == "postgres":
-        from coupon.adapters.postgres.migrate import migrate
-
-        asyncio.run(migrate(settings.database_url))
-    if settings.backend == "memory" and settings.workers > 1:
-        print("--in-memory keeps state in one process: serving with 1 worker", file=sys.stderr)
-        settings = settings.with_overrides(workers=1)
-    # Workers add up their metrics through files in one directory, fresh for each start.
-    metrics_dir = settings.metrics_dir or tempfile.mkdtemp(prefix="coupon-metrics-")
-    for stale in Path(metrics_dir).glob("*.db"):
-        stale.unlink()
-    # Worker processes build their settings from the environment: hand the overrides on.
-    os.environ.update(
-        {
-            "COUPON_BACKEND": settings.backend,
-            "HOST": settings.host,
-            "PORT": str(settings.port),
-            "WORKERS": str(settings.workers),
-            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-        }
-    )
-    scheme = "https" if settings.tls_cert_file else "http"
-    print(
-        f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
-        f"({settings.backend}, {settings.workers} worker(s))",
-        file=sys.stderr,
-        flush=True,
-    )
+    # A stop asked for while the schema is being applied ends the process as quietly as a
+    # stop while serving (run_asgi sets the same handlers again).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
     from coupon.entrypoints.logs import configure_logging
 
     configure_logging(settings.log_level)  # the supervisor's own lines (worker restarts)
-    run_asgi(
-        "coupon.entrypoints.app:create_app",
-        settings.host,
-        settings.port,
-        settings.workers,
-        keepalive_seconds=settings.keepalive_seconds,
-        tls_cert_file=settings.tls_cert_file,
-        tls_key_file=settings.tls_key_file,
-    )
+    schema: BackgroundMigration | None = None
+    if settings.backend == "postgres":
+        schema = _migrate_or_defer(settings.database_url)
+    if settings.backend == "memory" and settings.workers > 1:
+        print("--in-memory keeps state in one process: serving with 1 worker", file=sys.stderr)
+        settings = settings.with_overrides(workers=1)
+    metrics_dir, created = _metrics_dir(settings.metrics_dir)
+    try:
+        # Worker processes build their settings from the environment: hand the overrides on.
+        os.environ.update(
+            {
+                "COUPON_BACKEND": settings.backend,
+                "HOST": settings.host,
+                "PORT": str(settings.port),
+                "WORKERS": str(settings.workers),
+                "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            }
+        )
+        scheme = "https" if settings.tls_cert_file else "http"
+        print(
+            f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
+            f"({settings.backend}, {settings.workers} worker(s))",
+            file=sys.stderr,
+            flush=True,
+        )
+        if schema is not None:
+            schema.start()
+        run_asgi(
+            "coupon.entrypoints.app:create_app",
+            settings.host,
+            settings.port,
+            settings.workers,
+            keepalive_seconds=settings.keepalive_seconds,
+            tls_cert_file=settings.tls_cert_file,
+            tls_key_file=settings.tls_key_file,
+        )
+    finally:
+        if schema is not None:
+            schema.stop()
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _migrate(_: argparse.Namespace, settings: Settings) -> int:
-    from coupon.adapters.postgres.migrate import migrate
+def _metrics_dir(given: str) -> tuple[str, bool]:
+    """Where the workers add up their metrics, fresh for each start, and whether it was made
+    here (then it is removed at exit; a directory given by PROMETHEUS_MULTIPROC_DIR is the
+    operator's and stays)."""
+    if not given:
+        return tempfile.mkdtemp(prefix="coupon-metrics-"), True
+    try:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+    except OSError as exc:
+        raise SettingsError(
+            f"PROMETHEUS_MULTIPROC_DIR must be a writable directory ({given!r}: {exc.strerror})"
+        ) from None
+    return given, False
 
-    applied = asyncio.run(migrate(settings.database_url))
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
+    """Create the database and apply the migrations now; when PostgreSQL cannot be used
+    yet, say so in one line and leave it to a background retry: the server starts and
+    /readyz answers 503 until the schema is in place, rather than the process failing."""
+    from coupon.adapters.postgres.migrate import describe_failure, migrate
+
+    try:
+        asyncio.run(migrate(database_url))
+    except Exception as exc:
+        failure = describe_failure(exc, database_url)
+        if failure is None:
+            raise
+        log.warning(
+            "PostgreSQL is not usable yet: serving anyway, /readyz answers 503 until it "
+            "answers and the schema is in place (retrying in the background)",
+            extra={"database_url": _redacted(database_url), "error": failure},
+        )
+        return BackgroundMigration(database_url, failure)
+    return None
+
+
+class BackgroundMigration:
+    """Applies the migrations once PostgreSQL answers, on a thread of the serving process
+    (one per server, whatever WORKERS says; several servers take turns under the
+    migrations' advisory lock). A line is logged when what fails changes, not per try."""
+
+    FIRST_DELAY = 0.5
+    MAX_DELAY = 5.0
+
+    def __init__(self, database_url: str, failure: str) -> None:
+        self._url = database_url
+        self._failure = failure
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="coupon-migrate", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        with self._lock:  # the loop stays open while these are set (see _run)
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._loop = asyncio.get_running_loop()
+                self._task = task = asyncio.ensure_future(self._retry())
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            finally:
+                with self._lock:
+                    self._loop = self._task = None
+
+        asyncio.run(main())
+
+    async def _retry(self) -> None:
+        from coupon.adapters.postgres.migrate import describe_failure, migrate
+
+        delay = self.FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.MAX_DELAY)
+            try:
+                applied = await migrate(self._url)
+            except Exception as exc:  # noqa: BLE001 - whatever fails, the next try may not
+                failure = describe_failure(exc, self._url) or f"{type(exc).__name__}: {exc}"
+                if failure != self._failure:
+                    self._failure = failure
+                    log.warning(
+                        "PostgreSQL is still not usable; retrying",
+                        extra={"database_url": _redacted(self._url), "error": failure},
+                    )
+                continue
+            log.info(
+                "PostgreSQL answers: schema in place",
+                extra={"applied": [f"{v:04d}" for v in applied]},
+            )
+            return
+
+
+def _migrate(_: argparse.Namespace, settings: Settings) -> int:
+    from coupon.adapters.postgres.migrate import describe_failure, migrate
+
+    try:
+        applied = asyncio.run(migrate(settings.database_url))
+    except Exception as exc:
+        failure = describe_failure(exc, settings.database_url)
+        if failure is None:
+            raise
+        print(
+            f"coupon migrate: cannot use DATABASE_URL={_redacted(settings.database_url)}: "
+            f"{failure}",
+            file=sys.stderr,
+        )
+        return 1
     if applied:
         print(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
     else:

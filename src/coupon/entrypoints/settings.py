@@ -17,6 +17,14 @@ class SettingsError(ValueError):
     """A variable has a value the service cannot use; the message names it."""
 
 
+# Exact spellings: a value that merely looks like production (`prod`, `Production`) must
+# not start the service in development, with the admin RPCs open.
+APP_ENVS = ("development", "production")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The original service's DB_DRIVER: coupons live in PostgreSQL only.
+DB_DRIVERS = ("postgres", "postgresql")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     app_env: str = "development"
@@ -64,6 +72,14 @@ class Settings:
         return settings
 
     def check(self) -> None:
+        if self.app_env not in APP_ENVS:
+            raise SettingsError(
+                f"APP_ENV must be one of {', '.join(APP_ENVS)} (got {self.app_env!r})"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(
+                f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})"
+            )
         if self.production and not self.admin_token:
             raise SettingsError(
                 "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: "
@@ -100,6 +116,10 @@ class Settings:
         ):
             if path and not Path(path).is_file():
                 raise SettingsError(f"{name} must name a readable PEM file (got {path!r})")
+        if self.db_pool_size < 1:
+            raise SettingsError(f"COUPON_DB_POOL_SIZE must be 1 or more (got {self.db_pool_size})")
+        if self.max_batch < 1:
+            raise SettingsError(f"COUPON_MAX_BATCH must be 1 or more (got {self.max_batch})")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -219,6 +239,12 @@ def load_settings(
     if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
         raise SettingsError(f"DATABASE_URL must start with postgresql:// (got {database_url!r})")
     app_env = env.get("APP_ENV", "") or "development"
+    db_driver = env.get("DB_DRIVER", "")
+    if db_driver and db_driver not in DB_DRIVERS:
+        raise SettingsError(
+            f"DB_DRIVER must be {' or '.join(DB_DRIVERS)}: coupons are stored in PostgreSQL "
+            f"only (got {db_driver!r})"
+        )
     settings = Settings(
         app_env=app_env,
         host=env.get("HOST", "") or DEFAULTS.host,
@@ -234,7 +260,7 @@ def load_settings(
         ),
         db_pool_size=_int(env, "COUPON_DB_POOL_SIZE", DEFAULTS.db_pool_size),
         max_batch=_int(env, "COUPON_MAX_BATCH", DEFAULTS.max_batch),
-        log_level=(env.get("LOG_LEVEL", "") or "INFO").upper(),
+        log_level=(env.get("LOG_LEVEL", "") or "INFO").strip().upper(),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
         target_latency_ms=_int(env, "COUPON_TARGET_LATENCY_MS", DEFAULTS.target_latency_ms),
         request_deadline_ms=_int(env, "COUPON_REQUEST_DEADLINE_MS", DEFAULTS.request_deadline_ms),

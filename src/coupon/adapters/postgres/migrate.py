@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import socket
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,21 +33,26 @@ def latest_version() -> int:
     return migrations()[-1][0]
 
 
-async def ensure_database(database_url: str) -> bool:
+# Bounds each connection attempt: an address that swallows packets would otherwise hold
+# start-up for asyncpg's default of a minute.
+CONNECT_TIMEOUT = 10.0
+
+
+async def ensure_database(database_url: str, timeout: float = CONNECT_TIMEOUT) -> bool:
     """Create the database named in the URL when it does not exist. True if created."""
     parts = urlsplit(database_url)
     name = parts.path.lstrip("/")
     if not name:
         return False
     try:
-        conn = await asyncpg.connect(database_url)
+        conn = await asyncpg.connect(database_url, timeout=timeout)
     except asyncpg.InvalidCatalogNameError:
         pass
     else:
         await conn.close()
         return False
     admin_url = urlunsplit(parts._replace(path="/postgres"))
-    admin = await asyncpg.connect(admin_url)
+    admin = await asyncpg.connect(admin_url, timeout=timeout)
     try:
         quoted = '"' + name.replace('"', '""') + '"'
         await admin.execute(f"CREATE DATABASE {quoted}")
@@ -66,13 +72,17 @@ async def current_version(conn: asyncpg.Connection) -> int:
 
 
 async def migrate(
-    database_url: str, *, create_database: bool = True, upto: int | None = None
+    database_url: str,
+    *,
+    create_database: bool = True,
+    upto: int | None = None,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> list[int]:
     """Apply pending migrations (those up to version `upto`, when given); returns the
     versions applied."""
     if create_database:
-        await ensure_database(database_url)
-    conn = await asyncpg.connect(database_url)
+        await ensure_database(database_url, timeout)
+    conn = await asyncpg.connect(database_url, timeout=timeout)
     applied: list[int] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
@@ -100,3 +110,27 @@ async def migrate(
     finally:
         await conn.close()
     return applied
+
+
+def describe_failure(exc: BaseException, database_url: str) -> str | None:
+    """What went wrong reaching or migrating PostgreSQL, in a few words for an operator; None
+    for a failure that is not about the database (a bug, to be reported in full)."""
+    parts = urlsplit(database_url)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host {parts.hostname!r} ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} (timed out)"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"authentication failed: {exc}"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return f"permission denied: {exc}"
+    if isinstance(exc, asyncpg.CannotConnectNowError):
+        return f"PostgreSQL at {where} is starting or stopping: {exc}"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -13,7 +13,8 @@ import asyncpg
 from coupon.domain.errors import Unavailable
 
 # Errors after which retrying later can succeed: the server is down, restarting,
-# overloaded or the connection broke.
+# overloaded or the connection broke; or it refuses the role or lacks the database, which
+# an operator can mend while the service runs (readiness reports it meanwhile).
 TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
@@ -25,6 +26,8 @@ TRANSIENT = (
     asyncpg.AdminShutdownError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
 )
 
 INFINITY = datetime.max.replace(tzinfo=UTC)

@@ -13,12 +13,19 @@ the one node that owns that slot.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import SLOT_ID
@@ -82,6 +89,60 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _WriteFailureIsConnectionError(AbstractConnection):
+    """A command written to a connection that is gone is a connection error.
+
+    redis-py reports a failed write as ConnectionError (retried on a new connection, and
+    `unavailable` to our callers when that fails too) only for what asyncio's own event
+    loop raises. Two other ways escaped every mapping and reached clients as `unknown` when
+    a Redis node was killed (the Redis Cluster kill-a-master test, about one run in three):
+    uvloop, which `coupon serve` runs on, raises RuntimeError ("unable to perform operation
+    on <TCPTransport closed=True>; the handler is closed") for a write to a transport it
+    closed when the server reset the connection; and when another task disconnects the
+    connection while the write is being scheduled (redis-py's cluster client does, after a
+    node's error), the writer is None by the time it is used.
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        # Either way redis-py has disconnected the connection already.
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except AttributeError as exc:
+            if exc.obj is not None:  # not the writer gone: a defect, reported as one
+                raise
+            raise RedisConnectionError(
+                "Error while writing to socket: the connection was closed meanwhile"
+            ) from exc
+
+
+class _TcpConnection(_WriteFailureIsConnectionError, Connection):
+    pass
+
+
+class _SslConnection(_WriteFailureIsConnectionError, SSLConnection):
+    pass
+
+
+class _UnixConnection(_WriteFailureIsConnectionError, UnixDomainSocketConnection):
+    pass
+
+
+def _for_uvloop(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """The class the URL asked for (TCP, TLS, Unix socket), with writes mapped as above."""
+    for base, mapped in (
+        (SSLConnection, _SslConnection),
+        (Connection, _TcpConnection),
+        (UnixDomainSocketConnection, _UnixConnection),
+    ):
+        if connection_class is base:
+            return mapped
+    return connection_class
+
+
 class QueueingRedisCluster(RedisCluster):
     """RedisCluster whose callers queue for a connection instead of failing.
 
@@ -100,6 +161,14 @@ class QueueingRedisCluster(RedisCluster):
 
     def __init__(self, *args: Any, pool_timeout: float = 5.0, in_flight: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Nodes are made from these kwargs as the cluster is discovered; the startup nodes
+        # exist already. RedisCluster has no parameter for the connection class.
+        manager = self.nodes_manager
+        chosen = manager.connection_kwargs.get("connection_class", Connection)
+        connection_class = _SslConnection if issubclass(chosen, SSLConnection) else _TcpConnection
+        manager.connection_kwargs["connection_class"] = connection_class
+        for node in (*manager.startup_nodes.values(), *manager.nodes_cache.values()):
+            node.connection_class = connection_class
         self._per_node = in_flight
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._pool_timeout = pool_timeout
@@ -178,6 +247,7 @@ def create_client(url: str, max_connections: int = 64) -> RedisClient:
         # their own connections and retry on their own, see ScriptLane).
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
     )
+    pool.connection_class = _for_uvloop(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -1,0 +1,307 @@
+"""Start-up and configuration, with real `coupon serve` and `coupon migrate` processes.
+
+A bad setting stops either command in one line naming the variable (exit 2). `coupon
+migrate` without a usable PostgreSQL says why in one line naming DATABASE_URL (exit 1).
+`coupon serve` without one starts anyway, answers /readyz 503 naming the failing check,
+and creates the schema once PostgreSQL answers (a private server started on the port it
+was pointed at). The metrics directory a server makes is gone after it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from coupon.adapters.postgres.migrate import latest_version, migrations
+from tests.support.client import connect_client, create_campaign
+from tests.support.private_postgres import PrivatePostgres, postgres_bindir
+from tests.support.server import ServerProcess, free_port
+from tests.support.services import TestServices
+
+pytestmark = pytest.mark.e2e
+
+# Variables that would otherwise reach the processes from the test runner's environment.
+_SETTINGS = ("COUPON_", "REDIS_", "DATABASE_URL", "APP_ENV", "LOG_LEVEL", "DB_DRIVER", "PROMETHEUS")
+
+
+def clean_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTINGS)}
+    return {**env, "TMPDIR": str(tmp_path), **values}
+
+
+def run_coupon(
+    args: list[str], env: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`coupon ...` in `cwd` (no .env there), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "coupon", *args],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def closed_port_url() -> str:
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/coupon"
+
+
+def unknown_role_url(services: TestServices) -> str:
+    """The test server, as a role it does not have (with a password that must not show)."""
+    parts = urlsplit(services.database_url)
+    where = f"{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit(parts._replace(netloc=f"coupon_no_such_role:hunter2@{where}"))
+
+
+# -- settings ----------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ({"APP_ENV": "prod"}, "APP_ENV"),
+    ({"APP_ENV": "Production"}, "APP_ENV"),
+    ({"APP_ENV": "staging"}, "APP_ENV"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"DB_DRIVER": "mysql"}, "DB_DRIVER"),
+    ({"PORT": "http"}, "PORT"),
+]
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize(("values", "variable"), BAD_SETTINGS)
+def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(
+    tmp_path: Path, command: str, values: dict[str, str], variable: str
+) -> None:
+    args = [command] if command == "migrate" else [command, "--port", str(free_port())]
+    # Nothing listens there: were the setting let through, neither command could succeed.
+    env = clean_env(tmp_path, DATABASE_URL=closed_port_url(), **values)
+    try:
+        done = run_coupon(args, env, tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`coupon {command}` started with {values}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and variable in lines[0], done.stderr
+    assert "serving" not in done.stderr
+    if variable == "APP_ENV":
+        assert "development" in lines[0] and "production" in lines[0]
+
+
+def test_documented_values_pass_the_settings_check(tmp_path: Path) -> None:
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=closed_port_url(),
+        APP_ENV="production",
+        COUPON_ADMIN_TOKEN="t",
+        LOG_LEVEL="warning",
+        DB_DRIVER="postgres",
+    )
+    done = run_coupon(["migrate"], env, tmp_path)
+    # The settings passed: what stops it now is the database, as exit status 1 says.
+    assert done.returncode == 1, done.stderr
+    assert "DATABASE_URL" in done.stderr
+
+
+# -- coupon migrate without PostgreSQL ---------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["closed port", "unknown host", "unknown role"])
+def test_migrate_without_a_usable_postgres_says_why_in_one_line(
+    tmp_path: Path, services: TestServices, case: str
+) -> None:
+    url, says = {
+        "closed port": (closed_port_url(), "connection refused"),
+        "unknown host": ("postgresql://postgres@no-such-host.invalid/coupon", "unknown host"),
+        "unknown role": (unknown_role_url(services), "authentication failed"),
+    }[case]
+    done = run_coupon(["migrate"], clean_env(tmp_path, DATABASE_URL=url), tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert "DATABASE_URL=" in lines[0] and says in lines[0], lines[0]
+    assert "hunter2" not in done.stderr
+
+
+# -- coupon serve without PostgreSQL -----------------------------------------------------
+
+
+def wait_answering(server: ServerProcess, timeout: float = 60.0) -> httpx.Response:
+    """The first /readyz answer, whatever its status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited ({server.process.returncode}):\n{server.log()}")
+        try:
+            return httpx.get(f"{server.url}/readyz", timeout=5)
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"no answer from /readyz after {timeout}s:\n{server.log()}")
+
+
+def wait_ready(server: ServerProcess, timeout: float = 60.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    answer = wait_answering(server, timeout)
+    while answer.status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = wait_answering(server, timeout)
+    assert answer.status_code == 200, (answer.text, server.log())
+    return answer
+
+
+def stop(server: ServerProcess) -> tuple[int, str]:
+    """SIGTERM, as an orchestrator stops it; the exit status and everything it logged."""
+    server.signal(signal.SIGTERM)
+    return server.process.wait(60), server.log()
+
+
+def warnings_about_postgres(log: str) -> list[str]:
+    return [
+        line for line in log.splitlines() if '"level": "warning"' in line and "PostgreSQL" in line
+    ]
+
+
+@pytest.fixture
+def unreachable_server(
+    request: pytest.FixtureRequest, tmp_path: Path, services: TestServices, redis_prefix: str
+) -> Iterator[ServerProcess]:
+    url = {
+        "unknown host": "postgresql://postgres@no-such-host.invalid/coupon",
+        "unknown role": unknown_role_url(services),
+    }[request.param]
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=url,
+        REDIS_URL=services.redis_url,
+        COUPON_REDIS_PREFIX=redis_prefix,
+    )
+    server = ServerProcess(env=env, log_dir=tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("unreachable_server", ["unknown host", "unknown role"], indirect=True)
+def test_serve_without_postgres_starts_and_is_not_ready_naming_postgres(
+    unreachable_server: ServerProcess,
+) -> None:
+    server = unreachable_server
+    answer = wait_answering(server)
+    assert answer.status_code == 503
+    body = answer.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["postgres"].startswith("error"), body
+    assert body["checks"]["redis"] == "ok", body
+    assert len(warnings_about_postgres(server.log())) == 1, server.log()
+    assert "hunter2" not in server.log()
+    status, log = stop(server)
+    assert status == 0 and "Traceback" not in log, log
+
+
+needs_postgres_binaries = pytest.mark.skipif(
+    postgres_bindir() is None,
+    reason="PostgreSQL's initdb is not installed: this test starts a PostgreSQL of its own",
+)
+
+
+@needs_postgres_binaries
+async def test_serve_before_postgres_is_up_creates_the_schema_once_it_answers(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> None:
+    port = free_port()
+    postgres = PrivatePostgres(port)  # initialised, not started: the port is closed
+    database_url = f"postgresql://postgres@127.0.0.1:{port}/coupon_startup"
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=database_url,
+        REDIS_URL=services.redis_url,
+        COUPON_REDIS_PREFIX=redis_prefix,
+    )
+    server = ServerProcess(env=env, workers=2, log_dir=tmp_path)
+    try:
+        answer = wait_answering(server)
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["postgres"].startswith("error"), answer.text
+        assert len(warnings_about_postgres(server.log())) == 1, server.log()
+
+        postgres.start()
+        wait_ready(server)
+        # Created and migrated once, by one process of the server's two.
+        conn = await asyncpg.connect(database_url)
+        try:
+            versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+        finally:
+            await conn.close()
+        assert [r["version"] for r in versions] == [v for v, _, _ in migrations()]
+        assert versions[-1]["version"] == latest_version()
+        assert server.log().count("schema in place") == 1, server.log()
+        # And it serves.
+        async with connect_client(server.url) as client:
+            campaign = await create_campaign(client, total=1)
+            assert campaign.total_coupons == 1
+        status, log = stop(server)
+        assert status == 0 and "Traceback" not in log, log
+    finally:
+        server.stop()
+        postgres.close()
+
+
+# -- the metrics directory ---------------------------------------------------------------
+
+
+def metrics_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(tmp_path.glob("coupon-metrics-*"))
+
+
+@pytest.mark.parametrize("signal_", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_removes_the_metrics_directory_it_made_when_it_stops(
+    tmp_path: Path, signal_: signal.Signals
+) -> None:
+    server = ServerProcess(env=clean_env(tmp_path), in_memory=True, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        assert len(metrics_dirs(tmp_path)) == 1
+        server.signal(signal_)
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+    assert metrics_dirs(tmp_path) == [], server.log()
+
+
+def test_serve_removes_its_metrics_directory_when_it_cannot_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        server = ServerProcess(env=clean_env(tmp_path), in_memory=True, port=port, log_dir=tmp_path)
+        try:
+            assert server.process.wait(60) != 0
+        finally:
+            server.stop()
+    assert metrics_dirs(tmp_path) == [], server.log()
+
+
+def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "keep.txt").write_text("the operator's")
+    env = clean_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given))
+    server = ServerProcess(env=env, in_memory=True, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 200
+    finally:
+        assert server.stop() == 0
+    assert (given / "keep.txt").read_text() == "the operator's"
+    assert metrics_dirs(tmp_path) == []
