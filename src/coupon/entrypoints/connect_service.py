@@ -290,8 +290,9 @@ class CouponService:
         except CouponError as exc:
             raise self._refused(arrived, exc) from None
         except Exception as exc:
+            # A fault of ours: logged with what it was, answered `internal` on every path.
             self._observe_issue.failed(arrived, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
-            raise
+            raise ConnectError(Code.INTERNAL, type(exc).__name__) from exc
         finally:
             self._doorman.leave(arrived)
         coupon = issued.coupon

@@ -150,7 +150,8 @@ class StorageProvider(Provider):
                 version = await current_version(conn)
             if version < latest_version():
                 raise RuntimeError(
-                    f"schema version {version}, expected {latest_version()}: run coupon migrate"
+                    f"schema version {version}, expected {latest_version()}: being applied "
+                    "(coupon serve applies it once PostgreSQL answers; or run coupon migrate)"
                 )
 
         async def redis() -> None:

@@ -28,6 +28,8 @@ TRANSIENT = (
     asyncpg.SerializationError,
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
+    # The schema is not applied yet (serve applies it as soon as PostgreSQL answers).
+    asyncpg.UndefinedTableError,
 )
 
 INFINITY = datetime.max.replace(tzinfo=UTC)
