@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from coupon.domain.campaign import Campaign
+from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon
 
 
@@ -26,6 +26,19 @@ class CampaignRepository(Protocol):
 
     async def get(self, campaign_id: str) -> Campaign | None:
         """The campaign with its current `issued_count`, or None."""
+        ...
+
+    async def newest(
+        self, *, before: str | None, limit: int, status: CampaignStatus | None, now: datetime
+    ) -> Sequence[Campaign]:
+        """Up to `limit` campaigns, newest first (ids are time-ordered), those older than
+        the campaign `before` when given; only those whose status at `now` is `status`
+        when given."""
+        ...
+
+    async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
+        """Record that issuance ended at `at`; an end recorded before stays. The campaign
+        as stored afterwards, or None when there is no such campaign."""
         ...
 
 
@@ -78,6 +91,19 @@ class CouponLedger(Protocol):
         """Every coupon of the campaign: what a gate rebuild needs."""
         ...
 
+    async def user_coupons(
+        self, user_id: str, before_campaign: str | None, limit: int
+    ) -> UserCouponPage:
+        """The user's coupons, newest campaign first (at most one per campaign), those of
+        campaigns older than `before_campaign` when given."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class UserCouponPage:
+    coupons: Sequence[Coupon]
+    has_more: bool
+
 
 class AdmissionKind(enum.Enum):
     ADMITTED = "admitted"
@@ -127,6 +153,16 @@ class StockGate(Protocol):
 
     async def forget(self, campaign_id: str, user_id: str, slot: int) -> None:
         """Drop the user's admission without returning the slot (the ledger holds it)."""
+        ...
+
+    async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+        """Admit nobody from `at` on (None: now, by the gate's clock, the one that decides
+        every admission). Kept even when the gate has no state for the campaign, and
+        applied by any later `load`; an earlier end stays. Returns the end in force."""
+        ...
+
+    async def ended_at(self, campaign_id: str) -> datetime | None:
+        """The end recorded by `end`, if any."""
         ...
 
 

@@ -23,6 +23,7 @@ from coupon.application.ports import (
     CouponPage,
     Recorded,
     RecordOutcome,
+    UserCouponPage,
 )
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
@@ -71,6 +72,12 @@ SELECT id, {_COUPON_COLUMNS} FROM coupons
  WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
 """
 _HOLDINGS = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1"
+# One range of the one-per-user constraint (user_id, campaign_id), read backwards.
+_USER_COUPONS = f"""
+SELECT {_COUPON_COLUMNS} FROM coupons
+ WHERE user_id = $1 AND campaign_id < coalesce($2, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
+ ORDER BY campaign_id DESC LIMIT $3
+"""
 
 
 _RECORDED = Recorded(RecordOutcome.RECORDED)
@@ -305,6 +312,14 @@ class PostgresCouponLedger:
         async with connection(self._pool) as conn:
             rows = await conn.fetch(_HOLDINGS, uuid.UUID(campaign_id))
         return [coupon_from_row(r) for r in rows]
+
+    async def user_coupons(
+        self, user_id: str, before_campaign: str | None, limit: int
+    ) -> UserCouponPage:
+        before = None if before_campaign is None else uuid.UUID(before_campaign)
+        async with connection(self._pool) as conn:
+            rows = await conn.fetch(_USER_COUPONS, user_id, before, limit + 1)
+        return UserCouponPage([coupon_from_row(r) for r in rows[:limit]], len(rows) > limit)
 
 
 class PostgresCodeGenerator:

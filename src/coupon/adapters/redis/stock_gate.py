@@ -182,6 +182,8 @@ class RedisStockGate:
         # A cluster routes each call by its keys; its client is used as it is.
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else None
         self._settle = client.register_script(_script("settle.lua"))
+        self._end = client.register_script(_script("end.lua"))
+        self._write_meta = client.register_script(_script("meta.lua"))
         self._waiting: dict[str, list[tuple[str, asyncio.Future[Admission]]]] = {}
         self._busy: set[str] = set()
         self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
@@ -202,6 +204,9 @@ class RedisStockGate:
 
     def _lock_key(self, campaign_id: str) -> str:
         return f"{self._prefix}:{{{campaign_id}}}:loading"
+
+    def _ended_key(self, campaign_id: str) -> str:
+        return f"{self._prefix}:{{{campaign_id}}}:ended"
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -324,15 +329,18 @@ class RedisStockGate:
                 gaps = [s for s in range(1, top + 1) if s not in taken]
                 for start in range(0, len(gaps), self.LOAD_CHUNK):
                     await self._client.rpush(free, *gaps[start : start + self.LOAD_CHUNK])
-                ends = -1 if campaign.ends_at is None else _micros(campaign.ends_at)
-                await self._client.hset(
-                    meta,
-                    mapping={
-                        "total": campaign.total_coupons,
-                        "starts": _micros(campaign.starts_at),
-                        "ends": ends,
-                        "next": top,
-                    },
+                end = campaign.effective_end
+                ends = -1 if end is None else _micros(end)
+                # With the end EndCampaign recorded in Redis applied (meta.lua).
+                fields = {
+                    "total": campaign.total_coupons,
+                    "starts": _micros(min(campaign.starts_at, end or campaign.starts_at)),
+                    "ends": ends,
+                    "next": top,
+                }
+                await self._write_meta(
+                    keys=[meta, self._ended_key(campaign.id)],
+                    args=[item for pair in fields.items() for item in pair],
                 )
                 log.info(
                     "gate loaded",
@@ -384,3 +392,21 @@ class RedisStockGate:
             await self._settle(keys=self.keys(campaign_id), args=[user_id, slot, mode])
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
+
+    async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+        meta = self.keys(campaign_id)[0]
+        try:
+            reply = await self._end(
+                keys=[meta, self._ended_key(campaign_id)],
+                args=["" if at is None else _micros(at)],
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return _from_micros(int(reply[1]))
+
+    async def ended_at(self, campaign_id: str) -> datetime | None:
+        try:
+            value = await self._client.get(self._ended_key(campaign_id))
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return None if value is None else _from_micros(int(value))
