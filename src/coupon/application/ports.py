@@ -6,7 +6,7 @@ Adapters under `coupon.adapters` implement these; `entrypoints/ioc.py` alone dec
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -163,6 +163,21 @@ class StockGate(Protocol):
 
     async def ended_at(self, campaign_id: str) -> datetime | None:
         """The end recorded by `end`, if any."""
+        ...
+
+
+# Per-second counts of one campaign: (campaign id, unix second) -> counter name -> count.
+LiveCounts = Mapping[tuple[str, int], Mapping[str, int]]
+
+
+class LiveStats(Protocol):
+    """Per-second counters of the issue path, added up across every server process and
+    instance, kept for a short while (the live dashboard reads the last minute)."""
+
+    async def add(self, counts: LiveCounts) -> None: ...
+
+    async def read(self, campaign_id: str, seconds: Sequence[int]) -> dict[int, dict[str, int]]:
+        """The counters of each of `seconds` that has any."""
         ...
 
 

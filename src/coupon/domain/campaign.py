@@ -64,6 +64,10 @@ class Campaign:
             return self
         return replace(self, ended_at=at)
 
+    def with_end_applied(self) -> Campaign:
+        """The campaign as issuance sees it: `ends_at` is when issuance ends."""
+        return replace(self, ends_at=self.effective_end)
+
 
 def validate_name(name: str) -> str:
     if not name or not name.strip():

@@ -7,8 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
+from dishka import (
+    AsyncContainer,
+    Provider,
+    Scope,
+    decorate,
+    from_context,
+    make_async_container,
+    provide,
+)
 
+from coupon.adapters.memory.live_stats import MemoryLiveStats
 from coupon.adapters.memory.store import (
     MemoryCampaignRepository,
     MemoryCodeGenerator,
@@ -22,12 +31,23 @@ from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCoupo
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool, warm
 from coupon.adapters.redis.client import RedisClient, create_client
+from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
+from coupon.application.live import LiveTally, WatchCampaign
+from coupon.application.operations import (
+    EndAwareDirectory,
+    EndAwareGate,
+    EndCampaign,
+    ExportCoupons,
+    ListCampaigns,
+    ListUserCoupons,
+)
 from coupon.application.ports import (
     CampaignRepository,
     Clock,
     CodeGenerator,
     CouponLedger,
+    LiveStats,
     StockGate,
 )
 from coupon.application.use_cases import (
@@ -36,7 +56,7 @@ from coupon.application.use_cases import (
     GetCampaign,
     IssueCoupon,
 )
-from coupon.entrypoints.connect_service import AdminGuard, CouponService
+from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.settings import Settings
@@ -66,6 +86,8 @@ class MemoryProvider(Provider):
     @provide
     def readiness(self) -> Readiness:
         return Readiness({})
+
+    live_stats = provide(MemoryLiveStats, provides=LiveStats)
 
 
 class StorageProvider(Provider):
@@ -146,6 +168,10 @@ class StorageProvider(Provider):
 
         return Readiness({"postgres": postgres, "redis": redis})
 
+    @provide
+    def live_stats(self, client: RedisClient, settings: Settings) -> LiveStats:
+        return RedisLiveStats(client, prefix=settings.redis_prefix)
+
 
 class ApplicationProvider(Provider):
     scope = Scope.APP
@@ -153,8 +179,12 @@ class ApplicationProvider(Provider):
     settings = from_context(provides=Settings, scope=Scope.APP)
 
     @provide
-    def directory(self, campaigns: CampaignRepository) -> CampaignDirectory:
-        return CampaignDirectory(campaigns)
+    def directory(self, campaigns: CampaignRepository) -> EndAwareDirectory:
+        return EndAwareDirectory(campaigns)
+
+    @provide
+    def issue_directory(self, directory: EndAwareDirectory) -> CampaignDirectory:
+        return directory
 
     create = provide(CreateCampaign)
     get = provide(GetCampaign)
@@ -170,9 +200,34 @@ class ApplicationProvider(Provider):
         async with metrics.flushing():
             yield metrics
 
+    list_campaigns = provide(ListCampaigns)
+    end_campaign = provide(EndCampaign)
+    list_user_coupons = provide(ListUserCoupons)
+    export_coupons = provide(ExportCoupons)
+    operations = provide(Operations)
+    watch = provide(WatchCampaign)
+
+    @provide
+    async def live_tally(self, stats: LiveStats) -> AsyncIterator[LiveTally]:
+        tally = LiveTally()
+        async with tally.flushing(stats):
+            yield tally
+
     service = provide(CouponService)
+
+
+class EndAwareProvider(Provider):
+    """Every user of the gate sees the kill switch's ends (see EndAwareGate)."""
+
+    scope = Scope.APP
+
+    @decorate
+    def gate(self, gate: StockGate, directory: EndAwareDirectory) -> StockGate:
+        return EndAwareGate(gate, directory)
 
 
 def make_container(settings: Settings) -> AsyncContainer:
     backend = MemoryProvider() if settings.backend == "memory" else StorageProvider()
-    return make_async_container(ApplicationProvider(), backend, context={Settings: settings})
+    return make_async_container(
+        ApplicationProvider(), backend, EndAwareProvider(), context={Settings: settings}
+    )
