@@ -293,3 +293,43 @@ def read_envelopes(body: bytes) -> Iterator[tuple[int, dict[str, object]]]:
         flags, size = body[0], int.from_bytes(body[1:5], "big")
         yield flags, json.loads(body[5 : 5 + size])
         body = body[5 + size :]
+
+
+def test_dashboard_api_needs_the_admin_token(server: ServerProcess) -> None:
+    api = f"{server.url}/dashboard/api/campaigns"
+    created = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+        json={"name": "watched", "totalCoupons": "3", "startsAt": "2026-01-01T00:00:00Z"},
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert created.status_code == 200, created.text
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+        refused = httpx.get(api, headers=headers, timeout=10)
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthenticated"
+    listed = httpx.get(api, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert listed.status_code == 200 and "campaigns" in listed.json()
+    campaign_id = listed.json()["campaigns"][0]["id"]
+    live = httpx.get(f"{api}/{campaign_id}", timeout=10)
+    assert live.status_code == 401
+    live = httpx.get(f"{api}/{campaign_id}", headers={"authorization": f"Bearer {TOKEN}"})
+    assert live.status_code == 200
+    view = live.json()
+    assert view["campaign"]["id"] == campaign_id and len(view["seconds"]) == 60
+    missing = httpx.get(f"{api}/{uuid.uuid4()}", headers={"authorization": f"Bearer {TOKEN}"})
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    # The page itself holds no data and needs no token.
+    page = httpx.get(f"{server.url}/dashboard", timeout=10)
+    assert page.status_code == 200 and "/dashboard/dashboard.js" in page.text
+
+
+def test_dashboard_api_is_open_without_a_configured_token() -> None:
+    server = ServerProcess(env={}, in_memory=True)
+    try:
+        server.wait_ready()
+        listed = httpx.get(f"{server.url}/dashboard/api/campaigns", timeout=10)
+        assert listed.status_code == 200
+        script = httpx.get(f"{server.url}/dashboard/dashboard.js", timeout=10)
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    finally:
+        server.stop()

@@ -13,6 +13,8 @@ from litestar.enums import ScopeType
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.connect_service import CouponService
+from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
+from coupon.entrypoints.dashboard import Dashboard
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
@@ -37,8 +39,9 @@ class CouponApp:
         self.connect: CouponServiceASGIApplication | None = None
         self.fast_issue: FastIssue | None = None
         self.readiness: Readiness | None = None
+        self.dashboard: Dashboard | None = None
         self.web = Litestar(
-            route_handlers=[healthz, readyz, metrics],
+            route_handlers=[healthz, readyz, metrics, *DASHBOARD_ROUTES],
             lifespan=[self._lifespan],
             openapi_config=None,
             state=State({"coupon": self}),
@@ -87,6 +90,7 @@ class CouponApp:
         container = make_container(self.settings)
         service = await container.get(CouponService)
         self.readiness = await container.get(Readiness)
+        self.dashboard = await container.get(Dashboard)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
         self.fast_issue = FastIssue(service.issue, MAX_REQUEST_BYTES)
         # Everything built so far (modules, the container, pools) lives as long as the

@@ -57,6 +57,7 @@ from coupon.application.use_cases import (
     IssueCoupon,
 )
 from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
+from coupon.entrypoints.dashboard import Dashboard
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.settings import Settings
@@ -214,6 +215,7 @@ class ApplicationProvider(Provider):
             yield tally
 
     service = provide(CouponService)
+    dashboard = provide(Dashboard)
 
 
 class EndAwareProvider(Provider):
