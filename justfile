@@ -96,6 +96,7 @@ cluster-demo *ARGS: setup
     {{python}} -m tools.cluster_demo {{ARGS}}
 
 # At scale: sell out a 1,000,000-coupon campaign (RSS, I1-I4, every page),
-# then GetCampaign paging with 10,000,000 coupon rows (bench/scale.py; `--help` for options).
+# GetCampaign paging with 10,000,000 coupon rows, and ExportCoupons of a 10,000,000-coupon
+# campaign (bench/scale.py; `--help` for options).
 bench-scale *ARGS: setup
     {{python}} -m bench.scale {{ARGS}}
