@@ -87,17 +87,17 @@ async def test_dashboard_shows_a_burst_rise_to_the_stock(
     server: ServerProcess, browser: Browser, tmp_path: Path
 ) -> None:
     total = 300
+    page = await browser.new_page(viewport={"width": 1360, "height": 820})
+    await open_with_token(page, f"{server.url}/dashboard")
     async with connect_client(server.url) as client:
         campaign = await create_campaign(
             client, total=total, starts_in=2, name="Dashboard launch", token=TOKEN
         )
-    page = await browser.new_page(viewport={"width": 1360, "height": 820})
-    await open_with_token(page, f"{server.url}/dashboard#{campaign.id}")
+    await page.evaluate(f"location.hash = '{campaign.id}'")  # as a click on its row does
     await page.wait_for_selector("#live-body:not([hidden])")
     assert await page.text_content("#live-title") == "Dashboard launch"
     assert await number(page, "#issued") == 0
     assert await number(page, "#remaining") == total
-    await page.wait_for_selector(f"#campaigns tr[data-id='{campaign.id}']")
 
     # Paced so that the sell-out spans several of the page's one-second polls: requests
     # before the start (refused), the stock issued, then refusals as sold out.
@@ -107,8 +107,12 @@ async def test_dashboard_shows_a_burst_rise_to_the_stock(
         drive([server.url], requests, outcomes, concurrency=5, pace=0.05, time_limit=60)
     )
     seen: list[int] = []
+    during = tmp_path / "dashboard-during.png"
     while not burst.done():
         seen.append(await number(page, "#issued"))
+        if 0 < seen[-1] < total and not during.exists():
+            await page.screenshot(path=str(during), full_page=True)
+            print(f"\ndashboard during the burst: {during}")
         await asyncio.sleep(0.25)
     await burst
     issued = sum(1 for o in outcomes if o.code and not o.already)
@@ -116,7 +120,8 @@ async def test_dashboard_shows_a_burst_rise_to_the_stock(
 
     sent_before_start = sum(1 for o in outcomes if o.error == "failed_precondition")
     sold_out = sum(1 for o in outcomes if o.error == "resource_exhausted")
-    expected = {"not_started": sent_before_start, "sold_out": sold_out}
+    # (On a slow machine the burst may begin after the start: no request is then early.)
+    expected = {k: v for k, v in (("not_started", sent_before_start), ("sold_out", sold_out)) if v}
     # Every server process adds its counts once a second: give the page a few polls.
     for _ in range(40):
         reasons = await refusals(page)
@@ -127,12 +132,13 @@ async def test_dashboard_shows_a_burst_rise_to_the_stock(
     assert seen[-1] == total
     assert seen == sorted(seen), seen  # it only rises
     assert await number(page, "#remaining") == 0
-    assert sent_before_start > 0 and sold_out > 0
+    assert sold_out > 0
     assert reasons == expected
     assert (await page.text_content("#p99") or "").endswith("ms")
     assert await number(page, "#requests") == len(outcomes)
+    await page.wait_for_selector(f"#campaigns tr[data-id='{campaign.id}']")
     status = await page.text_content(f"#campaigns tr[data-id='{campaign.id}'] .status")
-    assert status in ("active", "sold out")  # the list refreshes every five seconds
+    assert status in ("scheduled", "active", "sold out")  # the list refreshes every 5 s
 
     shot = tmp_path / "dashboard.png"
     await page.screenshot(path=str(shot), full_page=True)

@@ -58,7 +58,7 @@ async function loadCampaigns() {
       cell(row, c.name);
       cell(row, c.status.replace("_", " "), "status " + c.status);
       cell(row, fmt(c.issuedCount) + " / " + fmt(c.totalCoupons));
-      cell(row, localTime(c.startsAt));
+      cell(row, localTime(c.startsAt).slice(5));  // month-day and time
       row.addEventListener("click", () => select(c.id));
     }
     if (!body.campaigns.length) $("list-error").textContent = "No campaigns yet.";
@@ -131,7 +131,10 @@ async function loadLive() {
 function select(id) {
   selected = id;
   history.replaceState(null, "", "#" + encodeURIComponent(id));
-  for (const row of $("campaigns").tBodies[0].rows) row.classList.toggle("selected", row.dataset.id === id);
+  const rows = [...$("campaigns").tBodies[0].rows];
+  for (const row of rows) row.classList.toggle("selected", row.dataset.id === id);
+  // A campaign newer than the list: refresh the list too.
+  if (!rows.some((row) => row.dataset.id === id)) loadCampaigns();
   loadLive();
 }
 
