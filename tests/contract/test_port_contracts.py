@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from coupon.adapters.memory.live_stats import MemoryLiveStats
 from coupon.adapters.memory.store import (
     MemoryCampaignRepository,
     MemoryCodeGenerator,
@@ -22,6 +23,7 @@ from coupon.adapters.memory.store import (
 )
 from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
+from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisClock, RedisStockGate
 from coupon.application.ports import (
     AdmissionKind,
@@ -30,6 +32,7 @@ from coupon.application.ports import (
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    LiveStats,
     RecordOutcome,
     StockGate,
 )
@@ -589,3 +592,25 @@ async def test_gate_load_applies_the_campaigns_recorded_end(adapters: Adapters) 
 async def test_gate_ended_at_is_none_for_a_campaign_never_ended(adapters: Adapters) -> None:
     c = await adapters.new_campaign(ends_in=-0.001, starts_in=-10)
     assert await adapters.gate.ended_at(c.id) is None
+
+
+# --- live stats ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "real"])
+def live_stats(request: pytest.FixtureRequest, redis_prefix: str) -> LiveStats:
+    if request.param == "memory":
+        return MemoryLiveStats()
+    client: aioredis.Redis = request.getfixturevalue("redis_client")
+    return RedisLiveStats(client, prefix=redis_prefix)
+
+
+async def test_live_stats_add_up_every_process_counts(live_stats: LiveStats) -> None:
+    a, b = new_campaign_id(), new_campaign_id()
+    second = 1_800_000_000
+    await live_stats.add({(a, second): {"issued": 3, "refused.sold_out": 1}, (b, second): {"x": 1}})
+    await live_stats.add({(a, second): {"issued": 2}, (a, second + 1): {"issued": 7}})
+    got = await live_stats.read(a, [second - 1, second, second + 1])
+    assert got == {second: {"issued": 5, "refused.sold_out": 1}, second + 1: {"issued": 7}}
+    assert await live_stats.read(b, [second]) == {second: {"x": 1}}
+    assert await live_stats.read(new_campaign_id(), [second]) == {}

@@ -150,7 +150,8 @@ async def test_end_campaign_ends_now_and_again_returns_it_unchanged(world: World
     world.clock.advance(120)
     end = world.end()
     ended = await end.execute(campaign_id=campaign.id)
-    assert ended.campaign.ended_at == world.clock.current
+    # The next microsecond: a request admitted at this instant is before the end.
+    assert ended.campaign.ended_at == world.clock.current + timedelta(microseconds=1)
     assert ended.campaign.status_at(ended.now) is CampaignStatus.ENDED
     world.clock.advance(5)
     again = await end.execute(campaign_id=campaign.id)

@@ -157,8 +157,9 @@ class StockGate(Protocol):
 
     async def end(self, campaign_id: str, at: datetime | None) -> datetime:
         """Admit nobody from `at` on (None: now, by the gate's clock, the one that decides
-        every admission). Kept even when the gate has no state for the campaign, and
-        applied by any later `load`; an earlier end stays. Returns the end in force."""
+        every admission; its next microsecond, so that an admission at this instant is
+        before the end). Kept even when the gate has no state for the campaign, and applied
+        by any later `load`; an earlier end stays. Returns the end in force."""
         ...
 
     async def ended_at(self, campaign_id: str) -> datetime | None:

@@ -242,7 +242,8 @@ class MemoryStockGate:
 
     async def end(self, campaign_id: str, at: datetime | None) -> datetime:
         if at is None:
-            at = await self._clock.now()
+            # The next microsecond, as end.lua: an admission at this instant is before it.
+            at = await self._clock.now() + timedelta(microseconds=1)
         recorded = self._ended.get(campaign_id)
         if recorded is not None and recorded < at:
             at = recorded
