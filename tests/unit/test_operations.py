@@ -297,3 +297,28 @@ def test_percentile_is_the_bucket_bound_holding_the_rank() -> None:
     assert percentile(buckets, 1.0) == LATENCY_BOUNDS[10]
     buckets[-1] = 1000  # beyond the last bound: reported as the last bound
     assert percentile(buckets, 0.99) == LATENCY_BOUNDS[-1]
+
+
+# --- the campaign's end ------------------------------------------------------------------
+
+
+def test_status_reads_ended_from_the_first_of_the_scheduled_and_recorded_ends() -> None:
+    campaign = Campaign(
+        id="c",
+        name="n",
+        total_coupons=5,
+        starts_at=START,
+        ends_at=START + timedelta(hours=2),
+        created_at=START,
+    )
+    killed = campaign.ended(START + timedelta(hours=1))
+    assert killed.effective_end == START + timedelta(hours=1)
+    assert killed.status_at(START + timedelta(minutes=59)) is CampaignStatus.ACTIVE
+    assert killed.status_at(START + timedelta(hours=1)) is CampaignStatus.ENDED
+    assert killed.ended(START + timedelta(hours=3)) == killed  # the first end stays
+    later = campaign.ended(START + timedelta(hours=3))
+    assert later.effective_end == campaign.ends_at
+    assert killed.with_end_applied().ends_at == START + timedelta(hours=1)
+    assert killed.with_issued_count(5).status_at(START + timedelta(hours=1)) is (
+        CampaignStatus.ENDED
+    )
