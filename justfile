@@ -31,12 +31,19 @@ demo *ARGS: setup
 migrate: setup
     {{python}} -m coupon migrate
 
-# Lint: ruff, formatting, mypy --strict, buf lint of the proto.
+# Lint: ruff, formatting, mypy --strict, buf lint of the proto, and buf breaking against
+# the released API (proto/released.binpb): fields and RPCs may be added, never renamed,
+# renumbered or removed.
 lint: setup
     .venv/bin/ruff check src tests tools bench
     .venv/bin/ruff format --check src tests tools bench
     .venv/bin/mypy
     just buf lint
+    just buf breaking --against proto/released.binpb
+
+# After a release: record the current proto as the API that `just lint` keeps compatible.
+release-api:
+    just buf build -o proto/released.binpb
 
 # Run every test (lint first). Local PostgreSQL/Redis are used when reachable,
 # testcontainers otherwise. Extra arguments go to pytest.
@@ -84,6 +91,7 @@ cluster-demo *ARGS: setup
     {{python}} -m tools.cluster_demo {{ARGS}}
 
 # At scale: sell out a 1,000,000-coupon campaign (RSS, I1-I4, every page),
-# then GetCampaign paging with 10,000,000 coupon rows (bench/scale.py; `--help` for options).
+# GetCampaign paging with 10,000,000 coupon rows, and ExportCoupons of a 10,000,000-coupon
+# campaign (bench/scale.py; `--help` for options).
 bench-scale *ARGS: setup
     {{python}} -m bench.scale {{ARGS}}

@@ -26,7 +26,7 @@ from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.settings import Settings
 from coupon.entrypoints.translate import to_timestamp
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
+from coupon.gen.coupon.v1.coupon_connect import CouponService, CouponServiceASGIApplication
 
 # The same shape and size as a real answer: a ten-syllable code, a UUID, a user, a time.
 RESPONSE = coupon_pb.IssueCouponResponse(
@@ -39,8 +39,9 @@ RESPONSE = coupon_pb.IssueCouponResponse(
 )
 
 
-class NoopService:
-    """IssueCoupon answers at once; the admin RPCs are not part of the ceiling."""
+class NoopService(CouponService):
+    """IssueCoupon answers at once; the admin RPCs are not part of the ceiling (the others
+    answer `unimplemented`, CouponService's own)."""
 
     async def issue_coupon(
         self,

@@ -16,6 +16,12 @@ fresh server, campaigns at the start, middle and end of the table (and the sell-
 are paged through, their first, middle and last pages fetched --repeats times each, and
 EXPLAIN (ANALYZE, BUFFERS) shows the plan of the page query the server runs.
 
+export: a campaign of --export-rows (10,000,000) coupons is filled with SQL (as above), and
+ExportCoupons streams all of it from a fresh server (binary Connect streaming over HTTP,
+read and decoded as it arrives, each coupon checked to come in issue order): rows/s, and
+the RSS of every server process sampled twice a second, which stays flat whatever the
+campaign's size (the server reads keyset chunks and sends each before reading the next).
+
 Everything lives apart from a developer's data: the database `coupon_scale`, created here
 and marked with a comment (dropped at the end unless --keep; a database of that name without
 the mark is never dropped), and the Redis keys under `coupon-scale:` (deleted with SCAN at
@@ -84,9 +90,12 @@ REDIS_PREFIX = "coupon-scale"
 DB_MARK = "bench/scale.py: scratch database, dropped by bench/scale.py"
 
 GET_CAMPAIGN = "/coupon.v1.CouponService/GetCampaign"
+EXPORT_COUPONS = "/coupon.v1.CouponService/ExportCoupons"
+# A flat export: server RSS growth from before the export to its peak, all processes.
+TARGET_EXPORT_GROWTH_MIB = 64.0
 ISSUE_ORDER = "coupons_pkey"  # (campaign_id, id): each campaign in issue order
 PAGE_SIZE = 1000
-PHASES = ("sellout", "paging")
+PHASES = ("sellout", "paging", "export")
 
 # Targets. Reported as PASS/FAIL; a miss never fails the run.
 TARGET_PAGE_P99_MS = 20.0  # GetCampaign pages of 1,000 coupons
@@ -120,6 +129,17 @@ SELECT ($1::uuid[])[s.k + 1], ($2::bigint[])[s.k + 1], $3::timestamptz, 'infinit
        LATERAL (SELECT g.n % $6::bigint AS k, g.n / $6::bigint + 1 AS slot) AS s
  WHERE s.slot <= ($2::bigint[])[s.k + 1]
 """
+# One campaign's coupons, slots $4..$5, in slot order (so id order is slot order); codes 'E'
+# and 9 hex digits, apart from the fill's 'S' codes.
+EXPORT_FILL = f"""
+INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code, user_id,
+                     issued_at)
+SELECT $1::uuid, $2::bigint, $3::timestamptz, 'infinity', s,
+       'E' || lpad(to_hex((s * {CODE_MULTIPLIER}) % {CODE_SPACE}), 9, '0'),
+       'export-' || s, $3::timestamptz + s * interval '1 microsecond'
+  FROM generate_series($4::bigint, $5::bigint) AS s
+"""
+EXPORT_FILL_CHUNK = 1_000_000
 SIZES = """
 SELECT pg_total_relation_size('coupons') AS total, pg_relation_size('coupons') AS heap,
        pg_indexes_size('coupons') AS indexes,
@@ -492,6 +512,7 @@ class Run:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="coupon-scale-")))
     sellout: dict[str, Any] = field(default_factory=dict)
     paging: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -936,6 +957,168 @@ async def run_paging(run: Run) -> None:
         await conn.close()
 
 
+# --- export ------------------------------------------------------------------------------
+
+
+async def fill_export_campaign(conn: asyncpg.Connection, rows: int) -> tuple[str, float]:
+    """A campaign of `rows` coupons, inserted through every constraint and trigger."""
+    campaign_id = uuid.uuid4()
+    starts_at = datetime.now(UTC) - timedelta(days=1)
+    started = time.monotonic()
+    await conn.execute(FILL_CAMPAIGNS, [campaign_id], [rows], starts_at)
+    for first in range(1, rows + 1, EXPORT_FILL_CHUNK):
+        last = min(rows, first + EXPORT_FILL_CHUNK - 1)
+        await conn.execute(EXPORT_FILL, campaign_id, rows, starts_at, first, last)
+        say(f"  {last:>12,} rows  {time.monotonic() - started:6.0f} s")
+    await conn.execute("ANALYZE coupons")
+    return str(campaign_id), time.monotonic() - started
+
+
+def stream_export(url: str, token: str, campaign_id: str, rows: int) -> dict[str, Any]:
+    """ExportCoupons over HTTP, binary Connect streaming: each message decoded as it
+    arrives, each coupon checked to be the next in issue order."""
+    request = coupon_pb.ExportCouponsRequest(campaign_id=campaign_id).to_binary()
+    body = b"\x00" + len(request).to_bytes(4, "big") + request
+    headers = {
+        "content-type": "application/connect+proto",
+        "connect-protocol-version": "1",
+        "authorization": f"Bearer {token}",
+    }
+    received = messages = out_of_order = 0
+    end_message = b""
+    buffer = bytearray()
+    cpu = time.thread_time()
+    started = time.perf_counter()
+    first_at = None
+    with (
+        httpx.Client(timeout=None) as client,
+        client.stream("POST", url + EXPORT_COUPONS, content=body, headers=headers) as response,
+    ):
+        if response.status_code != 200:
+            raise BenchBroke(f"ExportCoupons: HTTP {response.status_code}")
+        for data in response.iter_raw(1 << 16):
+            buffer += data
+            while len(buffer) >= 5:
+                size = int.from_bytes(buffer[1:5], "big")
+                if len(buffer) < 5 + size:
+                    break
+                flags, payload = buffer[0], bytes(buffer[5 : 5 + size])
+                del buffer[: 5 + size]
+                if flags & 0x02:
+                    end_message = payload
+                    continue
+                message = coupon_pb.ExportCouponsResponse.from_binary(payload)
+                if first_at is None:
+                    first_at = time.perf_counter() - started
+                messages += 1
+                for coupon in message.coupons:
+                    received += 1
+                    out_of_order += coupon.user_id != f"export-{received}"
+    seconds = time.perf_counter() - started
+    error = json.loads(end_message or b"{}").get("error")
+    return {
+        "rows": rows,
+        "received": received,
+        "messages": messages,
+        "out_of_order": out_of_order,
+        "error": error,
+        "seconds": seconds,
+        "first_message_s": first_at,
+        "rows_per_s": received / seconds if seconds else 0.0,
+        "client_cpu_s": time.thread_time() - cpu,
+    }
+
+
+async def sample_rss(
+    pids: dict[int, str], samples: list[dict[str, Any]], stop: asyncio.Event
+) -> None:
+    started = time.monotonic()
+    while not stop.is_set():
+        samples.append(
+            {
+                "t": round(time.monotonic() - started, 2),
+                "rss": {str(pid): memory_mib(pid).get("rss") for pid in pids},
+            }
+        )
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def run_export(run: Run) -> None:
+    rows = run.args.export_rows
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        say(f"export: filling a campaign of {rows:,} coupons ...")
+        campaign_id, fill_seconds = await fill_export_campaign(conn, rows)
+    finally:
+        await conn.close()
+    server = run.server("export")
+    await asyncio.to_thread(server.start)
+    try:
+        pids = server_processes(server)
+        samples: list[dict[str, Any]] = []
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(sample_rss(pids, samples, stop))
+        await asyncio.sleep(1.0)  # a few samples before the export
+        before = len(samples)
+        say(f"  ExportCoupons of {campaign_id} ...")
+        streamed = await asyncio.to_thread(stream_export, server.url, run.token, campaign_id, rows)
+        stop.set()
+        await sampler
+    finally:
+        await asyncio.to_thread(server.stop)
+    processes = {}
+    for pid, role in pids.items():
+        series = [x["rss"].get(str(pid)) for x in samples]
+        start = next((v for v in series[:before] if v is not None), None)
+        during = [v for v in series[before:] if v is not None]
+        processes[str(pid)] = {
+            "role": role,
+            "before": start,
+            "peak": max(during, default=None),
+            "end": during[-1] if during else None,
+        }
+    growth = sum(
+        (p["peak"] or 0) - (p["before"] or 0)
+        for p in processes.values()
+        if p["peak"] is not None and p["before"] is not None
+    )
+    complete = (
+        streamed["received"] == rows and not streamed["out_of_order"] and not streamed["error"]
+    )
+    if not complete:
+        run.violations.append("export")
+        say(
+            f"  VIOLATED: export received {streamed['received']:,} of {rows:,} coupons, "
+            f"{streamed['out_of_order']:,} out of issue order, error {streamed['error']}"
+        )
+    run.export = {
+        "campaign_id": campaign_id,
+        "fill_seconds": fill_seconds,
+        **streamed,
+        "complete": complete,
+        "rss_processes": processes,
+        "rss_growth_mib": growth,
+        "rss_samples": samples,
+    }
+
+
+def export_facts(run: Run) -> list[str]:
+    e = run.export
+    each = ", ".join(
+        f"{p['role']} {p['before'] or 0:.1f} -> peak {p['peak'] or 0:.1f} MiB"
+        for p in e["rss_processes"].values()
+    )
+    return [
+        f"ExportCoupons of {e['rows']:,} coupons (filled in {e['fill_seconds']:.0f} s): "
+        f"{e['received']:,} received in {e['messages']:,} messages in {e['seconds']:.1f} s = "
+        f"{e['rows_per_s']:,.0f} rows/s; first message after {e['first_message_s'] or 0:.3f} s; "
+        f"{'every coupon once, in issue order' if e['complete'] else 'INCOMPLETE'}; "
+        f"client CPU {e['client_cpu_s']:.1f} s (decoding and checking)",
+        f"server RSS (sampled twice a second): {each}; growth {e['rss_growth_mib']:+.1f} MiB",
+    ]
+
+
 # --- reporting ---------------------------------------------------------------------------
 
 
@@ -1007,6 +1190,16 @@ def targets(run: Run) -> list[tuple[str, bool | None, str]]:
                     ),
                 )
             )
+    e = run.export
+    if e:
+        rows.append(
+            (
+                f"ExportCoupons of {e['rows']:,} coupons: all, in issue order, server RSS "
+                f"growth <= {TARGET_EXPORT_GROWTH_MIB:g} MiB",
+                e["complete"] and e["rss_growth_mib"] <= TARGET_EXPORT_GROWTH_MIB,
+                f"{e['rows_per_s']:,.0f} rows/s, RSS {e['rss_growth_mib']:+.1f} MiB",
+            )
+        )
     return rows
 
 
@@ -1214,11 +1407,12 @@ def report_lines(run: Run, meta: dict[str, Any]) -> list[str]:
     if run.paging:
         lines += ["", "paging at scale:"]
         lines += [f"  {x}" for x in paging_facts(run)]
-    lines += ["", "GetCampaign, every page in order (one request each):"]
-    lines += text_table(SWEEP_HEADER, sweep_rows(run))
-    lines += ["", "GetCampaign, first/middle/last pages fetched again and again:"]
-    positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
-    lines += text_table(POSITION_HEADER, position_table(positions))
+    if run.sellout or run.paging:
+        lines += ["", "GetCampaign, every page in order (one request each):"]
+        lines += text_table(SWEEP_HEADER, sweep_rows(run))
+        lines += ["", "GetCampaign, first/middle/last pages fetched again and again:"]
+        positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
+        lines += text_table(POSITION_HEADER, position_table(positions))
     explains = run.paging.get("explain", [])
     if explains:
         lines += ["", "EXPLAIN (ANALYZE, BUFFERS) of the page query (ledger._PAGE), custom plans:"]
@@ -1228,6 +1422,9 @@ def report_lines(run: Run, meta: dict[str, Any]) -> list[str]:
         lines += [f"  {x}" for x in worst["custom_plan"]]
         lines += ["its generic plan (PREPARE, plan_cache_mode = force_generic_plan):"]
         lines += [f"  {x}" for x in worst["generic_plan"]]
+    if run.export:
+        lines += ["", "export:"]
+        lines += [f"  {x}" for x in export_facts(run)]
     lines += ["", "targets:"]
     lines += [f"  {verdict_word(ok):<4} {name}: {value}" for name, ok, value in targets(run)]
     return lines
@@ -1261,11 +1458,16 @@ def markdown_section(run: Run, meta: dict[str, Any]) -> str:
         out.append("")
         out += [f"- {x}" for x in paging_facts(run)]
         out.append("")
-    out += ["GetCampaign, every page in order (one request each):", ""]
-    out += md_table(SWEEP_HEADER, sweep_rows(run))
-    out += ["", "GetCampaign, first/middle/last pages fetched again and again (round robin):", ""]
-    positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
-    out += md_table(POSITION_HEADER, position_table(positions), left=3)
+    if run.sellout or run.paging:
+        out += ["GetCampaign, every page in order (one request each):", ""]
+        out += md_table(SWEEP_HEADER, sweep_rows(run))
+        out += [
+            "",
+            "GetCampaign, first/middle/last pages fetched again and again (round robin):",
+            "",
+        ]
+        positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
+        out += md_table(POSITION_HEADER, position_table(positions), left=3)
     explains = run.paging.get("explain", [])
     if explains:
         worst = max(explains, key=lambda e: e["custom"]["execution_ms"])
@@ -1287,6 +1489,9 @@ def markdown_section(run: Run, meta: dict[str, Any]) -> str:
             *worst["custom_plan"],
             "```",
         ]
+    if run.export:
+        out += ["", "**ExportCoupons.**", ""]
+        out += [f"- {x}" for x in export_facts(run)]
     out += [""]
     out += [f"- **{verdict_word(ok)}** {name}: {value}" for name, ok, value in targets(run)]
     return "\n".join(out) + "\n"
@@ -1300,6 +1505,7 @@ def write_outputs(run: Run, meta: dict[str, Any]) -> Path:
         **meta,
         "sellout": run.sellout,
         "paging": run.paging,
+        "export": run.export,
         "targets": [{"target": n, "met": ok, "value": v} for n, ok, v in targets(run)],
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -1314,14 +1520,22 @@ def write_outputs(run: Run, meta: dict[str, Any]) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="just bench-scale",
-        description="Sell out a 1,000,000-coupon campaign (memory, I1-I4, paging), then page "
-        "GetCampaign with 10,000,000 coupon rows in the table.",
+        description="Sell out a 1,000,000-coupon campaign (memory, I1-I4, paging), page "
+        "GetCampaign with 10,000,000 coupon rows in the table, then stream a 10,000,000-coupon "
+        "campaign through ExportCoupons (rows/s, server RSS).",
     )
     parser.add_argument("--coupons", type=int, default=1_000_000, help="sell-out stock (1e6)")
     parser.add_argument(
         "--rows", type=int, default=10_000_000, help="coupon rows to fill up to (1e7)"
     )
-    parser.add_argument("--only", default="sellout,paging", help="sellout, paging or both")
+    parser.add_argument(
+        "--only",
+        default="sellout,paging,export",
+        help="phases to run, of sellout, paging, export (all three)",
+    )
+    parser.add_argument(
+        "--export-rows", type=int, default=10_000_000, help="coupons of the exported campaign (1e7)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="server workers (2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="wrk threads")
     parser.add_argument("--connections", type=int, default=128, help="wrk connections (128)")
@@ -1355,9 +1569,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     if not args.only or set(args.only) - set(PHASES):
-        parser.error("--only takes sellout, paging or sellout,paging")
+        parser.error("--only takes phases of sellout, paging, export, comma-separated")
     if not 1 <= args.coupons <= 10_000_000:
         parser.error("--coupons must be between 1 and 10,000,000 (the schema's limit)")
+    if not 1 <= args.export_rows <= 10_000_000:
+        parser.error("--export-rows must be between 1 and 10,000,000 (the schema's limit)")
     if not 1 <= args.campaign_size <= 10_000_000 or args.interleave < 1:
         parser.error("--campaign-size must be in 1..10,000,000 and --interleave >= 1")
     return args
@@ -1370,6 +1586,8 @@ async def run_all(run: Run) -> None:
         await run_sellout(run)
     if "paging" in run.args.only:
         await run_paging(run)
+    if "export" in run.args.only:
+        await run_export(run)
 
 
 def main(argv: list[str] | None = None) -> int:

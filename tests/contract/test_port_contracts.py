@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from coupon.adapters.memory.live_stats import MemoryLiveStats
 from coupon.adapters.memory.store import (
     MemoryCampaignRepository,
     MemoryCodeGenerator,
@@ -24,6 +25,7 @@ from coupon.adapters.memory.store import (
 from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import (
     AdmissionKind,
@@ -32,11 +34,12 @@ from coupon.application.ports import (
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    LiveStats,
     RecordOutcome,
     StockGate,
 )
 from coupon.application.use_cases import new_campaign_id
-from coupon.domain.campaign import Campaign
+from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.codes import is_well_formed
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded
@@ -553,3 +556,178 @@ async def test_codes_are_well_formed_and_distinct(adapters: Adapters) -> None:
     codes = [await adapters.codes.next_code() for _ in range(2000)]
     assert len(set(codes)) == 2000
     assert all(is_well_formed(x) for x in codes)
+
+
+# --- operators: listing, the kill switch, a user's coupons --------------------------------
+
+
+async def test_repository_lists_newest_first_in_pages(adapters: Adapters) -> None:
+    made = []
+    for _ in range(5):
+        made.append(await adapters.new_campaign())
+        await asyncio.sleep(0.002)  # ids order by the millisecond they were made in
+    now = await adapters.clock.now()
+    first = await adapters.campaigns.newest(before=None, limit=3, status=None, now=now)
+    # Other tests' campaigns may be newer; ours are in order among what comes back.
+    everything = await adapters.campaigns.newest(before=None, limit=10_000, status=None, now=now)
+    ids = [c.id for c in everything]
+    assert ids == sorted(ids, reverse=True)
+    assert [c.id for c in everything if c.id in {m.id for m in made}] == [
+        m.id for m in reversed(made)
+    ]
+    assert [c.id for c in first] == ids[:3]
+    after = await adapters.campaigns.newest(before=made[2].id, limit=10, status=None, now=now)
+    assert [c.id for c in after][:2] == [made[1].id, made[0].id]
+    assert all(c.id < made[2].id for c in after)
+
+
+async def test_repository_filters_by_status_at_the_given_time(adapters: Adapters) -> None:
+    scheduled = await adapters.new_campaign(starts_in=3600)
+    active = await adapters.new_campaign(total=2)
+    ended = await adapters.new_campaign(starts_in=-10, ends_in=-0.001)
+    sold_out = await adapters.new_campaign(total=1)
+    await adapters.ledger.record(await adapters.coupon(sold_out, "alice", 1))
+    now = await adapters.clock.now()
+    mine = {scheduled.id, active.id, ended.id, sold_out.id}
+
+    async def listed(status: CampaignStatus) -> set[str]:
+        found = await adapters.campaigns.newest(before=None, limit=10_000, status=status, now=now)
+        assert all(c.status_at(now) is status for c in found)
+        return {c.id for c in found} & mine
+
+    assert await listed(CampaignStatus.SCHEDULED) == {scheduled.id}
+    assert await listed(CampaignStatus.ACTIVE) == {active.id}
+    assert await listed(CampaignStatus.ENDED) == {ended.id}
+    assert await listed(CampaignStatus.SOLD_OUT) == {sold_out.id}
+    later = now + timedelta(hours=2)
+    found = await adapters.campaigns.newest(
+        before=None, limit=10_000, status=CampaignStatus.ACTIVE, now=later
+    )
+    assert scheduled.id in {c.id for c in found}
+
+
+async def test_repository_end_keeps_the_first_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign()
+    now = await adapters.clock.now()
+    ended = await adapters.campaigns.end(c.id, now)
+    assert ended is not None and ended.ended_at == now and ended.ends_at is None
+    assert ended.status_at(now) is CampaignStatus.ENDED
+    again = await adapters.campaigns.end(c.id, now + timedelta(seconds=5))
+    assert again == ended
+    assert await adapters.campaigns.get(c.id) == ended
+    assert await adapters.campaigns.end(new_campaign_id(), now) is None
+
+
+async def test_repository_lists_ended_campaigns_by_their_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(ends_in=3600)
+    now = await adapters.clock.now()
+    await adapters.campaigns.end(c.id, now - timedelta(seconds=1))
+    found = await adapters.campaigns.newest(
+        before=None, limit=10_000, status=CampaignStatus.ENDED, now=now
+    )
+    assert c.id in {x.id for x in found}
+
+
+async def test_ledger_refuses_a_coupon_issued_at_or_after_the_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=5)
+    end = c.starts_at + timedelta(seconds=10)
+    await adapters.campaigns.end(c.id, end)
+    before = Coupon(await adapters.codes.next_code(), c.id, "a", end - timedelta(microseconds=1), 1)
+    assert (await adapters.ledger.record(before)).outcome is RecordOutcome.RECORDED
+    for user, at in (("b", end), ("c", end + timedelta(seconds=1))):
+        with pytest.raises(ConstraintViolation):
+            late = Coupon(await adapters.codes.next_code(), c.id, user, at, 2)
+            await adapters.ledger.record(late)
+    got = await adapters.campaigns.get(c.id)
+    assert got is not None and got.issued_count == 1
+
+
+async def test_ledger_lists_a_users_coupons_newest_campaign_first(adapters: Adapters) -> None:
+    user = f"holder-{new_campaign_id()}"
+    campaigns = []
+    for _ in range(5):
+        campaigns.append(await adapters.new_campaign())
+        await asyncio.sleep(0.002)
+    held = []
+    for c in campaigns:
+        coupon = await adapters.coupon(c, user, 1)
+        await adapters.ledger.record(coupon)
+        await adapters.ledger.record(await adapters.coupon(c, "someone else", 2))
+        held.append(coupon)
+    newest_first = list(reversed(held))
+    first = await adapters.ledger.user_coupons(user, None, 2)
+    assert list(first.coupons) == newest_first[:2] and first.has_more
+    second = await adapters.ledger.user_coupons(user, first.coupons[-1].campaign_id, 2)
+    assert list(second.coupons) == newest_first[2:4] and second.has_more
+    last = await adapters.ledger.user_coupons(user, second.coupons[-1].campaign_id, 2)
+    assert list(last.coupons) == newest_first[4:] and not last.has_more
+    nobody = await adapters.ledger.user_coupons(f"nobody-{new_campaign_id()}", None, 10)
+    assert list(nobody.coupons) == [] and not nobody.has_more
+
+
+async def test_gate_end_refuses_every_admission_from_the_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=10)
+    before = await adapters.gate.admit(c.id, "early")
+    assert before.kind is AdmissionKind.ADMITTED
+    end = await adapters.gate.end(c.id, None)
+    assert before.now < end
+    assert await adapters.gate.ended_at(c.id) == end
+    after = await adapters.gate.admit(c.id, "late")
+    assert after.kind is AdmissionKind.ENDED and after.now >= end
+    # The first end stays, whether a later or an earlier one is asked for afterwards.
+    assert await adapters.gate.end(c.id, end + timedelta(seconds=1)) == end
+    assert await adapters.gate.end(c.id, None) == end
+
+
+async def test_gate_end_of_a_scheduled_campaign_says_ended(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(starts_in=3600)
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.NOT_STARTED
+    await adapters.gate.end(c.id, None)
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.ENDED
+
+
+async def test_gate_end_recorded_without_state_is_applied_by_the_rebuild(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=5)
+    await adapters.lose_gate_state(c.id)
+    end = await adapters.gate.end(c.id, None)
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.NOT_LOADED
+    await adapters.gate.load(c, chunks())  # the campaign as read before the end was recorded
+    assert await adapters.gate.ended_at(c.id) == end
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.ENDED
+
+
+async def test_gate_load_applies_the_campaigns_recorded_end(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=5)
+    await adapters.lose_gate_state(c.id)
+    now = await adapters.clock.now()
+    await adapters.gate.load(c.ended(now), chunks())
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.ENDED
+
+
+async def test_gate_ended_at_is_none_for_a_campaign_never_ended(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(ends_in=-0.001, starts_in=-10)
+    assert await adapters.gate.ended_at(c.id) is None
+
+
+# --- live stats ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "real"])
+def live_stats(request: pytest.FixtureRequest, redis_prefix: str) -> LiveStats:
+    if request.param == "memory":
+        return MemoryLiveStats()
+    client: aioredis.Redis = request.getfixturevalue("redis_client")
+    return RedisLiveStats(client, prefix=redis_prefix)
+
+
+async def test_live_stats_add_up_every_process_counts(live_stats: LiveStats) -> None:
+    a, b = new_campaign_id(), new_campaign_id()
+    second = 1_800_000_000
+    await live_stats.add({(a, second): {"issued": 3, "refused.sold_out": 1}, (b, second): {"x": 1}})
+    await live_stats.add({(a, second): {"issued": 2}, (a, second + 1): {"issued": 7}})
+    got = await live_stats.read(a, [second - 1, second, second + 1])
+    assert got == {second: {"issued": 5, "refused.sold_out": 1}, second + 1: {"issued": 7}}
+    assert await live_stats.read(b, [second]) == {second: {"x": 1}}
+    assert await live_stats.read(new_campaign_id(), [second]) == {}

@@ -16,7 +16,7 @@ from connectrpc.request import RequestContext
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
+from coupon.gen.coupon.v1.coupon_connect import CouponService, CouponServiceASGIApplication
 
 NS_PER_S = 1_000_000_000
 OVER_ISSUE = 5
@@ -39,7 +39,9 @@ class _Campaign:
     holders: dict[str, coupon_pb.Coupon] = field(default_factory=dict)
 
 
-class BrokenCouponService:
+class BrokenCouponService(CouponService):
+    """The RPCs the load tool does not use answer `unimplemented` (CouponService's own)."""
+
     def __init__(self) -> None:
         self._campaigns: dict[str, _Campaign] = {}
         self._issued = 0

@@ -16,6 +16,7 @@ from coupon.application.ports import (
     Admission,
     AdmissionKind,
     CodeGenerator,
+    ConstraintViolation,
     CouponLedger,
     RecordOutcome,
     StockGate,
@@ -227,6 +228,11 @@ class IssueCoupon:
             # with its batch: the admission stays pending, and the lease settles it against
             # the ledger (the user's retry gets the coupon, or the slot comes back).
             raise
+        except ConstraintViolation as exc:
+            # PostgreSQL refused what the gate admitted (a gate out of date: rebuilt from a
+            # stale read, or ended meanwhile). Nothing was recorded: retry.
+            await self._release_quietly(campaign_id, user_id, slot)
+            raise Unavailable(f"the ledger refused the coupon ({exc}); retry") from exc
         except BaseException:
             # I6: nothing was recorded (or we cannot know; then the lease settles it).
             await self._release_quietly(campaign_id, user_id, slot)
@@ -289,7 +295,7 @@ class IssueCoupon:
             raise Overloaded("the campaign's gate is being rebuilt; retry") from None
 
     async def _load(self, campaign_id: str) -> None:
-        campaign = await self._directory.require(campaign_id)
+        campaign = await self._directory.fresh(campaign_id)
         await self._gate.load(campaign, self._ledger.holdings(campaign_id))
 
     def _rebuilt(self, campaign_id: str, task: asyncio.Task[None]) -> None:

@@ -6,12 +6,12 @@ Adapters under `coupon.adapters` implement these; `entrypoints/ioc.py` alone dec
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from coupon.domain.campaign import Campaign
+from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon
 
 
@@ -26,6 +26,19 @@ class CampaignRepository(Protocol):
 
     async def get(self, campaign_id: str) -> Campaign | None:
         """The campaign with its current `issued_count`, or None."""
+        ...
+
+    async def newest(
+        self, *, before: str | None, limit: int, status: CampaignStatus | None, now: datetime
+    ) -> Sequence[Campaign]:
+        """Up to `limit` campaigns, newest first (ids are time-ordered), those older than
+        the campaign `before` when given; only those whose status at `now` is `status`
+        when given."""
+        ...
+
+    async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
+        """Record that issuance ended at `at`; an end recorded before stays. The campaign
+        as stored afterwards, or None when there is no such campaign."""
         ...
 
 
@@ -84,6 +97,19 @@ class CouponLedger(Protocol):
     def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
         """The ids of the users who hold a coupon of the campaign, in chunks."""
         ...
+
+    async def user_coupons(
+        self, user_id: str, before_campaign: str | None, limit: int
+    ) -> UserCouponPage:
+        """The user's coupons, newest campaign first (at most one per campaign), those of
+        campaigns older than `before_campaign` when given."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class UserCouponPage:
+    coupons: Sequence[Coupon]
+    has_more: bool
 
 
 class AdmissionKind(enum.Enum):
@@ -160,6 +186,31 @@ class StockGate(Protocol):
 
     async def pending_users(self, campaign_id: str) -> Sequence[str]:
         """Users whose admission is not yet known to be committed."""
+
+    async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+        """Admit nobody from `at` on (None: now, by the gate's clock, the one that decides
+        every admission; its next microsecond, so that an admission at this instant is
+        before the end). Kept even when the gate has no state for the campaign, and applied
+        by any later `load`; an earlier end stays. Returns the end in force."""
+        ...
+
+    async def ended_at(self, campaign_id: str) -> datetime | None:
+        """The end recorded by `end`, if any."""
+        ...
+
+
+# Per-second counts of one campaign: (campaign id, unix second) -> counter name -> count.
+LiveCounts = Mapping[tuple[str, int], Mapping[str, int]]
+
+
+class LiveStats(Protocol):
+    """Per-second counters of the issue path, added up across every server process and
+    instance, kept for a short while (the live dashboard reads the last minute)."""
+
+    async def add(self, counts: LiveCounts) -> None: ...
+
+    async def read(self, campaign_id: str, seconds: Sequence[int]) -> dict[int, dict[str, int]]:
+        """The counters of each of `seconds` that has any."""
         ...
 
 

@@ -68,6 +68,15 @@ class CampaignDirectory:
         self._known[campaign_id] = campaign
         return campaign
 
+    async def fresh(self, campaign_id: str) -> Campaign:
+        """Read from the repository again: what a gate rebuild starts from (a kill switch's
+        end is the one thing of a campaign that changes)."""
+        self.forget(campaign_id)
+        return await self.require(campaign_id)
+
+    def forget(self, campaign_id: str) -> None:
+        self._known.pop(campaign_id, None)
+
 
 async def _no_holdings() -> AsyncIterator[Sequence[Coupon]]:
     return

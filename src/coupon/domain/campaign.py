@@ -32,9 +32,22 @@ class Campaign:
     ends_at: datetime | None
     created_at: datetime
     issued_count: int = 0
+    # When EndCampaign (the kill switch) ended issuance. Kept apart from ends_at, which
+    # every coupon row carries a copy of.
+    ended_at: datetime | None = None
+
+    @property
+    def effective_end(self) -> datetime | None:
+        """When issuance ends: the scheduled end or the kill switch, whichever comes first."""
+        if self.ended_at is None:
+            return self.ends_at
+        if self.ends_at is None:
+            return self.ended_at
+        return min(self.ends_at, self.ended_at)
 
     def status_at(self, now: datetime) -> CampaignStatus:
-        if self.ends_at is not None and now >= self.ends_at:
+        end = self.effective_end
+        if end is not None and now >= end:
             return CampaignStatus.ENDED
         if self.issued_count >= self.total_coupons:
             return CampaignStatus.SOLD_OUT
@@ -44,6 +57,16 @@ class Campaign:
 
     def with_issued_count(self, issued_count: int) -> Campaign:
         return replace(self, issued_count=issued_count)
+
+    def ended(self, at: datetime) -> Campaign:
+        """Ended by the kill switch at `at`; a campaign ended before keeps its first end."""
+        if self.ended_at is not None and self.ended_at <= at:
+            return self
+        return replace(self, ended_at=at)
+
+    def with_end_applied(self) -> Campaign:
+        """The campaign as issuance sees it: `ends_at` is when issuance ends."""
+        return replace(self, ends_at=self.effective_end)
 
 
 def validate_name(name: str) -> str:

@@ -24,6 +24,8 @@ from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.cors import Cors
+from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
+from coupon.entrypoints.dashboard import Dashboard
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
@@ -69,6 +71,7 @@ class CouponApp:
         self.issue_route: IssueRoute | None = None
         self.fast_issue: FastIssue | None = None
         self.readiness: Readiness | None = None
+        self.dashboard: Dashboard | None = None
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
         # grpcurl, buf curl and other gRPC tools list and call the service without its proto.
         self.reflection = {
@@ -85,6 +88,7 @@ class CouponApp:
                 healthz,
                 readyz,
                 metrics,
+                *DASHBOARD_ROUTES,
                 create_static_files_router("/example", [EXAMPLE_PAGE], html_mode=True),
             ],
             lifespan=[self._lifespan],
@@ -145,6 +149,7 @@ class CouponApp:
         container = make_container(self.settings)
         service = await container.get(CouponService)
         self.readiness = await container.get(Readiness)
+        self.dashboard = await container.get(Dashboard)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
         self.issue_route = IssueRoute(service)
         self.fast_issue = FastIssue(self.issue_route, MAX_REQUEST_BYTES)

@@ -1,4 +1,4 @@
-"""`coupon` command line: serve, migrate, loadtest."""
+"""`coupon` command line: serve, migrate, loadtest, campaigns."""
 
 from __future__ import annotations
 
@@ -315,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     tool = importlib.import_module("coupon.loadtest.cli")
     tool.add_arguments(loadtest)
     loadtest.set_defaults(handler=lambda args, _settings: tool.run(args))
+
+    campaigns = commands.add_parser(
+        "campaigns", help="operate a running service: create, list, show, end, export campaigns"
+    )
+    operator = importlib.import_module("coupon.entrypoints.operator_cli")
+    operator.add_arguments(campaigns)
+    campaigns.set_defaults(handler=operator.run)
     return parser
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from connectrpc.code import Code
@@ -13,7 +14,15 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from coupon.application.issue import IssueCoupon
+from coupon.application.live import ALREADY_ISSUED, ISSUED, REFUSED, LiveTally
+from coupon.application.operations import (
+    EndCampaign,
+    ExportCoupons,
+    ListCampaigns,
+    ListUserCoupons,
+)
 from coupon.application.use_cases import CreateCampaign, GetCampaign
+from coupon.domain.coupon import validate_campaign_id
 from coupon.domain.errors import (
     CampaignEnded,
     CampaignNotFound,
@@ -31,7 +40,9 @@ from coupon.entrypoints.overload import Doorman, RetryLater
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
+    status_filter,
     to_datetime,
+    to_timestamp,
 )
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -69,6 +80,8 @@ REJECTION_REASONS: dict[type[CouponError], str] = {
     Unavailable: "unavailable",
     Overloaded: "overloaded",
 }
+# Refusals that name no campaign of ours: not counted per campaign on the live dashboard.
+_NO_CAMPAIGN = frozenset({"invalid", "not_found"})
 
 
 class Observed:
@@ -140,16 +153,29 @@ class AdminGuard:
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode() if token else b""
 
-    def check(self, ctx: RequestContext[object, object]) -> None:
+    def allows(self, authorization: str) -> bool:
+        """Whether an Authorization header value passes (also for the dashboard's API)."""
         if not self._expected:
-            return
-        given = ctx.request_headers.get("authorization", "").encode()
+            return True
         # Constant time, so the comparison does not leak how much of a guess was right.
-        if not hmac.compare_digest(given, self._expected):
+        return hmac.compare_digest(authorization.encode(), self._expected)
+
+    def check(self, ctx: RequestContext[object, object]) -> None:
+        if not self.allows(ctx.request_headers.get("authorization", "")):
             raise ConnectError(
                 Code.UNAUTHENTICATED,
                 "this RPC needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Operations:
+    """The operators' use cases, and a user's own coupons."""
+
+    list_campaigns: ListCampaigns
+    end_campaign: EndCampaign
+    list_user_coupons: ListUserCoupons
+    export_coupons: ExportCoupons
 
 
 class CouponService:
@@ -163,6 +189,8 @@ class CouponService:
         issue: IssueCoupon,
         admin: AdminGuard,
         metrics: Metrics,
+        operations: Operations,
+        live: LiveTally,
         doorman: Doorman,
         deadline_seconds: float = 0.5,
     ) -> None:
@@ -173,12 +201,18 @@ class CouponService:
         self._get = get
         self._issue = issue
         self._admin = admin
+        self._operations = operations
+        self._live = live
         self._rejections = metrics.counters(metrics.rejections)
         self._overloaded = self._rejections("overloaded")
         self._issued = metrics.counters(metrics.issued)
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
         self._observe_issue = Observed(metrics, "IssueCoupon")
+        self._observe_list = Observed(metrics, "ListCampaigns")
+        self._observe_end = Observed(metrics, "EndCampaign")
+        self._observe_user = Observed(metrics, "ListUserCoupons")
+        self._observe_export = Observed(metrics, "ExportCoupons")
 
     async def create_campaign(
         self,
@@ -227,9 +261,97 @@ class CouponService:
                 campaign=campaign_message(view.campaign, view.now),
                 coupons=[coupon_message(c) for c in view.coupons],
                 next_page_token=view.next_page_token,
+                server_time=to_timestamp(view.now),
             )
 
         return await self._observe_get.call(work())
+
+    async def list_campaigns(
+        self,
+        request: coupon_pb.ListCampaignsRequest,
+        ctx: RequestContext[coupon_pb.ListCampaignsRequest, coupon_pb.ListCampaignsResponse],
+        /,
+    ) -> coupon_pb.ListCampaignsResponse:
+        async def work() -> coupon_pb.ListCampaignsResponse:
+            self._admin.check(ctx)
+            listed = await self._operations.list_campaigns.execute(
+                page_size=request.page_size,
+                page_token=request.page_token,
+                status=status_filter(request.status),
+            )
+            return coupon_pb.ListCampaignsResponse(
+                campaigns=[campaign_message(c, listed.now) for c in listed.campaigns],
+                next_page_token=listed.next_page_token,
+                server_time=to_timestamp(listed.now),
+            )
+
+        return await self._observe_list.call(work())
+
+    async def end_campaign(
+        self,
+        request: coupon_pb.EndCampaignRequest,
+        ctx: RequestContext[coupon_pb.EndCampaignRequest, coupon_pb.EndCampaignResponse],
+        /,
+    ) -> coupon_pb.EndCampaignResponse:
+        async def work() -> coupon_pb.EndCampaignResponse:
+            self._admin.check(ctx)
+            ended = await self._operations.end_campaign.execute(campaign_id=request.campaign_id)
+            campaign = ended.campaign
+            end = campaign.effective_end
+            log.info(
+                "campaign ended",
+                extra={
+                    "campaign_id": campaign.id,
+                    "ended_at": None if end is None else end.isoformat(),
+                    "request_id": request_id(),
+                },
+            )
+            return coupon_pb.EndCampaignResponse(campaign=campaign_message(campaign, ended.now))
+
+        return await self._observe_end.call(work())
+
+    async def list_user_coupons(
+        self,
+        request: coupon_pb.ListUserCouponsRequest,
+        ctx: RequestContext[coupon_pb.ListUserCouponsRequest, coupon_pb.ListUserCouponsResponse],
+        /,
+    ) -> coupon_pb.ListUserCouponsResponse:
+        async def work() -> coupon_pb.ListUserCouponsResponse:
+            found = await self._operations.list_user_coupons.execute(
+                user_id=request.user_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+            return coupon_pb.ListUserCouponsResponse(
+                coupons=[coupon_message(c) for c in found.coupons],
+                next_page_token=found.next_page_token,
+            )
+
+        return await self._observe_user.call(work())
+
+    async def export_coupons(
+        self,
+        request: coupon_pb.ExportCouponsRequest,
+        ctx: RequestContext[coupon_pb.ExportCouponsRequest, coupon_pb.ExportCouponsResponse],
+        /,
+    ) -> AsyncIterator[coupon_pb.ExportCouponsResponse]:
+        """Chunks of coupons; the next chunk is read only once the last is sent (the server
+        waits for the client to take it), so memory stays flat for any campaign."""
+        started = time.perf_counter()
+        observed = self._observe_export
+        try:
+            self._admin.check(ctx)
+            chunks = await self._operations.export_coupons.execute(campaign_id=request.campaign_id)
+            async for chunk in chunks:
+                yield coupon_pb.ExportCouponsResponse(coupons=[coupon_message(c) for c in chunk])
+        except CouponError as exc:
+            error = connect_error(exc)
+            observed.failed(started, error.code, error.message)
+            raise error from None
+        except ConnectError as exc:
+            observed.failed(started, exc.code, exc.message)
+            raise
+        observed.succeeded(started)
 
     async def issue_coupon(
         self,
@@ -258,12 +380,12 @@ class CouponService:
         the caller must then await `issue_let_in`."""
         refusal = self._issue.remembered(request.campaign_id, request.user_id)
         if refusal is not None:
-            return self._refused(arrived, refusal)
+            return self._refused(arrived, refusal, request.campaign_id)
         if self._doorman.enter():
             return None
-        return self._shed(arrived)
+        return self._shed(arrived, request.campaign_id)
 
-    def _shed(self, arrived: float) -> ConnectError:
+    def _shed(self, arrived: float, campaign_id: str) -> ConnectError:
         """Turned away at the door: one error per hint value, made once (the front doors
         keep its encoded answer), counted, never logged."""
         hint = self._doorman.retry_after_ms
@@ -276,6 +398,7 @@ class CouponService:
             )
         self._observe_issue.failed(arrived, Code.UNAVAILABLE, logged=False)
         self._overloaded.inc()
+        self._tally(campaign_id, REFUSED + "overloaded", arrived)
         return error
 
     async def issue_let_in(
@@ -288,7 +411,7 @@ class CouponService:
                 deadline=arrived + self._deadline,
             )
         except CouponError as exc:
-            raise self._refused(arrived, exc) from None
+            raise self._refused(arrived, exc, request.campaign_id) from None
         except Exception as exc:
             # A fault of ours: logged with what it was, answered `internal` on every path.
             self._observe_issue.failed(arrived, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -298,14 +421,17 @@ class CouponService:
         coupon = issued.coupon
         if issued.already_issued:
             self._rejections("already_issued").inc()
+            outcome = ALREADY_ISSUED
         else:
             self._issued(coupon.campaign_id).inc()
+            outcome = ISSUED
         self._observe_issue.succeeded(arrived)
+        self._live.record(coupon.campaign_id, outcome, time.monotonic() - arrived)
         return coupon_pb.IssueCouponResponse(
             coupon=coupon_message(coupon), already_issued=issued.already_issued
         )
 
-    def _refused(self, arrived: float, exc: CouponError) -> ConnectError:
+    def _refused(self, arrived: float, exc: CouponError, campaign_id: str) -> ConnectError:
         error: ConnectError
         if isinstance(exc, Unavailable):
             # Every `unavailable` says when to come back: the crowd spreads its retries.
@@ -321,5 +447,16 @@ class CouponService:
         self._observe_issue.failed(
             arrived, error.code, error.message, logged=not isinstance(exc, Overloaded)
         )
-        self._rejections(REJECTION_REASONS.get(type(exc), "other")).inc()
+        reason = REJECTION_REASONS.get(type(exc), "other")
+        self._rejections(reason).inc()
+        if reason not in _NO_CAMPAIGN:
+            self._tally(campaign_id, REFUSED + reason, arrived)
         return error
+
+    def _tally(self, campaign_id: str, outcome: str, arrived: float) -> None:
+        """The live dashboard's per-campaign count (a campaign id that is not one: none)."""
+        try:
+            campaign_id = validate_campaign_id(campaign_id)
+        except InvalidArgument:
+            return
+        self._live.record(campaign_id, outcome, time.monotonic() - arrived)

@@ -8,8 +8,16 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
+from dishka import (
+    AsyncContainer,
+    Provider,
+    Scope,
+    from_context,
+    make_async_container,
+    provide,
+)
 
+from coupon.adapters.memory.live_stats import MemoryLiveStats
 from coupon.adapters.memory.store import (
     MemoryCampaignRepository,
     MemoryCodeGenerator,
@@ -24,18 +32,28 @@ from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool, warm
 from coupon.adapters.redis.client import RedisClient, create_client
 from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.issue import IssueCoupon
+from coupon.application.live import LiveTally, WatchCampaign
+from coupon.application.operations import (
+    EndCampaign,
+    ExportCoupons,
+    ListCampaigns,
+    ListUserCoupons,
+)
 from coupon.application.ports import (
     CampaignRepository,
     Clock,
     CodeGenerator,
     CouponLedger,
+    LiveStats,
     StockGate,
 )
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
-from coupon.entrypoints.connect_service import AdminGuard, CouponService
+from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
+from coupon.entrypoints.dashboard import Dashboard
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.overload import Doorman
@@ -70,6 +88,8 @@ class MemoryProvider(Provider):
     @provide
     def readiness(self) -> Readiness:
         return Readiness({})
+
+    live_stats = provide(MemoryLiveStats, provides=LiveStats)
 
 
 class StorageProvider(Provider):
@@ -159,6 +179,10 @@ class StorageProvider(Provider):
 
         return Readiness({"postgres": postgres, "redis": redis})
 
+    @provide
+    def live_stats(self, client: RedisClient, settings: Settings) -> LiveStats:
+        return RedisLiveStats(client, prefix=settings.redis_prefix)
+
 
 class ApplicationProvider(Provider):
     scope = Scope.APP
@@ -222,6 +246,19 @@ class ApplicationProvider(Provider):
         async with metrics.flushing():
             yield metrics
 
+    list_campaigns = provide(ListCampaigns)
+    end_campaign = provide(EndCampaign)
+    list_user_coupons = provide(ListUserCoupons)
+    export_coupons = provide(ExportCoupons)
+    operations = provide(Operations)
+    watch = provide(WatchCampaign)
+
+    @provide
+    async def live_tally(self, stats: LiveStats) -> AsyncIterator[LiveTally]:
+        tally = LiveTally()
+        async with tally.flushing(stats):
+            yield tally
+
     @provide
     def service(
         self,
@@ -230,6 +267,8 @@ class ApplicationProvider(Provider):
         issue: IssueCoupon,
         admin: AdminGuard,
         metrics: Metrics,
+        operations: Operations,
+        live: LiveTally,
         doorman: Doorman,
         settings: Settings,
     ) -> CouponService:
@@ -239,9 +278,13 @@ class ApplicationProvider(Provider):
             issue,
             admin,
             metrics,
+            operations,
+            live,
             doorman,
             deadline_seconds=settings.request_deadline_ms / 1000,
         )
+
+    dashboard = provide(Dashboard)
 
 
 def reissue_delay(settings: Settings) -> float:

@@ -25,6 +25,22 @@ _STATUS = {
 }
 
 
+_STATUS_FILTER = {
+    coupon_pb.CampaignStatus.UNSPECIFIED: None,
+    **{message: status for status, message in _STATUS.items()},
+}
+
+
+def status_filter(value: int) -> CampaignStatus | None:
+    """A status to filter by; UNSPECIFIED is no filter."""
+    try:
+        return _STATUS_FILTER[coupon_pb.CampaignStatus(value)]
+    except (ValueError, KeyError):
+        raise InvalidArgument(
+            "status", f"must be one of SCHEDULED, ACTIVE, SOLD_OUT, ENDED or unset (got {value})"
+        ) from None
+
+
 def to_datetime(field: str, value: Timestamp | None) -> datetime | None:
     if value is None:
         return None
@@ -50,6 +66,7 @@ def campaign_message(campaign: Campaign, now: datetime) -> coupon_pb.Campaign:
         ends_at=None if campaign.ends_at is None else to_timestamp(campaign.ends_at),
         created_at=to_timestamp(campaign.created_at),
         status=_STATUS[campaign.status_at(now)],
+        ended_at=None if campaign.ended_at is None else to_timestamp(campaign.ended_at),
     )
 
 

@@ -23,8 +23,9 @@ from coupon.application.ports import (
     GateView,
     Recorded,
     RecordOutcome,
+    UserCouponPage,
 )
-from coupon.domain.campaign import Campaign
+from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded
@@ -77,6 +78,30 @@ class MemoryCampaignRepository:
             return None
         return campaign.with_issued_count(len(self._store.coupons[campaign_id]))
 
+    async def newest(
+        self, *, before: str | None, limit: int, status: CampaignStatus | None, now: datetime
+    ) -> Sequence[Campaign]:
+        found: list[Campaign] = []
+        # Ids are UUIDv7 text in canonical form: their order is their creation order.
+        for campaign_id in sorted(self._store.campaigns, reverse=True):
+            if before is not None and campaign_id >= before:
+                continue
+            campaign = await self.get(campaign_id)
+            assert campaign is not None
+            if status is None or campaign.status_at(now) is status:
+                found.append(campaign)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
+        campaign = self._store.campaigns.get(campaign_id)
+        if campaign is None:
+            return None
+        if campaign.ended_at is None:
+            self._store.campaigns[campaign_id] = campaign.ended(at)
+        return await self.get(campaign_id)
+
 
 class MemoryCouponLedger:
     def __init__(self, store: MemoryStore) -> None:
@@ -93,6 +118,8 @@ class MemoryCouponLedger:
             campaign.ends_at is not None and coupon.issued_at >= campaign.ends_at
         ):
             raise ConstraintViolation("issued_at is outside the campaign window")
+        if campaign.ended_at is not None and coupon.issued_at >= campaign.ended_at:
+            raise ConstraintViolation("issued_at is at or after the campaign ended")
         key = (coupon.campaign_id, coupon.user_id)
         existing = store.by_user.get(key)
         if existing is not None:
@@ -121,6 +148,20 @@ class MemoryCouponLedger:
 
     async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
         yield [c.user_id for c in self._store.coupons.get(campaign_id, [])]
+
+    async def user_coupons(
+        self, user_id: str, before_campaign: str | None, limit: int
+    ) -> UserCouponPage:
+        held = sorted(
+            (
+                coupon
+                for (campaign_id, user), coupon in self._store.by_user.items()
+                if user == user_id and (before_campaign is None or campaign_id < before_campaign)
+            ),
+            key=lambda coupon: coupon.campaign_id,
+            reverse=True,
+        )
+        return UserCouponPage(held[:limit], has_more=len(held) > limit)
 
 
 @dataclass
@@ -152,6 +193,9 @@ class MemoryStockGate:
         self._delay = timedelta(seconds=reissue_delay_seconds)
         self._states: dict[str, _GateState] = {}
         self._generations = itertools.count(1)
+        # Ends recorded by `end`, kept apart from the state as Redis keeps them in a key of
+        # their own (a state dropped and rebuilt gets them back).
+        self._ended: dict[str, datetime] = {}
 
     def drop(self, campaign_id: str) -> None:
         """Lose the campaign's state, as a Redis flush would (for tests)."""
@@ -213,16 +257,44 @@ class MemoryStockGate:
         taken = {c.slot for c in coupons}
         top = max(taken, default=0)
         reopen = await self._clock.now() + self._delay
-        self._states[campaign.id] = _GateState(
+        state = self._states[campaign.id] = _GateState(
             total=campaign.total_coupons,
             starts_at=campaign.starts_at,
-            ends_at=campaign.ends_at,
+            ends_at=campaign.effective_end,
             generation=str(next(self._generations)),
             next_slot=top,
             free={s: reopen for s in range(1, top + 1) if s not in taken},
             users={c.user_id: c.slot for c in coupons},
             held={c.user_id: c for c in coupons},
         )
+        ended = self._ended.get(campaign.id)
+        if ended is not None:
+            self._apply_end(state, ended)
+        elif state.ends_at is not None:
+            self._apply_end(state, state.ends_at)
+
+    @staticmethod
+    def _apply_end(state: _GateState, at: datetime) -> None:
+        if state.ends_at is None or at < state.ends_at:
+            state.ends_at = at
+        # Ended before it started: "ended" from then on, as the Redis gate says.
+        state.starts_at = min(state.starts_at, at)
+
+    async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+        if at is None:
+            # The next microsecond, as end.lua: an admission at this instant is before it.
+            at = await self._clock.now() + timedelta(microseconds=1)
+        recorded = self._ended.get(campaign_id)
+        if recorded is not None and recorded < at:
+            at = recorded
+        self._ended[campaign_id] = at
+        state = self._states.get(campaign_id)
+        if state is not None:
+            self._apply_end(state, at)
+        return at
+
+    async def ended_at(self, campaign_id: str) -> datetime | None:
+        return self._ended.get(campaign_id)
 
     async def confirm(self, coupon: Coupon) -> None:
         state = self._states.get(coupon.campaign_id)

@@ -23,6 +23,7 @@ from coupon.application.ports import (
     CouponPage,
     Recorded,
     RecordOutcome,
+    UserCouponPage,
 )
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
@@ -77,6 +78,12 @@ SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND user_id = ANY($
 """
 # Rows per chunk when reading a whole campaign (a rebuild, the holders of a sold-out one).
 READ_CHUNK = 20_000
+# One range of the one-per-user constraint (user_id, campaign_id), read backwards.
+_USER_COUPONS = f"""
+SELECT {_COUPON_COLUMNS} FROM coupons
+ WHERE user_id = $1 AND campaign_id < coalesce($2, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
+ ORDER BY campaign_id DESC LIMIT $3
+"""
 
 
 _RECORDED = Recorded(RecordOutcome.RECORDED)
@@ -362,6 +369,14 @@ class PostgresCouponLedger:
             cursor = await conn.cursor(query, uuid.UUID(campaign_id))
             while rows := await cursor.fetch(READ_CHUNK):
                 yield rows
+
+    async def user_coupons(
+        self, user_id: str, before_campaign: str | None, limit: int
+    ) -> UserCouponPage:
+        before = None if before_campaign is None else uuid.UUID(before_campaign)
+        async with connection(self._pool) as conn:
+            rows = await conn.fetch(_USER_COUPONS, user_id, before, limit + 1)
+        return UserCouponPage([coupon_from_row(r) for r in rows[:limit]], len(rows) > limit)
 
 
 class PostgresCodeGenerator:

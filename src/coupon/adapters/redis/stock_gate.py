@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -93,6 +94,8 @@ class RedisStockGate:
         self._admit = client.register_script(_script("admit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
         self._abandon = client.register_script(_script("abandon.lua"))
+        self._end = client.register_script(_script("end.lua"))
+        self._write_meta = client.register_script(_script("meta.lua"))
         self._renew = client.register_script(_RENEW)
         self._unlock = client.register_script(_UNLOCK)
         # A cluster routes each call by its keys; its client is used as it is.
@@ -123,6 +126,9 @@ class RedisStockGate:
 
     def _lock_key(self, campaign_id: str) -> str:
         return f"{self._prefix}:{{{campaign_id}}}:loading"
+
+    def _ended_key(self, campaign_id: str) -> str:
+        return f"{self._prefix}:{{{campaign_id}}}:ended"
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -359,17 +365,20 @@ class RedisStockGate:
             await client.zadd(
                 free, {str(slot): reopen for slot in gaps[start : start + self.LOAD_CHUNK]}
             )
-        ends = wire.NO_END if campaign.ends_at is None else wire.micros(campaign.ends_at)
-        await client.hset(
-            meta,
-            mapping={
-                "total": campaign.total_coupons,
-                "starts": wire.micros(campaign.starts_at),
-                "ends": ends,
-                "next": top,
-                "gen": f"{started_us}.{secrets.token_hex(4)}",
-                "adm": 0,
-            },
+        end = campaign.effective_end
+        fields: dict[str, str | int] = {
+            "total": campaign.total_coupons,
+            "starts": wire.micros(min(campaign.starts_at, end or campaign.starts_at)),
+            "ends": wire.NO_END if end is None else wire.micros(end),
+            "next": top,
+            "gen": f"{started_us}.{secrets.token_hex(4)}",
+            "adm": 0,
+        }
+        # Written last (admissions wait for it), with the end EndCampaign recorded in Redis
+        # applied in the same step (meta.lua).
+        await self._write_meta(
+            keys=[meta, self._ended_key(campaign.id)],
+            args=[item for pair in fields.items() for item in pair],
         )
         log.info(
             "gate loaded",
@@ -408,6 +417,24 @@ class RedisStockGate:
             )
         except FAILURES as exc:
             raise _unavailable(exc) from exc
+
+    async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+        meta = self.keys(campaign_id)[0]
+        try:
+            reply = await self._end(
+                keys=[meta, self._ended_key(campaign_id)],
+                args=["" if at is None else wire.micros(at)],
+            )
+        except FAILURES as exc:
+            raise _unavailable(exc) from exc
+        return wire.from_micros(int(reply[1]))
+
+    async def ended_at(self, campaign_id: str) -> datetime | None:
+        try:
+            value = await self._client.get(self._ended_key(campaign_id))
+        except FAILURES as exc:
+            raise _unavailable(exc) from exc
+        return None if value is None else wire.from_micros(int(value))
 
     async def pending_users(self, campaign_id: str) -> Sequence[str]:
         try:

@@ -19,10 +19,10 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import coupon_pb
-from .coupon_pb import CreateCampaignRequest, CreateCampaignResponse, GetCampaignRequest, GetCampaignResponse, IssueCouponRequest, IssueCouponResponse
+from .coupon_pb import CreateCampaignRequest, CreateCampaignResponse, EndCampaignRequest, EndCampaignResponse, ExportCouponsRequest, ExportCouponsResponse, GetCampaignRequest, GetCampaignResponse, IssueCouponRequest, IssueCouponResponse, ListCampaignsRequest, ListCampaignsResponse, ListUserCouponsRequest, ListUserCouponsResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 
     from connectrpc.codec import Codec
     from connectrpc.compression import Compression
@@ -49,6 +49,33 @@ class CouponService(Protocol):
     async def issue_coupon(self, request: IssueCouponRequest, ctx: RequestContext[IssueCouponRequest, IssueCouponResponse], /) -> IssueCouponResponse:
         """
         IssueCoupon gives the user one coupon of the campaign, at most one per user.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_campaigns(self, request: ListCampaignsRequest, ctx: RequestContext[ListCampaignsRequest, ListCampaignsResponse], /) -> ListCampaignsResponse:
+        """
+        ListCampaigns returns campaigns newest first, a page at a time, optionally of one
+        status (admin).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def end_campaign(self, request: EndCampaignRequest, ctx: RequestContext[EndCampaignRequest, EndCampaignResponse], /) -> EndCampaignResponse:
+        """
+        EndCampaign ends issuance now, by the clock that decides the start: requests admitted
+        before the end keep their coupons, nothing is issued after it. Ending an ended campaign
+        returns it unchanged (admin).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_user_coupons(self, request: ListUserCouponsRequest, ctx: RequestContext[ListUserCouponsRequest, ListUserCouponsResponse], /) -> ListUserCouponsResponse:
+        """
+        ListUserCoupons returns a user's coupons across campaigns, newest campaign first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def export_coupons(self, request: ExportCouponsRequest, ctx: RequestContext[ExportCouponsRequest, ExportCouponsResponse], /) -> AsyncIterator[ExportCouponsResponse]:
+        """
+        ExportCoupons streams every issued coupon of a campaign, in issue order (admin).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -102,6 +129,50 @@ class CouponServiceASGIApplication(ConnectASGIApplication[CouponService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.issue_coupon,
+                ),
+                "/coupon.v1.CouponService/ListCampaigns": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListCampaigns",
+                        service_name="coupon.v1.CouponService",
+                        input=ListCampaignsRequest,
+                        output=ListCampaignsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_campaigns,
+                ),
+                "/coupon.v1.CouponService/EndCampaign": Endpoint.unary(
+                    method=MethodInfo(
+                        name="EndCampaign",
+                        service_name="coupon.v1.CouponService",
+                        input=EndCampaignRequest,
+                        output=EndCampaignResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.end_campaign,
+                ),
+                "/coupon.v1.CouponService/ListUserCoupons": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListUserCoupons",
+                        service_name="coupon.v1.CouponService",
+                        input=ListUserCouponsRequest,
+                        output=ListUserCouponsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_user_coupons,
+                ),
+                "/coupon.v1.CouponService/ExportCoupons": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="ExportCoupons",
+                        service_name="coupon.v1.CouponService",
+                        input=ExportCouponsRequest,
+                        output=ExportCouponsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.export_coupons,
                 ),
             },
             interceptors=interceptors,
@@ -189,6 +260,101 @@ class CouponServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_campaigns(
+        self,
+        request: ListCampaignsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListCampaignsResponse:
+        """
+        ListCampaigns returns campaigns newest first, a page at a time, optionally of one
+        status (admin).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListCampaigns",
+                service_name="coupon.v1.CouponService",
+                input=ListCampaignsRequest,
+                output=ListCampaignsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def end_campaign(
+        self,
+        request: EndCampaignRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> EndCampaignResponse:
+        """
+        EndCampaign ends issuance now, by the clock that decides the start: requests admitted
+        before the end keep their coupons, nothing is issued after it. Ending an ended campaign
+        returns it unchanged (admin).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="EndCampaign",
+                service_name="coupon.v1.CouponService",
+                input=EndCampaignRequest,
+                output=EndCampaignResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_user_coupons(
+        self,
+        request: ListUserCouponsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListUserCouponsResponse:
+        """
+        ListUserCoupons returns a user's coupons across campaigns, newest campaign first.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListUserCoupons",
+                service_name="coupon.v1.CouponService",
+                input=ListUserCouponsRequest,
+                output=ListUserCouponsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def export_coupons(
+        self,
+        request: ExportCouponsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[ExportCouponsResponse]:
+        """
+        ExportCoupons streams every issued coupon of a campaign, in issue order (admin).
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="ExportCoupons",
+                service_name="coupon.v1.CouponService",
+                input=ExportCouponsRequest,
+                output=ExportCouponsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class CouponServiceSync(Protocol):
     """
@@ -209,6 +375,33 @@ class CouponServiceSync(Protocol):
     def issue_coupon(self, request: IssueCouponRequest, ctx: RequestContext[IssueCouponRequest, IssueCouponResponse], /) -> IssueCouponResponse:
         """
         IssueCoupon gives the user one coupon of the campaign, at most one per user.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_campaigns(self, request: ListCampaignsRequest, ctx: RequestContext[ListCampaignsRequest, ListCampaignsResponse], /) -> ListCampaignsResponse:
+        """
+        ListCampaigns returns campaigns newest first, a page at a time, optionally of one
+        status (admin).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def end_campaign(self, request: EndCampaignRequest, ctx: RequestContext[EndCampaignRequest, EndCampaignResponse], /) -> EndCampaignResponse:
+        """
+        EndCampaign ends issuance now, by the clock that decides the start: requests admitted
+        before the end keep their coupons, nothing is issued after it. Ending an ended campaign
+        returns it unchanged (admin).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_user_coupons(self, request: ListUserCouponsRequest, ctx: RequestContext[ListUserCouponsRequest, ListUserCouponsResponse], /) -> ListUserCouponsResponse:
+        """
+        ListUserCoupons returns a user's coupons across campaigns, newest campaign first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def export_coupons(self, request: ExportCouponsRequest, ctx: RequestContext[ExportCouponsRequest, ExportCouponsResponse], /) -> Iterator[ExportCouponsResponse]:
+        """
+        ExportCoupons streams every issued coupon of a campaign, in issue order (admin).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -260,6 +453,50 @@ class CouponServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.issue_coupon,
+                ),
+                "/coupon.v1.CouponService/ListCampaigns": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListCampaigns",
+                        service_name="coupon.v1.CouponService",
+                        input=ListCampaignsRequest,
+                        output=ListCampaignsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_campaigns,
+                ),
+                "/coupon.v1.CouponService/EndCampaign": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="EndCampaign",
+                        service_name="coupon.v1.CouponService",
+                        input=EndCampaignRequest,
+                        output=EndCampaignResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.end_campaign,
+                ),
+                "/coupon.v1.CouponService/ListUserCoupons": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListUserCoupons",
+                        service_name="coupon.v1.CouponService",
+                        input=ListUserCouponsRequest,
+                        output=ListUserCouponsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_user_coupons,
+                ),
+                "/coupon.v1.CouponService/ExportCoupons": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="ExportCoupons",
+                        service_name="coupon.v1.CouponService",
+                        input=ExportCouponsRequest,
+                        output=ExportCouponsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.export_coupons,
                 ),
             },
             interceptors=interceptors,
@@ -343,6 +580,101 @@ class CouponServiceClientSync(ConnectClientSync):
                 output=IssueCouponResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_campaigns(
+        self,
+        request: ListCampaignsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListCampaignsResponse:
+        """
+        ListCampaigns returns campaigns newest first, a page at a time, optionally of one
+        status (admin).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListCampaigns",
+                service_name="coupon.v1.CouponService",
+                input=ListCampaignsRequest,
+                output=ListCampaignsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def end_campaign(
+        self,
+        request: EndCampaignRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> EndCampaignResponse:
+        """
+        EndCampaign ends issuance now, by the clock that decides the start: requests admitted
+        before the end keep their coupons, nothing is issued after it. Ending an ended campaign
+        returns it unchanged (admin).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="EndCampaign",
+                service_name="coupon.v1.CouponService",
+                input=EndCampaignRequest,
+                output=EndCampaignResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_user_coupons(
+        self,
+        request: ListUserCouponsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListUserCouponsResponse:
+        """
+        ListUserCoupons returns a user's coupons across campaigns, newest campaign first.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListUserCoupons",
+                service_name="coupon.v1.CouponService",
+                input=ListUserCouponsRequest,
+                output=ListUserCouponsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def export_coupons(
+        self,
+        request: ExportCouponsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[ExportCouponsResponse]:
+        """
+        ExportCoupons streams every issued coupon of a campaign, in issue order (admin).
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="ExportCoupons",
+                service_name="coupon.v1.CouponService",
+                input=ExportCouponsRequest,
+                output=ExportCouponsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

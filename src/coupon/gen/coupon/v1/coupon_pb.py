@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 
-_CampaignFields: TypeAlias = Literal["id", "name", "total_coupons", "issued_count", "starts_at", "ends_at", "created_at", "status"]
+_CampaignFields: TypeAlias = Literal["id", "name", "total_coupons", "issued_count", "starts_at", "ends_at", "created_at", "status", "ended_at"]
 
 class Campaign(Message[_CampaignFields]):
     """
@@ -63,9 +63,15 @@ class Campaign(Message[_CampaignFields]):
             ```proto
             coupon.v1.CampaignStatus status = 8;
             ```
+        ended_at:
+            When EndCampaign ended issuance; unset unless it was ended that way.
+
+            ```proto
+            optional google.protobuf.Timestamp ended_at = 9;
+            ```
     """
 
-    __slots__ = ("id", "name", "total_coupons", "issued_count", "starts_at", "ends_at", "created_at", "status")
+    __slots__ = ("id", "name", "total_coupons", "issued_count", "starts_at", "ends_at", "created_at", "status", "ended_at")
 
     if TYPE_CHECKING:
 
@@ -80,6 +86,7 @@ class Campaign(Message[_CampaignFields]):
             ends_at: Timestamp | None = None,
             created_at: Timestamp | None = None,
             status: CampaignStatus | None = None,
+            ended_at: Timestamp | None = None,
         ) -> None:
             pass
 
@@ -91,6 +98,7 @@ class Campaign(Message[_CampaignFields]):
         ends_at: Timestamp | None
         created_at: Timestamp | None
         status: CampaignStatus
+        ended_at: Timestamp | None
 
 _CouponFields: TypeAlias = Literal["code", "campaign_id", "user_id", "issued_at"]
 
@@ -266,7 +274,7 @@ class GetCampaignRequest(Message[_GetCampaignRequestFields]):
         page_size: int
         page_token: str
 
-_GetCampaignResponseFields: TypeAlias = Literal["campaign", "coupons", "next_page_token"]
+_GetCampaignResponseFields: TypeAlias = Literal["campaign", "coupons", "next_page_token", "server_time"]
 
 class GetCampaignResponse(Message[_GetCampaignResponseFields]):
     """
@@ -291,9 +299,15 @@ class GetCampaignResponse(Message[_GetCampaignResponseFields]):
             ```proto
             string next_page_token = 3;
             ```
+        server_time:
+            The service's clock when the status was decided.
+
+            ```proto
+            optional google.protobuf.Timestamp server_time = 4;
+            ```
     """
 
-    __slots__ = ("campaign", "coupons", "next_page_token")
+    __slots__ = ("campaign", "coupons", "next_page_token", "server_time")
 
     if TYPE_CHECKING:
 
@@ -303,12 +317,14 @@ class GetCampaignResponse(Message[_GetCampaignResponseFields]):
             campaign: Campaign | None = None,
             coupons: list[Coupon] | None = None,
             next_page_token: str = "",
+            server_time: Timestamp | None = None,
         ) -> None:
             pass
 
         campaign: Campaign | None
         coupons: list[Coupon]
         next_page_token: str
+        server_time: Timestamp | None
 
 _IssueCouponRequestFields: TypeAlias = Literal["campaign_id", "user_id"]
 
@@ -382,6 +398,298 @@ class IssueCouponResponse(Message[_IssueCouponResponseFields]):
         coupon: Coupon | None
         already_issued: bool
 
+_ListCampaignsRequestFields: TypeAlias = Literal["page_size", "page_token", "status"]
+
+class ListCampaignsRequest(Message[_ListCampaignsRequestFields]):
+    """
+    ```proto
+    message coupon.v1.ListCampaignsRequest
+    ```
+
+    Attributes:
+        page_size:
+            Default 100; at most 1,000.
+
+            ```proto
+            int32 page_size = 1;
+            ```
+        page_token:
+            next_page_token of the previous page; empty for the first page.
+
+            ```proto
+            string page_token = 2;
+            ```
+        status:
+            Only campaigns of this status; unspecified for all.
+
+            ```proto
+            coupon.v1.CampaignStatus status = 3;
+            ```
+    """
+
+    __slots__ = ("page_size", "page_token", "status")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            page_size: int = 0,
+            page_token: str = "",
+            status: CampaignStatus | None = None,
+        ) -> None:
+            pass
+
+        page_size: int
+        page_token: str
+        status: CampaignStatus
+
+_ListCampaignsResponseFields: TypeAlias = Literal["campaigns", "next_page_token", "server_time"]
+
+class ListCampaignsResponse(Message[_ListCampaignsResponseFields]):
+    """
+    ```proto
+    message coupon.v1.ListCampaignsResponse
+    ```
+
+    Attributes:
+        campaigns:
+            Newest first.
+
+            ```proto
+            repeated coupon.v1.Campaign campaigns = 1;
+            ```
+        next_page_token:
+            Empty on the last page.
+
+            ```proto
+            string next_page_token = 2;
+            ```
+        server_time:
+            The service's clock when the statuses were decided.
+
+            ```proto
+            optional google.protobuf.Timestamp server_time = 3;
+            ```
+    """
+
+    __slots__ = ("campaigns", "next_page_token", "server_time")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaigns: list[Campaign] | None = None,
+            next_page_token: str = "",
+            server_time: Timestamp | None = None,
+        ) -> None:
+            pass
+
+        campaigns: list[Campaign]
+        next_page_token: str
+        server_time: Timestamp | None
+
+_EndCampaignRequestFields: TypeAlias = Literal["campaign_id"]
+
+class EndCampaignRequest(Message[_EndCampaignRequestFields]):
+    """
+    ```proto
+    message coupon.v1.EndCampaignRequest
+    ```
+
+    Attributes:
+        campaign_id:
+            ```proto
+            string campaign_id = 1;
+            ```
+    """
+
+    __slots__ = ("campaign_id",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaign_id: str = "",
+        ) -> None:
+            pass
+
+        campaign_id: str
+
+_EndCampaignResponseFields: TypeAlias = Literal["campaign"]
+
+class EndCampaignResponse(Message[_EndCampaignResponseFields]):
+    """
+    ```proto
+    message coupon.v1.EndCampaignResponse
+    ```
+
+    Attributes:
+        campaign:
+            Status ENDED; ended_at is when issuance ended.
+
+            ```proto
+            optional coupon.v1.Campaign campaign = 1;
+            ```
+    """
+
+    __slots__ = ("campaign",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaign: Campaign | None = None,
+        ) -> None:
+            pass
+
+        campaign: Campaign | None
+
+_ListUserCouponsRequestFields: TypeAlias = Literal["user_id", "page_size", "page_token"]
+
+class ListUserCouponsRequest(Message[_ListUserCouponsRequestFields]):
+    """
+    ```proto
+    message coupon.v1.ListUserCouponsRequest
+    ```
+
+    Attributes:
+        user_id:
+            1 to 128 characters.
+
+            ```proto
+            string user_id = 1;
+            ```
+        page_size:
+            Default 100; at most 1,000.
+
+            ```proto
+            int32 page_size = 2;
+            ```
+        page_token:
+            next_page_token of the previous page; empty for the first page.
+
+            ```proto
+            string page_token = 3;
+            ```
+    """
+
+    __slots__ = ("user_id", "page_size", "page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            user_id: str = "",
+            page_size: int = 0,
+            page_token: str = "",
+        ) -> None:
+            pass
+
+        user_id: str
+        page_size: int
+        page_token: str
+
+_ListUserCouponsResponseFields: TypeAlias = Literal["coupons", "next_page_token"]
+
+class ListUserCouponsResponse(Message[_ListUserCouponsResponseFields]):
+    """
+    ```proto
+    message coupon.v1.ListUserCouponsResponse
+    ```
+
+    Attributes:
+        coupons:
+            Newest campaign first; at most one per campaign.
+
+            ```proto
+            repeated coupon.v1.Coupon coupons = 1;
+            ```
+        next_page_token:
+            Empty on the last page.
+
+            ```proto
+            string next_page_token = 2;
+            ```
+    """
+
+    __slots__ = ("coupons", "next_page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            coupons: list[Coupon] | None = None,
+            next_page_token: str = "",
+        ) -> None:
+            pass
+
+        coupons: list[Coupon]
+        next_page_token: str
+
+_ExportCouponsRequestFields: TypeAlias = Literal["campaign_id"]
+
+class ExportCouponsRequest(Message[_ExportCouponsRequestFields]):
+    """
+    ```proto
+    message coupon.v1.ExportCouponsRequest
+    ```
+
+    Attributes:
+        campaign_id:
+            ```proto
+            string campaign_id = 1;
+            ```
+    """
+
+    __slots__ = ("campaign_id",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaign_id: str = "",
+        ) -> None:
+            pass
+
+        campaign_id: str
+
+_ExportCouponsResponseFields: TypeAlias = Literal["coupons"]
+
+class ExportCouponsResponse(Message[_ExportCouponsResponseFields]):
+    """
+    ```proto
+    message coupon.v1.ExportCouponsResponse
+    ```
+
+    Attributes:
+        coupons:
+            The next coupons in issue order.
+
+            ```proto
+            repeated coupon.v1.Coupon coupons = 1;
+            ```
+    """
+
+    __slots__ = ("coupons",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            coupons: list[Coupon] | None = None,
+        ) -> None:
+            pass
+
+        coupons: list[Coupon]
+
 class CampaignStatus(Enum):
     """
     CampaignStatus is derived from the window, the stock and the clock.
@@ -421,7 +729,7 @@ class CampaignStatus(Enum):
 
 
 _DESC = file_desc(
-    b'\n\x16coupon/v1/coupon.proto\x12\tcoupon.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\xd2\x02\n\x08Campaign\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x03 \x01(\x03R\x0ctotalCoupons\x12!\n\x0cissued_count\x18\x04 \x01(\x03R\x0bissuedCount\x127\n\tstarts_at\x18\x05 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x121\n\x06status\x18\x08 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status"\x8f\x01\n\x06Coupon\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId\x127\n\tissued_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt"\xbe\x01\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x02 \x01(\x03R\x0ctotalCoupons\x127\n\tstarts_at\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt"I\n\x16CreateCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\x9b\x01\n\x13GetCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign\x12+\n\x07coupons\x18\x02 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken"N\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId"g\n\x13IssueCouponResponse\x12)\n\x06coupon\x18\x01 \x01(\x0b2\x11.coupon.v1.CouponR\x06coupon\x12%\n\x0ealready_issued\x18\x02 \x01(\x08R\ralreadyIssued*\xa5\x01\n\x0eCampaignStatus\x12\x1f\n\x1bCAMPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19CAMPAIGN_STATUS_SCHEDULED\x10\x01\x12\x1a\n\x16CAMPAIGN_STATUS_ACTIVE\x10\x02\x12\x1c\n\x18CAMPAIGN_STATUS_SOLD_OUT\x10\x03\x12\x19\n\x15CAMPAIGN_STATUS_ENDED\x10\x042\x82\x02\n\rCouponService\x12U\n\x0eCreateCampaign\x12 .coupon.v1.CreateCampaignRequest\x1a!.coupon.v1.CreateCampaignResponse\x12L\n\x0bGetCampaign\x12\x1d.coupon.v1.GetCampaignRequest\x1a\x1e.coupon.v1.GetCampaignResponse\x12L\n\x0bIssueCoupon\x12\x1d.coupon.v1.IssueCouponRequest\x1a\x1e.coupon.v1.IssueCouponResponseb\x06proto3',
+    b'\n\x16coupon/v1/coupon.proto\x12\tcoupon.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\x89\x03\n\x08Campaign\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x03 \x01(\x03R\x0ctotalCoupons\x12!\n\x0cissued_count\x18\x04 \x01(\x03R\x0bissuedCount\x127\n\tstarts_at\x18\x05 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x121\n\x06status\x18\x08 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status\x125\n\x08ended_at\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endedAt"\x8f\x01\n\x06Coupon\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId\x127\n\tissued_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt"\xbe\x01\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x02 \x01(\x03R\x0ctotalCoupons\x127\n\tstarts_at\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt"I\n\x16CreateCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xd8\x01\n\x13GetCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign\x12+\n\x07coupons\x18\x02 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"N\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId"g\n\x13IssueCouponResponse\x12)\n\x06coupon\x18\x01 \x01(\x0b2\x11.coupon.v1.CouponR\x06coupon\x12%\n\x0ealready_issued\x18\x02 \x01(\x08R\ralreadyIssued"\x85\x01\n\x14ListCampaignsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x121\n\x06status\x18\x03 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status"\xaf\x01\n\x15ListCampaignsResponse\x121\n\tcampaigns\x18\x01 \x03(\x0b2\x13.coupon.v1.CampaignR\tcampaigns\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"5\n\x12EndCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"F\n\x13EndCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"m\n\x16ListUserCouponsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"n\n\x17ListUserCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"7\n\x14ExportCouponsRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"D\n\x15ExportCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons*\xa5\x01\n\x0eCampaignStatus\x12\x1f\n\x1bCAMPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19CAMPAIGN_STATUS_SCHEDULED\x10\x01\x12\x1a\n\x16CAMPAIGN_STATUS_ACTIVE\x10\x02\x12\x1c\n\x18CAMPAIGN_STATUS_SOLD_OUT\x10\x03\x12\x19\n\x15CAMPAIGN_STATUS_ENDED\x10\x042\xd4\x04\n\rCouponService\x12U\n\x0eCreateCampaign\x12 .coupon.v1.CreateCampaignRequest\x1a!.coupon.v1.CreateCampaignResponse\x12L\n\x0bGetCampaign\x12\x1d.coupon.v1.GetCampaignRequest\x1a\x1e.coupon.v1.GetCampaignResponse\x12L\n\x0bIssueCoupon\x12\x1d.coupon.v1.IssueCouponRequest\x1a\x1e.coupon.v1.IssueCouponResponse\x12R\n\rListCampaigns\x12\x1f.coupon.v1.ListCampaignsRequest\x1a .coupon.v1.ListCampaignsResponse\x12L\n\x0bEndCampaign\x12\x1d.coupon.v1.EndCampaignRequest\x1a\x1e.coupon.v1.EndCampaignResponse\x12X\n\x0fListUserCoupons\x12!.coupon.v1.ListUserCouponsRequest\x1a".coupon.v1.ListUserCouponsResponse\x12T\n\rExportCoupons\x12\x1f.coupon.v1.ExportCouponsRequest\x1a .coupon.v1.ExportCouponsResponse0\x01b\x06proto3',
     [
         timestamp_pb.desc(),
     ],
@@ -434,6 +742,14 @@ _DESC = file_desc(
         "GetCampaignResponse": GetCampaignResponse,
         "IssueCouponRequest": IssueCouponRequest,
         "IssueCouponResponse": IssueCouponResponse,
+        "ListCampaignsRequest": ListCampaignsRequest,
+        "ListCampaignsResponse": ListCampaignsResponse,
+        "EndCampaignRequest": EndCampaignRequest,
+        "EndCampaignResponse": EndCampaignResponse,
+        "ListUserCouponsRequest": ListUserCouponsRequest,
+        "ListUserCouponsResponse": ListUserCouponsResponse,
+        "ExportCouponsRequest": ExportCouponsRequest,
+        "ExportCouponsResponse": ExportCouponsResponse,
         "CampaignStatus": CampaignStatus,
     },
 )

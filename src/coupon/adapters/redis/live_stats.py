@@ -1,0 +1,68 @@
+"""Live counters in Redis: one hash per campaign and second, added to by every server
+process once a second, expiring after a couple of minutes. The campaign's hash tag keeps
+them on its node in a cluster.
+
+Each campaign's counts go in a script call of their own rather than in one pipeline: in a
+cluster, redis-py closes every connection of the client when a pipeline meets a node that
+is down, which would fail the requests of campaigns on the nodes that are up. A call that
+fails touches only its node, like any request of that campaign.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from importlib import resources
+
+from redis.exceptions import RedisError
+
+from coupon.adapters.redis.client import RedisClient
+from coupon.application.ports import LiveCounts
+from coupon.domain.errors import Unavailable
+
+
+def _script(name: str) -> str:
+    return resources.files("coupon.adapters.redis").joinpath("lua", name).read_text()
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+
+
+class RedisLiveStats:
+    KEEP_SECONDS = 120
+
+    def __init__(self, client: RedisClient, *, prefix: str = "coupon") -> None:
+        self._prefix = prefix
+        self._add = client.register_script(_script("live_add.lua"))
+        self._read = client.register_script(_script("live_read.lua"))
+
+    def key(self, campaign_id: str, second: int) -> str:
+        return f"{self._prefix}:{{{campaign_id}}}:live:{second}"
+
+    async def add(self, counts: LiveCounts) -> None:
+        calls = []
+        for (campaign_id, second), fields in counts.items():
+            args: list[str | int] = [self.KEEP_SECONDS]
+            for name, count in fields.items():
+                args += (name, count)
+            calls.append(self._add(keys=[self.key(campaign_id, second)], args=args))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, (RedisError, OSError)):
+                raise _unavailable(result)
+            if isinstance(result, BaseException):
+                raise result
+
+    async def read(self, campaign_id: str, seconds: Sequence[int]) -> dict[int, dict[str, int]]:
+        if not seconds:
+            return {}
+        try:
+            replies = await self._read(keys=[self.key(campaign_id, s) for s in seconds])
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        found = {}
+        for second, flat in zip(seconds, replies, strict=True):
+            if flat:
+                found[second] = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return found

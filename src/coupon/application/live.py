@@ -1,0 +1,174 @@
+"""Watching a campaign live, across every server process: each process tallies its issue
+requests per campaign and second in memory (a few dictionary increments per request, no
+I/O), adds them to the shared LiveStats once a second, and WatchCampaign reads the last
+minute of them back next to the campaign's durable counts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from coupon.application.ports import CampaignRepository, Clock, LiveCounts, LiveStats
+from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import validate_campaign_id
+from coupon.domain.errors import CampaignNotFound, CouponError
+
+log = logging.getLogger("coupon")
+
+ISSUED = "issued"
+ALREADY_ISSUED = "already_issued"
+REFUSED = "refused."  # + the reason, e.g. refused.sold_out; the set of reasons is open
+LATENCY = "latency."  # + the bucket's index
+# Latency buckets: upper bounds growing by a quarter from 100 us to about 12 s. A p99 read
+# from them is within 25 % of the true one.
+LATENCY_BOUNDS = tuple(0.0001 * 1.25**i for i in range(53))
+_LATENCY_FIELDS = tuple(f"{LATENCY}{i}" for i in range(len(LATENCY_BOUNDS) + 1))
+# Tallies of more campaigns than this in one second are dropped (a flood of ids).
+MAX_CAMPAIGNS_PER_FLUSH = 10_000
+
+
+class LiveTally:
+    """This process's counts since the last flush, by campaign and (wall-clock) second."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], dict[str, int]] = {}
+
+    def record(self, campaign_id: str, outcome: str, seconds: float) -> None:
+        """One IssueCoupon answer: `outcome` is ISSUED, ALREADY_ISSUED or REFUSED + reason;
+        `seconds` its latency."""
+        key = (campaign_id, int(time.time()))
+        counts = self._counts.get(key)
+        if counts is None:
+            if len(self._counts) >= MAX_CAMPAIGNS_PER_FLUSH:
+                return
+            counts = self._counts[key] = {}
+        counts[outcome] = counts.get(outcome, 0) + 1
+        bucket = _LATENCY_FIELDS[bisect_left(LATENCY_BOUNDS, seconds)]
+        counts[bucket] = counts.get(bucket, 0) + 1
+
+    def take(self) -> LiveCounts:
+        counts, self._counts = self._counts, {}
+        return counts
+
+    async def flush(self, stats: LiveStats) -> None:
+        counts = self.take()
+        if counts:
+            await stats.add(counts)
+
+    @contextlib.asynccontextmanager
+    async def flushing(self, stats: LiveStats, seconds: float = 1.0) -> AsyncIterator[None]:
+        """Add the tallies to `stats` every `seconds` while open, and once more when closed.
+        A failed flush drops its tallies: live figures, not records."""
+
+        async def flush_quietly() -> None:
+            try:
+                await self.flush(stats)
+            except CouponError as exc:
+                log.warning("live stats flush failed", extra={"error": str(exc)})
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                await flush_quietly()
+
+        task = asyncio.get_running_loop().create_task(flush_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await flush_quietly()
+
+
+@dataclass(frozen=True, slots=True)
+class Second:
+    at: int  # unix second
+    issued: int
+    already_issued: int
+    refused: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveView:
+    campaign: Campaign  # issued_count from the ledger: every process's coupons
+    now: datetime
+    seconds: tuple[Second, ...]  # the window, oldest first, one per second
+    issued_per_second: int  # in the last complete second
+    refusals: dict[str, int]  # by reason, over the window
+    p99_seconds: float | None  # IssueCoupon latency over the last P99_SECONDS
+    requests: int  # IssueCoupon answers over the window
+
+
+class WatchCampaign:
+    WINDOW_SECONDS = 60
+    P99_SECONDS = 10
+    # Processes add their counts once a second: the second before last is complete.
+    SETTLE_SECONDS = 2
+
+    def __init__(self, campaigns: CampaignRepository, stats: LiveStats, clock: Clock) -> None:
+        self._campaigns = campaigns
+        self._stats = stats
+        self._clock = clock
+
+    async def execute(self, *, campaign_id: str) -> LiveView:
+        campaign_id = validate_campaign_id(campaign_id)
+        campaign = await self._campaigns.get(campaign_id)
+        if campaign is None:
+            raise CampaignNotFound(campaign_id)
+        now = await self._clock.now()
+        # The processes count by their own wall clocks: read the same seconds.
+        newest = int(time.time())
+        window = range(newest - self.WINDOW_SECONDS + 1, newest + 1)
+        counts = await self._stats.read(campaign_id, list(window))
+        seconds = []
+        refusals: dict[str, int] = {}
+        latency = [0] * len(_LATENCY_FIELDS)
+        requests = 0
+        for second in window:
+            fields = counts.get(second, {})
+            refused = 0
+            for name, count in fields.items():
+                if name.startswith(REFUSED):
+                    reason = name[len(REFUSED) :]
+                    refusals[reason] = refusals.get(reason, 0) + count
+                    refused += count
+                elif name.startswith(LATENCY) and second > newest - self.P99_SECONDS:
+                    index = int(name[len(LATENCY) :])
+                    if 0 <= index < len(latency):
+                        latency[index] += count
+            issued = fields.get(ISSUED, 0)
+            already = fields.get(ALREADY_ISSUED, 0)
+            requests += issued + already + refused
+            seconds.append(Second(second, issued, already, refused))
+        complete = newest - self.SETTLE_SECONDS
+        rate = next((s.issued for s in seconds if s.at == complete), 0)
+        return LiveView(
+            campaign=campaign,
+            now=now,
+            seconds=tuple(seconds),
+            issued_per_second=rate,
+            refusals=refusals,
+            p99_seconds=percentile(latency, 0.99),
+            requests=requests,
+        )
+
+
+def percentile(buckets: list[int], quantile: float) -> float | None:
+    """The upper bound of the bucket holding the quantile (None without observations)."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = quantile * total
+    seen = 0
+    for index, count in enumerate(buckets):
+        seen += count
+        if seen >= rank:
+            return LATENCY_BOUNDS[min(index, len(LATENCY_BOUNDS) - 1)]
+    return LATENCY_BOUNDS[-1]

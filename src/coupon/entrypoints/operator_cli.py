@@ -1,0 +1,366 @@
+"""`coupon campaigns ...`: the operators' command line, a client of a running service.
+
+It speaks to the service at `--url` (default $COUPON_URL, else http://127.0.0.1:8000) with
+the generated Connect client, sending the admin token from COUPON_ADMIN_TOKEN. Tables for
+people by default, `--json` for programs; errors are one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, TextIO
+
+from connectrpc.errors import ConnectError
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from coupon.entrypoints.settings import Settings
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STATUSES = {
+    "scheduled": coupon_pb.CampaignStatus.SCHEDULED,
+    "active": coupon_pb.CampaignStatus.ACTIVE,
+    "sold_out": coupon_pb.CampaignStatus.SOLD_OUT,
+    "ended": coupon_pb.CampaignStatus.ENDED,
+}
+_STATUS_NAMES = {value: name for name, value in STATUSES.items()}
+_RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+EXPORT_FORMATS = ("csv", "jsonl")
+CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
+TIMEOUT_MS = 30_000  # each unary call
+
+
+class UsageError(Exception):
+    """A bad option value; the message says which and why."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=f"the service's base URL (default: $COUPON_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the API's JSON instead of a table"
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    create = actions.add_parser("create", help="create a campaign")
+    create.add_argument("--name", required=True, help="1 to 200 characters")
+    create.add_argument(
+        "--coupons", type=int, required=True, help="the stock: 1 to 10,000,000 coupons"
+    )
+    create.add_argument(
+        "--starts-at",
+        default="now",
+        help="when issuance opens: an ISO 8601 time (2026-12-01T12:00:00Z), 'now', "
+        "or from now, e.g. +30s, +5m, +2h (default: now)",
+    )
+    create.add_argument("--ends-at", help="when issuance closes, as --starts-at (default: never)")
+
+    listing = actions.add_parser("list", help="list campaigns, newest first")
+    listing.add_argument("--status", choices=sorted(STATUSES), help="only campaigns of this status")
+    listing.add_argument(
+        "--limit", type=int, default=50, help="at most this many (default 50; 0 for all)"
+    )
+
+    show = actions.add_parser("show", help="show one campaign")
+    show.add_argument("campaign_id")
+
+    end = actions.add_parser(
+        "end",
+        help="end issuance now (the kill switch): requests admitted before the end keep "
+        "their coupons, nothing is issued after it; ending an ended campaign changes nothing",
+    )
+    end.add_argument("campaign_id")
+
+    export = actions.add_parser(
+        "export", help="write every issued coupon of a campaign, in issue order"
+    )
+    export.add_argument("campaign_id")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="csv", help="default csv")
+    export.add_argument(
+        "--output", "-o", help="write to this file (default: standard output)", metavar="FILE"
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings, environ: dict[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    url = (args.url or env.get("COUPON_URL") or DEFAULT_URL).rstrip("/")
+    try:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
+        headers = (
+            {"authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+        )
+        # No deadline for the client as a whole: an export of millions of coupons takes
+        # minutes; each unary call has its own (TIMEOUT_MS).
+        with CouponServiceClientSync(url, send_compression=None) as client:
+            action = ACTIONS[args.action]
+            action(Call(client, headers, args.json), args)
+    except ConnectError as exc:
+        print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+    except UsageError as exc:
+        print(f"coupon: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours.
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+class Call:
+    def __init__(
+        self, client: CouponServiceClientSync, headers: dict[str, str], as_json: bool
+    ) -> None:
+        self.client = client
+        self.headers = headers
+        self.as_json = as_json
+
+
+# --- actions ------------------------------------------------------------------------------
+
+
+def _create(call: Call, args: argparse.Namespace) -> None:
+    now = datetime.now(UTC)
+    starts = parse_time("--starts-at", args.starts_at, now)
+    ends = None if args.ends_at is None else parse_time("--ends-at", args.ends_at, now)
+    response = call.client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name=args.name,
+            total_coupons=args.coupons,
+            starts_at=Timestamp.from_datetime(starts),
+            ends_at=None if ends is None else Timestamp.from_datetime(ends),
+        ),
+        headers=call.headers,
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert response.campaign is not None
+    _print_campaign(call, response.campaign, response.to_json())
+
+
+def _list(call: Call, args: argparse.Namespace) -> None:
+    if args.limit < 0:
+        raise UsageError(f"--limit must be 0 or more (got {args.limit})")
+    status = STATUSES[args.status] if args.status else coupon_pb.CampaignStatus.UNSPECIFIED
+    campaigns: list[coupon_pb.Campaign] = []
+    token = ""
+    while True:
+        wanted = 1000 if args.limit == 0 else min(1000, args.limit - len(campaigns))
+        page = call.client.list_campaigns(
+            coupon_pb.ListCampaignsRequest(page_size=wanted, page_token=token, status=status),
+            headers=call.headers,
+            timeout_ms=TIMEOUT_MS,
+        )
+        campaigns.extend(page.campaigns)
+        token = page.next_page_token
+        if not token or (args.limit and len(campaigns) >= args.limit):
+            break
+    if call.as_json:
+        print(coupon_pb.ListCampaignsResponse(campaigns=campaigns).to_json())
+        return
+    rows = [
+        (
+            c.id,
+            c.name,
+            _STATUS_NAMES.get(c.status, "?"),
+            f"{c.issued_count:,}/{c.total_coupons:,}",
+            _time(c.starts_at),
+            _time(c.ended_at) if c.ended_at is not None else _time(c.ends_at),
+        )
+        for c in campaigns
+    ]
+    print_table(("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS"), rows, sys.stdout)
+
+
+def _show(call: Call, args: argparse.Namespace) -> None:
+    response = call.client.get_campaign(
+        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
+        headers=call.headers,
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert response.campaign is not None
+    _print_campaign(call, response.campaign, response.campaign.to_json())
+
+
+def _end(call: Call, args: argparse.Namespace) -> None:
+    response = call.client.end_campaign(
+        coupon_pb.EndCampaignRequest(campaign_id=args.campaign_id),
+        headers=call.headers,
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert response.campaign is not None
+    _print_campaign(call, response.campaign, response.to_json())
+
+
+def _export(call: Call, args: argparse.Namespace) -> None:
+    # The campaign first: a clear error before any output, and the total for the progress.
+    view = call.client.get_campaign(
+        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
+        headers=call.headers,
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert view.campaign is not None
+    total = view.campaign.issued_count
+    stream = call.client.export_coupons(
+        coupon_pb.ExportCouponsRequest(campaign_id=args.campaign_id), headers=call.headers
+    )
+    progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
+    if args.output is None:
+        written = write_export(stream, args.format, sys.stdout, progress)
+    else:
+        target = Path(args.output)
+        # Written under another name and renamed when complete: a file of that name is
+        # always a whole export.
+        partial = target.with_name(target.name + ".partial")
+        with partial.open("w", newline="", encoding="utf-8") as out:
+            written = write_export(stream, args.format, out, progress)
+        partial.replace(target)
+    if progress is not None:
+        progress.done()
+    if args.output is not None:
+        print(f"exported {written:,} coupons to {args.output}", file=sys.stderr)
+
+
+ACTIONS: dict[str, Callable[[Call, argparse.Namespace], None]] = {
+    "create": _create,
+    "list": _list,
+    "show": _show,
+    "end": _end,
+    "export": _export,
+}
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def write_export(
+    stream: Iterator[coupon_pb.ExportCouponsResponse],
+    fmt: str,
+    out: IO[str],
+    progress: Progress | None,
+) -> int:
+    """Write each chunk as it arrives (nothing is held beyond one chunk); rows written."""
+    written = 0
+    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_COLUMNS)
+    for message in stream:
+        for coupon in message.coupons:
+            if writer is not None:
+                writer.writerow(
+                    (coupon.code, coupon.user_id, coupon.campaign_id, _iso(coupon.issued_at))
+                )
+            else:
+                out.write(coupon.to_json())
+                out.write("\n")
+        written += len(message.coupons)
+        if progress is not None:
+            progress.update(written)
+    out.flush()
+    return written
+
+
+class Progress:
+    """A one-line progress bar on a terminal, redrawn at most five times a second."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self._total = total
+        self._out = out
+        self._started = time.monotonic()
+        self._drawn = 0.0
+        self._count = 0
+
+    def update(self, count: int) -> None:
+        self._count = count
+        now = time.monotonic()
+        if now - self._drawn >= 0.2:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        share = min(1.0, self._count / self._total) if self._total else 1.0
+        filled = int(share * self.WIDTH)
+        rate = self._count / max(now - self._started, 1e-9)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self._out.write(
+            f"\r[{bar}] {self._count:,}/{self._total:,} coupons ({share:.0%}), {rate:,.0f}/s"
+        )
+        self._out.flush()
+
+    def done(self) -> None:
+        self._draw(time.monotonic())
+        self._out.write("\n")
+        self._out.flush()
+
+
+def _print_campaign(call: Call, campaign: coupon_pb.Campaign, as_json: str) -> None:
+    if call.as_json:
+        print(as_json)
+        return
+    rows = [
+        ("id", campaign.id),
+        ("name", campaign.name),
+        ("status", _STATUS_NAMES.get(campaign.status, "?")),
+        ("issued", f"{campaign.issued_count:,} of {campaign.total_coupons:,}"),
+        ("starts_at", _time(campaign.starts_at)),
+        ("ends_at", _time(campaign.ends_at)),
+        ("ended_at", _time(campaign.ended_at)),
+        ("created_at", _time(campaign.created_at)),
+    ]
+    print_table(None, rows, sys.stdout)
+
+
+def print_table(header: Sequence[str] | None, rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    lines = [list(header)] if header else []
+    lines += [list(row) for row in rows]
+    if not lines:
+        return
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        out.write("  ".join(cells).rstrip())
+        out.write("\n")
+
+
+def _iso(value: Timestamp | None) -> str:
+    if value is None:
+        return ""
+    return value.to_datetime().isoformat().replace("+00:00", "Z")
+
+
+def _time(value: Timestamp | None) -> str:
+    if value is None:
+        return "-"
+    return value.to_datetime().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_time(option: str, text: str, now: datetime) -> datetime:
+    """An ISO 8601 time (UTC when no offset is given), 'now', or +N[smhd] from now."""
+    if text == "now":
+        return now
+    relative = _RELATIVE.match(text)
+    if relative:
+        return now + timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{option} must be an ISO 8601 time such as 2026-12-01T12:00:00Z, 'now' "
+            f"or +30s/+5m/+2h (got {text!r})"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,162 @@
+// The live dashboard: polls /dashboard/api once a second with the admin token (if the
+// service has one) as a Bearer header; the selected campaign is in the URL's #fragment.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const fmt = (n) => Number(n).toLocaleString("en-US");
+let token = sessionStorage.getItem("coupon-admin-token") || "";
+let selected = decodeURIComponent(location.hash.slice(1));
+let timer = null;
+
+class Refused extends Error {}
+
+async function api(path) {
+  const headers = token ? { Authorization: "Bearer " + token } : {};
+  const response = await fetch("/dashboard/api/" + path, { headers, cache: "no-store" });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) throw new Refused(body.message || "unauthenticated");
+  if (!response.ok) throw new Error((body.code || response.status) + ": " + (body.message || ""));
+  return body;
+}
+
+function askForToken(message) {
+  // Stop polling until a token is given.
+  if (timer) clearInterval(timer);
+  timer = null;
+  $("login").hidden = false;
+  $("login-error").textContent = token ? message : "";
+  $("token").focus();
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  if (className) {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    td.appendChild(span);
+  } else {
+    td.textContent = text;
+  }
+}
+
+function localTime(iso) {
+  return iso ? new Date(iso).toLocaleString("sv-SE", { hour12: false }) : "–";
+}
+
+async function loadCampaigns() {
+  try {
+    const body = await api("campaigns");
+    $("login").hidden = true;
+    $("list-error").textContent = "";
+    const tbody = $("campaigns").tBodies[0];
+    tbody.replaceChildren();
+    for (const c of body.campaigns) {
+      const row = tbody.insertRow();
+      row.dataset.id = c.id;
+      if (c.id === selected) row.classList.add("selected");
+      cell(row, c.name);
+      cell(row, c.status.replace("_", " "), "status " + c.status);
+      cell(row, fmt(c.issuedCount) + " / " + fmt(c.totalCoupons));
+      cell(row, localTime(c.startsAt).slice(5));  // month-day and time
+      row.addEventListener("click", () => select(c.id));
+    }
+    if (!body.campaigns.length) $("list-error").textContent = "No campaigns yet.";
+    return true;
+  } catch (error) {
+    if (error instanceof Refused) askForToken(error.message);
+    else $("list-error").textContent = String(error.message || error);
+    return false;
+  }
+}
+
+function drawChart(seconds) {
+  const svg = $("chart");
+  const width = 600, height = 140, n = seconds.length || 1;
+  const top = Math.max(1, ...seconds.map((s) => s.issued + s.alreadyIssued + s.refused));
+  const bar = width / n;
+  const parts = [];
+  seconds.forEach((s, i) => {
+    let y = height;
+    for (const [value, color] of [[s.issued, "#2f6fed"], [s.alreadyIssued, "#93c5fd"], [s.refused, "#fca5a5"]]) {
+      const h = (value / top) * (height - 4);
+      if (h > 0) {
+        y -= h;
+        parts.push(`<rect x="${(i * bar).toFixed(2)}" y="${y.toFixed(2)}" width="${Math.max(bar - 1, 1).toFixed(2)}" height="${h.toFixed(2)}" fill="${color}"/>`);
+      }
+    }
+  });
+  svg.innerHTML = parts.join("");
+}
+
+async function loadLive() {
+  if (!selected) return;
+  try {
+    const v = await api("campaigns/" + encodeURIComponent(selected));
+    const c = v.campaign;
+    $("live-error").textContent = "";
+    $("live-body").hidden = false;
+    $("live-title").textContent = c.name;
+    $("issued").textContent = fmt(c.issuedCount);
+    $("issued-of").textContent = "of " + fmt(c.totalCoupons);
+    $("remaining").textContent = fmt(c.remaining);
+    $("status").textContent = c.status.replace("_", " ") + (c.endedAt ? " (ended " + localTime(c.endedAt) + ")" : "");
+    $("rate").textContent = fmt(v.issuedPerSecond);
+    $("p99").textContent = v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
+    $("requests").textContent = fmt(v.requests);
+    $("window").textContent = "last " + v.windowSeconds + " s";
+    const tbody = $("refusals").tBodies[0];
+    tbody.replaceChildren();
+    const reasons = Object.entries(v.refusals);
+    for (const [reason, count] of reasons) {
+      const row = tbody.insertRow();
+      row.dataset.reason = reason;
+      cell(row, reason);
+      cell(row, fmt(count));
+    }
+    if (!reasons.length) {
+      const row = tbody.insertRow();
+      cell(row, "none");
+      cell(row, "");
+    }
+    drawChart(v.seconds);
+    $("updated").textContent = "server time " + v.serverTime;
+    $("clock").textContent = localTime(v.serverTime);
+  } catch (error) {
+    if (error instanceof Refused) askForToken(error.message);
+    else $("live-error").textContent = String(error.message || error);
+  }
+}
+
+function select(id) {
+  selected = id;
+  history.replaceState(null, "", "#" + encodeURIComponent(id));
+  const rows = [...$("campaigns").tBodies[0].rows];
+  for (const row of rows) row.classList.toggle("selected", row.dataset.id === id);
+  // A campaign newer than the list: refresh the list too.
+  if (!rows.some((row) => row.dataset.id === id)) loadCampaigns();
+  loadLive();
+}
+
+let ticks = 0;
+async function tick() {
+  // The live panel every second, the list every fifth.
+  if (ticks++ % 5 === 0) await loadCampaigns();
+  await loadLive();
+}
+
+function start() {
+  if (timer) clearInterval(timer);
+  ticks = 0;
+  tick();
+  timer = setInterval(tick, 1000);
+}
+
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  token = $("token").value.trim();
+  sessionStorage.setItem("coupon-admin-token", token);
+  start();
+});
+window.addEventListener("hashchange", () => select(decodeURIComponent(location.hash.slice(1))));
+start();

@@ -1,0 +1,157 @@
+"""The live dashboard in a real browser (Debian's chromium, headless, driven by Playwright)
+against a real server (two workers, PostgreSQL, Redis, an admin token) during a real burst:
+the page asks for the token, then shows the issued count rising to the stock, the
+remaining stock falling to zero, and the refusals by reason. A screenshot is saved in the
+test's temporary directory (its path is printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.burst import Outcome, drive
+from tests.support.client import connect_client, create_campaign
+from tests.support.server import ServerProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = "dashboard-token"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed"),
+]
+
+if Path(CHROMIUM).exists():
+    from playwright.async_api import Browser, Page, async_playwright
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    proc = ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN}, workers=2)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # The machine's chromium, never a downloaded one.
+        found = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield found
+        finally:
+            await found.close()
+
+
+async def number(page: Page, selector: str) -> int:
+    text = (await page.text_content(selector)) or ""
+    digits = re.sub(r"[^0-9]", "", text)
+    return int(digits) if digits else -1
+
+
+async def refusals(page: Page) -> dict[str, int]:
+    found = {}
+    for row in await page.locator("#refusals tr[data-reason]").all():
+        reason = await row.get_attribute("data-reason")
+        count = await row.locator("td").nth(1).text_content()
+        assert reason is not None and count is not None
+        found[reason] = int(count.replace(",", ""))
+    return found
+
+
+async def open_with_token(page: Page, url: str) -> None:
+    await page.goto(url)
+    await page.wait_for_selector("#login:not([hidden])")  # the API said: token needed
+    await page.fill("#token", TOKEN)
+    await page.click("#token-form button")
+    await page.wait_for_selector("#login", state="hidden")
+
+
+async def test_dashboard_shows_a_burst_rise_to_the_stock(
+    server: ServerProcess, browser: Browser, tmp_path: Path
+) -> None:
+    total = 300
+    page = await browser.new_page(viewport={"width": 1360, "height": 820})
+    await open_with_token(page, f"{server.url}/dashboard")
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(
+            client, total=total, starts_in=2, name="Dashboard launch", token=TOKEN
+        )
+    await page.evaluate(f"location.hash = '{campaign.id}'")  # as a click on its row does
+    await page.wait_for_selector("#live-body:not([hidden])")
+    assert await page.text_content("#live-title") == "Dashboard launch"
+    assert await number(page, "#issued") == 0
+    assert await number(page, "#remaining") == total
+
+    # Paced so that the sell-out spans several of the page's one-second polls: requests
+    # before the start (refused), the stock issued, then refusals as sold out.
+    requests = [(campaign.id, f"fan-{i}") for i in range(900)]
+    outcomes: list[Outcome] = []
+    burst = asyncio.ensure_future(
+        drive([server.url], requests, outcomes, concurrency=5, pace=0.05, time_limit=60)
+    )
+    seen: list[int] = []
+    during = tmp_path / "dashboard-during.png"
+    while not burst.done():
+        seen.append(await number(page, "#issued"))
+        if 0 < seen[-1] < total and not during.exists():
+            await page.screenshot(path=str(during), full_page=True)
+            print(f"\ndashboard during the burst: {during}")
+        await asyncio.sleep(0.25)
+    await burst
+    issued = sum(1 for o in outcomes if o.code and not o.already)
+    assert issued == total
+
+    sent_before_start = sum(1 for o in outcomes if o.error == "failed_precondition")
+    sold_out = sum(1 for o in outcomes if o.error == "resource_exhausted")
+    # (On a slow machine the burst may begin after the start: no request is then early.)
+    expected = {k: v for k, v in (("not_started", sent_before_start), ("sold_out", sold_out)) if v}
+    # Every server process adds its counts once a second: give the page a few polls.
+    for _ in range(40):
+        reasons = await refusals(page)
+        if await number(page, "#issued") == total and reasons == expected:
+            break
+        await asyncio.sleep(0.25)
+    seen.append(await number(page, "#issued"))
+    assert seen[-1] == total
+    assert seen == sorted(seen), seen  # it only rises
+    assert await number(page, "#remaining") == 0
+    assert sold_out > 0
+    assert reasons == expected
+    assert (await page.text_content("#p99") or "").endswith("ms")
+    assert await number(page, "#requests") == len(outcomes)
+    await page.wait_for_selector(f"#campaigns tr[data-id='{campaign.id}']")
+    status = await page.text_content(f"#campaigns tr[data-id='{campaign.id}'] .status")
+    assert status in ("scheduled", "active", "sold out")  # the list refreshes every 5 s
+
+    shot = tmp_path / "dashboard.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    print(f"\ndashboard screenshot: {shot}")
+    assert shot.stat().st_size > 0
+
+
+async def test_dashboard_refuses_a_wrong_token(server: ServerProcess, browser: Browser) -> None:
+    page = await browser.new_page()
+    await page.goto(f"{server.url}/dashboard")
+    await page.wait_for_selector("#login:not([hidden])")
+    await page.fill("#token", "not-the-token")
+    await page.click("#token-form button")
+    await page.wait_for_function("document.getElementById('login-error').textContent !== ''")
+    assert "Authorization: Bearer" in (await page.text_content("#login-error") or "")
+    assert await page.locator("#campaigns tbody tr").count() == 0

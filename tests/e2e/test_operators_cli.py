@@ -1,0 +1,141 @@
+"""`coupon campaigns ...` as an operator runs it: a real process against a real server,
+the admin token from the environment, tables or JSON on stdout, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import ServerProcess
+
+TOKEN = "cli-token"
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    proc = ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def coupon(
+    server: ServerProcess, *args: str, token: str = TOKEN, url: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env["COUPON_ADMIN_TOKEN"] = token
+    if url:
+        env["COUPON_URL"] = server.url
+    return subprocess.run(
+        [sys.executable, "-m", "coupon", "campaigns", *args],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def create(server: ServerProcess, name: str, *extra: str) -> dict[str, object]:
+    out = ok(coupon(server, "--json", "create", "--name", name, "--coupons", "50", *extra))
+    campaign: dict[str, object] = json.loads(out)["campaign"]
+    return campaign
+
+
+def issue(server: ServerProcess, campaign_id: object, users: list[str]) -> None:
+    for user in users:
+        httpx.post(
+            f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+            json={"campaignId": campaign_id, "userId": user},
+        ).raise_for_status()
+
+
+def test_create_list_show_as_tables(server: ServerProcess) -> None:
+    out = ok(coupon(server, "create", "--name", "Launch day", "--coupons", "100"))
+    assert "Launch day" in out and "active" in out and "0 of 100" in out
+    campaign_id = next(line.split()[1] for line in out.splitlines() if line.startswith("id "))
+    later = create(server, "Tomorrow", "--starts-at", "+1d")
+    listed = ok(coupon(server, "list"))
+    header, *rows = listed.splitlines()
+    assert header.split() == ["ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS"]
+    assert rows[0].startswith(str(later["id"])) and "scheduled" in rows[0]
+    assert any(row.startswith(campaign_id) and "0/100" in row for row in rows)
+    scheduled = ok(coupon(server, "list", "--status", "scheduled"))
+    assert str(later["id"]) in scheduled and campaign_id not in scheduled
+    shown = ok(coupon(server, "show", campaign_id))
+    assert "Launch day" in shown and "status      active" in shown
+
+
+def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
+    campaign = create(server, "to end")
+    issue(server, campaign["id"], ["before"])
+    first = json.loads(ok(coupon(server, "--json", "end", str(campaign["id"]))))["campaign"]
+    again = json.loads(ok(coupon(server, "--json", "end", str(campaign["id"]))))["campaign"]
+    assert first["status"] == "CAMPAIGN_STATUS_ENDED" and first["endedAt"]
+    assert again["endedAt"] == first["endedAt"]
+    refused = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+        json={"campaignId": campaign["id"], "userId": "after"},
+    )
+    assert refused.json()["code"] == "failed_precondition"
+    assert "ended" in ok(coupon(server, "show", str(campaign["id"])))
+
+
+def test_export_csv_to_stdout_and_json_lines_to_a_file(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    campaign = create(server, "export")
+    users = [f"user-{i}" for i in range(30)]
+    issue(server, campaign["id"], users)
+    rows = list(csv.reader(io.StringIO(ok(coupon(server, "export", str(campaign["id"]))))))
+    assert rows[0] == ["code", "user_id", "campaign_id", "issued_at"]
+    assert [r[1] for r in rows[1:]] == users  # issue order
+    assert {r[2] for r in rows[1:]} == {campaign["id"]}
+    target = tmp_path / "coupons.jsonl"
+    result = coupon(server, "export", str(campaign["id"]), "--format", "jsonl", "-o", str(target))
+    ok(result)
+    assert "exported 30 coupons" in result.stderr
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [x["userId"] for x in lines] == users
+    assert [x["code"] for x in lines] == [r[0] for r in rows[1:]]
+    assert not (tmp_path / "coupons.jsonl.partial").exists()
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
+    missing = coupon(server, "show", "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50")
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        "coupon: not_found: campaign 0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50 does not exist\n"
+    )
+    wrong = coupon(server, "list", token="not-the-token")
+    assert wrong.returncode == 1 and wrong.stderr.startswith("coupon: unauthenticated: ")
+    assert len(wrong.stderr.splitlines()) == 1
+    bad = coupon(server, "create", "--name", "x", "--coupons", "0")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("coupon: invalid_argument: total_coupons")
+    usage = coupon(server, "create", "--name", "x", "--coupons", "5", "--starts-at", "soon")
+    assert usage.returncode == 2 and "--starts-at" in usage.stderr
+    assert usage.stdout == ""
+
+
+def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess) -> None:
+    assert "ID" in ok(coupon(server, "--url", server.url, "list", url=False))
+    default = coupon(server, "--url", "http://127.0.0.1:9", "list", url=False)
+    assert default.returncode == 1 and default.stderr.startswith("coupon: unavailable: ")
