@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,12 +32,18 @@ from coupon.adapters.redis.client import create_client
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.domain.campaign import Campaign
+from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Unavailable
 from tests.cluster.conftest import needs_redis_server
 from tests.support.services import TestServices
 from tools.redis_cluster import LocalRedisCluster
 
 PREFIX = "coupon-reset-test"
+
+
+async def no_holdings() -> AsyncIterator[Sequence[Coupon]]:
+    return
+    yield
 
 
 def on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -72,7 +78,7 @@ def test_a_reset_connection_of_the_gate_is_replaced_on_one_server(
             assert isinstance(client, aioredis.Redis)
             gate = RedisStockGate(client, prefix=redis_prefix)
             c = campaign()
-            await gate.load(c, ())
+            await gate.load(c, no_holdings())
             assert (await gate.admit(c.id, "before")).kind is AdmissionKind.ADMITTED
             assert gate._lane is not None
             (idle,) = gate._lane._idle
@@ -104,7 +110,7 @@ def test_a_reset_connection_to_a_dead_master_is_unavailable_and_others_are_repla
                     if master in (0, 1):
                         by_master.setdefault(master, c)
                 for c in by_master.values():
-                    await gate.load(c, ())
+                    await gate.load(c, no_holdings())
                     assert (await gate.admit(c.id, "before")).kind is AdmissionKind.ADMITTED
                 idle = {}
                 for index, c in by_master.items():

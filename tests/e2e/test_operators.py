@@ -138,7 +138,14 @@ async def test_end_campaign_under_a_burst_issues_nothing_after_the_end(
         requests = [(campaign.id, f"kill-{i}") for i in range(60_000)]
         outcomes: list[Outcome] = []
         burst = asyncio.ensure_future(
-            drive([server.url], requests, outcomes, concurrency=200, time_limit=20)
+            drive(
+                [server.url],
+                requests,
+                outcomes,
+                concurrency=200,
+                time_limit=20,
+                retry_unavailable=20,
+            )
         )
         while sum(1 for o in outcomes if o.code) < 300 and not burst.done():
             await asyncio.sleep(0.05)
@@ -233,7 +240,7 @@ async def test_export_streams_every_coupon_in_issue_order(server: ServerProcess)
         campaign = await create_campaign(client, total=12_000, name="export", token=TOKEN)
         requests = [(campaign.id, f"export-{i}") for i in range(12_000)]
         outcomes: list[Outcome] = []
-        await drive([server.url], requests, outcomes, concurrency=100)
+        await drive([server.url], requests, outcomes, concurrency=100, retry_unavailable=20)
         _, listed = await all_coupons(client, campaign.id, TOKEN)
         exported: list[coupon_pb.Coupon] = []
         messages = 0
