@@ -17,7 +17,7 @@ setup:
         python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
         uv=(python3 -m uv)
     fi
-    "${uv[@]}" sync --extra dev --frozen --quiet
+    "${uv[@]}" sync --frozen --quiet
 
 # Serve the API on PORT (8000), creating the database and schema when missing.
 serve *ARGS: setup
@@ -33,8 +33,8 @@ migrate: setup
 
 # Lint: ruff, formatting, mypy --strict, buf lint of the proto.
 lint: setup
-    .venv/bin/ruff check src tests tools bench
-    .venv/bin/ruff format --check src tests tools bench
+    .venv/bin/ruff check src loadtest harness tests tools bench
+    .venv/bin/ruff format --check src loadtest harness tests tools bench
     .venv/bin/mypy
     just buf lint
 

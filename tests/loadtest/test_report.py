@@ -6,14 +6,14 @@ import io
 import json
 from pathlib import Path
 
-from coupon.loadtest import chart, report
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.progress import Progress, Snapshot, render
-from coupon.loadtest.runner import RunData
-from coupon.loadtest.scenario import LoadConfig, Target
-from coupon.loadtest.schedule import GeneratorVerdict, judge_generator
-from coupon.loadtest.verify import Check, Verification, verify
-from coupon.loadtest.worker import WorkerResult
+from coupon_loadtest import chart, report
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.progress import Progress, Snapshot, render
+from coupon_loadtest.runner import RunData
+from coupon_loadtest.scenario import LoadConfig, Target
+from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon_loadtest.verify import Check, Verification, verify
+from coupon_loadtest.worker import WorkerResult
 
 from .fakes import CLOCK, NS_PER_S, SERVER_AHEAD_NS, T0, FakeServer, Faults, drive, starting_after
 

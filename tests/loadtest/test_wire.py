@@ -5,8 +5,8 @@ from __future__ import annotations
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.loadtest.records import LOST, OK, OUTCOME_INDEX
-from coupon.loadtest.wire import IssueCodec
+from coupon_loadtest.records import LOST, OK, OUTCOME_INDEX
+from coupon_loadtest.wire import IssueCodec
 
 RESPONSE = coupon_pb.IssueCouponResponse(
     coupon=coupon_pb.Coupon(

@@ -15,8 +15,8 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from coupon.loadtest.clock import ClockOffset, from_http_date, from_round_trip
-from coupon.loadtest.verify import Plan
+from coupon_loadtest.clock import ClockOffset, from_http_date, from_round_trip
+from coupon_loadtest.verify import Plan
 
 NS_PER_S = 1_000_000_000
 MAX_PAGE_SIZE = 10_000

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from coupon.loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
 
 NS_PER_S = 1_000_000_000
 _MAX_BUCKETS = 300

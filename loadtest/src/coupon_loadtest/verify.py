@@ -1,7 +1,7 @@
 """Did the server keep its promises? Judged from what the clients saw and what it lists.
 
 Pure: the caller fetches the lists (API pages, PostgreSQL rows); this module only compares.
-Each check names the invariant of DESIGN.md it guards:
+Each check names the invariant it guards (as the README lists them):
 
 - I1 no over-issue, I2 unique codes, I3 never early (nor at/after the end), I4 one per user,
 - I5 every acknowledged coupon is recorded (a success a client received is in the list),
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from coupon.loadtest.clock import ClockOffset
-from coupon.loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
+from coupon_loadtest.clock import ClockOffset
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
 
 MAX_EXAMPLES = 5
 

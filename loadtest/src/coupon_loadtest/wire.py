@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.loadtest.records import LOST, OK, OUTCOME_INDEX
+from coupon_loadtest.records import LOST, OK, OUTCOME_INDEX
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
 

@@ -21,8 +21,8 @@ from typing import Any
 import pyqwest
 import uvloop
 
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.records import (
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.records import (
     LOST,
     NOT_OPEN,
     OK,
@@ -31,8 +31,8 @@ from coupon.loadtest.records import (
     Observations,
     user_id,
 )
-from coupon.loadtest.schedule import OpenLoopSchedule, UserPicker
-from coupon.loadtest.wire import ISSUE_PATH, IssueCodec, IssueReply
+from coupon_loadtest.schedule import OpenLoopSchedule, UserPicker
+from coupon_loadtest.wire import ISSUE_PATH, IssueCodec, IssueReply
 
 # Slots each process owns in the shared counter array, in this order.
 COUNTERS = (

@@ -14,13 +14,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.ledger import api_ledger, database_ledger
-from coupon.loadtest.progress import Progress, Snapshot
-from coupon.loadtest.records import Observations
-from coupon.loadtest.scenario import AdminApi, LoadConfig, SetupError, Target, prepare
-from coupon.loadtest.verify import Ledger
-from coupon.loadtest.worker import (
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.ledger import api_ledger, database_ledger
+from coupon_loadtest.progress import Progress, Snapshot
+from coupon_loadtest.records import Observations
+from coupon_loadtest.scenario import AdminApi, LoadConfig, SetupError, Target, prepare
+from coupon_loadtest.verify import Ledger
+from coupon_loadtest.worker import (
     COUNTERS,
     NO_STOP,
     Go,
@@ -28,7 +28,7 @@ from coupon.loadtest.worker import (
     WorkerSpec,
     process_main,
 )
-from coupon.loadtest.worker import C as COUNTER
+from coupon_loadtest.worker import C as COUNTER
 
 NS_PER_S = 1_000_000_000
 _READY_TIMEOUT_S = 60.0

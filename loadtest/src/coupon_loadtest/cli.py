@@ -17,10 +17,10 @@ from pathlib import Path
 
 import uvloop
 
-from coupon.loadtest import chart, report
-from coupon.loadtest.runner import Console, RunData, execute
-from coupon.loadtest.scenario import LoadConfig, SetupError
-from coupon.loadtest.verify import verify
+from coupon_loadtest import chart, report
+from coupon_loadtest.runner import Console, RunData, execute
+from coupon_loadtest.scenario import LoadConfig, SetupError
+from coupon_loadtest.verify import verify
 
 NS_PER_S = 1_000_000_000
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -267,9 +267,9 @@ def _draw(
     return config.chart_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "coupon-loadtest") -> int:
     parser = argparse.ArgumentParser(
-        prog="coupon loadtest",
+        prog=prog,
         description="Drive a first-come-first-served burst at a coupon server, then verify "
         "that it issued exactly the stock: never more, never a duplicate, never early, at "
         "most one per user, every acknowledged coupon recorded.",

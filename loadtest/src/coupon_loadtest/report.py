@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from coupon.loadtest.chart import Series
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.records import LOST, SOLD_OUT
-from coupon.loadtest.runner import RunData
-from coupon.loadtest.schedule import GeneratorVerdict, judge_generator
-from coupon.loadtest.verify import Verification
+from coupon_loadtest.chart import Series
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.records import LOST, SOLD_OUT
+from coupon_loadtest.runner import RunData
+from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon_loadtest.verify import Verification
 
 NS_PER_S = 1_000_000_000
 
