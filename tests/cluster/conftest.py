@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tools.redis_cluster import LocalRedisCluster, redis_server_path
+from harness.redis_cluster import LocalRedisCluster, redis_server_path
 
 needs_redis_server = pytest.mark.skipif(
     redis_server_path() is None,

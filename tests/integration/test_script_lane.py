@@ -13,7 +13,7 @@ from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.application.use_cases import new_campaign_id
 from coupon.domain.campaign import Campaign
-from tests.support.private_redis import PrivateRedis
+from harness.private_redis import PrivateRedis
 
 
 async def loaded_gate(client: aioredis.Redis, prefix: str) -> tuple[RedisStockGate, str]:

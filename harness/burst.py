@@ -1,13 +1,12 @@
 """Bursts of IssueCoupon over real HTTP, and the verification of I1-I5 afterwards: what
-every client saw, against GetCampaign and against PostgreSQL. Used by the e2e and cluster
-tests and by `just cluster-demo`."""
+every client saw, against GetCampaign and against PostgreSQL (through the load tool's
+auditor). Used by the e2e and cluster tests and by `just cluster-demo`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import all_coupons, connect_client
+from coupon_loadtest import audit
+from harness.client import all_coupons, connect_client
 
 ISSUED = "issued"
 ALREADY = "already_issued"
@@ -115,22 +115,13 @@ class CampaignCheck(Generic[C]):
     issued: int = 0  # rows in PostgreSQL
     listed: int = 0  # coupons GetCampaign lists
     issued_count: int = 0  # the campaign's issued_count from GetCampaign
-    duplicate_codes: int = 0  # within the campaign (all campaigns: global_duplicate_codes)
+    duplicate_codes: int = 0  # within the campaign, or held by another campaign too
     per_user_max: int = 0
     early: int = 0  # coupons issued before starts_at + successes received before it
-    slots_ok: bool = True
     acked_missing: int = 0  # successes a client got that PostgreSQL does not have
     codes_mismatch: int = 0  # successes whose code differs from the stored one
     outcomes: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
-
-
-async def global_duplicate_codes(pool: asyncpg.Pool) -> int:
-    """I2 across every campaign: codes stored more than once in the whole table."""
-    found = await pool.fetchval(
-        "SELECT count(*) FROM (SELECT code FROM coupons GROUP BY code HAVING count(*) > 1) d"
-    )
-    return int(found)
 
 
 async def check_campaign(
@@ -141,40 +132,33 @@ async def check_campaign(
     *,
     token: str,
 ) -> CampaignCheck[C]:
+    """I1-I4 from PostgreSQL (the load tool's auditor), then what the clients received
+    (I3, I5) and what GetCampaign lists against the rows."""
     check = CampaignCheck(campaign)
     mine = [o for o in outcomes if o.campaign_id == campaign.id]
     check.outcomes = Counter(o.kind for o in mine)
     api_campaign, listed = await all_coupons(client, campaign.id, token)
-    rows = await pool.fetch(
-        "SELECT user_id, code, issued_at, slot FROM coupons WHERE campaign_id = $1",
-        uuid.UUID(campaign.id),
-    )
-    stored = {r["user_id"]: r["code"] for r in rows}
-    check.issued = len(rows)
+    summary = await audit.audit_campaign(pool, campaign.id)
+    rows = await audit.read_coupons(pool, campaign.id)
+    stored = {r.user_id: r.code for r in rows}
+    check.issued = summary.rows
     check.listed = len(listed)
     check.issued_count = int(api_campaign.issued_count)
-    check.duplicate_codes = len(rows) - len({r["code"] for r in rows})
-    check.per_user_max = max(Counter(r["user_id"] for r in rows).values(), default=0)
-    check.early = sum(r["issued_at"] < campaign.starts_at for r in rows)
+    check.duplicate_codes = summary.rows - summary.distinct_codes + summary.codes_elsewhere
+    check.per_user_max = max(Counter(r.user_id for r in rows).values(), default=0)
+    successes = [o for o in mine if o.code]
+    check.early = summary.outside_window
     check.early += sum(
         c.issued_at is not None and c.issued_at.to_datetime() < campaign.starts_at for c in listed
     )
-    successes = [o for o in mine if o.code]
     check.early += sum(o.received_at < campaign.starts_at for o in successes)
-    slots = [int(r["slot"]) for r in rows]
-    check.slots_ok = len(set(slots)) == len(slots) and all(1 <= s <= campaign.total for s in slots)
     check.acked_missing = sum(o.user not in stored for o in successes)
     check.codes_mismatch = sum(o.user in stored and stored[o.user] != o.code for o in successes)
 
     v = check.violations
-    if check.issued > campaign.total or not check.slots_ok:
-        v.append(f"I1: {check.issued} coupons for a stock of {campaign.total}")
-    if check.duplicate_codes:
-        v.append(f"I2: {check.duplicate_codes} duplicate codes")
-    if check.early:
-        v.append(f"I3: {check.early} coupons or successes before the start")
-    if check.per_user_max > 1:
-        v.append(f"I4: a user holds {check.per_user_max} coupons")
+    v += audit.violations(summary.findings())
+    if check.early > summary.outside_window:
+        v.append(f"I3: {check.early - summary.outside_window} successes before the start")
     if check.acked_missing or check.codes_mismatch:
         v.append(
             f"I5: {check.acked_missing} acknowledged coupons missing, "

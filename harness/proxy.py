@@ -8,7 +8,7 @@ import contextlib
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.support.server import free_port
+from harness.server import free_port
 
 
 class CuttableProxy:
