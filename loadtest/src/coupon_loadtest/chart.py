@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, UNAVAILABLE, Observations
 
 NS_PER_S = 1_000_000_000
 _MAX_BUCKETS = 300
@@ -72,12 +72,13 @@ def series(observations: Observations, starts_rel_ns: int) -> Series:
     ok_rows = np.frombuffer(observations.ok_row, dtype=np.int64)
     already[ok_rows] = np.frombuffer(observations.ok_already, dtype=np.uint8).astype(bool)
     is_ok = outcome == OK
-    errors = ~np.isin(outcome, (OK, SOLD_OUT, NOT_OPEN))
+    errors = ~np.isin(outcome, (OK, SOLD_OUT, NOT_OPEN, UNAVAILABLE))
     rates = {
         "issued": per_second(done_bucket[is_ok & ~already]),
         "already_issued": per_second(done_bucket[is_ok & already]),
         "sold_out": per_second(done_bucket[outcome == SOLD_OUT]),
         "not_open": per_second(done_bucket[outcome == NOT_OPEN]),
+        "unavailable": per_second(done_bucket[outcome == UNAVAILABLE]),
         "errors_and_lost": per_second(done_bucket[errors]),
     }
 
@@ -109,14 +110,20 @@ def draw(
     *,
     title: str,
     markers: dict[str, float],
+    answers_s: list[float] | None = None,
+    crowd: int = 0,
 ) -> None:
-    """Write the PNG; markers are labelled vertical lines (seconds relative to starts_at)."""
+    """Write the PNG; markers are labelled vertical lines (seconds relative to starts_at).
+    With `answers_s` (a herd: the time of each final answer, seconds after starts_at) and
+    `crowd` (the herd's users), a third panel shows the share of users answered by then."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    panels = 3 if answers_s is not None else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 4 * panels), sharex=True)
+    top, bottom = axes[0], axes[1]
     try:
         # Plot each bucket at its middle so a line does not lag the events by half a bucket.
         x = [t + data.bucket_s / 2 for t in data.time_s]
@@ -126,6 +133,7 @@ def draw(
             "already_issued": "tab:olive",
             "sold_out": "tab:orange",
             "not_open": "tab:blue",
+            "unavailable": "tab:purple",
             "errors_and_lost": "tab:red",
         }
         for name, values in data.rates.items():
@@ -146,7 +154,17 @@ def draw(
         bottom.set_xlabel("seconds since starts_at")
         bottom.grid(alpha=0.3, which="both")
 
-        for axis in (top, bottom):
+        if answers_s is not None:
+            panel = axes[2]
+            ordered = sorted(answers_s)
+            shares = [(i + 1) / max(crowd, 1) for i in range(len(ordered))]
+            panel.step(ordered, shares, where="post", label="users with a final answer")
+            panel.set_ylim(0, 1.02)
+            panel.set_ylabel("share of users answered")
+            panel.set_xlabel("seconds since starts_at")
+            panel.grid(alpha=0.3)
+
+        for axis in axes:
             for (label, at), style in zip(markers.items(), ("--", ":", "-."), strict=False):
                 axis.axvline(at, color="grey", linestyle=style, label=label)
             axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")

@@ -1,4 +1,5 @@
-"""`coupon loadtest`: drive a first-come-first-served burst at a server and verify it.
+"""`coupon loadtest`: drive a first-come-first-served burst or a flash crowd at a server
+and verify it.
 
 Exit codes: 0 every check passed and the asked rate was offered; 1 an invariant was
 violated; 2 the run could not be set up (bad option, server unreachable, wrong token);
@@ -87,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--concurrency", type=int, default=None, help="closed loop: virtual users in flight"
     )
+    model.add_argument(
+        "--herd",
+        action="store_true",
+        help="flash crowd: every one of --users presses once at the start (within --spread), "
+        "presses again as the server hints, gives up after --patience",
+    )
     load.add_argument(
         "--duration",
         type=float,
@@ -126,6 +133,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open loop: allowed p99 send lag behind schedule, ms (default 50)",
     )
 
+    herd = parser.add_argument_group("herd (with --herd)")
+    herd.add_argument(
+        "--spread",
+        type=duration,
+        default=1.0,
+        help="users press at the start plus a random offset up to this (default 1s)",
+    )
+    herd.add_argument(
+        "--patience",
+        type=duration,
+        default=10.0,
+        help="a user gives up this long after their first press (default 10s)",
+    )
+    herd.add_argument(
+        "--retry-floor",
+        type=duration,
+        default=0.05,
+        help="least delay before pressing again (default 50ms)",
+    )
+    herd.add_argument(
+        "--retry-cap",
+        type=duration,
+        default=2.0,
+        help="most delay before pressing again, whatever the hint (default 2s)",
+    )
+    herd.add_argument(
+        "--connections",
+        type=int,
+        default=512,
+        help="keep-alive connections over all processes (default 512)",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument(
         "--report", default="loadtest-report.json", help="JSON report path (default %(default)s)"
@@ -137,6 +176,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--quiet", action="store_true", help="no progress or phase messages, only the summary"
     )
+
+
+def duration(text: str) -> float:
+    """Seconds from '1s', '500ms' or a plain number of seconds."""
+    value = text.strip().lower()
+    scale = 1.0
+    if value.endswith("ms"):
+        value, scale = value[:-2], 0.001
+    elif value.endswith("s"):
+        value = value[:-1]
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 1s, 500ms)") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return seconds
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -165,6 +221,13 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         problems.append("--max-inflight must be at least 1")
     if args.processes is not None and args.processes < 1:
         problems.append("--processes must be at least 1")
+    if args.herd:
+        if not args.patience > 0:
+            problems.append("--patience must be positive")
+        if not 0 < args.retry_floor <= args.retry_cap:
+            problems.append("--retry-floor must be positive and at most --retry-cap")
+        if args.connections < 1:
+            problems.append("--connections must be at least 1")
     if not args.url.startswith(("http://", "https://")):
         problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
     if problems:
@@ -172,7 +235,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     processes = args.processes or min(4, os.cpu_count() or 1)
     # Every process owns a share of the users and of the virtual users: none may be empty.
     processes = min(processes, args.users, args.concurrency or processes)
-    rate = args.rate if args.rate is not None or args.concurrency is not None else DEFAULT_RATE
+    if args.herd:
+        processes = min(processes, args.connections)
+    chosen = args.rate is not None or args.concurrency is not None or args.herd
+    rate = args.rate if chosen else DEFAULT_RATE
     admin_token = args.admin_token
     if admin_token is None:
         admin_token = os.environ.get("COUPON_ADMIN_TOKEN", "")
@@ -200,6 +266,12 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         max_lag_ms=args.max_lag,
         seed=args.seed,
         name=args.name or f"loadtest {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        herd=args.herd,
+        spread_s=args.spread,
+        patience_s=args.patience,
+        retry_floor_s=args.retry_floor,
+        retry_cap_s=args.retry_cap,
+        connections=args.connections,
     )
 
 
@@ -254,13 +326,35 @@ def _draw(
     elif data.settled_rel_ns is not None:
         markers["every user served"] = (data.settled_rel_ns - starts_rel) / NS_PER_S
     markers["load stopped"] = (data.stop_rel_ns - starts_rel) / NS_PER_S
-    load = f"{config.rate:g}/s open loop" if config.open_loop else f"{config.concurrency} in flight"
+    if config.herd:
+        load = f"herd, spread {config.spread_s:g} s, patience {config.patience_s:g} s"
+    elif config.open_loop:
+        load = f"{config.rate:g}/s open loop"
+    else:
+        load = f"{config.concurrency} in flight"
     title = (
         f"{data.target.plan.stock} coupons, {config.users} users, {load}, "
         f"{config.processes} processes — {'PASSED' if verdict.passed else 'FAILED'}"
     )
+    answers = None
+    if data.herd is not None:
+        # Every final answer, in seconds after the start; users never answered keep the
+        # curve below 1.
+        book = data.herd
+        answers = [
+            (book.final_ns[i] - starts_rel) / NS_PER_S
+            for i in range(len(book))
+            if book.final_ns[i] >= 0
+        ]
     try:
-        chart.draw(timeline, config.chart_path, title=title, markers=markers)
+        chart.draw(
+            timeline,
+            config.chart_path,
+            title=title,
+            markers=markers,
+            answers_s=answers,
+            crowd=config.users,
+        )
     except Exception as exc:  # noqa: BLE001 - a chart is not worth losing the report over
         console.info(f"could not draw the chart: {type(exc).__name__}: {exc}")
         return None
@@ -270,9 +364,9 @@ def _draw(
 def main(argv: list[str] | None = None, prog: str = "coupon-loadtest") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Drive a first-come-first-served burst at a coupon server, then verify "
-        "that it issued exactly the stock: never more, never a duplicate, never early, at "
-        "most one per user, every acknowledged coupon recorded.",
+        description="Drive a first-come-first-served burst (or, with --herd, a flash crowd) "
+        "at a coupon server, then verify that it issued exactly the stock: never more, never "
+        "a duplicate, never early, at most one per user, every acknowledged coupon recorded.",
         epilog="Exit codes: 0 passed; 1 invariant violated; 2 setup failed; 3 asked rate not "
         "offered; 130 interrupted.",
     )

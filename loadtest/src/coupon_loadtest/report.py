@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from coupon_loadtest.chart import Series
+from coupon_loadtest.herd import HerdSummary, summarize
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.records import LOST, SOLD_OUT
 from coupon_loadtest.runner import RunData
@@ -76,6 +77,22 @@ def first_sold_out_rel(run: RunData) -> int | None:
     return min(times, default=None)
 
 
+def herd_summary(run: RunData, sell_out_s: float | None, sold_out: bool) -> HerdSummary | None:
+    """The crowd's figures: each user's time to a final answer, retries, goodput over time."""
+    if run.herd is None:
+        return None
+    obs = run.observations
+    fresh = [obs.done_ns[row] for row, a in zip(obs.ok_row, obs.ok_already, strict=True) if not a]
+    return summarize(
+        run.herd,
+        starts_rel_ns=run.starts_rel_ns,
+        patience_ns=round(run.config.patience_s * NS_PER_S),
+        fresh_done_ns=fresh,
+        sell_out_s=sell_out_s,
+        sold_out=sold_out,
+    )
+
+
 def build(
     run: RunData,
     verification: Verification,
@@ -121,6 +138,9 @@ def build(
     def wall(rel: int | None) -> int | None:
         return None if rel is None else run.t0_wall_ns + rel
 
+    sell_out_s = round(issue_span_s, 3) if sold_out and run_issued else None
+    herd = herd_summary(run, sell_out_s, sold_out)
+
     return {
         "tool": "coupon loadtest",
         "report_version": 1,
@@ -138,7 +158,7 @@ def build(
         "scenario": {
             "users": config.users,
             "repeat_fraction": config.repeat_fraction,
-            "load_model": "open" if config.open_loop else "closed",
+            "load_model": config.load_model,
             "rate": config.rate if config.open_loop else None,
             "concurrency": config.concurrency,
             "processes": config.processes,
@@ -158,7 +178,7 @@ def build(
             "first_sold_out_answer_at": _iso(wall(first_sold_out)),
             "last_coupon_issued_at": _iso(run_issued[-1]) if run_issued else None,
             "sold_out": sold_out,
-            "sell_out_s": round(issue_span_s, 3) if sold_out and run_issued else None,
+            "sell_out_s": sell_out_s,
             "load_stopped_at": _iso(run.t0_wall_ns + run.stop_rel_ns),
             "interrupted": run.interrupted,
         },
@@ -193,7 +213,7 @@ def build(
         "messages": examples,
         "lost": {"count": counts.get("lost", 0), "reasons": lost_reasons},
         "latency_ms": {
-            "measured_from": "intended send time" if config.open_loop else "send time",
+            "measured_from": "send time" if config.load_model == "closed" else "intended send time",
             **{name: histogram.summary() for name, histogram in sorted(run.histograms.items())},
         },
         "verification": verification.as_dict(),
@@ -201,6 +221,17 @@ def build(
             "passed": verdict.passed,
             "exit_code": verdict.exit_code,
             "reasons": verdict.reasons,
+        },
+        "herd": None
+        if herd is None
+        else {
+            **herd.as_dict(),
+            "spread_s": config.spread_s,
+            "patience_s": config.patience_s,
+            "retry_floor_s": config.retry_floor_s,
+            "retry_cap_s": config.retry_cap_s,
+            "connections": config.connections,
+            "waits_for_a_connection": sum(r.inflight_cap_waits for r in run.results),
         },
         "chart": chart_path,
         "timeseries": timeline.as_dict(),
@@ -213,6 +244,40 @@ def _latency_line(name: str, summary: dict[str, Any]) -> str:
     return f"  {name:<9} n={summary['count']:<8}" + "".join(
         f" {p} {summary[p]:>8.2f}" for p in ("p50", "p90", "p99", "p99.9", "max")
     )
+
+
+def _herd_lines(herd: dict[str, Any] | None) -> list[str]:
+    if not herd:
+        return []
+    ttf = herd["time_to_final_ms"]
+    retries = herd["retries"]
+    within = ", ".join(f"{s} s {share:.1%}" for s, share in herd["answered_within_s"].items())
+    peak = max(herd["goodput_per_s"], default=0.0)
+    return [
+        "",
+        f"herd: {herd['users']} users, spread {herd['spread_s']:g} s, patience "
+        f"{herd['patience_s']:g} s, retry {herd['retry_floor_s'] * 1000:g} ms to "
+        f"{herd['retry_cap_s']:g} s with full jitter",
+        f"  final answers: coupon {herd['got_coupon']}, sold out {herd['got_sold_out']}, "
+        f"error {herd['got_error']}; gave up {herd['gave_up']}, unanswered {herd['unanswered']}",
+        f"  answered within their patience: {herd['answered_within_patience']:.1%} of users; "
+        f"after the start: {within}",
+        "  time to a final answer (ms, from the first press): "
+        + (" ".join(f"{k} {v:.1f}" for k, v in ttf.items()) if ttf else "(none)"),
+        "  retries per user: "
+        + (
+            f"mean {retries['mean']:.2f}, p50 {retries['p50']:g}, p99 {retries['p99']:g}, "
+            f"max {retries['max']:g}"
+            if retries
+            else "(none)"
+        ),
+        f"  goodput: peak {peak:,.0f} issued/s ({herd['goodput_bucket_s']:g} s buckets); "
+        + (
+            f"sold out {herd['sell_out_s']:.3f} s after the start"
+            if herd["sell_out_s"]
+            else "not sold out"
+        ),
+    ]
 
 
 def summary_text(report: dict[str, Any]) -> str:
@@ -237,6 +302,7 @@ def summary_text(report: dict[str, Any]) -> str:
             f"  generator {'kept up' if generator['kept_up'] else 'FELL BEHIND'}: "
             f"{generator['message']}"
         )
+    lines += _herd_lines(report.get("herd"))
     lines += ["", f"latency (ms, from {report['latency_ms']['measured_from']}):"]
     for name in ("success", "rejected", "service", "send_lag"):
         if name in report["latency_ms"]:

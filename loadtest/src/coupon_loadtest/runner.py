@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from coupon_loadtest.herd import UserBook
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.ledger import api_ledger, database_ledger
 from coupon_loadtest.progress import Progress, Snapshot
@@ -24,6 +25,7 @@ from coupon_loadtest.worker import (
     COUNTERS,
     NO_STOP,
     Go,
+    HerdSpec,
     WorkerResult,
     WorkerSpec,
     process_main,
@@ -51,6 +53,8 @@ class RunData:
     histograms: dict[str, LatencyHistogram]
     ledgers: list[Ledger]
     interrupted: bool = False
+    herd: UserBook | None = None  # every user of the herd, in process order
+    starts_rel_ns: int = 0  # starts_at in the client's clock, after t0
 
 
 class Console:
@@ -70,6 +74,18 @@ def _recv(conn: Connection, timeout_s: float) -> Any:
     return conn.recv()
 
 
+def _herd_spec(config: LoadConfig, index: int) -> HerdSpec | None:
+    if not config.herd:
+        return None
+    return HerdSpec(
+        spread_ns=round(config.spread_s * NS_PER_S),
+        patience_ns=round(config.patience_s * NS_PER_S),
+        retry_floor_ns=round(config.retry_floor_s * NS_PER_S),
+        retry_cap_ns=round(config.retry_cap_s * NS_PER_S),
+        connections=len(range(index, config.connections, config.processes)),
+    )
+
+
 def _specs(config: LoadConfig, user_prefix: str) -> list[WorkerSpec]:
     processes = config.processes
     concurrency = config.concurrency or 0
@@ -87,6 +103,7 @@ def _specs(config: LoadConfig, user_prefix: str) -> list[WorkerSpec]:
             repeat_fraction=config.repeat_fraction,
             seed=config.seed,
             user_prefix=user_prefix,
+            herd=_herd_spec(config, k),
         )
         for k in range(processes)
     ]
@@ -189,9 +206,15 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
                 f"{plan.total_coupons} coupons left"
             )
         t0 = time.time_ns() + _GO_MARGIN_NS
+        starts_rel = plan.starts_at_ns - target.clock.offset_ns - t0
         run_for_s = config.duration_s if config.duration_s is not None else config.max_duration_s
         end_rel = round(run_for_s * NS_PER_S)
-        pool.send_all(("go", Go(plan.campaign_id, t0, end_rel)))
+        if config.herd:
+            # The last user presses at the end of the spread; the last answer comes at most
+            # a patience and a time-out later.
+            last_s = config.spread_s + config.patience_s + config.timeout_s + 5.0
+            end_rel = max(starts_rel, 0) + round(last_s * NS_PER_S)
+        pool.send_all(("go", Go(plan.campaign_id, t0, end_rel, starts_rel)))
         settled, interrupted = await _drive(config, target, pool, api, t0)
         messages = await pool.receive("reporting", config.timeout_s + _READY_TIMEOUT_S)
         results: list[WorkerResult] = sorted((m[1] for m in messages), key=lambda r: r.index)
@@ -204,8 +227,11 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         await api.aclose()
     observations = Observations(user_prefix, t0)
     histograms: dict[str, LatencyHistogram] = {}
+    herd = UserBook.empty() if config.herd else None
     for result in results:
         observations.extend(result.observations)
+        if herd is not None and result.herd is not None:
+            herd.extend(result.herd)
         for name, blob in result.histograms.items():
             histogram = LatencyHistogram.decode(blob)
             if name in histograms:
@@ -223,6 +249,8 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         histograms=histograms,
         ledgers=ledgers,
         interrupted=interrupted,
+        herd=herd,
+        starts_rel_ns=starts_rel,
     )
 
 
@@ -262,8 +290,11 @@ async def _drive(
                     f"worker {dead} exited with code {pool.procs[dead].exitcode} mid-run"
                 )
             now_rel = time.time_ns() - t0
-            if settled is None and (
-                pool.total("sold_out") > 0 or pool.total("users_served") >= config.users
+            # A herd ends by itself: every user stops at a final answer or their patience.
+            if (
+                settled is None
+                and not config.herd
+                and (pool.total("sold_out") > 0 or pool.total("users_served") >= config.users)
             ):
                 # Nothing more can be issued: sold out, or every user holds a coupon.
                 settled = now_rel

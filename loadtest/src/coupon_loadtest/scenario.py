@@ -51,10 +51,21 @@ class LoadConfig:
     max_lag_ms: float
     seed: int
     name: str
+    # The crowd model (herd.py) instead of a rate or a concurrency.
+    herd: bool = False
+    spread_s: float = 1.0
+    patience_s: float = 10.0
+    retry_floor_s: float = 0.05
+    retry_cap_s: float = 2.0
+    connections: int = 512  # over all processes
 
     @property
     def open_loop(self) -> bool:
-        return self.concurrency is None
+        return self.concurrency is None and not self.herd
+
+    @property
+    def load_model(self) -> str:
+        return "herd" if self.herd else ("open" if self.open_loop else "closed")
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import pyqwest
 import uvloop
 
+from coupon_loadtest.herd import UserBook
 from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.http import HttpPool
 from coupon_loadtest.records import (
     LOST,
     NOT_OPEN,
@@ -58,6 +59,17 @@ _MIN_SLEEP_NS = 1_000_000
 
 
 @dataclass(frozen=True)
+class HerdSpec:
+    """The crowd model's settings (see herd.py)."""
+
+    spread_ns: int
+    patience_ns: int
+    retry_floor_ns: int
+    retry_cap_ns: int
+    connections: int  # this process's
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     index: int
     processes: int
@@ -71,6 +83,7 @@ class WorkerSpec:
     repeat_fraction: float
     seed: int
     user_prefix: str
+    herd: HerdSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ class Go:
     campaign_id: str
     t0_wall_ns: int
     end_rel_ns: int
+    starts_rel_ns: int = 0  # starts_at in the client's clock, after t0 (the herd presses then)
 
 
 @dataclass
@@ -91,6 +105,7 @@ class WorkerResult:
     inflight_cap_waits: int
     lost_reasons: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, str] = field(default_factory=dict)
+    herd: UserBook | None = None  # the herd's users, one record each
 
 
 class Worker:
@@ -102,7 +117,7 @@ class Worker:
         self._counters = counters
         self._stop_at = stop_at
         self._codec = IssueCodec(json=spec.json)
-        self._transport: pyqwest.HTTPTransport | None = None
+        self._pool: HttpPool | None = None
         self._post = post or self._http_post()
         self._picker = UserPicker(
             spec.users,
@@ -131,22 +146,19 @@ class Worker:
 
     def _http_post(self) -> Post:
         spec = self._spec
-        pool = spec.max_inflight if spec.rate is not None else max(1, spec.concurrency)
-        self._transport = pyqwest.HTTPTransport(
-            timeout=spec.timeout_s,
-            pool_max_idle_per_host=pool,
-            tls_include_system_certs=True,
-            enable_gzip=False,
-            enable_brotli=False,
-            enable_zstd=False,
+        # A connection per request in flight, as many as the load model lets be in flight.
+        connections = spec.max_inflight if spec.rate is not None else max(1, spec.concurrency)
+        self._pool = pool = HttpPool(
+            spec.url,
+            connections=connections,
+            timeout_s=spec.timeout_s,
+            headers=self._codec.headers,
         )
-        http = pyqwest.Client(self._transport)
-        url = spec.url.rstrip("/") + ISSUE_PATH
-        headers = {"content-type": self._codec.content_type}
+        head = pool.request_head(ISSUE_PATH)
 
         async def post(body: bytes) -> tuple[int, bytes]:
-            response = await http.post(url, headers, body)
-            return response.status, response.content
+            reply = await pool.post(head, body)
+            return reply.status, reply.body
 
         return post
 
@@ -178,12 +190,12 @@ class Worker:
             self._finished = True
             publisher.cancel()
             self._publish(done=True)
-            if self._transport is not None:
-                await self._transport.aclose()
+            if self._pool is not None:
+                await self._pool.aclose()
         return WorkerResult(
             index=self._spec.index,
             observations=self.observations,
-            histograms=self._histograms(),
+            histograms=histograms_of(self.observations),
             due=due,
             sent=self._sent,
             stop_rel_ns=self._stop(),
@@ -317,27 +329,28 @@ class Worker:
                 self._slot.set()  # a sender waiting for a free slot must notice the stop
             await asyncio.sleep(_PUBLISH_S)
 
-    def _histograms(self) -> dict[str, bytes]:
-        """Built once at the end, off the hot path."""
-        obs = self.observations
-        success = LatencyHistogram()
-        rejected = LatencyHistogram()
-        service = LatencyHistogram()
-        lag = LatencyHistogram()
-        for outcome, intended, sent, done in zip(
-            obs.outcome, obs.intended_ns, obs.sent_ns, obs.done_ns, strict=True
-        ):
-            lag.record_ns(sent - intended)
-            if outcome == LOST:
-                continue
-            service.record_ns(done - sent)
-            (success if outcome == OK else rejected).record_ns(done - intended)
-        return {
-            "success": success.encode(),
-            "rejected": rejected.encode(),
-            "service": service.encode(),
-            "send_lag": lag.encode(),
-        }
+
+def histograms_of(obs: Observations) -> dict[str, bytes]:
+    """Latency from the intended time by kind of answer, service time and send lag; built
+    once at the end, off the hot path."""
+    success = LatencyHistogram()
+    rejected = LatencyHistogram()
+    service = LatencyHistogram()
+    lag = LatencyHistogram()
+    for outcome, intended, sent, done in zip(
+        obs.outcome, obs.intended_ns, obs.sent_ns, obs.done_ns, strict=True
+    ):
+        lag.record_ns(sent - intended)
+        if outcome == LOST:
+            continue
+        service.record_ns(done - sent)
+        (success if outcome == OK else rejected).record_ns(done - intended)
+    return {
+        "success": success.encode(),
+        "rejected": rejected.encode(),
+        "service": service.encode(),
+        "send_lag": lag.encode(),
+    }
 
 
 async def _serve(spec: WorkerSpec, conn: Connection, counters: Any, stop_at: Any) -> None:
@@ -345,8 +358,12 @@ async def _serve(spec: WorkerSpec, conn: Connection, counters: Any, stop_at: Any
     message = await asyncio.to_thread(conn.recv)
     if message[0] != "go":
         return
-    worker = Worker(spec, message[1], counters, stop_at)
-    result = await worker.run()
+    if spec.herd is not None:
+        from coupon_loadtest.herd_worker import HerdWorker
+
+        result = await HerdWorker(spec, message[1], counters, stop_at).run()
+    else:
+        result = await Worker(spec, message[1], counters, stop_at).run()
     conn.send(("result", result))
 
 
