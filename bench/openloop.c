@@ -213,18 +213,21 @@ static void conn_close(conn_t *c) {
     c->len = 0;
 }
 
-/* The connection broke (or timed out) with a request on it: count it, open another. */
+/* The connection broke (or timed out) with a request on it: count it, open another. A
+ * connect that failed is retried by the next sweep (within 5 ms), not at once: a server
+ * that refuses connections is not to be hammered. */
 static void conn_fail(conn_t *c, int timed_out) {
     int64_t now = now_ns();
+    int connecting = c->state == S_CONNECTING;
     if (c->state == S_BUSY) {
         if (timed_out) timeouts++;
         else conn_errors++;
         timeline_add(C_CLASSES, now);
-    } else if (c->state == S_CONNECTING) {
+    } else if (connecting) {
         connect_failures++;
     }
     conn_close(c);
-    conn_open(c);
+    if (!connecting) conn_open(c);
 }
 
 static void flush_out(conn_t *c) {
@@ -536,9 +539,15 @@ int main(int argc, char **argv) {
     }
     struct epoll_event events[MAX_EVENTS];
     int64_t give_up = now_ns() + 5000000000LL;
+    int64_t reopened = now_ns();
     for (;;) {
         int connected = 0;
-        for (int k = 0; k < opt_connections; k++) connected += conns[k].state == S_IDLE;
+        int reopen = now_ns() - reopened > 10000000LL; /* failed connects, every 10 ms */
+        if (reopen) reopened = now_ns();
+        for (int k = 0; k < opt_connections; k++) {
+            connected += conns[k].state == S_IDLE;
+            if (reopen && conns[k].state == S_CLOSED) conn_open(&conns[k]);
+        }
         if (connected == opt_connections || now_ns() > give_up) break;
         int n = epoll_wait(epfd, events, MAX_EVENTS, 10);
         for (int e = 0; e < n; e++)
