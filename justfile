@@ -59,12 +59,12 @@ buf *ARGS:
 gen: setup
     {{python}} -m tools.gen
 
-# Run the load-test and verification tool against a running server (see README).
+# Run the load-test and verification tool against a running server (docs/loadtest.md).
 loadtest *ARGS: setup
     {{python}} -m coupon loadtest {{ARGS}}
 
-# Measure IssueCoupon against the no-op ceiling, verify the invariants, append to
-# bench/RESULTS.md (see bench/run.py; `just bench --quick` to try it, `--help` for options).
+# Measure IssueCoupon against two no-op ceilings and under overload, verify the invariants,
+# print the table (docs/performance.md; `just bench --quick` to try it, `--help` for options).
 bench *ARGS: setup
     {{python}} -m bench {{ARGS}}
 
@@ -89,6 +89,6 @@ cluster-demo *ARGS: setup
     {{python}} -m tools.cluster_demo {{ARGS}}
 
 # At scale: sell out a 1,000,000-coupon campaign (RSS, I1-I4, every page),
-# then GetCampaign paging with 10,000,000 coupon rows (bench/scale.py; `--help` for options).
+# then GetCampaign paging with 10,000,000 coupon rows (bench/scale/; `--help` for options).
 bench-scale *ARGS: setup
     {{python}} -m bench.scale {{ARGS}}

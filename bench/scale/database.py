@@ -76,7 +76,7 @@ async def drop_own_database(admin: asyncpg.Connection) -> bool:
         return False
     if mark != DB_MARK:
         raise BenchBroke(
-            f"database {DB_NAME} exists but was not created by bench/scale.py "
+            f"database {DB_NAME} exists but was not created by just bench-scale "
             f"(comment {mark!r}); not touching it: drop it yourself or free the name"
         )
     await admin.execute(f"DROP DATABASE {DB_NAME} WITH (FORCE)")

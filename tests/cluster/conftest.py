@@ -1,4 +1,4 @@
-"""A local 3-master Redis Cluster (tools/redis_cluster.py) for the tests in this folder."""
+"""A local 3-master Redis Cluster (harness/redis_cluster.py) for the tests in this folder."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ class Series:
     bucket_s: float
     time_s: list[float]
     sent_per_s: list[float]
+    due_per_s: list[float]  # by intended send time: the schedule, or a crowd's presses
     rates: dict[str, list[float]]  # responses per second by kind
     latency_ms: dict[str, list[float | None]]  # percentile name -> value per bucket
 
@@ -31,6 +32,7 @@ class Series:
             "bucket_s": self.bucket_s,
             "time_s": self.time_s,
             "sent_per_s": self.sent_per_s,
+            "due_per_s": self.due_per_s,
             "responses_per_s": self.rates,
             "latency_ms": self.latency_ms,
         }
@@ -50,7 +52,7 @@ def _i64(values: object) -> npt.NDArray[np.int64]:
 def series(observations: Observations, starts_rel_ns: int) -> Series:
     """Bucket the rows by when things happened; starts_rel_ns is starts_at after t0."""
     if not len(observations):
-        return Series(1.0, [], [], {}, {})
+        return Series(1.0, [], [], [], {}, {})
     sent = _i64(observations.sent_ns) - starts_rel_ns
     done = _i64(observations.done_ns) - starts_rel_ns
     intended = _i64(observations.intended_ns) - starts_rel_ns
@@ -63,6 +65,8 @@ def series(observations: Observations, starts_rel_ns: int) -> Series:
     count = int((max(sent.max(), done.max()) // width_ns) - first) + 1
     sent_bucket = sent // width_ns - first
     done_bucket = done // width_ns - first
+    # A request due before the first send or answer counts in the first bucket.
+    due_bucket = np.maximum(intended // width_ns - first, 0)
 
     def per_second(buckets: npt.NDArray[np.int64]) -> list[float]:
         counts = np.bincount(buckets, minlength=count)[:count]
@@ -99,6 +103,7 @@ def series(observations: Observations, starts_rel_ns: int) -> Series:
         bucket_s=width,
         time_s=[round((first + b) * width, 3) for b in range(count)],
         sent_per_s=per_second(sent_bucket),
+        due_per_s=per_second(due_bucket),
         rates=rates,
         latency_ms=percentiles,
     )
@@ -127,6 +132,9 @@ def draw(
     try:
         # Plot each bucket at its middle so a line does not lag the events by half a bucket.
         x = [t + data.bucket_s / 2 for t in data.time_s]
+        if answers_s is not None:
+            # A crowd presses faster than connections free up: both lines tell.
+            top.plot(x, data.due_per_s, label="pressed", color="grey", linewidth=1.5)
         top.plot(x, data.sent_per_s, label="sent", color="black", linewidth=1.5)
         colours = {
             "issued": "tab:green",

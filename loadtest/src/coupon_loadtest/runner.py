@@ -242,7 +242,8 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         config=config,
         target=target,
         t0_wall_ns=t0,
-        stop_rel_ns=min(r.stop_rel_ns for r in results),
+        # A herd's processes end when their users have: the load lasts until the last one.
+        stop_rel_ns=(max if config.herd else min)(r.stop_rel_ns for r in results),
         settled_rel_ns=settled,
         results=results,
         observations=observations,
