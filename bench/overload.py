@@ -16,7 +16,7 @@ the other. Then, on one server:
               a spread, honours the retry hint, gives up after a patience; time to
               sell-out, each user's time to a final answer, I1-I6 verified.
 
-and the targets of the flash-crowd issue, PASS or FAIL.
+and the targets of the flash-crowd issue, PASS or FAIL (bench/figures.py).
 """
 
 from __future__ import annotations
@@ -25,20 +25,14 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any
 
+from bench.figures import Level, fmt_ms, fmt_s, issued_per_s, sold_out_rates, targets
 from bench.generators import BenchBroke, openloop_argv, pinned, run_generator
 from bench.phases import Bench, measure
 from bench.state import DATABASE_URL
 
 FACTORS = (1, 2, 4)
-# Targets (issue 15). Reported as PASS/FAIL; a miss never fails the run.
-GOODPUT_KEPT = 0.9  # goodput at 4x over goodput at 1x
-SUCCESS_P99_MS = 250.0
-EXCESS_P99_MS = 20.0
-SOLD_OUT_OVER_ISSUE = 3.0
-HERD_ANSWERED_WITHIN_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,165 +65,6 @@ def settle_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--overload-seconds and --overload-connections must be positive")
     if min(args.sellout_coupons, args.herd_users, args.herd_coupons, args.herd_processes) < 1:
         parser.error("the sold-out and herd sizes must be at least 1")
-
-
-# --- what the generator's results mean (pure) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class Level:
-    """One open-loop level, from bench/openloop.c's result."""
-
-    factor: float
-    offered_per_s: float
-    goodput_per_s: float
-    success_p50_ms: float | None
-    success_p99_ms: float | None
-    excess: int  # 503 `unavailable` answers
-    excess_p99_ms: float | None
-    sold_out: int
-    other: int
-    timeouts: int  # no answer within the time-out, in flight or still waiting to be sent
-    connection_errors: int
-    kept_up: bool
-
-    @classmethod
-    def from_result(cls, factor: float, offered: float, result: dict[str, Any]) -> Level:
-        answers, latency = result["answers"], result["latency_ms"]
-        window = float(result["duration_s"]) or 1.0
-        return cls(
-            factor=factor,
-            offered_per_s=offered,
-            goodput_per_s=int(answers["ok"]) / window,
-            success_p50_ms=latency["ok"].get("p50"),
-            success_p99_ms=latency["ok"].get("p99"),
-            excess=int(answers["unavailable"]),
-            excess_p99_ms=latency["unavailable"].get("p99"),
-            sold_out=int(answers["sold_out"]),
-            other=int(answers["other"]),
-            timeouts=int(result["timeouts"]) + int(result["expired_in_queue"]),
-            connection_errors=int(result["connection_errors"]) + int(result["connect_failures"]),
-            kept_up=bool(result["kept_up"]),
-        )
-
-
-@dataclass(frozen=True)
-class SoldOutRates:
-    sold_out_after_s: float | None  # from the first answer's bucket to the sell-out
-    issue_per_s: float | None
-    sold_out_answers_per_s: float | None
-
-    @property
-    def ratio(self) -> float | None:
-        if not self.issue_per_s or self.sold_out_answers_per_s is None:
-            return None
-        return self.sold_out_answers_per_s / self.issue_per_s
-
-
-def sold_out_rates(timeline: dict[str, Any], stock: int) -> SoldOutRates:
-    """From completions per bucket: the issue rate until the stock was gone (the bucket in
-    which the last coupon was answered ends the selling), and the rate of sold-out answers
-    in the whole buckets after it, up to the last bucket that answered anything."""
-    bucket = float(timeline["bucket_s"])
-    ok = list(timeline["ok"])
-    sold = list(timeline["sold_out"])
-    issued = 0
-    end = None
-    for index, count in enumerate(ok):
-        issued += count
-        if issued >= stock:
-            end = index
-            break
-    if end is None:
-        return SoldOutRates(None, None, None)
-    first = next((i for i, n in enumerate(ok) if n), 0)
-    selling_s = (end - first + 1) * bucket
-    after = sold[end + 1 :]
-    last = max((i for i, n in enumerate(after) if n), default=-1)
-    after = after[: last + 1]
-    rate = sum(after) / (len(after) * bucket) if after else None
-    return SoldOutRates(selling_s, stock / selling_s, rate)
-
-
-def targets(record: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
-    """The flash-crowd targets: (target, met or None when not measured, measured value)."""
-    rows: list[tuple[str, bool | None, str]] = []
-    levels = {float(k): Level(**v) for k, v in record.get("levels", {}).items()}
-    one, four = levels.get(1.0), levels.get(4.0)
-    if one and four:
-        kept = four.goodput_per_s / one.goodput_per_s if one.goodput_per_s else 0.0
-        rows.append(
-            (
-                f"goodput at 4x >= {GOODPUT_KEPT:.0%} of 1x",
-                kept >= GOODPUT_KEPT,
-                f"{four.goodput_per_s:,.0f}/s vs {one.goodput_per_s:,.0f}/s ({kept:.0%})",
-            )
-        )
-    if levels:
-        worst = max((lv.success_p99_ms or float("inf")) for lv in levels.values())
-        rows.append(
-            (
-                f"success p99 <= {SUCCESS_P99_MS:g} ms at every level",
-                worst <= SUCCESS_P99_MS,
-                ", ".join(f"{lv.factor:g}x {_ms(lv.success_p99_ms)}" for lv in levels.values()),
-            )
-        )
-        lost = sum(lv.timeouts + lv.connection_errors for lv in levels.values())
-        excess_p99 = [
-            lv.excess_p99_ms for lv in levels.values() if lv.excess and lv.excess_p99_ms is not None
-        ]
-        worst_excess = max(excess_p99, default=None)
-        rows.append(
-            (
-                f"every excess request answered (no time-out or connection error), "
-                f"p99 <= {EXCESS_P99_MS:g} ms",
-                lost == 0 and (worst_excess is None or worst_excess <= EXCESS_P99_MS),
-                f"{lost} time-outs and connection errors; excess p99 "
-                + (", ".join(f"{lv.factor:g}x {_ms(lv.excess_p99_ms)}" for lv in levels.values())),
-            )
-        )
-    sold = record.get("sold_out")
-    if sold:
-        rates = SoldOutRates(**sold["rates"])
-        rows.append(
-            (
-                f"sold-out answers >= {SOLD_OUT_OVER_ISSUE:g}x the issue rate",
-                None if rates.ratio is None else rates.ratio >= SOLD_OUT_OVER_ISSUE,
-                "-"
-                if rates.ratio is None
-                else f"{rates.sold_out_answers_per_s:,.0f}/s vs {rates.issue_per_s:,.0f}/s "
-                f"({rates.ratio:.1f}x)",
-            )
-        )
-    herd = record.get("herd")
-    if herd:
-        summary = herd.get("summary") or {}
-        within = summary.get("answered_within_s", {}).get(f"{HERD_ANSWERED_WITHIN_S:g}")
-        ok = (
-            bool(herd.get("verified"))
-            and bool(summary.get("sold_out"))
-            and within is not None
-            and within >= 1.0
-        )
-        rows.append(
-            (
-                f"herd of {herd['users']:,} on {herd['coupons']:,} coupons: sold out, I1-I6 "
-                f"verified, every user answered within {HERD_ANSWERED_WITHIN_S:g} s",
-                ok,
-                f"sold out in {_s(summary.get('sell_out_s'))}; "
-                f"{'verified' if herd.get('verified') else 'NOT verified'}; "
-                + ("-" if within is None else f"{within:.1%} answered within 5 s"),
-            )
-        )
-    return rows
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} s"
 
 
 # --- the runs ----------------------------------------------------------------------------
@@ -273,7 +108,7 @@ def run(bench: Bench) -> None:
         argv = _openloop(bench, server.port, big, "sat", 0, seconds)
         result, cores = measure(server, lambda: run_generator(argv, timeout=seconds + 60))
         bench.acks[big] = bench.acks.get(big, 0) + int(result["answers"]["ok"])
-        saturation = int(result["answers"]["ok"]) / (float(result["duration_s"]) or 1.0)
+        saturation = issued_per_s(result)
         record["saturation"] = {"issued_per_s": saturation, "cores": cores, "raw": _slim(result)}
         print(f"    saturation (closed loop): {saturation:,.0f} issued/s", flush=True)
         if saturation < 1:
@@ -293,8 +128,8 @@ def run(bench: Bench) -> None:
             record.setdefault("raw_levels", {})[str(factor)] = {**_slim(result), "cores": cores}
             print(
                 f"    {factor}x ({rate:,.0f}/s offered): goodput {level.goodput_per_s:,.0f}/s, "
-                f"success p99 {_ms(level.success_p99_ms)}, {level.excess} excess (p99 "
-                f"{_ms(level.excess_p99_ms)}), {level.timeouts} time-outs, "
+                f"success p99 {fmt_ms(level.success_p99_ms)}, {level.excess} excess (p99 "
+                f"{fmt_ms(level.excess_p99_ms)}), {level.timeouts} time-outs, "
                 f"{level.connection_errors} connection errors; generator "
                 f"{'kept up' if level.kept_up else 'FELL BEHIND'}",
                 flush=True,
@@ -313,7 +148,7 @@ def sold_out_phase(bench: Bench, port: int, url: str, saturation: float) -> dict
     bench.acks[campaign] = bench.acks.get(campaign, 0) + int(result["answers"]["ok"])
     rates = sold_out_rates(result["timeline"], stock)
     print(
-        f"    sold out: {stock:,} coupons in {_s(rates.sold_out_after_s)} "
+        f"    sold out: {stock:,} coupons in {fmt_s(rates.sold_out_after_s)} "
         f"({(rates.issue_per_s or 0):,.0f} issued/s), then "
         f"{(rates.sold_out_answers_per_s or 0):,.0f} sold-out answers/s",
         flush=True,
@@ -369,7 +204,7 @@ def herd_phase(bench: Bench, url: str) -> dict[str, Any]:
     summary = document.get("herd") or {}
     verified = bool(document["verification"]["passed"])
     print(
-        f"    herd: exit {done.returncode}; sold out in {_s(summary.get('sell_out_s'))}; "
+        f"    herd: exit {done.returncode}; sold out in {fmt_s(summary.get('sell_out_s'))}; "
         f"{'verified' if verified else 'NOT verified'}; chart {bench.log_dir / 'herd-report.png'}",
         flush=True,
     )
@@ -408,14 +243,15 @@ def report_lines(bench: Bench) -> list[str]:
         f"overload: server {record['server']}; generators {record['generator']}; "
         f"saturation (closed loop) {record['saturation']['issued_per_s']:,.0f} issued/s",
         "",
-        f"{'offered':>14} {'goodput/s':>10} {'ok p50':>8} {'ok p99':>9} {'503s':>8} "
-        f"{'503 p99':>9} {'time-outs':>9} {'conn err':>8} {'kept up':>7}",
+        f"{'offered':>14} {'goodput/s':>10} {'ok p50':>11} {'ok p99':>11} {'503s':>8} "
+        f"{'503 p99':>11} {'time-outs':>9} {'conn err':>8} {'kept up':>7}",
     ]
     for level in (Level(**v) for v in record["levels"].values()):
         lines.append(
             f"{level.factor:>3g}x {level.offered_per_s:>8,.0f}/s {level.goodput_per_s:>10,.0f} "
-            f"{_ms(level.success_p50_ms):>8} {_ms(level.success_p99_ms):>9} {level.excess:>8} "
-            f"{_ms(level.excess_p99_ms):>9} {level.timeouts:>9} {level.connection_errors:>8} "
+            f"{fmt_ms(level.success_p50_ms):>11} {fmt_ms(level.success_p99_ms):>11} "
+            f"{level.excess:>8} {fmt_ms(level.excess_p99_ms):>11} {level.timeouts:>9} "
+            f"{level.connection_errors:>8} "
             f"{'yes' if level.kept_up else 'NO':>7}"
         )
     lines.append("overload targets (flash crowd):")

@@ -7,15 +7,18 @@ from typing import Any
 
 import pytest
 
-from bench.overload import Level, SoldOutRates, sold_out_rates, targets
+from bench.figures import Level, SoldOutRates, sold_out_rates, targets
 
 
 def generator_result(
     *, ok: int, unavailable: int = 0, timeouts: int = 0, errors: int = 0, seconds: float = 10
 ) -> dict[str, Any]:
-    """bench/openloop.c's BENCH_RESULT, as much of it as the phase reads."""
+    """bench/openloop.c's BENCH_RESULT, as much of it as the phase reads: the coupons
+    answered evenly over the window, in 100 ms buckets, and nothing in the drain."""
+    buckets = round(seconds * 10)
     return {
         "duration_s": seconds,
+        "timeline": {"bucket_s": 0.1, "ok": [ok // buckets] * buckets + [0, 0]},
         "answers": {"ok": ok, "sold_out": 0, "unavailable": unavailable, "other": 0},
         "latency_ms": {
             "ok": {"count": ok, "p50": 4.0, "p99": 40.0},
@@ -27,6 +30,14 @@ def generator_result(
         "connect_failures": 0,
         "kept_up": True,
     }
+
+
+def test_goodput_counts_only_coupons_answered_while_the_load_was_offered() -> None:
+    # 1 s of load: 300 coupons answered in it, then 2,000 more as the queue drained.
+    result = generator_result(ok=2_300, seconds=1)
+    result["timeline"]["ok"] = [30] * 10 + [1_000, 1_000]
+
+    assert Level.from_result(4, 10_000, result).goodput_per_s == pytest.approx(300)
 
 
 def test_a_level_reads_goodput_excess_and_failures_from_the_generator() -> None:
@@ -90,6 +101,16 @@ def test_a_service_that_sheds_the_excess_quickly_meets_the_targets() -> None:
     }
 
     assert all(ok for _, ok, _ in targets(found)), targets(found)
+
+
+def test_an_excess_neither_shed_nor_timed_out_was_queued_and_fails() -> None:
+    # 4x offered, a quarter issued, no 503 and no time-out yet: the requests waited.
+    found = record(**{"1": generator_result(ok=10_000), "4": generator_result(ok=10_000)})
+
+    met = {name: ok for name, ok, _ in targets(found)}
+
+    assert [ok for name, ok in met.items() if name.startswith("every excess")] == [False]
+    assert "queued unanswered at 4x" in next(v for n, _, v in targets(found) if "excess" in n)
 
 
 def test_a_service_that_queues_the_excess_fails_them() -> None:
