@@ -134,8 +134,9 @@ class CpuSnapshot:
         used["machine"] = machine
         # Interrupt time: on this kernel already inside the processes' times, so only told.
         used["irq"] = (self.machine["irq"] - start.machine["irq"]) / wall_seconds
-        used["idle"] = (
-            max(0.0, self.machine["total"] - start.machine["total"]) / wall_seconds - machine
+        # Two readings of /proc/stat a tick apart can leave a hair below zero: none idle.
+        used["idle"] = max(
+            0.0, (self.machine["total"] - start.machine["total"]) / wall_seconds - machine
         )
         return used
 
