@@ -56,7 +56,7 @@ def descendants(root: int) -> list[int]:
 
 
 def is_resource_tracker(pid: int) -> bool:
-    """multiprocessing's helper process, which the server's worker start-up leaves beside
+    """multiprocessing's resource tracker, which the server's worker start-up leaves beside
     the workers."""
     try:
         return b"resource_tracker" in (PROC / str(pid) / "cmdline").read_bytes()

@@ -2,8 +2,8 @@
 tools start and stop one.
 
 `coupon serve` by default; any other ASGI server module (the bench's no-op app) through
-`argv`. The process runs in its own session, so a SIGKILL can take every worker at once, and
-optionally pinned to some CPUs (`taskset -c`), which its workers inherit.
+`argv`. The process leads a process group of its own, so that a SIGKILL can take every
+worker at once, and may be pinned to some CPUs (`taskset -c`), which its workers inherit.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class ServerProcess:
             return "(no log)"
 
     def pids(self) -> list[int]:
-        """The main process and everything below it (workers, multiprocessing's helper)."""
+        """The main process and everything below it (workers, the resource tracker)."""
         return [self.process.pid, *descendants(self.process.pid)]
 
     def worker_pids(self) -> list[int]:

@@ -120,7 +120,7 @@ class Sampler:
 
 
 def server_processes(server: ServerProcess) -> dict[int, str]:
-    """The server's main process and its workers (and any helper process), by role."""
+    """The server's main process, its workers and multiprocessing's resource tracker, by role."""
     found = {server.process.pid: "main"}
     for pid in descendants(server.process.pid):
         if is_resource_tracker(pid):
