@@ -14,6 +14,8 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- build: resolve nothing, install exactly what uv.lock says, into /app/.venv -----------
+# The service alone: --no-dev leaves out the dev group, and with it the load tool
+# (coupon-loadtest, the workspace member in loadtest/, which the build context excludes).
 FROM ${PYTHON_IMAGE} AS build
 
 ARG UV_VERSION=0.13.9

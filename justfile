@@ -17,7 +17,7 @@ setup:
         python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
         uv=(python3 -m uv)
     fi
-    "${uv[@]}" sync --extra dev --frozen --quiet
+    "${uv[@]}" sync --frozen --quiet
 
 # Serve the API on PORT (8000), creating the database and schema when missing.
 serve *ARGS: setup
@@ -35,8 +35,8 @@ migrate: setup
 # the released API (proto/released.binpb): fields and RPCs may be added, never renamed,
 # renumbered or removed.
 lint: setup
-    .venv/bin/ruff check src tests tools bench
-    .venv/bin/ruff format --check src tests tools bench
+    .venv/bin/ruff check src loadtest harness tests tools bench
+    .venv/bin/ruff format --check src loadtest harness tests tools bench
     .venv/bin/mypy
     just buf lint
     just buf breaking --against proto/released.binpb
@@ -66,12 +66,12 @@ buf *ARGS:
 gen: setup
     {{python}} -m tools.gen
 
-# Run the load-test and verification tool against a running server (see README).
+# Run the load-test and verification tool against a running server (docs/loadtest.md).
 loadtest *ARGS: setup
     {{python}} -m coupon loadtest {{ARGS}}
 
-# Measure IssueCoupon against the no-op ceiling, verify the invariants, append to
-# bench/RESULTS.md (see bench/run.py; `just bench --quick` to try it, `--help` for options).
+# Measure IssueCoupon against two no-op ceilings and under overload, verify the invariants,
+# print the table (docs/performance.md; `just bench --quick` to try it, `--help` for options).
 bench *ARGS: setup
     {{python}} -m bench {{ARGS}}
 
@@ -92,6 +92,6 @@ cluster-demo *ARGS: setup
 
 # At scale: sell out a 1,000,000-coupon campaign (RSS, I1-I4, every page),
 # GetCampaign paging with 10,000,000 coupon rows, and ExportCoupons of a 10,000,000-coupon
-# campaign (bench/scale.py; `--help` for options).
+# campaign (bench/scale/; `--help` for options).
 bench-scale *ARGS: setup
     {{python}} -m bench.scale {{ARGS}}

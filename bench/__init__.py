@@ -1,2 +1,3 @@
-"""`just bench`: measure the service (no-op ceiling, IssueCoupon at saturation and at a
-fixed rate) and verify the invariants afterwards. Not a test; see bench/RESULTS.md."""
+"""`just bench` (bench/main.py) and `just bench-scale` (bench/scale/): measurements of the
+service, with the invariants verified afterwards. Not tests; docs/performance.md has the
+method and the figures."""

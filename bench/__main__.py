@@ -1,5 +1,7 @@
+"""`just bench`: see bench/main.py."""
+
 import sys
 
-from bench.run import main
+from bench.main import main
 
 sys.exit(main())

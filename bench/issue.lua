@@ -5,7 +5,7 @@
 -- The body is IssueCouponRequest encoded by hand: field 1 (campaign_id, tag 0x0a) and
 -- field 2 (user_id, tag 0x12), each a varint length then the bytes. User ids are
 -- "<user_prefix>-<thread>-<n>", so no two requests of a run share a user. done() prints one
--- line "BENCH_RESULT {json}" for bench/run.py to read (latencies in microseconds).
+-- line "BENCH_RESULT {json}" for the bench to read (latencies in microseconds).
 
 local thread_count = 0
 

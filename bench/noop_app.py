@@ -1,12 +1,20 @@
-"""The ceiling: the real server stack answering IssueCoupon without Redis or PostgreSQL.
+"""The ceilings: the real server stack answering IssueCoupon with a constant, without Redis
+or PostgreSQL.
 
-`create_app` builds the service's own dispatcher (`CouponApp`: Connect paths straight to the
-generated `CouponServiceASGIApplication`, everything else to Litestar) but hands the Connect
-app a service whose `issue_coupon` returns one constant response. Running this module serves
-it with uvicorn the way `coupon serve` does, so the only difference from the real server is
-the work behind the RPC:
+Both build the service's own dispatcher (`CouponApp`: Connect paths before any web-framework
+routing, everything else to Litestar) with a service whose IssueCoupon returns one constant
+response; they differ in the path a request takes to it:
 
-    python -m bench.noop_app --port 8001 --workers 2
+  (a1) `--dispatch connect`: the generated Connect application (`CouponServiceASGIApplication`)
+       answers, the library's whole protocol machinery included;
+  (a2) `--dispatch fast`: IssueCoupon's own fast dispatch answers (the HTTP/1.1 protocol's
+       lane and `IssueRoute`, as for the real service's common request), the Connect
+       application only for the rest.
+
+Running this module serves it with uvicorn the way `coupon serve` does, so the only
+difference from the real server is the work behind the RPC:
+
+    python -m bench.noop_app --port 8001 --workers 2 --dispatch fast
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from connectrpc.request import RequestContext
 from litestar import Litestar
 
 from coupon.entrypoints.app import MAX_REQUEST_BYTES, CouponApp
+from coupon.entrypoints.fast_issue import FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.settings import Settings
 from coupon.entrypoints.translate import to_timestamp
@@ -39,7 +48,7 @@ RESPONSE = coupon_pb.IssueCouponResponse(
 )
 
 
-class NoopService(CouponService):
+class NoopService(CouponService):  # type: ignore[misc]
     """IssueCoupon answers at once; the admin RPCs are not part of the ceiling (the others
     answer `unimplemented`, CouponService's own)."""
 
@@ -68,23 +77,53 @@ class NoopService(CouponService):
         raise ConnectError(Code.UNIMPLEMENTED, "the no-op bench server only answers IssueCoupon")
 
 
+class ConstantIssue:
+    """What `IssueRoute` needs of the service: every request let in, answered at once."""
+
+    def issue_at_once(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> ConnectError | None:
+        return None
+
+    async def issue_let_in(
+        self, request: coupon_pb.IssueCouponRequest, arrived: float
+    ) -> coupon_pb.IssueCouponResponse:
+        return RESPONSE
+
+
 class NoopCouponApp(CouponApp):
     """`CouponApp` with its dispatch and Litestar untouched; only the lifespan differs: no
-    container, no pools, a Connect app around `NoopService`, and always ready."""
+    container, no pools, a Connect app around `NoopService` (and with `fast`, the fast
+    dispatch around a constant), and always ready."""
+
+    def __init__(self, settings: Settings, *, fast: bool) -> None:
+        super().__init__(settings)
+        self._fast = fast
 
     @asynccontextmanager
     async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:
         self.readiness = Readiness({})
         self.connect = CouponServiceASGIApplication(NoopService(), read_max_bytes=MAX_REQUEST_BYTES)
+        if self._fast:
+            self.issue_route = IssueRoute(ConstantIssue())
+            self.fast_issue = FastIssue(self.issue_route, MAX_REQUEST_BYTES)
         try:
             yield
         finally:
             self.connect = None
+            self.issue_route = None
+            self.fast_issue = None
 
 
-def create_app() -> NoopCouponApp:
-    """Factory for the ASGI server (`factory=True`), like `coupon.entrypoints.app:create_app`."""
-    return NoopCouponApp(Settings(backend="memory"))
+def create_connect_app() -> NoopCouponApp:
+    """(a1): factory for the ASGI server (`factory=True`), like
+    `coupon.entrypoints.app:create_app`."""
+    return NoopCouponApp(Settings(backend="memory"), fast=False)
+
+
+def create_fast_app() -> NoopCouponApp:
+    """(a2): the same behind IssueCoupon's fast dispatch."""
+    return NoopCouponApp(Settings(backend="memory"), fast=True)
 
 
 def main() -> None:
@@ -92,12 +131,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dispatch", choices=("connect", "fast"), default="connect")
     args = parser.parse_args()
 
     from coupon.entrypoints.cli import run_asgi
 
     # The same server and options as `coupon serve`.
-    run_asgi("bench.noop_app:create_app", args.host, args.port, args.workers)
+    factory = "create_fast_app" if args.dispatch == "fast" else "create_connect_app"
+    run_asgi(f"bench.noop_app:{factory}", args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

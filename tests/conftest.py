@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from coupon.adapters.redis.client import create_client
-from tests.support.services import (
+from harness.services import (
     TestServices,
     create_database,
     delete_prefix,

@@ -26,3 +26,14 @@ if [ ${#debian[@]} -gt 0 ]; then
         echo "not installed: ${debian[*]} (needs root and apt-get); the tests that need them are skipped" >&2
     fi
 fi
+
+# gcc builds bench/openloop.c, the bench's open-loop generator, which a test runs.
+if ! command -v gcc >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing gcc (apt-get) ..." >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null 2>&1 \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null; }
+    else
+        echo "not installed: gcc (needs root and apt-get); the generator's test is skipped" >&2
+    fi
+fi

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.burst import Outcome, drive
-from tests.support.client import connect_client, create_campaign
-from tests.support.server import ServerProcess
+from harness.burst import Outcome, drive
+from harness.client import connect_client, create_campaign
+from harness.server import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 import pytest
 
 from coupon.gen.coupon.v1 import coupon_pb
-from tests.support.client import all_coupons, connect_client, create_campaign
-from tests.support.server import ServerProcess
+from harness.client import all_coupons, connect_client, create_campaign
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from harness.server import ServerProcess
 from tests.clients.conftest import ROOT, TOKEN, buf_curl
-from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

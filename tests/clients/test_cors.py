@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from coupon.entrypoints.settings import SettingsError, load_settings
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -21,10 +21,10 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from coupon.gen.coupon.v1 import coupon_pb
+from harness.client import in_seconds
+from harness.server import ServerProcess
 from tests.clients.conftest import ROOT, buf_curl
 from tests.clients.h2client import H2Client, Response, grpc_frame, grpc_message
-from tests.support.client import in_seconds
-from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

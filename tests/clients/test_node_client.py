@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from harness.server import ServerProcess
 from tests.clients.conftest import TOKEN, node_calls
-from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""A local 3-master Redis Cluster (tools/redis_cluster.py) for the tests in this folder."""
+"""A local 3-master Redis Cluster (harness/redis_cluster.py) for the tests in this folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tools.redis_cluster import LocalRedisCluster, redis_server_path
+from harness.redis_cluster import LocalRedisCluster, redis_server_path
 
 needs_redis_server = pytest.mark.skipif(
     redis_server_path() is None,

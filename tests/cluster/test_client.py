@@ -22,8 +22,8 @@ from coupon.application.ports import AdmissionKind
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Unavailable
+from harness.redis_cluster import LocalRedisCluster
 from tests.cluster.conftest import needs_redis_server
-from tools.redis_cluster import LocalRedisCluster
 
 PREFIX = "coupon-cluster-test"
 

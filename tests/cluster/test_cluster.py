@@ -13,17 +13,18 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tests.cluster.conftest import needs_redis_server
-from tests.support.burst import ALREADY, ISSUED, global_duplicate_codes
-from tests.support.server import ServerProcess
-from tools.cluster_demo import (
+from coupon_loadtest.audit import duplicate_codes_anywhere
+from harness.burst import ALREADY, ISSUED
+from harness.cluster import (
     TOKEN,
     describe_failure,
     format_table,
     run_round,
     split_by_kill,
 )
-from tools.redis_cluster import LocalRedisCluster
+from harness.redis_cluster import LocalRedisCluster
+from harness.server import ServerProcess
+from tests.cluster.conftest import needs_redis_server
 
 pytestmark = [pytest.mark.e2e, needs_redis_server]
 
@@ -111,7 +112,7 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
     # I1, I2, I4 from the database (and I3, I5, and GetCampaign agreeing with it).
     for check in failure.checks:
         assert not check.violations, (check.campaign, check.violations)
-    assert await global_duplicate_codes(pg_pool) == 0
+    assert await duplicate_codes_anywhere(pg_pool) == 0
     seen = split_by_kill(failure)
     dead, alive = seen["killed shard"], seen["other shards"]
     # The dead shard's campaigns: nothing succeeds any more, every answer is `unavailable`.

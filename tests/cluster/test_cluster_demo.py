@@ -9,8 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from harness.services import TestServices
 from tests.cluster.conftest import needs_redis_server
-from tests.support.services import TestServices
 
 pytestmark = [pytest.mark.e2e, needs_redis_server]
 REPO = Path(__file__).resolve().parents[2]

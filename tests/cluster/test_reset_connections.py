@@ -34,9 +34,9 @@ from coupon.application.ports import AdmissionKind
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Unavailable
+from harness.redis_cluster import LocalRedisCluster
+from harness.services import TestServices
 from tests.cluster.conftest import needs_redis_server
-from tests.support.services import TestServices
-from tools.redis_cluster import LocalRedisCluster
 
 PREFIX = "coupon-reset-test"
 

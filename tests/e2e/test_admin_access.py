@@ -25,7 +25,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.entrypoints import connect_service
 from coupon.entrypoints.connect_service import AdminGuard
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

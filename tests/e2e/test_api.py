@@ -14,7 +14,7 @@ from connectrpc.errors import ConnectError
 from coupon.domain.codes import is_well_formed
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import (
+from harness.client import (
     admin,
     all_coupons,
     connect_client,
@@ -23,7 +23,7 @@ from tests.support.client import (
     issue_retrying,
     ts,
 )
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 TOKEN = "s3cret-admin-token"
 AUTH = admin(TOKEN)

@@ -16,17 +16,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.burst import (
+from coupon_loadtest.audit import duplicate_codes_anywhere
+from harness.burst import (
     Campaign,
     CampaignCheck,
     Outcome,
     check_campaign,
     drive,
-    global_duplicate_codes,
 )
-from tests.support.client import all_coupons, connect_client, create_campaign
-from tests.support.server import ServerProcess
-from tests.support.services import delete_prefix
+from harness.client import all_coupons, connect_client, create_campaign
+from harness.server import ServerProcess
+from harness.services import delete_prefix
 
 TOKEN = "burst-token"
 # Clients retry `unavailable` as the answer asks (the service sheds what it cannot serve in
@@ -84,7 +84,7 @@ async def check_invariants(
     check = await check_campaign(client, pool, ref, burst.outcomes, token=TOKEN)
     assert not check.violations, check.violations
     assert check.listed == check.issued == check.issued_count
-    assert await global_duplicate_codes(pool) == 0
+    assert await duplicate_codes_anywhere(pool) == 0
     return check
 
 

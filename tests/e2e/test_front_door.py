@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import connect_client, create_campaign, issue_retrying
-from tests.support.raw_http import (
+from harness.client import connect_client, create_campaign, issue_retrying
+from harness.raw_http import (
     ISSUE,
     closed_by_peer,
     issue_request,
@@ -22,7 +22,7 @@ from tests.support.raw_http import (
     open_connection,
     read_response,
 )
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 REQUEST_TIMEOUT = 2

@@ -41,8 +41,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from coupon.gen.coupon.v1 import coupon_pb
-from tests.support.client import admin
-from tests.support.server import ServerProcess
+from harness.client import admin
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -26,9 +26,9 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.client import connect_client, create_campaign, issue_retrying
-from tests.support.private_redis import PrivateRedis
-from tests.support.server import ServerProcess
+from harness.client import connect_client, create_campaign, issue_retrying
+from harness.private_redis import PrivateRedis
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 PREFIX = "faults"

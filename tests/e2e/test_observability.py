@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 ISSUE = "/coupon.v1.CouponService/IssueCoupon"

@@ -18,9 +18,9 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from tests.support.burst import Outcome, drive
-from tests.support.client import admin, all_coupons, connect_client, create_campaign
-from tests.support.server import ServerProcess
+from harness.burst import Outcome, drive
+from harness.client import admin, all_coupons, connect_client, create_campaign
+from harness.server import ServerProcess
 
 TOKEN = "operators-token"
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.server import ServerProcess
+from harness.server import ServerProcess
 
 TOKEN = "cli-token"
 pytestmark = pytest.mark.e2e

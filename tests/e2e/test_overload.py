@@ -19,10 +19,10 @@ from connectrpc.errors import ConnectError
 from coupon.adapters.redis.client import create_client
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.gen.coupon.v1 import coupon_pb
-from tests.support.client import connect_client, create_campaign, issue_retrying
-from tests.support.private_redis import PrivateRedis
-from tests.support.raw_http import issue_request, open_connection, read_response
-from tests.support.server import ServerProcess
+from harness.client import connect_client, create_campaign, issue_retrying
+from harness.private_redis import PrivateRedis
+from harness.raw_http import issue_request, open_connection, read_response
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 LEASE = 1.0

@@ -24,10 +24,10 @@ import httpx
 import pytest
 
 from coupon.adapters.postgres.migrate import latest_version, migrations
-from tests.support.client import connect_client, create_campaign
-from tests.support.private_postgres import PrivatePostgres, postgres_bindir
-from tests.support.server import ServerProcess, free_port
-from tests.support.services import TestServices
+from harness.client import connect_client, create_campaign
+from harness.private_postgres import PrivatePostgres, postgres_bindir
+from harness.server import ServerProcess, free_port
+from harness.services import TestServices
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from coupon.adapters.postgres.migrate import latest_version, migrate
-from tests.support.services import TestServices, drop_database, with_database
+from harness.services import TestServices, drop_database, with_database
 
 STARTS = datetime(2026, 1, 1, tzinfo=UTC)
 

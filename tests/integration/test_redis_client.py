@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from coupon.adapters.redis.client import create_client
-from tests.support.private_redis import PrivateRedis
+from harness.private_redis import PrivateRedis
 
 
 async def test_commands_after_a_restart_reconnect_instead_of_failing() -> None:

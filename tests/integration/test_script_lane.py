@@ -15,7 +15,7 @@ from coupon.application.ports import AdmissionKind
 from coupon.application.use_cases import new_campaign_id
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
-from tests.support.private_redis import PrivateRedis
+from harness.private_redis import PrivateRedis
 
 
 async def no_holdings() -> AsyncIterator[Sequence[Coupon]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coupon.loadtest.clock import ClockOffset
-from coupon.loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, UNAVAILABLE, Observations
-from coupon.loadtest.schedule import OpenLoopSchedule, UserPicker
-from coupon.loadtest.verify import CampaignFacts, Ledger, ListedCoupon, Plan
-from coupon.loadtest.wire import IssueReply
+from coupon_loadtest.clock import ClockOffset
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, UNAVAILABLE, Observations
+from coupon_loadtest.schedule import OpenLoopSchedule, UserPicker
+from coupon_loadtest.verify import CampaignFacts, Ledger, ListedCoupon, Plan
+from coupon_loadtest.wire import IssueReply
 
 MS = 1_000_000
 NS_PER_S = 1_000_000_000

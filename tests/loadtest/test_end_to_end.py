@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from coupon.loadtest.cli import main
-from tests.support.server import ServerProcess, free_port
+from coupon_loadtest.cli import main
+from harness.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

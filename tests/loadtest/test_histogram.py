@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from coupon.loadtest.histogram import LatencyHistogram
+from coupon_loadtest.histogram import LatencyHistogram
 
 MS = 1_000_000
 

@@ -6,14 +6,15 @@ import io
 import json
 from pathlib import Path
 
-from coupon.loadtest import chart, report
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.progress import Progress, Snapshot, render
-from coupon.loadtest.runner import RunData
-from coupon.loadtest.scenario import LoadConfig, Target
-from coupon.loadtest.schedule import GeneratorVerdict, judge_generator
-from coupon.loadtest.verify import Check, Verification, verify
-from coupon.loadtest.worker import WorkerResult
+from coupon_loadtest import chart, report
+from coupon_loadtest.herd import Final, UserBook
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.progress import Progress, Snapshot, render
+from coupon_loadtest.runner import RunData
+from coupon_loadtest.scenario import LoadConfig, Target
+from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon_loadtest.verify import Check, Verification, verify
+from coupon_loadtest.worker import WorkerResult
 
 from .fakes import CLOCK, NS_PER_S, SERVER_AHEAD_NS, T0, FakeServer, Faults, drive, starting_after
 
@@ -199,3 +200,54 @@ def test_progress_is_silent_when_not_on_a_terminal() -> None:
 
     assert not progress.live
     assert stream.getvalue() == ""
+
+
+def herd_run() -> RunData:
+    """The same run, as a herd of 300 whose users ended every way a user can."""
+    run = fake_run()
+    first = [round(i * NS_PER_S / 300) for i in range(300)]
+    book = UserBook(first)
+    for i in range(300):
+        if i < 100:
+            book.final[i], book.final_ns[i], book.presses[i] = Final.COUPON, first[i] + 5, 1
+        elif i < 290:
+            book.final[i], book.final_ns[i], book.presses[i] = Final.SOLD_OUT, first[i] + 9, 3
+        else:
+            book.gave_up[i], book.presses[i] = 1, 12
+    run.config = config(herd=True, rate=None, patience_s=10.0)
+    run.herd = book
+    return run
+
+
+def test_a_herds_report_accounts_for_every_user() -> None:
+    run = herd_run()
+    doc = json.loads(json.dumps(document(run)))
+
+    crowd = doc["herd"]
+    assert doc["scenario"]["load_model"] == "herd"
+    assert doc["generator"] is None  # no asked rate to have missed
+    assert (crowd["users"], crowd["got_coupon"], crowd["got_sold_out"]) == (300, 100, 190)
+    assert (crowd["gave_up"], crowd["unanswered"]) == (10, 0)
+    assert abs(crowd["answered_within_patience"] - 290 / 300) < 1e-9
+    assert crowd["retries_histogram"] == {"0": 100, "2": 190, "10+": 10}
+    assert crowd["patience_s"] == 10.0
+
+    text = report.summary_text(doc)
+
+    assert "herd: 300 users, spread 1 s, patience 10 s" in text
+    assert "final answers: coupon 100, sold out 190, error 0; gave up 10, unanswered 0" in text
+    assert "answered within their patience: 96.7% of users" in text
+
+
+def test_a_herds_chart_adds_the_share_of_users_answered(tmp_path: Path) -> None:
+    run = herd_run()
+    starts_rel = run.target.plan.starts_at_ns - SERVER_AHEAD_NS - T0
+    timeline = chart.series(run.observations, starts_rel)
+    path = tmp_path / "herd.png"
+    assert run.herd is not None
+    answers = [(t - starts_rel) / NS_PER_S for t in run.herd.final_ns if t >= 0]
+
+    chart.draw(timeline, str(path), title="t", markers={}, answers_s=answers, crowd=300)
+
+    assert sum(timeline.due_per_s) * timeline.bucket_s == len(run.observations)
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coupon.loadtest.schedule import (
+from coupon_loadtest.schedule import (
     NS_PER_S,
     GeneratorVerdict,
     OpenLoopSchedule,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from coupon.loadtest.verify import Ledger, ListedCoupon, Plan, Verification, verify
+from coupon_loadtest.verify import Ledger, ListedCoupon, Plan, Verification, verify
 
 from .fakes import CLOCK, MS, FakeServer, Faults, Run, drive, starting_after
 

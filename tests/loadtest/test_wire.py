@@ -5,8 +5,8 @@ from __future__ import annotations
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.loadtest.records import LOST, OK, OUTCOME_INDEX
-from coupon.loadtest.wire import IssueCodec
+from coupon_loadtest.records import LOST, OK, OUTCOME_INDEX
+from coupon_loadtest.wire import IssueCodec
 
 RESPONSE = coupon_pb.IssueCouponResponse(
     coupon=coupon_pb.Coupon(
@@ -67,3 +67,16 @@ def test_error_that_is_not_from_the_service_counts_as_lost() -> None:
 def test_success_that_cannot_be_read_counts_as_lost() -> None:
     assert IssueCodec(json=False).decode(200, b"\xff\xff\xff").outcome == LOST
     assert IssueCodec(json=True).decode(200, b"{}").outcome == LOST
+
+
+def test_binary_requests_are_what_the_protobuf_library_encodes() -> None:
+    codec = IssueCodec(json=False)
+    long_user = "u" * 200  # a two-byte length
+
+    for campaign, user in (("0194b2a0-0000-7000-8000-000000000001", "lt-1"), ("c", long_user)):
+        body = codec.encode(campaign, user)
+
+        expected = coupon_pb.IssueCouponRequest(campaign_id=campaign, user_id=user)
+        assert body == expected.to_binary()
+        decoded = coupon_pb.IssueCouponRequest.from_binary(body)
+        assert (decoded.campaign_id, decoded.user_id) == (campaign, user)

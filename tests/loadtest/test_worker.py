@@ -10,11 +10,11 @@ from typing import Any
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon.loadtest.histogram import LatencyHistogram
-from coupon.loadtest.records import OK, SOLD_OUT
-from coupon.loadtest.schedule import NS_PER_S, OpenLoopSchedule, judge_generator
-from coupon.loadtest.worker import COUNTERS, NO_STOP, Go, Worker, WorkerResult, WorkerSpec
-from coupon.loadtest.worker import C as COUNTER
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.records import OK, SOLD_OUT
+from coupon_loadtest.schedule import NS_PER_S, OpenLoopSchedule, judge_generator
+from coupon_loadtest.worker import COUNTERS, NO_STOP, Go, Worker, WorkerResult, WorkerSpec
+from coupon_loadtest.worker import C as COUNTER
 
 CAMPAIGN = "0194b2a0-0000-7000-8000-000000000002"
 

@@ -25,7 +25,7 @@ import yaml
 
 from coupon.entrypoints.cli import build_parser
 from coupon.entrypoints.settings import load_settings
-from tests.support.server import ServerProcess, free_port
+from harness.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

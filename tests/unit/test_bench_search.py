@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.run import parse_args, probe_ratios, search_peak
+from bench.main import parse_args
+from bench.search import probe_ratios, search_peak
 
 LADDER = (64, 128, 256, 512, 1024)
 
@@ -126,11 +127,15 @@ def test_ratios_at_equal_counts_use_only_counts_both_searches_probed() -> None:
         return {c: {"requests_per_s": r, "errors": 0} for c, r in rates.items()}
 
     searches = {
-        "a": probes({64: 20_000, 96: 22_000, 128: 20_000}),
+        "a1": probes({64: 20_000, 96: 22_000, 128: 20_000}),
+        "a2": probes({64: 40_000, 128: 40_000}),
         "b": probes({64: 5_000, 128: 10_000, 192: 11_000}),
     }
 
-    assert probe_ratios(searches) == (
-        "(b)/(a) at equal connections, from the search probes: 64 0.25 · 128 0.50"
+    assert probe_ratios(searches, "a1") == (
+        "(b)/(a1) at equal connections, from the search probes: 64 0.25 · 128 0.50"
     )
-    assert probe_ratios({"a": searches["a"]}) == ""
+    assert probe_ratios(searches, "a2") == (
+        "(b)/(a2) at equal connections, from the search probes: 64 0.12 · 128 0.25"
+    )
+    assert probe_ratios({"a1": searches["a1"]}, "a1") == ""

@@ -309,12 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create the database and apply migrations")
     migrate.set_defaults(handler=_migrate)
 
+    # The load tool is a distribution of its own (coupon-loadtest): imported only when asked
+    # for, so that serving never loads it; every argument after the word goes to it.
     loadtest = commands.add_parser(
-        "loadtest", help="drive a burst at a server and verify the invariants"
+        "loadtest",
+        help="drive a burst at a server and verify the invariants (needs coupon-loadtest)",
+        add_help=False,
+        prefix_chars="\0",
     )
-    tool = importlib.import_module("coupon.loadtest.cli")
-    tool.add_arguments(loadtest)
-    loadtest.set_defaults(handler=lambda args, _settings: tool.run(args))
+    loadtest.add_argument("args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(handler=_loadtest)
 
     campaigns = commands.add_parser(
         "campaigns", help="operate a running service: create, list, show, end, export campaigns"
@@ -323,6 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_arguments(campaigns)
     campaigns.set_defaults(handler=operator.run)
     return parser
+
+
+def _loadtest(args: argparse.Namespace, _: Settings) -> int:
+    try:
+        tool = importlib.import_module("coupon_loadtest.cli")
+    except ModuleNotFoundError:
+        print(
+            "coupon loadtest: the load tool is not installed: pip install ./loadtest "
+            "(or `just setup` in the repository)",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = tool.main(args.args, prog="coupon loadtest")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

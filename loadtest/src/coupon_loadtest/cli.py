@@ -1,0 +1,374 @@
+"""`coupon loadtest`: drive a first-come-first-served burst or a flash crowd at a server
+and verify it.
+
+Exit codes: 0 every check passed and the asked rate was offered; 1 an invariant was
+violated; 2 the run could not be set up (bad option, server unreachable, wrong token);
+3 the generator could not offer the asked rate; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+from coupon_loadtest import chart, report
+from coupon_loadtest.runner import Console, RunData, execute
+from coupon_loadtest.scenario import LoadConfig, SetupError
+from coupon_loadtest.verify import verify
+
+NS_PER_S = 1_000_000_000
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_RATE = 1000.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every loadtest option to a (sub)parser."""
+    target = parser.add_argument_group("target")
+    target.add_argument(
+        "--url", default=DEFAULT_URL, help=f"server base URL (default {DEFAULT_URL})"
+    )
+    target.add_argument(
+        "--admin-token",
+        default=None,
+        help="token for CreateCampaign/GetCampaign (default: $COUPON_ADMIN_TOKEN)",
+    )
+    target.add_argument(
+        "--campaign-id",
+        default=None,
+        help="load an existing campaign instead of creating one (this tool must be its only "
+        "client during the run)",
+    )
+    target.add_argument(
+        "--database-url",
+        default=None,
+        help="also verify from PostgreSQL directly (postgresql://...)",
+    )
+
+    scenario = parser.add_argument_group("scenario")
+    scenario.add_argument(
+        "--coupons",
+        type=int,
+        default=1000,
+        help="stock N of the campaign created (default 1000; not with --campaign-id)",
+    )
+    scenario.add_argument(
+        "--users", type=int, default=3000, help="distinct users U, may exceed N (default 3000)"
+    )
+    scenario.add_argument(
+        "--start-in",
+        type=float,
+        default=3.0,
+        help="seconds from creation to starts_at; load begins at once, to probe early "
+        "issuance (default 3)",
+    )
+    scenario.add_argument(
+        "--repeat-fraction",
+        type=float,
+        default=0.1,
+        help="share of requests that are retries by a user who already asked (default 0.1)",
+    )
+    scenario.add_argument("--name", default=None, help="campaign name (default 'loadtest <time>')")
+    scenario.add_argument("--seed", type=int, default=0, help="seed of the user choice (default 0)")
+
+    load = parser.add_argument_group("load")
+    model = load.add_mutually_exclusive_group()
+    model.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help=f"open loop: requests per second over all processes (default {DEFAULT_RATE:g})",
+    )
+    model.add_argument(
+        "--concurrency", type=int, default=None, help="closed loop: virtual users in flight"
+    )
+    model.add_argument(
+        "--herd",
+        action="store_true",
+        help="flash crowd: every one of --users presses once at the start (within --spread), "
+        "presses again as the server hints, gives up after --patience",
+    )
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of load from its start (default: until sold out, or every user served, "
+        "plus --tail)",
+    )
+    load.add_argument(
+        "--tail", type=float, default=2.0, help="seconds of load after sell-out (default 2)"
+    )
+    load.add_argument(
+        "--max-duration",
+        type=float,
+        default=120.0,
+        help="stop after this many seconds even if never sold out (default 120)",
+    )
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="load-generating processes (default: min(4, CPUs))",
+    )
+    load.add_argument("--json", action="store_true", help="Connect JSON instead of binary protobuf")
+    load.add_argument(
+        "--timeout", type=float, default=10.0, help="per-request timeout, seconds (default 10)"
+    )
+    load.add_argument(
+        "--max-inflight",
+        type=int,
+        default=2000,
+        help="open loop: requests in flight per process before sends wait (default 2000)",
+    )
+    load.add_argument(
+        "--max-lag",
+        type=float,
+        default=50.0,
+        help="open loop: allowed p99 send lag behind schedule, ms (default 50)",
+    )
+
+    herd = parser.add_argument_group("herd (with --herd)")
+    herd.add_argument(
+        "--spread",
+        type=duration,
+        default=1.0,
+        help="users press at the start plus a random offset up to this (default 1s)",
+    )
+    herd.add_argument(
+        "--patience",
+        type=duration,
+        default=10.0,
+        help="a user gives up this long after their first press (default 10s)",
+    )
+    herd.add_argument(
+        "--retry-floor",
+        type=duration,
+        default=0.05,
+        help="least delay before pressing again (default 50ms)",
+    )
+    herd.add_argument(
+        "--retry-cap",
+        type=duration,
+        default=2.0,
+        help="most delay before pressing again, whatever the hint (default 2s)",
+    )
+    herd.add_argument(
+        "--connections",
+        type=int,
+        default=512,
+        help="keep-alive connections over all processes (default 512)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--report", default="loadtest-report.json", help="JSON report path (default %(default)s)"
+    )
+    output.add_argument(
+        "--chart", default="loadtest-report.png", help="PNG chart path (default %(default)s)"
+    )
+    output.add_argument("--no-chart", action="store_true", help="do not draw the chart")
+    output.add_argument(
+        "--quiet", action="store_true", help="no progress or phase messages, only the summary"
+    )
+
+
+def duration(text: str) -> float:
+    """Seconds from '1s', '500ms' or a plain number of seconds."""
+    value = text.strip().lower()
+    scale = 1.0
+    if value.endswith("ms"):
+        value, scale = value[:-2], 0.001
+    elif value.endswith("s"):
+        value = value[:-1]
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 1s, 500ms)") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return seconds
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    problems: list[str] = []
+    if args.coupons < 1 and args.campaign_id is None:
+        problems.append("--coupons must be at least 1")
+    if args.users < 1:
+        problems.append("--users must be at least 1")
+    if args.start_in < 0:
+        problems.append("--start-in must not be negative")
+    if not 0.0 <= args.repeat_fraction <= 1.0:
+        problems.append("--repeat-fraction must be between 0 and 1")
+    if args.rate is not None and not args.rate > 0:
+        problems.append("--rate must be positive")
+    if args.concurrency is not None and args.concurrency < 1:
+        problems.append("--concurrency must be at least 1")
+    if args.duration is not None and not args.duration > 0:
+        problems.append("--duration must be positive")
+    if args.tail < 0:
+        problems.append("--tail must not be negative")
+    if not args.max_duration > 0:
+        problems.append("--max-duration must be positive")
+    if not 0 < args.timeout <= 600:
+        problems.append("--timeout must be in (0, 600] seconds")
+    if args.max_inflight < 1:
+        problems.append("--max-inflight must be at least 1")
+    if args.processes is not None and args.processes < 1:
+        problems.append("--processes must be at least 1")
+    if args.herd:
+        if not args.patience > 0:
+            problems.append("--patience must be positive")
+        if not 0 < args.retry_floor <= args.retry_cap:
+            problems.append("--retry-floor must be positive and at most --retry-cap")
+        if args.connections < 1:
+            problems.append("--connections must be at least 1")
+    if not args.url.startswith(("http://", "https://")):
+        problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
+    if problems:
+        raise SetupError("; ".join(problems))
+    processes = args.processes or min(4, os.cpu_count() or 1)
+    # Every process owns a share of the users and of the virtual users: none may be empty.
+    processes = min(processes, args.users, args.concurrency or processes)
+    if args.herd:
+        processes = min(processes, args.connections)
+    chosen = args.rate is not None or args.concurrency is not None or args.herd
+    rate = args.rate if chosen else DEFAULT_RATE
+    admin_token = args.admin_token
+    if admin_token is None:
+        admin_token = os.environ.get("COUPON_ADMIN_TOKEN", "")
+    return LoadConfig(
+        url=args.url.rstrip("/"),
+        coupons=args.coupons,
+        users=args.users,
+        start_in_s=args.start_in,
+        campaign_id=args.campaign_id,
+        rate=rate,
+        concurrency=args.concurrency,
+        duration_s=args.duration,
+        tail_s=args.tail,
+        max_duration_s=args.max_duration,
+        processes=processes,
+        json=args.json,
+        admin_token=admin_token,
+        database_url=args.database_url,
+        report_path=args.report,
+        chart_path=None if args.no_chart else args.chart,
+        quiet=args.quiet,
+        repeat_fraction=args.repeat_fraction,
+        timeout_s=args.timeout,
+        max_inflight=args.max_inflight,
+        max_lag_ms=args.max_lag,
+        seed=args.seed,
+        name=args.name or f"loadtest {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        herd=args.herd,
+        spread_s=args.spread,
+        patience_s=args.patience,
+        retry_floor_s=args.retry_floor,
+        retry_cap_s=args.retry_cap,
+        connections=args.connections,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a load test from parsed options; returns the exit code."""
+    try:
+        config = config_from_args(args)
+    except SetupError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return report.EXIT_SETUP
+    console = Console(quiet=config.quiet)
+    try:
+        data = uvloop.run(execute(config, console))
+    except SetupError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return report.EXIT_SETUP
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("loadtest: interrupted", file=sys.stderr)
+        return report.EXIT_INTERRUPTED
+
+    target = data.target
+    verification = verify(data.observations, target.plan, target.clock, data.ledgers)
+    generator = report.generator_verdict(data)
+    verdict = report.decide(verification, generator, interrupted=data.interrupted)
+    # starts_at in the client's clock, after the load start: where t = 0 is on the chart.
+    starts_rel = target.plan.starts_at_ns - target.clock.offset_ns - data.t0_wall_ns
+    timeline = chart.series(data.observations, starts_rel)
+    chart_path = _draw(data, timeline, starts_rel, verdict, console)
+    document = report.build(data, verification, generator, verdict, timeline, chart_path)
+    report_path = Path(config.report_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(document, indent=2, ensure_ascii=False))
+    print(report.summary_text(document))
+    console.info(f"report: {config.report_path}" + (f", chart: {chart_path}" if chart_path else ""))
+    return verdict.exit_code
+
+
+def _draw(
+    data: RunData,
+    timeline: chart.Series,
+    starts_rel: int,
+    verdict: report.Verdict,
+    console: Console,
+) -> str | None:
+    config = data.config
+    if config.chart_path is None:
+        return None
+    markers = {"starts_at": 0.0}
+    sold_out = report.first_sold_out_rel(data)
+    if sold_out is not None:
+        markers["first sold-out answer"] = (sold_out - starts_rel) / NS_PER_S
+    elif data.settled_rel_ns is not None:
+        markers["every user served"] = (data.settled_rel_ns - starts_rel) / NS_PER_S
+    markers["load stopped"] = (data.stop_rel_ns - starts_rel) / NS_PER_S
+    if config.herd:
+        load = f"herd, spread {config.spread_s:g} s, patience {config.patience_s:g} s"
+    elif config.open_loop:
+        load = f"{config.rate:g}/s open loop"
+    else:
+        load = f"{config.concurrency} in flight"
+    title = (
+        f"{data.target.plan.stock} coupons, {config.users} users, {load}, "
+        f"{config.processes} processes — {'PASSED' if verdict.passed else 'FAILED'}"
+    )
+    answers = None
+    if data.herd is not None:
+        # Every final answer, in seconds after the start; users never answered keep the
+        # curve below 1.
+        book = data.herd
+        answers = [
+            (book.final_ns[i] - starts_rel) / NS_PER_S
+            for i in range(len(book))
+            if book.final_ns[i] >= 0
+        ]
+    try:
+        chart.draw(
+            timeline,
+            config.chart_path,
+            title=title,
+            markers=markers,
+            answers_s=answers,
+            crowd=config.users,
+        )
+    except Exception as exc:  # noqa: BLE001 - a chart is not worth losing the report over
+        console.info(f"could not draw the chart: {type(exc).__name__}: {exc}")
+        return None
+    return config.chart_path
+
+
+def main(argv: list[str] | None = None, prog: str = "coupon-loadtest") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Drive a first-come-first-served burst (or, with --herd, a flash crowd) "
+        "at a coupon server, then verify that it issued exactly the stock: never more, never "
+        "a duplicate, never early, at most one per user, every acknowledged coupon recorded.",
+        epilog="Exit codes: 0 passed; 1 invariant violated; 2 setup failed; 3 asked rate not "
+        "offered; 130 interrupted.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

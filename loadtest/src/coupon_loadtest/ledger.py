@@ -1,0 +1,60 @@
+"""Read back what was issued: from the API (GetCampaign, every page) and from PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from coupon_loadtest import audit
+from coupon_loadtest.scenario import AdminApi, SetupError, timestamp_ns
+from coupon_loadtest.verify import CampaignFacts, Ledger, ListedCoupon
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+async def api_ledger(api: AdminApi, campaign_id: str) -> Ledger:
+    campaign, coupons = await api.list_campaign(campaign_id)
+    starts = timestamp_ns(campaign.starts_at)
+    return Ledger(
+        source="api",
+        campaign=CampaignFacts(
+            total_coupons=campaign.total_coupons,
+            issued_count=campaign.issued_count,
+            starts_at_ns=0 if starts is None else starts,
+            ends_at_ns=timestamp_ns(campaign.ends_at),
+        ),
+        coupons=[ListedCoupon(c.user_id, c.code, timestamp_ns(c.issued_at) or 0) for c in coupons],
+    )
+
+
+def _ns(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _MICROSECOND * 1000
+
+
+async def database_ledger(database_url: str, campaign_id: str) -> Ledger:
+    """The source of truth, read directly: rows, not what the API chooses to show."""
+    try:
+        connection = await asyncpg.connect(database_url)
+    except Exception as exc:
+        raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
+    try:
+        campaign = await audit.read_campaign(connection, campaign_id)
+        if campaign is None:
+            raise SetupError(f"campaign {campaign_id} is not in the database at --database-url")
+        rows = await audit.read_coupons(connection, campaign_id)
+        elsewhere = await audit.codes_held_elsewhere(connection, campaign_id)
+    finally:
+        await connection.close()
+    return Ledger(
+        source="database",
+        campaign=CampaignFacts(
+            total_coupons=campaign.total_coupons,
+            issued_count=campaign.issued_count,
+            starts_at_ns=_ns(campaign.starts_at) or 0,
+            ends_at_ns=_ns(campaign.ends_at),
+        ),
+        coupons=[ListedCoupon(row.user_id, row.code, _ns(row.issued_at) or 0) for row in rows],
+        codes_used_elsewhere=elsewhere,
+    )

@@ -1,0 +1,332 @@
+"""The run's figures and verdicts: a JSON document, a human summary, and the exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from coupon_loadtest.chart import Series
+from coupon_loadtest.herd import HerdSummary, summarize
+from coupon_loadtest.histogram import LatencyHistogram
+from coupon_loadtest.records import LOST, SOLD_OUT
+from coupon_loadtest.runner import RunData
+from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon_loadtest.verify import Verification
+
+NS_PER_S = 1_000_000_000
+
+EXIT_OK = 0
+EXIT_VIOLATION = 1
+EXIT_SETUP = 2
+EXIT_RATE_NOT_OFFERED = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    exit_code: int
+    reasons: list[str]
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def generator_verdict(run: RunData) -> GeneratorVerdict | None:
+    """Open loop only: in closed loop the server sets the pace, there is no asked rate."""
+    config = run.config
+    if config.rate is None or not config.open_loop:
+        return None
+    lag = run.histograms.get("send_lag") or LatencyHistogram()
+    return judge_generator(
+        rate=config.rate,
+        window_ns=run.stop_rel_ns,
+        due=sum(r.due for r in run.results),
+        sent=sum(r.sent for r in run.results),
+        lag_p99_ms=lag.percentile_ms(99.0),
+        max_lag_ms=config.max_lag_ms,
+        inflight_cap_waits=sum(r.inflight_cap_waits for r in run.results),
+    )
+
+
+def decide(
+    verification: Verification, generator: GeneratorVerdict | None, *, interrupted: bool
+) -> Verdict:
+    reasons = [
+        f"{c.source}: {c.name}: {c.detail}" + (f" (e.g. {c.examples[0]})" if c.examples else "")
+        for c in verification.failures
+    ]
+    if reasons:
+        return Verdict(False, EXIT_VIOLATION, reasons)
+    if generator is not None and not generator.kept_up:
+        return Verdict(
+            False, EXIT_RATE_NOT_OFFERED, [f"asked rate not offered: {generator.message}"]
+        )
+    if interrupted:
+        return Verdict(False, EXIT_INTERRUPTED, ["interrupted before the planned end"])
+    return Verdict(True, EXIT_OK, [])
+
+
+def first_sold_out_rel(run: RunData) -> int | None:
+    obs = run.observations
+    times = (d for o, d in zip(obs.outcome, obs.done_ns, strict=True) if o == SOLD_OUT)
+    return min(times, default=None)
+
+
+def herd_summary(run: RunData, sell_out_s: float | None, sold_out: bool) -> HerdSummary | None:
+    """The crowd's figures: each user's time to a final answer, retries, goodput over time."""
+    if run.herd is None:
+        return None
+    obs = run.observations
+    fresh = [obs.done_ns[row] for row, a in zip(obs.ok_row, obs.ok_already, strict=True) if not a]
+    return summarize(
+        run.herd,
+        starts_rel_ns=run.starts_rel_ns,
+        patience_ns=round(run.config.patience_s * NS_PER_S),
+        fresh_done_ns=fresh,
+        sell_out_s=sell_out_s,
+        sold_out=sold_out,
+    )
+
+
+def build(
+    run: RunData,
+    verification: Verification,
+    generator: GeneratorVerdict | None,
+    verdict: Verdict,
+    timeline: Series,
+    chart_path: str | None,
+) -> dict[str, Any]:
+    config, target, obs = run.config, run.target, run.observations
+    plan, clock = target.plan, target.clock
+    counts = obs.counts()
+    fresh = sum(1 for a in obs.ok_already if not a)
+    completed = len(obs) - counts.get("lost", 0)
+    window_s = run.stop_rel_ns / NS_PER_S if run.stop_rel_ns > 0 else 0.0
+    # Answers while the load was on: the drain of slow answers after the stop is not
+    # throughput the server sustained.
+    answered_in_window = sum(
+        1
+        for o, d in zip(obs.outcome, obs.done_ns, strict=True)
+        if o != LOST and d <= run.stop_rel_ns
+    )
+    api = next((ledger for ledger in run.ledgers if ledger.source == "api"), None)
+    run_issued = (
+        sorted(c.issued_at_ns for c in api.coupons if c.code not in plan.baseline_codes)
+        if api is not None
+        else []
+    )
+    sold_out = api is not None and len(api.coupons) >= plan.total_coupons
+    # From the start, or from the load start when targeting a campaign that opened earlier.
+    opened = max(plan.starts_at_ns, clock.to_server(run.t0_wall_ns))
+    issue_span_s = (run_issued[-1] - opened) / NS_PER_S if run_issued else 0.0
+    first_sold_out = first_sold_out_rel(run)
+
+    examples: dict[str, str] = {}
+    for result in run.results:
+        for code, message in result.error_examples.items():
+            examples.setdefault(code, message)
+    lost_reasons: dict[str, int] = {}
+    for result in run.results:
+        for reason, n in result.lost_reasons.items():
+            lost_reasons[reason] = lost_reasons.get(reason, 0) + n
+
+    def wall(rel: int | None) -> int | None:
+        return None if rel is None else run.t0_wall_ns + rel
+
+    sell_out_s = round(issue_span_s, 3) if sold_out and run_issued else None
+    herd = herd_summary(run, sell_out_s, sold_out)
+
+    return {
+        "tool": "coupon loadtest",
+        "report_version": 1,
+        "created_at": _iso(run.t0_wall_ns + run.stop_rel_ns),
+        "target": {
+            "url": config.url,
+            "campaign_id": plan.campaign_id,
+            "created_by_run": target.created,
+            "name": target.name,
+            "total_coupons": plan.total_coupons,
+            "stock_for_run": plan.stock,
+            "starts_at": _iso(plan.starts_at_ns),
+            "ends_at": _iso(plan.ends_at_ns),
+        },
+        "scenario": {
+            "users": config.users,
+            "repeat_fraction": config.repeat_fraction,
+            "load_model": config.load_model,
+            "rate": config.rate if config.open_loop else None,
+            "concurrency": config.concurrency,
+            "processes": config.processes,
+            "encoding": "json" if config.json else "proto",
+            "duration_s": config.duration_s,
+            "tail_s": config.tail_s if config.duration_s is None else None,
+            "start_in_s": config.start_in_s if target.created else None,
+            "timeout_s": config.timeout_s,
+            "max_inflight_per_process": config.max_inflight,
+            "user_prefix": obs.user_prefix,
+            "database_checked": config.database_url is not None,
+        },
+        "clock": clock.as_dict(),
+        "timeline": {
+            "load_started_at": _iso(run.t0_wall_ns),
+            "starts_at": _iso(plan.starts_at_ns),
+            "first_sold_out_answer_at": _iso(wall(first_sold_out)),
+            "last_coupon_issued_at": _iso(run_issued[-1]) if run_issued else None,
+            "sold_out": sold_out,
+            "sell_out_s": sell_out_s,
+            "load_stopped_at": _iso(run.t0_wall_ns + run.stop_rel_ns),
+            "interrupted": run.interrupted,
+        },
+        "throughput": {
+            "requests": len(obs),
+            "completed": completed,
+            "asked_rps": config.rate if config.open_loop else None,
+            "offered_rps": round(len(obs) / window_s, 1) if window_s else 0.0,
+            "achieved_rps": round(answered_in_window / window_s, 1) if window_s else 0.0,
+            "issued": len(run_issued),
+            "issued_per_s": round(len(run_issued) / issue_span_s, 1) if issue_span_s > 0 else None,
+        },
+        "generator": None
+        if generator is None
+        else {
+            "kept_up": generator.kept_up,
+            "asked_rps": generator.asked_rps,
+            "offered_rps": round(generator.offered_rps, 1),
+            "due": generator.due,
+            "sent": generator.sent,
+            "unsent": generator.unsent,
+            "send_lag_p99_ms": generator.lag_p99_ms,
+            "max_lag_ms": generator.max_lag_ms,
+            "inflight_cap_waits": generator.inflight_cap_waits,
+            "message": generator.message,
+        },
+        "outcomes": {
+            "ok_new": fresh,
+            "ok_already_issued": counts.get("ok", 0) - fresh,
+            **{name: n for name, n in counts.items() if name != "ok"},
+        },
+        "messages": examples,
+        "lost": {"count": counts.get("lost", 0), "reasons": lost_reasons},
+        "latency_ms": {
+            "measured_from": "send time" if config.load_model == "closed" else "intended send time",
+            **{name: histogram.summary() for name, histogram in sorted(run.histograms.items())},
+        },
+        "verification": verification.as_dict(),
+        "verdict": {
+            "passed": verdict.passed,
+            "exit_code": verdict.exit_code,
+            "reasons": verdict.reasons,
+        },
+        "herd": None
+        if herd is None
+        else {
+            **herd.as_dict(),
+            "spread_s": config.spread_s,
+            "patience_s": config.patience_s,
+            "retry_floor_s": config.retry_floor_s,
+            "retry_cap_s": config.retry_cap_s,
+            "connections": config.connections,
+            "waits_for_a_connection": sum(r.inflight_cap_waits for r in run.results),
+        },
+        "chart": chart_path,
+        "timeseries": timeline.as_dict(),
+    }
+
+
+def _latency_line(name: str, summary: dict[str, Any]) -> str:
+    if not summary.get("count"):
+        return f"  {name:<9} (none)"
+    return f"  {name:<9} n={summary['count']:<8}" + "".join(
+        f" {p} {summary[p]:>8.2f}" for p in ("p50", "p90", "p99", "p99.9", "max")
+    )
+
+
+def _herd_lines(herd: dict[str, Any] | None) -> list[str]:
+    if not herd:
+        return []
+    ttf = herd["time_to_final_ms"]
+    retries = herd["retries"]
+    within = ", ".join(f"{s} s {share:.1%}" for s, share in herd["answered_within_s"].items())
+    peak = max(herd["goodput_per_s"], default=0.0)
+    return [
+        "",
+        f"herd: {herd['users']} users, spread {herd['spread_s']:g} s, patience "
+        f"{herd['patience_s']:g} s, retry {herd['retry_floor_s'] * 1000:g} ms to "
+        f"{herd['retry_cap_s']:g} s with full jitter",
+        f"  final answers: coupon {herd['got_coupon']}, sold out {herd['got_sold_out']}, "
+        f"error {herd['got_error']}; gave up {herd['gave_up']}, unanswered {herd['unanswered']}",
+        f"  answered within their patience: {herd['answered_within_patience']:.1%} of users; "
+        f"after the start: {within}",
+        "  time to a final answer (ms, from the first press): "
+        + (" ".join(f"{k} {v:.1f}" for k, v in ttf.items()) if ttf else "(none)"),
+        "  retries per user: "
+        + (
+            f"mean {retries['mean']:.2f}, p50 {retries['p50']:g}, p99 {retries['p99']:g}, "
+            f"max {retries['max']:g}"
+            if retries
+            else "(none)"
+        ),
+        f"  goodput: peak {peak:,.0f} issued/s ({herd['goodput_bucket_s']:g} s buckets); "
+        + (
+            f"sold out {herd['sell_out_s']:.3f} s after the start"
+            if herd["sell_out_s"]
+            else "not sold out"
+        ),
+    ]
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    t, th, tl = report["target"], report["throughput"], report["timeline"]
+    lines = [
+        f"campaign {t['campaign_id']} ({t['total_coupons']} coupons, {t['stock_for_run']} for "
+        f"this run), starts_at {t['starts_at']}",
+        f"clock offset {report['clock']['offset_ms']:+.3f} ms ± "
+        f"{report['clock']['uncertainty_ms']:.3f} ms ({report['clock']['source']})",
+        "",
+        "throughput:",
+        f"  requests {th['requests']}, completed {th['completed']}; "
+        + (f"asked {th['asked_rps']:.0f}/s, " if th["asked_rps"] else "")
+        + f"offered {th['offered_rps']:.0f}/s, achieved {th['achieved_rps']:.0f}/s",
+        f"  issued {th['issued']}"
+        + (f" at {th['issued_per_s']:.0f}/s" if th["issued_per_s"] else "")
+        + (f", sold out in {tl['sell_out_s']:.3f} s" if tl["sell_out_s"] is not None else ""),
+    ]
+    generator = report["generator"]
+    if generator is not None:
+        lines.append(
+            f"  generator {'kept up' if generator['kept_up'] else 'FELL BEHIND'}: "
+            f"{generator['message']}"
+        )
+    lines += _herd_lines(report.get("herd"))
+    lines += ["", f"latency (ms, from {report['latency_ms']['measured_from']}):"]
+    for name in ("success", "rejected", "service", "send_lag"):
+        if name in report["latency_ms"]:
+            lines.append(_latency_line(name, report["latency_ms"][name]))
+    lines += ["", "outcomes:"]
+    for name, n in report["outcomes"].items():
+        example = report["messages"].get(name, "")
+        lines.append(f"  {name:<20} {n:>9}" + (f"   e.g. {example}" if example else ""))
+    for reason, n in report["lost"]["reasons"].items():
+        lines.append(f"    lost: {n} x {reason}")
+    lines += ["", "verification:"]
+    for check in report["verification"]["checks"]:
+        mark = "PASS" if check["passed"] else "FAIL"
+        invariant = f"[{check['invariant']}] " if check["invariant"] else ""
+        lines.append(
+            f"  {mark} {check['source']:<12} {invariant}{check['name']}: {check['detail']}"
+        )
+        for example in check["examples"]:
+            lines.append(f"         - {example}")
+    verdict = report["verdict"]
+    lines += [
+        "",
+        ("PASSED" if verdict["passed"] else "FAILED")
+        + f" (exit {verdict['exit_code']})"
+        + "".join(f"\n  {reason}" for reason in verdict["reasons"]),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The run's settings, and the campaign it targets: created for the run or an existing one."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pyqwest
+from connectrpc.code import Code
+from connectrpc.codec import proto_json_codec
+from connectrpc.errors import ConnectError
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from coupon.gen.coupon.v1 import coupon_pb
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
+from coupon_loadtest.clock import ClockOffset, from_http_date, from_round_trip
+from coupon_loadtest.verify import Plan
+
+NS_PER_S = 1_000_000_000
+MAX_PAGE_SIZE = 10_000
+
+
+class SetupError(Exception):
+    """The run cannot start; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    coupons: int
+    users: int
+    start_in_s: float
+    campaign_id: str | None
+    rate: float | None
+    concurrency: int | None
+    duration_s: float | None
+    tail_s: float
+    max_duration_s: float
+    processes: int
+    json: bool
+    admin_token: str
+    database_url: str | None
+    report_path: str
+    chart_path: str | None
+    quiet: bool
+    repeat_fraction: float
+    timeout_s: float
+    max_inflight: int
+    max_lag_ms: float
+    seed: int
+    name: str
+    # The crowd model (herd.py) instead of a rate or a concurrency.
+    herd: bool = False
+    spread_s: float = 1.0
+    patience_s: float = 10.0
+    retry_floor_s: float = 0.05
+    retry_cap_s: float = 2.0
+    connections: int = 512  # over all processes
+
+    @property
+    def open_loop(self) -> bool:
+        return self.concurrency is None and not self.herd
+
+    @property
+    def load_model(self) -> str:
+        return "herd" if self.herd else ("open" if self.open_loop else "closed")
+
+
+@dataclass(frozen=True)
+class Target:
+    plan: Plan
+    clock: ClockOffset
+    created: bool
+    name: str
+
+
+def timestamp_ns(ts: Timestamp | None) -> int | None:
+    return None if ts is None else ts.seconds * NS_PER_S + ts.nanos
+
+
+def to_timestamp(ns: int) -> Timestamp:
+    return Timestamp(seconds=ns // NS_PER_S, nanos=ns % NS_PER_S)
+
+
+def _explain(exc: BaseException, url: str, what: str) -> SetupError:
+    if isinstance(exc, ConnectError):
+        if exc.code is Code.UNAUTHENTICATED:
+            return SetupError(
+                f"{what}: the server wants an admin token: pass --admin-token or set "
+                "COUPON_ADMIN_TOKEN"
+            )
+        return SetupError(f"{what}: {exc.code.value}: {exc.message}")
+    return SetupError(f"{what}: cannot reach {url}: {type(exc).__name__}: {exc}")
+
+
+class AdminApi:
+    """CreateCampaign and GetCampaign, with the admin token; not on the hot path."""
+
+    def __init__(self, url: str, *, admin_token: str, json: bool, timeout_s: float) -> None:
+        self.url = url.rstrip("/")
+        self._transport = pyqwest.HTTPTransport(timeout=timeout_s, tls_include_system_certs=True)
+        self._http = pyqwest.Client(self._transport)
+        self._client = CouponServiceClient(
+            self.url,
+            http_client=self._http,
+            codec=proto_json_codec() if json else None,
+            send_compression=None,
+        )
+        self._headers: Mapping[str, str] = (
+            {"authorization": f"Bearer {admin_token}"} if admin_token else {}
+        )
+        self._json = json
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._transport.aclose()
+
+    async def create_campaign(
+        self, name: str, total_coupons: int, starts_at_ns: int
+    ) -> tuple[coupon_pb.Campaign, ClockOffset]:
+        request = coupon_pb.CreateCampaignRequest(
+            name=name, total_coupons=total_coupons, starts_at=to_timestamp(starts_at_ns)
+        )
+        sent = time.time_ns()
+        try:
+            response = await self._client.create_campaign(request, headers=self._headers)
+        except Exception as exc:
+            raise _explain(exc, self.url, "CreateCampaign failed") from exc
+        received = time.time_ns()
+        campaign = response.campaign
+        created_at = timestamp_ns(None if campaign is None else campaign.created_at)
+        if campaign is None or created_at is None:
+            raise SetupError("CreateCampaign answered without a campaign or its created_at")
+        return campaign, from_round_trip(sent, received, created_at, "CreateCampaign.created_at")
+
+    async def get_page(
+        self, campaign_id: str, page_token: str = "", page_size: int = MAX_PAGE_SIZE
+    ) -> coupon_pb.GetCampaignResponse:
+        request = coupon_pb.GetCampaignRequest(
+            campaign_id=campaign_id, page_size=page_size, page_token=page_token
+        )
+        try:
+            return await self._client.get_campaign(request, headers=self._headers)
+        except Exception as exc:
+            raise _explain(exc, self.url, f"GetCampaign {campaign_id} failed") from exc
+
+    async def list_campaign(
+        self, campaign_id: str
+    ) -> tuple[coupon_pb.Campaign, list[coupon_pb.Coupon]]:
+        """The campaign and every coupon it lists, all pages."""
+        coupons: list[coupon_pb.Coupon] = []
+        token = ""
+        campaign: coupon_pb.Campaign | None = None
+        while True:
+            page = await self.get_page(campaign_id, token)
+            campaign = page.campaign or campaign
+            coupons.extend(page.coupons)
+            token = page.next_page_token
+            if not token:
+                break
+        if campaign is None:
+            raise SetupError(f"GetCampaign {campaign_id} answered without a campaign")
+        return campaign, coupons
+
+    async def check_access(self) -> None:
+        """Fail fast on a wrong URL or token, before any worker sends anything.
+
+        Asks for a campaign that cannot exist: not_found proves the server is there and the
+        token is accepted, without creating anything.
+        """
+        try:
+            await self._client.get_campaign(
+                coupon_pb.GetCampaignRequest(campaign_id="00000000-0000-0000-0000-000000000000"),
+                headers=self._headers,
+            )
+        except ConnectError as exc:
+            if exc.code in (Code.NOT_FOUND, Code.INVALID_ARGUMENT):
+                return
+            raise _explain(exc, self.url, "cannot use the admin API") from exc
+        except Exception as exc:
+            raise _explain(exc, self.url, "cannot use the admin API") from exc
+
+    async def clock_from_date_header(self, campaign_id: str) -> ClockOffset:
+        """A coarse offset for an existing campaign, whose created_at is not fresh."""
+        body = coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=1)
+        headers = dict(self._headers)
+        headers["content-type"] = "application/json" if self._json else "application/proto"
+        payload = body.to_json().encode() if self._json else body.to_binary()
+        sent = time.time_ns()
+        try:
+            response = await self._http.post(
+                f"{self.url}/coupon.v1.CouponService/GetCampaign", headers, payload
+            )
+        except Exception as exc:
+            raise _explain(exc, self.url, "clock probe failed") from exc
+        received = time.time_ns()
+        try:
+            server = email.utils.parsedate_to_datetime(response.headers.get("date", ""))
+        except (TypeError, ValueError):
+            # No sample of the server's clock at all: assume the clocks agree, but only to
+            # within a minute, so client receipt times cannot condemn the server.
+            return ClockOffset(0, 60 * NS_PER_S, "none: no usable Date header")
+        return from_http_date(sent, received, int(server.timestamp()), "HTTP Date header")
+
+
+async def prepare(config: LoadConfig, api: AdminApi) -> Target:
+    """Create the run's campaign (starting start_in_s from now) or read the one targeted."""
+    await api.check_access()
+    if config.campaign_id is None:
+        starts_at_ns = time.time_ns() + round(config.start_in_s * NS_PER_S)
+        campaign, clock = await api.create_campaign(config.name, config.coupons, starts_at_ns)
+        starts = timestamp_ns(campaign.starts_at)
+        plan = Plan(
+            campaign_id=campaign.id,
+            total_coupons=campaign.total_coupons,
+            starts_at_ns=starts if starts is not None else starts_at_ns,
+            ends_at_ns=timestamp_ns(campaign.ends_at),
+        )
+        return Target(plan, clock, created=True, name=campaign.name)
+    campaign, coupons = await api.list_campaign(config.campaign_id)
+    starts = timestamp_ns(campaign.starts_at)
+    if starts is None:
+        raise SetupError(f"campaign {config.campaign_id} has no starts_at")
+    plan = Plan(
+        campaign_id=campaign.id,
+        total_coupons=campaign.total_coupons,
+        starts_at_ns=starts,
+        ends_at_ns=timestamp_ns(campaign.ends_at),
+        baseline_codes=frozenset(c.code for c in coupons),
+    )
+    clock = await api.clock_from_date_header(campaign.id)
+    return Target(plan, clock, created=False, name=campaign.name)

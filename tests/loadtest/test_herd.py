@@ -1,0 +1,188 @@
+"""The crowd model's pure parts: when users press, how long they wait to press again, what
+they do with each answer, and what their records add up to."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coupon_loadtest.herd import (
+    Final,
+    RetryPolicy,
+    UserBook,
+    decide,
+    first_presses,
+    retry_delay_ns,
+    summarize,
+)
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, OUTCOME_INDEX, SOLD_OUT, UNAVAILABLE
+
+MS = 1_000_000
+S = 1_000_000_000
+POLICY = RetryPolicy(floor_ns=50 * MS, cap_ns=2 * S, patience_ns=10 * S)
+
+
+def test_first_presses_fall_within_the_spread_and_repeat_with_the_seed() -> None:
+    presses = first_presses(10_000, S, seed=3)
+
+    assert len(presses) == 10_000
+    assert all(0 <= p < S for p in presses)
+    # Spread over the whole second, not bunched: every tenth of it gets about a tenth.
+    tenths = [sum(1 for p in presses if k * S // 10 <= p < (k + 1) * S // 10) for k in range(10)]
+    assert min(tenths) > 800
+    assert first_presses(100, S, seed=3) == presses[:100]
+    assert first_presses(100, S, seed=4) != presses[:100]
+
+
+def test_without_a_spread_everyone_presses_at_the_start() -> None:
+    assert first_presses(50, 0, seed=1) == [0] * 50
+
+
+def test_a_hinted_delay_is_drawn_between_the_floor_and_the_hint() -> None:
+    rng = random.Random(7)
+
+    delays = [retry_delay_ns(1000, 1, POLICY, rng) for _ in range(5000)]
+
+    assert all(50 * MS <= d <= 1000 * MS for d in delays)
+    # Full jitter: uniform over the hint, so about half of it on average, and both ends used.
+    assert 450 * MS < sum(delays) / len(delays) < 550 * MS
+    assert min(delays) == 50 * MS
+    assert max(delays) > 950 * MS
+
+
+def test_a_hint_beyond_the_cap_is_cut_to_the_cap() -> None:
+    rng = random.Random(7)
+
+    delays = [retry_delay_ns(60_000, 1, POLICY, rng) for _ in range(1000)]
+
+    assert max(delays) == 2 * S
+
+
+def test_without_a_hint_the_backoff_doubles_from_the_floor() -> None:
+    rng = random.Random(7)
+
+    def largest(attempt: int) -> int:
+        return max(retry_delay_ns(None, attempt, POLICY, rng) for _ in range(2000))
+
+    assert 45 * MS < largest(1) <= 50 * MS
+    assert 190 * MS < largest(3) <= 200 * MS  # floor x 4
+    assert largest(30) == 2 * S  # capped, however many attempts
+
+
+def test_a_policy_with_the_floor_above_the_cap_is_refused() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        RetryPolicy(floor_ns=3 * S, cap_ns=2 * S, patience_ns=S)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "final"),
+    [
+        (OK, Final.COUPON),
+        (SOLD_OUT, Final.SOLD_OUT),
+        (OUTCOME_INDEX["invalid_argument"], Final.ERROR),
+        (OUTCOME_INDEX["not_found"], Final.ERROR),
+        (OUTCOME_INDEX["internal"], Final.ERROR),
+    ],
+)
+def test_a_coupon_sold_out_or_a_hard_error_is_final(outcome: int, final: Final) -> None:
+    decision = decide(
+        outcome, None, attempt=1, now_ns=S, first_ns=0, policy=POLICY, rng=random.Random(1)
+    )
+
+    assert decision.final is final
+    assert not decision.gave_up
+
+
+@pytest.mark.parametrize("outcome", [UNAVAILABLE, NOT_OPEN, LOST])
+def test_shed_not_yet_open_or_lost_means_press_again_later(outcome: int) -> None:
+    decision = decide(
+        outcome, 300, attempt=1, now_ns=S, first_ns=0, policy=POLICY, rng=random.Random(1)
+    )
+
+    assert decision.final is Final.NONE and not decision.gave_up
+    hint_ms = 300 if outcome == UNAVAILABLE else 50  # only `unavailable` carries the hint
+    assert S + 50 * MS <= decision.retry_at_ns <= S + hint_ms * MS
+
+
+def test_a_user_gives_up_rather_than_press_after_their_patience() -> None:
+    # First press at 0; an answer at 9.99 s with a hint of at least the floor: the next
+    # press would come after the 10 s of patience.
+    decision = decide(
+        UNAVAILABLE,
+        1000,
+        attempt=5,
+        now_ns=9_990 * MS,
+        first_ns=0,
+        policy=POLICY,
+        rng=random.Random(1),
+    )
+
+    assert decision.gave_up
+    assert decision.final is Final.NONE
+
+
+def book_of(rows: list[tuple[int, int, Final, int, bool]]) -> UserBook:
+    """(first press, final answer or -1, how it ended, presses, gave up) per user."""
+    book = UserBook([r[0] for r in rows])
+    for i, (_, final_ns, final, presses, gave_up) in enumerate(rows):
+        book.final_ns[i] = final_ns
+        book.final[i] = final
+        book.presses[i] = presses
+        book.gave_up[i] = int(gave_up)
+    return book
+
+
+def test_the_summary_counts_every_user_once_by_how_they_ended() -> None:
+    starts = 2 * S
+    book = book_of(
+        [
+            (starts, starts + 100 * MS, Final.COUPON, 1, False),
+            (starts + 200 * MS, starts + 1_500 * MS, Final.COUPON, 3, False),
+            (starts + 300 * MS, starts + 4_000 * MS, Final.SOLD_OUT, 12, False),
+            (starts + 400 * MS, starts + 12_000 * MS, Final.SOLD_OUT, 2, False),  # impatient
+            (starts + 500 * MS, starts + 600 * MS, Final.ERROR, 1, False),
+            (starts + 600 * MS, -1, Final.NONE, 4, True),
+            (starts + 700 * MS, -1, Final.NONE, 1, False),  # cut off by the stop
+        ]
+    )
+
+    summary = summarize(
+        book,
+        starts_rel_ns=starts,
+        patience_ns=10 * S,
+        fresh_done_ns=[starts + 50 * MS, starts + 1_550 * MS],
+        sell_out_s=1.5,
+        sold_out=True,
+    )
+
+    assert summary.users == 7
+    assert (summary.got_coupon, summary.got_sold_out, summary.got_error) == (2, 2, 1)
+    assert (summary.gave_up, summary.unanswered) == (1, 1)
+    # Coupon or sold out within 10 s of the user's own first press: three of seven.
+    assert summary.answered_within_patience == pytest.approx(3 / 7)
+    assert summary.answered_within_s == {
+        "1": pytest.approx(1 / 7),
+        "2": pytest.approx(2 / 7),
+        "5": pytest.approx(3 / 7),
+        "10": pytest.approx(3 / 7),
+    }
+    assert summary.time_to_final_ms["p50"] == pytest.approx(1300.0)
+    assert summary.time_to_final_ms["max"] == pytest.approx(11_600.0)
+    assert summary.retries_histogram == {"0": 3, "1": 1, "2": 1, "3": 1, "10+": 1}
+    assert summary.retries["max"] == 11
+    # One new coupon in the first tenth of a second after the start, one in the 16th.
+    assert summary.goodput_per_s[0] == pytest.approx(10.0)
+    assert summary.goodput_per_s[15] == pytest.approx(10.0)
+    assert sum(summary.goodput_per_s) == pytest.approx(20.0)
+
+
+def test_books_of_several_processes_add_up() -> None:
+    one = book_of([(0, 5, Final.COUPON, 1, False)])
+    two = book_of([(1, -1, Final.NONE, 3, True), (2, 9, Final.SOLD_OUT, 2, False)])
+
+    one.extend(two)
+
+    assert len(one) == 3
+    assert list(one.final) == [Final.COUPON, Final.NONE, Final.SOLD_OUT]
+    assert list(one.presses) == [1, 3, 2]

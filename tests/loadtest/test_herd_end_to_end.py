@@ -1,0 +1,141 @@
+"""`coupon loadtest --herd` against real server processes: a small crowd on the real
+service, its accounting and its verification; and a crowd that is shed at first and must
+come back after the server's hint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coupon_loadtest.cli import main
+from harness.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def herd(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    report = tmp_path / "herd.json"
+    code = main(
+        [
+            "--url",
+            url,
+            "--herd",
+            "--start-in",
+            "1",
+            "--spread",
+            "500ms",
+            "--patience",
+            "20s",
+            "--processes",
+            "2",
+            "--connections",
+            "64",
+            "--report",
+            str(report),
+            "--chart",
+            str(tmp_path / "herd.png"),
+            "--quiet",
+            *extra,
+        ]
+    )
+    return code, json.loads(report.read_text())
+
+
+def retries_sum(histogram: dict[str, int]) -> int:
+    assert "10+" not in histogram  # none expected here; a sum would be a lower bound
+    return sum(int(k) * n for k, n in histogram.items())
+
+
+@pytest.mark.integration
+def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
+    server_env: dict[str, str], database: str, tmp_path: Path
+) -> None:
+    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        code, document = herd(
+            server.url,
+            tmp_path,
+            "--users",
+            "2000",
+            "--coupons",
+            "200",
+            "--database-url",
+            database,
+        )
+    finally:
+        server.stop()
+
+    assert code == 0, document["verdict"]
+    checks = document["verification"]["checks"]
+    assert {c["source"] for c in checks} == {"client", "api", "database", "api+database"}
+    assert all(c["passed"] for c in checks)
+    crowd = document["herd"]
+    assert crowd["users"] == 2000
+    # Every user ended exactly one way: 200 coupons, the rest told it is sold out.
+    assert crowd["got_coupon"] == 200
+    assert crowd["got_sold_out"] == 1800
+    assert crowd["got_error"] == crowd["gave_up"] == crowd["unanswered"] == 0
+    assert crowd["answered_within_patience"] == 1.0
+    assert sum(crowd["retries_histogram"].values()) == 2000
+    # Each request is one press: the first of every user, and their retries.
+    retried = retries_sum(crowd["retries_histogram"])
+    assert document["throughput"]["requests"] == 2000 + retried
+    assert document["outcomes"]["ok_new"] == 200
+    assert document["timeline"]["sold_out"] is True
+    assert crowd["sold_out"] is True and crowd["sell_out_s"] is not None
+    assert sum(crowd["goodput_per_s"]) * crowd["goodput_bucket_s"] == pytest.approx(200)
+    assert (tmp_path / "herd.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture
+def shedding_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        env={"COUPON_BACKEND": "memory"},
+        argv=[
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--no-access-log",
+            "tests.loadtest.shedding_server:app",
+        ],
+        name="shedding",
+        log_dir=tmp_path,
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_shed_crowd_comes_back_after_the_hint_and_gets_exactly_the_stock(
+    shedding_server: ServerProcess, tmp_path: Path
+) -> None:
+    code, document = herd(
+        shedding_server.url,
+        tmp_path,
+        "--users",
+        "500",
+        "--coupons",
+        "50",
+        "--retry-floor",
+        "50ms",
+    )
+
+    assert code == 0, document["verdict"]
+    crowd = document["herd"]
+    # The first press of every user was shed; each came back once and was answered.
+    assert document["outcomes"]["unavailable"] == 500
+    assert crowd["retries_histogram"] == {"1": 500}
+    assert document["throughput"]["requests"] == 1000
+    assert (crowd["got_coupon"], crowd["got_sold_out"]) == (50, 450)
+    assert crowd["gave_up"] == crowd["unanswered"] == 0
+    # Nobody came back sooner than the floor.
+    assert crowd["time_to_final_ms"]["p50"] >= 50
+    assert document["verification"]["passed"] is True
