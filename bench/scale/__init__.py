@@ -1,4 +1,5 @@
-"""`just bench-scale`: the service at scale: a million-coupon sell-out, paging at 10M rows.
+"""`just bench-scale`: the service at scale: a million-coupon sell-out, paging at 10M rows,
+and the export of a 10M-coupon campaign.
 
 sellout: `coupon serve --workers 2` and a campaign of --coupons (1,000,000)
 coupons, driven to sell-out by wrk (bench/issue.lua: binary IssueCoupon, a new user per
@@ -16,6 +17,13 @@ fresh server, campaigns at the start, middle and end of the table (and the sell-
 are paged through, their first, middle and last pages fetched --repeats times each, and
 EXPLAIN (ANALYZE, BUFFERS) shows the plan of the page query the server runs (its text read
 from pg_stat_activity, as the server's connection last sent it).
+
+export: a campaign of --export-rows (10,000,000) coupons is filled with SQL (as above), and
+ExportCoupons streams all of it from a fresh server (binary Connect streaming over HTTP,
+read and decoded as it arrives, each coupon checked to come in issue order): rows/s, and
+the RSS of every server process sampled twice a second (and its VmHWM, which catches a peak
+between samples), which stays flat whatever the campaign's size (the server reads keyset
+chunks and sends each before reading the next).
 
 Everything lives apart from a developer's data: the database `coupon_scale`, created here
 and marked with a comment (dropped at the end unless --keep; a database of that name without

@@ -12,25 +12,34 @@ from typing import Any
 
 from bench.generators import REPO, BenchBroke, ensure_wrk
 from bench.scale.database import DB_NAME, REDIS_PREFIX, create_database, drop_database, migrate
+from bench.scale.export import run_export
 from bench.scale.paging import PAGE_SIZE, say
 from bench.scale.report import report_lines, targets
 from bench.scale.sellout import Run, run_paging, run_sellout
 from bench.state import background_load, base_meta, delete_redis_keys, git_commit, write_run
 
-PHASES = ("sellout", "paging")
+PHASES = ("sellout", "paging", "export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="just bench-scale",
-        description="Sell out a 1,000,000-coupon campaign (memory, I1-I4, paging), then page "
-        "GetCampaign with 10,000,000 coupon rows in the table.",
+        description="Sell out a 1,000,000-coupon campaign (memory, I1-I4, paging), page "
+        "GetCampaign with 10,000,000 coupon rows in the table, then stream a 10,000,000-coupon "
+        "campaign through ExportCoupons (rows/s, server RSS).",
     )
     parser.add_argument("--coupons", type=int, default=1_000_000, help="sell-out stock (1e6)")
     parser.add_argument(
         "--rows", type=int, default=10_000_000, help="coupon rows to fill up to (1e7)"
     )
-    parser.add_argument("--only", default="sellout,paging", help="sellout, paging or both")
+    parser.add_argument(
+        "--only",
+        default=",".join(PHASES),
+        help="phases to run, of sellout, paging, export (all three)",
+    )
+    parser.add_argument(
+        "--export-rows", type=int, default=10_000_000, help="coupons of the exported campaign (1e7)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="server workers (2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="wrk threads")
     parser.add_argument("--connections", type=int, default=128, help="wrk connections (128)")
@@ -64,9 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     if not args.only or set(args.only) - set(PHASES):
-        parser.error("--only takes sellout, paging or sellout,paging")
+        parser.error("--only takes phases of sellout, paging, export, comma-separated")
     if not 1 <= args.coupons <= 10_000_000:
         parser.error("--coupons must be between 1 and 10,000,000 (the schema's limit)")
+    if not 1 <= args.export_rows <= 10_000_000:
+        parser.error("--export-rows must be between 1 and 10,000,000 (the schema's limit)")
     if not 1 <= args.campaign_size <= 10_000_000 or args.interleave < 1:
         parser.error("--campaign-size must be in 1..10,000,000 and --interleave >= 1")
     return args
@@ -79,6 +90,8 @@ async def run_all(run: Run) -> None:
         await run_sellout(run)
     if "paging" in run.args.only:
         await run_paging(run)
+    if "export" in run.args.only:
+        await run_export(run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             **meta,
             "sellout": run.sellout,
             "paging": run.paging,
+            "export": run.export,
             "targets": [{"target": n, "met": ok, "value": v} for n, ok, v in targets(run)],
         }
         path = write_run(document, "-scale")

@@ -7,6 +7,7 @@ from typing import Any
 from bench.phases import fmt_ms as ms
 from bench.report import verdict_word
 from bench.scale.database import ISSUE_ORDER
+from bench.scale.export import export_facts, export_target
 from bench.scale.paging import mib
 from bench.scale.sellout import Run
 from bench.state import commit_label
@@ -91,6 +92,8 @@ def targets(run: Run) -> list[tuple[str, bool | None, str]]:
                     ),
                 )
             )
+    if run.export:
+        rows.append(export_target(run))
     return rows
 
 
@@ -272,10 +275,14 @@ def paging_facts(run: Run) -> list[str]:
 
 
 def report_lines(run: Run, meta: dict[str, Any]) -> list[str]:
+    paged = (
+        f"page_size {meta['page_size']}, {meta['repeats']} fetches per page position; "
+        if run.sellout or run.paging
+        else ""
+    )
     lines = [
         f"coupon bench-scale {meta['date']}  commit {commit_label(meta)}",
-        f"{meta['cores']} cores, {meta['workers']} workers, page_size {meta['page_size']}, "
-        f"{meta['repeats']} fetches per page position; busy before start: "
+        f"{meta['cores']} cores, {meta['workers']} workers, {paged}busy before start: "
         f"{meta['background_cores']:.2f} cores",
     ]
     if run.sellout:
@@ -291,11 +298,12 @@ def report_lines(run: Run, meta: dict[str, Any]) -> list[str]:
     if run.paging:
         lines += ["", "paging at scale:"]
         lines += [f"  {x}" for x in paging_facts(run)]
-    lines += ["", "GetCampaign, every page in order (one request each):"]
-    lines += text_table(SWEEP_HEADER, sweep_rows(run))
-    lines += ["", "GetCampaign, first/middle/last pages fetched again and again:"]
-    positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
-    lines += text_table(POSITION_HEADER, position_table(positions))
+    if run.sellout or run.paging:
+        lines += ["", "GetCampaign, every page in order (one request each):"]
+        lines += text_table(SWEEP_HEADER, sweep_rows(run))
+        lines += ["", "GetCampaign, first/middle/last pages fetched again and again:"]
+        positions = (run.sellout.get("positions") or []) + (run.paging.get("positions") or [])
+        lines += text_table(POSITION_HEADER, position_table(positions))
     explains = run.paging.get("explain", [])
     if explains:
         lines += ["", "EXPLAIN (ANALYZE, BUFFERS) of the server's page query, custom plans:"]
@@ -305,6 +313,9 @@ def report_lines(run: Run, meta: dict[str, Any]) -> list[str]:
         lines += [f"  {x}" for x in worst["custom_plan"]]
         lines += ["its generic plan (PREPARE, plan_cache_mode = force_generic_plan):"]
         lines += [f"  {x}" for x in worst["generic_plan"]]
+    if run.export:
+        lines += ["", "export:"]
+        lines += [f"  {x}" for x in export_facts(run)]
     lines += ["", "targets:"]
     lines += [f"  {verdict_word(ok):<4} {name}: {value}" for name, ok, value in targets(run)]
     return lines

@@ -1,5 +1,6 @@
 """The sell-out of `just bench-scale` (a million coupons through wrk, the server's memory
-sampled every second, I1-I4 audited), and the paging at ten million rows."""
+sampled every second, I1-I4 audited), the paging at ten million rows, and the run they
+share."""
 
 from __future__ import annotations
 
@@ -36,10 +37,18 @@ from harness.server import ServerProcess
 
 
 class Sampler:
-    """Once a second: the campaign's issued_count and the RSS of every server process."""
+    """Every `interval` seconds (one): the campaign's issued_count and the RSS of every
+    server process."""
 
-    def __init__(self, conn: asyncpg.Connection, campaign_id: str, pids: dict[int, str]) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        campaign_id: str,
+        pids: dict[int, str],
+        interval: float = 1.0,
+    ) -> None:
         self._conn = conn
+        self._interval = interval
         self._campaign = uuid.UUID(campaign_id)
         self.pids = pids
         self.samples: list[dict[str, Any]] = []
@@ -70,7 +79,7 @@ class Sampler:
         tick = time.monotonic()
         while not self._stop.is_set():
             await self.take()
-            tick += 1.0
+            tick += self._interval
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(0.0, tick - time.monotonic()))
 
@@ -138,6 +147,7 @@ class Run:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="coupon-scale-")))
     sellout: dict[str, Any] = field(default_factory=dict)
     paging: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
 
     @property

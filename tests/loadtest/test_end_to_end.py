@@ -1,5 +1,6 @@
 """`coupon loadtest` against real servers: it passes the real one, with and without reading
-PostgreSQL directly, and fails one that breaks the invariants."""
+PostgreSQL directly, on a campaign it creates or one that exists already, and fails one that
+breaks the invariants."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -101,6 +104,47 @@ def test_real_server_passes_when_checked_in_postgresql_too(
     assert document["throughput"]["issued"] == 200
 
 
+@pytest.mark.integration
+def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
+    server_env: dict[str, str], database: str, tmp_path: Path
+) -> None:
+    # The tool targets a campaign it did not create, so it learns the server's clock from
+    # GetCampaign alone; the burst begins before the start and sells out just after it,
+    # where a clock estimate that is off by more than it admits condemns good successes.
+    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        starts_at = datetime.now(UTC) + timedelta(seconds=4)
+        created = httpx.post(
+            f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+            json={
+                "name": "existing, opening mid-burst",
+                "totalCoupons": 200,
+                "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
+            },
+            timeout=30,
+        )
+        assert created.status_code == 200, created.text
+        campaign_id = created.json()["campaign"]["id"]
+        code, document = loadtest(
+            server.url, tmp_path, "--campaign-id", campaign_id, "--database-url", database
+        )
+    finally:
+        server.stop()
+
+    assert code == 0, document["verdict"]
+    assert failed_checks(document) == set()
+    assert document["outcomes"]["failed_precondition"] > 0  # the burst began before the start
+    assert document["outcomes"]["ok_new"] == 200  # and sold out after it
+    clock = document["clock"]
+    assert clock["source"].startswith("GetCampaign.server_time")
+    if urlsplit(server_env["REDIS_URL"]).hostname in ("127.0.0.1", "localhost", "::1"):
+        # Redis, whose clock the server stamps, shares this machine's clock: the true
+        # offset is zero, and must lie within the bound the tool claims (both rounded to
+        # the microsecond in the report).
+        assert abs(clock["offset_ms"]) <= clock["uncertainty_ms"] + 0.001, clock
+
+
 @pytest.fixture
 def broken_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()
@@ -153,3 +197,5 @@ def test_server_that_over_issues_repeats_codes_and_opens_early_fails(
         "no coupon issued outside the window",
         "no success received before starts_at",
     } <= failed_checks(document)
+    # It stamps no server_time in GetCampaign: the clock comes from created_at alone.
+    assert document["clock"]["source"] == "CreateCampaign.created_at"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 NS_PER_S = 1_000_000_000
+# The service stamps its Timestamps from Redis's TIME, in whole microseconds.
+MICROSECOND_NS = 1_000
+# uvicorn writes the Date header from a string it remakes once a second, and the header
+# itself drops the fraction: the server's clock was somewhere in [Date, Date + 2 s).
+HTTP_DATE_RESOLUTION_NS = 2 * NS_PER_S
 
 
 @dataclass(frozen=True)
@@ -26,22 +32,69 @@ class ClockOffset:
         }
 
 
-def from_round_trip(sent_ns: int, received_ns: int, server_ns: int, source: str) -> ClockOffset:
+@dataclass(frozen=True)
+class ClockSample:
+    """One exchange: our clock as the request left, the server's stamp of its own clock
+    while it answered (truncated to `resolution_ns`), our clock once the answer was in."""
+
+    sent_ns: int
+    server_ns: int
+    received_ns: int
+    source: str
+    resolution_ns: int = MICROSECOND_NS
+
+    @property
+    def round_trip_ns(self) -> int:
+        return self.received_ns - self.sent_ns
+
+    def offset(self) -> ClockOffset:
+        return from_round_trip(
+            self.sent_ns, self.received_ns, self.server_ns, self.source, self.resolution_ns
+        )
+
+
+def from_round_trip(
+    sent_ns: int, received_ns: int, server_ns: int, source: str, resolution_ns: int = 0
+) -> ClockOffset:
     """NTP-style: the server read its clock somewhere between our send and our receipt.
 
-    Taking the midpoint leaves at most half the round trip of error either way.
+    Taking the midpoint leaves at most half the round trip of error either way; a stamp
+    truncated to `resolution_ns` was read somewhere in [server_ns, server_ns + resolution).
     """
     if received_ns < sent_ns:
         raise ValueError("received before sent")
     midpoint = (sent_ns + received_ns) // 2
-    return ClockOffset(server_ns - midpoint, (received_ns - sent_ns + 1) // 2, source)
+    return ClockOffset(
+        server_ns + resolution_ns // 2 - midpoint,
+        (received_ns - sent_ns + 1) // 2 + (resolution_ns + 1) // 2,
+        source,
+    )
+
+
+def shortest_round_trip(samples: Sequence[ClockSample]) -> ClockOffset:
+    """The offset from the sample with the shortest round trip (NTP's clock filter).
+
+    Every sample bounds the offset by its own round trip; queueing on the way there or back
+    only widens a sample's bound, so the shortest exchange is the tightest honest one.
+    """
+    if not samples:
+        raise ValueError("no clock samples")
+    estimate, best = min(((s.offset(), s) for s in samples), key=lambda e: e[0].uncertainty_ns)
+    if len(samples) == 1:
+        return estimate
+    return ClockOffset(
+        estimate.offset_ns,
+        estimate.uncertainty_ns,
+        f"{best.source}, shortest of {len(samples)} round trips",
+    )
 
 
 def from_http_date(sent_ns: int, received_ns: int, date_s: int, source: str) -> ClockOffset:
-    """From an HTTP Date header, which truncates the server's clock to whole seconds.
+    """From an HTTP Date header: whole seconds, and possibly a second old.
 
-    The server's clock read somewhere in [date_s, date_s + 1) while our request was in flight:
-    a much coarser estimate, used only when no timestamp the server just stamped is at hand.
+    A much coarser estimate, used only when the server stamps no timestamp of its own
+    clock in its answers (one older than GetCampaignResponse.server_time).
     """
-    rough = from_round_trip(sent_ns, received_ns, date_s * NS_PER_S + NS_PER_S // 2, source)
-    return ClockOffset(rough.offset_ns, rough.uncertainty_ns + NS_PER_S // 2, source)
+    return from_round_trip(
+        sent_ns, received_ns, date_s * NS_PER_S, source, resolution_ns=HTTP_DATE_RESOLUTION_NS
+    )

@@ -194,16 +194,19 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         await pool.receive("starting", _READY_TIMEOUT_S)
         target = await prepare(config, api)
         plan = target.plan
+        clock = (
+            f"clock offset {target.clock.offset_ns / 1e6:+.3f} ms "
+            f"± {target.clock.uncertainty_ns / 1e6:.3f} ms ({target.clock.source})"
+        )
         if target.created:
             console.info(
                 f"created campaign {plan.campaign_id}: {plan.total_coupons} coupons, starts in "
-                f"{config.start_in_s:g} s; clock offset {target.clock.offset_ns / 1e6:+.3f} ms "
-                f"± {target.clock.uncertainty_ns / 1e6:.3f} ms"
+                f"{config.start_in_s:g} s; {clock}"
             )
         else:
             console.info(
                 f"targeting campaign {plan.campaign_id}: {plan.stock} of "
-                f"{plan.total_coupons} coupons left"
+                f"{plan.total_coupons} coupons left; {clock}"
             )
         t0 = time.time_ns() + _GO_MARGIN_NS
         starts_rel = plan.starts_at_ns - target.clock.offset_ns - t0
