@@ -90,6 +90,8 @@ class ConstantIssue:
     ) -> coupon_pb.IssueCouponResponse:
         return RESPONSE
 
+    doorman = None
+
 
 class NoopCouponApp(CouponApp):
     """`CouponApp` with its dispatch and Litestar untouched; only the lifespan differs: no

@@ -39,7 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("overload")
     group.add_argument("--overload-seconds", type=float, help="seconds per level (10; 3 quick)")
     group.add_argument(
-        "--overload-connections", type=int, default=256, help="generator connections (256)"
+        "--overload-connections",
+        type=int,
+        default=4096,
+        help="open-loop generator connections (4096): enough that the excess reaches the "
+        "server rather than queueing in the generator",
+    )
+    group.add_argument(
+        "--saturation-connections",
+        type=int,
+        default=256,
+        help="closed-loop generator connections, saturation and sold-out (256)",
     )
     group.add_argument("--server-cpu", default="0", help="taskset -c list of the server (0)")
     group.add_argument("--generator-cpu", default="1", help="taskset -c list of generators (1)")
@@ -73,7 +83,11 @@ def settle_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def _openloop(
     bench: Bench, server_port: int, campaign: str, users: str, rate: float, seconds: float
 ) -> list[str]:
+    """The generator: open loop at `rate`, or closed loop (rate 0) on fewer connections (a
+    closed loop on thousands of connections would measure how fast turned-away requests
+    come back, not what the server sustains)."""
     args = bench.args
+    connections = args.overload_connections if rate else args.saturation_connections
     return pinned(
         openloop_argv(
             server_port,
@@ -81,7 +95,7 @@ def _openloop(
             bench.users(users),
             rate=rate,
             seconds=seconds,
-            connections=args.overload_connections,
+            connections=connections,
             drain=10.0,
         ),
         args.generator_cpu,
@@ -95,6 +109,7 @@ def run(bench: Bench) -> None:
         "generator": f"taskset -c {args.generator_cpu}",
         "seconds_per_level": args.overload_seconds,
         "connections": args.overload_connections,
+        "saturation_connections": args.saturation_connections,
     }
     bench.extra["overload"] = record
     print(

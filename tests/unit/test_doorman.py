@@ -3,7 +3,7 @@ latency of those it answered."""
 
 from __future__ import annotations
 
-from coupon.entrypoints.overload import Doorman
+from coupon.entrypoints.overload import Doorman, LoopLag
 
 TARGET = 0.1
 
@@ -21,14 +21,25 @@ def doorman(clock: Clock, **kw: int) -> Doorman:
     return Doorman(target_seconds=TARGET, clock=clock, **options)
 
 
-def window(door: Doorman, clock: Clock, *, latency: float, answered: int, extra: int = 0) -> None:
-    """One window: `answered` requests let in and answered after `latency`, and `extra`
-    more asking while they were in."""
+def window(
+    door: Doorman,
+    clock: Clock,
+    *,
+    latency: float,
+    answered: int,
+    extra: int = 0,
+    fastest: float | None = None,
+) -> None:
+    """One window: `answered` requests let in and answered after `latency` (spread evenly
+    down to `fastest`, when given: queueing), and `extra` more asking while they were in."""
     started = clock.now
-    let_in = [door.enter() for _ in range(answered + extra)]
-    clock.now = started + Doorman.WINDOW_SECONDS
-    for _ in range(sum(let_in)):
-        door.leave(clock.now - latency)
+    let_in = sum(door.enter() for _ in range(answered + extra))
+    low = latency if fastest is None else fastest
+    for i in range(let_in):
+        # All within the window; the last answer closes it, and the doorman adjusts.
+        last = i == let_in - 1
+        clock.now = started + Doorman.WINDOW_SECONDS * (1.0 if last else 0.99)
+        door.leave(clock.now - (low + (latency - low) * (i + 1) / let_in))
 
 
 def test_requests_beyond_the_limit_are_turned_away_and_counted() -> None:
@@ -40,14 +51,23 @@ def test_requests_beyond_the_limit_are_turned_away_and_counted() -> None:
     assert door.enter()
 
 
-def test_the_limit_shrinks_when_answers_are_slower_than_the_target() -> None:
+def test_the_limit_shrinks_when_requests_queue_past_the_target() -> None:
     clock = Clock()
     door = doorman(clock)
-    window(door, clock, latency=0.2, answered=50)
+    window(door, clock, latency=0.2, answered=50, fastest=0.01)
     assert door.limit == 100 * 0.7  # halving latency would need 0.5; one step is at most 0.7
     for _ in range(20):
-        window(door, clock, latency=0.2, answered=5)
+        window(door, clock, latency=0.2, answered=5, fastest=0.01)
     assert door.limit == 10  # never below the floor
+
+
+def test_the_limit_holds_when_no_request_could_be_faster() -> None:
+    """Every answer slow alike (a loop kept busy by the crowd): letting fewer in would not
+    make them faster, only the batches smaller."""
+    clock = Clock()
+    door = doorman(clock)
+    window(door, clock, latency=0.3, answered=50)
+    assert door.limit == 100
 
 
 def test_the_limit_grows_only_while_it_holds_requests_back() -> None:
@@ -72,3 +92,20 @@ def test_the_retry_hint_grows_with_the_share_turned_away_and_stays_bounded() -> 
     assert door.retry_after_ms > calm
     window(door, clock, latency=0.01, answered=10, extra=100_000)
     assert door.retry_after_ms == Doorman.HINT_MAX_MS
+
+
+async def test_a_loop_kept_busy_is_seen_saturated_and_a_free_one_is_not() -> None:
+    import asyncio
+    import time as clock
+
+    lag = LoopLag()
+    lag.start(asyncio.get_running_loop())
+    try:
+        await asyncio.sleep(0.2)
+        assert not lag.saturated
+        for _ in range(10):  # turns of the loop that each take 50 ms
+            clock.sleep(0.05)
+            await asyncio.sleep(0)
+        assert lag.saturated
+    finally:
+        lag.stop()

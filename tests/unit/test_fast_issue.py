@@ -40,6 +40,8 @@ class Service:
         assert self._work is not None
         return await self._work(request)
 
+    doorman = None
+
 
 async def call(service: Service, body: bytes) -> tuple[int, dict[str, str], bytes]:
     fast = FastIssue(IssueRoute(service), 1024)

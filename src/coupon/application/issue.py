@@ -21,10 +21,10 @@ from coupon.application.ports import (
     RecordOutcome,
     StockGate,
 )
-from coupon.application.refusals import RefusalMemory, refusal
+from coupon.application.refusals import RefusalMemory, Remembered, refusal
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
-from coupon.domain.errors import CouponError, Overloaded, Unavailable
+from coupon.domain.errors import Overloaded, Unavailable
 
 log = logging.getLogger("coupon")
 
@@ -100,16 +100,10 @@ class IssueCoupon:
         self._rebuilding: dict[str, asyncio.Task[None]] = {}
         self._settling: dict[str, asyncio.Lock] = {}
 
-    def remembered(self, campaign_id: str, user_id: str) -> CouponError | None:
-        """Without I/O: the refusal this process remembers for the request (or the field it
-        gets wrong), or None when only the gate can tell."""
-        try:
-            campaign_id = validate_campaign_id(campaign_id)
-            user_id = validate_user_id(user_id)
-        except CouponError as exc:
-            return exc
-        entry = self._memory.recall(campaign_id, user_id)
-        return None if entry is None else entry.error()
+    def remembered(self, campaign_id: str, user_id: str) -> Remembered | None:
+        """Without I/O: the refusal this process remembers for the request, or None when
+        only the gate can tell. Raises InvalidArgument for a bad field."""
+        return self._memory.recall(validate_campaign_id(campaign_id), validate_user_id(user_id))
 
     async def execute(self, *, campaign_id: str, user_id: str, deadline: float = 0.0) -> Issued:
         """`deadline` (time.monotonic(), 0: none): a request not yet admitted by then is

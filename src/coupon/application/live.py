@@ -29,6 +29,7 @@ LATENCY = "latency."  # + the bucket's index
 # from them is within 25 % of the true one.
 LATENCY_BOUNDS = tuple(0.0001 * 1.25**i for i in range(53))
 _LATENCY_FIELDS = tuple(f"{LATENCY}{i}" for i in range(len(LATENCY_BOUNDS) + 1))
+_FIRST_BUCKET = _LATENCY_FIELDS[0]
 # Tallies of more campaigns than this in one second are dropped (a flood of ids).
 MAX_CAMPAIGNS_PER_FLUSH = 10_000
 
@@ -51,6 +52,18 @@ class LiveTally:
         counts[outcome] = counts.get(outcome, 0) + 1
         bucket = _LATENCY_FIELDS[bisect_left(LATENCY_BOUNDS, seconds)]
         counts[bucket] = counts.get(bucket, 0) + 1
+
+    def record_at_once(self, campaign_id: str, outcome: str) -> None:
+        """An answer given at once, without I/O (a refusal from memory, a request turned
+        away): in the first latency bucket."""
+        key = (campaign_id, int(time.time()))
+        counts = self._counts.get(key)
+        if counts is None:
+            if len(self._counts) >= MAX_CAMPAIGNS_PER_FLUSH:
+                return
+            counts = self._counts[key] = {}
+        counts[outcome] = counts.get(outcome, 0) + 1
+        counts[_FIRST_BUCKET] = counts.get(_FIRST_BUCKET, 0) + 1
 
     def take(self) -> LiveCounts:
         counts, self._counts = self._counts, {}

@@ -3,6 +3,7 @@ plus Litestar for health, readiness, metrics and the example page."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
 from coupon.entrypoints.metrics import get_metrics, render
+from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
@@ -148,6 +150,7 @@ class CouponApp:
     async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:
         container = make_container(self.settings)
         service = await container.get(CouponService)
+        (await container.get(Doorman)).loop_lag.start(asyncio.get_running_loop())
         self.readiness = await container.get(Readiness)
         self.dashboard = await container.get(Dashboard)
         self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)

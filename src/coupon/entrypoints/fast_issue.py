@@ -32,7 +32,7 @@ from litestar.types import (
     Send,
 )
 
-from coupon.entrypoints.overload import RetryLater, retry_headers
+from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.gen.coupon.v1 import coupon_pb
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
@@ -76,6 +76,12 @@ class IssueService(Protocol):
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> Awaitable[coupon_pb.IssueCouponResponse]: ...
 
+    @property
+    def doorman(self) -> Doorman | None:
+        """Its admission control, whose `hold` says how long not to read again from a
+        connection just turned away (None: no admission control)."""
+        ...
+
 
 _BY_HEADER: dict[bytes, tuple[Codec, bytes] | None] = {}
 
@@ -112,8 +118,10 @@ def error_answer(error: ConnectError) -> Answer:
 class IssueRoute:
     def __init__(self, service: IssueService) -> None:
         self._service = service
-        # Shed answers: made once per error the service hands out (one per hint value).
-        self._shed: dict[int, tuple[ConnectError, Answer]] = {}
+        self._doorman = service.doorman
+        # Answers to errors the service hands out again and again (one per hint value, one
+        # per remembered refusal): encoded once.
+        self._answers: dict[int, tuple[ConnectError, Answer]] = {}
 
     def at_once(
         self, body: bytes, codec: tuple[Codec, bytes], arrived: float
@@ -129,14 +137,17 @@ class IssueRoute:
         error = self._service.issue_at_once(request, arrived)
         if error is None:
             return request
-        if isinstance(error, RetryLater):
-            known = self._shed.get(id(error))
-            if known is None or known[0] is not error:
-                if len(self._shed) > 256:
-                    self._shed.clear()
-                known = self._shed[id(error)] = (error, error_answer(error))
-            return known[1]
-        return error_answer(error)
+        known = self._answers.get(id(error))
+        if known is None or known[0] is not error:
+            if len(self._answers) > 256:
+                self._answers.clear()
+            known = self._answers[id(error)] = (error, error_answer(error))
+        return known[1]
+
+    def hold_after(self, answer: Answer) -> float:
+        """After a request turned away, how long its connection should not be read from."""
+        doorman = self._doorman
+        return doorman.hold if doorman is not None and answer[0] == 503 else 0.0
 
     async def answer(
         self, request: coupon_pb.IssueCouponRequest, codec: tuple[Codec, bytes], arrived: float

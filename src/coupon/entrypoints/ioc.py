@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 from dishka import (
@@ -227,14 +227,18 @@ class ApplicationProvider(Provider):
             await issue.close()
 
     @provide
-    def doorman(self, settings: Settings) -> Doorman:
+    def doorman(self, settings: Settings) -> Iterator[Doorman]:
         ceiling = settings.max_in_flight
-        return Doorman(
+        doorman = Doorman(
             target_seconds=settings.target_latency_ms / 1000,
             initial=min(Doorman.INITIAL, ceiling),
             floor=min(Doorman.FLOOR, ceiling),
             ceiling=ceiling,
         )
+        try:
+            yield doorman
+        finally:
+            doorman.close()
 
     @provide
     def admin(self, settings: Settings) -> AdminGuard:

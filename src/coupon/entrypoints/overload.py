@@ -16,6 +16,7 @@ in flight keeps each L / X seconds, so the limit settles near X times the target
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ class Doorman:
     FLOOR = 64
     HINT_MIN_MS = 50
     HINT_MAX_MS = 2_000
+    # A held connection may carry other users' requests (a proxy's pool): never for long.
+    HOLD_MAX = 1.0
 
     def __init__(
         self,
@@ -63,6 +66,16 @@ class Doorman:
         self._served = 0
         self._hint_ms = self.HINT_MIN_MS
         self.shed_total = 0
+        # Started by the app once its loop runs (see CouponApp._lifespan).
+        self.loop_lag = LoopLag()
+        # How long a connection that was just turned away is not read from: while the loop
+        # is saturated, the hint (a client that honours it loses nothing); else 0. Reading
+        # every connection of a crowd on every turn of a saturated loop would leave no time
+        # for the requests let in; the crowd's requests wait in the kernel instead.
+        self.hold = 0.0
+
+    def close(self) -> None:
+        self.loop_lag.stop()
 
     def enter(self) -> bool:
         """True: the request is let in (call `leave` when it is answered). False: answer it
@@ -98,9 +111,12 @@ class Doorman:
         if samples:
             samples.sort()
             latency = samples[min(len(samples) - 1, int(len(samples) * self.PERCENTILE))]
-            if latency > self._target:
+            # What no request of the window escaped (a turn of a busy loop, a round trip):
+            # latency beyond it is queueing behind the requests let in.
+            base = samples[int(len(samples) * 0.05)]
+            if latency > self._target and latency - base > self._target / 2:
                 self.limit = max(self._floor, self.limit * max(0.7, self._target / latency))
-            elif self._shed or self._peak >= 0.9 * self.limit:
+            elif latency <= self._target and (self._shed or self._peak >= 0.9 * self.limit):
                 self.limit = min(self._ceiling, self.limit * 1.1 + 1)
         elif self._shed and self.in_flight < self.limit:
             self.limit = min(self._ceiling, self.limit * 1.1 + 1)
@@ -108,10 +124,52 @@ class Doorman:
         self._hint_ms = int(
             min(self.HINT_MAX_MS, max(self.HINT_MIN_MS, 1000 * self._target * (1 + pressure)))
         )
+        # As long as the hint asks the client to wait: one that honours it loses nothing.
+        self.hold = min(self._hint_ms / 1000, self.HOLD_MAX) if self.loop_lag.saturated else 0.0
         self._samples = []
         self._peak = self.in_flight
         self._shed = self._served = 0
         self._window_ends = self._clock() + self.WINDOW_SECONDS
+
+
+class LoopLag:
+    """How late the event loop runs callbacks: a probe every PERIOD seconds measures its own
+    delay. A loop that runs late is saturated: everything it does, shedding included, waits
+    for a turn, and requests it let in cannot finish in time however few they are."""
+
+    PERIOD = 0.01
+    # Saturated when the smoothed delay is beyond this.
+    SATURATED = 0.02
+
+    def __init__(self) -> None:
+        self.lag = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0
+
+    @property
+    def saturated(self) -> bool:
+        return self.lag > self.SATURATED
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._handle is None:
+            self._loop = loop
+            self._due = loop.time() + self.PERIOD
+            self._handle = loop.call_at(self._due, self._probe)
+
+    def _probe(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        # Smoothed over about ten probes.
+        self.lag += (max(0.0, now - self._due) - self.lag) * 0.2
+        self._due = now + self.PERIOD
+        self._handle = loop.call_at(self._due, self._probe)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def retry_info(retry_after_ms: int) -> bytes:

@@ -94,6 +94,8 @@ class Http1Protocol(HttpToolsProtocol):
     # The date header uvicorn refreshes once a second, as bytes, per list it makes.
     _head_source: ClassVar[object] = None
     _head_bytes: ClassVar[bytes] = b""
+    # Refusal answers as bytes: answer id -> (answer, the head it was made with, bytes).
+    _refusals: ClassVar[dict[int, tuple[Answer, bytes, bytes]]] = {}
 
     def __init__(
         self,
@@ -113,6 +115,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._receiving_since = 0.0  # loop time of its first byte; 0: not receiving
         self._idle_since = 0.0  # loop time its last answer went out, while idle
         self._draining_until = 0.0  # refused and closing: read and drop until then
+        self._held: asyncio.TimerHandle | None = None  # not read from until this fires
         self._drained = 0
         self._in_headers = False
         self._header_bytes = 0  # counted from the parsed request line and fields
@@ -135,6 +138,9 @@ class Http1Protocol(HttpToolsProtocol):
         _Sweeper.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         cycle = self.cycle
         if isinstance(cycle, _LaneCycle):
             self.cycle = None  # type: ignore[assignment]
@@ -284,11 +290,15 @@ class Http1Protocol(HttpToolsProtocol):
         keep_alive = self.parser.should_keep_alive()
         arrived = time.monotonic()
         codec = self._lane_codec
-        answer = self._lane_route.at_once(self._body, codec, arrived)
+        route = self._lane_route
+        answer = route.at_once(self._body, codec, arrived)
         self._body = b""
         if isinstance(answer, tuple):
             self._write(answer, keep_alive)
             self._lane_done()
+            hold = route.hold_after(answer)
+            if hold and keep_alive:
+                self._hold(hold)
             return
         cycle = _LaneCycle(keep_alive)
         self.cycle = cycle  # type: ignore[assignment]
@@ -313,6 +323,23 @@ class Http1Protocol(HttpToolsProtocol):
         self._lane_done()
 
     def _write(self, answer: Answer, keep_alive: bool, *, linger: bool = False) -> None:
+        if answer[0] != 200 and keep_alive:
+            # The same refusal again and again (turned away, sold out from memory): the
+            # bytes are made once per answer and date.
+            head = self._head()
+            known = Http1Protocol._refusals.get(id(answer))
+            if known is None or known[0] is not answer or known[1] is not head:
+                if len(Http1Protocol._refusals) > 256:
+                    Http1Protocol._refusals.clear()
+                known = (answer, head, self._bytes(answer, keep_alive))
+                Http1Protocol._refusals[id(answer)] = known
+            self.transport.write(known[2])
+            return
+        self.transport.write(self._bytes(answer, keep_alive))
+        if not keep_alive and not linger:
+            self.transport.close()
+
+    def _bytes(self, answer: Answer, keep_alive: bool) -> bytes:
         status, content_type, payload, extra = answer
         parts = [
             STATUS_LINE[status],
@@ -328,12 +355,22 @@ class Http1Protocol(HttpToolsProtocol):
         if not keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", payload)
-        self.transport.write(b"".join(parts))
-        if not keep_alive and not linger:
-            self.transport.close()
+        return b"".join(parts)
 
     def _lane_done(self) -> None:
         self.on_response_complete()
+
+    def _hold(self, seconds: float) -> None:
+        """Read nothing more from this connection for a while (see Doorman.hold_seconds):
+        what its client sends meanwhile waits in the kernel."""
+        if self._held is None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self._held = self.loop.call_later(seconds, self._unhold)
+
+    def _unhold(self) -> None:
+        self._held = None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # --- keep-alive: the sweeper closes idle connections (no timer per request) ------------
 
