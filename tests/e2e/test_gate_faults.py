@@ -153,7 +153,9 @@ async def test_a_user_whose_request_failed_in_a_redis_hang_succeeds_at_once_afte
         resumed = time.monotonic()
         reply = await issue_retrying(client, c, "hung")
         assert reply.coupon is not None and not reply.already_issued
-        assert time.monotonic() - resumed < 1.0
+        recovered = time.monotonic() - resumed
+        print(f"after the hang: the user's retry succeeded {recovered * 1000:.0f} ms after resume")
+        assert recovered < 1.0
 
 
 async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_seconds(
@@ -208,6 +210,7 @@ async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_
             reply = await issue_retrying(client, c, "after-restart")
             served = time.monotonic() - ready
             held = await issue_retrying(client, c, "stored-7")
+        print(f"after the crash mid-rebuild: first success {served:.2f} s after ready")
         assert reply.coupon is not None and served < 10, served
         assert held.already_issued and held.coupon is not None and held.coupon.code == "z7"
     finally:

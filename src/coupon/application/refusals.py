@@ -194,7 +194,7 @@ class RefusalMemory:
             holders.add(await self._gate.pending_users(campaign_id))
             async for chunk in self._ledger.holders(campaign_id):
                 holders.add(chunk)
-        except CouponError as exc:  # the refusals keep asking the ledger meanwhile
+        except Exception as exc:  # noqa: BLE001 - the refusals keep asking the ledger meanwhile
             log.warning(
                 "could not read the holders of a campaign",
                 extra={"campaign_id": campaign_id, "error": str(exc)},
