@@ -5,7 +5,7 @@
 #   docker run --rm -p 8000:8000 -e DATABASE_URL=... -e REDIS_ADDRESS=... coupon
 #
 # The default command is `coupon serve`; HOST (0.0.0.0 here), PORT and WORKERS come from
-# the environment like every other setting (see the README's Configuration table).
+# the environment like every other setting (see docs/operations.md, Configuration).
 # docker-compose.yml runs `coupon migrate` once before the API starts.
 #
 # Plain Dockerfile syntax (no BuildKit-only features), so the classic builder that
