@@ -33,6 +33,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
 README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 
 # The original Go service's variables, plus the token and the worker count.
 GO_COMPATIBLE = {
@@ -272,10 +273,10 @@ def test_api_health_check_is_the_images_curl_free_readyz_check() -> None:
 def test_env_example_lists_the_go_compatible_variables_and_the_api_gets_each() -> None:
     example = env_example()
     assert set(example) >= GO_COMPATIBLE
-    readme = README.read_text()
+    operations = OPERATIONS.read_text()
     environment = services()["api"]["environment"]
     for name in example:
-        assert f"`{name}`" in readme, f"{name} is not in the README's Configuration table"
+        assert f"`{name}`" in operations, f"{name} is not in docs/operations.md's settings"
         assert name in environment, f"the api service does not get {name}"
         # Passed through from .env / the environment, not hard-coded.
         assert str(environment[name]).startswith("${" + name), (name, environment[name])
