@@ -109,3 +109,32 @@ async def test_a_loop_kept_busy_is_seen_saturated_and_a_free_one_is_not() -> Non
         assert lag.saturated
     finally:
         lag.stop()
+
+
+def test_after_an_idle_second_the_next_crowd_starts_at_the_initial_limit() -> None:
+    clock = Clock()
+    door = doorman(clock)
+    for _ in range(20):
+        window(door, clock, latency=0.2, answered=5, fastest=0.01)
+    assert door.limit == 10
+    clock.now += Doorman.IDLE_SECONDS / 2  # a lull, not idle: the lesson stands
+    assert door.enter()
+    assert door.limit == 10
+    door.leave(clock.now)
+    clock.now += Doorman.WINDOW_SECONDS + Doorman.IDLE_SECONDS + 0.01
+    assert door.enter()
+    assert door.limit == 100 and door.hold == 0.0
+    assert door.retry_after_ms == Doorman.HINT_MIN_MS
+
+
+def test_requests_still_in_flight_keep_the_limit_however_long_they_take() -> None:
+    """A hang (PostgreSQL, Redis) is not idleness: what is in flight is stuck, and letting
+    a new process's number in would only add to it."""
+    clock = Clock()
+    door = doorman(clock)
+    for _ in range(20):
+        window(door, clock, latency=0.2, answered=5, fastest=0.01)
+    assert door.enter()
+    clock.now += 10 * Doorman.IDLE_SECONDS
+    assert door.enter()
+    assert door.limit == 10

@@ -12,6 +12,10 @@ in the process included) is compared with the target. Above it, the limit shrink
 proportion; below it, and only while the limit was what held requests back, it grows by a
 tenth. Little's law keeps the two apart: a process that answers X requests a second with L
 in flight keeps each L / X seconds, so the limit settles near X times the target.
+
+What a crowd taught is forgotten once it has gone: a process that has had nothing in
+flight and nothing to answer for a second starts the next crowd (the next sale) where a new
+process would, rather than at a limit that the last one's loop saturation pushed down.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Doorman:
     HINT_MAX_MS = 2_000
     # A held connection may carry other users' requests (a proxy's pool): never for long.
     HOLD_MAX = 1.0
+    # Idle this long (nothing in flight, nothing answered or turned away): start afresh.
+    IDLE_SECONDS = 1.0
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class Doorman:
         self._floor = floor
         self._ceiling = ceiling
         self._clock = clock
+        self._initial = float(initial)
         self.limit = float(initial)
         self.in_flight = 0
         self._samples: list[float] = []
@@ -80,6 +87,8 @@ class Doorman:
     def enter(self) -> bool:
         """True: the request is let in (call `leave` when it is answered). False: answer it
         `unavailable` now, with `retry_after_ms`."""
+        if not self.in_flight and self._clock() - self._window_ends > self.IDLE_SECONDS:
+            self._start_afresh()
         if self.in_flight >= self.limit:
             self._shed += 1
             self.shed_total += 1
@@ -105,6 +114,17 @@ class Doorman:
         """How long a turned-away client should wait: longer the more the process turns
         away (clients add their own jitter)."""
         return self._hint_ms
+
+    def _start_afresh(self) -> None:
+        """After an idle spell: the limit no lower than a new process's, no hold, the
+        shortest hint (the last crowd's loop saturation says nothing of the next one's)."""
+        self.limit = max(self.limit, self._initial)
+        self.hold = 0.0
+        self._hint_ms = self.HINT_MIN_MS
+        self._samples = []
+        self._peak = 0
+        self._shed = self._served = 0
+        self._window_ends = self._clock() + self.WINDOW_SECONDS
 
     def _adjust(self) -> None:
         samples = self._samples
