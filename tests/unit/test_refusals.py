@@ -135,3 +135,26 @@ def _campaign() -> Campaign:
 async def _nothing() -> AsyncIterator[Sequence[Coupon]]:
     return
     yield
+
+
+async def test_one_request_at_a_time_renews_a_memory_before_it_ends() -> None:
+    w = World()
+    w.memory.learn(CAMPAIGN, w.refusal(AdmissionKind.SOLD_OUT), 5, w.clock.seconds())
+    await w.settle()
+    assert w.memory.recall(CAMPAIGN, "early") is not None
+    w.clock.advance(0.5 * (1 - RefusalMemory.REFRESH_AHEAD))
+    assert w.memory.recall(CAMPAIGN, "first") is None  # this one asks the gate
+    for user in ("second", "third"):
+        remembered = w.memory.recall(CAMPAIGN, user)
+        assert remembered is not None and isinstance(remembered.error(), SoldOut)
+    # No answer yet: after a while another asks.
+    w.clock.advance(RefusalMemory.REFRESH_RETRY)
+    assert w.memory.recall(CAMPAIGN, "fourth") is None
+    assert w.memory.recall(CAMPAIGN, "fifth") is not None
+    # The gate answers "sold out" again: remembered anew from when it was asked.
+    w.memory.learn(CAMPAIGN, w.refusal(AdmissionKind.SOLD_OUT), 5, w.clock.seconds())
+    w.clock.advance(0.2)  # past the first memory's end
+    assert w.memory.recall(CAMPAIGN, "sixth") is not None
+    # Not renewed again: it ends on time all the same.
+    w.clock.advance(0.5)
+    assert w.memory.recall(CAMPAIGN, "seventh") is None

@@ -379,6 +379,41 @@ async def test_after_a_sell_out_refusals_come_from_memory_and_holders_from_the_g
     assert gate.asked == asked + 2  # remembered for a while only
 
 
+async def test_one_request_renews_the_sold_out_memory_before_it_ends() -> None:
+    """The way the front doors ask: `remembered` first, then `execute(recalled=True)` for a
+    request it sends to the gate. While the memory lasts, one request at a time renews it,
+    so the crowd never finds it gone."""
+    clock = ManualClock(START)
+    store = MemoryStore()
+    campaigns = MemoryCampaignRepository(store)
+    ledger = MemoryCouponLedger(store)
+    gate = CountingGate(clock)
+    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
+    issue = IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory)
+    c = await CreateCampaign(campaigns, gate, clock).execute(
+        name="crowd", total_coupons=1, starts_at=START, ends_at=None
+    )
+    await issue.execute(campaign_id=c.id, user_id="a")
+    with pytest.raises(SoldOut):
+        await issue.execute(campaign_id=c.id, user_id="first-refused")
+    await asyncio.sleep(0)  # the holders are read
+
+    async def ask(user: str) -> bool:
+        """True: answered from memory; False: sent to the gate."""
+        if issue.remembered(c.id, user) is not None:
+            return True
+        with pytest.raises(SoldOut):
+            await issue.execute(campaign_id=c.id, user_id=user, recalled=True)
+        return False
+
+    for turn in range(10):  # four seconds, eight memories' worth
+        clock.advance(0.3)  # past the half of the memory's time
+        answers = [await ask(f"crowd-{turn}-{i}") for i in range(50)]
+        assert answers.count(False) == 1 and answers[0] is False, turn
+        clock.advance(0.1)  # past the end of the memory before that one
+        assert all([await ask(f"later-{turn}-{i}") for i in range(50)]), turn
+
+
 async def test_a_request_past_its_deadline_is_turned_away_untouched(world: World) -> None:
     c = await world.campaign(total=1)
     world.clock.current = START

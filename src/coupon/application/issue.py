@@ -105,14 +105,19 @@ class IssueCoupon:
         only the gate can tell. Raises InvalidArgument for a bad field."""
         return self._memory.recall(validate_campaign_id(campaign_id), validate_user_id(user_id))
 
-    async def execute(self, *, campaign_id: str, user_id: str, deadline: float = 0.0) -> Issued:
+    async def execute(
+        self, *, campaign_id: str, user_id: str, deadline: float = 0.0, recalled: bool = False
+    ) -> Issued:
         """`deadline` (time.monotonic(), 0: none): a request not yet admitted by then is
-        answered Overloaded rather than worked on. Once admitted, it runs to its end."""
+        answered Overloaded rather than worked on. Once admitted, it runs to its end.
+        `recalled`: the caller asked `remembered` already and was sent to the gate (asking
+        again could answer from memory the one request meant to renew it)."""
         campaign_id = validate_campaign_id(campaign_id)
         user_id = validate_user_id(user_id)
-        entry = self._memory.recall(campaign_id, user_id)
-        if entry is not None:
-            raise entry.error()
+        if not recalled:
+            entry = self._memory.recall(campaign_id, user_id)
+            if entry is not None:
+                raise entry.error()
         budget = _Budget(deadline)
         while True:
             asked_at = self._memory.now()

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from coupon.application.ports import Admission, AdmissionKind, CouponLedger, GateView, StockGate
 from coupon.domain.errors import CampaignEnded, CampaignNotStarted, CouponError, SoldOut
@@ -78,6 +78,10 @@ class Remembered:
     view: GateView
     total_coupons: int
     until: float  # time.monotonic()
+    # From then on, one request at a time asks the gate again while the others are still
+    # answered from memory: its answer renews the memory before it ends, so that the crowd
+    # does not reach the gate all at once whenever a memory ends.
+    refresh_at: float
 
     def error(self) -> CouponError:
         return refusal(self.kind, self.view, self.total_coupons)
@@ -98,6 +102,11 @@ class RefusalMemory:
     answered without creating a task."""
 
     MAX_CAMPAIGNS = 1024
+    # For the second half of a memory's time one request at a time asks the gate again (in
+    # a loaded process its answer may take a while), the next REFRESH_RETRY seconds after
+    # the last, until one renews it.
+    REFRESH_AHEAD = 0.5
+    REFRESH_RETRY = 0.05
 
     def __init__(
         self,
@@ -130,8 +139,14 @@ class RefusalMemory:
         entry = self._remembered.get(campaign_id)
         if entry is None:
             return None
-        if entry.until <= self._clock():
+        now = self._clock()
+        if entry.until <= now:
             del self._remembered[campaign_id]
+            return None
+        if now >= entry.refresh_at:
+            # This one asks the gate; if its answer has not renewed the memory by then (it
+            # was turned away, or is slow), another asks a little later.
+            self._remembered[campaign_id] = replace(entry, refresh_at=now + self.REFRESH_RETRY)
             return None
         if entry.kind is AdmissionKind.NOT_STARTED:
             return entry
@@ -163,7 +178,13 @@ class RefusalMemory:
             return
         if len(self._remembered) >= self.MAX_CAMPAIGNS and campaign_id not in self._remembered:
             self._remembered.clear()
-        self._remembered[campaign_id] = Remembered(kind, view, total_coupons, asked_at + seconds)
+        self._remembered[campaign_id] = Remembered(
+            kind,
+            view,
+            total_coupons,
+            until=asked_at + seconds,
+            refresh_at=asked_at + seconds * (1 - self.REFRESH_AHEAD),
+        )
         if kind is not AdmissionKind.NOT_STARTED:
             self._want_holders(campaign_id, view.version, total_coupons)
 

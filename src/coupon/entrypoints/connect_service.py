@@ -448,6 +448,7 @@ class CouponService:
                 campaign_id=request.campaign_id,
                 user_id=request.user_id,
                 deadline=arrived + self._deadline,
+                recalled=True,  # issue_at_once did
             )
         except CouponError as exc:
             raise self._refused(arrived, exc, request.campaign_id) from None
