@@ -353,8 +353,12 @@ class PostgresCouponLedger:
         return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
 
     async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+        # Every row is of this campaign: its id as text once, not once a row.
+        campaign = str(uuid.UUID(campaign_id))
         async for rows in self._read_all(_HOLDINGS, campaign_id):
-            yield [coupon_from_row(r) for r in rows]
+            yield [
+                Coupon(r["code"], campaign, r["user_id"], r["issued_at"], r["slot"]) for r in rows
+            ]
 
     async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
         async for rows in self._read_all(_HOLDERS, campaign_id):

@@ -96,6 +96,7 @@ class RedisStockGate:
         self._abandon = client.register_script(_script("abandon.lua"))
         self._end = client.register_script(_script("end.lua"))
         self._write_meta = client.register_script(_script("meta.lua"))
+        self._load_users = client.register_script(_script("load_users.lua"))
         self._renew = client.register_script(_RENEW)
         self._unlock = client.register_script(_UNLOCK)
         # A cluster routes each call by its keys; its client is used as it is.
@@ -352,7 +353,8 @@ class RedisStockGate:
                 continue
             for start in range(0, len(chunk), self.LOAD_CHUNK):
                 part = chunk[start : start + self.LOAD_CHUNK]
-                await client.hset(users, mapping={c.user_id: wire.holding(c) for c in part})
+                packed = "\0".join([f for c in part for f in (c.user_id, wire.holding(c))])
+                await self._load_users(keys=[users], args=[packed])
             for coupon in chunk:
                 taken[coupon.slot] = 1
                 top = max(top, coupon.slot)
