@@ -5,15 +5,14 @@ minute of them back next to the campaign's durable counts."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from coupon.application.periodic import periodically
 from coupon.application.ports import CampaignRepository, Clock, LiveCounts, LiveStats
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import validate_campaign_id
@@ -43,19 +42,14 @@ class LiveTally:
     def record(self, campaign_id: str, outcome: str, seconds: float) -> None:
         """One IssueCoupon answer: `outcome` is ISSUED, ALREADY_ISSUED or REFUSED + reason;
         `seconds` its latency."""
-        key = (campaign_id, int(time.time()))
-        counts = self._counts.get(key)
-        if counts is None:
-            if len(self._counts) >= MAX_CAMPAIGNS_PER_FLUSH:
-                return
-            counts = self._counts[key] = {}
-        counts[outcome] = counts.get(outcome, 0) + 1
-        bucket = _LATENCY_FIELDS[bisect_left(LATENCY_BOUNDS, seconds)]
-        counts[bucket] = counts.get(bucket, 0) + 1
+        self._add(campaign_id, outcome, _LATENCY_FIELDS[bisect_left(LATENCY_BOUNDS, seconds)])
 
     def record_at_once(self, campaign_id: str, outcome: str) -> None:
         """An answer given at once, without I/O (a refusal from memory, a request turned
         away): in the first latency bucket."""
+        self._add(campaign_id, outcome, _FIRST_BUCKET)
+
+    def _add(self, campaign_id: str, outcome: str, bucket: str) -> None:
         key = (campaign_id, int(time.time()))
         counts = self._counts.get(key)
         if counts is None:
@@ -63,7 +57,7 @@ class LiveTally:
                 return
             counts = self._counts[key] = {}
         counts[outcome] = counts.get(outcome, 0) + 1
-        counts[_FIRST_BUCKET] = counts.get(_FIRST_BUCKET, 0) + 1
+        counts[bucket] = counts.get(bucket, 0) + 1
 
     def take(self) -> LiveCounts:
         counts, self._counts = self._counts, {}
@@ -74,8 +68,9 @@ class LiveTally:
         if counts:
             await stats.add(counts)
 
-    @contextlib.asynccontextmanager
-    async def flushing(self, stats: LiveStats, seconds: float = 1.0) -> AsyncIterator[None]:
+    def flushing(
+        self, stats: LiveStats, seconds: float = 1.0
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Add the tallies to `stats` every `seconds` while open, and once more when closed.
         A failed flush drops its tallies: live figures, not records."""
 
@@ -85,19 +80,7 @@ class LiveTally:
             except CouponError as exc:
                 log.warning("live stats flush failed", extra={"error": str(exc)})
 
-        async def flush_forever() -> None:
-            while True:
-                await asyncio.sleep(seconds)
-                await flush_quietly()
-
-        task = asyncio.get_running_loop().create_task(flush_forever())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await flush_quietly()
+        return periodically(seconds, flush_quietly)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,9 @@ within `FLUSH_SECONDS`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -25,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.values import ValueClass
+
+from coupon.application.periodic import periodically
 
 FLUSH_SECONDS = 1.0
 
@@ -102,23 +103,15 @@ class Metrics:
         for tally in self._tallies:
             tally.flush()
 
-    @contextlib.asynccontextmanager
-    async def flushing(self, seconds: float = FLUSH_SECONDS) -> AsyncIterator[None]:
+    def flushing(
+        self, seconds: float = FLUSH_SECONDS
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Flush every `seconds` while open, and once more when closed."""
 
-        async def flush_forever() -> None:
-            while True:
-                await asyncio.sleep(seconds)
-                self.flush()
-
-        task = asyncio.get_running_loop().create_task(flush_forever())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async def flush() -> None:
             self.flush()
+
+        return periodically(seconds, flush)
 
 
 class CounterTally:
