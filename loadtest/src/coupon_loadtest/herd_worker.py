@@ -15,7 +15,6 @@ import asyncio
 import heapq
 import random
 import time
-from collections import Counter
 from typing import Any
 
 from coupon_loadtest.herd import (
@@ -27,30 +26,20 @@ from coupon_loadtest.herd import (
     first_presses,
 )
 from coupon_loadtest.http import GaveUp, HttpPool, Reply
-from coupon_loadtest.records import (
-    LOST,
-    NOT_OPEN,
-    OK,
-    OUTCOMES,
-    SOLD_OUT,
-    Observations,
-    user_id,
-)
+from coupon_loadtest.records import LOST, Observations, user_id
 from coupon_loadtest.wire import ISSUE_PATH, IssueCodec, IssueReply
 from coupon_loadtest.worker import (
-    COUNTERS,
     NO_STOP,
+    AnswerBook,
     Go,
     WorkerResult,
     WorkerSpec,
     histograms_of,
 )
-from coupon_loadtest.worker import C as COUNTER
 
 NS_PER_S = 1_000_000_000
 _PUBLISH_S = 0.05
 _MIN_SLEEP_NS = 1_000_000
-_MAX_REASONS = 20
 
 
 class _Stopped(Exception):
@@ -77,16 +66,13 @@ class HerdWorker:
         self._order = sorted(range(owned), key=lambda i: self.book.first_ns[i])
         self._retries: list[tuple[int, int]] = []  # (due ns, local user)
         self.observations = Observations(spec.user_prefix, go.t0_wall_ns)
+        self._book = AnswerBook(self.observations, spec.user_prefix, go.campaign_id)
         self._codec = IssueCodec(json=spec.json)
         self._mono_offset = time.time_ns() - time.monotonic_ns() - go.t0_wall_ns
         self._inflight = 0
         self._sent = 0
-        self._tally = [0] * len(OUTCOMES)
-        self._repeats = 0
         self._finished = False
         self._served = 0
-        self._lost_reasons: Counter[str] = Counter()
-        self._examples: dict[str, str] = {}
         self._ended = NO_STOP
 
     def now(self) -> int:
@@ -120,8 +106,8 @@ class HerdWorker:
             # A herd ends when its users have: the window is up to then, not the planned end.
             stop_rel_ns=min(self._stop(), self._ended),
             inflight_cap_waits=pool.waits,
-            lost_reasons=dict(self._lost_reasons),
-            error_examples=self._examples,
+            lost_reasons=dict(self._book.lost_reasons),
+            error_examples=self._book.examples,
             herd=self.book,
         )
 
@@ -201,7 +187,7 @@ class HerdWorker:
             answer = IssueReply(LOST, message=f"{type(result).__name__}: {result}")
         book.presses[local] += 1
         self._sent += 1
-        self._record(user, intended, sent, done, answer)
+        self._book.record(user, intended, sent, done, answer)
         decision = decide(
             answer.outcome,
             hint,
@@ -225,48 +211,15 @@ class HerdWorker:
         else:
             heapq.heappush(self._retries, (decision.retry_at_ns, local))
 
-    def _record(self, user: int, intended: int, sent: int, done: int, answer: IssueReply) -> None:
-        outcome = answer.outcome
-        self._tally[outcome] += 1
-        row = self.observations.record(user, intended, sent, done, outcome)
-        if outcome == OK:
-            self.observations.record_success(
-                row, answer.code, answer.issued_at_ns, already_issued=answer.already_issued
-            )
-            if answer.already_issued:
-                self._repeats += 1
-            expected = user_id(self._spec.user_prefix, user)
-            if answer.user_id != expected or answer.campaign_id != self._go.campaign_id:
-                self.observations.mismatched.append(
-                    f"asked for user {expected}, got {answer.code} for user "
-                    f"{answer.user_id!r} of campaign {answer.campaign_id!r}"
-                )
-        elif outcome == LOST:
-            reason = answer.message[:160]
-            if reason not in self._lost_reasons and len(self._lost_reasons) >= _MAX_REASONS:
-                reason = "other"
-            self._lost_reasons[reason] += 1
-        elif OUTCOMES[outcome] not in self._examples:
-            self._examples[OUTCOMES[outcome]] = answer.message
-
     def _publish(self, *, done: bool = False) -> None:
-        base = self._spec.index * len(COUNTERS)
-        tally = self._tally
-        answered = sum(tally)
-        values = {
-            "sent": self._sent + self._inflight,
-            "ok": tally[OK] - self._repeats,
-            "ok_repeat": self._repeats,
-            "sold_out": tally[SOLD_OUT],
-            "not_open": tally[NOT_OPEN],
-            "errors": answered - tally[OK] - tally[SOLD_OUT] - tally[NOT_OPEN] - tally[LOST],
-            "lost": tally[LOST],
-            "inflight": self._inflight,
-            "users_served": self._served,
-            "done": 1 if done else 0,
-        }
-        for name, value in values.items():
-            self._counters[base + COUNTER[name]] = value
+        self._book.publish(
+            self._counters,
+            self._spec.index,
+            sent=self._sent + self._inflight,
+            inflight=self._inflight,
+            served=self._served,
+            done=done,
+        )
 
     async def _publish_loop(self) -> None:
         while not self._finished:

@@ -127,6 +127,7 @@ class Worker:
             seed=spec.seed,
         )
         self.observations = Observations(spec.user_prefix, go.t0_wall_ns)
+        self._book = AnswerBook(self.observations, spec.user_prefix, go.campaign_id)
         # Our clock: monotonic (immune to wall-clock steps), anchored once to the wall clock
         # so every process measures from the same t0.
         self._mono_offset = time.time_ns() - time.monotonic_ns() - go.t0_wall_ns
@@ -134,14 +135,10 @@ class Worker:
         self._seen_stop = NO_STOP
         self._served = bytearray(self._picker.owned)
         self._served_count = 0
-        self._tally = [0] * len(OUTCOMES)
-        self._repeats = 0
         self._sent = 0
         self._inflight = 0
         self._cap_waits = 0
         self._slot = asyncio.Event()
-        self._lost_reasons: Counter[str] = Counter()
-        self._examples: dict[str, str] = {}
         self._finished = False
 
     def _http_post(self) -> Post:
@@ -200,8 +197,8 @@ class Worker:
             sent=self._sent,
             stop_rel_ns=self._stop(),
             inflight_cap_waits=self._cap_waits,
-            lost_reasons=dict(self._lost_reasons),
-            error_examples=self._examples,
+            lost_reasons=dict(self._book.lost_reasons),
+            error_examples=self._book.examples,
         )
 
     async def _open_loop(self, schedule: OpenLoopSchedule) -> int:
@@ -271,54 +268,22 @@ class Worker:
         finally:
             self._inflight -= 1
             self._slot.set()
-        outcome = reply.outcome
-        self._tally[outcome] += 1
-        row = self.observations.record(user, intended, sent, done, outcome)
-        if outcome == OK:
-            self._record_success(row, user, reply)
-        elif outcome == LOST:
-            reason = reply.message[:160]
-            if reason not in self._lost_reasons and len(self._lost_reasons) >= _MAX_REASONS:
-                reason = "other"
-            self._lost_reasons[reason] += 1
-        elif OUTCOMES[outcome] not in self._examples:
-            self._examples[OUTCOMES[outcome]] = reply.message
-
-    def _record_success(self, row: int, user: int, reply: IssueReply) -> None:
-        self.observations.record_success(
-            row, reply.code, reply.issued_at_ns, already_issued=reply.already_issued
-        )
-        if reply.already_issued:
-            self._repeats += 1
-        expected_user = user_id(self._spec.user_prefix, user)
-        if reply.user_id != expected_user or reply.campaign_id != self._go.campaign_id:
-            self.observations.mismatched.append(
-                f"asked for user {expected_user}, got {reply.code} for user {reply.user_id!r} "
-                f"of campaign {reply.campaign_id!r}"
-            )
-        local = self._picker.local_index(user)
-        if not self._served[local]:
-            self._served[local] = 1
-            self._served_count += 1
+        self._book.record(user, intended, sent, done, reply)
+        if reply.outcome == OK:
+            local = self._picker.local_index(user)
+            if not self._served[local]:
+                self._served[local] = 1
+                self._served_count += 1
 
     def _publish(self, *, done: bool = False) -> None:
-        base = self._spec.index * len(COUNTERS)
-        tally = self._tally
-        answered = sum(tally)
-        values = {
-            "sent": self._sent,
-            "ok": tally[OK] - self._repeats,
-            "ok_repeat": self._repeats,
-            "sold_out": tally[SOLD_OUT],
-            "not_open": tally[NOT_OPEN],
-            "errors": answered - tally[OK] - tally[SOLD_OUT] - tally[NOT_OPEN] - tally[LOST],
-            "lost": tally[LOST],
-            "inflight": self._inflight,
-            "users_served": self._served_count,
-            "done": 1 if done else 0,
-        }
-        for name, value in values.items():
-            self._counters[base + C[name]] = value
+        self._book.publish(
+            self._counters,
+            self._spec.index,
+            sent=self._sent,
+            inflight=self._inflight,
+            served=self._served_count,
+            done=done,
+        )
 
     async def _publish_loop(self) -> None:
         while not self._finished:
@@ -328,6 +293,67 @@ class Worker:
                 self._seen_stop = shared_stop
                 self._slot.set()  # a sender waiting for a free slot must notice the stop
             await asyncio.sleep(_PUBLISH_S)
+
+
+class AnswerBook:
+    """A worker's answers as they arrive: tallies by outcome, the rows verification reads,
+    why responses were lost, a message per kind of refusal, and the counters the parent
+    shows live. Shared by the load models' workers."""
+
+    def __init__(self, observations: Observations, user_prefix: str, campaign_id: str) -> None:
+        self.observations = observations
+        self._user_prefix = user_prefix
+        self._campaign_id = campaign_id
+        self.tally = [0] * len(OUTCOMES)
+        self.repeats = 0
+        self.lost_reasons: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def record(self, user: int, intended: int, sent: int, done: int, reply: IssueReply) -> None:
+        outcome = reply.outcome
+        self.tally[outcome] += 1
+        row = self.observations.record(user, intended, sent, done, outcome)
+        if outcome == OK:
+            self.observations.record_success(
+                row, reply.code, reply.issued_at_ns, already_issued=reply.already_issued
+            )
+            if reply.already_issued:
+                self.repeats += 1
+            expected = user_id(self._user_prefix, user)
+            if reply.user_id != expected or reply.campaign_id != self._campaign_id:
+                self.observations.mismatched.append(
+                    f"asked for user {expected}, got {reply.code} for user {reply.user_id!r} "
+                    f"of campaign {reply.campaign_id!r}"
+                )
+        elif outcome == LOST:
+            reason = reply.message[:160]
+            if reason not in self.lost_reasons and len(self.lost_reasons) >= _MAX_REASONS:
+                reason = "other"
+            self.lost_reasons[reason] += 1
+        elif OUTCOMES[outcome] not in self.examples:
+            self.examples[OUTCOMES[outcome]] = reply.message
+
+    def publish(
+        self, counters: Any, index: int, *, sent: int, inflight: int, served: int, done: bool
+    ) -> None:
+        """This worker's row of the shared counters."""
+        base = index * len(COUNTERS)
+        tally = self.tally
+        answered = sum(tally)
+        values = {
+            "sent": sent,
+            "ok": tally[OK] - self.repeats,
+            "ok_repeat": self.repeats,
+            "sold_out": tally[SOLD_OUT],
+            "not_open": tally[NOT_OPEN],
+            "errors": answered - tally[OK] - tally[SOLD_OUT] - tally[NOT_OPEN] - tally[LOST],
+            "lost": tally[LOST],
+            "inflight": inflight,
+            "users_served": served,
+            "done": 1 if done else 0,
+        }
+        for name, value in values.items():
+            counters[base + C[name]] = value
 
 
 def histograms_of(obs: Observations) -> dict[str, bytes]:
