@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,25 +18,12 @@ from harness.burst import Outcome, drive
 from harness.client import connect_client, create_campaign
 from harness.server import ServerProcess
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
+
 TOKEN = "dashboard-token"
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed"),
-]
-
-if Path(CHROMIUM).exists():
-    from playwright.async_api import Browser, Page, async_playwright
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +34,6 @@ def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        # The machine's chromium, never a downloaded one.
-        found = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield found
-        finally:
-            await found.close()
 
 
 async def number(page: Page, selector: str) -> int:
