@@ -348,7 +348,9 @@ class CountingGate(MemoryStockGate):
         return await super().admit(campaign_id, user_id, deadline)
 
 
-async def test_after_a_sell_out_refusals_come_from_memory_and_holders_from_the_gate() -> None:
+async def _crowd(*, total: int) -> tuple[ManualClock, CountingGate, IssueCoupon, Campaign]:
+    """A campaign of `total` coupons, started, behind a gate that counts admissions and a
+    refusal memory of 0.5 s on the same manual clock."""
     clock = ManualClock(START)
     store = MemoryStore()
     campaigns = MemoryCampaignRepository(store)
@@ -356,9 +358,14 @@ async def test_after_a_sell_out_refusals_come_from_memory_and_holders_from_the_g
     gate = CountingGate(clock)
     memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
     issue = IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory)
-    c = await CreateCampaign(campaigns, gate, clock).execute(
-        name="crowd", total_coupons=2, starts_at=START, ends_at=None
+    campaign = await CreateCampaign(campaigns, gate, clock).execute(
+        name="crowd", total_coupons=total, starts_at=START, ends_at=None
     )
+    return clock, gate, issue, campaign
+
+
+async def test_after_a_sell_out_refusals_come_from_memory_and_holders_from_the_gate() -> None:
+    clock, gate, issue, c = await _crowd(total=2)
     for user in ("a", "b"):
         await issue.execute(campaign_id=c.id, user_id=user)
     with pytest.raises(SoldOut):
@@ -383,16 +390,7 @@ async def test_one_request_renews_the_sold_out_memory_before_it_ends() -> None:
     """The way the front doors ask: `remembered` first, then `execute(recalled=True)` for a
     request it sends to the gate. While the memory lasts, one request at a time renews it,
     so the crowd never finds it gone."""
-    clock = ManualClock(START)
-    store = MemoryStore()
-    campaigns = MemoryCampaignRepository(store)
-    ledger = MemoryCouponLedger(store)
-    gate = CountingGate(clock)
-    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
-    issue = IssueCoupon(gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory)
-    c = await CreateCampaign(campaigns, gate, clock).execute(
-        name="crowd", total_coupons=1, starts_at=START, ends_at=None
-    )
+    clock, _, issue, c = await _crowd(total=1)
     await issue.execute(campaign_id=c.id, user_id="a")
     with pytest.raises(SoldOut):
         await issue.execute(campaign_id=c.id, user_id="first-refused")
