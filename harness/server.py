@@ -86,7 +86,11 @@ class ServerProcess:
         )
 
     def __enter__(self) -> ServerProcess:
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a server that never became ready is not left running
+            raise
         return self
 
     def __exit__(

@@ -21,12 +21,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Serves the page; its origin is http://127.0.0.1:<port>."""
-    proc = ServerProcess(env={}, in_memory=True, log_dir=tmp_path_factory.mktemp("page"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(env={}, in_memory=True, log_dir=tmp_path_factory.mktemp("page")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +30,12 @@ def api_server(
     page_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """The API, on another port (another origin), allowing only the page's origin."""
-    proc = ServerProcess(
+    with ServerProcess(
         env={"COUPON_CORS_ORIGINS": page_server.url},
         in_memory=True,
         log_dir=tmp_path_factory.mktemp("api"),
-    )
-    try:
-        proc.wait_ready()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def issue_from_page(

@@ -46,12 +46,8 @@ def wait_serving(server: ServerProcess, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="package")
 def coupon_server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
     """PostgreSQL and Redis behind it, an admin token required."""
-    proc = ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN})
-    try:
-        proc.wait_ready()
+    with ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="package")

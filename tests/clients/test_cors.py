@@ -23,12 +23,8 @@ ISSUE = "/coupon.v1.CouponService/IssueCoupon"
 @pytest.fixture(scope="module")
 def cors_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     env = {"COUPON_CORS_ORIGINS": f"{PAGE}, https://shop.example.com"}
-    proc = ServerProcess(env=env, in_memory=True, log_dir=tmp_path_factory.mktemp("cors"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(env=env, in_memory=True, log_dir=tmp_path_factory.mktemp("cors")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def preflight(url: str, origin: str) -> httpx.Response:

@@ -35,12 +35,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     env = {"COUPON_ADMIN_TOKEN": TOKEN}
     if request.param == "postgres":
         env.update(request.getfixturevalue("server_env"))
-    proc = ServerProcess(env=env, in_memory=request.param == "memory")
-    try:
-        proc.wait_ready()
+    with ServerProcess(env=env, in_memory=request.param == "memory") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

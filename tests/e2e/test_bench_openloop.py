@@ -24,12 +24,8 @@ TOKEN = "openloop-token"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log_dir = tmp_path_factory.mktemp("openloop")
-    proc = ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True, log_dir=log_dir)
-    try:
-        proc.wait_ready()
+    with ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True, log_dir=log_dir) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def run(argv: list[str]) -> dict[str, Any]:

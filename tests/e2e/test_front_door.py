@@ -35,18 +35,14 @@ def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
     # Room for thousands of sockets, in this process and the server it starts.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20_000), hard))
-    proc = ServerProcess(
+    with ServerProcess(
         env={
             **server_env,
             "COUPON_REQUEST_TIMEOUT_SECONDS": str(REQUEST_TIMEOUT),
             "COUPON_KEEPALIVE_SECONDS": str(KEEPALIVE),
         }
-    )
-    try:
-        proc.wait_ready()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

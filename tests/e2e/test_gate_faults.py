@@ -45,14 +45,10 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def server(server_env: dict[str, str], private_redis: PrivateRedis) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with ServerProcess(
         env={**server_env, "REDIS_URL": private_redis.url, "COUPON_REDIS_PREFIX": PREFIX}
-    )
-    try:
-        proc.wait_ready()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def code_of(client: CouponServiceClient, campaign_id: str, user: str) -> str:

@@ -19,12 +19,8 @@ CREATE = "/coupon.v1.CouponService/CreateCampaign"
 
 @pytest.fixture(scope="module")
 def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    proc = ServerProcess(env=server_env, workers=2)
-    try:
-        proc.wait_ready()
+    with ServerProcess(env=server_env, workers=2) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -28,12 +28,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    proc = ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN}, workers=2)
-    try:
-        proc.wait_ready()
+    with ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN}, workers=2) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def issue(client: CouponServiceClient, campaign_id: str, user: str) -> coupon_pb.Coupon:

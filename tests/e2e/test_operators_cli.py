@@ -23,12 +23,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    proc = ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True)
-    try:
-        proc.wait_ready()
+    with ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def coupon(

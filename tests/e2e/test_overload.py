@@ -31,18 +31,14 @@ LEASE = 1.0
 @pytest.fixture(scope="module")
 def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
     """A server that works on at most 4 IssueCoupon requests at once, with a short lease."""
-    proc = ServerProcess(
+    with ServerProcess(
         env={
             **server_env,
             "COUPON_MAX_IN_FLIGHT": "4",
             "COUPON_PENDING_LEASE_SECONDS": str(LEASE),
         }
-    )
-    try:
-        proc.wait_ready()
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def raw_issue(url: str, campaign_id: str, user: str) -> tuple[int, dict[str, str]]:
