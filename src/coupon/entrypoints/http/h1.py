@@ -57,6 +57,17 @@ _NOT_FOR_THE_LANE = frozenset(
     }
 )
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
+# What the lane reads of a request it takes without the parser.
+_LANE_REQUEST_LINE = b"POST " + ISSUE_PATH_BYTES + b" HTTP/1.1\r\n"
+_LANE_FIELDS = frozenset({b"content-type", b"content-length", b"connection", *_ENCODINGS})
+# Bytes a field line may hold (RFC 9110: visible characters, space, tab, obs-text).
+_FIELD_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# RFC 9110 tchar, lower case (names are compared lowered).
+_TOKEN_DELETE = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _is_token(name: bytes) -> bool:
+    return not name.translate(None, _TOKEN_DELETE)
 
 
 class Limits(Protocol):
@@ -106,6 +117,9 @@ class Http1Protocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._front = front_app(config.loaded_app)
+        self._route: IssueRoute | None = getattr(self._front, "issue_route", None)
+        # Between requests: the parser holds no part of one (see _lane_at_once).
+        self._fresh = True
         limits: Limits = getattr(self._front, "http_limits", None) or _Defaults()
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
@@ -152,6 +166,14 @@ class Http1Protocol(HttpToolsProtocol):
             if self._drained > self.LINGER_BYTES:
                 self.transport.close()
             return
+        if (
+            self._fresh
+            and data.startswith(_LANE_REQUEST_LINE)
+            and not self.pipeline
+            and (self.cycle is None or self.cycle.response_complete)
+            and self._lane_at_once(data)
+        ):
+            return
         if not self._receiving_since:
             self._receiving_since = self.loop.time()
         super().data_received(data)
@@ -179,6 +201,7 @@ class Http1Protocol(HttpToolsProtocol):
     # --- parser callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._fresh = False
         # uvicorn builds the ASGI scope here; the lane needs none, so it is built only for
         # a request that goes to the ASGI app (see _scope).
         self.url = b""
@@ -234,7 +257,7 @@ class Http1Protocol(HttpToolsProtocol):
         if self._content_length > self._max_body:
             self._refuse_body(self._content_length)
             return
-        route: IssueRoute | None = getattr(self._front, "issue_route", None)
+        route = self._route
         codec = codec_for(self._content_type) if self._lane_ok else None
         cycle = self.cycle
         if (
@@ -248,7 +271,6 @@ class Http1Protocol(HttpToolsProtocol):
         ):
             self._lane = True
             self._lane_codec = codec
-            self._lane_route = route
             return
         self.scope = self._scope()
         super().on_headers_complete()
@@ -282,17 +304,76 @@ class Http1Protocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._draining_until:
             return
+        self._fresh = True
         self._receiving_since = 0.0
         if not self._lane:
             super().on_message_complete()
             return
         self._lane = False
-        keep_alive = self.parser.should_keep_alive()
-        arrived = time.monotonic()
-        codec = self._lane_codec
-        route = self._lane_route
-        answer = route.at_once(self._body, codec, arrived)
+        body = self._body
         self._body = b""
+        route = self._route
+        assert route is not None  # the lane was taken
+        self._lane_request(route, self._lane_codec, body, self.parser.should_keep_alive())
+
+    # --- the lane ---------------------------------------------------------------------
+
+    def _lane_at_once(self, data: bytes) -> bool:
+        """The common IssueCoupon request, arrived whole in one read and alone in it, taken
+        without the parser's per-field callbacks. False (nothing done): the parser takes
+        it, as it takes anything this does not read exactly as the parser would."""
+        end = data.find(b"\r\n\r\n")
+        route: IssueRoute | None = self._route
+        if end < 0 or end + 4 > self._max_header_bytes or route is None:
+            return False
+        block = data[len(_LANE_REQUEST_LINE) : end]
+        # Only visible characters, spaces, tabs and obs-text, lines ended by CRLF alone.
+        if block.translate(None, _FIELD_BYTES) != b"\r\n" * block.count(b"\r\n"):
+            return False
+        lines = block.split(b"\r\n")
+        if len(lines) > self._max_headers:
+            return False
+        content_type = None
+        length = -1
+        keep_alive = True
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            name = name.lower()
+            if name in _LANE_FIELDS:
+                if name == b"content-type":
+                    if content_type is not None:
+                        return False
+                    content_type = value.strip(b" \t")
+                elif name == b"content-length":
+                    value = value.strip(b" \t")
+                    if length >= 0 or not value.isdigit():
+                        return False
+                    length = int(value)
+                elif name == b"connection":
+                    value = value.strip(b" \t").lower()
+                    if value == b"close":
+                        keep_alive = False
+                    elif value != b"keep-alive":
+                        return False
+                elif value.strip(b" \t").lower() != b"identity":  # an encoding
+                    return False
+            elif not colon or not name or not _is_token(name) or name in _NOT_FOR_THE_LANE:
+                return False
+        if content_type is None or length < 0 or len(data) != end + 4 + length:
+            return False
+        codec = codec_for(content_type)
+        if codec is None:
+            return False
+        self._unset_keepalive_if_required()
+        self._receiving_since = 0.0
+        self._lane_request(route, codec, data[end + 4 :], keep_alive)
+        return True
+
+    def _lane_request(
+        self, route: IssueRoute, codec: tuple[Codec, bytes], body: bytes, keep_alive: bool
+    ) -> None:
+        arrived = time.monotonic()
+        answer = route.at_once(body, codec, arrived)
         if isinstance(answer, tuple):
             self._write(answer, keep_alive)
             self._lane_done()
@@ -302,20 +383,19 @@ class Http1Protocol(HttpToolsProtocol):
             return
         cycle = _LaneCycle(keep_alive)
         self.cycle = cycle  # type: ignore[assignment]
-        task = self.loop.create_task(self._answer(answer, codec, arrived, cycle))
+        task = self.loop.create_task(self._answer(route, answer, codec, arrived, cycle))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    # --- the lane ---------------------------------------------------------------------
-
     async def _answer(
         self,
+        route: IssueRoute,
         request: coupon_pb.IssueCouponRequest,
         codec: tuple[Codec, bytes],
         arrived: float,
         cycle: _LaneCycle,
     ) -> None:
-        answer = await self._lane_route.answer(request, codec, arrived)
+        answer = await route.answer(request, codec, arrived)
         cycle.response_complete = True
         if self.transport.is_closing():
             return  # the client left; the coupon (if any) is committed all the same

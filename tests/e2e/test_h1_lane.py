@@ -1,0 +1,241 @@
+"""The HTTP/1.1 front door reads IssueCoupon's common request itself when it arrives whole
+in one read, and leaves everything else to its HTTP parser. Each request here is sent twice
+over a real socket to a real server: in one write (the lane's case) and split in two writes
+with a pause between (the parser's case); the two answers must be the same. A request the
+lane read differently from the parser (a field it let through, a length it misread) shows
+as two different answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from harness.client import connect_client, create_campaign
+from harness.raw_http import ISSUE, last_words, open_connection, read_response
+from harness.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    with ServerProcess(env=server_env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+async def campaign(server: ServerProcess) -> str:
+    async with connect_client(server.url) as client:
+        return (await create_campaign(client, total=1_000_000, name="lane")).id
+
+
+def body(campaign_id: str, user_id: str) -> bytes:
+    return json.dumps({"campaignId": campaign_id, "userId": user_id}).encode()
+
+
+def request(
+    payload: bytes, fields: list[str] | None = None, *, line: str = f"POST {ISSUE} HTTP/1.1"
+) -> bytes:
+    if fields is None:
+        fields = ["Host: test", "Content-Type: application/json"]
+        fields.append(f"Content-Length: {len(payload)}")
+    return (line + "\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode() + payload
+
+
+# name -> fields; {n} is the body's length. Each case is a request of its own user.
+CASES: dict[str, list[str]] = {
+    "common": ["Host: test", "Content-Type: application/json", "Content-Length: {n}"],
+    "names in any case": ["HOST: test", "content-TYPE: application/json", "CONTENT-LENGTH: {n}"],
+    "no spaces, tabs": ["Host:test", "Content-Type:\tapplication/json", "Content-Length:{n}  "],
+    "content type with parameters": [
+        "Host: test",
+        "Content-Type: application/json; charset=utf-8",
+        "Content-Length: {n}",
+    ],
+    "identity encoding": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Content-Encoding: identity",
+        "Content-Length: {n}",
+    ],
+    "many other fields": [
+        "Host: test",
+        "User-Agent: test/1.0",
+        "Accept: */*",
+        "Accept-Encoding: gzip, br",
+        "Connect-Protocol-Version: 1",
+        "X-Request-Id: abc-123",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "keep-alive": [
+        "Host: test",
+        "Connection: keep-alive",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "close": [
+        "Host: test",
+        "Connection: close",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "two lengths": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+        "Content-Length: {n}",
+    ],
+    "two content types": [
+        "Content-Type: application/proto",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "space before the colon": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Content-Length : {n}",
+    ],
+    "a folded line": [
+        "Host: test",
+        "Content-Type: application/json",
+        " folded",
+        "Content-Length: {n}",
+    ],
+    "a field without a colon": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Bogus",
+        "Content-Length: {n}",
+    ],
+    "a name with a bad character": [
+        "Ho(st: test",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "a control character": [
+        "Host: te\x01st",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "a negative length": ["Host: test", "Content-Type: application/json", "Content-Length: -{n}"],
+    "a length with a sign": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Content-Length: +{n}",
+    ],
+    "chunked and a length": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Transfer-Encoding: chunked",
+        "Content-Length: {n}",
+    ],
+    "gzip encoding": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Content-Encoding: gzip",
+        "Content-Length: {n}",
+    ],
+    "a deadline": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Connect-Timeout-Ms: 5000",
+        "Content-Length: {n}",
+    ],
+    "an origin": [
+        "Host: test",
+        "Origin: http://elsewhere.example",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "an unknown content type": ["Host: test", "Content-Type: text/plain", "Content-Length: {n}"],
+    "no content type": ["Host: test", "Content-Length: {n}"],
+    "no length": ["Host: test", "Content-Type: application/json", "Connection: close"],
+    "connection upgrade": [
+        "Host: test",
+        "Connection: upgrade",
+        "Upgrade: foo",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+}
+
+
+async def answer(server: ServerProcess, raw: bytes, *, split: bool) -> tuple[int, str, bool]:
+    """(status, Connect error code or "", whether the server then closed the connection)."""
+    reader, writer = await open_connection(server.url)
+    try:
+        if split:
+            cut = raw.index(b"\r\n") + 2  # the request line, then the rest
+            writer.write(raw[:cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(raw[cut:])
+        else:
+            writer.write(raw)
+        await writer.drain()
+        try:
+            response = await asyncio.wait_for(read_response(reader), 5)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return 0, "closed", True
+        code = ""
+        if response.status != 200 and response.body.startswith(b"{"):
+            code = str(response.json().get("code", ""))
+        closed = await last_words(reader, 0.3) is not None
+        return response.status, code, closed
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_a_request_in_one_read_is_answered_as_the_parser_answers_it(
+    server: ServerProcess, campaign: str, case: str
+) -> None:
+    answers = []
+    for split in (False, True):
+        payload = body(campaign, f"{case}-{split}")
+        fields = [f.format(n=len(payload)) for f in CASES[case]]
+        answers.append(await answer(server, request(payload, fields), split=split))
+    assert answers[0] == answers[1], f"{case}: one read {answers[0]}, two reads {answers[1]}"
+
+
+async def test_the_lane_answers_the_common_request_and_closes_when_asked(
+    server: ServerProcess, campaign: str
+) -> None:
+    # What the differential test above takes for granted: the common request succeeds.
+    payload = body(campaign, "plain")
+    assert await answer(server, request(payload), split=False) == (200, "", False)
+    payload = body(campaign, "closing")
+    fields = ["Host: t", "Connection: close", "Content-Type: application/json"]
+    raw = request(payload, [*fields, f"Content-Length: {len(payload)}"])
+    status, _, closed = await answer(server, raw, split=False)
+    assert (status, closed) == (200, True)
+
+
+async def test_requests_pipelined_in_one_read_are_each_answered_in_order(
+    server: ServerProcess, campaign: str
+) -> None:
+    reader, writer = await open_connection(server.url)
+    try:
+        # Two requests in one write: not the lane's case (one request alone in a read).
+        writer.write(request(body(campaign, "pipe-1")) + request(body(campaign, "pipe-2")))
+        first = await read_response(reader)
+        second = await read_response(reader)
+        assert (first.status, second.status) == (200, 200)
+        assert first.json()["coupon"] != second.json()["coupon"]
+    finally:
+        writer.close()
+
+
+async def test_a_request_line_that_only_starts_like_the_lane_goes_to_the_parser(
+    server: ServerProcess, campaign: str
+) -> None:
+    payload = body(campaign, "http10")
+    fields = ["Host: t", "Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    raw = request(payload, fields, line=f"POST {ISSUE}x HTTP/1.1")
+    one = await answer(server, raw, split=False)
+    assert one == await answer(server, raw, split=True)
+    assert one[0] == 404
