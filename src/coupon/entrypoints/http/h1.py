@@ -16,7 +16,10 @@ The IssueCoupon lane takes a POST to the IssueCoupon path with a binary or JSON 
 declared length, uncompressed, without a deadline header or an Origin (CORS is the ASGI
 app's), when nothing else is in flight on the connection. It hands the body to the
 IssueRoute (entrypoints/fast_issue.py) and writes the answer in one write: a shed request or
-a remembered refusal costs no task, no ASGI messages, no header objects.
+a remembered refusal costs no task, no ASGI messages, no header objects. Such a request
+that arrives whole in one read, alone in it (the usual case), is read by the lane itself,
+without the parser's callback per field; any byte the parser would read differently sends
+the request to the parser instead (see `_lane_at_once`).
 """
 
 from __future__ import annotations
