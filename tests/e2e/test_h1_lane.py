@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness.client import connect_client, create_campaign
 from harness.raw_http import ISSUE, last_words, open_connection, read_response
@@ -239,3 +242,62 @@ async def test_a_request_line_that_only_starts_like_the_lane_goes_to_the_parser(
     one = await answer(server, raw, split=False)
     assert one == await answer(server, raw, split=True)
     assert one[0] == 404
+
+
+def _cased(name: str) -> st.SearchStrategy[str]:
+    return st.sampled_from([name, name.lower(), name.upper(), name.title()])
+
+
+_VALUE_NOISE = st.text(
+    alphabet=st.sampled_from(["a", " ", "\t", ";", "=", "\x00", "\x01", "\x7f", "\xe9"]),
+    max_size=3,
+)
+# One field of a request: a part of what the lane reads, or anything else a client sends.
+_FIELD = st.one_of(
+    st.tuples(
+        _cased("Content-Type"),
+        st.sampled_from(
+            [
+                "application/json",
+                "application/proto",
+                "text/plain",
+                "application/json; charset=utf-8",
+            ]
+        ),
+    ),
+    st.tuples(_cased("Content-Length"), st.sampled_from(["{n}", " {n} ", "+{n}", "{m}", "0{n}"])),
+    st.tuples(
+        _cased("Connection"), st.sampled_from(["keep-alive", "close", "Keep-Alive", "upgrade"])
+    ),
+    st.tuples(_cased("Content-Encoding"), st.sampled_from(["identity", "gzip", " identity"])),
+    st.tuples(_cased("Transfer-Encoding"), st.sampled_from(["chunked", "identity"])),
+    st.tuples(st.sampled_from(["X-Id", "user-agent", "accept", "x_1"]), _VALUE_NOISE),
+    st.tuples(
+        st.text(alphabet=st.sampled_from(["x", "-", "(", " ", "\t", "@", "\x01"]), max_size=3),
+        st.just(" a"),
+    ),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(extra=st.lists(_FIELD, max_size=2), order=st.randoms(use_true_random=False))
+async def test_any_mix_of_fields_is_answered_in_one_read_as_the_parser_answers_it(
+    server: ServerProcess, campaign: str, extra: list[tuple[str, str]], order: random.Random
+) -> None:
+    # The fields of a request the lane takes, and others (maybe contradicting them), in
+    # any order.
+    fields = [("Host", " test"), ("Content-Type", " application/json"), ("Content-Length", " {n}")]
+    fields += extra
+    order.shuffle(fields)
+    answers = []
+    for split in (False, True):
+        payload = body(campaign, f"mix-{order.random()}-{split}")
+        lines = [
+            f"{name}:{value.format(n=len(payload), m=len(payload) - 1)}" for name, value in fields
+        ]
+        answers.append(await answer(server, request(payload, lines), split=split))
+    assert answers[0] == answers[1], f"{fields}: one read {answers[0]}, two reads {answers[1]}"
