@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from coupon.gen.coupon.v1 import coupon_pb
 
 CONNECT_PREFIX = b"/coupon.v1.CouponService/"
+# codec, content length, keep-alive, number of fields
+LaneFields = tuple[tuple["Codec", bytes], int, bool, int]
 # Headers that send a request to the full ASGI path.
 _NOT_FOR_THE_LANE = frozenset(
     {
@@ -69,8 +71,57 @@ _FIELD_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _TOKEN_DELETE = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 
 
+# What _lane_fields made of each header block seen lately (blocks of at most
+# _LANE_BLOCK_MAX bytes; emptied when full, so a client varying its fields costs a read).
+_LANE_BLOCKS: dict[bytes, LaneFields | None] = {}
+_LANE_BLOCKS_MAX = 256
+_LANE_BLOCK_MAX = 1024
+
+
 def _is_token(name: bytes) -> bool:
     return not name.translate(None, _TOKEN_DELETE)
+
+
+def _lane_fields(block: bytes) -> LaneFields | None:
+    """The fields after the lane's request line (without the blank line that ends them):
+    (codec, content length, keep-alive, number of fields) when the lane may take the
+    request, read exactly as llhttp reads them; None when the parser must."""
+    # Only visible characters, spaces, tabs and obs-text, lines ended by CRLF alone.
+    if block.translate(None, _FIELD_BYTES) != b"\r\n" * block.count(b"\r\n"):
+        return None
+    lines = block.split(b"\r\n")
+    content_type = None
+    length = -1
+    keep_alive = True
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        name = name.lower()
+        if name in _LANE_FIELDS:
+            if name == b"content-type":
+                if content_type is not None:
+                    return None
+                content_type = value.strip(b" \t")
+            elif name == b"content-length":
+                value = value.strip(b" \t")
+                if length >= 0 or not value.isdigit():
+                    return None
+                length = int(value)
+            elif name == b"connection":
+                value = value.strip(b" \t").lower()
+                if value == b"close":
+                    keep_alive = False
+                elif value != b"keep-alive":
+                    return None
+            elif value.strip(b" \t").lower() != b"identity":  # an encoding
+                return None
+        elif not colon or not name or not _is_token(name) or name in _NOT_FOR_THE_LANE:
+            return None
+    if content_type is None or length < 0:
+        return None
+    codec = codec_for(content_type)
+    if codec is None:
+        return None
+    return codec, length, keep_alive, len(lines)
 
 
 class Limits(Protocol):
@@ -326,46 +377,22 @@ class Http1Protocol(HttpToolsProtocol):
         without the parser's per-field callbacks. False (nothing done): the parser takes
         it, as it takes anything this does not read exactly as the parser would."""
         end = data.find(b"\r\n\r\n")
-        route: IssueRoute | None = self._route
+        route = self._route
         if end < 0 or end + 4 > self._max_header_bytes or route is None:
             return False
         block = data[len(_LANE_REQUEST_LINE) : end]
-        # Only visible characters, spaces, tabs and obs-text, lines ended by CRLF alone.
-        if block.translate(None, _FIELD_BYTES) != b"\r\n" * block.count(b"\r\n"):
+        # A client sends the same fields request after request: each block is read once.
+        fields = _LANE_BLOCKS.get(block)
+        if fields is None:
+            fields = _lane_fields(block)
+            if len(block) <= _LANE_BLOCK_MAX:
+                if len(_LANE_BLOCKS) >= _LANE_BLOCKS_MAX:
+                    _LANE_BLOCKS.clear()
+                _LANE_BLOCKS[block] = fields
+        if not fields:
             return False
-        lines = block.split(b"\r\n")
-        if len(lines) > self._max_headers:
-            return False
-        content_type = None
-        length = -1
-        keep_alive = True
-        for line in lines:
-            name, colon, value = line.partition(b":")
-            name = name.lower()
-            if name in _LANE_FIELDS:
-                if name == b"content-type":
-                    if content_type is not None:
-                        return False
-                    content_type = value.strip(b" \t")
-                elif name == b"content-length":
-                    value = value.strip(b" \t")
-                    if length >= 0 or not value.isdigit():
-                        return False
-                    length = int(value)
-                elif name == b"connection":
-                    value = value.strip(b" \t").lower()
-                    if value == b"close":
-                        keep_alive = False
-                    elif value != b"keep-alive":
-                        return False
-                elif value.strip(b" \t").lower() != b"identity":  # an encoding
-                    return False
-            elif not colon or not name or not _is_token(name) or name in _NOT_FOR_THE_LANE:
-                return False
-        if content_type is None or length < 0 or len(data) != end + 4 + length:
-            return False
-        codec = codec_for(content_type)
-        if codec is None:
+        codec, length, keep_alive, count = fields
+        if count > self._max_headers or len(data) != end + 4 + length:
             return False
         self._unset_keepalive_if_required()
         self._receiving_since = 0.0
