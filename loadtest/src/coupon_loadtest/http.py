@@ -79,11 +79,20 @@ class _Connection(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            try:
-                length = self._parse_head(bytes(buffer[:end]).lower())
-            except (ValueError, ProtocolError) as exc:
-                self.fail(ProtocolError(f"unreadable response: {exc}"))
-                return
+            raw = bytes(buffer[:end])
+            # Answers repeat their heads (the date changes once a second): each is read once.
+            known = _HEADS.get(raw)
+            if known is None:
+                try:
+                    known = _parse_head(raw.lower())
+                except (ValueError, ProtocolError) as exc:
+                    self.fail(ProtocolError(f"unreadable response: {exc}"))
+                    return
+                if len(raw) <= _HEAD_BYTES_MAX:
+                    if len(_HEADS) >= _HEADS_MAX:
+                        _HEADS.clear()
+                    _HEADS[raw] = known
+            self._status, self._retry, self._close, self._chunked, length = known
             self._head_end = end + 4
             self._need = self._head_end + length
         if self._chunked:
@@ -113,22 +122,6 @@ class _Connection(asyncio.Protocol):
         if callback is not None:
             callback(reply, sent_ns)
 
-    def _parse_head(self, head: bytes) -> int:
-        """Status, retry hint and whether the server closes; returns the body's length (0
-        for a chunked body, whose end the chunks tell)."""
-        if not head.startswith(b"http/1.") or len(head) < 12:
-            raise ProtocolError(repr(head[:40]))
-        self._status = int(head[9:12])
-        retry = _header_int(head, b"\r\nretry-after-ms:", -1)
-        self._retry = retry if retry >= 0 else None
-        self._close = b"\r\nconnection: close" in head
-        # The service's hot path always sends a length; the generic Connect application
-        # (errors, other RPCs) streams its answers in chunks.
-        self._chunked = b"\r\ntransfer-encoding: chunked" in head
-        if self._chunked:
-            return 0
-        return _header_int(head, b"\r\ncontent-length:", None)
-
     def fail(self, exc: BaseException) -> None:
         """End the request in flight with `exc` and drop the connection."""
         callback, self.callback = self.callback, None
@@ -144,6 +137,28 @@ class _Connection(asyncio.Protocol):
         if callback is not None:
             reason = exc or "closed by the server"
             callback(ConnectionError(f"connection lost: {reason}"), self.sent_ns)
+
+
+# status, retry hint, whether the server closes, whether the body is chunked, its length
+Head = tuple[int, int | None, bool, bool, int]
+_HEADS: dict[bytes, Head] = {}
+_HEADS_MAX = 64
+_HEAD_BYTES_MAX = 1024
+
+
+def _parse_head(head: bytes) -> Head:
+    """A response's head, lower-cased, without the blank line; the length is 0 for a
+    chunked body, whose end the chunks tell."""
+    if not head.startswith(b"http/1.") or len(head) < 12:
+        raise ProtocolError(repr(head[:40]))
+    status = int(head[9:12])
+    retry = _header_int(head, b"\r\nretry-after-ms:", -1)
+    close = b"\r\nconnection: close" in head
+    # The service's hot path always sends a length; the generic Connect application
+    # (errors, other RPCs) streams its answers in chunks.
+    chunked = b"\r\ntransfer-encoding: chunked" in head
+    length = 0 if chunked else _header_int(head, b"\r\ncontent-length:", None)
+    return status, retry if retry >= 0 else None, close, chunked, length
 
 
 def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:

@@ -99,12 +99,31 @@ def _field(tag: int, value: str) -> bytes:
     return bytes((tag,)) + bytes(length) + data
 
 
+# Errors come back the same again and again (sold out, turned away with a hint): each
+# body is decoded once. Bounded; emptied when full.
+_KNOWN_ERRORS: dict[tuple[int, bytes], IssueReply] = {}
+_KNOWN_ERRORS_MAX = 64
+_KNOWN_ERROR_BYTES = 1024
+
+
 def decode_error(status: int, body: bytes) -> IssueReply:
     """A Connect unary error is a JSON body with a code, whatever the request's encoding.
 
     A non-200 response without one (a proxy's 502, a load balancer's 503) did not come from
     the service, which may or may not have processed the request: it counts as lost.
     """
+    key = (status, body)
+    known = _KNOWN_ERRORS.get(key)
+    if known is None:
+        known = _decode_error(status, body)
+        if len(body) <= _KNOWN_ERROR_BYTES:
+            if len(_KNOWN_ERRORS) >= _KNOWN_ERRORS_MAX:
+                _KNOWN_ERRORS.clear()
+            _KNOWN_ERRORS[key] = known
+    return known
+
+
+def _decode_error(status: int, body: bytes) -> IssueReply:
     try:
         error = _decode_error_body(body)
     except msgspec.DecodeError:
