@@ -74,6 +74,7 @@ _TOKEN_DELETE = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 # What _lane_fields made of each header block seen lately (blocks of at most
 # _LANE_BLOCK_MAX bytes; emptied when full, so a client varying its fields costs a read).
 _LANE_BLOCKS: dict[bytes, LaneFields | None] = {}
+_UNSEEN: Any = object()
 _LANE_BLOCKS_MAX = 256
 _LANE_BLOCK_MAX = 1024
 
@@ -382,8 +383,8 @@ class Http1Protocol(HttpToolsProtocol):
             return False
         block = data[len(_LANE_REQUEST_LINE) : end]
         # A client sends the same fields request after request: each block is read once.
-        fields = _LANE_BLOCKS.get(block)
-        if fields is None:
+        fields = _LANE_BLOCKS.get(block, _UNSEEN)
+        if fields is _UNSEEN:
             fields = _lane_fields(block)
             if len(block) <= _LANE_BLOCK_MAX:
                 if len(_LANE_BLOCKS) >= _LANE_BLOCKS_MAX:
