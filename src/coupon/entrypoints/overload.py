@@ -121,8 +121,11 @@ class Doorman:
         self.limit = max(self.limit, self._initial)
         self.hold = 0.0
         self._hint_ms = self.HINT_MIN_MS
+        self._new_window(peak=0)
+
+    def _new_window(self, *, peak: int) -> None:
         self._samples = []
-        self._peak = 0
+        self._peak = peak
         self._shed = self._served = 0
         self._window_ends = self._clock() + self.WINDOW_SECONDS
 
@@ -146,10 +149,7 @@ class Doorman:
         )
         # As long as the hint asks the client to wait: one that honours it loses nothing.
         self.hold = min(self._hint_ms / 1000, self.HOLD_MAX) if self.loop_lag.saturated else 0.0
-        self._samples = []
-        self._peak = self.in_flight
-        self._shed = self._served = 0
-        self._window_ends = self._clock() + self.WINDOW_SECONDS
+        self._new_window(peak=self.in_flight)
 
 
 class LoopLag:
