@@ -106,10 +106,12 @@ def _insert_arguments(coupons: Sequence[Coupon]) -> tuple[object, ...]:
     )
 
 
-def coupon_from_row(row: asyncpg.Record) -> Coupon:
+def coupon_from_row(row: asyncpg.Record, campaign_id: str | None = None) -> Coupon:
+    """`campaign_id`: the row's, as text, when the caller knows it (reading a whole
+    campaign: made once, not once a row)."""
     return Coupon(
         code=row["code"],
-        campaign_id=str(row["campaign_id"]),
+        campaign_id=campaign_id or str(row["campaign_id"]),
         user_id=row["user_id"],
         issued_at=row["issued_at"],
         slot=row["slot"],
@@ -353,12 +355,9 @@ class PostgresCouponLedger:
         return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
 
     async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
-        # Every row is of this campaign: its id as text once, not once a row.
-        campaign = str(uuid.UUID(campaign_id))
+        campaign = str(uuid.UUID(campaign_id))  # every row's, in the rows' spelling
         async for rows in self._read_all(_HOLDINGS, campaign_id):
-            yield [
-                Coupon(r["code"], campaign, r["user_id"], r["issued_at"], r["slot"]) for r in rows
-            ]
+            yield [coupon_from_row(r, campaign) for r in rows]
 
     async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
         async for rows in self._read_all(_HOLDERS, campaign_id):

@@ -13,7 +13,7 @@ while at <= len do
   at = stop + 1
   if n == 1000 then
     redis.call('HSET', users, unpack(args, 1, n))
-    added, n = added + 500, 0
+    added, n = added + n / 2, 0
   end
 end
 if n % 2 == 1 then return redis.error_reply('an odd number of fields and values') end
