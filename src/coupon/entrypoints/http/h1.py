@@ -224,8 +224,7 @@ class Http1Protocol(HttpToolsProtocol):
         if (
             self._fresh
             and data.startswith(_LANE_REQUEST_LINE)
-            and not self.pipeline
-            and (self.cycle is None or self.cycle.response_complete)
+            and self._answered_all()
             and self._lane_at_once(data)
         ):
             return
@@ -314,14 +313,12 @@ class Http1Protocol(HttpToolsProtocol):
             return
         route = self._route
         codec = codec_for(self._content_type) if self._lane_ok else None
-        cycle = self.cycle
         if (
             codec is not None
             and route is not None
             and self.url == ISSUE_PATH_BYTES
             and self._content_length >= 0
-            and (cycle is None or cycle.response_complete)
-            and not self.pipeline
+            and self._answered_all()
             and self.parser.get_method() == b"POST"
         ):
             self._lane = True
@@ -372,6 +369,11 @@ class Http1Protocol(HttpToolsProtocol):
         self._lane_request(route, self._lane_codec, body, self.parser.should_keep_alive())
 
     # --- the lane ---------------------------------------------------------------------
+
+    def _answered_all(self) -> bool:
+        """Nothing in flight or queued on this connection: the lane may answer next."""
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and not self.pipeline
 
     def _lane_at_once(self, data: bytes) -> bool:
         """The common IssueCoupon request, arrived whole in one read and alone in it, taken
