@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coupon.entrypoints.app import MAX_REQUEST_BYTES
 from harness.client import connect_client, create_campaign
 from harness.raw_http import ISSUE, last_words, open_connection, read_response
 from harness.server import ServerProcess
@@ -220,6 +221,20 @@ async def test_the_lane_answers_the_common_request_and_closes_when_asked(
     raw = request(payload, [*fields, f"Content-Length: {len(payload)}"])
     status, _, closed = await answer(server, raw, split=False)
     assert (status, closed) == (200, True)
+
+
+async def test_a_body_over_the_limit_in_one_write_is_refused_unread(
+    server: ServerProcess, campaign: str
+) -> None:
+    """The body limit holds on the lane too: a request one byte over it, sent in one write
+    (on loopback, usually one read), is `resource_exhausted`; never read for its fields,
+    which would say `invalid_argument` (a user id far too long)."""
+    for n in range(3):
+        empty = body(campaign, "")
+        payload = empty[:-2] + b"u" * (MAX_REQUEST_BYTES + 1 - len(empty)) + empty[-2:]
+        assert len(payload) == MAX_REQUEST_BYTES + 1
+        status, code, _ = await answer(server, request(payload), split=False)
+        assert (status, code) == (429, "resource_exhausted"), n
 
 
 async def test_requests_pipelined_in_one_read_are_each_answered_in_order(

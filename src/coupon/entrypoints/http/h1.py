@@ -395,7 +395,7 @@ class Http1Protocol(HttpToolsProtocol):
         if not fields:
             return False
         codec, length, keep_alive, count = fields
-        if count > self._max_headers or len(data) != end + 4 + length:
+        if count > self._max_headers or length > self._max_body or len(data) != end + 4 + length:
             return False
         self._unset_keepalive_if_required()
         self._receiving_since = 0.0
