@@ -212,7 +212,10 @@ async def run_round(
 def split_by_kill(result: RoundResult) -> dict[str, Counter[str]]:
     """What clients saw after the kill, for campaigns on the killed shard and the others
     (requests sent after the kill; those in flight at that moment may have gone either
-    way). Errors from the gate's Redis are told apart from the rest by their message."""
+    way). Errors from the gate's Redis are told apart from the rest by their message, and
+    from requests turned away because they waited past their deadline behind a slow call
+    ("Redis is slow: ..."), which is shedding, not a failure: the call before was slowed by
+    the kill (the cluster client reloads the slot map) or by a busy machine."""
     assert result.killed_at is not None
     dead = {c.id for c in result.campaigns if c.master == result.killed}
     seen: dict[str, Counter[str]] = {"killed shard": Counter(), "other shards": Counter()}
@@ -220,7 +223,9 @@ def split_by_kill(result: RoundResult) -> dict[str, Counter[str]]:
         if o.sent_at < result.killed_at:
             continue
         kind = o.kind
-        if kind == "unavailable" and o.message.startswith("Redis"):
+        if kind == "unavailable" and o.message.startswith("Redis is slow"):
+            kind = "unavailable (waited too long)"
+        elif kind == "unavailable" and o.message.startswith("Redis"):
             kind = "unavailable (Redis)"
         seen["killed shard" if o.campaign_id in dead else "other shards"][kind] += 1
     return seen

@@ -116,8 +116,10 @@ async def test_two_instances_on_a_redis_cluster_keep_every_invariant_and_survive
     seen = split_by_kill(failure)
     dead, alive = seen["killed shard"], seen["other shards"]
     # The dead shard's campaigns: nothing succeeds any more, every answer is `unavailable`.
-    assert dead and set(dead) == {"unavailable (Redis)"}, dead
-    # The others keep issuing, and never see the dead node.
+    assert dead["unavailable (Redis)"] > 0, dead
+    assert set(dead) <= {"unavailable (Redis)", "unavailable (waited too long)"}, dead
+    # The others keep issuing, and never see the dead node (a request may still be turned
+    # away, to retry, for waiting past its deadline behind a call the kill slowed down).
     assert alive[ISSUED] > 0, alive
     assert "unavailable (Redis)" not in alive, alive
     for check in failure.checks:
