@@ -20,6 +20,7 @@ difference from the real server is the work behind the RPC:
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from litestar import Litestar
 
+from coupon.application.issue import Issued, Pending
+from coupon.domain.coupon import Coupon
 from coupon.entrypoints.app import MAX_REQUEST_BYTES, CouponApp
 from coupon.entrypoints.fast_issue import FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
@@ -45,6 +48,17 @@ RESPONSE = coupon_pb.IssueCouponResponse(
         user_id="bench-user-000000",
         issued_at=to_timestamp(datetime(2026, 1, 1, 12, 0, tzinfo=UTC)),
     )
+)
+
+ISSUED = Issued(
+    Coupon(
+        code="조차자다도머르누자모",
+        campaign_id="01a20e3d-0504-74db-bae5-621eedbfc245",
+        user_id="bench-user-000000",
+        issued_at=datetime(2026, 1, 1, 12, 0, tzinfo=UTC),
+        slot=1,
+    ),
+    already_issued=False,
 )
 
 
@@ -90,7 +104,24 @@ class ConstantIssue:
     ) -> coupon_pb.IssueCouponResponse:
         return RESPONSE
 
+    def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
+        """Settled at once (the service's settles from a callback of the gate's batch)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Issued] = self._loop.create_future()
+        outcome.set_result(ISSUED)
+        return Pending(outcome, 0.0)
+
+    def issue_end(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> coupon_pb.IssueCouponResponse:
+        return RESPONSE
+
     doorman = None
+    _loop: asyncio.AbstractEventLoop | None = None
 
 
 class NoopCouponApp(CouponApp):

@@ -166,7 +166,7 @@ async def test_the_gate_admits_settles_and_reloads_on_the_cluster(
     assert (a1.kind, a1.slot, a2.slot) == (AdmissionKind.ADMITTED, 1, 2)
     held = await gate.admit(c.id, "u1")
     assert (held.kind, held.slot, held.pending) == (AdmissionKind.ALREADY_HELD, 1, True)
-    await gate.confirm(coupon(c, "u1", 1))
+    gate.confirm(coupon(c, "u1", 1))
     await gate.close()  # confirms are queued: wait until they are sent
     assert await cluster_client.zscore(gate.keys(c.id)[3], "u1") is None
     repeat = await gate.admit(c.id, "u1")

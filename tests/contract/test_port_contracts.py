@@ -183,6 +183,22 @@ async def test_ledger_returns_the_existing_coupon_of_a_user(adapters: Adapters) 
     assert second.existing == first
 
 
+async def test_ledger_record_soon_settles_as_record_does(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=2)
+    alice = await adapters.coupon(c, "alice", 1)
+    alice_again = await adapters.coupon(c, "alice", 2)
+    bob = await adapters.coupon(c, "bob", 1)
+    assert (await adapters.ledger.record_soon(alice)).outcome is RecordOutcome.RECORDED
+    again = adapters.ledger.record_soon(alice_again)
+    taken = adapters.ledger.record_soon(bob)
+    repeat = await again
+    assert repeat.outcome is RecordOutcome.USER_HAS_COUPON and repeat.existing == alice
+    assert (await taken).outcome is RecordOutcome.SLOT_TAKEN
+    with pytest.raises(ConstraintViolation):
+        await adapters.ledger.record_soon(await adapters.coupon(c, "carol", 3))
+    assert await adapters.ledger.find_by_user(c.id, "alice") == alice
+
+
 async def test_ledger_refuses_a_taken_slot(adapters: Adapters) -> None:
     c = await adapters.new_campaign()
     await adapters.ledger.record(await adapters.coupon(c, "alice", 1))
@@ -330,9 +346,35 @@ async def test_gate_takes_thousands_of_confirms_at_once(adapters: Adapters) -> N
         for i, (u, a) in enumerate(zip(users, first, strict=True))
     ]
     for coupon in coupons:
-        await adapters.gate.confirm(coupon)
+        adapters.gate.confirm(coupon)
     again = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in users))
     assert [a.held for a in again] == coupons
+
+
+async def test_gate_admit_soon_decides_as_admit_does(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=2)
+    futures = [adapters.gate.admit_soon(c.id, u) for u in ("a", "b", "a", "c")]
+    results = await asyncio.gather(*futures)
+    assert [r.kind for r in results] == [
+        AdmissionKind.ADMITTED,
+        AdmissionKind.ADMITTED,
+        AdmissionKind.ALREADY_HELD,
+        AdmissionKind.SOLD_OUT,
+    ]
+    assert sorted(r.slot for r in results[:2]) == [1, 2]
+    with pytest.raises(Overloaded):
+        await adapters.gate.admit_soon(c.id, "late", deadline=time.monotonic() - 0.001)
+
+
+async def test_gate_admission_cancelled_before_its_decision_gives_the_slot_back(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=1)
+    leaving = adapters.gate.admit_soon(c.id, "leaves")
+    leaving.cancel()
+    await asyncio.sleep(DELAY + 0.1)
+    assert await adapters.gate.pending_users(c.id) == []
+    assert (await adapters.gate.admit(c.id, "stays")).slot == 1
 
 
 async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> None:
@@ -343,7 +385,7 @@ async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> 
     assert again.slot == first.slot and again.pending
     assert again.held is None
     coupon = await adapters.coupon(c, "alice", first.slot)
-    await adapters.gate.confirm(coupon)
+    adapters.gate.confirm(coupon)
     # Confirms are sent in the background, but before any admission asked after them.
     confirmed = await adapters.gate.admit(c.id, "alice")
     assert confirmed.kind is AdmissionKind.ALREADY_HELD and not confirmed.pending
@@ -361,7 +403,7 @@ async def test_gate_keeps_odd_user_ids_apart_in_one_batch(adapters: Adapters) ->
     assert sorted(a.slot for a in first) == list(range(1, len(ODD_USERS) + 1))
     coupons = [await adapters.coupon(c, u, a.slot) for u, a in zip(ODD_USERS, first, strict=True)]
     for coupon in coupons:  # queued together: sent in one batch
-        await adapters.gate.confirm(coupon)
+        adapters.gate.confirm(coupon)
     again = await asyncio.gather(*(adapters.gate.admit(c.id, u) for u in ODD_USERS))
     assert [a.held for a in again] == coupons
 
@@ -373,7 +415,7 @@ async def test_gate_ignores_a_confirm_for_a_released_admission(adapters: Adapter
     await asyncio.sleep(DELAY)
     b = await adapters.gate.admit(c.id, "bob")
     # Alice's confirm names bob's slot now: it neither takes it nor puts alice back into it.
-    await adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
+    adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
     assert (await adapters.gate.admit(c.id, "bob")).slot == b.slot
 
 
@@ -479,7 +521,7 @@ async def test_gate_puts_back_a_holder_it_lost_when_their_coupon_is_confirmed(
     refused = await adapters.gate.admit(c.id, "carol")
     assert refused.view is not None
     alice = await adapters.coupon(c, "alice", a.slot)
-    await adapters.gate.confirm(alice)
+    adapters.gate.confirm(alice)
     held = await adapters.gate.admit(c.id, "alice")
     assert held.kind is AdmissionKind.ALREADY_HELD and held.held == alice
     await asyncio.sleep(DELAY)
@@ -494,7 +536,7 @@ async def test_gate_answers_holders_with_their_coupon_after_the_end(adapters: Ad
     c = await adapters.new_campaign(total=3, ends_in=0.3)
     a = await adapters.gate.admit(c.id, "alice")
     coupon = await adapters.coupon(c, "alice", a.slot)
-    await adapters.gate.confirm(coupon)
+    adapters.gate.confirm(coupon)
     await asyncio.sleep(0.35)
     held = await adapters.gate.admit(c.id, "alice")
     assert held.kind is AdmissionKind.ALREADY_HELD and held.held == coupon
@@ -525,7 +567,7 @@ async def test_gate_lists_pending_users_until_confirmed(adapters: Adapters) -> N
     a = await adapters.gate.admit(c.id, "alice")
     await adapters.gate.admit(c.id, "bob")
     assert sorted(await adapters.gate.pending_users(c.id)) == ["alice", "bob"]
-    await adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
+    adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
     await adapters.gate.admit(c.id, "carol")  # confirms are sent before what follows
     assert sorted(await adapters.gate.pending_users(c.id)) == ["bob", "carol"]
 
@@ -555,6 +597,20 @@ async def test_gate_reports_unconfirmed_admissions_after_the_lease(adapters: Ada
 async def test_codes_are_well_formed_and_distinct(adapters: Adapters) -> None:
     codes = [await adapters.codes.next_code() for _ in range(2000)]
     assert len(set(codes)) == 2000
+    assert all(is_well_formed(x) for x in codes)
+
+
+async def test_codes_at_hand_and_awaited_are_one_sequence(adapters: Adapters) -> None:
+    """`code_now` may have nothing at hand (None), but once `next_code` has reserved, codes
+    come at hand, never one given before."""
+    codes = [await adapters.codes.next_code()]
+    for i in range(3000):
+        code = adapters.codes.code_now()
+        if code is None:
+            assert i > 0, "nothing at hand right after next_code"
+            code = await adapters.codes.next_code()
+        codes.append(code)
+    assert len(set(codes)) == len(codes)
     assert all(is_well_formed(x) for x in codes)
 
 

@@ -424,3 +424,132 @@ async def test_a_request_past_its_deadline_is_turned_away_untouched(world: World
 
 async def _chunks(*coupons: Coupon) -> AsyncIterator[Sequence[Coupon]]:
     yield list(coupons)
+
+
+# --- begin: the common course on the ports' futures, the rest through the steps ------------
+
+
+class HeldGate(MemoryStockGate):
+    """The memory gate, deciding only once `decide` is set (a batch on its way)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock, lease_seconds=10, reissue_delay_seconds=REISSUE_DELAY)
+        self.decide = asyncio.Event()
+
+    async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
+        await self.decide.wait()
+        return await super().admit(campaign_id, user_id, deadline)
+
+
+class CodesOnlyAfterIO(MemoryCodeGenerator):
+    """No code is ever at hand: each must be awaited (a reservation running out)."""
+
+    def code_now(self) -> None:
+        return None
+
+
+class CodesBrokenAtHand(MemoryCodeGenerator):
+    """Taking a code at hand fails (a bug, a sequence run out); awaiting one works."""
+
+    def code_now(self) -> str:
+        raise RuntimeError("no code at hand")
+
+
+async def _held_world(codes: MemoryCodeGenerator | None = None) -> tuple[World, HeldGate]:
+    clock = ManualClock(START)
+    store = MemoryStore()
+    campaigns = MemoryCampaignRepository(store)
+    ledger = FlakyLedger(store)
+    gate = HeldGate(clock)
+    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
+    world = World(
+        clock=clock,
+        store=store,
+        gate=gate,
+        ledger=ledger,
+        create=CreateCampaign(campaigns, gate, clock),
+        get=GetCampaign(campaigns, ledger, clock),
+        issue=IssueCoupon(
+            gate, ledger, codes or MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
+        ),
+    )
+    return world, gate
+
+
+async def test_a_caller_leaving_before_the_gate_decides_takes_no_slot() -> None:
+    world, gate = await _held_world()
+    c = await world.campaign(total=1)
+    leaving = asyncio.ensure_future(world.issue.execute(campaign_id=c.id, user_id="leaves"))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    gate.decide.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await asyncio.sleep(0.01)
+    assert await gate.pending_users(c.id) == []
+    issued = await world.issue.execute(campaign_id=c.id, user_id="stays")
+    assert issued.coupon.slot == 1
+    assert [x.user_id for x in await world.all_coupons(c.id)] == ["stays"]
+
+
+async def test_an_outcome_cancelled_once_the_gate_decided_gives_the_slot_back() -> None:
+    """A server cancelling what it waits for at shutdown cancels the outcome alone: the
+    admission it was given is released, never left pending nor recorded."""
+    world, gate = await _held_world()
+    c = await world.campaign(total=1)
+    pending = world.issue.begin(c.id, "leaves")
+    pending.outcome.cancel()
+    gate.decide.set()
+    await asyncio.sleep(0.01)
+    assert await gate.pending_users(c.id) == []
+    assert await world.all_coupons(c.id) == []
+    world.clock.advance(REISSUE_DELAY)
+    issued = await world.issue.execute(campaign_id=c.id, user_id="stays")
+    assert issued.coupon.slot == 1
+
+
+async def test_begin_settles_bad_fields_and_late_requests_in_the_outcome() -> None:
+    world, gate = await _held_world()
+    c = await world.campaign(total=1)
+    gate.decide.set()
+    bad = world.issue.begin(c.id, "")
+    with pytest.raises(InvalidArgument, match="user_id"):
+        await bad.outcome
+    late = world.issue.begin(c.id, "late", deadline=time.monotonic() - 0.001)
+    with pytest.raises(Overloaded):
+        await late.outcome
+    assert await gate.pending_users(c.id) == []
+    assert (await world.issue.begin(c.id, "alice").outcome).coupon.slot == 1
+
+
+async def test_a_code_that_must_be_awaited_still_issues_once_per_user() -> None:
+    world, gate = await _held_world(CodesOnlyAfterIO())
+    c = await world.campaign(total=3)
+    gate.decide.set()
+    results = await asyncio.gather(
+        *(world.issue.execute(campaign_id=c.id, user_id=u) for u in ("a", "b", "a", "c"))
+    )
+    assert sorted(r.coupon.slot for r in results if not r.already_issued) == [1, 2, 3]
+    assert len({r.coupon.code for r in results}) == 3
+    assert sorted(x.user_id for x in await world.all_coupons(c.id)) == ["a", "b", "c"]
+
+
+async def test_a_failed_commit_on_the_common_course_gives_the_slot_back(world: World) -> None:
+    c = await world.campaign(total=1)
+    world.clock.current = START
+    world.ledger.failing = True
+    with pytest.raises(Unavailable):
+        await world.issue.begin(c.id, "unlucky").outcome
+    assert await world.gate.pending_users(c.id) == []
+    world.ledger.failing = False
+    world.clock.advance(REISSUE_DELAY)
+    assert (await world.issue.execute(campaign_id=c.id, user_id="next")).coupon.slot == 1
+
+
+async def test_a_failure_on_the_common_course_still_answers_through_the_steps() -> None:
+    world, gate = await _held_world(CodesBrokenAtHand())
+    c = await world.campaign(total=2)
+    gate.decide.set()
+    issued = await asyncio.wait_for(world.issue.execute(campaign_id=c.id, user_id="a"), 5)
+    assert issued.coupon.slot == 1 and not issued.already_issued
+    assert await gate.pending_users(c.id) == []

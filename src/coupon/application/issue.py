@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
+from typing import Any
 
 from coupon.application.ports import (
     Admission,
@@ -18,13 +20,14 @@ from coupon.application.ports import (
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    Recorded,
     RecordOutcome,
     StockGate,
 )
 from coupon.application.refusals import RefusalMemory, Remembered, refusal
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
-from coupon.domain.errors import Overloaded, Unavailable
+from coupon.domain.errors import CouponError, Overloaded, Unavailable
 
 log = logging.getLogger("coupon")
 
@@ -75,6 +78,55 @@ class _Budget:
         return 0.02
 
 
+class Pending:
+    """A request on its way through IssueCoupon.begin: `outcome` settles with its answer."""
+
+    __slots__ = ("asked_at", "budget", "campaign_id", "outcome", "user_id", "waiting_on")
+
+    def __init__(self, outcome: asyncio.Future[Issued], deadline: float) -> None:
+        self.outcome = outcome
+        self.campaign_id = ""
+        self.user_id = ""
+        self.budget = _Budget(deadline)
+        self.asked_at = 0.0
+        # The gate's decision, the ledger's commit or the task of the other steps.
+        self.waiting_on: asyncio.Future[Any] | None = None
+
+    def cancel(self) -> None:
+        """The caller left: what the request waits on is cancelled, as when a caller of
+        `execute` is (an admission still waiting gives its slot back; a commit under way
+        goes on, and the lease settles it)."""
+        self.outcome.cancel()
+        if self.waiting_on is not None:
+            self.waiting_on.cancel()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(error)
+
+    def go_on(self, steps: Coroutine[Any, Any, Issued]) -> None:
+        """The rest of the request in a task, whose end settles `outcome`."""
+        if self.outcome.done():  # its caller left
+            steps.close()
+            return
+        task = asyncio.ensure_future(steps)
+        self.waiting_on = task
+        task.add_done_callback(self._went_on)
+
+    def _went_on(self, task: asyncio.Future[Issued]) -> None:
+        self.waiting_on = None
+        if task.cancelled():
+            self.outcome.cancel()
+            return
+        error = task.exception()  # retrieved, whether or not anyone still waits
+        if self.outcome.done():
+            return
+        if error is not None:
+            self.outcome.set_exception(error)
+        else:
+            self.outcome.set_result(task.result())
+
+
 _Step = Callable[["IssueCoupon", str, str, Admission, _Budget, float], Awaitable["Issued | None"]]
 
 
@@ -98,6 +150,10 @@ class IssueCoupon:
         self._directory = directory
         self._memory = memory
         self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        # Slots given back for callers that left after admission (see begin).
+        self._background: set[asyncio.Future[None]] = set()
+        # Looked up once: on Python 3.11 asyncio.get_running_loop() is a system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._settling: dict[str, asyncio.Lock] = {}
 
     def remembered(self, campaign_id: str, user_id: str) -> Remembered | None:
@@ -112,22 +168,137 @@ class IssueCoupon:
         answered Overloaded rather than worked on. Once admitted, it runs to its end.
         `recalled`: the caller asked `remembered` already and was sent to the gate (asking
         again could answer from memory the one request meant to renew it)."""
-        campaign_id = validate_campaign_id(campaign_id)
-        user_id = validate_user_id(user_id)
         if not recalled:
-            entry = self._memory.recall(campaign_id, user_id)
+            entry = self._memory.recall(
+                validate_campaign_id(campaign_id), validate_user_id(user_id)
+            )
             if entry is not None:
                 raise entry.error()
-        budget = _Budget(deadline)
+        pending = self.begin(campaign_id, user_id, deadline)
+        try:
+            return await pending.outcome
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+
+    def begin(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Pending:
+        """`execute` for a request that `remembered` sent to the gate, without waiting: the
+        returned Pending's `outcome` settles as `execute` would return or raise. The common
+        course (admitted, a code at hand, recorded) runs on the gate's and the ledger's
+        futures, with no task and no coroutine per step; any other goes on in a task,
+        through the same steps as every request."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        pending = Pending(loop.create_future(), deadline)
+        try:
+            pending.campaign_id = campaign_id = validate_campaign_id(campaign_id)
+            pending.user_id = validate_user_id(user_id)
+        except CouponError as exc:
+            pending.outcome.set_exception(exc)
+            return pending
+        pending.asked_at = self._memory.now()
+        if deadline and time.monotonic() > deadline:
+            pending.outcome.set_exception(Overloaded("waited too long to be served; retry"))
+            return pending
+        admission = self._gate.admit_soon(campaign_id, pending.user_id, deadline)
+        pending.waiting_on = admission
+        admission.add_done_callback(partial(self._admission_decided, pending))
+        return pending
+
+    def _admission_decided(self, pending: Pending, decided: asyncio.Future[Admission]) -> None:
+        pending.waiting_on = None
+        if decided.cancelled():
+            return  # the caller left (Pending.cancel), and the gate gave the slot back
+        error = decided.exception()
+        if error is not None:
+            pending.fail(error)
+            return
+        admission = decided.result()
+        if admission.kind is AdmissionKind.ADMITTED:
+            if pending.outcome.done():
+                # Its caller left once the gate had decided: nobody records it.
+                self._spawn(
+                    self._release_quietly(pending.campaign_id, pending.user_id, admission.slot)
+                )
+                return
+            try:
+                code = self._codes.code_now()
+                if code is not None:
+                    self._memory.forget(pending.campaign_id)
+                    coupon = Coupon(
+                        code=code,
+                        campaign_id=pending.campaign_id,
+                        user_id=pending.user_id,
+                        issued_at=admission.now,
+                        slot=admission.slot,
+                    )
+                    recording = self._ledger.record_soon(coupon)
+            except Exception:  # noqa: BLE001 - the steps below meet it again and answer it
+                code = None
+            if code is not None:
+                pending.waiting_on = recording
+                recording.add_done_callback(partial(self._coupon_recorded, pending, coupon))
+                return
+        pending.go_on(
+            self._steps(
+                pending.campaign_id, pending.user_id, pending.budget, admission, pending.asked_at
+            )
+        )
+
+    def _coupon_recorded(
+        self, pending: Pending, coupon: Coupon, recording: asyncio.Future[Recorded]
+    ) -> None:
+        pending.waiting_on = None
+        if recording.cancelled():
+            return  # the caller left; the lease settles the admission (see _recorded)
+        if recording.exception() is None and recording.result().outcome is RecordOutcome.RECORDED:
+            try:
+                self._gate.confirm(coupon)
+            except Exception as exc:  # noqa: BLE001 - answered as the steps would answer it
+                pending.fail(exc)
+                return
+            if not pending.outcome.done():
+                pending.outcome.set_result(Issued(coupon, already_issued=False))
+            return
+        pending.go_on(self._after_recording(pending, coupon, recording))
+
+    async def _after_recording(
+        self, pending: Pending, coupon: Coupon, recording: asyncio.Future[Recorded]
+    ) -> Issued:
+        issued = await self._recorded(coupon, recording)
+        if issued is not None:
+            return issued
+        pending.budget.retry()
+        return await self._steps(coupon.campaign_id, coupon.user_id, pending.budget, None, 0.0)
+
+    async def _steps(
+        self,
+        campaign_id: str,
+        user_id: str,
+        budget: _Budget,
+        admission: Admission | None,
+        asked_at: float,
+    ) -> Issued:
+        """From `admission` on (None: ask the gate first), one step per answer of the gate
+        until one answers the request."""
+        deadline = budget.deadline
         while True:
-            asked_at = self._memory.now()
-            if deadline and time.monotonic() > deadline:
-                raise Overloaded("waited too long to be served; retry")
-            admission = await self._gate.admit(campaign_id, user_id, deadline)
+            if admission is None:
+                asked_at = self._memory.now()
+                if deadline and time.monotonic() > deadline:
+                    raise Overloaded("waited too long to be served; retry")
+                admission = await self._gate.admit(campaign_id, user_id, deadline)
             step = _STEPS[admission.kind]
             issued = await step(self, campaign_id, user_id, admission, budget, asked_at)
             if issued is not None:
                 return issued
+            admission = None
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- one step per kind of admission -------------------------------------------------
 
@@ -147,7 +318,7 @@ class IssueCoupon:
             return Issued(admission.held, already_issued=True)
         existing = await self._ledger.find_by_user(campaign_id, user_id)
         if existing is not None:
-            await self._gate.confirm(existing)
+            self._gate.confirm(existing)
             return Issued(existing, already_issued=True)
         if admission.stale and budget.settle():
             await self._settle(campaign_id, admission.stale)
@@ -196,7 +367,7 @@ class IssueCoupon:
         ):
             coupon = await self._ledger.find_by_user(campaign_id, user_id)
             if coupon is not None:
-                await self._gate.confirm(coupon)  # puts the holder back into the gate
+                self._gate.confirm(coupon)  # puts the holder back into the gate
                 return Issued(coupon, already_issued=True)
         total = (await self._directory.require(campaign_id)).total_coupons
         self._memory.learn(campaign_id, admission, total, asked_at)
@@ -220,8 +391,14 @@ class IssueCoupon:
         except BaseException:
             await self._release_quietly(campaign_id, user_id, slot)
             raise
+        return await self._recorded(coupon, self._ledger.record(coupon))
+
+    async def _recorded(self, coupon: Coupon, recording: Awaitable[Recorded]) -> Issued | None:
+        """What the ledger's answer to `coupon` means for the request (None: go round
+        again)."""
+        campaign_id, user_id, slot = coupon.campaign_id, coupon.user_id, coupon.slot
         try:
-            recorded = await self._ledger.record(coupon)
+            recorded = await recording
         except asyncio.CancelledError:
             # The caller left while its coupon was being committed. The row may still commit
             # with its batch: the admission stays pending, and the lease settles it against
@@ -238,12 +415,12 @@ class IssueCoupon:
             raise
         outcome = recorded.outcome
         if outcome is RecordOutcome.RECORDED:
-            await self._gate.confirm(coupon)
+            self._gate.confirm(coupon)
             return Issued(coupon, already_issued=False)
         if outcome is RecordOutcome.USER_HAS_COUPON:
             assert recorded.existing is not None
             await self._gate.release(campaign_id, user_id, slot)
-            await self._gate.confirm(recorded.existing)  # the holder the gate had lost
+            self._gate.confirm(recorded.existing)  # the holder the gate had lost
             return Issued(recorded.existing, already_issued=True)
         if outcome is RecordOutcome.SLOT_TAKEN:
             await self._gate.forget(campaign_id, user_id, slot)
@@ -274,7 +451,7 @@ class IssueCoupon:
             )
             for (user_id, slot), coupon in zip(stale, found, strict=True):
                 if coupon is not None:
-                    await self._gate.confirm(coupon)
+                    self._gate.confirm(coupon)
                 else:
                     await self._gate.release(campaign_id, user_id, slot)
 

@@ -5,6 +5,7 @@ Adapters under `coupon.adapters` implement these; `entrypoints/ioc.py` alone dec
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ class CouponLedger(Protocol):
 
         Raises ConstraintViolation for a slot beyond the stock or a time outside the window.
         """
+        ...
+
+    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
+        """`record` as a future, for a caller that goes on in a callback rather than a
+        coroutine: it settles as `record` would return or raise. Cancelling it is leaving
+        `record` (the coupon may commit all the same)."""
         ...
 
     async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:
@@ -164,15 +171,22 @@ class StockGate(Protocol):
         waiting to be sent to the gate then is refused with Overloaded, untouched."""
         ...
 
+    def admit_soon(
+        self, campaign_id: str, user_id: str, deadline: float = 0.0
+    ) -> asyncio.Future[Admission]:
+        """`admit` as a future (see CouponLedger.record_soon). Cancelling it before it is
+        decided is leaving `admit`: a slot admitted for it is given back."""
+        ...
+
     async def load(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:
         """(Re)build the campaign's gate state from the ledger's holdings, unless it exists."""
         ...
 
-    async def confirm(self, coupon: Coupon) -> None:
+    def confirm(self, coupon: Coupon) -> None:
         """The coupon is committed: its admission is no longer pending, and repeats of its
         user are answered with it; a holder the gate had lost (Redis lost state) is put
-        back. May take effect later, but before any admission of the campaign asked for
-        after this call."""
+        back. Queued, never waited for: it takes effect later, but before any admission of
+        the campaign asked for after this call."""
         ...
 
     async def release(self, campaign_id: str, user_id: str, slot: int) -> None:
@@ -217,4 +231,9 @@ class LiveStats(Protocol):
 class CodeGenerator(Protocol):
     async def next_code(self) -> str:
         """A code no other coupon has or will have."""
+        ...
+
+    def code_now(self) -> str | None:
+        """A code as `next_code` gives, when one is at hand without I/O; None when only
+        `next_code` can give the next one (it must reserve more first)."""
         ...

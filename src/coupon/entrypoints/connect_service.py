@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -13,7 +14,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from coupon.application.issue import IssueCoupon
+from coupon.application.issue import IssueCoupon, Issued, Pending
 from coupon.application.live import ALREADY_ISSUED, ISSUED, REFUSED, LiveTally
 from coupon.application.operations import (
     EndCampaign,
@@ -443,13 +444,34 @@ class CouponService:
     async def issue_let_in(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> coupon_pb.IssueCouponResponse:
+        pending = self.issue_begin(request, arrived)
         try:
-            issued = await self._issue.execute(
-                campaign_id=request.campaign_id,
-                user_id=request.user_id,
-                deadline=arrived + self._deadline,
-                recalled=True,  # issue_at_once did
-            )
+            await pending.outcome
+        except asyncio.CancelledError:
+            pending.cancel()
+        except Exception:  # noqa: BLE001 - the outcome holds it, and issue_end answers it
+            pass
+        return self.issue_end(request, arrived, pending.outcome)
+
+    def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
+        """The request `issue_at_once` let in, on its way: `issue_end` answers it once its
+        outcome is settled."""
+        return self._issue.begin(
+            request.campaign_id,
+            request.user_id,
+            arrived + self._deadline,  # issue_at_once asked the refusal memory already
+        )
+
+    def issue_end(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> coupon_pb.IssueCouponResponse:
+        """The answer to a request let in, from its settled outcome (ConnectError raised);
+        the request leaves the door."""
+        try:
+            issued = outcome.result()
         except CouponError as exc:
             raise self._refused(arrived, exc, request.campaign_id) from None
         except Exception as exc:
@@ -461,12 +483,12 @@ class CouponService:
         coupon = issued.coupon
         if issued.already_issued:
             self._rejections("already_issued").inc()
-            outcome = ALREADY_ISSUED
+            outcome_name = ALREADY_ISSUED
         else:
             self._issued(coupon.campaign_id).inc()
-            outcome = ISSUED
+            outcome_name = ISSUED
         self._observe_issue.succeeded(arrived)
-        self._live.record(coupon.campaign_id, outcome, time.monotonic() - arrived)
+        self._live.record(coupon.campaign_id, outcome_name, time.monotonic() - arrived)
         return coupon_pb.IssueCouponResponse(
             coupon=coupon_message(coupon), already_issued=issued.already_issued
         )

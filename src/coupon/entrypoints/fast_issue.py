@@ -15,10 +15,12 @@ refusal, a request shed under overload — is answered synchronously, without a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Protocol
 
 from connectrpc.code import Code
@@ -32,6 +34,7 @@ from litestar.types import (
     Send,
 )
 
+from coupon.application.issue import Issued, Pending
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -75,6 +78,15 @@ class IssueService(Protocol):
     def issue_let_in(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> Awaitable[coupon_pb.IssueCouponResponse]: ...
+
+    def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending: ...
+
+    def issue_end(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> coupon_pb.IssueCouponResponse: ...
 
     @property
     def doorman(self) -> Doorman | None:
@@ -154,14 +166,49 @@ class IssueRoute:
     ) -> Answer:
         try:
             response = await self._service.issue_let_in(request, arrived)
-        except ConnectError as exc:
-            return error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
-            # A Connect error all the same, as the full Connect application would answer,
-            # not the server's bare 500.
-            return error_answer(ConnectError(Code.INTERNAL, type(exc).__name__))
+            return _failure(exc)
         decoder, content_type = codec
         return 200, content_type, decoder.encode(response), _NO_HEADERS
+
+    def answer_soon(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        codec: tuple[Codec, bytes],
+        arrived: float,
+        reply: Callable[[Answer], object],
+    ) -> asyncio.Future[Issued]:
+        """`answer` without a task: `reply` is called with the answer once the request's
+        outcome (returned) is settled, unless that outcome is cancelled."""
+        outcome = self._service.issue_begin(request, arrived).outcome
+        outcome.add_done_callback(partial(self._answered, request, codec, arrived, reply))
+        return outcome
+
+    def _answered(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        codec: tuple[Codec, bytes],
+        arrived: float,
+        reply: Callable[[Answer], object],
+        outcome: asyncio.Future[Issued],
+    ) -> None:
+        try:
+            response = self._service.issue_end(request, arrived, outcome)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
+            reply(_failure(exc))
+            return
+        decoder, content_type = codec
+        reply((200, content_type, decoder.encode(response), _NO_HEADERS))
+
+
+def _failure(exc: Exception) -> Answer:
+    if isinstance(exc, ConnectError):
+        return error_answer(exc)
+    # A Connect error all the same, as the full Connect application would answer, not the
+    # server's bare 500.
+    return error_answer(ConnectError(Code.INTERNAL, type(exc).__name__))
 
 
 class FastIssue:

@@ -7,6 +7,7 @@ awaits between reading and writing shared state.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
@@ -107,6 +108,9 @@ class MemoryCouponLedger:
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
 
+    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
+        return asyncio.ensure_future(self.record(coupon))
+
     async def record(self, coupon: Coupon) -> Recorded:
         store = self._store
         campaign = store.campaigns.get(coupon.campaign_id)
@@ -200,6 +204,11 @@ class MemoryStockGate:
     def drop(self, campaign_id: str) -> None:
         """Lose the campaign's state, as a Redis flush would (for tests)."""
         self._states.pop(campaign_id, None)
+
+    def admit_soon(
+        self, campaign_id: str, user_id: str, deadline: float = 0.0
+    ) -> asyncio.Future[Admission]:
+        return asyncio.ensure_future(self.admit(campaign_id, user_id, deadline))
 
     async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
         if deadline and deadline < time.monotonic():
@@ -296,7 +305,7 @@ class MemoryStockGate:
     async def ended_at(self, campaign_id: str) -> datetime | None:
         return self._ended.get(campaign_id)
 
-    async def confirm(self, coupon: Coupon) -> None:
+    def confirm(self, coupon: Coupon) -> None:
         state = self._states.get(coupon.campaign_id)
         if state is None:
             return
@@ -343,4 +352,7 @@ class MemoryCodeGenerator:
         self._sequence = itertools.count()
 
     async def next_code(self) -> str:
+        return self._cipher.encode(next(self._sequence))
+
+    def code_now(self) -> str:
         return self._cipher.encode(next(self._sequence))

@@ -166,14 +166,18 @@ class PostgresCouponLedger:
         await self._commits.close()
 
     async def record(self, coupon: Coupon) -> Recorded:
-        if self._closing and self._flusher is not None and self._flusher.done():
-            raise Unavailable("the server is shutting down")
+        return await self.record_soon(coupon)
+
+    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
         self.start()
         assert self._loop is not None
         future: asyncio.Future[Recorded] = self._loop.create_future()
+        if self._closing and self._flusher is not None and self._flusher.done():
+            future.set_exception(Unavailable("the server is shutting down"))
+            return future
         self._queue.append((coupon, future))
         self._wakeup.set()
-        return await future
+        return future
 
     async def _flush_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -408,6 +412,13 @@ class PostgresCodeGenerator:
         sequence = self._next
         self._next += 1
         assert self._encode is not None
+        return self._encode(sequence)
+
+    def code_now(self) -> str | None:
+        if self._next >= self._end or self._encode is None:
+            return None
+        sequence = self._next
+        self._next += 1
         return self._encode(sequence)
 
     async def _ensure_block(self) -> None:

@@ -144,12 +144,17 @@ class RedisStockGate:
             self._running_loop().call_soon(self._spawn, self._drain(campaign_id))
 
     async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
+        # A caller cancelled while waiting cancels the future; the batch then gives its slot
+        # back if it was admitted (see _answer).
+        return await self.admit_soon(campaign_id, user_id, deadline)
+
+    def admit_soon(
+        self, campaign_id: str, user_id: str, deadline: float = 0.0
+    ) -> asyncio.Future[Admission]:
         future: asyncio.Future[Admission] = self._running_loop().create_future()
         self._waiting.setdefault(campaign_id, []).append((user_id, future, deadline))
         self._wake(campaign_id)
-        # A caller cancelled while waiting cancels `future`; the batch then gives its slot
-        # back if it was admitted (see _admit_batch).
-        return await future
+        return future
 
     async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
         try:
@@ -387,7 +392,7 @@ class RedisStockGate:
             extra={"campaign_id": campaign.id, "holdings": count, "free": len(gaps)},
         )
 
-    async def confirm(self, coupon: Coupon) -> None:
+    def confirm(self, coupon: Coupon) -> None:
         """Queued: sent with the campaign's next admission batch (a batch of no requests if
         none comes); nobody waits for it. A confirm that never arrives is harmless: the
         lease settles the admission later."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from connectrpc.code import Code
@@ -45,7 +46,6 @@ from coupon.entrypoints.fast_issue import (
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
 
-    from coupon.gen.coupon.v1 import coupon_pb
 
 CONNECT_PREFIX = b"/coupon.v1.CouponService/"
 # codec, content length, keep-alive, number of fields
@@ -416,19 +416,13 @@ class Http1Protocol(HttpToolsProtocol):
             return
         cycle = _LaneCycle(keep_alive)
         self.cycle = cycle  # type: ignore[assignment]
-        task = self.loop.create_task(self._answer(route, answer, codec, arrived, cycle))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        # No task: the answer is written from the outcome's callback. The outcome stands
+        # in the server's tasks, which a graceful shutdown waits for (or cancels).
+        outcome = route.answer_soon(answer, codec, arrived, partial(self._lane_answer, cycle))
+        self.tasks.add(outcome)  # type: ignore[arg-type]
+        outcome.add_done_callback(self.tasks.discard)
 
-    async def _answer(
-        self,
-        route: IssueRoute,
-        request: coupon_pb.IssueCouponRequest,
-        codec: tuple[Codec, bytes],
-        arrived: float,
-        cycle: _LaneCycle,
-    ) -> None:
-        answer = await route.answer(request, codec, arrived)
+    def _lane_answer(self, cycle: _LaneCycle, answer: Answer) -> None:
         cycle.response_complete = True
         if self.transport.is_closing():
             return  # the client left; the coupon (if any) is committed all the same
