@@ -89,13 +89,12 @@ class World:
                 return coupons
 
 
-@pytest.fixture
-def world() -> World:
-    clock = ManualClock(START - timedelta(minutes=5))
+def build_world(
+    clock: ManualClock, gate: MemoryStockGate, codes: MemoryCodeGenerator | None = None
+) -> World:
     store = MemoryStore()
     campaigns = MemoryCampaignRepository(store)
     ledger = FlakyLedger(store)
-    gate = MemoryStockGate(clock, lease_seconds=10, reissue_delay_seconds=REISSUE_DELAY)
     memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
     return World(
         clock=clock,
@@ -105,8 +104,16 @@ def world() -> World:
         create=CreateCampaign(campaigns, gate, clock),
         get=GetCampaign(campaigns, ledger, clock),
         issue=IssueCoupon(
-            gate, ledger, MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
+            gate, ledger, codes or MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
         ),
+    )
+
+
+@pytest.fixture
+def world() -> World:
+    clock = ManualClock(START - timedelta(minutes=5))
+    return build_world(
+        clock, MemoryStockGate(clock, lease_seconds=10, reissue_delay_seconds=REISSUE_DELAY)
     )
 
 
@@ -455,29 +462,14 @@ class CodesBrokenAtHand(MemoryCodeGenerator):
         raise RuntimeError("no code at hand")
 
 
-async def _held_world(codes: MemoryCodeGenerator | None = None) -> tuple[World, HeldGate]:
+def _held_world(codes: MemoryCodeGenerator | None = None) -> tuple[World, HeldGate]:
     clock = ManualClock(START)
-    store = MemoryStore()
-    campaigns = MemoryCampaignRepository(store)
-    ledger = FlakyLedger(store)
     gate = HeldGate(clock)
-    memory = RefusalMemory(ledger, gate, seconds=0.5, clock=clock.seconds)
-    world = World(
-        clock=clock,
-        store=store,
-        gate=gate,
-        ledger=ledger,
-        create=CreateCampaign(campaigns, gate, clock),
-        get=GetCampaign(campaigns, ledger, clock),
-        issue=IssueCoupon(
-            gate, ledger, codes or MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
-        ),
-    )
-    return world, gate
+    return build_world(clock, gate, codes), gate
 
 
 async def test_a_caller_leaving_before_the_gate_decides_takes_no_slot() -> None:
-    world, gate = await _held_world()
+    world, gate = _held_world()
     c = await world.campaign(total=1)
     leaving = asyncio.ensure_future(world.issue.execute(campaign_id=c.id, user_id="leaves"))
     await asyncio.sleep(0.01)
@@ -495,7 +487,7 @@ async def test_a_caller_leaving_before_the_gate_decides_takes_no_slot() -> None:
 async def test_an_outcome_cancelled_once_the_gate_decided_gives_the_slot_back() -> None:
     """A server cancelling what it waits for at shutdown cancels the outcome alone: the
     admission it was given is released, never left pending nor recorded."""
-    world, gate = await _held_world()
+    world, gate = _held_world()
     c = await world.campaign(total=1)
     pending = world.issue.begin(c.id, "leaves")
     pending.outcome.cancel()
@@ -509,7 +501,7 @@ async def test_an_outcome_cancelled_once_the_gate_decided_gives_the_slot_back() 
 
 
 async def test_begin_settles_bad_fields_and_late_requests_in_the_outcome() -> None:
-    world, gate = await _held_world()
+    world, gate = _held_world()
     c = await world.campaign(total=1)
     gate.decide.set()
     bad = world.issue.begin(c.id, "")
@@ -523,7 +515,7 @@ async def test_begin_settles_bad_fields_and_late_requests_in_the_outcome() -> No
 
 
 async def test_a_code_that_must_be_awaited_still_issues_once_per_user() -> None:
-    world, gate = await _held_world(CodesOnlyAfterIO())
+    world, gate = _held_world(CodesOnlyAfterIO())
     c = await world.campaign(total=3)
     gate.decide.set()
     results = await asyncio.gather(
@@ -547,7 +539,7 @@ async def test_a_failed_commit_on_the_common_course_gives_the_slot_back(world: W
 
 
 async def test_a_failure_on_the_common_course_still_answers_through_the_steps() -> None:
-    world, gate = await _held_world(CodesBrokenAtHand())
+    world, gate = _held_world(CodesBrokenAtHand())
     c = await world.campaign(total=2)
     gate.decide.set()
     issued = await asyncio.wait_for(world.issue.execute(campaign_id=c.id, user_id="a"), 5)
