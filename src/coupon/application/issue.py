@@ -81,13 +81,14 @@ class _Budget:
 class Pending:
     """A request on its way through IssueCoupon.begin: `outcome` settles with its answer."""
 
-    __slots__ = ("asked_at", "budget", "campaign_id", "outcome", "user_id", "waiting_on")
+    __slots__ = ("asked_at", "campaign_id", "deadline", "outcome", "user_id", "waiting_on")
 
     def __init__(self, outcome: asyncio.Future[Issued], deadline: float) -> None:
         self.outcome = outcome
         self.campaign_id = ""
         self.user_id = ""
-        self.budget = _Budget(deadline)
+        # The common course goes round no budget: one is made when the steps take over.
+        self.deadline = deadline
         self.asked_at = 0.0
         # The gate's decision, the ledger's commit or the task of the other steps.
         self.waiting_on: asyncio.Future[Any] | None = None
@@ -222,29 +223,39 @@ class IssueCoupon:
                     self._release_quietly(pending.campaign_id, pending.user_id, admission.slot)
                 )
                 return
-            try:
-                code = self._codes.code_now()
-                if code is not None:
-                    self._memory.forget(pending.campaign_id)
-                    coupon = Coupon(
-                        code=code,
-                        campaign_id=pending.campaign_id,
-                        user_id=pending.user_id,
-                        issued_at=admission.now,
-                        slot=admission.slot,
-                    )
-                    recording = self._ledger.record_soon(coupon)
-            except Exception:  # noqa: BLE001 - the steps below meet it again and answer it
-                code = None
-            if code is not None:
-                pending.waiting_on = recording
-                recording.add_done_callback(partial(self._coupon_recorded, pending, coupon))
+            if self._start_recording(pending, admission):
                 return
         pending.go_on(
             self._steps(
-                pending.campaign_id, pending.user_id, pending.budget, admission, pending.asked_at
+                pending.campaign_id,
+                pending.user_id,
+                _Budget(pending.deadline),
+                admission,
+                pending.asked_at,
             )
         )
+
+    def _start_recording(self, pending: Pending, admission: Admission) -> bool:
+        """Record the admitted request on the ledger's future, with a code at hand. False:
+        no code at hand, or a failure, which the steps then meet again and answer."""
+        try:
+            code = self._codes.code_now()
+            if code is None:
+                return False
+            self._memory.forget(pending.campaign_id)
+            coupon = Coupon(
+                code=code,
+                campaign_id=pending.campaign_id,
+                user_id=pending.user_id,
+                issued_at=admission.now,
+                slot=admission.slot,
+            )
+            recording = self._ledger.record_soon(coupon)
+        except Exception:  # noqa: BLE001 - answered by the steps (see above)
+            return False
+        pending.waiting_on = recording
+        recording.add_done_callback(partial(self._coupon_recorded, pending, coupon))
+        return True
 
     def _coupon_recorded(
         self, pending: Pending, coupon: Coupon, recording: asyncio.Future[Recorded]
@@ -269,8 +280,9 @@ class IssueCoupon:
         issued = await self._recorded(coupon, recording)
         if issued is not None:
             return issued
-        pending.budget.retry()
-        return await self._steps(coupon.campaign_id, coupon.user_id, pending.budget, None, 0.0)
+        budget = _Budget(pending.deadline)
+        budget.retry()
+        return await self._steps(coupon.campaign_id, coupon.user_id, budget, None, 0.0)
 
     async def _steps(
         self,

@@ -168,8 +168,7 @@ class IssueRoute:
             response = await self._service.issue_let_in(request, arrived)
         except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
             return _failure(exc)
-        decoder, content_type = codec
-        return 200, content_type, decoder.encode(response), _NO_HEADERS
+        return _success(response, codec)
 
     def answer_soon(
         self,
@@ -199,8 +198,12 @@ class IssueRoute:
         except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
             reply(_failure(exc))
             return
-        decoder, content_type = codec
-        reply((200, content_type, decoder.encode(response), _NO_HEADERS))
+        reply(_success(response, codec))
+
+
+def _success(response: coupon_pb.IssueCouponResponse, codec: tuple[Codec, bytes]) -> Answer:
+    decoder, content_type = codec
+    return 200, content_type, decoder.encode(response), _NO_HEADERS
 
 
 def _failure(exc: Exception) -> Answer:
