@@ -20,6 +20,10 @@ FROM ${PYTHON_IMAGE} AS build
 
 ARG UV_VERSION=0.13.9
 RUN pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
+# A C compiler, in this stage only, for the code cipher's network (tools/build_feistel.py).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
@@ -33,8 +37,10 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 # Then the project itself, as a regular (non-editable) install: the runtime image needs
 # only the virtual environment, not the sources.
+# The code cipher's C network is built into src/ first, so the install carries it.
 COPY src ./src
-RUN uv sync --frozen --no-dev --no-editable
+COPY tools/build_feistel.py ./tools/build_feistel.py
+RUN python tools/build_feistel.py src && uv sync --frozen --no-dev --no-editable
 
 # --- runtime ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

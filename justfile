@@ -18,6 +18,7 @@ setup:
         uv=(python3 -m uv)
     fi
     "${uv[@]}" sync --frozen --quiet
+    .venv/bin/python tools/build_feistel.py
 
 # Serve the API on PORT (8000), creating the database and schema when missing.
 serve *ARGS: setup

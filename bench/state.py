@@ -174,6 +174,10 @@ def checkout_source(ref: str, into: Path) -> tuple[str, Path]:
         ["git", "archive", commit, "src"], cwd=REPO, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    # Its code cipher's C network, as `just setup` builds the working tree's (revisions
+    # from before it have none): a comparison must not set C against Python rounds.
+    builder = REPO / "tools" / "build_feistel.py"
+    subprocess.run([sys.executable, str(builder), str(into / "src")], check=True)
     return commit, into / "src"
 
 

@@ -1,19 +1,37 @@
 from __future__ import annotations
 
 import random
+import shutil
 import unicodedata
+from pathlib import Path
 
 import pytest
 
-from coupon.domain.codes import ALPHABET, CODE_LENGTH, CodeCipher, InvalidCode, is_well_formed
+from coupon.domain.codes import (
+    ALPHABET,
+    CODE_LENGTH,
+    COMPILED,
+    CodeCipher,
+    InvalidCode,
+    is_well_formed,
+)
+from tools import build_feistel
 
 KEY = bytes(range(32))
 LAST_SEQUENCE = 2**60 - 1
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="the C network is not built here")
 
 
-@pytest.fixture(scope="module")
-def cipher() -> CodeCipher:
-    return CodeCipher(KEY)
+# Every test of a cipher runs on both networks: the C one the service uses, and the Python
+# one it falls back on where no C compiler was.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(True, id="C", marks=needs_compiled), pytest.param(False, id="Python")],
+)
+def cipher(request: pytest.FixtureRequest) -> CodeCipher:
+    made = CodeCipher(KEY, compiled=request.param)
+    assert made.compiled is request.param
+    return made
 
 
 def is_hangul_syllable(symbol: str) -> bool:
@@ -185,3 +203,44 @@ def test_cipher_rejects_a_key_of_the_wrong_length(length: int) -> None:
 def test_cipher_accepts_a_key_of_16_to_64_bytes(length: int) -> None:
     cipher = CodeCipher(b"k" * length)
     assert cipher.decode(cipher.encode(7)) == 7
+
+
+def test_setup_builds_the_c_network_wherever_there_is_a_c_compiler() -> None:
+    # `just setup` runs tools/build_feistel.py; CI's machine has gcc, so a missing build
+    # there is a broken setup, not a fallback.
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert COMPILED
+        assert CodeCipher(KEY).compiled
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "key", [bytes(range(16)), KEY, b"\xff" * 64, b"\x00" * 17], ids=["16", "32", "64", "17"]
+)
+def test_the_c_and_python_networks_give_the_same_codes(key: bytes) -> None:
+    in_c, in_python = CodeCipher(key, compiled=True), CodeCipher(key, compiled=False)
+    rng = random.Random(key)
+    sequences = [*range(20_000), LAST_SEQUENCE, *(rng.randrange(2**60) for _ in range(20_000))]
+    for sequence in sequences:
+        code = in_c.encode(sequence)
+        assert code == in_python.encode(sequence)
+        assert in_c.decode(code) == sequence == in_python.decode(code)
+
+
+def test_the_build_compiles_once_and_leaves_nothing_behind_when_the_compiler_fails(
+    tmp_path: Path,
+) -> None:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here")
+    source = Path(build_feistel.__file__).resolve().parent.parent / "src" / build_feistel.SOURCE
+    copy = tmp_path / build_feistel.SOURCE
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(source.read_bytes())
+    assert build_feistel.build(tmp_path) == f"built {build_feistel.extension_path(tmp_path).name}"
+    assert build_feistel.build(tmp_path) is None  # up to date: nothing to do
+    copy.write_text("this is not C\n")
+    built = build_feistel.extension_path(tmp_path)
+    built.unlink()
+    said = build_feistel.build(tmp_path)
+    assert said is not None and said.startswith("the C build failed")
+    assert list(copy.parent.iterdir()) == [copy]
