@@ -112,13 +112,13 @@ class ConstantIssue:
         outcome.set_result(ISSUED)
         return Pending(outcome, 0.0)
 
-    def issue_end(
+    def issue_finish(
         self,
         request: coupon_pb.IssueCouponRequest,
         arrived: float,
         outcome: asyncio.Future[Issued],
-    ) -> coupon_pb.IssueCouponResponse:
-        return RESPONSE
+    ) -> Issued:
+        return ISSUED
 
     doorman = None
     _loop: asyncio.AbstractEventLoop | None = None

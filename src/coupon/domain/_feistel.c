@@ -7,9 +7,9 @@
  * three calls and three allocations around one compression; here the state after the key
  * block is kept per round and each round is that one compression.
  *
- * codes.py builds this module when a C compiler is at hand (tools/build_feistel.py, run
- * by `just setup` and the image build) and falls back to its own loop otherwise; the
- * tests check that both give the same codes.
+ * codes.py uses this module where it is built (tools/build_feistel.py, run by `just setup`
+ * and the image build) and its own rounds otherwise; the tests check that both give the
+ * same codes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -43,6 +43,7 @@ from coupon.entrypoints.overload import Doorman, RetryLater
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
+    issue_response,
     status_filter,
     to_datetime,
     to_timestamp,
@@ -470,6 +471,17 @@ class CouponService:
     ) -> coupon_pb.IssueCouponResponse:
         """The answer to a request let in, from its settled outcome (ConnectError raised);
         the request leaves the door."""
+        issued = self.issue_finish(request, arrived, outcome)
+        return issue_response(issued.coupon, issued.already_issued)
+
+    def issue_finish(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> Issued:
+        """`issue_end` without its message: what was issued, for a front door that writes
+        the answer's bytes itself."""
         try:
             issued = outcome.result()
         except CouponError as exc:
@@ -489,9 +501,7 @@ class CouponService:
             outcome_name = ISSUED
         self._observe_issue.succeeded(arrived)
         self._live.record(coupon.campaign_id, outcome_name, time.monotonic() - arrived)
-        return coupon_pb.IssueCouponResponse(
-            coupon=coupon_message(coupon), already_issued=issued.already_issued
-        )
+        return issued
 
     def _refused(self, arrived: float, exc: CouponError, campaign_id: str) -> ConnectError:
         error: ConnectError

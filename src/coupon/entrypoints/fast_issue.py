@@ -36,6 +36,7 @@ from litestar.types import (
 
 from coupon.application.issue import Issued, Pending
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
+from coupon.entrypoints.translate import issue_response, issue_response_bytes
 from coupon.gen.coupon.v1 import coupon_pb
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
@@ -81,12 +82,12 @@ class IssueService(Protocol):
 
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending: ...
 
-    def issue_end(
+    def issue_finish(
         self,
         request: coupon_pb.IssueCouponRequest,
         arrived: float,
         outcome: asyncio.Future[Issued],
-    ) -> coupon_pb.IssueCouponResponse: ...
+    ) -> Issued: ...
 
     @property
     def doorman(self) -> Doorman | None:
@@ -192,13 +193,18 @@ class IssueRoute:
         outcome: asyncio.Future[Issued],
     ) -> None:
         try:
-            response = self._service.issue_end(request, arrived, outcome)
+            issued = self._service.issue_finish(request, arrived, outcome)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
             reply(_failure(exc))
             return
-        reply(_success(response, codec))
+        decoder, content_type = codec
+        if content_type == b"application/proto":
+            payload = issue_response_bytes(issued.coupon, issued.already_issued)
+        else:
+            payload = decoder.encode(issue_response(issued.coupon, issued.already_issued))
+        reply((200, content_type, payload, _NO_HEADERS))
 
 
 def _success(response: coupon_pb.IssueCouponResponse, codec: tuple[Codec, bytes]) -> Answer:

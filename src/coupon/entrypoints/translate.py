@@ -77,3 +77,75 @@ def coupon_message(coupon: Coupon) -> coupon_pb.Coupon:
         user_id=coupon.user_id,
         issued_at=to_timestamp(coupon.issued_at),
     )
+
+
+def issue_response(coupon: Coupon, already_issued: bool) -> coupon_pb.IssueCouponResponse:
+    return coupon_pb.IssueCouponResponse(
+        coupon=coupon_message(coupon), already_issued=already_issued
+    )
+
+
+# --- IssueCouponResponse as binary protobuf, written directly ------------------------
+#
+# The answer to every issued coupon: building its three messages (response, coupon,
+# timestamp) and encoding them cost 4.6 us a coupon, writing the same bytes from the
+# domain's coupon 1.1 us. The bytes are the library's, field for field (proto3: fields in
+# number order, zero values left out; tests/unit/test_translate.py compares both on every
+# shape of coupon): IssueCouponResponse{1: Coupon{1: code, 2: campaign_id, 3: user_id,
+# 4: Timestamp{1: seconds, 2: nanos}}, 2: already_issued}.
+
+_ONE_BYTE = tuple(bytes([n]) for n in range(0x80))
+_INT64 = (1 << 64) - 1
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _timestamp_field(value: datetime) -> bytes:
+    seconds = (value - _EPOCH) // _SECOND
+    nanos = value.microsecond * 1000
+    body = b""
+    if seconds:
+        body = b"\x08" + _varint(seconds & _INT64)  # an int64 below zero takes ten bytes
+    if nanos:
+        body += b"\x10" + _varint(nanos)
+    return b"\x22" + _varint(len(body)) + body
+
+
+# The coupons of one admission batch share their issue time: its field is made once.
+_last_timestamp: tuple[datetime | None, bytes] = (None, b"")
+
+
+def issue_response_bytes(coupon: Coupon, already_issued: bool) -> bytes:
+    """`issue_response(...)` encoded as binary protobuf, without building the messages."""
+    global _last_timestamp  # noqa: PLW0603 - one entry, replaced whole
+    last = _last_timestamp
+    if last[0] is coupon.issued_at:
+        issued_at = last[1]
+    else:
+        issued_at = _timestamp_field(coupon.issued_at)
+        _last_timestamp = (coupon.issued_at, issued_at)
+    inner = b"".join(
+        (
+            _text_field(b"\x0a", coupon.code),
+            _text_field(b"\x12", coupon.campaign_id),
+            _text_field(b"\x1a", coupon.user_id),
+            issued_at,
+        )
+    )
+    return b"".join((b"\x0a", _varint(len(inner)), inner, b"\x10\x01" if already_issued else b""))
+
+
+def _text_field(tag: bytes, text: str) -> bytes:
+    if not text:
+        return b""
+    encoded = text.encode()
+    return tag + _varint(len(encoded)) + encoded
