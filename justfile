@@ -76,6 +76,11 @@ loadtest *ARGS: setup
 bench *ARGS: setup
     {{python}} -m bench {{ARGS}}
 
+# CPU per issued coupon of the working tree (or --against-ref OTHER) against REV, both
+# servers measured at once on one core so the VM's drift moves both alike (docs/performance.md).
+bench-side *ARGS: setup
+    {{python}} -m bench.side {{ARGS}}
+
 # Settings from .env (see .env.example); uses `docker compose`, else `docker-compose`,
 # once the Docker engine answers (tools/compose.sh).
 # Build and start the Docker stack: api (after `coupon migrate`), PostgreSQL, Redis.
