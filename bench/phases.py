@@ -68,11 +68,13 @@ class Phase:
         return LABELS[self.key]
 
     def cpu_per_request_us(self) -> dict[str, float]:
-        """CPU microseconds each party spent per answered request: unlike req/s, barely
-        moved by whatever else the machine is doing."""
-        if not self.requests_per_s:
+        """CPU microseconds each party spent per successful answer (an issued coupon in (b)
+        and (c); whatever a phase also turned away is paid for by what it issued): unlike
+        req/s, barely moved by whatever else the machine is doing."""
+        rate = self.ok_per_s
+        if not rate:
             return {}
-        return {k: self.cores[k] * 1e6 / self.requests_per_s for k in PARTIES}
+        return {k: self.cores[k] * 1e6 / rate for k in PARTIES}
 
     def cpu_bound_rate(self, cores: int) -> float:
         """The rate at which the measured parties would fill `cores` idle cores."""
@@ -172,7 +174,10 @@ class Bench:
             # Each probe its own users, a count probed twice included.
             users = f"probe{key}{connections}n{next(probes)}"
             result, _ = self.wrk(server, campaign, users, self.args.probe, connections)
-            return wrk_rate(result), int(result["failed"])
+            # Successful answers: a count at which the server turns requests away must
+            # not win by the cheap 503s.
+            ok_rate = wrk_rate(result) * result["ok"] / max(1, result["requests"])
+            return ok_rate, int(result["failed"])
 
         self.searches[key], chosen = search_peak(ladder, probe, least=self.args.threads)
         print(f"    {search_text(self.searches[key], chosen, self.args.probe)}", flush=True)
