@@ -40,7 +40,7 @@ def build(src_dir: Path) -> str | None:
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").exists():
         return f"no Python.h in {include}: codes are made by the Python rounds"
-    partial = target.with_name(target.name + ".tmp")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # two setups at once
     command = [compiler, "-O2", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
