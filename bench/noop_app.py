@@ -99,11 +99,6 @@ class ConstantIssue:
     ) -> ConnectError | None:
         return None
 
-    async def issue_let_in(
-        self, request: coupon_pb.IssueCouponRequest, arrived: float
-    ) -> coupon_pb.IssueCouponResponse:
-        return RESPONSE
-
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
         """Settled at once (the service's settles from a callback of the gate's batch)."""
         if self._loop is None:

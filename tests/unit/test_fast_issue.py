@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from connectrpc.code import Code
@@ -13,32 +16,45 @@ from connectrpc.errors import ConnectError
 from litestar.types import Message, Scope
 from protobuf.wkt import Duration
 
+from coupon.application.issue import Issued, Pending
+from coupon.domain.coupon import Coupon
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.overload import RETRY_INFO_TYPE, RetryLater, retry_info
 from coupon.gen.coupon.v1 import coupon_pb
 
-Work = Callable[[coupon_pb.IssueCouponRequest], Awaitable[coupon_pb.IssueCouponResponse]]
+Work = Callable[[coupon_pb.IssueCouponRequest], Coroutine[Any, Any, Issued]]
 
 
 class Service:
-    """Answers at once with `at_once` when given, else lets the request in to `work`."""
+    """Answers at once with `at_once` when given, else lets the request in to `work`,
+    whose end settles the request's outcome."""
 
     def __init__(self, work: Work | None = None, at_once: ConnectError | None = None) -> None:
         self._work = work
         self._at_once = at_once
         self.let_in = 0
+        self.finished = 0
 
     def issue_at_once(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> ConnectError | None:
         return self._at_once
 
-    async def issue_let_in(
-        self, request: coupon_pb.IssueCouponRequest, arrived: float
-    ) -> coupon_pb.IssueCouponResponse:
+    def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
         self.let_in += 1
         assert self._work is not None
-        return await self._work(request)
+        pending = Pending(asyncio.get_running_loop().create_future(), 0.0)
+        pending.go_on(self._work(request))
+        return pending
+
+    def issue_finish(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> Issued:
+        self.finished += 1  # the request left the door, whatever its outcome
+        return outcome.result()
 
     doorman = None
 
@@ -70,8 +86,49 @@ async def call(service: Service, body: bytes) -> tuple[int, dict[str, str], byte
     return start["status"], headers, end["body"]
 
 
+async def test_an_issued_coupon_is_answered_with_its_fields() -> None:
+    at = datetime(2026, 12, 3, 12, 0, 0, 250_000, tzinfo=UTC)
+
+    async def issue(request: coupon_pb.IssueCouponRequest) -> Issued:
+        return Issued(Coupon("가나다라마바자차카타", request.campaign_id, "u", at, 7), True)
+
+    status, headers, body = await call(Service(issue), b'{"campaignId": "c", "userId": "u"}')
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "coupon": {
+            "code": "가나다라마바자차카타",
+            "campaignId": "c",
+            "userId": "u",
+            "issuedAt": "2026-12-03T12:00:00.250Z",
+        },
+        "alreadyIssued": True,
+    }
+
+
+async def test_a_caller_that_leaves_cancels_the_request_which_still_leaves_the_door() -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def issue(_: coupon_pb.IssueCouponRequest) -> Issued:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+        raise AssertionError("never answered")
+
+    service = Service(issue)
+    caller = asyncio.ensure_future(call(service, b'{"campaignId": "c", "userId": "u"}'))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(stopped.wait(), 1)
+    assert service.finished == 1
+
+
 async def test_an_unexpected_exception_is_a_connect_internal_error() -> None:
-    async def issue(_: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
+    async def issue(_: coupon_pb.IssueCouponRequest) -> Issued:
         raise RuntimeError("boom")
 
     status, headers, body = await call(Service(issue), b'{"campaignId": "x"}')
@@ -81,7 +138,7 @@ async def test_an_unexpected_exception_is_a_connect_internal_error() -> None:
 
 
 async def test_a_connect_error_keeps_its_code_and_http_status() -> None:
-    async def issue(_: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
+    async def issue(_: coupon_pb.IssueCouponRequest) -> Issued:
         raise ConnectError(Code.RESOURCE_EXHAUSTED, "sold out")
 
     status, _, body = await call(Service(issue), b'{"campaignId": "x"}')

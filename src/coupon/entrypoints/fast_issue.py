@@ -19,7 +19,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
@@ -75,10 +75,6 @@ class IssueService(Protocol):
     def issue_at_once(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> ConnectError | None: ...
-
-    def issue_let_in(
-        self, request: coupon_pb.IssueCouponRequest, arrived: float
-    ) -> Awaitable[coupon_pb.IssueCouponResponse]: ...
 
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending: ...
 
@@ -165,11 +161,17 @@ class IssueRoute:
     async def answer(
         self, request: coupon_pb.IssueCouponRequest, codec: tuple[Codec, bytes], arrived: float
     ) -> Answer:
+        """The answer to a request `at_once` let in (the ASGI door's way; the HTTP/1.1
+        lane's is `answer_soon`). Cancelled, it cancels the request as `issue_let_in`
+        does, and the request leaves the door all the same."""
+        pending = self._service.issue_begin(request, arrived)
         try:
-            response = await self._service.issue_let_in(request, arrived)
-        except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
-            return _failure(exc)
-        return _success(response, codec)
+            await pending.outcome
+        except asyncio.CancelledError:
+            pending.cancel()
+        except Exception:  # noqa: BLE001 - the outcome holds it, and _finished answers it
+            pass
+        return self._finished(request, codec, arrived, pending.outcome)
 
     def answer_soon(
         self,
@@ -193,23 +195,30 @@ class IssueRoute:
         outcome: asyncio.Future[Issued],
     ) -> None:
         try:
-            issued = self._service.issue_finish(request, arrived, outcome)
+            answer = self._finished(request, codec, arrived, outcome)
         except asyncio.CancelledError:
             return
+        reply(answer)
+
+    def _finished(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        codec: tuple[Codec, bytes],
+        arrived: float,
+        outcome: asyncio.Future[Issued],
+    ) -> Answer:
+        """The answer from a settled outcome (CancelledError raised when it was
+        cancelled); the request leaves the door."""
+        try:
+            issued = self._service.issue_finish(request, arrived, outcome)
         except Exception as exc:  # noqa: BLE001 - counted and logged by the service already
-            reply(_failure(exc))
-            return
+            return _failure(exc)
         decoder, content_type = codec
         if content_type == b"application/proto":
             payload = issue_response_bytes(issued.coupon, issued.already_issued)
         else:
             payload = decoder.encode(issue_response(issued.coupon, issued.already_issued))
-        reply((200, content_type, payload, _NO_HEADERS))
-
-
-def _success(response: coupon_pb.IssueCouponResponse, codec: tuple[Codec, bytes]) -> Answer:
-    decoder, content_type = codec
-    return 200, content_type, decoder.encode(response), _NO_HEADERS
+        return 200, content_type, payload, _NO_HEADERS
 
 
 def _failure(exc: Exception) -> Answer:
