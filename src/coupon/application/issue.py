@@ -105,6 +105,18 @@ class Pending:
         if not self.outcome.done():
             self.outcome.set_exception(error)
 
+    async def settled(self) -> asyncio.Future[Issued]:
+        """`outcome` once settled, for a front door to answer from (its result, error or
+        cancellation). A caller cancelled meanwhile cancels the request (`cancel`): the
+        outcome it returns is then cancelled too, unless it had settled already."""
+        try:
+            await self.outcome
+        except asyncio.CancelledError:
+            self.cancel()
+        except Exception:  # noqa: BLE001 - the outcome holds it, for the caller to answer
+            pass
+        return self.outcome
+
     def go_on(self, steps: Coroutine[Any, Any, Issued]) -> None:
         """The rest of the request in a task, whose end settles `outcome`."""
         if self.outcome.done():  # its caller left

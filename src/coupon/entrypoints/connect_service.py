@@ -445,34 +445,18 @@ class CouponService:
     async def issue_let_in(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> coupon_pb.IssueCouponResponse:
-        pending = self.issue_begin(request, arrived)
-        try:
-            await pending.outcome
-        except asyncio.CancelledError:
-            pending.cancel()
-        except Exception:  # noqa: BLE001 - the outcome holds it, and issue_end answers it
-            pass
-        return self.issue_end(request, arrived, pending.outcome)
+        outcome = await self.issue_begin(request, arrived).settled()
+        issued = self.issue_finish(request, arrived, outcome)
+        return issue_response(issued.coupon, issued.already_issued)
 
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
-        """The request `issue_at_once` let in, on its way: `issue_end` answers it once its
-        outcome is settled."""
+        """The request `issue_at_once` let in, on its way: `issue_finish` answers it once
+        its outcome is settled."""
         return self._issue.begin(
             request.campaign_id,
             request.user_id,
             arrived + self._deadline,  # issue_at_once asked the refusal memory already
         )
-
-    def issue_end(
-        self,
-        request: coupon_pb.IssueCouponRequest,
-        arrived: float,
-        outcome: asyncio.Future[Issued],
-    ) -> coupon_pb.IssueCouponResponse:
-        """The answer to a request let in, from its settled outcome (ConnectError raised);
-        the request leaves the door."""
-        issued = self.issue_finish(request, arrived, outcome)
-        return issue_response(issued.coupon, issued.already_issued)
 
     def issue_finish(
         self,
@@ -480,8 +464,8 @@ class CouponService:
         arrived: float,
         outcome: asyncio.Future[Issued],
     ) -> Issued:
-        """`issue_end` without its message: what was issued, for a front door that writes
-        the answer's bytes itself."""
+        """What was issued to a request let in, from its settled outcome (ConnectError
+        raised; CancelledError when it was cancelled); the request leaves the door."""
         try:
             issued = outcome.result()
         except CouponError as exc:

@@ -162,16 +162,10 @@ class IssueRoute:
         self, request: coupon_pb.IssueCouponRequest, codec: tuple[Codec, bytes], arrived: float
     ) -> Answer:
         """The answer to a request `at_once` let in (the ASGI door's way; the HTTP/1.1
-        lane's is `answer_soon`). Cancelled, it cancels the request as `issue_let_in`
-        does, and the request leaves the door all the same."""
-        pending = self._service.issue_begin(request, arrived)
-        try:
-            await pending.outcome
-        except asyncio.CancelledError:
-            pending.cancel()
-        except Exception:  # noqa: BLE001 - the outcome holds it, and _finished answers it
-            pass
-        return self._finished(request, codec, arrived, pending.outcome)
+        lane's is `answer_soon`). Cancelled, it cancels the request, which leaves the door
+        all the same."""
+        outcome = await self._service.issue_begin(request, arrived).settled()
+        return self._finished(request, codec, arrived, outcome)
 
     def answer_soon(
         self,
