@@ -52,8 +52,13 @@ def to_datetime(field: str, value: Timestamp | None) -> datetime | None:
 
 
 def to_timestamp(value: datetime) -> Timestamp:
+    seconds, nanos = _seconds_nanos(value)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _seconds_nanos(value: datetime) -> tuple[int, int]:
     # Whole seconds by timedelta division: exact, and half the cost of replace + timestamp.
-    return Timestamp(seconds=(value - _EPOCH) // _SECOND, nanos=value.microsecond * 1000)
+    return (value - _EPOCH) // _SECOND, value.microsecond * 1000
 
 
 def campaign_message(campaign: Campaign, now: datetime) -> coupon_pb.Campaign:
@@ -110,8 +115,7 @@ def _varint(value: int) -> bytes:
 
 
 def _timestamp_field(value: datetime) -> bytes:
-    seconds = (value - _EPOCH) // _SECOND
-    nanos = value.microsecond * 1000
+    seconds, nanos = _seconds_nanos(value)
     body = b""
     if seconds:
         body = b"\x08" + _varint(seconds & _INT64)  # an int64 below zero takes ten bytes

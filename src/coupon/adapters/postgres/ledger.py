@@ -409,10 +409,9 @@ class PostgresCodeGenerator:
     async def next_code(self) -> str:
         if self._next >= self._end:
             await self._ensure_block()
-        sequence = self._next
-        self._next += 1
-        assert self._encode is not None
-        return self._encode(sequence)
+        code = self.code_now()
+        assert code is not None  # a block is reserved, and the key is loaded with the first
+        return code
 
     def code_now(self) -> str | None:
         if self._next >= self._end or self._encode is None:
