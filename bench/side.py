@@ -37,8 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from bench.generators import REPO, BenchBroke, bench_result, ensure_wrk, pinned, wrk_argv
 from bench.state import (
     ADMIN_DATABASE_URL,
@@ -54,6 +52,7 @@ from bench.state import (
 )
 from harness.procstat import cpu_seconds
 from harness.server import ServerProcess, clean_environment
+from harness.services import drop_database, with_database
 
 CAMPAIGN_SIZE = 10_000_000
 
@@ -180,23 +179,15 @@ def summary_lines(summary: Summary, label_a: str, label_b: str) -> list[str]:
 # --- running it ---------------------------------------------------------------------------
 
 
-async def admin_sql(statement: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 def prepare(stack: ExitStack, source: Path | None, token: str) -> dict[str, str]:
-    """A scratch database with the schema and a Redis prefix of its own, both removed when
-    `stack` closes; the server's environment."""
+    """A scratch database with the schema (`coupon migrate` creates it) and a Redis prefix
+    of its own, both removed when `stack` closes; the server's environment."""
     tag = uuid.uuid4().hex[:12]
     database, prefix = f"coupon_side_{tag}", f"coupon-side-{tag}"
-    asyncio.run(admin_sql(f"CREATE DATABASE {database}"))
+    database_url = with_database(ADMIN_DATABASE_URL, database)
 
     def drop() -> None:
-        asyncio.run(admin_sql(f"DROP DATABASE {database} WITH (FORCE)"))
+        asyncio.run(drop_database(database_url, prefix="coupon_side_"))
         print(f"dropped database {database}")
 
     def delete_keys() -> None:
@@ -205,7 +196,7 @@ def prepare(stack: ExitStack, source: Path | None, token: str) -> dict[str, str]
     # The stack closes in reverse: the server stops, then the keys go, then the database.
     stack.callback(drop)
     stack.callback(delete_keys)
-    env = server_env(source, token, f"postgresql://postgres@127.0.0.1:5432/{database}")
+    env = server_env(source, token, database_url)
     env["COUPON_REDIS_PREFIX"] = prefix
     done = subprocess.run(
         [sys.executable, "-m", "coupon", "migrate"],
