@@ -144,10 +144,45 @@ async def test_a_sender_that_never_finishes_its_request_is_answered_408_and_clos
     assert time.monotonic() - started < REQUEST_TIMEOUT + 2
 
 
-async def test_a_connection_that_sends_nothing_is_closed(server: ServerProcess) -> None:
-    reader, _ = await open_connection(server.url)
+async def test_a_connection_that_sends_nothing_is_closed_cleanly_once_idle(
+    server: ServerProcess,
+) -> None:
+    """No answer to a request never begun (a client would read it as its next request's):
+    a clean close after the keep-alive time, as between requests."""
+    reader, writer = await open_connection(server.url)
+    started = time.monotonic()
+    assert await closed_by_peer(reader, KEEPALIVE + 2)
+    assert time.monotonic() - started > KEEPALIVE - 0.5
+    writer.close()
+
+
+async def test_a_connection_opened_ahead_of_its_first_request_serves_it(
+    server: ServerProcess, campaign: str
+) -> None:
+    """A client's pool opens connections before it needs them: one first used after the
+    request timeout (within the keep-alive time) gets its request's answer."""
+    reader, writer = await open_connection(server.url)
+    await asyncio.sleep(REQUEST_TIMEOUT + 0.5)
+    writer.write(issue_request(campaign, "opened-ahead"))
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 200, response
+    writer.close()
+
+
+@pytest.mark.parametrize("first", [b"P", b"PRI * HTTP/2.0\r\n"])
+async def test_a_request_begun_and_left_unfinished_is_answered_408(
+    server: ServerProcess, first: bytes
+) -> None:
+    """Bytes that could still become HTTP/1.1 or HTTP/2's preface, and then nothing: the
+    request timeout runs from the first byte."""
+    reader, writer = await open_connection(server.url)
+    writer.write(first)
+    started = time.monotonic()
     response = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT + 2)
     assert response.status == 408
+    assert time.monotonic() - started > REQUEST_TIMEOUT - 0.5
+    assert await closed_by_peer(reader, 3)
+    writer.close()
 
 
 async def test_thousands_of_endless_headers_keep_memory_flat_and_clients_served(

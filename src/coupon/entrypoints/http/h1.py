@@ -7,10 +7,12 @@ Limits (each answered, then the connection closed):
   the limit in memory;
 * a body declared (or sent chunked) beyond the service's request size -> a Connect
   `resource_exhausted` error (413 outside the API) before the body is read;
-* a request must arrive whole within `request_timeout` of its first byte (a new connection:
-  of being opened) -> 408: slow senders are closed, not held;
-* idle keep-alive connections are closed after `keepalive` seconds (longer than common
-  client pools keep theirs, so clients close first and never race the server's close).
+* a request must arrive whole within `request_timeout` of its first byte -> 408: slow
+  senders are closed, not held;
+* idle connections, new ones that have sent nothing included, are closed cleanly after
+  `keepalive` seconds (longer than common client pools keep theirs, so clients close first
+  and never race the server's close; no answer is written that a client could take for
+  its next request's).
 
 The IssueCoupon lane takes a POST to the IssueCoupon path with a binary or JSON body of a
 declared length, uncompressed, without a deadline header or an Origin (CORS is the ASGI
@@ -202,8 +204,9 @@ class Http1Protocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # A new connection must send a whole request in time too (a silent one is closed).
-        self._receiving_since = self.loop.time()
+        # Idle until its first byte (a pool may open a connection well before using it):
+        # closed cleanly after the keep-alive time, as between requests.
+        self._idle_since = self.loop.time()
         _Sweeper.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

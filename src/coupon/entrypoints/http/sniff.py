@@ -58,15 +58,21 @@ class AutoProtocol(asyncio.Protocol):
             if alpn is not None:
                 self._switch(H2Protocol if alpn == "h2" else HTTP1_PROTOCOL, b"")
                 return
-        # Until the first bytes arrive the connection is ours: graceful shutdown closes it,
-        # and one that never speaks is answered 408 and closed when a request would have
-        # had to arrive (the front door's request timeout).
+        # Until the first bytes arrive the connection is ours: graceful shutdown closes it.
+        # A connection that has sent nothing is idle, as one between requests is: a client's
+        # pool may open it long before its first request, so it is closed cleanly (no
+        # answer that the client would read as its next request's) after the keep-alive
+        # time. Once its first byte is here, its request must arrive whole in time (408).
         self.server_state.connections.add(self)  # type: ignore[arg-type]
-        limits = getattr(front_app(self.config.loaded_app), "http_limits", None)
-        timeout = limits.request_timeout_seconds if limits is not None else 10.0
-        self.idle = self.loop.call_later(timeout, self._silent)
+        self.idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_close)
 
-    def _silent(self) -> None:
+    def _idle_close(self) -> None:
+        self.idle = None
+        self._release()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _late(self) -> None:
         self.idle = None
         self._release()
         protocol = self._switch(HTTP1_PROTOCOL, b"")
@@ -76,9 +82,17 @@ class AutoProtocol(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        first = not self.buffer
         self.buffer += data
         if len(self.buffer) < len(PREFACE) and PREFACE.startswith(self.buffer):
-            return  # a prefix of the preface (or of "POST", "PUT", "PATCH"): wait
+            # A prefix of the preface (or of "POST", "PUT", "PATCH"): wait, now for the
+            # rest of a request begun.
+            if first and self.idle is not None:
+                self.idle.cancel()
+                limits = getattr(front_app(self.config.loaded_app), "http_limits", None)
+                timeout = limits.request_timeout_seconds if limits is not None else 10.0
+                self.idle = self.loop.call_later(timeout, self._late)
+            return
         self._release()
         http2 = self.buffer.startswith(PREFACE)
         self._switch(H2Protocol if http2 else HTTP1_PROTOCOL, self.buffer)
