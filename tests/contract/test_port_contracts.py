@@ -284,6 +284,32 @@ async def test_ledger_batch_with_conflicts_records_the_rest(adapters: Adapters) 
     assert got is not None and got.issued_count == 3
 
 
+async def test_ledger_batch_of_many_campaigns_and_times_keeps_each_row_whole(
+    adapters: Adapters,
+) -> None:
+    """Recorded together (one batch where batching exists): coupons of three campaigns,
+    issued at different times, by users whose ids hold commas, quotes and braces; each is
+    stored with its own campaign, slot, code, user and time."""
+    campaigns = [await adapters.new_campaign(total=20) for _ in range(3)]
+    users = ["a,b", 'q"uote', "{brace}", "back\\slash", "plain", "space d", "다,나"]
+    batch = [
+        Coupon(
+            await adapters.codes.next_code(),
+            campaigns[i % 3].id,
+            users[i % len(users)] + f"-{i}",
+            campaigns[i % 3].starts_at + timedelta(seconds=1 + i % 4),
+            1 + i // 3,
+        )
+        for i in range(21)
+    ]
+    results = await asyncio.gather(*(adapters.ledger.record(x) for x in batch))
+    assert all(r.outcome is RecordOutcome.RECORDED for r in results)
+    for campaign in campaigns:
+        page = await adapters.ledger.page(campaign.id, 0, 100)
+        mine = [x for x in batch if x.campaign_id == campaign.id]
+        assert sorted(page.coupons, key=lambda x: x.slot) == mine
+
+
 async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=10)
     coupons = [await adapters.coupon(c, f"u{i}", i + 1) for i in range(10)]
