@@ -227,6 +227,19 @@ def test_the_c_and_python_networks_give_the_same_codes(key: bytes) -> None:
         assert in_c.decode(code) == sequence == in_python.decode(code)
 
 
+@needs_compiled
+@pytest.mark.parametrize(
+    "alphabet", ["", ALPHABET[:63], ALPHABET + "x", ALPHABET[:63] + "\U0001f600"]
+)
+def test_the_c_network_takes_only_an_alphabet_of_64_symbols(alphabet: str) -> None:
+    from coupon.domain import _feistel
+
+    with pytest.raises(ValueError, match="64 characters"):
+        _feistel.Feistel(KEY, b"person", alphabet)
+    with pytest.raises(TypeError, match="alphabet"):
+        _feistel.Feistel(KEY, b"person").encode(1)
+
+
 def test_the_build_compiles_once_and_leaves_nothing_behind_when_the_compiler_fails(
     tmp_path: Path,
 ) -> None:

@@ -119,10 +119,16 @@ static inline void compress_last_word(uint64_t h[8], uint64_t m0, uint64_t count
     }
 }
 
+#define SYMBOLS 64
+#define CODE_LENGTH 10
+
 typedef struct {
     PyObject_HEAD
     /* Per round: the state once the key block is compressed. */
     uint64_t keyed[ROUNDS][8];
+    /* The code alphabet, a symbol per 6 bits (encode); has_alphabet 0: none given. */
+    Py_UCS2 alphabet[SYMBOLS];
+    int has_alphabet;
 } FeistelObject;
 
 /* One round function: keyed BLAKE2b of `half` as 4 big-endian bytes, digest size 4,
@@ -145,10 +151,27 @@ static inline uint64_t round_function(const uint64_t keyed[8], uint64_t half)
 static int
 Feistel_init(FeistelObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"key", "person", NULL};
+    static char *kwlist[] = {"key", "person", "alphabet", NULL};
     Py_buffer key, person;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*", kwlist, &key, &person)) {
+    PyObject *alphabet = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|U", kwlist, &key, &person, &alphabet)) {
         return -1;
+    }
+    self->has_alphabet = 0;
+    if (alphabet != NULL) {
+        int fits = PyUnicode_GET_LENGTH(alphabet) == SYMBOLS;
+        for (Py_ssize_t i = 0; fits && i < SYMBOLS; i++) {
+            Py_UCS4 symbol = PyUnicode_READ_CHAR(alphabet, i);
+            fits = symbol <= 0xFFFF;
+            self->alphabet[i] = (Py_UCS2)symbol;
+        }
+        if (!fits) {
+            PyBuffer_Release(&key);
+            PyBuffer_Release(&person);
+            PyErr_SetString(PyExc_ValueError, "alphabet must be 64 characters of the BMP");
+            return -1;
+        }
+        self->has_alphabet = 1;
     }
     int ok = key.len >= 1 && key.len <= 64 && person.len <= 16;
     if (ok) {
@@ -199,6 +222,18 @@ read_value(PyObject *arg, uint64_t *out)
     return 0;
 }
 
+static uint64_t
+permute(const FeistelObject *self, uint64_t value)
+{
+    uint64_t left = value >> HALF_BITS, right = value & HALF_MASK;
+    for (int r = 0; r < ROUNDS; r++) {
+        uint64_t next = left ^ round_function(self->keyed[r], right);
+        left = right;
+        right = next;
+    }
+    return (left << HALF_BITS) | right;
+}
+
 static PyObject *
 Feistel_forward(FeistelObject *self, PyObject *arg)
 {
@@ -206,13 +241,33 @@ Feistel_forward(FeistelObject *self, PyObject *arg)
     if (read_value(arg, &value) < 0) {
         return NULL;
     }
-    uint64_t left = value >> HALF_BITS, right = value & HALF_MASK;
-    for (int r = 0; r < ROUNDS; r++) {
-        uint64_t next = left ^ round_function(self->keyed[r], right);
-        left = right;
-        right = next;
+    return PyLong_FromUnsignedLongLong(permute(self, value));
+}
+
+/* codes.py's encode: the permutation written as ten symbols, the highest 6 bits first. */
+static PyObject *
+Feistel_encode(FeistelObject *self, PyObject *arg)
+{
+    if (!self->has_alphabet) {
+        PyErr_SetString(PyExc_TypeError, "encode needs the Feistel made with an alphabet");
+        return NULL;
     }
-    return PyLong_FromUnsignedLongLong((left << HALF_BITS) | right);
+    int overflow = 0;
+    long long given = PyLong_AsLongLongAndOverflow(arg, &overflow);
+    if (given == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow || given < 0 || ((uint64_t)given >> (2 * HALF_BITS))) {
+        PyErr_Format(PyExc_ValueError, "sequence must be in [0, 2**60) (got %S)", arg);
+        return NULL;
+    }
+    uint64_t value = permute(self, (uint64_t)given);
+    Py_UCS2 code[CODE_LENGTH];
+    for (int i = CODE_LENGTH - 1; i >= 0; i--) {
+        code[i] = self->alphabet[value & (SYMBOLS - 1)];
+        value >>= 6;
+    }
+    return PyUnicode_FromKindAndData(PyUnicode_2BYTE_KIND, code, CODE_LENGTH);
 }
 
 static PyObject *
@@ -235,6 +290,8 @@ static PyMethodDef Feistel_methods[] = {
     {"forward", (PyCFunction)Feistel_forward, METH_O,
      "The permutation of a 60-bit value (encode's number before it becomes text)."},
     {"backward", (PyCFunction)Feistel_backward, METH_O, "The inverse of forward."},
+    {"encode", (PyCFunction)Feistel_encode, METH_O,
+     "A sequence number in [0, 2**60) as its code: forward, ten symbols of the alphabet."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -243,7 +300,8 @@ static PyTypeObject FeistelType = {
     .tp_name = "coupon.domain._feistel.Feistel",
     .tp_basicsize = sizeof(FeistelObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Feistel(key, person): the code cipher's 8-round network under one key.",
+    .tp_doc = "Feistel(key, person, alphabet=None): the code cipher's 8-round network under "
+              "one key (encode needs the alphabet).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Feistel_init,
     .tp_methods = Feistel_methods,
