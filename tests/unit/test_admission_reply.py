@@ -72,3 +72,14 @@ def test_a_holding_names_the_coupon_and_a_pending_value_names_none() -> None:
     assert held_coupon("c", "alice", value) == coupon
     assert held_coupon("c", "alice", b"17:origin.3") is None
     assert from_micros(micros(when)) == when
+
+
+def test_holdings_of_coupons_issued_at_other_times_name_their_own_time() -> None:
+    """Coupons of one batch share their issue time, which is written once; a coupon of
+    another time, or of an equal time held in another object, is written with its own."""
+    first = datetime(2026, 11, 24, 12, 0, 0, 1, tzinfo=UTC)
+    later = datetime(2026, 11, 24, 12, 0, 1, 2, tzinfo=UTC)
+    equal = datetime(2026, 11, 24, 12, 0, 0, 1, tzinfo=UTC)
+    for when in (first, first, later, first, equal, later):
+        coupon = Coupon("가나다라마바자차카타", "c", "bob", when, 3)
+        assert held_coupon("c", "bob", holding(coupon).encode()) == coupon

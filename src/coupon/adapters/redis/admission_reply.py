@@ -37,9 +37,20 @@ def from_micros(value: int) -> datetime:
     return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
 
 
+# The last issue time written by `holding` and its microseconds: the coupons of one
+# admission batch share their issue time, the same datetime object. Kept by identity (the
+# reference held here means no other object can take its id).
+_last_issued: list[tuple[datetime, str]] = [(datetime.min, "")]
+
+
 def holding(coupon: Coupon) -> str:
     """The users-hash value of a committed coupon: 'slot|code|issued_at in microseconds'."""
-    return f"{coupon.slot}|{coupon.code}|{micros(coupon.issued_at)}"
+    issued_at = coupon.issued_at
+    last, text = _last_issued[0]
+    if last is not issued_at:
+        text = str(micros(issued_at))
+        _last_issued[0] = (issued_at, text)
+    return f"{coupon.slot}|{coupon.code}|{text}"
 
 
 def held_coupon(campaign_id: str, user_id: str, value: bytes) -> Coupon | None:
