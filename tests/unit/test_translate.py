@@ -77,10 +77,20 @@ def test_the_issue_answer_written_directly_is_the_librarys_encoding(
 
 
 def test_coupons_sharing_an_issue_time_each_get_their_own_answer() -> None:
-    # The timestamp field is kept for the next coupon of the same time, by identity: a
-    # coupon of another time (even one equal in value but another object) is encoded anew.
+    # The campaign and timestamp fields are kept for the next coupon of the same time (by
+    # identity) and campaign: a coupon of another time (even one equal in value but another
+    # object) or of another campaign is encoded anew.
     first = datetime(2026, 12, 3, 12, 0, 0, 1, tzinfo=UTC)
     later = datetime(2026, 12, 3, 12, 0, 1, 2, tzinfo=UTC)
-    for at in (first, first, later, first, datetime(2026, 12, 3, 12, 0, 0, 1, tzinfo=UTC)):
-        coupon = Coupon("가나다라마바자차카타", "c", "u", at, 1)
+    equal = datetime(2026, 12, 3, 12, 0, 0, 1, tzinfo=UTC)
+    for at, campaign in (
+        (first, "c"),
+        (first, "c"),
+        (first, "d"),
+        (later, "d"),
+        (first, "d"),
+        (first, "c"),
+        (equal, "c"),
+    ):
+        coupon = Coupon("가나다라마바자차카타", campaign, "u", at, 1)
         assert issue_response_bytes(coupon, False) == ENCODER.encode(issue_response(coupon, False))

@@ -124,25 +124,32 @@ def _timestamp_field(value: datetime) -> bytes:
     return b"\x22" + _varint(len(body)) + body
 
 
-# The coupons of one admission batch share their issue time: its field is made once.
-_last_timestamp: tuple[datetime | None, bytes] = (None, b"")
+# The coupons of one admission batch share their campaign and their issue time (one
+# datetime object): the two fields are made once per batch. Kept by the time's identity
+# (the reference held here means no other object can take its id) and the campaign's
+# equality.
+_last_batch: tuple[datetime | None, str, bytes, bytes] = (None, "", b"", b"")
 
 
 def issue_response_bytes(coupon: Coupon, already_issued: bool) -> bytes:
     """`issue_response(...)` encoded as binary protobuf, without building the messages."""
-    global _last_timestamp  # noqa: PLW0603 - one entry, replaced whole
-    last = _last_timestamp
-    if last[0] is coupon.issued_at:
-        issued_at = last[1]
-    else:
-        issued_at = _timestamp_field(coupon.issued_at)
-        _last_timestamp = (coupon.issued_at, issued_at)
+    global _last_batch  # noqa: PLW0603 - one entry, replaced whole
+    issued_at, campaign_id, campaign, timestamp = _last_batch
+    if issued_at is not coupon.issued_at or campaign_id != coupon.campaign_id:
+        campaign_id = coupon.campaign_id
+        campaign = _text_field(b"\x12", campaign_id)
+        timestamp = _timestamp_field(coupon.issued_at)
+        _last_batch = (coupon.issued_at, campaign_id, campaign, timestamp)
+    code = coupon.code.encode()
+    user = coupon.user_id.encode()
     inner = b"".join(
         (
-            _text_field(b"\x0a", coupon.code),
-            _text_field(b"\x12", coupon.campaign_id),
-            _text_field(b"\x1a", coupon.user_id),
-            issued_at,
+            b"\x0a" + _varint(len(code)) if code else b"",
+            code,
+            campaign,
+            b"\x1a" + _varint(len(user)) if user else b"",
+            user,
+            timestamp,
         )
     )
     return b"".join((b"\x0a", _varint(len(inner)), inner, b"\x10\x01" if already_issued else b""))
