@@ -28,7 +28,8 @@ static const uint64_t IV[8] = {
     UINT64_C(0x1f83d9abfb41bd6b), UINT64_C(0x5be0cd19137e2179),
 };
 
-static const uint8_t SIGMA[12][16] = {
+/* RFC 7693, 2.7: the message schedule; round r uses SIGMA[r % 10]. */
+static const uint8_t SIGMA[10][16] = {
     {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
     {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
     {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
@@ -39,8 +40,6 @@ static const uint8_t SIGMA[12][16] = {
     {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
     {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
     {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
 };
 
 static inline uint64_t rotr64(uint64_t x, unsigned n) { return (x >> n) | (x << (64 - n)); }
@@ -77,7 +76,7 @@ static void compress(uint64_t h[8], const uint64_t m[16], uint64_t counter, int 
         v[14] = ~v[14];
     }
     for (int r = 0; r < 12; r++) {
-        const uint8_t *s = SIGMA[r];
+        const uint8_t *s = SIGMA[r % 10];
         G(0, 4, 8, 12, m[s[0]], m[s[1]]);
         G(1, 5, 9, 13, m[s[2]], m[s[3]]);
         G(2, 6, 10, 14, m[s[4]], m[s[5]]);
@@ -96,14 +95,14 @@ static void compress(uint64_t h[8], const uint64_t m[16], uint64_t counter, int 
  * every round is written out and the zero words' additions fold away. */
 #define W(i) ((i) == 0 ? m0 : 0)
 #define ROUND(r)                                                        \
-    G(0, 4, 8, 12, W(SIGMA[r][0]), W(SIGMA[r][1]));                     \
-    G(1, 5, 9, 13, W(SIGMA[r][2]), W(SIGMA[r][3]));                     \
-    G(2, 6, 10, 14, W(SIGMA[r][4]), W(SIGMA[r][5]));                    \
-    G(3, 7, 11, 15, W(SIGMA[r][6]), W(SIGMA[r][7]));                    \
-    G(0, 5, 10, 15, W(SIGMA[r][8]), W(SIGMA[r][9]));                    \
-    G(1, 6, 11, 12, W(SIGMA[r][10]), W(SIGMA[r][11]));                  \
-    G(2, 7, 8, 13, W(SIGMA[r][12]), W(SIGMA[r][13]));                   \
-    G(3, 4, 9, 14, W(SIGMA[r][14]), W(SIGMA[r][15]))
+    G(0, 4, 8, 12, W(SIGMA[(r) % 10][0]), W(SIGMA[(r) % 10][1]));                     \
+    G(1, 5, 9, 13, W(SIGMA[(r) % 10][2]), W(SIGMA[(r) % 10][3]));                     \
+    G(2, 6, 10, 14, W(SIGMA[(r) % 10][4]), W(SIGMA[(r) % 10][5]));                    \
+    G(3, 7, 11, 15, W(SIGMA[(r) % 10][6]), W(SIGMA[(r) % 10][7]));                    \
+    G(0, 5, 10, 15, W(SIGMA[(r) % 10][8]), W(SIGMA[(r) % 10][9]));                    \
+    G(1, 6, 11, 12, W(SIGMA[(r) % 10][10]), W(SIGMA[(r) % 10][11]));                  \
+    G(2, 7, 8, 13, W(SIGMA[(r) % 10][12]), W(SIGMA[(r) % 10][13]));                   \
+    G(3, 4, 9, 14, W(SIGMA[(r) % 10][14]), W(SIGMA[(r) % 10][15]))
 
 static inline void compress_last_word(uint64_t h[8], uint64_t m0, uint64_t counter)
 {
