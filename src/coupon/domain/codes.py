@@ -77,7 +77,15 @@ class CodeCipher:
     different permutation, so codes issued under the old key would decode to garbage.
     """
 
-    __slots__ = ("_backward", "_encode", "_forward", "_rounds", "_rounds_reversed")
+    __slots__ = ("_backward", "_forward", "_rounds", "_rounds_reversed", "encode")
+
+    # A sequence number in [0, 2**60) as its code (ValueError outside): the network's own
+    # function, with no call around it. python -m timeit on CPython 3.11 (2 vCPUs), in a
+    # slow spell of the VM: 10.4 us per call with the rounds in Python, almost all of it
+    # the eight BLAKE2b calls' overhead around their compressions; 1.2 us for the network
+    # in C. The C module also writes the text: its 64 symbols stay in the cache, where the
+    # pairs table (4,096 strings) did not in a busy server.
+    encode: Callable[[int], str]
 
     def __init__(self, key: bytes, *, compiled: bool | None = None) -> None:
         """`compiled`: run the network in C (True), in Python (False), or in C when it is
@@ -104,23 +112,15 @@ class CodeCipher:
             network = _feistel.Feistel(bytes(key), _PERSONALIZATION, ALPHABET)
             self._forward: Callable[[int], int] = network.forward
             self._backward: Callable[[int], int] = network.backward
-            self._encode: Callable[[int], str] = network.encode
+            self.encode = network.encode
         else:
             self._forward = self._python_forward
             self._backward = self._python_backward
-            self._encode = self._python_encode
+            self.encode = self._python_encode
 
     @property
     def compiled(self) -> bool:
         return self._forward != self._python_forward
-
-    # python -m timeit on CPython 3.11 (2 vCPUs), in a slow spell of the VM: 10.4 us per
-    # call with the rounds in Python, almost all of it the eight BLAKE2b calls' overhead
-    # around their compressions; 1.2 us for the network in C. The C module also writes the
-    # text: its 64 symbols stay in the cache, where the pairs table (4,096 strings) did
-    # not in a busy server.
-    def encode(self, sequence: int) -> str:
-        return self._encode(sequence)
 
     def _python_encode(self, sequence: int) -> str:
         if not 0 <= sequence < _SEQUENCE_LIMIT:
