@@ -177,7 +177,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._route: IssueRoute | None = getattr(self._front, "issue_route", None)
         # Between requests: the parser holds no part of one (see _lane_at_once).
         self._fresh = True
-        limits: Limits = getattr(self._front, "http_limits", None) or _Defaults()
+        limits = limits_of(self._front)
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._max_body = limits.max_request_bytes
@@ -567,6 +567,12 @@ def front_app(app: object) -> object:
             return app
         app = getattr(app, "app", app)
     return app
+
+
+def limits_of(front: object) -> Limits:
+    """The limits the service's app (`front_app`) sets, or the defaults."""
+    limits: Limits | None = getattr(front, "http_limits", None)
+    return limits or _Defaults()
 
 
 def _answering(cycle: object) -> bool:

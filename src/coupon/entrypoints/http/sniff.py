@@ -15,7 +15,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from coupon.entrypoints.http.h1 import Http1Protocol, front_app
+from coupon.entrypoints.http.h1 import Http1Protocol, front_app, limits_of
 from coupon.entrypoints.http.h2 import H2Protocol
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -89,9 +89,8 @@ class AutoProtocol(asyncio.Protocol):
             # rest of a request begun.
             if first and self.idle is not None:
                 self.idle.cancel()
-                limits = getattr(front_app(self.config.loaded_app), "http_limits", None)
-                timeout = limits.request_timeout_seconds if limits is not None else 10.0
-                self.idle = self.loop.call_later(timeout, self._late)
+                limits = limits_of(front_app(self.config.loaded_app))
+                self.idle = self.loop.call_later(limits.request_timeout_seconds, self._late)
             return
         self._release()
         http2 = self.buffer.startswith(PREFACE)
