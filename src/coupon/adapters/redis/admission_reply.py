@@ -40,16 +40,17 @@ def from_micros(value: int) -> datetime:
 # The last issue time written by `holding` and its microseconds: the coupons of one
 # admission batch share their issue time, the same datetime object. Kept by identity (the
 # reference held here means no other object can take its id).
-_last_issued: list[tuple[datetime, str]] = [(datetime.min, "")]
+_last_issued: tuple[datetime | None, str] = (None, "")
 
 
 def holding(coupon: Coupon) -> str:
     """The users-hash value of a committed coupon: 'slot|code|issued_at in microseconds'."""
+    global _last_issued  # noqa: PLW0603 - one entry, replaced whole
     issued_at = coupon.issued_at
-    last, text = _last_issued[0]
+    last, text = _last_issued
     if last is not issued_at:
         text = str(micros(issued_at))
-        _last_issued[0] = (issued_at, text)
+        _last_issued = (issued_at, text)
     return f"{coupon.slot}|{coupon.code}|{text}"
 
 
