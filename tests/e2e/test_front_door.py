@@ -148,11 +148,10 @@ async def test_a_connection_that_sends_nothing_is_closed_cleanly_once_idle(
     server: ServerProcess,
 ) -> None:
     """No answer to a request never begun (a client would read it as its next request's):
-    a clean close after the keep-alive time, as between requests."""
+    nothing written, a clean close once idle, as between requests (that it stays usable
+    past the request timeout is the next test's)."""
     reader, writer = await open_connection(server.url)
-    started = time.monotonic()
     assert await closed_by_peer(reader, KEEPALIVE + 2)
-    assert time.monotonic() - started > KEEPALIVE - 0.5
     writer.close()
 
 
@@ -173,14 +172,12 @@ async def test_a_connection_opened_ahead_of_its_first_request_serves_it(
 async def test_a_request_begun_and_left_unfinished_is_answered_408(
     server: ServerProcess, first: bytes
 ) -> None:
-    """Bytes that could still become HTTP/1.1 or HTTP/2's preface, and then nothing: the
-    request timeout runs from the first byte."""
+    """Bytes that could still become HTTP/1.1 or HTTP/2's preface, and then nothing: a
+    request begun, answered 408 and closed as any request that does not arrive whole."""
     reader, writer = await open_connection(server.url)
     writer.write(first)
-    started = time.monotonic()
     response = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT + 2)
     assert response.status == 408
-    assert time.monotonic() - started > REQUEST_TIMEOUT - 0.5
     assert await closed_by_peer(reader, 3)
     writer.close()
 

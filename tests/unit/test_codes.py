@@ -236,6 +236,12 @@ def test_the_c_network_takes_only_an_alphabet_of_64_symbols(alphabet: str) -> No
 
     with pytest.raises(ValueError, match="64 characters"):
         _feistel.Feistel(KEY, b"person", alphabet)
+
+
+@needs_compiled
+def test_the_c_network_encodes_only_with_an_alphabet() -> None:
+    from coupon.domain import _feistel
+
     with pytest.raises(TypeError, match="alphabet"):
         _feistel.Feistel(KEY, b"person").encode(1)
 
