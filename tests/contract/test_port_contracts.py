@@ -28,13 +28,16 @@ from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import (
+    Admission,
     AdmissionKind,
     CampaignRepository,
     Clock,
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    Handoff,
     LiveStats,
+    Recorded,
     RecordOutcome,
     StockGate,
 )
@@ -188,15 +191,53 @@ async def test_ledger_record_soon_settles_as_record_does(adapters: Adapters) -> 
     alice = await adapters.coupon(c, "alice", 1)
     alice_again = await adapters.coupon(c, "alice", 2)
     bob = await adapters.coupon(c, "bob", 1)
-    assert (await adapters.ledger.record_soon(alice)).outcome is RecordOutcome.RECORDED
-    again = adapters.ledger.record_soon(alice_again)
-    taken = adapters.ledger.record_soon(bob)
+    assert (await _record_soon(adapters, alice)).outcome is RecordOutcome.RECORDED
+    again = _record_soon(adapters, alice_again)
+    taken = _record_soon(adapters, bob)
     repeat = await again
     assert repeat.outcome is RecordOutcome.USER_HAS_COUPON and repeat.existing == alice
     assert (await taken).outcome is RecordOutcome.SLOT_TAKEN
     with pytest.raises(ConstraintViolation):
-        await adapters.ledger.record_soon(await adapters.coupon(c, "carol", 3))
+        await _record_soon(adapters, await adapters.coupon(c, "carol", 3))
     assert await adapters.ledger.find_by_user(c.id, "alice") == alice
+
+
+async def test_ledger_record_soon_hands_every_outcome_over_when_one_step_fails(
+    adapters: Adapters,
+) -> None:
+    """The handoffs of one commit are settled one after the other from the ledger's own
+    batch: a step that raises must not keep the others from theirs, nor the commit from
+    holding its coupons."""
+    c = await adapters.new_campaign(total=3)
+    coupons = [await adapters.coupon(c, user, slot) for slot, user in enumerate("abc", 1)]
+    handed: list[Recorded | BaseException] = []
+
+    def failing(outcome: Recorded | BaseException) -> None:
+        handed.append(outcome)
+        raise RuntimeError("a step that fails")
+
+    adapters.ledger.record_soon(coupons[0], Handoff(failing))
+    rest = [_record_soon(adapters, coupon) for coupon in coupons[1:]]
+    recorded = await asyncio.wait_for(asyncio.gather(*rest), 10)
+    assert [r.outcome for r in recorded] == [RecordOutcome.RECORDED] * 2
+    assert [getattr(r, "outcome", r) for r in handed] == [RecordOutcome.RECORDED]
+    for coupon in coupons:
+        assert await adapters.ledger.find_by_user(c.id, coupon.user_id) == coupon
+
+
+async def test_ledger_record_soon_left_by_its_caller_still_commits(adapters: Adapters) -> None:
+    c = await adapters.new_campaign(total=1)
+    coupon = await adapters.coupon(c, "leaves", 1)
+    handed: list[object] = []
+    leaving: Handoff[Recorded] = Handoff(handed.append)
+    adapters.ledger.record_soon(coupon, leaving)
+    assert leaving.cancel()
+    for _ in range(100):
+        if await adapters.ledger.find_by_user(c.id, "leaves") is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert await adapters.ledger.find_by_user(c.id, "leaves") == coupon
+    assert handed == []  # a cancelled handoff's step never runs
 
 
 async def test_ledger_refuses_a_taken_slot(adapters: Adapters) -> None:
@@ -379,7 +420,7 @@ async def test_gate_takes_thousands_of_confirms_at_once(adapters: Adapters) -> N
 
 async def test_gate_admit_soon_decides_as_admit_does(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=2)
-    futures = [adapters.gate.admit_soon(c.id, u) for u in ("a", "b", "a", "c")]
+    futures = [_admit_soon(adapters, c.id, u) for u in ("a", "b", "a", "c")]
     results = await asyncio.gather(*futures)
     assert [r.kind for r in results] == [
         AdmissionKind.ADMITTED,
@@ -389,16 +430,40 @@ async def test_gate_admit_soon_decides_as_admit_does(adapters: Adapters) -> None
     ]
     assert sorted(r.slot for r in results[:2]) == [1, 2]
     with pytest.raises(Overloaded):
-        await adapters.gate.admit_soon(c.id, "late", deadline=time.monotonic() - 0.001)
+        await _admit_soon(adapters, c.id, "late", deadline=time.monotonic() - 0.001)
+
+
+async def test_gate_admit_soon_hands_every_decision_over_when_one_step_fails(
+    adapters: Adapters,
+) -> None:
+    """One admission call settles its batch's handoffs one after the other: a step that
+    raises must not keep the others from theirs."""
+    c = await adapters.new_campaign(total=3)
+    handed: list[Admission | BaseException] = []
+
+    def failing(outcome: Admission | BaseException) -> None:
+        handed.append(outcome)
+        raise RuntimeError("a step that fails")
+
+    adapters.gate.admit_soon(c.id, "a", 0.0, Handoff(failing))
+    rest = [_admit_soon(adapters, c.id, u) for u in ("b", "c")]
+    decided = await asyncio.wait_for(asyncio.gather(*rest), 10)
+    assert [d.kind for d in decided] == [AdmissionKind.ADMITTED] * 2
+    assert [getattr(h, "kind", h) for h in handed] == [AdmissionKind.ADMITTED]
+    slots = sorted([d.slot for d in decided] + [h.slot for h in handed])  # type: ignore[union-attr]
+    assert slots == [1, 2, 3]
 
 
 async def test_gate_admission_cancelled_before_its_decision_gives_the_slot_back(
     adapters: Adapters,
 ) -> None:
     c = await adapters.new_campaign(total=1)
-    leaving = adapters.gate.admit_soon(c.id, "leaves")
-    leaving.cancel()
+    handed: list[object] = []
+    leaving: Handoff[Admission] = Handoff(handed.append)
+    adapters.gate.admit_soon(c.id, "leaves", 0.0, leaving)
+    assert leaving.cancel()
     await asyncio.sleep(DELAY + 0.1)
+    assert handed == []  # a cancelled handoff's step never runs
     assert await adapters.gate.pending_users(c.id) == []
     assert (await adapters.gate.admit(c.id, "stays")).slot == 1
 
@@ -813,3 +878,17 @@ async def test_live_stats_add_up_every_process_counts(live_stats: LiveStats) -> 
     assert got == {second: {"issued": 5, "refused.sold_out": 1}, second + 1: {"issued": 7}}
     assert await live_stats.read(b, [second]) == {second: {"x": 1}}
     assert await live_stats.read(new_campaign_id(), [second]) == {}
+
+
+def _admit_soon(
+    adapters: Adapters, campaign_id: str, user_id: str, deadline: float = 0.0
+) -> asyncio.Future[Admission]:
+    handoff, future = Handoff[Admission].to_future(asyncio.get_running_loop())
+    adapters.gate.admit_soon(campaign_id, user_id, deadline, handoff)
+    return future
+
+
+def _record_soon(adapters: Adapters, coupon: Coupon) -> asyncio.Future[Recorded]:
+    handoff, future = Handoff[Recorded].to_future(asyncio.get_running_loop())
+    adapters.ledger.record_soon(coupon, handoff)
+    return future

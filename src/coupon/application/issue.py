@@ -20,6 +20,7 @@ from coupon.application.ports import (
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    Handoff,
     Recorded,
     RecordOutcome,
     StockGate,
@@ -91,7 +92,7 @@ class Pending:
         self.deadline = deadline
         self.asked_at = 0.0
         # The gate's decision, the ledger's commit or the task of the other steps.
-        self.waiting_on: asyncio.Future[Any] | None = None
+        self.waiting_on: asyncio.Future[Any] | Handoff[Any] | None = None
 
     def cancel(self) -> None:
         """The caller left: what the request waits on is cancelled, as when a caller of
@@ -214,20 +215,16 @@ class IssueCoupon:
         if deadline and time.monotonic() > deadline:
             pending.outcome.set_exception(Overloaded("waited too long to be served; retry"))
             return pending
-        admission = self._gate.admit_soon(campaign_id, pending.user_id, deadline)
-        pending.waiting_on = admission
-        admission.add_done_callback(partial(self._admission_decided, pending))
+        # A caller that leaves cancels the handoff: the gate gives the slot back.
+        decision = pending.waiting_on = Handoff(partial(self._admission_decided, pending))
+        self._gate.admit_soon(campaign_id, pending.user_id, deadline, decision)
         return pending
 
-    def _admission_decided(self, pending: Pending, decided: asyncio.Future[Admission]) -> None:
+    def _admission_decided(self, pending: Pending, admission: Admission | BaseException) -> None:
         pending.waiting_on = None
-        if decided.cancelled():
-            return  # the caller left (Pending.cancel), and the gate gave the slot back
-        error = decided.exception()
-        if error is not None:
-            pending.fail(error)
+        if isinstance(admission, BaseException):
+            pending.fail(admission)
             return
-        admission = decided.result()
         if admission.kind is AdmissionKind.ADMITTED:
             if pending.outcome.done():
                 # Its caller left once the gate had decided: nobody records it.
@@ -262,20 +259,22 @@ class IssueCoupon:
                 issued_at=admission.now,
                 slot=admission.slot,
             )
-            recording = self._ledger.record_soon(coupon)
+            # A caller that leaves cancels the handoff: the commit goes on, and the lease
+            # settles the admission (see _recorded).
+            recording = pending.waiting_on = Handoff(
+                partial(self._coupon_recorded, pending, coupon)
+            )
+            self._ledger.record_soon(coupon, recording)
         except Exception:  # noqa: BLE001 - answered by the steps (see above)
+            pending.waiting_on = None
             return False
-        pending.waiting_on = recording
-        recording.add_done_callback(partial(self._coupon_recorded, pending, coupon))
         return True
 
     def _coupon_recorded(
-        self, pending: Pending, coupon: Coupon, recording: asyncio.Future[Recorded]
+        self, pending: Pending, coupon: Coupon, recorded: Recorded | BaseException
     ) -> None:
         pending.waiting_on = None
-        if recording.cancelled():
-            return  # the caller left; the lease settles the admission (see _recorded)
-        if recording.exception() is None and recording.result().outcome is RecordOutcome.RECORDED:
+        if type(recorded) is Recorded and recorded.outcome is RecordOutcome.RECORDED:
             try:
                 self._gate.confirm(coupon)
             except Exception as exc:  # noqa: BLE001 - answered as the steps would answer it
@@ -284,12 +283,12 @@ class IssueCoupon:
             if not pending.outcome.done():
                 pending.outcome.set_result(Issued(coupon, already_issued=False))
             return
-        pending.go_on(self._after_recording(pending, coupon, recording))
+        pending.go_on(self._after_recording(pending, coupon, recorded))
 
     async def _after_recording(
-        self, pending: Pending, coupon: Coupon, recording: asyncio.Future[Recorded]
+        self, pending: Pending, coupon: Coupon, recorded: Recorded | BaseException
     ) -> Issued:
-        issued = await self._recorded(coupon, recording)
+        issued = await self._recorded(coupon, _known(recorded))
         if issued is not None:
             return issued
         budget = _Budget(pending.deadline)
@@ -511,6 +510,13 @@ class IssueCoupon:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _known(outcome: Recorded | BaseException) -> Recorded:
+    """A commit's outcome, known already, as the awaitable `_recorded` takes."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 _STEPS: dict[AdmissionKind, _Step] = {

@@ -7,13 +7,85 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+_log = logging.getLogger("coupon")
+
+
+class Settles(Protocol[T_contra]):
+    """What an adapter settles a waiting call through: a future (for its own awaiting
+    methods) or a Handoff; done once settled or its caller left."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: T_contra, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class Handoff(Generic[T]):
+    """A one-shot result handed to `then` at once, where an asyncio future would schedule
+    its callbacks for a later turn of the loop: an adapter settles it from its batch, and
+    the caller's next step runs right there, with no handle and no turn in between. To the
+    adapter it is a future that nobody awaits (`done`, `set_result`, `set_exception`);
+    `cancel` is its caller leaving, after which the adapter treats it as a cancelled
+    future would be (an admission gives its slot back, a commit goes on) and `then` is
+    never called. `then` receives the result, or the exception."""
+
+    __slots__ = ("_then",)
+
+    def __init__(self, then: Callable[[T | BaseException], object]) -> None:
+        self._then: Callable[[T | BaseException], object] | None = then
+
+    def done(self) -> bool:
+        return self._then is None
+
+    def cancel(self) -> bool:
+        left = self._then is not None
+        self._then = None
+        return left
+
+    def set_result(self, result: T) -> None:
+        self._hand(result)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._hand(error)
+
+    def _hand(self, outcome: T | BaseException) -> None:
+        then = self._then
+        if then is None:
+            raise asyncio.InvalidStateError("the handoff was settled or cancelled already")
+        self._then = None
+        try:
+            then(outcome)
+        except Exception:  # noqa: BLE001 - an adapter's batch goes on for the others
+            _log.exception("a handoff's step failed")
+
+    @staticmethod
+    def to_future(loop: asyncio.AbstractEventLoop) -> tuple[Handoff[T], asyncio.Future[T]]:
+        """A handoff that settles the returned future (for callers that await)."""
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(outcome: T | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        handoff: Handoff[T] = Handoff(settle)
+        future.add_done_callback(lambda done: handoff.cancel() if done.cancelled() else None)
+        return handoff, future
 
 
 class Clock(Protocol):
@@ -82,9 +154,9 @@ class CouponLedger(Protocol):
         """
         ...
 
-    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
-        """`record` as a future, for a caller that goes on in a callback rather than a
-        coroutine: it settles as `record` would return or raise. Cancelling it is leaving
+    def record_soon(self, coupon: Coupon, handoff: Handoff[Recorded]) -> None:
+        """`record` for a caller that goes on in a callback rather than a coroutine:
+        `handoff` settles as `record` would return or raise. Cancelling it is leaving
         `record` (the coupon may commit all the same)."""
         ...
 
@@ -172,10 +244,10 @@ class StockGate(Protocol):
         ...
 
     def admit_soon(
-        self, campaign_id: str, user_id: str, deadline: float = 0.0
-    ) -> asyncio.Future[Admission]:
-        """`admit` as a future (see CouponLedger.record_soon). Cancelling it before it is
-        decided is leaving `admit`: a slot admitted for it is given back."""
+        self, campaign_id: str, user_id: str, deadline: float, handoff: Handoff[Admission]
+    ) -> None:
+        """`admit` into a handoff (see CouponLedger.record_soon). Cancelling it before it
+        is settled is leaving `admit`: a slot admitted for it is given back."""
         ...
 
     async def load(self, campaign: Campaign, holdings: AsyncIterator[Sequence[Coupon]]) -> None:

@@ -11,9 +11,11 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
 
 from coupon.application.ports import (
     Admission,
@@ -22,6 +24,7 @@ from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
     GateView,
+    Handoff,
     Recorded,
     RecordOutcome,
     UserCouponPage,
@@ -30,6 +33,8 @@ from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded
+
+T = TypeVar("T")
 
 
 class SystemClock:
@@ -108,8 +113,9 @@ class MemoryCouponLedger:
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
 
-    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
-        return asyncio.ensure_future(self.record(coupon))
+    def record_soon(self, coupon: Coupon, handoff: Handoff[Recorded]) -> None:
+        # A later turn of the loop, as PostgreSQL's group commit answers.
+        _keep(self.record(coupon)).add_done_callback(partial(_hand_over, handoff))
 
     async def record(self, coupon: Coupon) -> Recorded:
         store = self._store
@@ -206,9 +212,26 @@ class MemoryStockGate:
         self._states.pop(campaign_id, None)
 
     def admit_soon(
-        self, campaign_id: str, user_id: str, deadline: float = 0.0
-    ) -> asyncio.Future[Admission]:
-        return asyncio.ensure_future(self.admit(campaign_id, user_id, deadline))
+        self, campaign_id: str, user_id: str, deadline: float, handoff: Handoff[Admission]
+    ) -> None:
+        _keep(self._admit_into(campaign_id, user_id, deadline, handoff))
+
+    async def _admit_into(
+        self, campaign_id: str, user_id: str, deadline: float, handoff: Handoff[Admission]
+    ) -> None:
+        if handoff.done():
+            return  # its caller left before the gate decided: nothing taken
+        try:
+            admission = await self.admit(campaign_id, user_id, deadline)
+        except Exception as exc:  # noqa: BLE001 - handed over, as the Redis gate does
+            if not handoff.done():
+                handoff.set_exception(exc)
+            return
+        if not handoff.done():
+            handoff.set_result(admission)
+        elif admission.kind is AdmissionKind.ADMITTED:
+            # Its caller left while the gate decided: nobody records it.
+            await self.release(campaign_id, user_id, admission.slot)
 
     async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
         if deadline and deadline < time.monotonic():
@@ -356,3 +379,27 @@ class MemoryCodeGenerator:
 
     def code_now(self) -> str:
         return self._cipher.encode(next(self._sequence))
+
+
+# Tasks of the *_soon methods, kept until they end (the loop holds only weak references).
+_RUNNING: set[asyncio.Future[Any]] = set()
+
+
+def _keep(work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    task = asyncio.ensure_future(work)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return task
+
+
+def _hand_over(handoff: Handoff[Recorded], done: asyncio.Future[Recorded]) -> None:
+    if handoff.done():
+        return  # its caller left; the coupon is recorded all the same
+    if done.cancelled():
+        handoff.set_exception(asyncio.CancelledError())
+        return
+    error = done.exception()
+    if error is not None:
+        handoff.set_exception(error)
+    else:
+        handoff.set_result(done.result())

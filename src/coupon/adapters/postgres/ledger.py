@@ -21,8 +21,10 @@ from coupon.adapters.postgres.pool import KeptConnection, connection
 from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
+    Handoff,
     Recorded,
     RecordOutcome,
+    Settles,
     UserCouponPage,
 )
 from coupon.domain.codes import CodeCipher
@@ -151,7 +153,7 @@ class PostgresCouponLedger:
         self._pool = pool
         self._commits = KeptConnection(pool)
         self._max_batch = max_batch
-        self._queue: list[tuple[Coupon, asyncio.Future[Recorded]]] = []
+        self._queue: list[tuple[Coupon, Settles[Recorded]]] = []
         self._wakeup = asyncio.Event()
         self._batch_slots = asyncio.Semaphore(max_concurrent_batches)
         self._batches: set[asyncio.Task[None]] = set()
@@ -181,18 +183,22 @@ class PostgresCouponLedger:
         await self._commits.close()
 
     async def record(self, coupon: Coupon) -> Recorded:
-        return await self.record_soon(coupon)
-
-    def record_soon(self, coupon: Coupon) -> asyncio.Future[Recorded]:
         self.start()
         assert self._loop is not None
         future: asyncio.Future[Recorded] = self._loop.create_future()
+        self._enqueue(coupon, future)
+        return await future
+
+    def record_soon(self, coupon: Coupon, handoff: Handoff[Recorded]) -> None:
+        self.start()
+        self._enqueue(coupon, handoff)
+
+    def _enqueue(self, coupon: Coupon, decision: Settles[Recorded]) -> None:
         if self._closing and self._flusher is not None and self._flusher.done():
-            future.set_exception(Unavailable("the server is shutting down"))
-            return future
-        self._queue.append((coupon, future))
+            decision.set_exception(Unavailable("the server is shutting down"))
+            return
+        self._queue.append((coupon, decision))
         self._wakeup.set()
-        return future
 
     async def _flush_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -215,7 +221,7 @@ class PostgresCouponLedger:
         self._batches.discard(task)
         self._batch_slots.release()
 
-    async def _commit(self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]) -> None:
+    async def _commit(self, batch: list[tuple[Coupon, Settles[Recorded]]]) -> None:
         started = time.perf_counter()
         try:
             results = await self._record_batch(batch)
@@ -237,7 +243,7 @@ class PostgresCouponLedger:
             self._observer(len(batch), time.perf_counter() - started)
 
     async def _record_batch(
-        self, batch: list[tuple[Coupon, asyncio.Future[Recorded]]]
+        self, batch: list[tuple[Coupon, Settles[Recorded]]]
     ) -> list[Recorded | Exception]:
         """One transaction for the batch; the outcome of each of its coupons."""
         coupons = [coupon for coupon, _ in batch]

@@ -26,7 +26,7 @@ from coupon.adapters.redis import admission_reply as wire
 from coupon.adapters.redis.admission_reply import Held, ReplyKind
 from coupon.adapters.redis.client import RedisClient
 from coupon.adapters.redis.script_lane import ScriptLane
-from coupon.application.ports import Admission, AdmissionKind, GateView
+from coupon.application.ports import Admission, AdmissionKind, GateView, Handoff, Settles
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded, Unavailable
@@ -55,7 +55,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_Waiting = tuple[str, "asyncio.Future[Admission]", float]
+# A request waiting for the next admission call: a future (`admit`) or a handoff.
+_Waiting = tuple[str, Settles[Admission], float]
 
 
 class RedisStockGate:
@@ -146,15 +147,16 @@ class RedisStockGate:
     async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
         # A caller cancelled while waiting cancels the future; the batch then gives its slot
         # back if it was admitted (see _answer).
-        return await self.admit_soon(campaign_id, user_id, deadline)
-
-    def admit_soon(
-        self, campaign_id: str, user_id: str, deadline: float = 0.0
-    ) -> asyncio.Future[Admission]:
         future: asyncio.Future[Admission] = self._running_loop().create_future()
         self._waiting.setdefault(campaign_id, []).append((user_id, future, deadline))
         self._wake(campaign_id)
-        return future
+        return await future
+
+    def admit_soon(
+        self, campaign_id: str, user_id: str, deadline: float, handoff: Handoff[Admission]
+    ) -> None:
+        self._waiting.setdefault(campaign_id, []).append((user_id, handoff, deadline))
+        self._wake(campaign_id)
 
     async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
         try:
