@@ -80,9 +80,10 @@ class _Budget:
 
 
 class Pending:
-    """A request on its way through IssueCoupon.begin: `outcome` settles with its answer."""
+    """A request on its way through IssueCoupon.begin: `outcome` settles with its answer,
+    and `when_settled`'s step, if any, runs as it settles (no turn of the loop between)."""
 
-    __slots__ = ("asked_at", "campaign_id", "deadline", "outcome", "user_id", "waiting_on")
+    __slots__ = ("asked_at", "campaign_id", "deadline", "outcome", "then", "user_id", "waiting_on")
 
     def __init__(self, outcome: asyncio.Future[Issued], deadline: float) -> None:
         self.outcome = outcome
@@ -93,18 +94,50 @@ class Pending:
         self.asked_at = 0.0
         # The gate's decision, the ledger's commit or the task of the other steps.
         self.waiting_on: asyncio.Future[Any] | Handoff[Any] | None = None
+        self.then: Callable[[Pending], object] | None = None
 
-    def cancel(self) -> None:
-        """The caller left: what the request waits on is cancelled, as when a caller of
-        `execute` is (an admission still waiting gives its slot back; a commit under way
-        goes on, and the lease settles it)."""
-        self.outcome.cancel()
+    def done(self) -> bool:
+        return self.outcome.done()
+
+    def when_settled(self, then: Callable[[Pending], object]) -> None:
+        """Call `then(self)` once `outcome` is settled (at once when it is already): right
+        as it settles, or on the loop's next turn when it is cancelled (`cancel`). The
+        outcome is settled, or cancelled, only through this object's methods then."""
+        if self.outcome.done():
+            then(self)
+        else:
+            self.then = then
+
+    def cancel(self, msg: object = None) -> bool:
+        """The caller left (a server's shutdown cancels it as it cancels its tasks): what
+        the request waits on is cancelled, as when a caller of `execute` is (an admission
+        still waiting gives its slot back; a commit under way goes on, and the lease
+        settles it)."""
+        cancelled = self.outcome.cancel(msg)
         if self.waiting_on is not None:
             self.waiting_on.cancel()
+        then = self.then
+        if cancelled and then is not None:
+            # Not from here: a caller cancelling many (a server's tasks) iterates over them.
+            self.then = None
+            self.outcome.get_loop().call_soon(then, self)
+        return cancelled
+
+    def succeed(self, issued: Issued) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(issued)
+            self._settled()
 
     def fail(self, error: BaseException) -> None:
         if not self.outcome.done():
             self.outcome.set_exception(error)
+            self._settled()
+
+    def _settled(self) -> None:
+        then = self.then
+        if then is not None:
+            self.then = None
+            then(self)
 
     async def settled(self) -> asyncio.Future[Issued]:
         """`outcome` once settled, for a front door to answer from (its result, error or
@@ -130,15 +163,13 @@ class Pending:
     def _went_on(self, task: asyncio.Future[Issued]) -> None:
         self.waiting_on = None
         if task.cancelled():
-            self.outcome.cancel()
+            self.cancel()
             return
         error = task.exception()  # retrieved, whether or not anyone still waits
-        if self.outcome.done():
-            return
         if error is not None:
-            self.outcome.set_exception(error)
+            self.fail(error)
         else:
-            self.outcome.set_result(task.result())
+            self.succeed(task.result())
 
 
 _Step = Callable[["IssueCoupon", str, str, Admission, _Budget, float], Awaitable["Issued | None"]]
@@ -280,8 +311,7 @@ class IssueCoupon:
             except Exception as exc:  # noqa: BLE001 - answered as the steps would answer it
                 pending.fail(exc)
                 return
-            if not pending.outcome.done():
-                pending.outcome.set_result(Issued(coupon, already_issued=False))
+            pending.succeed(Issued(coupon, already_issued=False))
             return
         pending.go_on(self._after_recording(pending, coupon, recorded))
 

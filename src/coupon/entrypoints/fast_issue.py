@@ -173,12 +173,13 @@ class IssueRoute:
         codec: tuple[Codec, bytes],
         arrived: float,
         reply: Callable[[Answer], object],
-    ) -> asyncio.Future[Issued]:
-        """`answer` without a task: `reply` is called with the answer once the request's
-        outcome (returned) is settled, unless that outcome is cancelled."""
-        outcome = self._service.issue_begin(request, arrived).outcome
-        outcome.add_done_callback(partial(self._answered, request, codec, arrived, reply))
-        return outcome
+    ) -> Pending:
+        """`answer` without a task: `reply` is called with the answer as the request's
+        outcome settles (at once when it has already), unless it is cancelled (returned:
+        cancel it through `Pending.cancel`)."""
+        pending = self._service.issue_begin(request, arrived)
+        pending.when_settled(partial(self._answered, request, codec, arrived, reply))
+        return pending
 
     def _answered(
         self,
@@ -186,10 +187,10 @@ class IssueRoute:
         codec: tuple[Codec, bytes],
         arrived: float,
         reply: Callable[[Answer], object],
-        outcome: asyncio.Future[Issued],
+        pending: Pending,
     ) -> None:
         try:
-            answer = self._finished(request, codec, arrived, outcome)
+            answer = self._finished(request, codec, arrived, pending.outcome)
         except asyncio.CancelledError:
             return
         reply(answer)

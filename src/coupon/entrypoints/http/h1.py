@@ -48,6 +48,8 @@ from coupon.entrypoints.fast_issue import (
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
 
+    from coupon.application.issue import Pending
+
 
 CONNECT_PREFIX = b"/coupon.v1.CouponService/"
 # codec, content length, keep-alive, number of fields
@@ -147,11 +149,13 @@ class _LaneCycle:
     """Stands for uvicorn's RequestResponseCycle while a lane request is in flight, so that
     a pipelined request behind it queues and a graceful shutdown waits for it."""
 
-    __slots__ = ("keep_alive", "response_complete")
+    __slots__ = ("keep_alive", "pending", "response_complete")
 
     def __init__(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
         self.response_complete = False
+        # In the server's tasks until answered (a shutdown that cancels it moves on).
+        self.pending: Pending | None = None
 
 
 class Http1Protocol(HttpToolsProtocol):
@@ -419,14 +423,19 @@ class Http1Protocol(HttpToolsProtocol):
             return
         cycle = _LaneCycle(keep_alive)
         self.cycle = cycle  # type: ignore[assignment]
-        # No task: the answer is written from the outcome's callback. The outcome stands
-        # in the server's tasks, which a graceful shutdown waits for (or cancels).
-        outcome = route.answer_soon(answer, codec, arrived, partial(self._lane_answer, cycle))
-        self.tasks.add(outcome)  # type: ignore[arg-type]
-        outcome.add_done_callback(self.tasks.discard)
+        # No task: the answer is written as the request's outcome settles. The request
+        # stands in the server's tasks, which a graceful shutdown waits for (or cancels),
+        # until it is answered.
+        pending = route.answer_soon(answer, codec, arrived, partial(self._lane_answer, cycle))
+        if not cycle.response_complete:
+            cycle.pending = pending
+            self.tasks.add(pending)  # type: ignore[arg-type]
 
     def _lane_answer(self, cycle: _LaneCycle, answer: Answer) -> None:
         cycle.response_complete = True
+        if cycle.pending is not None:
+            self.tasks.discard(cycle.pending)
+            cycle.pending = None
         if self.transport.is_closing():
             return  # the client left; the coupon (if any) is committed all the same
         self._write(answer, cycle.keep_alive)
