@@ -18,7 +18,7 @@ from protobuf.wkt import Duration
 
 from coupon.application.issue import Issued, Pending
 from coupon.domain.coupon import Coupon
-from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
+from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute, codec_for
 from coupon.entrypoints.overload import RETRY_INFO_TYPE, RetryLater, retry_info
 from coupon.gen.coupon.v1 import coupon_pb
 
@@ -125,6 +125,64 @@ async def test_a_caller_that_leaves_cancels_the_request_which_still_leaves_the_d
         await caller
     await asyncio.wait_for(stopped.wait(), 1)
     assert service.finished == 1
+
+
+class Given(Service):
+    """Lets every request in to a Pending the test settles itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: Pending | None = None
+
+    def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
+        self.let_in += 1
+        if self.pending is None:
+            self.pending = Pending(asyncio.get_running_loop().create_future(), 0.0)
+        return self.pending
+
+
+def _lane(service: Service) -> tuple[Pending, list[tuple[int, bytes, bytes, object]]]:
+    """The HTTP/1.1 lane's way in: `answer_soon`, replies collected."""
+    route = IssueRoute(service)
+    codec = codec_for(b"application/json")
+    assert codec is not None
+    request = route.at_once(b'{"campaignId": "c", "userId": "u"}', codec, 0.0)
+    assert isinstance(request, coupon_pb.IssueCouponRequest)
+    replies: list[tuple[int, bytes, bytes, object]] = []
+    return route.answer_soon(request, codec, 0.0, replies.append), replies
+
+
+async def test_the_lane_replies_as_the_outcome_settles_not_a_turn_of_the_loop_later() -> None:
+    service = Given()
+    pending, replies = _lane(service)
+    assert replies == []
+    pending.succeed(Issued(Coupon("가나다라마바자차카타", "c", "u", datetime.now(UTC), 1), False))
+    assert [r[0] for r in replies] == [200]  # no await in between
+    assert service.finished == 1
+
+
+async def test_the_lane_replies_at_once_to_an_outcome_settled_already() -> None:
+    service = Given()
+    service.pending = Pending(asyncio.get_running_loop().create_future(), 0.0)
+    service.pending.fail(ConnectError(Code.NOT_FOUND, "no such campaign"))
+    _, replies = _lane(service)
+    assert [r[0] for r in replies] == [404]
+    assert service.finished == 1
+
+
+async def test_a_request_cancelled_at_shutdown_leaves_the_door_on_the_next_turn() -> (
+    None
+):
+    """A server's shutdown cancels its tasks in a loop over them: the request leaves the
+    door, unanswered, but not from inside `cancel`, where a step could change that set."""
+    service = Given()
+    pending, replies = _lane(service)
+    assert pending.cancel(msg="graceful shutdown exceeded")
+    assert service.finished == 0
+    await asyncio.sleep(0)
+    assert service.finished == 1
+    assert replies == []
+    assert pending.outcome.cancelled()
 
 
 async def test_an_unexpected_exception_is_a_connect_internal_error() -> None:
