@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -48,6 +50,7 @@ from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded
 
 LEASE = 0.3
+T = TypeVar("T")
 DELAY = 0.2  # the gates' reissue delay here
 
 
@@ -883,12 +886,20 @@ async def test_live_stats_add_up_every_process_counts(live_stats: LiveStats) -> 
 def _admit_soon(
     adapters: Adapters, campaign_id: str, user_id: str, deadline: float = 0.0
 ) -> asyncio.Future[Admission]:
-    handoff, future = Handoff[Admission].to_future(asyncio.get_running_loop())
-    adapters.gate.admit_soon(campaign_id, user_id, deadline, handoff)
+    future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+    adapters.gate.admit_soon(campaign_id, user_id, deadline, Handoff(partial(_settle, future)))
     return future
 
 
 def _record_soon(adapters: Adapters, coupon: Coupon) -> asyncio.Future[Recorded]:
-    handoff, future = Handoff[Recorded].to_future(asyncio.get_running_loop())
-    adapters.ledger.record_soon(coupon, handoff)
+    future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+    adapters.ledger.record_soon(coupon, Handoff(partial(_settle, future)))
     return future
+
+
+def _settle(future: asyncio.Future[T], outcome: T | BaseException) -> None:
+    """A handoff's step that settles a future, for a test to await."""
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -170,9 +170,7 @@ async def test_the_lane_replies_at_once_to_an_outcome_settled_already() -> None:
     assert service.finished == 1
 
 
-async def test_a_request_cancelled_at_shutdown_leaves_the_door_on_the_next_turn() -> (
-    None
-):
+async def test_a_request_cancelled_at_shutdown_leaves_the_door_on_the_next_turn() -> None:
     """A server's shutdown cancels its tasks in a loop over them: the request leaves the
     door, unanswered, but not from inside `cancel`, where a step could change that set."""
     service = Given()

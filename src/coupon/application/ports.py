@@ -70,23 +70,6 @@ class Handoff(Generic[T]):
         except Exception:  # noqa: BLE001 - an adapter's batch goes on for the others
             _log.exception("a handoff's step failed")
 
-    @staticmethod
-    def to_future(loop: asyncio.AbstractEventLoop) -> tuple[Handoff[T], asyncio.Future[T]]:
-        """A handoff that settles the returned future (for callers that await)."""
-        future: asyncio.Future[T] = loop.create_future()
-
-        def settle(outcome: T | BaseException) -> None:
-            if future.done():
-                return
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-        handoff: Handoff[T] = Handoff(settle)
-        future.add_done_callback(lambda done: handoff.cancel() if done.cancelled() else None)
-        return handoff, future
-
 
 class Clock(Protocol):
     """The one authoritative clock every server process agrees on (I3)."""
