@@ -96,9 +96,6 @@ class Pending:
         self.waiting_on: asyncio.Future[Any] | Handoff[Any] | None = None
         self.then: Callable[[Pending], object] | None = None
 
-    def done(self) -> bool:
-        return self.outcome.done()
-
     def when_settled(self, then: Callable[[Pending], object]) -> None:
         """Call `then(self)` once `outcome` is settled (at once when it is already): right
         as it settles, or on the loop's next turn when it is cancelled (`cancel`). The

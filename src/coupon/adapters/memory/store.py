@@ -11,10 +11,9 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any, TypeVar
 
 from coupon.application.ports import (
@@ -114,8 +113,9 @@ class MemoryCouponLedger:
         self._store = store
 
     def record_soon(self, coupon: Coupon, handoff: Handoff[Recorded]) -> None:
-        # A later turn of the loop, as PostgreSQL's group commit answers.
-        _keep(self.record(coupon)).add_done_callback(partial(_hand_over, handoff))
+        # A later turn of the loop, as PostgreSQL's group commit answers; a caller that
+        # left meanwhile leaves the coupon recorded all the same.
+        _keep(_hand_over(handoff, self.record(coupon)))
 
     async def record(self, coupon: Coupon) -> Recorded:
         store = self._store
@@ -221,17 +221,10 @@ class MemoryStockGate:
     ) -> None:
         if handoff.done():
             return  # its caller left before the gate decided: nothing taken
-        try:
-            admission = await self.admit(campaign_id, user_id, deadline)
-        except Exception as exc:  # noqa: BLE001 - handed over, as the Redis gate does
-            if not handoff.done():
-                handoff.set_exception(exc)
-            return
-        if not handoff.done():
-            handoff.set_result(admission)
-        elif admission.kind is AdmissionKind.ADMITTED:
+        left = await _hand_over(handoff, self.admit(campaign_id, user_id, deadline))
+        if left is not None and left.kind is AdmissionKind.ADMITTED:
             # Its caller left while the gate decided: nobody records it.
-            await self.release(campaign_id, user_id, admission.slot)
+            await self.release(campaign_id, user_id, left.slot)
 
     async def admit(self, campaign_id: str, user_id: str, deadline: float = 0.0) -> Admission:
         if deadline and deadline < time.monotonic():
@@ -385,21 +378,24 @@ class MemoryCodeGenerator:
 _RUNNING: set[asyncio.Future[Any]] = set()
 
 
-def _keep(work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+def _keep(work: Coroutine[Any, Any, Any]) -> None:
     task = asyncio.ensure_future(work)
     _RUNNING.add(task)
     task.add_done_callback(_RUNNING.discard)
-    return task
 
 
-def _hand_over(handoff: Handoff[Recorded], done: asyncio.Future[Recorded]) -> None:
+async def _hand_over(handoff: Handoff[T], work: Awaitable[T]) -> T | None:
+    """`work`'s result or exception, handed to `handoff`; the result when its caller left
+    meanwhile (None otherwise), for the adapter to undo what it took."""
+    try:
+        result = await work
+    except BaseException as exc:
+        if not handoff.done():
+            handoff.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+        return None
     if handoff.done():
-        return  # its caller left; the coupon is recorded all the same
-    if done.cancelled():
-        handoff.set_exception(asyncio.CancelledError())
-        return
-    error = done.exception()
-    if error is not None:
-        handoff.set_exception(error)
-    else:
-        handoff.set_result(done.result())
+        return result
+    handoff.set_result(result)
+    return None
