@@ -12,6 +12,8 @@ SUCCESS_P99_MS = 250.0
 EXCESS_P99_MS = 20.0
 SOLD_OUT_OVER_ISSUE = 3.0
 HERD_ANSWERED_WITHIN_S = 5.0
+# A core this busy (or more) was the limit: the herd's load tool, or the pinned server.
+CORE_BOUND = 0.9
 
 
 def issued_per_s(result: dict[str, Any]) -> float:
@@ -175,10 +177,22 @@ def targets(record: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 ok,
                 f"sold out in {fmt_s(summary.get('sell_out_s'))}; "
                 f"{'verified' if herd.get('verified') else 'NOT verified'}; "
-                + ("-" if within is None else f"{within:.1%} answered within 5 s"),
+                + ("-" if within is None else f"{within:.1%} answered within 5 s")
+                + (f"; {herd_cpu_text(herd['cpu'])}" if herd.get("cpu") else ""),
             )
         )
     return rows
+
+
+def herd_cpu_text(cpu: dict[str, float]) -> str:
+    """Which side's CPU bounded the herd: the one server core, or the load tool's."""
+    text = (
+        f"over its {cpu['window_s']:.2f} s the server used {cpu['server_cores']:.2f} of its "
+        f"core, the load tool's core was {cpu['generator_busy']:.0%} busy"
+    )
+    if cpu["generator_busy"] >= CORE_BOUND and cpu["server_cores"] < CORE_BOUND:
+        text += " (the load tool's core bounded the herd, not the server)"
+    return text
 
 
 def fmt_ms(value: float | None) -> str:

@@ -25,12 +25,23 @@ import argparse
 import json
 import subprocess
 import sys
+from datetime import datetime
 from typing import Any
 
-from bench.figures import Level, fmt_ms, fmt_s, issued_per_s, sold_out_rates, targets
+from bench.figures import (
+    Level,
+    fmt_ms,
+    fmt_s,
+    herd_cpu_text,
+    issued_per_s,
+    sold_out_rates,
+    targets,
+)
 from bench.generators import BenchBroke, openloop_argv, pinned, run_generator
 from bench.phases import Bench, measure
 from bench.state import DATABASE_URL
+from harness.procstat import CpuTrace, cpu_list
+from harness.server import ServerProcess
 
 FACTORS = (1, 2, 4)
 
@@ -150,7 +161,7 @@ def run(bench: Bench) -> None:
                 flush=True,
             )
         record["sold_out"] = sold_out_phase(bench, server.port, server.url, saturation)
-        record["herd"] = herd_phase(bench, server.url)
+        record["herd"] = herd_phase(bench, server)
 
 
 def sold_out_phase(bench: Bench, port: int, url: str, saturation: float) -> dict[str, Any]:
@@ -171,8 +182,9 @@ def sold_out_phase(bench: Bench, port: int, url: str, saturation: float) -> dict
     return {"stock": stock, "rates": rates.__dict__, "raw": _slim(result)}
 
 
-def herd_phase(bench: Bench, url: str) -> dict[str, Any]:
+def herd_phase(bench: Bench, server: ServerProcess) -> dict[str, Any]:
     args = bench.args
+    url = server.url
     report = bench.log_dir / "herd-report.json"
     argv = pinned(
         [
@@ -207,7 +219,11 @@ def herd_phase(bench: Bench, url: str) -> dict[str, Any]:
         args.generator_cpu,
     )
     print(f"    herd: {args.herd_users:,} users on {args.herd_coupons:,} coupons ...", flush=True)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    # The server's CPU and the load tool's core, sampled throughout: which of the two
+    # bounded the herd is read over its window (from the start to the last user's end),
+    # which only the report says.
+    with CpuTrace(server.pids(), cpu_list(args.generator_cpu)) as trace:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     if not report.exists():
         raise BenchBroke(
             f"the herd wrote no report (exit {done.returncode}):\n{done.stderr[-3000:]}"
@@ -218,11 +234,14 @@ def herd_phase(bench: Bench, url: str) -> dict[str, Any]:
     bench.acks[campaign] = int(document["outcomes"].get("ok_new", 0))
     summary = document.get("herd") or {}
     verified = bool(document["verification"]["passed"])
+    cpu = herd_cpu(trace, document.get("timeline") or {})
     print(
         f"    herd: exit {done.returncode}; sold out in {fmt_s(summary.get('sell_out_s'))}; "
         f"{'verified' if verified else 'NOT verified'}; chart {bench.log_dir / 'herd-report.png'}",
         flush=True,
     )
+    if cpu is not None:
+        print(f"    herd: {herd_cpu_text(cpu)}", flush=True)
     return {
         "users": args.herd_users,
         "coupons": args.herd_coupons,
@@ -230,8 +249,23 @@ def herd_phase(bench: Bench, url: str) -> dict[str, Any]:
         "verified": verified,
         "summary": summary,
         "generator": document.get("generator"),
+        "cpu": cpu,
         "report": str(report),
     }
+
+
+def herd_cpu(trace: CpuTrace, timeline: dict[str, Any]) -> dict[str, float] | None:
+    """The server's cores and the load tool's core busy share from the herd's start to the
+    end of its last user (the report's `starts_at` and `load_stopped_at`)."""
+    try:
+        start = datetime.fromisoformat(timeline["starts_at"]).timestamp()
+        end = datetime.fromisoformat(timeline["load_stopped_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+    used = trace.between(start, end)
+    if used is None:
+        return None
+    return {"window_s": end - start, "server_cores": used[0], "generator_busy": used[1]}
 
 
 def _slim(result: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
@@ -88,17 +91,42 @@ def memory_mib(pid: int) -> dict[str, float]:
     return values
 
 
-def machine_seconds() -> dict[str, float]:
-    """CPU seconds of the whole machine since boot, over all cores: `busy`, `total`, and
-    `irq` (hard and soft interrupts, where loopback networking partly runs)."""
-    first = (PROC / "stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(v) for v in first[:8]]  # user nice system idle iowait irq softirq steal
+def _seconds(fields: list[str]) -> dict[str, float]:
+    """`busy`, `total` and `irq` CPU seconds of a /proc/stat cpu line's fields."""
+    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
     total = sum(ticks)
     return {
         "busy": (total - ticks[3] - ticks[4]) / TICKS,
         "total": total / TICKS,
         "irq": (ticks[5] + ticks[6]) / TICKS,
     }
+
+
+def machine_seconds() -> dict[str, float]:
+    """CPU seconds of the whole machine since boot, over all cores: `busy`, `total`, and
+    `irq` (hard and soft interrupts, where loopback networking partly runs)."""
+    return _seconds((PROC / "stat").read_text().splitlines()[0].split()[1:])
+
+
+def core_seconds(cores: list[int]) -> dict[str, float]:
+    """The same as `machine_seconds`, summed over the given cores only (`cpu<N>` lines)."""
+    wanted = {f"cpu{core}" for core in cores}
+    summed = {"busy": 0.0, "total": 0.0, "irq": 0.0}
+    for line in (PROC / "stat").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(" ")
+        if name in wanted:
+            for key, value in _seconds(rest.split()).items():
+                summed[key] += value
+    return summed
+
+
+def cpu_list(text: str) -> list[int]:
+    """The cores of a `taskset -c` list such as '1' or '0,2-3'."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return sorted(cores)
 
 
 @dataclass
@@ -152,3 +180,67 @@ class CpuSnapshot:
         ]
         users.sort(key=lambda item: item[1], reverse=True)
         return [(name, cores) for name, cores in users[:count] if cores >= 0.01]
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    at: float  # wall clock, time.time()
+    processes: float  # CPU seconds so far of the traced processes
+    cores: float  # busy seconds so far of the traced cores
+
+
+class CpuTrace:
+    """Samples the CPU of some processes and how busy some cores are, every `period`
+    seconds from a thread of its own while in its `with` block, so that a window learnt
+    only afterwards (from a report's timestamps) can be read: `between(start, end)`."""
+
+    def __init__(self, pids: list[int], cores: list[int], period: float = 0.1) -> None:
+        self._pids = pids
+        self._cores = cores
+        self._period = period
+        self.samples: list[CpuSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-trace", daemon=True)
+
+    def sample(self) -> None:
+        self.samples.append(
+            CpuSample(
+                time.time(),
+                sum(cpu_seconds(pid) for pid in self._pids),
+                core_seconds(self._cores)["busy"],
+            )
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.sample()
+
+    def __enter__(self) -> CpuTrace:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def between(self, start: float, end: float) -> tuple[float, float] | None:
+        """Over the samples that enclose [start, end] (the last at or before `start` to the
+        first at or after `end`): the cores the processes used, and the share of the
+        traced cores that was busy. None when the trace does not enclose the window."""
+        before = [s for s in self.samples if s.at <= start]
+        after = [s for s in self.samples if s.at >= end]
+        if not before or not after or end <= start:
+            return None
+        first, last = before[-1], after[0]
+        wall = last.at - first.at
+        return (
+            (last.processes - first.processes) / wall,
+            (last.cores - first.cores) / wall / max(1, len(self._cores)),
+        )

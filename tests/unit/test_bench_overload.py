@@ -132,3 +132,48 @@ def test_a_service_that_queues_the_excess_fails_them() -> None:
     assert met["goodput at 4x >= 90% of 1x"] is False
     assert [ok for name, ok in met.items() if name.startswith("every excess")] == [False]
     assert [ok for name, ok in met.items() if name.startswith("herd")] == [False]
+
+
+def herd_record(cpu: dict[str, float] | None) -> dict[str, Any]:
+    return {
+        "herd": {
+            "users": 100_000,
+            "coupons": 10_000,
+            "verified": True,
+            "summary": {"sold_out": True, "sell_out_s": 2.0, "answered_within_s": {"5": 0.9}},
+            "cpu": cpu,
+        }
+    }
+
+
+def test_a_herd_whose_load_tool_core_was_full_says_the_tool_bounded_it() -> None:
+    cpu = {"window_s": 5.4, "server_cores": 0.35, "generator_busy": 0.98}
+
+    (row,) = targets(herd_record(cpu))
+
+    assert row[1] is False  # the verdict stands; the figures say why
+    assert "the server used 0.35 of its core, the load tool's core was 98% busy" in row[2]
+    assert "the load tool's core bounded the herd" in row[2]
+
+
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        {"window_s": 5.4, "server_cores": 0.97, "generator_busy": 0.98},  # both full
+        {"window_s": 5.4, "server_cores": 0.97, "generator_busy": 0.60},  # the server's
+        {"window_s": 5.4, "server_cores": 0.40, "generator_busy": 0.60},  # neither
+    ],
+)
+def test_a_herd_is_not_put_on_the_load_tool_unless_only_its_core_was_full(
+    cpu: dict[str, float],
+) -> None:
+    (row,) = targets(herd_record(cpu))
+
+    assert f"the load tool's core was {cpu['generator_busy']:.0%} busy" in row[2]
+    assert "bounded" not in row[2]
+
+
+def test_a_herd_without_cpu_figures_reports_the_rest() -> None:
+    (row,) = targets(herd_record(None))
+
+    assert row[2].endswith("90.0% answered within 5 s")
