@@ -138,3 +138,33 @@ def test_requests_still_in_flight_keep_the_limit_however_long_they_take() -> Non
     clock.now += 10 * Doorman.IDLE_SECONDS
     assert door.enter()
     assert door.limit == 10
+
+
+def test_a_crowd_that_does_not_wait_is_held_once_it_has_lasted() -> None:
+    """Clients that come straight back after a refusal (a closed loop ignoring the hint)
+    fill the loop with refusals: after CROWDED_WINDOWS such windows in a row, the connections
+    turned away are not read again for the hint, even though the loop is not late."""
+    clock = Clock()
+    door = doorman(clock)
+    crowd = Doorman.CROWDED_RATIO * 300  # turned away per window, against 100-130 answered
+    for _ in range(Doorman.CROWDED_WINDOWS - 1):
+        window(door, clock, latency=0.01, answered=100, extra=crowd)
+        assert door.hold == 0.0
+    window(door, clock, latency=0.01, answered=100, extra=crowd)
+    assert door.hold == min(door.retry_after_ms / 1000, Doorman.HOLD_MAX) > 0
+    # A window turning away no more than the ratio breaks the run: no hold.
+    window(door, clock, latency=0.01, answered=int(door.limit), extra=10)
+    assert door.hold == 0.0
+
+
+def test_a_passing_spell_of_refusals_is_not_held() -> None:
+    """One bad window (a stall while requests kept arriving) does not hold anyone: the
+    next requests of an open-loop crowd would wait for nothing."""
+    clock = Clock()
+    door = doorman(clock)
+    crowd = Doorman.CROWDED_RATIO * 300
+    for _ in range(5):
+        window(door, clock, latency=0.01, answered=100, extra=crowd)
+        assert door.hold == 0.0
+        window(door, clock, latency=0.01, answered=100, extra=10)
+        assert door.hold == 0.0

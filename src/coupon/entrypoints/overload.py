@@ -49,6 +49,11 @@ class Doorman:
     HOLD_MAX = 1.0
     # Idle this long (nothing in flight, nothing answered or turned away): start afresh.
     IDLE_SECONDS = 1.0
+    # A window that turned away more than this many requests per request answered spent
+    # more of the loop on refusals than on issues (a refusal costs about a third of an
+    # issue); this many such windows in a row are a crowd that does not wait.
+    CROWDED_RATIO = 3
+    CROWDED_WINDOWS = 3
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class Doorman:
         # every connection of a crowd on every turn of a saturated loop would leave no time
         # for the requests let in; the crowd's requests wait in the kernel instead.
         self.hold = 0.0
+        self._crowded = 0  # windows in a row that were mostly refusals
 
     def close(self) -> None:
         self.loop_lag.stop()
@@ -120,6 +126,7 @@ class Doorman:
         shortest hint (the last crowd's loop saturation says nothing of the next one's)."""
         self.limit = max(self.limit, self._initial)
         self.hold = 0.0
+        self._crowded = 0
         self._hint_ms = self.HINT_MIN_MS
         self._new_window(peak=0)
 
@@ -147,8 +154,16 @@ class Doorman:
         self._hint_ms = int(
             min(self.HINT_MAX_MS, max(self.HINT_MIN_MS, 1000 * self._target * (1 + pressure)))
         )
+        # Turning requests away has been most of the loop's work for a while: a crowd that
+        # comes straight back, ignoring the hint, as a closed loop of clients does.
+        crowded = self._shed > self.CROWDED_RATIO * self._served
+        self._crowded = self._crowded + 1 if crowded else 0
         # As long as the hint asks the client to wait: one that honours it loses nothing.
-        self.hold = min(self._hint_ms / 1000, self.HOLD_MAX) if self.loop_lag.saturated else 0.0
+        # Held while the loop is saturated, and while such a crowd lasts: its refusals
+        # would otherwise fill the loop, the requests let in would slow, and the limit,
+        # following their latency, would stay down with goodput.
+        held = self.loop_lag.saturated or self._crowded >= self.CROWDED_WINDOWS
+        self.hold = min(self._hint_ms / 1000, self.HOLD_MAX) if held else 0.0
         self._new_window(peak=self.in_flight)
 
 
