@@ -53,34 +53,34 @@ def test_a_window_the_trace_does_not_enclose_has_no_figures(start: float, end: f
     assert trace.between(start, end) is None
 
 
-def test_a_trace_sees_a_busy_process_and_its_core() -> None:
-    core = max(os.sched_getaffinity(0))
-    spin = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", "while True: pass"])
+def traced(code: str, core: int | None, seconds: float) -> tuple[tuple[float, float], int]:
+    """Python `code` run in a process of its own (pinned to `core` when given) and traced,
+    with that core, for `seconds` after a start-up of 0.3 s: what the trace read over all
+    of its samples, and how many it took."""
+    pin = [] if core is None else ["taskset", "-c", str(core)]
+    child = subprocess.Popen([*pin, sys.executable, "-c", code])
     try:
-        with CpuTrace([spin.pid], [core], period=0.05) as trace:
-            time.sleep(1.0)
+        time.sleep(0.3)  # past its start-up
+        with CpuTrace([child.pid], [] if core is None else [core], period=0.05) as trace:
+            time.sleep(seconds)
     finally:
-        spin.kill()
-        spin.wait()
+        child.kill()
+        child.wait()
     used = trace.between(trace.samples[0].at, trace.samples[-1].at)
     assert used is not None
+    return used, len(trace.samples)
+
+
+def test_a_trace_sees_a_busy_process_and_its_core() -> None:
+    used, samples = traced("while True: pass", max(os.sched_getaffinity(0)), 1.0)
     # A process spinning for a second on a core of its own: most of a core, and that core
     # mostly busy (not all, on a machine that runs other work too).
     assert used[0] > 0.5
     assert used[1] > 0.5
-    assert len(trace.samples) > 5
+    assert samples > 5
 
 
 def test_a_trace_of_a_sleeping_process_sees_it_idle() -> None:
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        time.sleep(0.3)  # past its start-up
-        with CpuTrace([sleeper.pid], [], period=0.05) as trace:
-            time.sleep(0.5)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    used = trace.between(trace.samples[0].at, trace.samples[-1].at)
-    assert used is not None
+    used, _ = traced("import time; time.sleep(30)", None, 0.5)
     assert used[0] < 0.1
     assert used[1] == 0.0
