@@ -17,6 +17,10 @@ The scratch databases (`coupon_side_<hex>`) are dropped and the keys under the r
 prefixes deleted at the end, also on failure or Ctrl-C. The run is written as JSON to
 bench/results/ (ignored by git).
 
+`--python-b PYTHON` runs B's server on another interpreter (another Python, or the same
+project synced with other dependency versions: `UV_PROJECT_ENVIRONMENT=DIR uv sync --frozen
+--python 3.13` makes one in DIR); the code cipher's C network is built for it first.
+
 Exit status: 0 when every round was clean, 1 when a round had errors, 2 when the run broke.
 """
 
@@ -70,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=8, help="seconds per round (default 8)")
     parser.add_argument(
         "--connections", type=int, default=128, help="wrk connections per server (default 128)"
+    )
+    parser.add_argument(
+        "--python-b",
+        metavar="PYTHON",
+        help="the interpreter B's server runs on (default: this one), e.g. DIR/bin/python of "
+        "an environment made by `UV_PROJECT_ENVIRONMENT=DIR uv sync --frozen --python 3.13`",
     )
     args = parser.parse_args(argv)
     if min(args.rounds, args.seconds, args.connections) < 1:
@@ -211,6 +221,25 @@ def prepare(stack: ExitStack, source: Path | None, token: str) -> dict[str, str]
     return env
 
 
+def interpreter(path: str) -> tuple[str, str]:
+    """The interpreter at `path` and its version, once it has shown that it imports the
+    service (BenchBroke: it cannot run B's server)."""
+    probe = "import platform, coupon.entrypoints.app; print(platform.python_version())"
+    try:
+        done = subprocess.run(
+            [path, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise BenchBroke(f"--python-b {path}: {exc}") from exc
+    if done.returncode != 0:
+        raise BenchBroke(
+            f"--python-b {path} cannot import the service (its environment needs the "
+            f"project: UV_PROJECT_ENVIRONMENT=DIR uv sync --frozen --python X.Y):\n"
+            f"{done.stderr[-1500:]}"
+        )
+    return path, done.stdout.strip()
+
+
 def measure_round(
     args: argparse.Namespace, targets: list[tuple[int, str, str]], a_first: bool
 ) -> Round:
@@ -253,12 +282,23 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         (workdir / "b").mkdir()
         commit, source_b = checkout_source(args.against_ref, workdir / "b")
         dirty, label_b = False, commit
+    python_b = sys.executable
+    if args.python_b is not None:
+        python_b, version = interpreter(args.python_b)
+        label_b += f" on Python {version}"
+        builder = REPO / "tools" / "build_feistel.py"
+        # B imports this source whatever the environment holds (or has as its editable
+        # install).
+        source_b = source_b or REPO / "src"
+        subprocess.run([python_b, str(builder), str(source_b)], check=True)
     meta: dict[str, Any] = {
         **base_meta("bench-side", argv, commit, dirty),
         "a": label_a,
         "b": label_b,
         "seconds": args.seconds,
         "connections": args.connections,
+        "python_a": sys.executable,
+        "python_b": python_b,
     }
     print(f"A = {label_a}, B = {label_b}; server logs in {workdir}", flush=True)
     ensure_wrk()
@@ -269,8 +309,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         envs = [prepare(stack, source, token) for source in (source_a, source_b)]
         targets = []
-        serve = [sys.executable, "-m", "coupon", "serve"]
-        for side, env in zip("AB", envs, strict=True):
+        for side, env, python in zip("AB", envs, (sys.executable, python_b), strict=True):
+            serve = [python, "-m", "coupon", "serve"]
             server = ServerProcess(
                 env=env, workers=1, cpus="0", argv=serve, log_dir=workdir, name=side
             )

@@ -1,10 +1,24 @@
-"""`just bench-side`: the ratios, medians and verdict it reads from its rounds."""
+"""`just bench-side`: the ratios, medians and verdict it reads from its rounds; the
+interpreter B may run on."""
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 
-from bench.side import Round, Sample, parse_args, round_line, summarize, summary_lines, verdict
+from bench.generators import BenchBroke
+from bench.side import (
+    Round,
+    Sample,
+    interpreter,
+    parse_args,
+    round_line,
+    summarize,
+    summary_lines,
+    verdict,
+)
 
 CLEAN = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
 
@@ -95,3 +109,15 @@ def test_arguments_and_their_defaults() -> None:
 def test_arguments_it_cannot_run_with_are_refused(given: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(given)
+
+
+def test_b_may_run_on_another_interpreter_which_must_import_the_service() -> None:
+    assert parse_args(["HEAD"]).python_b is None
+    assert parse_args(["HEAD", "--python-b", sys.executable]).python_b == sys.executable
+
+    path, version = interpreter(sys.executable)
+    assert (path, version) == (sys.executable, platform.python_version())
+    with pytest.raises(BenchBroke, match="cannot import the service"):
+        interpreter("/bin/false")
+    with pytest.raises(BenchBroke, match="--python-b /nonexistent/python"):
+        interpreter("/nonexistent/python")
