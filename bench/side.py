@@ -46,6 +46,7 @@ from bench.state import (
     ADMIN_DATABASE_URL,
     allow_open_files,
     base_meta,
+    build_code_cipher,
     checkout_source,
     delete_redis_keys,
     git_commit,
@@ -221,8 +222,8 @@ def prepare(stack: ExitStack, source: Path | None, token: str) -> dict[str, str]
     return env
 
 
-def interpreter(path: str) -> tuple[str, str]:
-    """The interpreter at `path` and its version, once it has shown that it imports the
+def python_version(path: str) -> str:
+    """The version of the interpreter at `path`, once it has shown that it imports the
     service (BenchBroke: it cannot run B's server)."""
     probe = "import platform, coupon.entrypoints.app; print(platform.python_version())"
     try:
@@ -237,7 +238,7 @@ def interpreter(path: str) -> tuple[str, str]:
             f"project: UV_PROJECT_ENVIRONMENT=DIR uv sync --frozen --python X.Y):\n"
             f"{done.stderr[-1500:]}"
         )
-    return path, done.stdout.strip()
+    return done.stdout.strip()
 
 
 def measure_round(
@@ -284,13 +285,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dirty, label_b = False, commit
     python_b = sys.executable
     if args.python_b is not None:
-        python_b, version = interpreter(args.python_b)
-        label_b += f" on Python {version}"
-        builder = REPO / "tools" / "build_feistel.py"
+        python_b = args.python_b
+        label_b += f" on Python {python_version(python_b)}"
         # B imports this source whatever the environment holds (or has as its editable
         # install).
         source_b = source_b or REPO / "src"
-        subprocess.run([python_b, str(builder), str(source_b)], check=True)
+        build_code_cipher(source_b, python_b)
     meta: dict[str, Any] = {
         **base_meta("bench-side", argv, commit, dirty),
         "a": label_a,

@@ -174,11 +174,16 @@ def checkout_source(ref: str, into: Path) -> tuple[str, Path]:
         ["git", "archive", commit, "src"], cwd=REPO, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    # Its code cipher's C network, as `just setup` builds the working tree's (revisions
-    # from before it have none): a comparison must not set C against Python rounds.
-    builder = REPO / "tools" / "build_feistel.py"
-    subprocess.run([sys.executable, str(builder), str(into / "src")], check=True)
+    build_code_cipher(into / "src")
     return commit, into / "src"
+
+
+def build_code_cipher(src: Path, python: str = sys.executable) -> None:
+    """The code cipher's C network of the source under `src`, for the interpreter `python`,
+    as `just setup` builds the working tree's (revisions from before it have none): a
+    comparison must not set C against Python rounds."""
+    builder = REPO / "tools" / "build_feistel.py"
+    subprocess.run([python, str(builder), str(src)], check=True)
 
 
 def base_meta(recipe: str, argv: list[str] | None, commit: str, dirty: bool) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from bench.generators import BenchBroke
 from bench.side import (
     Round,
     Sample,
-    interpreter,
     parse_args,
+    python_version,
     round_line,
     summarize,
     summary_lines,
@@ -115,9 +115,8 @@ def test_b_may_run_on_another_interpreter_which_must_import_the_service() -> Non
     assert parse_args(["HEAD"]).python_b is None
     assert parse_args(["HEAD", "--python-b", sys.executable]).python_b == sys.executable
 
-    path, version = interpreter(sys.executable)
-    assert (path, version) == (sys.executable, platform.python_version())
+    assert python_version(sys.executable) == platform.python_version()
     with pytest.raises(BenchBroke, match="cannot import the service"):
-        interpreter("/bin/false")
+        python_version("/bin/false")
     with pytest.raises(BenchBroke, match="--python-b /nonexistent/python"):
-        interpreter("/nonexistent/python")
+        python_version("/nonexistent/python")
