@@ -52,7 +52,15 @@ async def read_response(reader: asyncio.StreamReader) -> Response:
             break
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # trailer fields
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
     return Response(status, headers, body)
 
 

@@ -12,11 +12,13 @@ import json
 import random
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coupon.entrypoints.app import MAX_REQUEST_BYTES
+from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import connect_client, create_campaign
 from harness.raw_http import ISSUE, last_words, open_connection, read_response
 from harness.server import ServerProcess
@@ -155,6 +157,18 @@ CASES: dict[str, list[str]] = {
         "Content-Type: application/json",
         "Content-Length: {n}",
     ],
+    "protocol version 1": [
+        "Host: test",
+        "Connect-Protocol-Version: 1",
+        "Content-Type: application/json",
+        "Content-Length: {n}",
+    ],
+    "protocol version 2": [
+        "Host: test",
+        "Content-Type: application/json",
+        "Connect-Protocol-Version: 2",
+        "Content-Length: {n}",
+    ],
     "an unknown content type": ["Host: test", "Content-Type: text/plain", "Content-Length: {n}"],
     "no content type": ["Host: test", "Content-Length: {n}"],
     "no length": ["Host: test", "Content-Type: application/json", "Connection: close"],
@@ -221,6 +235,35 @@ async def test_the_lane_answers_the_common_request_and_closes_when_asked(
     raw = request(payload, [*fields, f"Content-Length: {len(payload)}"])
     status, _, closed = await answer(server, raw, split=False)
     assert (status, closed) == (200, True)
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("1", (200, "")), ("2", (400, "invalid_argument")), ("", (400, "invalid_argument"))],
+)
+async def test_a_protocol_version_other_than_1_is_refused_whichever_way_it_is_read(
+    server: ServerProcess, campaign: str, version: str, expected: tuple[int, str]
+) -> None:
+    """The Connect protocol has one version: a request that names another is refused, on
+    the lane, through the parser and over HTTP/2, and issues nothing."""
+    user = f"version-{version or 'empty'}"
+    payload = body(campaign, user)
+    fields = ["Host: t", "Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    raw = request(payload, [*fields, f"Connect-Protocol-Version: {version}"])
+    for split in (False, True):
+        status, code, _ = await answer(server, raw, split=split)
+        assert (status, code) == expected, split
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2:
+        response = await h2.post(
+            server.url + ISSUE,
+            content=payload,
+            headers={"content-type": "application/json", "connect-protocol-version": version},
+        )
+    code = "" if response.status_code == 200 else response.json()["code"]
+    assert (response.status_code, code) == expected
+    async with connect_client(server.url) as client:
+        mine = await client.list_user_coupons(coupon_pb.ListUserCouponsRequest(user_id=user))
+    assert len(mine.coupons) == (1 if expected[0] == 200 else 0)
 
 
 async def test_a_body_over_the_limit_in_one_write_is_refused_unread(

@@ -245,7 +245,10 @@ class FastIssue:
             elif name in (b"content-encoding", b"connect-content-encoding"):
                 if value.strip().lower() != b"identity":
                     return None
-            elif name == b"connect-timeout-ms":
+            elif name == b"connect-timeout-ms" or (
+                # Only version 1 exists; the full application answers any other.
+                name == b"connect-protocol-version" and value.strip() != b"1"
+            ):
                 return None
         if codec is None or not 0 <= length <= self._max_bytes:
             return None

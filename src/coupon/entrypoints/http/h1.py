@@ -68,7 +68,10 @@ _NOT_FOR_THE_LANE = frozenset(
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
 # What the lane reads of a request it takes without the parser.
 _LANE_REQUEST_LINE = b"POST " + ISSUE_PATH_BYTES + b" HTTP/1.1\r\n"
-_LANE_FIELDS = frozenset({b"content-type", b"content-length", b"connection", *_ENCODINGS})
+_PROTOCOL_VERSION = b"connect-protocol-version"
+_LANE_FIELDS = frozenset(
+    {b"content-type", b"content-length", b"connection", _PROTOCOL_VERSION, *_ENCODINGS}
+)
 # Bytes a field line may hold (RFC 9110: visible characters, space, tab, obs-text).
 _FIELD_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # RFC 9110 tchar, lower case (names are compared lowered).
@@ -116,6 +119,10 @@ def _lane_fields(block: bytes) -> LaneFields | None:
                 if value == b"close":
                     keep_alive = False
                 elif value != b"keep-alive":
+                    return None
+            elif name == _PROTOCOL_VERSION:
+                # Only version 1 exists; the full application answers any other.
+                if value.strip(b" \t") != b"1":
                     return None
             elif value.strip(b" \t").lower() != b"identity":  # an encoding
                 return None
@@ -304,7 +311,9 @@ class Http1Protocol(HttpToolsProtocol):
             self._lane_ok = False
             if name == b"expect" and value.lower() == b"100-continue":
                 self.expect_100_continue = True
-        elif name in _ENCODINGS and value.strip().lower() != b"identity":
+        elif (name in _ENCODINGS and value.strip().lower() != b"identity") or (
+            name == _PROTOCOL_VERSION and value.strip() != b"1"
+        ):
             self._lane_ok = False
         self.headers.append((name, value))
 
