@@ -1,8 +1,9 @@
 """Who may call the admin RPCs. CreateCampaign and GetCampaign create stock and reveal every
-code: with COUPON_ADMIN_TOKEN configured they need `Authorization: Bearer <token>` exactly,
-refuse anything else with `unauthenticated` and change nothing; IssueCoupon is public; with
-no token configured (development) the admin RPCs are open. The token comparison is
-constant time: AdminGuard goes through hmac.compare_digest for every request.
+code: with COUPON_ADMIN_TOKEN configured they need `Authorization: Bearer <token>` exactly
+(the scheme's name in any case, as RFC 9110 has it), refuse anything else with
+`unauthenticated` and change nothing; IssueCoupon is public; with no token configured
+(development) the admin RPCs are open. The token comparison is constant time: AdminGuard
+goes through hmac.compare_digest for every request.
 
 (APP_ENV=production without a token refusing to start is in tests/unit/test_settings.py.)
 """
@@ -46,11 +47,18 @@ REFUSED: dict[str, dict[str, bytes]] = {
     "first character": {"authorization": f"Bearer {TOKEN[0]}".encode()},
     "token plus a character": {"authorization": f"Bearer {TOKEN}x".encode()},
     "two spaces": {"authorization": f"Bearer  {TOKEN}".encode()},
+    "token in another case": {"authorization": f"Bearer {TOKEN.lower()}".encode()},
+    "lower-case scheme, wrong token": {"authorization": b"bearer not-the-token"},
     "token twice": {"authorization": f"Bearer {TOKEN} {TOKEN}".encode()},
     "non-ASCII": {"authorization": "Bearer tökén".encode()},
     "other header": {"x-admin-token": TOKEN.encode()},
 }
 GOOD = {"authorization": f"Bearer {TOKEN}".encode()}
+# The scheme's name is case-insensitive (RFC 9110, 11.1); the token is not.
+ALSO_GOOD: dict[str, dict[str, bytes]] = {
+    "lower-case scheme": {"authorization": f"bearer {TOKEN}".encode()},
+    "upper-case scheme": {"authorization": f"BEARER {TOKEN}".encode()},
+}
 
 
 def post(url: str, rpc: str, body: dict[str, Any], headers: dict[str, bytes]) -> httpx.Response:
@@ -154,6 +162,13 @@ async def test_the_right_token_passes_and_refusals_changed_nothing(guarded: Guar
         assert await campaigns_named(guarded.database, "guarded") >= 1
 
 
+@pytest.mark.parametrize("case", list(ALSO_GOOD))
+def test_the_scheme_passes_in_any_case(guarded: Guarded, case: str) -> None:
+    got = post(guarded.url, "GetCampaign", {"campaignId": guarded.campaign_id}, ALSO_GOOD[case])
+    assert got.status_code == 200, got.text
+    assert guarded.code in got.text
+
+
 @pytest.mark.parametrize("headers", [{}, REFUSED["wrong token"], GOOD])
 def test_issue_coupon_needs_no_token(guarded: Guarded, headers: dict[str, bytes]) -> None:
     user = f"user-{uuid.uuid4()}"
@@ -199,7 +214,7 @@ def fake_context(headers: dict[str, str]) -> Any:
     return SimpleNamespace(request_headers=headers)
 
 
-@pytest.mark.parametrize("case", [*REFUSED, "good"])
+@pytest.mark.parametrize("case", [*REFUSED, "good", *ALSO_GOOD])
 def test_admin_guard_compares_through_hmac_compare_digest(
     monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
@@ -213,20 +228,21 @@ def test_admin_guard_compares_through_hmac_compare_digest(
         return real(a, b)
 
     monkeypatch.setattr(connect_service.hmac, "compare_digest", recording)
-    raw = GOOD if case == "good" else REFUSED[case]
+    raw = GOOD if case == "good" else ALSO_GOOD.get(case) or REFUSED[case]
     headers = {k: v.decode("latin-1") for k, v in raw.items()}
     guard = AdminGuard(TOKEN)
-    if case == "good":
+    if case not in REFUSED:
         guard.check(fake_context(headers))
     else:
         with pytest.raises(ConnectError) as refused:
             guard.check(fake_context(headers))
         assert refused.value.code == Code.UNAUTHENTICATED
-    expected = f"Bearer {TOKEN}".encode()
+    expected = f"bearer {TOKEN}".encode()
     assert len(calls) == 1
     given, against = calls[0]
     assert against == expected
-    assert given == headers.get("authorization", "").encode()
+    value = headers.get("authorization", "")
+    assert given == (value[:7].lower() + value[7:]).encode()
 
 
 def test_admin_guard_has_no_other_comparison_of_the_header() -> None:

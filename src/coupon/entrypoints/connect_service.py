@@ -168,14 +168,16 @@ class AdminGuard:
     """Admin RPCs need `Authorization: Bearer <token>` whenever a token is configured."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode() if token else b""
+        self._expected = f"bearer {token}".encode() if token else b""
 
     def allows(self, authorization: str) -> bool:
-        """Whether an Authorization header value passes (also for the dashboard's API)."""
+        """Whether an Authorization header value passes (also for the dashboard's API). The
+        scheme's name is case-insensitive (RFC 9110, 11.1), so it is compared lowered."""
         if not self._expected:
             return True
+        given = authorization[:7].lower() + authorization[7:]
         # Constant time, so the comparison does not leak how much of a guess was right.
-        return hmac.compare_digest(authorization.encode(), self._expected)
+        return hmac.compare_digest(given.encode(), self._expected)
 
     def check(self, ctx: RequestContext[object, object]) -> None:
         if not self.allows(ctx.request_headers.get("authorization", "")):
