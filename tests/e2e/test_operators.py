@@ -109,6 +109,45 @@ async def test_list_campaigns_newest_first_with_status_and_server_time(
         assert "page_token" in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("status", "refused"),
+    [
+        (99, True),
+        (-1, True),
+        ("ACTIVE", True),
+        ("campaign_status_active", True),
+        ("CAMPAIGN_STATUS_SCHEDULED", False),
+        (1, False),
+        ("CAMPAIGN_STATUS_UNSPECIFIED", False),
+        (0, False),
+        (None, False),
+    ],
+    ids=repr,
+)
+def test_list_campaigns_in_json_refuses_a_status_it_does_not_know(
+    server: ServerProcess, status: object, refused: bool
+) -> None:
+    """A status filter the enum does not have is refused in JSON as in binary, rather than
+    read as no filter (which would list every campaign)."""
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/ListCampaigns",
+        json={"status": status, "pageSize": 1000},
+        headers=admin(TOKEN),
+        timeout=10,
+    )
+    if refused:
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "invalid_argument"
+        assert response.json()["message"].startswith("status: must be one of"), response.text
+        return
+    assert response.status_code == 200, response.text
+    listed = {c["status"] for c in response.json().get("campaigns", [])}
+    if status in (1, "CAMPAIGN_STATUS_SCHEDULED"):
+        assert listed <= {"CAMPAIGN_STATUS_SCHEDULED"}
+    else:
+        assert len(listed) > 1  # no filter: campaigns of several statuses
+
+
 async def test_get_campaign_tells_the_server_time(server: ServerProcess) -> None:
     async with connect_client(server.url) as client:
         campaign = await create_campaign(client, total=5, token=TOKEN)

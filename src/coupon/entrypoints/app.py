@@ -23,6 +23,7 @@ from litestar.enums import ScopeType
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
+from coupon.entrypoints.codecs import codecs
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
@@ -153,7 +154,9 @@ class CouponApp:
         (await container.get(Doorman)).loop_lag.start(asyncio.get_running_loop())
         self.readiness = await container.get(Readiness)
         self.dashboard = await container.get(Dashboard)
-        self.connect = CouponServiceASGIApplication(service, read_max_bytes=MAX_REQUEST_BYTES)
+        self.connect = CouponServiceASGIApplication(
+            service, read_max_bytes=MAX_REQUEST_BYTES, codecs=codecs()
+        )
         self.issue_route = IssueRoute(service)
         self.fast_issue = FastIssue(self.issue_route, MAX_REQUEST_BYTES)
         # Everything built so far (modules, the container, pools) lives as long as the

@@ -25,6 +25,7 @@ _STATUS = {
 }
 
 
+STATUS_CHOICES = "must be one of SCHEDULED, ACTIVE, SOLD_OUT, ENDED or unset"
 _STATUS_FILTER = {
     coupon_pb.CampaignStatus.UNSPECIFIED: None,
     **{message: status for status, message in _STATUS.items()},
@@ -36,9 +37,7 @@ def status_filter(value: int) -> CampaignStatus | None:
     try:
         return _STATUS_FILTER[coupon_pb.CampaignStatus(value)]
     except (ValueError, KeyError):
-        raise InvalidArgument(
-            "status", f"must be one of SCHEDULED, ACTIVE, SOLD_OUT, ENDED or unset (got {value})"
-        ) from None
+        raise InvalidArgument("status", f"{STATUS_CHOICES} (got {value})") from None
 
 
 def to_datetime(field: str, value: Timestamp | None) -> datetime | None:
