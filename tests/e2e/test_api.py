@@ -10,6 +10,7 @@ import httpx
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.domain.codes import is_well_formed
 from coupon.gen.coupon.v1 import coupon_pb
@@ -190,6 +191,39 @@ async def test_bad_campaign_fields_are_invalid_argument_naming_the_field(
     )
     assert err.code == Code.INVALID_ARGUMENT
     assert err.message.startswith(f"{field}: ")
+
+
+async def test_times_are_kept_to_the_microsecond_and_said_so_when_that_decides(
+    client: CouponServiceClient,
+) -> None:
+    """Nanoseconds beyond the microsecond are dropped, as the proto says; an end that only
+    nanoseconds put after the start is refused with a message that says why."""
+    seconds = int(datetime.now(UTC).timestamp()) + 3600
+    kept = await client.create_campaign(
+        coupon_pb.CreateCampaignRequest(
+            name="ns",
+            total_coupons=1,
+            starts_at=Timestamp(seconds=seconds, nanos=123_456_789),
+            ends_at=Timestamp(seconds=seconds, nanos=123_457_000),
+        ),
+        headers=AUTH,
+    )
+    assert kept.campaign is not None and kept.campaign.starts_at is not None
+    assert kept.campaign.starts_at.nanos == 123_456_000
+    err = await error_of(
+        client.create_campaign(
+            coupon_pb.CreateCampaignRequest(
+                name="ns",
+                total_coupons=1,
+                starts_at=Timestamp(seconds=seconds, nanos=0),
+                ends_at=Timestamp(seconds=seconds, nanos=1),
+            ),
+            headers=AUTH,
+        )
+    )
+    assert err.code == Code.INVALID_ARGUMENT
+    assert err.message.startswith("ends_at: must be after starts_at")
+    assert "kept to the microsecond" in err.message
 
 
 @pytest.mark.parametrize(

@@ -120,9 +120,10 @@ def new_campaign(
     assert start is not None
     end = validate_time("ends_at", ends_at, required=False)
     if end is not None and end <= start:
+        kept = " (times are kept to the microsecond)" if end == start else ""
         raise InvalidArgument(
             "ends_at",
-            f"must be after starts_at ({start.isoformat()}); got {end.isoformat()}",
+            f"must be after starts_at ({start.isoformat()}); got {end.isoformat()}{kept}",
         )
     if end is not None and end <= now:
         raise InvalidArgument(

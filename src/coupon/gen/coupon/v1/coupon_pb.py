@@ -170,13 +170,13 @@ class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
             int64 total_coupons = 2;
             ```
         starts_at:
-            Required.
+            Required. Kept to the microsecond (nanoseconds beyond are dropped), as are all times.
 
             ```proto
             optional google.protobuf.Timestamp starts_at = 3;
             ```
         ends_at:
-            Optional; after starts_at.
+            Optional; at least a microsecond after starts_at.
 
             ```proto
             optional google.protobuf.Timestamp ends_at = 4;
