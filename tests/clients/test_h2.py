@@ -272,6 +272,57 @@ def test_http1_and_http2_are_told_apart_from_bytes_in_pieces(server: ServerProce
     assert json.loads(payload)["coupon"]["userId"] == "pieces"
 
 
+def test_grpc_over_http1_is_refused_with_a_status_that_says_why(server: ServerProcess) -> None:
+    """gRPC's status travels in trailers, which HTTP/1.1 does not carry here: the answer is
+    a trailers-only `unimplemented` naming HTTP/2, and nothing is issued."""
+    client = H2Client(server.port)
+    try:
+        campaign_id = create_campaign(client, total=2)
+    finally:
+        client.close()
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+        content=issue_request(campaign_id, "over-http1"),
+        headers={"content-type": "application/grpc", "te": "trailers"},
+    )
+    assert response.http_version == "HTTP/1.1"
+    assert (response.status_code, response.headers["grpc-status"]) == (200, "12")
+    assert "HTTP/2" in response.headers["grpc-message"]
+    assert "ASGI" not in response.headers["grpc-message"]
+    mine = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/ListUserCoupons",
+        json={"userId": "over-http1"},
+    )
+    assert mine.status_code == 200 and mine.json().get("coupons") is None, mine.text
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
+def test_an_unsupported_content_type_lists_what_the_method_accepts(
+    server: ServerProcess, http2: bool
+) -> None:
+    with httpx.Client(http1=not http2, http2=http2, timeout=10) as web:
+        unary = web.post(
+            f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+            content=b"x",
+            headers={"content-type": "text/plain"},
+        )
+        streaming = web.post(
+            f"{server.url}/coupon.v1.CouponService/ExportCoupons",
+            content=b"{}",
+            headers={"content-type": "application/json"},
+        )
+    assert unary.status_code == streaming.status_code == 415
+    unary_types = set(unary.headers["accept-post"].split(", "))
+    streaming_types = set(streaming.headers["accept-post"].split(", "))
+    web_types = {"application/grpc-web+proto", "application/grpc-web+json"}
+    grpc_types = {"application/grpc+proto", "application/grpc+json"} if http2 else set()
+    assert unary_types == {"application/proto", "application/json"} | web_types | grpc_types
+    assert streaming_types == (
+        {"application/connect+proto", "application/connect+json"} | web_types | grpc_types
+    )
+
+
 def test_connections_that_close_early_leave_the_server_serving(server: ServerProcess) -> None:
     for first_bytes in (b"", b"PRI * HTTP/2.0\r\n", b"P", b"GET /healthz HTTP/1.1\r\n"):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:

@@ -41,6 +41,44 @@ from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
 log = logging.getLogger("coupon")
 
 CONNECT_PREFIX = "/coupon.v1.CouponService/"
+EXPORT_PATH = CONNECT_PREFIX + "ExportCoupons"
+# What a 415 lists, by (a streaming method, gRPC possible on this connection).
+_UNARY = b"application/proto, application/json"
+_STREAMING = b"application/connect+proto, application/connect+json"
+_GRPC_WEB = b", application/grpc-web+proto, application/grpc-web+json"
+_GRPC = b", application/grpc+proto, application/grpc+json"
+_ACCEPT_POST = {
+    (False, False): _UNARY + _GRPC_WEB,
+    (False, True): _UNARY + _GRPC_WEB + _GRPC,
+    (True, False): _STREAMING + _GRPC_WEB,
+    (True, True): _STREAMING + _GRPC_WEB + _GRPC,
+}
+# gRPC sends its status in trailers, which HTTP/1.1 here does not carry: a trailers-only
+# answer says so (the Connect protocol and gRPC-Web work over HTTP/1.1).
+_GRPC_NEEDS_HTTP2: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"12"),
+        (
+            b"grpc-message",
+            b"gRPC needs HTTP/2 (cleartext with prior knowledge, or TLS): over HTTP/1.1"
+            b" use the Connect protocol or gRPC-Web",
+        ),
+        (b"content-length", b"0"),
+        (b"connection", b"close"),
+    ],
+}
+
+
+def _content_type(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.lower()
+    return b""
+
+
 # Requests are a few dozen bytes; anything near this is not a request of ours.
 MAX_REQUEST_BYTES = 64 * 1024
 REFLECTION_PREFIX = "/grpc.reflection."
@@ -129,7 +167,20 @@ class CouponApp:
         connect: CouponServiceASGIApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """A response sent before the request body was read (an early refusal) closes the
-        connection: the unread body would otherwise be taken for the next request."""
+        connection: the unread body would otherwise be taken for the next request. A 415
+        lists the content types this method accepts (the library's lists the unary Connect
+        ones whatever the method); gRPC without trailers (HTTP/1.1) is refused plainly."""
+        trailers = "http.response.trailers" in (scope.get("extensions") or {})
+        content_type = _content_type(scope)
+        if (
+            not trailers
+            and content_type.startswith(b"application/grpc")
+            and not content_type.startswith(b"application/grpc-web")
+        ):
+            await send(_GRPC_NEEDS_HTTP2)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
         body_done = False
 
         async def receive_tracking() -> ReceiveMessage:
@@ -140,8 +191,13 @@ class CouponApp:
             return message
 
         async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and not body_done:
-                headers = [*message.get("headers", ()), (b"connection", b"close")]
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if message["status"] == 415:
+                    headers = [h for h in headers if h[0].lower() != b"accept-post"]
+                    headers.append((b"accept-post", accepted))
+                if not body_done:
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
