@@ -233,6 +233,12 @@ async def test_times_are_kept_to_the_microsecond_and_said_so_when_that_decides(
         ("nope", "alice", "campaign_id"),
         ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "", "user_id"),
         ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "u" * 129, "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", " ", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "\t\n", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "a\tb", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "\x1b[31mred", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "a\x7f", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "a\x85", "user_id"),
     ],
 )
 async def test_bad_issue_fields_are_invalid_argument_naming_the_field(
@@ -287,12 +293,18 @@ async def test_admin_rpcs_without_the_token_are_unauthenticated(
 
 async def test_rejected_requests_change_nothing(client: CouponServiceClient) -> None:
     c = await create(client, total=2)
-    for bad in ("", "u" * 129):
+    for bad in ("", "u" * 129, "  ", "bob\n"):
         await error_of(
             client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=bad))
         )
     campaign, coupons = await all_coupons(client, c.id, TOKEN)
     assert campaign.issued_count == 0 and coupons == []
+    # Spaces inside an id, and characters beyond ASCII, are an id's own.
+    for good in ("a b", "쿠폰 사용자"):
+        issued = await client.issue_coupon(
+            coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=good)
+        )
+        assert issued.coupon is not None and issued.coupon.user_id == good
 
 
 def test_connect_json_works_with_plain_http(server: ServerProcess) -> None:

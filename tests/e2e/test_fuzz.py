@@ -305,7 +305,10 @@ good_names = st.text(plain_chars, max_size=190).map(lambda t: f"fuzz {t}")
 good_user_ids = st.one_of(
     st.sampled_from(["alice", "bob", "카카오"]),  # repeats: already_issued
     st.uuids().map(str),
-    st.text(plain_chars, min_size=1, max_size=128),
+    # Not blank, no control characters (C0, DEL, C1).
+    st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=128).filter(
+        lambda t: not t.isspace()
+    ),
 )
 
 

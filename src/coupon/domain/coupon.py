@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,6 +10,8 @@ from datetime import datetime
 from coupon.domain.errors import InvalidArgument
 
 USER_ID_MAX_CHARS = 128
+# C0, DEL and C1: a tab, a newline or an escape sequence is no part of a user's id.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 # Not frozen, as Issued and Admission: one is built per issued coupon, and a frozen
@@ -31,9 +34,19 @@ def validate_user_id(user_id: str) -> str:
         raise InvalidArgument(
             "user_id", f"must be at most {USER_ID_MAX_CHARS} characters (got {len(user_id)})"
         )
-    if "\x00" in user_id:
-        # Also what lets the Redis gate send a batch's user ids as one NUL-joined string.
-        raise InvalidArgument("user_id", "must not contain NUL characters")
+    if not user_id.isprintable():  # beyond visible characters and spaces: rare
+        if "\x00" in user_id:
+            # Also what lets the Redis gate send a batch's user ids as one NUL-joined string.
+            raise InvalidArgument("user_id", "must not contain NUL characters")
+        control = _CONTROL.search(user_id)
+        if control is not None:
+            raise InvalidArgument(
+                "user_id",
+                f"must not contain control characters (got {control.group()!r} "
+                f"at {control.start()})",
+            )
+    if user_id.isspace():
+        raise InvalidArgument("user_id", "must not be blank")
     return user_id
 
 

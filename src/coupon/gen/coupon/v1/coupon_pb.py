@@ -340,7 +340,7 @@ class IssueCouponRequest(Message[_IssueCouponRequestFields]):
             string campaign_id = 1;
             ```
         user_id:
-            1 to 128 characters.
+            1 to 128 characters; not blank, no control characters.
 
             ```proto
             string user_id = 2;
@@ -558,7 +558,7 @@ class ListUserCouponsRequest(Message[_ListUserCouponsRequestFields]):
 
     Attributes:
         user_id:
-            1 to 128 characters.
+            1 to 128 characters; not blank, no control characters.
 
             ```proto
             string user_id = 1;
