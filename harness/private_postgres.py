@@ -7,6 +7,7 @@ PostgreSQL refuses to run as root: as root, the server runs as the `postgres` us
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -107,6 +108,7 @@ class PrivatePostgres:
     def stop(self) -> None:
         """A fast shutdown (SIGINT): sessions are ended, the data stays."""
         if self._process is not None:
+            self.resume()  # were it paused
             self._process.send_signal(signal.SIGINT)
             try:
                 self._process.wait(30)
@@ -114,6 +116,29 @@ class PrivatePostgres:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+    def pause(self) -> None:
+        """Stall the whole server (SIGSTOP to the postmaster and every process it started,
+        each in a session of its own): connections stay open and nothing answers, as with
+        a server frozen by its host."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def _processes(self) -> list[int]:
+        assert self._process is not None
+        postmaster = self._process.pid
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     def close(self) -> None:
         self.stop()

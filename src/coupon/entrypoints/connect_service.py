@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -39,7 +39,7 @@ from coupon.domain.errors import (
 )
 from coupon.entrypoints.logs import request_id
 from coupon.entrypoints.metrics import CounterTally, Metrics
-from coupon.entrypoints.overload import Doorman, RetryLater
+from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import (
     campaign_message,
     coupon_message,
@@ -70,7 +70,14 @@ T = TypeVar("T")
 _LOGGED_FAILURES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.UNAVAILABLE, Code.DATA_LOSS})
 
 
+# The hint when a dependency (Redis, PostgreSQL) failed rather than the process being busy.
+DEPENDENCY_RETRY_MS = 1_000
+
+
 def connect_error(exc: CouponError) -> ConnectError:
+    if isinstance(exc, Unavailable) and not isinstance(exc, Overloaded):
+        # Every `unavailable` says when to come back (IssueCoupon's own hints: _refused).
+        return RetryLater(str(exc), exc.retry_after_ms or DEPENDENCY_RETRY_MS)
     return ConnectError(ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
 
 
@@ -146,13 +153,16 @@ class Observed:
         self.ok.inc()
         self.latency.observe(time.monotonic() - started)
 
-    async def call(self, work: Awaitable[T]) -> T:
+    async def call(self, work: Awaitable[T], ctx: RequestContext[Any, Any]) -> T:
         started = time.monotonic()
         try:
             result = await work
         except CouponError as exc:
             error = connect_error(exc)
             self.failed(started, error.code, error.message)
+            if isinstance(error, RetryLater):
+                for name, value in retry_headers(error.retry_after_ms):
+                    ctx.response_headers[name.decode()] = value.decode()
             raise error from None
         except ConnectError as exc:
             self.failed(started, exc.code, exc.message)
@@ -198,8 +208,7 @@ class Operations:
 
 
 class CouponService:
-    # The hint when a dependency (Redis, PostgreSQL) failed rather than the process being busy.
-    DEPENDENCY_RETRY_MS = 1_000
+    DEPENDENCY_RETRY_MS = DEPENDENCY_RETRY_MS
 
     def __init__(
         self,
@@ -262,7 +271,7 @@ class CouponService:
                 campaign=campaign_message(campaign, campaign.created_at)
             )
 
-        return await self._observe_create.call(work())
+        return await self._observe_create.call(work(), ctx)
 
     async def get_campaign(
         self,
@@ -284,7 +293,7 @@ class CouponService:
                 server_time=to_timestamp(view.now),
             )
 
-        return await self._observe_get.call(work())
+        return await self._observe_get.call(work(), ctx)
 
     async def list_campaigns(
         self,
@@ -305,7 +314,7 @@ class CouponService:
                 server_time=to_timestamp(listed.now),
             )
 
-        return await self._observe_list.call(work())
+        return await self._observe_list.call(work(), ctx)
 
     async def end_campaign(
         self,
@@ -328,7 +337,7 @@ class CouponService:
             )
             return coupon_pb.EndCampaignResponse(campaign=campaign_message(campaign, ended.now))
 
-        return await self._observe_end.call(work())
+        return await self._observe_end.call(work(), ctx)
 
     async def list_user_coupons(
         self,
@@ -347,7 +356,7 @@ class CouponService:
                 next_page_token=found.next_page_token,
             )
 
-        return await self._observe_user.call(work())
+        return await self._observe_user.call(work(), ctx)
 
     async def export_coupons(
         self,

@@ -28,10 +28,14 @@ TRANSIENT = (
     asyncpg.SerializationError,
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
+    # asyncpg's own state error when a connection broke in the middle of an operation
+    # ("cannot switch to state 12; another operation is in progress").
+    asyncpg.InternalClientError,
     # The schema is not applied yet (serve applies it as soon as PostgreSQL answers).
     asyncpg.UndefinedTableError,
 )
 
+COMMAND_TIMEOUT_SECONDS = 10.0
 INFINITY = datetime.max.replace(tzinfo=UTC)
 
 
@@ -60,8 +64,11 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             # Connections open lazily, so start-up does not need PostgreSQL to be up.
             min_size=0,
             max_size=size,
-            # A stuck statement must not hold a request (and its Redis slot) for long.
+            # A stuck statement must not hold a request (and its Redis slot) for long; nor
+            # a stalled or unreachable server, which cannot enforce its statement_timeout:
+            # the client gives up after as long (asyncio.TimeoutError, so Unavailable).
             server_settings={"statement_timeout": "10s", "application_name": "coupon"},
+            command_timeout=COMMAND_TIMEOUT_SECONDS,
             timeout=5,
             reset=_keep_session,
         )
@@ -94,6 +101,8 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
+    if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+        return Unavailable("PostgreSQL is unavailable: it did not answer in time")
     return Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}")
 
 

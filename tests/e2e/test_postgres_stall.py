@@ -1,0 +1,94 @@
+"""A PostgreSQL that stalls — frozen by its host, its connections open and silent, so that
+its own statement_timeout cannot fire — holds no request for longer than the client's
+command timeout: IssueCoupon and GetCampaign answer `unavailable` within it, and once
+PostgreSQL moves again the service serves on, exact (a private PostgreSQL, stopped with
+SIGSTOP; the shared one is never touched)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coupon.adapters.postgres.pool import COMMAND_TIMEOUT_SECONDS
+from harness.client import connect_client, create_campaign, issue_retrying
+from harness.private_postgres import PrivatePostgres, postgres_bindir
+from harness.server import ServerProcess, free_port
+from harness.services import TestServices
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        postgres_bindir() is None,
+        reason="PostgreSQL's initdb is not installed: this test starts a PostgreSQL of its own",
+    ),
+]
+
+RPC = "/coupon.v1.CouponService/"
+# The command timeout, a pool acquire's 5 s, and room for a slow machine.
+BOUND = COMMAND_TIMEOUT_SECONDS + 5 + 5
+
+
+async def timed_post(url: str, rpc: str, body: dict[str, object]) -> tuple[float, httpx.Response]:
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=120) as web:
+        response = await web.post(f"{url}{RPC}{rpc}", json=body)
+    return time.monotonic() - started, response
+
+
+async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_timeout(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> None:
+    postgres = PrivatePostgres(free_port())
+    try:
+        postgres.start()
+        env = {
+            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon_stall",
+            "REDIS_URL": services.redis_url,
+            "COUPON_REDIS_PREFIX": redis_prefix,
+        }
+        with ServerProcess(env=env, log_dir=tmp_path) as server:
+            async with connect_client(server.url) as client:
+                campaign = await create_campaign(client, total=10, name="stall")
+                first = await issue_retrying(client, campaign.id, "before")
+                assert first.coupon is not None
+
+                postgres.pause()
+                try:
+                    answers = await asyncio.gather(
+                        timed_post(
+                            server.url,
+                            "IssueCoupon",
+                            {"campaignId": campaign.id, "userId": "during"},
+                        ),
+                        timed_post(server.url, "GetCampaign", {"campaignId": campaign.id}),
+                    )
+                finally:
+                    postgres.resume()
+                for elapsed, response in answers:
+                    assert response.status_code == 503, response.text
+                    assert response.json()["code"] == "unavailable"
+                    assert "retry-after-ms" in response.headers
+                    assert elapsed < BOUND, (elapsed, response.text)
+
+                # PostgreSQL moves again: the service serves on, and stays exact.
+                after = await issue_retrying(client, campaign.id, "after")
+                during = await issue_retrying(client, campaign.id, "during")
+                again = await issue_retrying(client, campaign.id, "before")
+            assert after.coupon is not None and during.coupon is not None
+            assert again.coupon is not None and again.coupon.code == first.coupon.code
+            async with httpx.AsyncClient(timeout=30) as web:
+                view = (
+                    await web.post(
+                        f"{server.url}{RPC}GetCampaign", json={"campaignId": campaign.id}
+                    )
+                ).json()
+            coupons = view["coupons"]
+            assert view["campaign"]["issuedCount"] == "3"
+            assert sorted(c["userId"] for c in coupons) == ["after", "before", "during"]
+            assert len({c["code"] for c in coupons}) == 3
+    finally:
+        postgres.close()
