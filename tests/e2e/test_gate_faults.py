@@ -99,6 +99,38 @@ async def test_holders_forgotten_by_a_redis_restored_from_an_older_snapshot_get_
         await admin.aclose()
 
 
+async def test_a_campaign_ended_after_the_snapshot_a_redis_restarts_from_stays_ended(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    """The kill switch is recorded in PostgreSQL; a gate restored from a copy older than it
+    does not know it. Newcomers are refused as after the end (the ledger refuses their
+    coupons, and the gate is told the end again), not `unavailable` until an operator ends
+    the campaign a second time; the holder still gets their coupon."""
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        async with connect_client(server.url) as client:
+            c = (await create_campaign(client, total=10, name="ended-after-snapshot")).id
+            code = await code_of(client, c, "holder")
+            saved = await admin.lastsave()
+            await admin.bgsave()
+            while await admin.lastsave() == saved:
+                await asyncio.sleep(0.05)
+            await client.end_campaign(coupon_pb.EndCampaignRequest(campaign_id=c))
+            # (No request after the end before the restart: its refusal, remembered by the
+            # process, would answer the newcomers below without asking the gate.)
+            private_redis.kill()
+            private_redis.start()  # with the snapshot: the campaign is open there
+            for user in ("first", "second", "third"):
+                assert await refused(client, c, user) is Code.FAILED_PRECONDITION, user
+            reply = await issue_retrying(client, c, "holder")
+            assert reply.already_issued and reply.coupon is not None
+            assert reply.coupon.code == code
+            view = await client.get_campaign(coupon_pb.GetCampaignRequest(campaign_id=c))
+            assert view.campaign is not None and view.campaign.issued_count == 1
+    finally:
+        await admin.aclose()
+
+
 async def test_a_holder_committed_across_a_gate_rebuild_is_not_left_out(
     server: ServerProcess, private_redis: PrivateRedis, pg_pool: asyncpg.Pool
 ) -> None:

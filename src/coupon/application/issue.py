@@ -28,7 +28,7 @@ from coupon.application.ports import (
 from coupon.application.refusals import RefusalMemory, Remembered, refusal
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
-from coupon.domain.errors import CouponError, Overloaded, Unavailable
+from coupon.domain.errors import CampaignEnded, CouponError, Overloaded, Unavailable
 
 log = logging.getLogger("coupon")
 
@@ -456,8 +456,12 @@ class IssueCoupon:
             raise
         except ConstraintViolation as exc:
             # PostgreSQL refused what the gate admitted (a gate out of date: rebuilt from a
-            # stale read, or ended meanwhile). Nothing was recorded: retry.
+            # stale read, restored from a copy older than the kill switch, or ended
+            # meanwhile). Nothing was recorded.
             await self._release_quietly(campaign_id, user_id, slot)
+            ended = await self._recorded_end(campaign_id, coupon.issued_at)
+            if ended is not None:
+                raise CampaignEnded(ended) from exc
             raise Unavailable(f"the ledger refused the coupon ({exc}); retry") from exc
         except BaseException:
             # I6: nothing was recorded (or we cannot know; then the lease settles it).
@@ -477,6 +481,20 @@ class IssueCoupon:
             return None
         await self._gate.release(campaign_id, user_id, slot)
         return None
+
+    async def _recorded_end(self, campaign_id: str, issued_at: datetime) -> datetime | None:
+        """The campaign's end as PostgreSQL has it, when the coupon came at or after it;
+        the gate is told a recorded kill switch again, so that it stops admitting (a gate
+        that does not know the end would otherwise admit every newcomer, each refused by
+        the ledger, until an operator ended the campaign again)."""
+        try:
+            campaign = await self._directory.fresh(campaign_id)
+            if campaign.ended_at is not None:
+                await self._gate.end(campaign_id, campaign.ended_at)
+        except CouponError:
+            return None
+        end = campaign.effective_end
+        return end if end is not None and end <= issued_at else None
 
     async def _release_quietly(self, campaign_id: str, user_id: str, slot: int) -> None:
         try:
