@@ -11,6 +11,13 @@ import asyncpg
 import pytest
 
 from coupon.adapters.postgres.pool import KeptConnection, create_pool
+from coupon.domain.errors import OutcomeUnknown, Unavailable
+from harness.server import free_port as a_free_port
+
+
+@pytest.fixture
+def free_port() -> int:
+    return a_free_port()
 
 
 async def test_release_sends_nothing_to_the_server(database: str) -> None:
@@ -113,3 +120,36 @@ async def test_a_kept_connection_the_server_closed_is_replaced(
         assert conn.get_server_pid() != broken
         assert await conn.fetchval("SELECT 1") == 1
     await kept.close()
+
+
+async def test_a_kept_connection_broken_in_use_says_the_outcome_is_unknown(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    """A write on its way when the connection broke may have been done: OutcomeUnknown,
+    not the plain Unavailable that says nothing was."""
+    kept = KeptConnection(pool)
+    other = await asyncpg.connect(database)
+    try:
+        with pytest.raises(OutcomeUnknown) as broken:
+            async with kept.use() as conn:
+                backend = conn.get_server_pid()
+                sleeping = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+                await asyncio.sleep(0.3)
+                await other.execute("SELECT pg_terminate_backend($1)", backend)
+                await sleeping
+        assert "may have been recorded" in str(broken.value)
+    finally:
+        await other.close()
+        await kept.close()
+
+
+async def test_a_kept_connection_that_cannot_be_had_says_unavailable(free_port: int) -> None:
+    pool = await create_pool(f"postgresql://postgres@127.0.0.1:{free_port}/none", 1)
+    kept = KeptConnection(pool)
+    try:
+        with pytest.raises(Unavailable) as refused:
+            async with kept.use():
+                pass
+        assert not isinstance(refused.value, OutcomeUnknown)
+    finally:
+        await pool.close()

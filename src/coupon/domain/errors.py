@@ -58,5 +58,11 @@ class Unavailable(CouponError):
         self.retry_after_ms = retry_after_ms
 
 
+class OutcomeUnknown(Unavailable):
+    """PostgreSQL failed while a write was on its way (the connection broke, or it did not
+    answer in time): the write may have been recorded. Retrying is safe all the same — a
+    user's coupon is found again, never issued twice."""
+
+
 class Overloaded(Unavailable):
     """The service is at capacity: the request was turned away before any work was done."""

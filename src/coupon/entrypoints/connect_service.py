@@ -32,6 +32,7 @@ from coupon.domain.errors import (
     CampaignNotStarted,
     CouponError,
     InvalidArgument,
+    OutcomeUnknown,
     Overloaded,
     SoldOut,
     Unauthenticated,
@@ -61,6 +62,7 @@ ERROR_CODES: dict[type[CouponError], Code] = {
     SoldOut: Code.RESOURCE_EXHAUSTED,
     Unauthenticated: Code.UNAUTHENTICATED,
     Unavailable: Code.UNAVAILABLE,
+    OutcomeUnknown: Code.UNAVAILABLE,
     Overloaded: Code.UNAVAILABLE,
 }
 
@@ -89,6 +91,7 @@ REJECTION_REASONS: dict[type[CouponError], str] = {
     CampaignNotFound: "not_found",
     InvalidArgument: "invalid",
     Unavailable: "unavailable",
+    OutcomeUnknown: "unavailable",
     Overloaded: "overloaded",
 }
 # Refusals that name no campaign of ours: not counted per campaign on the live dashboard.

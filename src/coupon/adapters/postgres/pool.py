@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from coupon.domain.errors import Unavailable
+from coupon.domain.errors import OutcomeUnknown, Unavailable
 
 # Errors after which retrying later can succeed: the server is down, restarting,
 # overloaded or the connection broke; or it refuses the role or lacks the database, which
@@ -100,6 +100,13 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         raise _unavailable(exc) from exc
 
 
+def _outcome_unknown(exc: BaseException) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"{_unavailable(exc)}, while recording: it may have been recorded all the same;"
+        " retry (a coupon recorded is returned to its user, never issued twice)"
+    )
+
+
 def _unavailable(exc: BaseException) -> Unavailable:
     if isinstance(exc, asyncio.TimeoutError) and not str(exc):
         return Unavailable("PostgreSQL is unavailable: it did not answer in time")
@@ -126,20 +133,24 @@ class KeptConnection:
     @asynccontextmanager
     async def use(self) -> AsyncIterator[asyncpg.Connection]:
         """The kept connection, or one from the pool when it is in use or gone; transient
-        database failures become `Unavailable`, as with `connection`."""
+        database failures become `Unavailable`, as with `connection` — `OutcomeUnknown`
+        once the connection was in use, since what was sent may have been done."""
         conn, self._kept = self._kept, None
+        used = False
         try:
             if conn is not None and not _open(conn):  # the server closed it meanwhile
                 await self._release_quietly(conn)
                 conn = None
             if conn is None:
                 conn = await self._pool.acquire(timeout=5)
+            used = True
             yield conn
         except BaseException as exc:
             if conn is not None:
                 await self._release_quietly(conn)
             if isinstance(exc, TRANSIENT):
-                raise _unavailable(exc) from exc
+                # Failed in use, a write may have reached the server before it broke.
+                raise (_outcome_unknown(exc) if used else _unavailable(exc)) from exc
             raise
         if self._kept is None and _open(conn):
             self._kept = conn
