@@ -30,6 +30,7 @@ from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import (
+    STUCK,
     Admission,
     AdmissionKind,
     CampaignRepository,
@@ -550,6 +551,26 @@ async def test_gate_release_returns_the_slot_after_the_reissue_delay(adapters: A
     await asyncio.sleep(DELAY)
     b = await adapters.gate.admit(c.id, "bob")
     assert b.kind is AdmissionKind.ADMITTED and b.slot == a.slot
+
+
+async def test_gate_sold_out_behind_a_stuck_admission_is_not_final(adapters: Adapters) -> None:
+    """An admission pending past STUCK (its process died mid-commit, or PostgreSQL stalls)
+    may still be given back: the sold-out answer says when its lease runs out, rather than
+    final; one pending less long, or confirmed, leaves the answer final."""
+    c = await adapters.new_campaign(total=1)
+    a = await adapters.gate.admit(c.id, "alice")
+    young = await adapters.gate.admit(c.id, "bob")
+    assert young.kind is AdmissionKind.SOLD_OUT
+    assert young.view is not None and young.view.reopens_at is None
+    await asyncio.sleep(STUCK.total_seconds() + 0.2)
+    stuck = await adapters.gate.admit(c.id, "bob")
+    assert stuck.kind is AdmissionKind.SOLD_OUT and stuck.view is not None
+    assert stuck.view.reopens_at is not None
+    assert stuck.view.reopens_at - a.now == timedelta(seconds=LEASE)
+    adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
+    final = await adapters.gate.admit(c.id, "bob")
+    assert final.kind is AdmissionKind.SOLD_OUT
+    assert final.view is not None and final.view.reopens_at is None
 
 
 async def test_gate_release_of_a_slot_the_user_no_longer_holds_does_nothing(

@@ -1,8 +1,9 @@
 """A PostgreSQL that stalls — frozen by its host, its connections open and silent, so that
 its own statement_timeout cannot fire — holds no request for longer than the client's
 command timeout: IssueCoupon and GetCampaign answer `unavailable` within it, and once
-PostgreSQL moves again the service serves on, exact (a private PostgreSQL, stopped with
-SIGSTOP; the shared one is never touched)."""
+PostgreSQL moves again the service serves on, exact. Stock whose commit is stuck in the
+stall is not sold out to newcomers (a private PostgreSQL, stopped with SIGSTOP; the shared
+one is never touched)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from connectrpc.errors import ConnectError
 
 from coupon.adapters.postgres.pool import COMMAND_TIMEOUT_SECONDS
+from coupon.application.ports import STUCK
+from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.client import connect_client, create_campaign, issue_retrying
 from harness.private_postgres import PrivatePostgres, postgres_bindir
 from harness.server import ServerProcess, free_port
@@ -90,5 +94,62 @@ async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_tim
             assert view["campaign"]["issuedCount"] == "3"
             assert sorted(c["userId"] for c in coupons) == ["after", "before", "during"]
             assert len({c["code"] for c in coupons}) == 3
+    finally:
+        postgres.close()
+
+
+async def outcome(client: CouponServiceClient, campaign_id: str, user: str) -> str:
+    """The user's coupon code after retrying `unavailable`, or the final error's code."""
+    try:
+        reply = await issue_retrying(client, campaign_id, user, give_up_after=60)
+    except ConnectError as exc:
+        return exc.code.value
+    assert reply.coupon is not None
+    return reply.coupon.code
+
+
+async def test_sold_out_behind_a_commit_stuck_in_a_stall_is_not_final(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> None:
+    """The last coupon's commit hangs in a stalled PostgreSQL: a newcomer meanwhile is told
+    to retry (the coupon may come back), not sold out; afterwards exactly one of the two
+    holds it and the other is sold out."""
+    postgres = PrivatePostgres(free_port())
+    try:
+        postgres.start()
+        env = {
+            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon_stuck",
+            "REDIS_URL": services.redis_url,
+            "COUPON_REDIS_PREFIX": redis_prefix,
+        }
+        with ServerProcess(env=env, log_dir=tmp_path) as server:
+            async with connect_client(server.url) as client:
+                campaign = await create_campaign(client, total=1, name="stuck")
+                postgres.pause()
+                try:
+                    first = asyncio.ensure_future(
+                        timed_post(
+                            server.url,
+                            "IssueCoupon",
+                            {"campaignId": campaign.id, "userId": "first"},
+                        )
+                    )
+                    await asyncio.sleep(STUCK.total_seconds() + 0.5)
+                    _, newcomer = await timed_post(
+                        server.url, "IssueCoupon", {"campaignId": campaign.id, "userId": "second"}
+                    )
+                finally:
+                    postgres.resume()
+                await first
+                assert newcomer.status_code == 503, newcomer.text
+                assert newcomer.json()["code"] == "unavailable"
+                # Told when the stuck admission's lease runs out, not the dependency's 1 s.
+                assert "may come back" in newcomer.json()["message"], newcomer.text
+                assert int(newcomer.headers["retry-after-ms"]) > 1_000
+                answers = {u: await outcome(client, campaign.id, u) for u in ("first", "second")}
+            assert sorted(len(a) == 10 for a in answers.values()) == [False, True], answers
+            assert "resource_exhausted" in answers.values(), answers
+            _, got = await timed_post(server.url, "GetCampaign", {"campaignId": campaign.id})
+            assert got.json()["campaign"]["issuedCount"] == "1"
     finally:
         postgres.close()

@@ -406,10 +406,11 @@ class IssueCoupon:
         view = admission.view
         assert view is not None
         if admission.kind is AdmissionKind.SOLD_OUT and view.reopens_at is not None:
-            # Not final: slots given back become issuable again in a moment.
+            # Not final: slots given back become issuable again in a moment, or admissions
+            # stuck pending may be given back once their lease runs out.
             wait = (view.reopens_at - admission.now).total_seconds()
             raise Unavailable(
-                "every coupon is taken right now, but some are being given back; retry",
+                "every coupon is taken right now, but some may come back; retry",
                 retry_after_ms=max(1, int(wait * 1000) + 1),
             )
         if admission.kind is not AdmissionKind.NOT_STARTED and not self._memory.surely_not_holder(

@@ -10,7 +10,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Generic, Protocol, TypeVar
 
 from coupon.domain.campaign import Campaign, CampaignStatus
@@ -195,8 +195,16 @@ class GateView:
     # The campaign's window as the gate applies it (a kill switch included).
     starts_at: datetime
     ends_at: datetime | None
-    # The earliest moment a slot given back becomes issuable again (None: no slot waits).
+    # The earliest moment a slot given back becomes issuable again, or, when none waits,
+    # when an admission pending past STUCK is settled (None: the refusal is final).
     reopens_at: datetime | None = None
+
+
+# How long an admission may stay pending (its coupon being recorded) before a sold-out
+# answer counts it as possibly coming back: a commit takes milliseconds, so one pending
+# longer was cut off (its process died) or waits on a stalled PostgreSQL. The admit
+# script has the same figure (adapters/redis/lua/admit.lua).
+STUCK = timedelta(seconds=2)
 
 
 # Not frozen: one is built per request, and a frozen dataclass takes 1 us to build (a

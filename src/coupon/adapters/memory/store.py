@@ -12,11 +12,12 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from coupon.application.ports import (
+    STUCK,
     Admission,
     AdmissionKind,
     Clock,
@@ -258,9 +259,14 @@ class MemoryStockGate:
                 if now - admitted_at <= self._lease or len(stale_list) >= self.STALE_BATCH:
                     break
                 stale_list.append((user, state.users[user]))
-            return Admission(
-                AdmissionKind.SOLD_OUT, now, stale=tuple(stale_list), view=self._view(state)
-            )
+            view = self._view(state)
+            if view.reopens_at is None and state.pending:
+                # An admission pending longer than a commit takes (its process died, or
+                # PostgreSQL stalls) may still come back: not final until the lease says.
+                oldest = next(iter(state.pending.values()))
+                if now - oldest > STUCK:
+                    view = replace(view, reopens_at=oldest + self._lease)
+            return Admission(AdmissionKind.SOLD_OUT, now, stale=tuple(stale_list), view=view)
         state.users[user_id] = slot
         state.pending[user_id] = now
         state.admissions += 1

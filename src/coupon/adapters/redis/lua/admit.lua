@@ -28,11 +28,13 @@
 --       {slot, pending, stale, value} already held; stale = 1 when still pending after the
 --       lease; value as in users. The same token's own pending admission (the call sent
 --       again after a lost reply) is answered with its slot again.
---     reopens: when the earliest given-back slot becomes issuable (0: none is waiting).
+--     reopens: when the earliest given-back slot becomes issuable, or, none waiting, when
+--       an admission pending past STUCK reaches its lease (0: neither).
 --     stale: flat list user, slot, ... of admissions pending past the lease (only when
 --       something sold out): the caller settles them against the ledger (I6).
 local DECIDED, NOT_LOADED, NOT_STARTED, TOO_LATE = 1, 2, 3, 4
 local SOLD_OUT, ENDED = 0, -1
+local STUCK = 2000000  -- us: ports.STUCK
 
 local meta, users, free, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lease, stale_batch = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -189,6 +191,12 @@ local reopens, stale = 0, {}
 if sold_out then
   local first = redis.call('ZRANGE', free, 0, 0, 'WITHSCORES')
   if first[2] then reopens = tonumber(first[2]) end
+  if reopens == 0 then
+    -- An admission pending longer than a commit takes (its process died, or PostgreSQL
+    -- stalls) may still come back: not final until the lease settles it (ports.STUCK).
+    local oldest = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+    if oldest[2] and now - tonumber(oldest[2]) > STUCK then reopens = tonumber(oldest[2]) + lease end
+  end
   local old = redis.call('ZRANGEBYSCORE', pending, '-inf', now - lease, 'LIMIT', 0, stale_batch)
   for _, u in ipairs(old) do
     stale[#stale + 1] = u
