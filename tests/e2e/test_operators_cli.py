@@ -114,6 +114,27 @@ def test_export_csv_to_stdout_and_json_lines_to_a_file(
     assert not (tmp_path / "coupons.jsonl.partial").exists()
 
 
+def test_export_to_a_path_that_cannot_be_a_file_is_one_line_and_leaves_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    campaign = create(server, "export nowhere")
+    issue(server, campaign["id"], ["someone"])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    into_dir = coupon(server, "export", str(campaign["id"]), "-o", str(folder))
+    assert into_dir.returncode == 1
+    assert into_dir.stderr == f"coupon: cannot write {folder}: it is a directory\n"
+    missing = tmp_path / "no" / "such" / "x.csv"
+    nowhere = coupon(server, "export", str(campaign["id"]), "-o", str(missing))
+    assert nowhere.returncode == 1
+    assert nowhere.stderr == (
+        f"coupon: cannot write {missing}: its directory {missing.parent} does not exist\n"
+    )
+    assert into_dir.stdout == nowhere.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert list(folder.iterdir()) == []
+
+
 def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
     missing = coupon(server, "show", "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50")
     assert missing.returncode == 1

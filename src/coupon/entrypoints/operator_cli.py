@@ -44,6 +44,10 @@ class UsageError(Exception):
     """A bad option value; the message says which and why."""
 
 
+class OutputError(Exception):
+    """The output file cannot be written; the message names it and says why."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -114,6 +118,9 @@ def run(args: argparse.Namespace, settings: Settings, environ: dict[str, str] | 
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
         return 2
+    except OutputError as exc:
+        print(f"coupon: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`| head`): not an error of ours.
         sys.stderr.close()
@@ -214,24 +221,43 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     )
     assert view.campaign is not None
     total = view.campaign.issued_count
+    target = None if args.output is None else Path(args.output)
+    if target is not None:
+        _check_output(target)
     stream = call.client.export_coupons(
         coupon_pb.ExportCouponsRequest(campaign_id=args.campaign_id), headers=call.headers
     )
     progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
-    if args.output is None:
+    if target is None:
         written = write_export(stream, args.format, sys.stdout, progress)
     else:
-        target = Path(args.output)
         # Written under another name and renamed when complete: a file of that name is
-        # always a whole export.
+        # always a whole export, and nothing is left behind when the export fails.
         partial = target.with_name(target.name + ".partial")
-        with partial.open("w", newline="", encoding="utf-8") as out:
-            written = write_export(stream, args.format, out, progress)
-        partial.replace(target)
+        try:
+            with partial.open("w", newline="", encoding="utf-8") as out:
+                written = write_export(stream, args.format, out, progress)
+            partial.replace(target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     if progress is not None:
         progress.done()
     if args.output is not None:
         print(f"exported {written:,} coupons to {args.output}", file=sys.stderr)
+
+
+def _check_output(target: Path) -> None:
+    """Refuse, before anything is fetched or written, an output that cannot be a file."""
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {target}: its directory {parent} {problem}")
 
 
 ACTIONS: dict[str, Callable[[Call, argparse.Namespace], None]] = {
