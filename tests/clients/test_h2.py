@@ -403,3 +403,42 @@ def test_tls_settings_come_in_pairs(tmp_path: Path, certificate: tuple[Path, Pat
     assert proc.process.wait(timeout=30) == 2
     assert "COUPON_TLS_KEY_FILE must be set too" in proc.log()
     proc.stop()
+
+
+def _key(path: Path) -> Path:
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", str(path)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("case", ["garbage", "swapped", "another key"])
+def test_a_bad_certificate_or_key_stops_start_up_in_one_line_naming_the_variable(
+    tmp_path: Path, certificate: tuple[Path, Path], case: str
+) -> None:
+    cert, key = certificate
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    files, variable = {
+        "garbage": ((garbage, garbage), "COUPON_TLS_CERT_FILE"),
+        "swapped": ((key, cert), "COUPON_TLS_CERT_FILE"),
+        "another key": ((cert, _key(tmp_path / "other.pem")), "COUPON_TLS_KEY_FILE"),
+    }[case]
+    proc = ServerProcess(
+        env={"COUPON_TLS_CERT_FILE": str(files[0]), "COUPON_TLS_KEY_FILE": str(files[1])},
+        in_memory=True,
+        log_dir=tmp_path,
+    )
+    try:
+        status = proc.process.wait(timeout=30)
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert status == 2, log
+    lines = log.strip().splitlines()
+    assert len(lines) == 1, log
+    assert lines[0].startswith(f"coupon: {variable} must "), lines[0]
+    assert "serving" not in log and "Traceback" not in log

@@ -292,6 +292,20 @@ def test_serve_removes_its_metrics_directory_when_it_cannot_start(tmp_path: Path
     assert metrics_dirs(tmp_path) == [], server.log()
 
 
+def test_serve_on_a_taken_port_says_so_in_one_line_without_claiming_to_serve(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        # Nothing listens at DATABASE_URL: the port is checked before PostgreSQL is tried.
+        env = clean_env(tmp_path, DATABASE_URL=closed_port_url())
+        done = run_coupon(["serve", "--port", str(port), "--workers", "2"], env, tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == f"coupon: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
 def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     given = tmp_path / "metrics"
     given.mkdir()

@@ -97,6 +97,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.in_memory:
         overrides["backend"] = "memory"
     settings = settings.with_overrides(**overrides)
+    if settings.tls_cert_file:
+        _check_tls(settings.tls_cert_file, settings.tls_key_file)
+    # The port is tried before saying "serving on": a port already taken is one line and
+    # exit status 3, before the schema is touched, never a claim to serve followed by
+    # uvicorn's failure.
+    unusable = _cannot_listen(settings.host, settings.port)
+    if unusable is not None:
+        print(
+            f"coupon: cannot listen on {settings.host}:{settings.port}: {unusable}",
+            file=sys.stderr,
+        )
+        return 3
     # A stop asked for while the schema is being applied ends the process as quietly as a
     # stop while serving (run_asgi sets the same handlers again).
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,6 +158,67 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _check_tls(cert_file: str, key_file: str) -> None:
+    """Load the certificate and its key as uvicorn will, so that a file that is not a PEM
+    certificate, not a PEM key, or a key of another certificate stops the server in one line
+    naming the variable, before it claims to serve (uvicorn would load them only then)."""
+    import ssl
+
+    for name, path, marker, what in (
+        ("COUPON_TLS_CERT_FILE", cert_file, "-----BEGIN CERTIFICATE-----", "certificate"),
+        ("COUPON_TLS_KEY_FILE", key_file, "PRIVATE KEY-----", "private key"),
+    ):
+        try:
+            text = Path(path).read_text(encoding="ascii", errors="replace")
+        except OSError as exc:
+            raise SettingsError(
+                f"{name} must name a readable PEM file (got {path!r}: {exc.strerror})"
+            ) from None
+        if marker not in text:
+            raise SettingsError(f"{name} must name a PEM {what} (got {path!r}: no {what} in it)")
+
+    def no_password() -> bytes:
+        raise SettingsError(
+            f"COUPON_TLS_KEY_FILE must name an unencrypted private key (got {key_file!r})"
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file, no_password)
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc).lower().replace("_", " ")
+        if "mismatch" in reason:
+            raise SettingsError(
+                f"COUPON_TLS_KEY_FILE must be the private key of the certificate in "
+                f"COUPON_TLS_CERT_FILE (got {key_file!r} for {cert_file!r}: {reason})"
+            ) from None
+        raise SettingsError(
+            f"COUPON_TLS_CERT_FILE and COUPON_TLS_KEY_FILE must be a PEM certificate and "
+            f"its private key (got {cert_file!r} and {key_file!r}: {reason})"
+        ) from None
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (binding every address it resolves to,
+    with SO_REUSEADDR as uvicorn does), or None when it can."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"unknown host ({exc.strerror})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def _metrics_dir(given: str) -> tuple[str, bool]:
