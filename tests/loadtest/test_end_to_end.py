@@ -28,16 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     report = tmp_path / "report.json"
+    # The stock and the start are those of the campaign created, not of one targeted.
+    creating = [] if "--campaign-id" in extra else ["--coupons", "200", "--start-in", "1"]
     code = main(
         [
             "--url",
             url,
-            "--coupons",
-            "200",
+            *creating,
             "--users",
             "600",
-            "--start-in",
-            "1",
             "--rate",
             "1000",
             "--processes",
@@ -143,6 +142,119 @@ def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
         # offset is zero, and must lie within the bound the tool claims (both rounded to
         # the microsecond in the report).
         assert abs(clock["offset_ms"]) <= clock["uncertainty_ms"] + 0.001, clock
+
+
+def campaigns(server: ServerProcess) -> list[dict[str, Any]]:
+    listed = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/ListCampaigns", json={}, timeout=30
+    ).json()
+    found: list[dict[str, Any]] = listed.get("campaigns", [])
+    return found
+
+
+def create_campaign(server: ServerProcess, total: int, starts_at: datetime) -> str:
+    created = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+        json={
+            "name": "existing",
+            "totalCoupons": total,
+            "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
+        },
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    campaign_id: str = created.json()["campaign"]["id"]
+    return campaign_id
+
+
+def call(server: ServerProcess, method: str, body: dict[str, str]) -> None:
+    answer = httpx.post(f"{server.url}/coupon.v1.CouponService/{method}", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
+def run_tool(*argv: str) -> int:
+    return main([*argv, "--no-chart", "--quiet", "--max-lag", "1000"])
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    ["closed port", "postgresql://[not-a-url", "mysql://127.0.0.1/coupon"],
+)
+def test_an_unusable_database_url_stops_the_run_before_any_load(
+    memory_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    database_url: str,
+) -> None:
+    if database_url == "closed port":
+        database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/coupon"
+    report = tmp_path / "report.json"
+    code = run_tool(
+        "--url", memory_server.url, "--coupons", "20", "--users", "40", "--rate", "100",
+        "--database-url", database_url, "--report", str(report),
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("loadtest: ") and "--database-url" in err
+    # Refused at set-up: no campaign was created, nothing was sent, no report written.
+    assert campaigns(memory_server) == []
+    assert not report.exists()
+
+
+def test_a_campaign_that_can_issue_nothing_more_is_refused_at_set_up(
+    memory_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    ended = create_campaign(memory_server, 10, now)
+    call(memory_server, "EndCampaign", {"campaignId": ended})
+    sold_out = create_campaign(memory_server, 1, now)
+    call(memory_server, "IssueCoupon", {"campaignId": sold_out, "userId": "first"})
+    later = create_campaign(memory_server, 10, now + timedelta(hours=1))
+    report = tmp_path / "report.json"
+    for campaign_id, why in (
+        (ended, "has ended at "),
+        (sold_out, "is sold out (1 of 1 issued)"),
+        (later, "opens in "),
+    ):
+        code = run_tool(
+            "--url", memory_server.url, "--campaign-id", campaign_id, "--users", "20",
+            "--rate", "100", "--max-duration", "3", "--report", str(report),
+        )  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"loadtest: campaign {campaign_id} {why}"), err
+        assert err.count("\n") == 1
+        assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--spread", "2s"], "--spread is only for --herd"),
+        (["--rate", "10", "--patience", "5s"], "--patience is only for --herd"),
+        (["--retry-floor", "10ms"], "--retry-floor is only for --herd"),
+        (["--retry-cap", "1s"], "--retry-cap is only for --herd"),
+        (["--connections", "8"], "--connections is only for --herd"),
+        (["--campaign-id", "x", "--coupons", "5"], "--coupons is for a campaign the tool"),
+        (["--campaign-id", "x", "--start-in", "1"], "--start-in is for a campaign the tool"),
+        (["--campaign-id", "x", "--name", "n"], "--name is for a campaign the tool"),
+        (["--herd", "--tail", "1"], "--tail is for a burst"),
+        (["--herd", "--duration", "5"], "--duration is for a burst"),
+        (["--herd", "--max-duration", "5"], "--max-duration is for a burst"),
+        (["--herd", "--repeat-fraction", "0.5"], "--repeat-fraction is for a burst"),
+        (["--herd", "--max-lag", "10"], "--max-lag is for the open loop"),
+        (["--concurrency", "4", "--max-inflight", "10"], "--max-inflight is for the open loop"),
+    ],
+)
+def test_an_option_the_run_would_ignore_is_a_usage_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    # Nothing listens at this URL: a run that got past its options could not succeed.
+    url = f"http://127.0.0.1:{free_port()}"
+    code = main(["--url", url, "--report", str(tmp_path / "r.json"), "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("loadtest: ") and named in err and err.count("\n") == 1, err
 
 
 @pytest.fixture

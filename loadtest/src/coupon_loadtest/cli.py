@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvloop
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scenario.add_argument(
         "--coupons",
         type=int,
-        default=1000,
+        default=None,
         help="stock N of the campaign created (default 1000; not with --campaign-id)",
     )
     scenario.add_argument(
@@ -64,17 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scenario.add_argument(
         "--start-in",
         type=float,
-        default=3.0,
+        default=None,
         help="seconds from creation to starts_at; load begins at once, to probe early "
-        "issuance (default 3)",
+        "issuance (default 3; not with --campaign-id)",
     )
     scenario.add_argument(
         "--repeat-fraction",
         type=float,
-        default=0.1,
-        help="share of requests that are retries by a user who already asked (default 0.1)",
+        default=None,
+        help="share of requests that are retries by a user who already asked (default 0.1; "
+        "not with --herd)",
     )
-    scenario.add_argument("--name", default=None, help="campaign name (default 'loadtest <time>')")
+    scenario.add_argument(
+        "--name",
+        default=None,
+        help="campaign name (default 'loadtest <time>'; not with --campaign-id)",
+    )
     scenario.add_argument("--seed", type=int, default=0, help="seed of the user choice (default 0)")
 
     load = parser.add_argument_group("load")
@@ -99,16 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="seconds of load from its start (default: until sold out, or every user served, "
-        "plus --tail)",
+        "plus --tail; not with --herd)",
     )
     load.add_argument(
-        "--tail", type=float, default=2.0, help="seconds of load after sell-out (default 2)"
+        "--tail",
+        type=float,
+        default=None,
+        help="seconds of load after sell-out (default 2; not with --herd)",
     )
     load.add_argument(
         "--max-duration",
         type=float,
-        default=120.0,
-        help="stop after this many seconds even if never sold out (default 120)",
+        default=None,
+        help="stop after this many seconds even if never sold out (default 120; not with --herd)",
     )
     load.add_argument(
         "--processes",
@@ -123,13 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--max-inflight",
         type=int,
-        default=2000,
+        default=None,
         help="open loop: requests in flight per process before sends wait (default 2000)",
     )
     load.add_argument(
         "--max-lag",
         type=float,
-        default=50.0,
+        default=None,
         help="open loop: allowed p99 send lag behind schedule, ms (default 50)",
     )
 
@@ -137,31 +146,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     herd.add_argument(
         "--spread",
         type=duration,
-        default=1.0,
+        default=None,
         help="users press at the start plus a random offset up to this (default 1s)",
     )
     herd.add_argument(
         "--patience",
         type=duration,
-        default=10.0,
+        default=None,
         help="a user gives up this long after their first press (default 10s)",
     )
     herd.add_argument(
         "--retry-floor",
         type=duration,
-        default=0.05,
+        default=None,
         help="least delay before pressing again (default 50ms)",
     )
     herd.add_argument(
         "--retry-cap",
         type=duration,
-        default=2.0,
+        default=None,
         help="most delay before pressing again, whatever the hint (default 2s)",
     )
     herd.add_argument(
         "--connections",
         type=int,
-        default=512,
+        default=None,
         help="keep-alive connections over all processes (default 512)",
     )
 
@@ -195,8 +204,52 @@ def duration(text: str) -> float:
     return seconds
 
 
-def config_from_args(args: argparse.Namespace) -> LoadConfig:
+# Options that one kind of run only reads, with their defaults: given to another kind of
+# run, they would be silently ignored, so they are refused instead.
+CREATE_ONLY = {"coupons": 1000, "start_in": 3.0, "name": None}
+BURST_ONLY = {"repeat_fraction": 0.1, "duration": None, "tail": 2.0, "max_duration": 120.0}
+OPEN_LOOP_ONLY = {"max_inflight": 2000, "max_lag": 50.0}
+HERD_ONLY = {
+    "spread": 1.0,
+    "patience": 10.0,
+    "retry_floor": 0.05,
+    "retry_cap": 2.0,
+    "connections": 512,
+}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _misplaced(args: argparse.Namespace) -> list[str]:
+    """Options given to a run that would not read them, each named; then the defaults of
+    those not given are filled in."""
     problems: list[str] = []
+
+    def refuse(options: Mapping[str, object], why: str) -> None:
+        for dest in options:
+            if getattr(args, dest) is not None:
+                problems.append(f"{_option(dest)} {why}")
+
+    if args.campaign_id is not None:
+        refuse(CREATE_ONLY, "is for a campaign the tool creates, not with --campaign-id")
+    if args.herd:
+        refuse(BURST_ONLY, "is for a burst (--rate or --concurrency), not with --herd")
+        refuse(OPEN_LOOP_ONLY, "is for the open loop (--rate), not with --herd")
+    else:
+        refuse(HERD_ONLY, "is only for --herd")
+        if args.concurrency is not None:
+            refuse(OPEN_LOOP_ONLY, "is for the open loop (--rate), not with --concurrency")
+    for options in (CREATE_ONLY, BURST_ONLY, OPEN_LOOP_ONLY, HERD_ONLY):
+        for dest, default in options.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+    return problems
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    problems: list[str] = _misplaced(args)
     if args.coupons < 1 and args.campaign_id is None:
         problems.append("--coupons must be at least 1")
     if args.users < 1:
@@ -228,6 +281,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
             problems.append("--retry-floor must be positive and at most --retry-cap")
         if args.connections < 1:
             problems.append("--connections must be at least 1")
+    if args.database_url is not None and not args.database_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
     if not args.url.startswith(("http://", "https://")):
         problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
     if problems:

@@ -33,6 +33,20 @@ def _ns(value: datetime | None) -> int | None:
     return None if value is None else (value - _EPOCH) // _MICROSECOND * 1000
 
 
+async def check_database(database_url: str, campaign_id: str | None, timeout_s: float) -> None:
+    """At set-up, before any load: --database-url answers, and holds the campaign when one
+    is named, so that a wrong URL does not cost the run's results at its end."""
+    try:
+        connection = await asyncpg.connect(database_url, timeout=timeout_s)
+    except Exception as exc:
+        raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
+    try:
+        if campaign_id is not None and await audit.read_campaign(connection, campaign_id) is None:
+            raise SetupError(f"campaign {campaign_id} is not in the database at --database-url")
+    finally:
+        await connection.close()
+
+
 async def database_ledger(database_url: str, campaign_id: str) -> Ledger:
     """The source of truth, read directly: rows, not what the API chooses to show."""
     try:

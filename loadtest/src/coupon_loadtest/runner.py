@@ -16,7 +16,7 @@ from typing import Any
 
 from coupon_loadtest.herd import UserBook
 from coupon_loadtest.histogram import LatencyHistogram
-from coupon_loadtest.ledger import api_ledger, database_ledger
+from coupon_loadtest.ledger import api_ledger, check_database, database_ledger
 from coupon_loadtest.progress import Progress, Snapshot
 from coupon_loadtest.records import Observations
 from coupon_loadtest.scenario import AdminApi, LoadConfig, SetupError, Target, prepare
@@ -192,8 +192,13 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         # Processes start while the campaign does not exist yet, so that a slow spawn does
         # not eat into the time before the start that the early requests are meant to probe.
         await pool.receive("starting", _READY_TIMEOUT_S)
+        if config.database_url:
+            # Before a campaign is created: an unusable URL stops the run with nothing made.
+            await check_database(config.database_url, None, config.timeout_s)
         target = await prepare(config, api)
         plan = target.plan
+        if config.database_url:
+            await check_database(config.database_url, plan.campaign_id, config.timeout_s)
         clock = (
             f"clock offset {target.clock.offset_ns / 1e6:+.3f} ms "
             f"± {target.clock.uncertainty_ns / 1e6:.3f} ms ({target.clock.source})"

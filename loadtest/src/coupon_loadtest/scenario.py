@@ -6,6 +6,7 @@ import email.utils
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyqwest
 from connectrpc.code import Code
@@ -262,6 +263,7 @@ async def prepare(config: LoadConfig, api: AdminApi) -> Target:
     starts = timestamp_ns(campaign.starts_at)
     if starts is None:
         raise SetupError(f"campaign {config.campaign_id} has no starts_at")
+    refuse_unloadable(config, campaign)
     plan = Plan(
         campaign_id=campaign.id,
         total_coupons=campaign.total_coupons,
@@ -270,4 +272,42 @@ async def prepare(config: LoadConfig, api: AdminApi) -> Target:
         baseline_codes=frozenset(c.code for c in coupons),
     )
     clock = await api.estimate_clock(campaign.id)
+    if not config.herd:
+        # A burst runs for --duration or at most --max-duration from now: a campaign that
+        # opens later would see nothing but refusals, and verify nothing.
+        run_for_s = config.duration_s if config.duration_s is not None else config.max_duration_s
+        opens_in_s = (starts - clock.offset_ns - time.time_ns()) / NS_PER_S
+        if opens_in_s >= run_for_s:
+            raise SetupError(
+                f"campaign {campaign.id} opens in {opens_in_s:,.0f} s, after the load would "
+                f"stop ({run_for_s:g} s): raise --max-duration or --duration, or load it "
+                "closer to its start"
+            )
     return Target(plan, clock, created=False, name=campaign.name)
+
+
+def refuse_unloadable(config: LoadConfig, campaign: coupon_pb.Campaign) -> None:
+    """An existing campaign that can issue nothing more (ended, or sold out) is refused at
+    set-up: a load on it would only be refused, and its checks would judge the refusals."""
+    status = campaign.status
+    if status == coupon_pb.CampaignStatus.ENDED:
+        ended = timestamp_ns(campaign.ended_at) or timestamp_ns(campaign.ends_at)
+        when = "" if ended is None else f" at {_iso(ended)}"
+        raise SetupError(
+            f"campaign {campaign.id} has ended{when}: it issues nothing more; load a "
+            "scheduled or active campaign, or let the tool create one (no --campaign-id)"
+        )
+    if status == coupon_pb.CampaignStatus.SOLD_OUT or (
+        campaign.total_coupons and campaign.issued_count >= campaign.total_coupons
+    ):
+        raise SetupError(
+            f"campaign {campaign.id} is sold out ({campaign.issued_count:,} of "
+            f"{campaign.total_coupons:,} issued): it issues nothing more; load a scheduled "
+            "or active campaign, or let the tool create one (no --campaign-id)"
+        )
+
+
+def _iso(ns: int) -> str:
+    return (datetime.fromtimestamp(ns / NS_PER_S, UTC).isoformat(timespec="milliseconds")).replace(
+        "+00:00", "Z"
+    )
