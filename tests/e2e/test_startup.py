@@ -209,6 +209,31 @@ def test_serve_without_postgres_starts_and_is_not_ready_naming_postgres(
     assert status == 0 and "Traceback" not in log, log
 
 
+def test_serve_without_redis_starts_and_says_so_in_one_warning_naming_redis(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=closed_port_url(),
+        REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+    )
+    server = ServerProcess(env=env, log_dir=tmp_path)
+    try:
+        answer = wait_answering(server)
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["redis"].startswith("error"), answer.text
+        log = server.log()
+        about_redis = [
+            line for line in log.splitlines() if '"level": "warning"' in line and "Redis" in line
+        ]
+        assert len(about_redis) == 1, log
+        assert "Connection" in about_redis[0] and "hunter2" not in log, log
+        status, log = stop(server)
+        assert status == 0 and "Traceback" not in log, log
+    finally:
+        server.stop()
+
+
 needs_postgres_binaries = pytest.mark.skipif(
     postgres_bindir() is None,
     reason="PostgreSQL's initdb is not installed: this test starts a PostgreSQL of its own",

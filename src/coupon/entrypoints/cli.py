@@ -119,6 +119,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     schema: BackgroundMigration | None = None
     if settings.backend == "postgres":
         schema = _migrate_or_defer(settings.database_url)
+        _warn_unless_redis_answers(settings.redis_url)
     if settings.backend == "memory" and settings.workers > 1:
         print("--in-memory keeps state in one process: serving with 1 worker", file=sys.stderr)
         settings = settings.with_overrides(workers=1)
@@ -267,6 +268,35 @@ def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
         )
         return BackgroundMigration(database_url, failure)
     return None
+
+
+REDIS_PROBE_SECONDS = 3.0
+
+
+def _warn_unless_redis_answers(redis_url: str) -> None:
+    """PING Redis once at start-up; when it does not answer, say so in one warning line, as
+    for PostgreSQL: the server starts anyway and /readyz names Redis until it answers."""
+    from coupon.adapters.redis.client import create_client
+
+    async def ping() -> None:
+        client = create_client(redis_url, max_connections=1)
+        try:
+            await asyncio.wait_for(client.ping(), REDIS_PROBE_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the server serves and says so
+        if isinstance(exc, TimeoutError):
+            failure = f"no answer within {REDIS_PROBE_SECONDS:g} s"
+        else:
+            failure = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "Redis is not usable yet: serving anyway, /readyz answers 503 until it answers",
+            extra={"redis_url": _redacted(redis_url), "error": failure},
+        )
 
 
 class BackgroundMigration:
