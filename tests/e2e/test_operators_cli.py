@@ -150,6 +150,16 @@ def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
     usage = coupon(server, "create", "--name", "x", "--coupons", "5", "--starts-at", "soon")
     assert usage.returncode == 2 and "--starts-at" in usage.stderr
     assert usage.stdout == ""
+    # Every unit a relative time takes is listed, days included.
+    assert "+30s, +5m, +2h or +1d" in usage.stderr and len(usage.stderr.splitlines()) == 1
+
+
+def test_create_help_lists_every_unit_and_that_a_bare_time_is_utc(server: ServerProcess) -> None:
+    helped = " ".join(ok(coupon(server, "create", "--help")).split())
+    assert "+30s, +5m, +2h, +1d" in helped
+    assert "without an offset is UTC" in helped
+    bare = create(server, "bare time", "--starts-at", "2031-06-01T12:00:00")
+    assert bare["startsAt"] == "2031-06-01T12:00:00Z"
 
 
 def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess) -> None:

@@ -67,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument(
         "--starts-at",
         default="now",
-        help="when issuance opens: an ISO 8601 time (2026-12-01T12:00:00Z), 'now', "
-        "or from now, e.g. +30s, +5m, +2h (default: now)",
+        help="when issuance opens: an ISO 8601 time (2026-12-01T12:00:00Z; one without an "
+        "offset is UTC), 'now', or a time from now in seconds, minutes, hours or days: "
+        "+30s, +5m, +2h, +1d (default: now)",
     )
     create.add_argument("--ends-at", help="when issuance closes, as --starts-at (default: never)")
 
@@ -387,6 +388,6 @@ def parse_time(option: str, text: str, now: datetime) -> datetime:
     except ValueError:
         raise UsageError(
             f"{option} must be an ISO 8601 time such as 2026-12-01T12:00:00Z, 'now' "
-            f"or +30s/+5m/+2h (got {text!r})"
+            f"or a time from now: +30s, +5m, +2h or +1d (got {text!r})"
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
