@@ -86,6 +86,25 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
     assert all({"time", "level", "message"} <= set(e) for e in entries)
 
 
+def test_a_campaign_ended_is_logged_once_however_often_it_is_ended(
+    server: ServerProcess,
+) -> None:
+    created = httpx.post(
+        f"{server.url}{CREATE}",
+        json={"name": "ended once", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"},
+    ).json()["campaign"]["id"]
+    for _ in range(3):
+        ended = httpx.post(
+            f"{server.url}/coupon.v1.CouponService/EndCampaign", json={"campaignId": created}
+        )
+        assert ended.status_code == 200, ended.text
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    logged = [
+        e for e in entries if e.get("message") == "campaign ended" and e["campaign_id"] == created
+    ]
+    assert len(logged) == 1, logged
+
+
 def test_the_server_itself_logs_json_lines(server: ServerProcess) -> None:
     """Start-up lines of the HTTP server (supervisor and workers) are JSON like the service's
     own, so one log pipeline reads them all; only the command's banner line is plain."""

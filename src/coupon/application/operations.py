@@ -93,6 +93,8 @@ class ListCampaigns:
 class EndedCampaign:
     campaign: Campaign
     now: datetime
+    # Whether this call ended it (False: ended before, or over by its schedule).
+    changed: bool = False
 
 
 class EndCampaign:
@@ -134,7 +136,7 @@ class EndCampaign:
         assert ended.ended_at is not None
         await self._gate.end(campaign_id, ended.ended_at)
         self._directory.forget(campaign_id)
-        return EndedCampaign(ended, max(now, ended.ended_at))
+        return EndedCampaign(ended, max(now, ended.ended_at), changed=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,14 +330,15 @@ class CouponService:
             ended = await self._operations.end_campaign.execute(campaign_id=request.campaign_id)
             campaign = ended.campaign
             end = campaign.effective_end
-            log.info(
-                "campaign ended",
-                extra={
-                    "campaign_id": campaign.id,
-                    "ended_at": None if end is None else end.isoformat(),
-                    "request_id": request_id(),
-                },
-            )
+            if ended.changed:  # not again for a campaign ended before
+                log.info(
+                    "campaign ended",
+                    extra={
+                        "campaign_id": campaign.id,
+                        "ended_at": None if end is None else end.isoformat(),
+                        "request_id": request_id(),
+                    },
+                )
             return coupon_pb.EndCampaignResponse(campaign=campaign_message(campaign, ended.now))
 
         return await self._observe_end.call(work(), ctx)
