@@ -166,3 +166,37 @@ def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess)
     assert "ID" in ok(coupon(server, "--url", server.url, "list", url=False))
     default = coupon(server, "--url", "http://127.0.0.1:9", "list", url=False)
     assert default.returncode == 1 and default.stderr.startswith("coupon: unavailable: ")
+
+
+def test_the_url_and_token_come_from_dotenv_and_server_settings_do_not_matter(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A client of a running service reads COUPON_URL and COUPON_ADMIN_TOKEN from ./.env as
+    serve reads its settings, and a server-only setting it does not use (a bad
+    DATABASE_URL, WORKERS=0, production without a token) does not stop it."""
+    (tmp_path / ".env").write_text(f"COUPON_URL={server.url}\nCOUPON_ADMIN_TOKEN={TOKEN}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPON_", "DATABASE_URL"))}
+    env.update({"DATABASE_URL": "garbage", "WORKERS": "0", "APP_ENV": "production"})
+    for command in (["campaigns", "list"], ["loadtest", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "coupon", *command],
+            env=env,
+            cwd=tmp_path,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, (command, result.stderr)
+    # The environment still wins over .env.
+    env["COUPON_ADMIN_TOKEN"] = "wrong"
+    refused = subprocess.run(
+        [sys.executable, "-m", "coupon", "campaigns", "list"],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "unauthenticated" in refused.stderr, refused.stderr

@@ -17,7 +17,13 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
-from coupon.entrypoints.settings import Settings, SettingsError, load_settings
+from coupon.entrypoints.settings import (
+    DEFAULTS,
+    Settings,
+    SettingsError,
+    load_settings,
+    read_dotenv,
+)
 
 log = logging.getLogger("coupon")
 
@@ -421,14 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",
     )
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
-    loadtest.set_defaults(handler=_loadtest)
+    loadtest.set_defaults(handler=_loadtest, client=True)
 
     campaigns = commands.add_parser(
         "campaigns", help="operate a running service: create, list, show, end, export campaigns"
     )
     operator = importlib.import_module("coupon.entrypoints.operator_cli")
     operator.add_arguments(campaigns)
-    campaigns.set_defaults(handler=operator.run)
+    campaigns.set_defaults(handler=operator.run, client=True)
     return parser
 
 
@@ -448,6 +454,13 @@ def _loadtest(args: argparse.Namespace, _: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client", False):
+        # A client of a running service (campaigns, loadtest): the server's settings are
+        # not its business, so a bad DATABASE_URL or WORKERS does not stop it; what it reads
+        # (COUPON_URL, COUPON_ADMIN_TOKEN) comes from the environment or ./.env, as for serve.
+        for key, value in read_dotenv(Path(".env")).items():
+            os.environ.setdefault(key, value)
+        return int(args.handler(args, DEFAULTS))
     try:
         settings = load_settings()
     except SettingsError as exc:

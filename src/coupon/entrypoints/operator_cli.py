@@ -105,9 +105,8 @@ def run(args: argparse.Namespace, settings: Settings, environ: dict[str, str] | 
     try:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
-        headers = (
-            {"authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
-        )
+        token = env.get("COUPON_ADMIN_TOKEN", "")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         # No deadline for the client as a whole: an export of millions of coupons takes
         # minutes; each unary call has its own (TIMEOUT_MS).
         with CouponServiceClientSync(url, send_compression=None) as client:
