@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from harness.server import ServerProcess
+from harness.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 ISSUE = "/coupon.v1.CouponService/IssueCoupon"
@@ -107,7 +111,8 @@ def test_a_campaign_ended_is_logged_once_however_often_it_is_ended(
 
 def test_the_server_itself_logs_json_lines(server: ServerProcess) -> None:
     """Start-up lines of the HTTP server (supervisor and workers) are JSON like the service's
-    own, so one log pipeline reads them all; only the command's banner line is plain."""
+    own, so one log pipeline reads them all; only the command's banner line is plain (on
+    stdout, which this server's log takes in too)."""
     lines = [
         line for line in server.log().splitlines() if not line.startswith("coupon: serving on")
     ]
@@ -116,3 +121,31 @@ def test_the_server_itself_logs_json_lines(server: ServerProcess) -> None:
     assert any("parent process" in e["message"] for e in server_lines)
     assert sum("startup complete" in e["message"] for e in server_lines) == 2
     assert all("color_message" not in e for e in entries)
+
+
+def test_stderr_carries_json_lines_only(tmp_path: Path) -> None:
+    """What a log pipeline reads (stderr) parses line by line; the banner is on stdout."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coupon", "serve", "--in-memory", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert out.startswith("coupon: serving on http://"), out
+    lines = err.splitlines()
+    assert lines, "no log lines"
+    assert all(isinstance(json.loads(line), dict) for line in lines), err

@@ -142,10 +142,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             }
         )
         scheme = "https" if settings.tls_cert_file else "http"
+        # For the person at the terminal, on stdout: stderr carries JSON log lines only.
         print(
             f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
             f"({settings.backend}, {settings.workers} worker(s))",
-            file=sys.stderr,
             flush=True,
         )
         if schema is not None:
