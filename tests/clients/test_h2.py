@@ -5,6 +5,7 @@ first-bytes sniffing that tells HTTP/2 from HTTP/1.1."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import signal
@@ -295,6 +296,19 @@ def test_grpc_over_http1_is_refused_with_a_status_that_says_why(server: ServerPr
     )
     assert mine.status_code == 200 and mine.json().get("coupons") is None, mine.text
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("coding", ["GZIP", "Gzip"])
+def test_a_content_coding_is_read_in_any_case(server: ServerProcess, coding: str) -> None:
+    campaign = {"name": "cased", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"}
+    body = gzip.compress(json.dumps(campaign).encode())
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": coding},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["campaign"]["name"] == "cased"
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])

@@ -72,6 +72,19 @@ _GRPC_NEEDS_HTTP2: Message = {
 }
 
 
+# Headers whose values name content codings.
+_CODINGS = frozenset(
+    {
+        b"content-encoding",
+        b"connect-content-encoding",
+        b"grpc-encoding",
+        b"accept-encoding",
+        b"connect-accept-encoding",
+        b"grpc-accept-encoding",
+    }
+)
+
+
 def _content_type(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-type":
@@ -181,6 +194,10 @@ class CouponApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
+        if any(n in _CODINGS and v != v.lower() for n, v in scope["headers"]):
+            # Content codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip.
+            headers = [(n, v.lower() if n in _CODINGS else v) for n, v in scope["headers"]]
+            scope = {**scope, "headers": headers}  # type: ignore[assignment]
         body_done = False
 
         async def receive_tracking() -> ReceiveMessage:
