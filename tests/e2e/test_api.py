@@ -199,28 +199,19 @@ async def test_times_are_kept_to_the_microsecond_and_said_so_when_that_decides(
     """Nanoseconds beyond the microsecond are dropped, as the proto says; an end that only
     nanoseconds put after the start is refused with a message that says why."""
     seconds = int(datetime.now(UTC).timestamp()) + 3600
-    kept = await client.create_campaign(
-        coupon_pb.CreateCampaignRequest(
+
+    def window(start_ns: int, end_ns: int) -> coupon_pb.CreateCampaignRequest:
+        return coupon_pb.CreateCampaignRequest(
             name="ns",
             total_coupons=1,
-            starts_at=Timestamp(seconds=seconds, nanos=123_456_789),
-            ends_at=Timestamp(seconds=seconds, nanos=123_457_000),
-        ),
-        headers=AUTH,
-    )
+            starts_at=Timestamp(seconds=seconds, nanos=start_ns),
+            ends_at=Timestamp(seconds=seconds, nanos=end_ns),
+        )
+
+    kept = await client.create_campaign(window(123_456_789, 123_457_000), headers=AUTH)
     assert kept.campaign is not None and kept.campaign.starts_at is not None
     assert kept.campaign.starts_at.nanos == 123_456_000
-    err = await error_of(
-        client.create_campaign(
-            coupon_pb.CreateCampaignRequest(
-                name="ns",
-                total_coupons=1,
-                starts_at=Timestamp(seconds=seconds, nanos=0),
-                ends_at=Timestamp(seconds=seconds, nanos=1),
-            ),
-            headers=AUTH,
-        )
-    )
+    err = await error_of(client.create_campaign(window(0, 1), headers=AUTH))
     assert err.code == Code.INVALID_ARGUMENT
     assert err.message.startswith("ends_at: must be after starts_at")
     assert "kept to the microsecond" in err.message

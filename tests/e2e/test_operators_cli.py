@@ -34,9 +34,15 @@ def coupon(
     env["COUPON_ADMIN_TOKEN"] = token
     if url:
         env["COUPON_URL"] = server.url
+    return command(env, None, "campaigns", *args)
+
+
+def command(env: dict[str, str], cwd: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """`coupon ARGS...` in its own process, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "coupon", "campaigns", *args],
+        [sys.executable, "-m", "coupon", *args],
         env=env,
+        cwd=cwd,
         check=False,
         capture_output=True,
         text=True,
@@ -177,26 +183,10 @@ def test_the_url_and_token_come_from_dotenv_and_server_settings_do_not_matter(
     (tmp_path / ".env").write_text(f"COUPON_URL={server.url}\nCOUPON_ADMIN_TOKEN={TOKEN}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPON_", "DATABASE_URL"))}
     env.update({"DATABASE_URL": "garbage", "WORKERS": "0", "APP_ENV": "production"})
-    for command in (["campaigns", "list"], ["loadtest", "--help"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "coupon", *command],
-            env=env,
-            cwd=tmp_path,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, (command, result.stderr)
+    for args in (["campaigns", "list"], ["loadtest", "--help"]):
+        result = command(env, tmp_path, *args)
+        assert result.returncode == 0, (args, result.stderr)
     # The environment still wins over .env.
     env["COUPON_ADMIN_TOKEN"] = "wrong"
-    refused = subprocess.run(
-        [sys.executable, "-m", "coupon", "campaigns", "list"],
-        env=env,
-        cwd=tmp_path,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = command(env, tmp_path, "campaigns", "list")
     assert refused.returncode == 1 and "unauthenticated" in refused.stderr, refused.stderr

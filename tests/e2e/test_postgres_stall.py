@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,59 +44,66 @@ async def timed_post(url: str, rpc: str, body: dict[str, object]) -> tuple[float
     return time.monotonic() - started, response
 
 
-async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_timeout(
+@pytest.fixture
+def stallable(
     tmp_path: Path, services: TestServices, redis_prefix: str
-) -> None:
+) -> Iterator[tuple[PrivatePostgres, ServerProcess]]:
+    """A server on a PostgreSQL of the test's own, which the test may pause."""
     postgres = PrivatePostgres(free_port())
     try:
         postgres.start()
         env = {
-            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon_stall",
+            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon",
             "REDIS_URL": services.redis_url,
             "COUPON_REDIS_PREFIX": redis_prefix,
         }
         with ServerProcess(env=env, log_dir=tmp_path) as server:
-            async with connect_client(server.url) as client:
-                campaign = await create_campaign(client, total=10, name="stall")
-                first = await issue_retrying(client, campaign.id, "before")
-                assert first.coupon is not None
-
-                postgres.pause()
-                try:
-                    answers = await asyncio.gather(
-                        timed_post(
-                            server.url,
-                            "IssueCoupon",
-                            {"campaignId": campaign.id, "userId": "during"},
-                        ),
-                        timed_post(server.url, "GetCampaign", {"campaignId": campaign.id}),
-                    )
-                finally:
-                    postgres.resume()
-                for elapsed, response in answers:
-                    assert response.status_code == 503, response.text
-                    assert response.json()["code"] == "unavailable"
-                    assert "retry-after-ms" in response.headers
-                    assert elapsed < BOUND, (elapsed, response.text)
-
-                # PostgreSQL moves again: the service serves on, and stays exact.
-                after = await issue_retrying(client, campaign.id, "after")
-                during = await issue_retrying(client, campaign.id, "during")
-                again = await issue_retrying(client, campaign.id, "before")
-            assert after.coupon is not None and during.coupon is not None
-            assert again.coupon is not None and again.coupon.code == first.coupon.code
-            async with httpx.AsyncClient(timeout=30) as web:
-                view = (
-                    await web.post(
-                        f"{server.url}{RPC}GetCampaign", json={"campaignId": campaign.id}
-                    )
-                ).json()
-            coupons = view["coupons"]
-            assert view["campaign"]["issuedCount"] == "3"
-            assert sorted(c["userId"] for c in coupons) == ["after", "before", "during"]
-            assert len({c["code"] for c in coupons}) == 3
+            yield postgres, server
     finally:
         postgres.close()
+
+
+async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_timeout(
+    stallable: tuple[PrivatePostgres, ServerProcess],
+) -> None:
+    postgres, server = stallable
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=10, name="stall")
+        first = await issue_retrying(client, campaign.id, "before")
+        assert first.coupon is not None
+
+        postgres.pause()
+        try:
+            answers = await asyncio.gather(
+                timed_post(
+                    server.url,
+                    "IssueCoupon",
+                    {"campaignId": campaign.id, "userId": "during"},
+                ),
+                timed_post(server.url, "GetCampaign", {"campaignId": campaign.id}),
+            )
+        finally:
+            postgres.resume()
+        for elapsed, response in answers:
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "unavailable"
+            assert "retry-after-ms" in response.headers
+            assert elapsed < BOUND, (elapsed, response.text)
+
+        # PostgreSQL moves again: the service serves on, and stays exact.
+        after = await issue_retrying(client, campaign.id, "after")
+        during = await issue_retrying(client, campaign.id, "during")
+        again = await issue_retrying(client, campaign.id, "before")
+    assert after.coupon is not None and during.coupon is not None
+    assert again.coupon is not None and again.coupon.code == first.coupon.code
+    async with httpx.AsyncClient(timeout=30) as web:
+        view = (
+            await web.post(f"{server.url}{RPC}GetCampaign", json={"campaignId": campaign.id})
+        ).json()
+    coupons = view["coupons"]
+    assert view["campaign"]["issuedCount"] == "3"
+    assert sorted(c["userId"] for c in coupons) == ["after", "before", "during"]
+    assert len({c["code"] for c in coupons}) == 3
 
 
 async def outcome(client: CouponServiceClient, campaign_id: str, user: str) -> str:
@@ -109,47 +117,37 @@ async def outcome(client: CouponServiceClient, campaign_id: str, user: str) -> s
 
 
 async def test_sold_out_behind_a_commit_stuck_in_a_stall_is_not_final(
-    tmp_path: Path, services: TestServices, redis_prefix: str
+    stallable: tuple[PrivatePostgres, ServerProcess],
 ) -> None:
     """The last coupon's commit hangs in a stalled PostgreSQL: a newcomer meanwhile is told
     to retry (the coupon may come back), not sold out; afterwards exactly one of the two
     holds it and the other is sold out."""
-    postgres = PrivatePostgres(free_port())
-    try:
-        postgres.start()
-        env = {
-            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon_stuck",
-            "REDIS_URL": services.redis_url,
-            "COUPON_REDIS_PREFIX": redis_prefix,
-        }
-        with ServerProcess(env=env, log_dir=tmp_path) as server:
-            async with connect_client(server.url) as client:
-                campaign = await create_campaign(client, total=1, name="stuck")
-                postgres.pause()
-                try:
-                    first = asyncio.ensure_future(
-                        timed_post(
-                            server.url,
-                            "IssueCoupon",
-                            {"campaignId": campaign.id, "userId": "first"},
-                        )
-                    )
-                    await asyncio.sleep(STUCK.total_seconds() + 0.5)
-                    _, newcomer = await timed_post(
-                        server.url, "IssueCoupon", {"campaignId": campaign.id, "userId": "second"}
-                    )
-                finally:
-                    postgres.resume()
-                await first
-                assert newcomer.status_code == 503, newcomer.text
-                assert newcomer.json()["code"] == "unavailable"
-                # Told when the stuck admission's lease runs out, not the dependency's 1 s.
-                assert "may come back" in newcomer.json()["message"], newcomer.text
-                assert int(newcomer.headers["retry-after-ms"]) > 1_000
-                answers = {u: await outcome(client, campaign.id, u) for u in ("first", "second")}
-            assert sorted(len(a) == 10 for a in answers.values()) == [False, True], answers
-            assert "resource_exhausted" in answers.values(), answers
-            _, got = await timed_post(server.url, "GetCampaign", {"campaignId": campaign.id})
-            assert got.json()["campaign"]["issuedCount"] == "1"
-    finally:
-        postgres.close()
+    postgres, server = stallable
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=1, name="stuck")
+        postgres.pause()
+        try:
+            first = asyncio.ensure_future(
+                timed_post(
+                    server.url,
+                    "IssueCoupon",
+                    {"campaignId": campaign.id, "userId": "first"},
+                )
+            )
+            await asyncio.sleep(STUCK.total_seconds() + 0.5)
+            _, newcomer = await timed_post(
+                server.url, "IssueCoupon", {"campaignId": campaign.id, "userId": "second"}
+            )
+        finally:
+            postgres.resume()
+        await first
+        assert newcomer.status_code == 503, newcomer.text
+        assert newcomer.json()["code"] == "unavailable"
+        # Told when the stuck admission's lease runs out, not the dependency's 1 s.
+        assert "may come back" in newcomer.json()["message"], newcomer.text
+        assert int(newcomer.headers["retry-after-ms"]) > 1_000
+        answers = {u: await outcome(client, campaign.id, u) for u in ("first", "second")}
+    assert sorted(len(a) == 10 for a in answers.values()) == [False, True], answers
+    assert "resource_exhausted" in answers.values(), answers
+    _, got = await timed_post(server.url, "GetCampaign", {"campaignId": campaign.id})
+    assert got.json()["campaign"]["issuedCount"] == "1"
