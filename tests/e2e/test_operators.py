@@ -129,6 +129,14 @@ def test_list_campaigns_in_json_refuses_a_status_it_does_not_know(
 ) -> None:
     """A status filter the enum does not have is refused in JSON as in binary, rather than
     read as no filter (which would list every campaign)."""
+    for starts_at in ("2026-01-01T00:00:00Z", "2999-01-01T00:00:00Z"):  # active, scheduled
+        made = httpx.post(
+            f"{server.url}/coupon.v1.CouponService/CreateCampaign",
+            json={"name": "by status", "totalCoupons": 5, "startsAt": starts_at},
+            headers=admin(TOKEN),
+            timeout=10,
+        )
+        assert made.status_code == 200, made.text
     response = httpx.post(
         f"{server.url}/coupon.v1.CouponService/ListCampaigns",
         json={"status": status, "pageSize": 1000},
