@@ -190,3 +190,19 @@ def test_the_url_and_token_come_from_dotenv_and_server_settings_do_not_matter(
     env["COUPON_ADMIN_TOKEN"] = "wrong"
     refused = command(env, tmp_path, "campaigns", "list")
     assert refused.returncode == 1 and "unauthenticated" in refused.stderr, refused.stderr
+
+
+def test_json_is_read_before_or_after_the_action_and_refused_for_export(
+    server: ServerProcess,
+) -> None:
+    campaign = create(server, "either side")
+    after = json.loads(ok(coupon(server, "show", str(campaign["id"]), "--json")))
+    before = json.loads(ok(coupon(server, "--json", "show", str(campaign["id"]))))
+    assert after == before and after["id"] == campaign["id"]
+    listed = json.loads(ok(coupon(server, "list", "--json")))
+    assert campaign["id"] in {c["id"] for c in listed["campaigns"]}
+    refused = coupon(server, "--json", "export", str(campaign["id"]))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        "coupon: --json does not apply to export: choose --format csv or jsonl"
+    )

@@ -89,6 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     end.add_argument("campaign_id")
 
+    for action in (create, listing, show, end):
+        # Also after the action (`campaigns list --json`); unset there, the value given
+        # before it stands.
+        action.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print the API's JSON instead of a table",
+        )
+
     export = actions.add_parser(
         "export", help="write every issued coupon of a campaign, in issue order"
     )
@@ -213,6 +223,8 @@ def _end(call: Call, args: argparse.Namespace) -> None:
 
 
 def _export(call: Call, args: argparse.Namespace) -> None:
+    if args.json:
+        raise UsageError("--json does not apply to export: choose --format csv or jsonl")
     # The campaign first: a clear error before any output, and the total for the progress.
     view = call.client.get_campaign(
         coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
