@@ -106,7 +106,10 @@ def build(
     counts = obs.counts()
     fresh = sum(1 for a in obs.ok_already if not a)
     completed = len(obs) - counts.get("lost", 0)
-    window_s = run.stop_rel_ns / NS_PER_S if run.stop_rel_ns > 0 else 0.0
+    # From the first request sent: a herd presses only around the start, seconds after the
+    # load began, and its rate counted from then would read far lower than it was.
+    first_sent_ns = min(obs.sent_ns) if len(obs) else 0
+    window_s = max(0, run.stop_rel_ns - first_sent_ns) / NS_PER_S
     # Answers while the load was on: the drain of slow answers after the stop is not
     # throughput the server sustained.
     answered_in_window = sum(
