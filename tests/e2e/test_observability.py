@@ -140,7 +140,8 @@ def test_stderr_carries_json_lines_only(tmp_path: Path) -> None:
                 if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
     finally:

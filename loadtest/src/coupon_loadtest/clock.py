@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 NS_PER_S = 1_000_000_000
 # The service stamps its Timestamps from Redis's TIME, in whole microseconds.
@@ -98,3 +99,9 @@ def from_http_date(sent_ns: int, received_ns: int, date_s: int, source: str) -> 
     return from_round_trip(
         sent_ns, received_ns, date_s * NS_PER_S, source, resolution_ns=HTTP_DATE_RESOLUTION_NS
     )
+
+
+def iso_ms(ns: int) -> str:
+    """A wall-clock time (ns since the epoch) as the report writes times: ISO 8601, UTC,
+    to the millisecond."""
+    return datetime.fromtimestamp(ns / NS_PER_S, UTC).isoformat(timespec="milliseconds")

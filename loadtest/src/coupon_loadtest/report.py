@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from coupon_loadtest.chart import Series
+from coupon_loadtest.clock import iso_ms
 from coupon_loadtest.herd import HerdSummary, summarize
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.records import LOST, SOLD_OUT
@@ -31,9 +31,7 @@ class Verdict:
 
 
 def _iso(ns: int | None) -> str | None:
-    if ns is None:
-        return None
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+    return None if ns is None else iso_ms(ns)
 
 
 def generator_verdict(run: RunData) -> GeneratorVerdict | None:

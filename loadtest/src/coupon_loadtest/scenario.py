@@ -6,7 +6,6 @@ import email.utils
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import pyqwest
 from connectrpc.code import Code
@@ -20,6 +19,7 @@ from coupon_loadtest.clock import (
     ClockOffset,
     ClockSample,
     from_http_date,
+    iso_ms,
     shortest_round_trip,
 )
 from coupon_loadtest.verify import Plan
@@ -292,7 +292,7 @@ def refuse_unloadable(config: LoadConfig, campaign: coupon_pb.Campaign) -> None:
     status = campaign.status
     if status == coupon_pb.CampaignStatus.ENDED:
         ended = timestamp_ns(campaign.ended_at) or timestamp_ns(campaign.ends_at)
-        when = "" if ended is None else f" at {_iso(ended)}"
+        when = "" if ended is None else f" at {iso_ms(ended)}"
         raise SetupError(
             f"campaign {campaign.id} has ended{when}: it issues nothing more; load a "
             "scheduled or active campaign, or let the tool create one (no --campaign-id)"
@@ -305,9 +305,3 @@ def refuse_unloadable(config: LoadConfig, campaign: coupon_pb.Campaign) -> None:
             f"{campaign.total_coupons:,} issued): it issues nothing more; load a scheduled "
             "or active campaign, or let the tool create one (no --campaign-id)"
         )
-
-
-def _iso(ns: int) -> str:
-    return (datetime.fromtimestamp(ns / NS_PER_S, UTC).isoformat(timespec="milliseconds")).replace(
-        "+00:00", "Z"
-    )

@@ -18,7 +18,6 @@ from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
 from coupon.entrypoints.settings import (
-    DEFAULTS,
     Settings,
     SettingsError,
     load_settings,
@@ -438,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loadtest(args: argparse.Namespace, _: Settings) -> int:
+def _loadtest(args: argparse.Namespace) -> int:
     try:
         tool = importlib.import_module("coupon_loadtest.cli")
     except ModuleNotFoundError:
@@ -460,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         # (COUPON_URL, COUPON_ADMIN_TOKEN) comes from the environment or ./.env, as for serve.
         for key, value in read_dotenv(Path(".env")).items():
             os.environ.setdefault(key, value)
-        return int(args.handler(args, DEFAULTS))
+        return int(args.handler(args))
     try:
         settings = load_settings()
     except SettingsError as exc:

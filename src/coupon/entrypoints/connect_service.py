@@ -76,10 +76,19 @@ _LOGGED_FAILURES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.UNAVAILABLE, Cod
 DEPENDENCY_RETRY_MS = 1_000
 
 
+def retry_later(exc: Unavailable, busy_ms: int = 0) -> RetryLater:
+    """`unavailable` saying when to come back, so that a crowd spreads its retries: the
+    error's own hint; else, the process being busy, `busy_ms`; a dependency having failed,
+    at least DEPENDENCY_RETRY_MS."""
+    hint = exc.retry_after_ms
+    if not hint:
+        hint = busy_ms if isinstance(exc, Overloaded) else max(busy_ms, DEPENDENCY_RETRY_MS)
+    return RetryLater(str(exc), hint)
+
+
 def connect_error(exc: CouponError) -> ConnectError:
     if isinstance(exc, Unavailable) and not isinstance(exc, Overloaded):
-        # Every `unavailable` says when to come back (IssueCoupon's own hints: _refused).
-        return RetryLater(str(exc), exc.retry_after_ms or DEPENDENCY_RETRY_MS)
+        return retry_later(exc)
     return ConnectError(ERROR_CODES.get(type(exc), Code.INTERNAL), str(exc))
 
 
@@ -211,8 +220,6 @@ class Operations:
 
 
 class CouponService:
-    DEPENDENCY_RETRY_MS = DEPENDENCY_RETRY_MS
-
     def __init__(
         self,
         create: CreateCampaign,
@@ -503,17 +510,11 @@ class CouponService:
         return issued
 
     def _refused(self, arrived: float, exc: CouponError, campaign_id: str) -> ConnectError:
-        error: ConnectError
-        if isinstance(exc, Unavailable):
-            # Every `unavailable` says when to come back: the crowd spreads its retries.
-            hint = self._doorman.retry_after_ms
-            if exc.retry_after_ms:
-                hint = exc.retry_after_ms
-            elif not isinstance(exc, Overloaded):
-                hint = max(hint, self.DEPENDENCY_RETRY_MS)
-            error = RetryLater(str(exc), hint)
-        else:
-            error = connect_error(exc)
+        error = (
+            retry_later(exc, self._doorman.retry_after_ms)
+            if isinstance(exc, Unavailable)
+            else connect_error(exc)
+        )
         # Shedding is the service working as meant: counted, never logged.
         self._observe_issue.failed(
             arrived, error.code, error.message, logged=not isinstance(exc, Overloaded)

@@ -95,6 +95,12 @@ class IssueService(Protocol):
 _BY_HEADER: dict[bytes, tuple[Codec, bytes] | None] = {}
 
 
+def other_protocol_version(value: bytes) -> bool:
+    """Whether a Connect-Protocol-Version value names a version other than 1, the only one:
+    such a request goes to the full Connect application, which refuses it."""
+    return value.strip(b" \t") != b"1"
+
+
 def codec_for(content_type: bytes) -> tuple[Codec, bytes] | None:
     """The codec a Content-Type names (remembered per header value: clients send one)."""
     try:
@@ -246,8 +252,7 @@ class FastIssue:
                 if value.strip().lower() != b"identity":
                     return None
             elif name == b"connect-timeout-ms" or (
-                # Only version 1 exists; the full application answers any other.
-                name == b"connect-protocol-version" and value.strip() != b"1"
+                name == b"connect-protocol-version" and other_protocol_version(value)
             ):
                 return None
         if codec is None or not 0 <= length <= self._max_bytes:

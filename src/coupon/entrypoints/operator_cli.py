@@ -21,7 +21,6 @@ from typing import IO, TextIO
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from coupon.entrypoints.settings import Settings
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -109,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, settings: Settings, environ: dict[str, str] | None = None) -> int:
+def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     url = (args.url or env.get("COUPON_URL") or DEFAULT_URL).rstrip("/")
     try:

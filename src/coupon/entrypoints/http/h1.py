@@ -43,6 +43,7 @@ from coupon.entrypoints.fast_issue import (
     IssueRoute,
     codec_for,
     error_answer,
+    other_protocol_version,
 )
 
 if TYPE_CHECKING:
@@ -121,8 +122,7 @@ def _lane_fields(block: bytes) -> LaneFields | None:
                 elif value != b"keep-alive":
                     return None
             elif name == _PROTOCOL_VERSION:
-                # Only version 1 exists; the full application answers any other.
-                if value.strip(b" \t") != b"1":
+                if other_protocol_version(value):
                     return None
             elif value.strip(b" \t").lower() != b"identity":  # an encoding
                 return None
@@ -312,7 +312,7 @@ class Http1Protocol(HttpToolsProtocol):
             if name == b"expect" and value.lower() == b"100-continue":
                 self.expect_100_continue = True
         elif (name in _ENCODINGS and value.strip().lower() != b"identity") or (
-            name == _PROTOCOL_VERSION and value.strip() != b"1"
+            name == _PROTOCOL_VERSION and other_protocol_version(value)
         ):
             self._lane_ok = False
         self.headers.append((name, value))
