@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -61,12 +62,21 @@ def create(server: ServerProcess, name: str, *extra: str) -> dict[str, object]:
     return campaign
 
 
+def rpc(server: ServerProcess, method: str, body: dict[str, object]) -> dict[str, Any]:
+    """One RPC in the Connect protocol's JSON, as `curl` sends it, with the admin token."""
+    response = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/{method}",
+        json=body,
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
+    response.raise_for_status()
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 def issue(server: ServerProcess, campaign_id: object, users: list[str]) -> None:
     for user in users:
-        httpx.post(
-            f"{server.url}/coupon.v1.CouponService/IssueCoupon",
-            json={"campaignId": campaign_id, "userId": user},
-        ).raise_for_status()
+        rpc(server, "IssueCoupon", {"campaignId": campaign_id, "userId": user})
 
 
 def test_create_list_show_as_tables(server: ServerProcess) -> None:
@@ -198,7 +208,7 @@ def test_json_is_read_before_or_after_the_action_and_refused_for_export(
     campaign = create(server, "either side")
     after = json.loads(ok(coupon(server, "show", str(campaign["id"]), "--json")))
     before = json.loads(ok(coupon(server, "--json", "show", str(campaign["id"]))))
-    assert after == before and after["id"] == campaign["id"]
+    assert after["campaign"] == before["campaign"] and after["campaign"]["id"] == campaign["id"]
     listed = json.loads(ok(coupon(server, "list", "--json")))
     assert campaign["id"] in {c["id"] for c in listed["campaigns"]}
     refused = coupon(server, "--json", "export", str(campaign["id"]))
@@ -206,3 +216,35 @@ def test_json_is_read_before_or_after_the_action_and_refused_for_export(
     assert refused.stderr.strip() == (
         "coupon: --json does not apply to export: choose --format csv or jsonl"
     )
+
+
+def test_json_is_the_rpcs_own_answer(server: ServerProcess) -> None:
+    """Every --json output is the corresponding RPC's answer in canonical Connect JSON, so a
+    script reads the CLI and `curl` alike: the same keys, the same values (serverTime
+    aside, a clock reading)."""
+
+    def same(cli: dict[str, Any], api: dict[str, Any]) -> None:
+        assert cli.keys() == api.keys(), (cli, api)
+        assert {k: v for k, v in cli.items() if k != "serverTime"} == {
+            k: v for k, v in api.items() if k != "serverTime"
+        }
+
+    out = json.loads(ok(coupon(server, "--json", "create", "--name", "shape", "--coupons", "9")))
+    assert out.keys() == {"campaign"}
+    campaign_id = out["campaign"]["id"]
+    issue(server, campaign_id, ["ann", "ben"])
+    shown = json.loads(ok(coupon(server, "--json", "show", campaign_id)))
+    page = rpc(server, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1})
+    assert shown.keys() == {"campaign", "coupons", "nextPageToken", "serverTime"}
+    same(shown, page)
+    create(server, "shape 2")
+    create(server, "shape 3")
+    listed = json.loads(ok(coupon(server, "--json", "list", "--limit", "2")))
+    first = rpc(server, "ListCampaigns", {"pageSize": 2})
+    assert listed.keys() == {"campaigns", "nextPageToken", "serverTime"}
+    same(listed, first)
+    rest = json.loads(ok(coupon(server, "--json", "list", "--limit", "0")))
+    assert "nextPageToken" not in rest and "serverTime" in rest
+    ended = json.loads(ok(coupon(server, "--json", "end", campaign_id)))
+    assert ended.keys() == {"campaign"}
+    same(ended, rpc(server, "EndCampaign", {"campaignId": campaign_id}))

@@ -174,6 +174,8 @@ def _list(call: Call, args: argparse.Namespace) -> None:
     campaigns: list[coupon_pb.Campaign] = []
     token = ""
     while True:
+        # Pages of exactly what is still wanted: the last page's token then continues
+        # right after the last campaign listed.
         wanted = 1000 if args.limit == 0 else min(1000, args.limit - len(campaigns))
         page = call.client.list_campaigns(
             coupon_pb.ListCampaignsRequest(page_size=wanted, page_token=token, status=status),
@@ -185,7 +187,16 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         if not token or (args.limit and len(campaigns) >= args.limit):
             break
     if call.as_json:
-        print(coupon_pb.ListCampaignsResponse(campaigns=campaigns).to_json())
+        # ListCampaigns' own answer, as `curl` gets it: the campaigns of every page read,
+        # with the last page's nextPageToken (set when --limit stopped before the end)
+        # and serverTime.
+        print(
+            coupon_pb.ListCampaignsResponse(
+                campaigns=campaigns,
+                next_page_token=page.next_page_token,
+                server_time=page.server_time,
+            ).to_json()
+        )
         return
     rows = [
         (
@@ -208,7 +219,9 @@ def _show(call: Call, args: argparse.Namespace) -> None:
         timeout_ms=TIMEOUT_MS,
     )
     assert response.campaign is not None
-    _print_campaign(call, response.campaign, response.campaign.to_json())
+    # GetCampaign's own answer for a page of one coupon: the campaign, its first coupon,
+    # nextPageToken when there are more, and serverTime.
+    _print_campaign(call, response.campaign, response.to_json())
 
 
 def _end(call: Call, args: argparse.Namespace) -> None:
