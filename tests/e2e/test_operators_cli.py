@@ -12,11 +12,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from harness.server import ServerProcess
+from harness.server import ServerProcess, free_port
 
 TOKEN = "cli-token"
 pytestmark = pytest.mark.e2e
@@ -181,7 +182,29 @@ def test_create_help_lists_every_unit_and_that_a_bare_time_is_utc(server: Server
 def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess) -> None:
     assert "ID" in ok(coupon(server, "--url", server.url, "list", url=False))
     default = coupon(server, "--url", "http://127.0.0.1:9", "list", url=False)
-    assert default.returncode == 1 and default.stderr.startswith("coupon: unavailable: ")
+    assert default.returncode == 1
+    assert default.stderr == (
+        "coupon: cannot reach the service at http://127.0.0.1:9: connection refused\n"
+    )
+
+
+@pytest.mark.parametrize("action", [["list"], ["show", "x"], ["export", "x"], ["end", "x"]])
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("http://127.0.0.1:{closed}", "connection refused"),
+        ("http://no-such-host.invalid:8000", "name not resolved"),
+        ("https://127.0.0.1:{port}", "TLS failure"),  # the server speaks plain HTTP
+    ],
+)
+def test_an_unreachable_service_is_one_plain_line(
+    server: ServerProcess, action: list[str], where: str, reason: str
+) -> None:
+    url = where.format(closed=free_port(), port=urlsplit(server.url).port)
+    result = coupon(server, "--url", url, *action, url=False)
+    assert result.returncode == 1
+    assert result.stderr == f"coupon: cannot reach the service at {url}: {reason}\n"
+    assert result.stdout == ""
 
 
 def test_the_url_and_token_come_from_dotenv_and_server_settings_do_not_matter(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -225,6 +226,36 @@ def test_a_campaign_that_can_issue_nothing_more_is_refused_at_set_up(
         assert err.startswith(f"loadtest: campaign {campaign_id} {why}"), err
         assert err.count("\n") == 1
         assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("http://127.0.0.1:{closed}", "connection refused"),
+        ("http://no-such-host.invalid:8000", "name not resolved"),
+        ("https://127.0.0.1:{port}", "TLS failure"),  # the server speaks plain HTTP
+        ("http://127.0.0.1:{silent}", "timed out"),  # accepts, never answers
+    ],
+)
+def test_an_unreachable_service_is_one_plain_line_at_set_up(
+    memory_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    reason: str,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = where.format(
+            closed=free_port(),
+            port=urlsplit(memory_server.url).port,
+            silent=silent.getsockname()[1],
+        )
+        report = tmp_path / "report.json"
+        code = run_tool("--url", url, "--timeout", "1", "--report", str(report))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"loadtest: cannot reach the service at {url}: {reason}\n"
+    assert not report.exists()
 
 
 @pytest.mark.parametrize(

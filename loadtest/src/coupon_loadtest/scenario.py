@@ -13,6 +13,7 @@ from connectrpc.codec import proto_json_codec
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from coupon.entrypoints.reach import cannot_reach, unreachable
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from coupon_loadtest.clock import (
@@ -93,6 +94,9 @@ def to_timestamp(ns: int) -> Timestamp:
 
 
 def _explain(exc: BaseException, url: str, what: str) -> SetupError:
+    reason = unreachable(exc)
+    if reason is not None:
+        return SetupError(cannot_reach(url, reason))
     if isinstance(exc, ConnectError):
         if exc.code is Code.UNAUTHENTICATED:
             return SetupError(
@@ -100,7 +104,7 @@ def _explain(exc: BaseException, url: str, what: str) -> SetupError:
                 "COUPON_ADMIN_TOKEN"
             )
         return SetupError(f"{what}: {exc.code.value}: {exc.message}")
-    return SetupError(f"{what}: cannot reach {url}: {type(exc).__name__}: {exc}")
+    return SetupError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 class AdminApi:

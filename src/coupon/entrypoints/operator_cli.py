@@ -21,6 +21,7 @@ from typing import IO, TextIO
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from coupon.entrypoints.reach import cannot_reach, unreachable
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -122,7 +123,11 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
             action = ACTIONS[args.action]
             action(Call(client, headers, args.json), args)
     except ConnectError as exc:
-        print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
+        reason = unreachable(exc)
+        if reason is not None:
+            print(f"coupon: {cannot_reach(url, reason)}", file=sys.stderr)
+        else:
+            print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
