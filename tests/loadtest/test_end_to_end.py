@@ -258,6 +258,33 @@ def test_an_unreachable_service_is_one_plain_line_at_set_up(
     assert not report.exists()
 
 
+@pytest.mark.parametrize("option", ["--report", "--chart"])
+def test_an_output_in_a_missing_folder_is_refused_before_any_load(
+    memory_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """As `campaigns export -o`: the folder is not created, the run is refused at set-up."""
+    out = tmp_path / "out"
+    out.mkdir()
+    missing = out / "no" / "such" / "file"
+    outputs = {"--report": out / "report.json", "--chart": out / "chart.png"}
+    outputs[option] = missing
+    code = main(
+        [
+            "--url", memory_server.url, "--coupons", "20", "--users", "40", "--rate", "100",
+            "--report", str(outputs["--report"]), "--chart", str(outputs["--chart"]),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"loadtest: {option}: cannot write {missing}: its directory {missing.parent} "
+        "does not exist\n"
+    )
+    assert campaigns(memory_server) == []  # nothing created, nothing sent
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import uvloop
 
+from coupon.entrypoints.output_path import cannot_write
 from coupon_loadtest import chart, report
 from coupon_loadtest.runner import Console, RunData, execute
 from coupon_loadtest.scenario import LoadConfig, SetupError
@@ -287,6 +288,12 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
     if not args.url.startswith(("http://", "https://")):
         problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
+    # Written after the run: a folder that is not there is found now, before any load.
+    outputs = {"--report": args.report} | ({} if args.no_chart else {"--chart": args.chart})
+    for option, path in outputs.items():
+        unwritable = cannot_write(Path(path))
+        if unwritable is not None:
+            problems.append(f"{option}: {unwritable}")
     if problems:
         raise SetupError("; ".join(problems))
     processes = args.processes or min(4, os.cpu_count() or 1)
@@ -359,7 +366,6 @@ def run(args: argparse.Namespace) -> int:
     chart_path = _draw(data, timeline, starts_rel, verdict, console)
     document = report.build(data, verification, generator, verdict, timeline, chart_path)
     report_path = Path(config.report_path)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(document, indent=2, ensure_ascii=False))
     print(report.summary_text(document))
     console.info(f"report: {config.report_path}" + (f", chart: {chart_path}" if chart_path else ""))

@@ -21,6 +21,7 @@ from typing import IO, TextIO
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from coupon.entrypoints.output_path import cannot_write
 from coupon.entrypoints.reach import cannot_reach, unreachable
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
@@ -281,12 +282,9 @@ def _export(call: Call, args: argparse.Namespace) -> None:
 
 def _check_output(target: Path) -> None:
     """Refuse, before anything is fetched or written, an output that cannot be a file."""
-    if target.is_dir():
-        raise OutputError(f"cannot write {target}: it is a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "does not exist"
-        raise OutputError(f"cannot write {target}: its directory {parent} {problem}")
+    problem = cannot_write(target)
+    if problem is not None:
+        raise OutputError(problem)
 
 
 ACTIONS: dict[str, Callable[[Call, argparse.Namespace], None]] = {
