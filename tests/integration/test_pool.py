@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from connectrpc.code import Code
 
 from coupon.adapters.postgres.pool import KeptConnection, create_pool
 from coupon.domain.errors import OutcomeUnknown, Unavailable
+from coupon.entrypoints.connect_service import connect_error
 from harness.server import free_port as a_free_port
 
 
@@ -138,6 +140,11 @@ async def test_a_kept_connection_broken_in_use_says_the_outcome_is_unknown(
                 await other.execute("SELECT pg_terminate_backend($1)", backend)
                 await sleeping
         assert "may have been recorded" in str(broken.value)
+        # Marked for programs: the Connect answer's message begins with the words clients
+        # look for (docs/clients.md).
+        answer = connect_error(broken.value)
+        assert answer.code is Code.UNAVAILABLE
+        assert answer.message.startswith("outcome unknown: PostgreSQL is unavailable: ")
     finally:
         await other.close()
         await kept.close()

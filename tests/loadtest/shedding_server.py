@@ -4,6 +4,12 @@ with a `retry-after-ms` hint. A herd must come back after the hint and still get
 the stock. Run with COUPON_BACKEND=memory:
 
     python -m uvicorn tests.loadtest.shedding_server:app
+
+`outcome_unknown_app` answers instead as the service does when PostgreSQL fails while
+recording a coupon: every third user's first IssueCoupon is issued (and listed), but its
+answer is `unavailable` whose message says the outcome is unknown. `unmarked_app` does the
+same with a plain `unavailable`, a refusal that claims nothing was issued: a server that
+lies so must fail the tool's checks.
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ from coupon.gen.coupon.v1 import coupon_pb
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
 RETRY_AFTER_MS = 200
+
+
+OUTCOME_UNKNOWN_MESSAGE = (
+    "outcome unknown: PostgreSQL is unavailable: ConnectionDoesNotExistError: connection was "
+    "closed in the middle of operation, while recording: it may have been recorded all the "
+    "same; retry (a coupon recorded is returned to its user, never issued twice)"
+)
 
 
 class ShedFirstPress:
@@ -39,26 +52,56 @@ class ShedFirstPress:
             user = coupon_pb.IssueCouponRequest.from_json(body).user_id
         else:
             user = coupon_pb.IssueCouponRequest.from_binary(body).user_id
-        if user not in self._seen:
-            self._seen.add(user)
+        first = user not in self._seen
+        self._seen.add(user)
+        await self.answer(scope, _replay(body, receive), send, user, first=first)
+
+    async def answer(
+        self, scope: Scope, receive: Receive, send: Send, user: str, *, first: bool
+    ) -> None:
+        if first:
             await _shed(send)
+        else:
+            await self._service(scope, receive, send)
+
+
+class RecordedButUnanswered(ShedFirstPress):
+    """Issues every third user's first request, then answers it `unavailable` with
+    `message`, as if the answer had been lost to a PostgreSQL failure."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self._message = message
+
+    async def answer(
+        self, scope: Scope, receive: Receive, send: Send, user: str, *, first: bool
+    ) -> None:
+        if not first or int(user.rsplit("-", 1)[1]) % 3:
+            await self._service(scope, receive, send)
             return
-        replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        async def swallow(message: Message) -> None:
+            pass
 
-        await self._service(scope, replay, send)
+        await self._service(scope, receive, swallow)
+        await _shed(send, self._message)
 
 
-async def _shed(send: Send) -> None:
-    payload = json.dumps(
-        {"code": "unavailable", "message": "overloaded: try again shortly", "details": []}
-    ).encode()
+def _replay(body: bytes, receive: Receive) -> Receive:
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _shed(send: Send, message: str = "overloaded: try again shortly") -> None:
+    payload = json.dumps({"code": "unavailable", "message": message, "details": []}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -75,3 +118,5 @@ async def _shed(send: Send) -> None:
 
 
 app = ShedFirstPress()
+outcome_unknown_app = RecordedButUnanswered(OUTCOME_UNKNOWN_MESSAGE)
+unmarked_app = RecordedButUnanswered("PostgreSQL is unavailable: it did not answer in time")

@@ -1,6 +1,7 @@
 """`coupon loadtest --herd` against real server processes: a small crowd on the real
-service, its accounting and its verification; and a crowd that is shed at first and must
-come back after the server's hint."""
+service, its accounting and its verification; a crowd that is shed at first and must
+come back after the server's hint; and answers of unknown outcome (PostgreSQL failed while
+recording the coupon), which a burst must not count against the server and a herd retries."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from coupon_loadtest import report
 from coupon_loadtest.cli import main
 from harness.server import ServerProcess
+from tests.loadtest.test_end_to_end import failed_checks, loadtest
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +107,10 @@ def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
 
 
 @pytest.fixture
-def shedding_server(tmp_path: Path) -> Iterator[ServerProcess]:
+def shedding_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """tests/loadtest/shedding_server.py's `app`, or another of its apps named by an indirect
+    parameter."""
+    app = getattr(request, "param", "app")
     server = ServerProcess(
         env={"COUPON_BACKEND": "memory"},
         argv=[
@@ -112,7 +118,7 @@ def shedding_server(tmp_path: Path) -> Iterator[ServerProcess]:
             "-m",
             "uvicorn",
             "--no-access-log",
-            "tests.loadtest.shedding_server:app",
+            f"tests.loadtest.shedding_server:{app}",
         ],
         name="shedding",
         log_dir=tmp_path,
@@ -149,3 +155,61 @@ def test_a_shed_crowd_comes_back_after_the_hint_and_gets_exactly_the_stock(
     # Nobody came back sooner than the floor.
     assert crowd["time_to_final_ms"]["p50"] >= 50
     assert document["verification"]["passed"] is True
+
+
+# Every third user's first request is issued but answered `unavailable` (shedding_server's
+# RecordedButUnanswered); a burst of first requests only, one per user, on a stock for all.
+ONE_REQUEST_EACH = (
+    "--users", "300", "--coupons", "1000", "--start-in", "0", "--rate", "300",
+    "--duration", "0.9", "--repeat-fraction", "0",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("shedding_server", ["outcome_unknown_app"], indirect=True)
+def test_a_coupon_whose_answer_said_outcome_unknown_is_no_violation(
+    shedding_server: ServerProcess, tmp_path: Path
+) -> None:
+    code, document = loadtest(shedding_server.url, tmp_path, *ONE_REQUEST_EACH)
+
+    assert code == 0, document["verification"]
+    unknown = document["outcomes"]["outcome_unknown"]
+    assert unknown > 0 and "unavailable" not in document["outcomes"]
+    assert document["verification"]["facts"]["users_with_outcome_unknown"] == unknown
+    phantom = next(
+        c
+        for c in document["verification"]["checks"]
+        if c["name"] == "nothing listed that no client received"
+    )
+    assert phantom["passed"] and f"outcome unknown: {unknown}" in phantom["detail"]
+    assert f"outcome_unknown {unknown}" in " ".join(report_text(tmp_path).split())
+
+
+def report_text(tmp_path: Path) -> str:
+    return report.summary_text(json.loads((tmp_path / "report.json").read_text()))
+
+
+@pytest.mark.parametrize("shedding_server", ["unmarked_app"], indirect=True)
+def test_a_listed_coupon_after_a_plain_refusal_is_still_a_violation(
+    shedding_server: ServerProcess, tmp_path: Path
+) -> None:
+    code, document = loadtest(shedding_server.url, tmp_path, *ONE_REQUEST_EACH)
+
+    assert code == 1
+    assert "nothing listed that no client received" in failed_checks(document)
+    assert "outcome_unknown" not in document["outcomes"]
+
+
+@pytest.mark.parametrize("shedding_server", ["outcome_unknown_app"], indirect=True)
+def test_a_herd_presses_again_after_an_outcome_unknown_and_gets_its_coupon(
+    shedding_server: ServerProcess, tmp_path: Path
+) -> None:
+    code, document = herd(
+        shedding_server.url, tmp_path, "--users", "90", "--coupons", "200", "--retry-floor",
+        "50ms",
+    )  # fmt: skip
+
+    assert code == 0, document["verdict"]
+    assert document["outcomes"]["outcome_unknown"] == 30
+    assert document["outcomes"]["ok_already_issued"] == 30
+    assert document["herd"]["got_coupon"] == 90
+    assert document["herd"]["retries_histogram"] == {"0": 60, "1": 30}

@@ -22,7 +22,7 @@ from array import array
 from dataclasses import dataclass
 from enum import IntEnum
 
-from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, UNAVAILABLE
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, OUTCOME_UNKNOWN, SOLD_OUT, UNAVAILABLE
 
 NS_PER_S = 1_000_000_000
 NS_PER_MS = 1_000_000
@@ -86,9 +86,11 @@ def decide(
         return Decision(Final.COUPON)
     if outcome == SOLD_OUT:
         return Decision(Final.SOLD_OUT)
-    if outcome not in (UNAVAILABLE, NOT_OPEN, LOST):
+    if outcome not in (UNAVAILABLE, OUTCOME_UNKNOWN, NOT_OPEN, LOST):
         return Decision(Final.ERROR)
-    at = now_ns + retry_delay_ns(hint_ms if outcome == UNAVAILABLE else None, attempt, policy, rng)
+    # After an outcome unknown the coupon may exist: pressing again gets it back.
+    hinted = outcome in (UNAVAILABLE, OUTCOME_UNKNOWN)
+    at = now_ns + retry_delay_ns(hint_ms if hinted else None, attempt, policy, rng)
     if at - first_ns > policy.patience_ns:
         return Decision(Final.NONE, gave_up=True)
     return Decision(Final.NONE, retry_at_ns=at)

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 
 from connectrpc.code import Code
 
-# Outcome of a request: "ok", a Connect error code the server answered with, or "lost": no
-# answer we can trust (timeout, broken connection, a response that is not Connect), so the
-# server may or may not have issued a coupon.
-OUTCOMES: tuple[str, ...] = ("ok", *(code.value for code in Code), "lost")
+# Outcome of a request: "ok", a Connect error code the server answered with, "lost": no
+# answer we can trust (timeout, broken connection, a response that is not Connect), or
+# "outcome_unknown": `unavailable` from a service that says it may have issued the coupon
+# all the same (PostgreSQL failed while recording it); after either, the server may or may
+# not have issued a coupon, and a retry returns it if it did.
+OUTCOMES: tuple[str, ...] = ("ok", *(code.value for code in Code), "lost", "outcome_unknown")
 OUTCOME_INDEX: dict[str, int] = {name: i for i, name in enumerate(OUTCOMES)}
 OK = OUTCOME_INDEX["ok"]
 LOST = OUTCOME_INDEX["lost"]
+OUTCOME_UNKNOWN = OUTCOME_INDEX["outcome_unknown"]
 SOLD_OUT = OUTCOME_INDEX[Code.RESOURCE_EXHAUSTED.value]
 NOT_OPEN = OUTCOME_INDEX[Code.FAILED_PRECONDITION.value]
 UNAVAILABLE = OUTCOME_INDEX[Code.UNAVAILABLE.value]

@@ -5,7 +5,8 @@ Each check names the invariant it guards (as the README lists them):
 
 - I1 no over-issue, I2 unique codes, I3 never early (nor at/after the end), I4 one per user,
 - I5 every acknowledged coupon is recorded (a success a client received is in the list),
-- plus: nothing is listed that no client received (unless its response was lost), the number
+- plus: nothing is listed that no client received (unless its response was lost, or the
+  service answered that its outcome is unknown: PostgreSQL failed while recording it), the number
   issued equals min(stock, users who asked while the campaign was open), and the campaign
   opened on time (no "not started" answer to a request that reached it after the start).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from coupon_loadtest.clock import ClockOffset
-from coupon_loadtest.records import LOST, NOT_OPEN, OK, SOLD_OUT, Observations
+from coupon_loadtest.records import LOST, NOT_OPEN, OK, OUTCOME_UNKNOWN, SOLD_OUT, Observations
 
 MAX_EXAMPLES = 5
 
@@ -122,6 +123,9 @@ class ClientView:
     demand: set[str] = field(default_factory=set)
     lost_users: set[str] = field(default_factory=set)
     lost_requests: int = 0
+    # Users answered `unavailable` with "outcome unknown": their coupon may exist.
+    unknown_users: set[str] = field(default_factory=set)
+    unknown_requests: int = 0
     # Counts, and the first few as examples: a broken server can produce millions.
     early_count: int = 0
     early_successes: list[str] = field(default_factory=list)
@@ -159,6 +163,9 @@ def summarize(observations: Observations, plan: Plan, clock: ClockOffset) -> Cli
         elif outcome == LOST:
             view.lost_users.add(uid(user))
             view.lost_requests += 1
+        elif outcome == OUTCOME_UNKNOWN:
+            view.unknown_users.add(uid(user))
+            view.unknown_requests += 1
         elif outcome == NOT_OPEN:
             # Reached the server after the start and was answered before the end, even
             # with the clock error stacked against us: it should have been served.
@@ -225,11 +232,14 @@ def client_checks(view: ClientView) -> list[Check]:
         if n > 1
     ]
     # A repeat answer ("already issued") for a coupon no client saw being issued can only
-    # be explained by a lost response to that user's earlier request.
+    # be explained by a lost response to that user's earlier request, or one whose outcome
+    # the service said is unknown.
     unexplained_repeat = [
         f"user {user} got already_issued=true but no client was ever issued that coupon"
         for user in view.codes_by_user
-        if view.fresh_by_user[user] == 0 and user not in view.lost_users
+        if view.fresh_by_user[user] == 0
+        and user not in view.lost_users
+        and user not in view.unknown_users
     ]
     return [
         _check(
@@ -334,16 +344,23 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
 
     phantom: list[str] = []
     excused = 0
+    unknown = 0
     for c in run_coupons:
         if c.code in view.codes_by_user.get(c.user_id, ()):
             continue
         if c.user_id in view.lost_users:
             excused += 1
             continue
+        if c.user_id in view.unknown_users:
+            # Answered "outcome unknown": the service said it may have issued it.
+            unknown += 1
+            continue
         phantom.append(f"{c.code} listed for user {c.user_id}, who never received it")
+    why = [f"{excused} excused: their responses were lost"] if excused else []
+    why += [f"outcome unknown: {unknown}"] if unknown else []
 
     lo = min(plan.stock, len(view.demand))
-    hi = min(plan.stock, len(view.demand | view.lost_users))
+    hi = min(plan.stock, len(view.demand | view.lost_users | view.unknown_users))
     issued = len(run_coupons)
     demand_problems = []
     if not lo <= issued <= hi:
@@ -351,7 +368,7 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
         demand_problems.append(
             f"{issued} issued, expected {expected} = min(stock {plan.stock}, "
             f"{len(view.demand)} users answered while open"
-            + (f", +{hi - lo} with lost responses)" if hi != lo else ")")
+            + (f", +{hi - lo} with lost or outcome-unknown responses)" if hi != lo else ")")
         )
 
     return [
@@ -408,9 +425,9 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
             "",
             src,
             phantom,
-            "every listed coupon reached its user"
-            + (f" ({excused} excused: their responses were lost)" if excused else ""),
-            f"{len(phantom)} listed coupons reached no client and no response was lost",
+            "every listed coupon reached its user" + (f" ({'; '.join(why)})" if why else ""),
+            f"{len(phantom)} listed coupons reached no client, and no response to their "
+            "users was lost or of unknown outcome",
         ),
         _check(
             "issued = min(stock, demand)",
@@ -418,7 +435,8 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
             src,
             demand_problems,
             f"{issued} issued = min(stock {plan.stock}, {len(view.demand)} users answered "
-            "while open)" + (f" within {lo}..{hi} given lost responses" if lo != hi else ""),
+            "while open)"
+            + (f" within {lo}..{hi} given lost or outcome-unknown responses" if lo != hi else ""),
             "the number issued does not match the demand",
         ),
     ]
@@ -461,6 +479,8 @@ def verify(
         "users_answered_while_open": len(view.demand),
         "users_with_lost_responses": len(view.lost_users),
         "lost_responses": view.lost_requests,
+        "users_with_outcome_unknown": len(view.unknown_users),
+        "outcome_unknown_responses": view.unknown_requests,
         "coupons_received": view.received,
         "clock": clock.as_dict(),
     }

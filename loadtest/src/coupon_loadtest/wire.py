@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import msgspec
 
 from coupon.gen.coupon.v1 import coupon_pb
-from coupon_loadtest.records import LOST, OK, OUTCOME_INDEX
+from coupon_loadtest.records import LOST, OK, OUTCOME_INDEX, OUTCOME_UNKNOWN
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
+# The service begins the message of an `unavailable` whose coupon may have been issued all
+# the same with these words (docs/clients.md).
+OUTCOME_UNKNOWN_PREFIX = "outcome unknown: "
+# Outcomes of ours, not Connect codes a server may send.
+_NOT_CODES = frozenset({"ok", "lost", "outcome_unknown"})
 
 
 class _ErrorBody(msgspec.Struct):
@@ -128,7 +133,10 @@ def _decode_error(status: int, body: bytes) -> IssueReply:
         error = _decode_error_body(body)
     except msgspec.DecodeError:
         error = None
-    if error is not None and error.code in OUTCOME_INDEX and error.code not in ("ok", "lost"):
-        return IssueReply(OUTCOME_INDEX[error.code], message=error.message)
+    if error is not None and error.code in OUTCOME_INDEX and error.code not in _NOT_CODES:
+        # An `unavailable` whose coupon may have been issued all the same is no refusal.
+        unknown = error.code == "unavailable" and error.message.startswith(OUTCOME_UNKNOWN_PREFIX)
+        outcome = OUTCOME_UNKNOWN if unknown else OUTCOME_INDEX[error.code]
+        return IssueReply(outcome, message=error.message)
     snippet = body[:120].decode("utf-8", "replace").strip()
     return IssueReply(LOST, message=f"HTTP {status} without a Connect error: {snippet!r}")

@@ -58,10 +58,19 @@ class Unavailable(CouponError):
         self.retry_after_ms = retry_after_ms
 
 
+# How an `unavailable` whose write may have been done says so, for programs: its message
+# begins with these words (docs/clients.md), in every protocol.
+OUTCOME_UNKNOWN_PREFIX = "outcome unknown: "
+
+
 class OutcomeUnknown(Unavailable):
     """PostgreSQL failed while a write was on its way (the connection broke, or it did not
     answer in time): the write may have been recorded. Retrying is safe all the same — a
-    user's coupon is found again, never issued twice."""
+    user's coupon is found again, never issued twice. The message begins with
+    OUTCOME_UNKNOWN_PREFIX, so that a client can tell this answer from a refusal."""
+
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(OUTCOME_UNKNOWN_PREFIX + message, retry_after_ms)
 
 
 class Overloaded(Unavailable):
