@@ -181,6 +181,14 @@ def test_create_help_lists_every_unit_and_that_a_bare_time_is_utc(server: Server
 
 def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess) -> None:
     assert "ID" in ok(coupon(server, "--url", server.url, "list", url=False))
+    # After the action too, where it wins over the one before it.
+    campaign = create(server, "url after the action")
+    after = ok(
+        coupon(server, "--url", "http://127.0.0.1:9", "list", "--url", server.url, url=False)
+    )
+    assert "url after the action" in after
+    exported = coupon(server, "export", str(campaign["id"]), "--url", server.url, url=False)
+    assert ok(exported).startswith("code,")
     default = coupon(server, "--url", "http://127.0.0.1:9", "list", url=False)
     assert default.returncode == 1
     assert default.stderr == (

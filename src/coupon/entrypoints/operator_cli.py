@@ -90,20 +90,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     end.add_argument("campaign_id")
 
-    for action in (create, listing, show, end):
-        # Also after the action (`campaigns list --json`); unset there, the value given
-        # before it stands.
-        action.add_argument(
-            "--json",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="print the API's JSON instead of a table",
-        )
-
     export = actions.add_parser(
         "export", help="write every issued coupon of a campaign, in issue order"
     )
     export.add_argument("campaign_id")
+    for action in (create, listing, show, end, export):
+        # Also after the action (`campaigns list --url URL --json`); unset there, the value
+        # given before it stands.
+        action.add_argument("--url", default=argparse.SUPPRESS, help="as before the action")
+        if action is not export:
+            action.add_argument(
+                "--json",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="print the API's JSON instead of a table",
+            )
     export.add_argument("--format", choices=EXPORT_FORMATS, default="csv", help="default csv")
     export.add_argument(
         "--output", "-o", help="write to this file (default: standard output)", metavar="FILE"
