@@ -27,15 +27,21 @@ def cors_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         yield proc
 
 
-def preflight(url: str, origin: str) -> httpx.Response:
+def preflight(
+    url: str, origin: str, headers: str = "content-type,connect-protocol-version"
+) -> httpx.Response:
     return httpx.options(
         url + ISSUE,
         headers={
             "Origin": origin,
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type,connect-protocol-version",
+            "Access-Control-Request-Headers": headers,
         },
     )
+
+
+def listed(value: str) -> set[str]:
+    return {h.strip().lower() for h in value.split(",")}
 
 
 def issue(url: str, origin: str | None, content_type: str = "application/json") -> httpx.Response:
@@ -68,19 +74,46 @@ def test_preflight_from_an_allowed_origin_is_answered_and_cached(
     assert response.headers["access-control-max-age"] == "7200"
 
 
+# What a compressing browser client sends: Content-Encoding and Accept-Encoding for Connect
+# unary, Connect-Content-Encoding and Connect-Accept-Encoding for streaming, Grpc-Encoding
+# and Grpc-Accept-Encoding for gRPC-Web.
+COMPRESSION_HEADERS = (
+    "content-encoding",
+    "accept-encoding",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+)
+
+
+def test_a_preflight_for_a_compressing_client_allows_its_headers(
+    cors_server: ServerProcess,
+) -> None:
+    """A browser allows the request only when every header it asked for is allowed."""
+    asked = ",".join(("content-type", "connect-protocol-version", *COMPRESSION_HEADERS))
+    response = preflight(cors_server.url, PAGE, asked)
+    assert response.status_code == 204
+    assert listed(asked) <= listed(response.headers["access-control-allow-headers"])
+
+
 def test_responses_to_an_allowed_origin_expose_the_protocol_headers(
     cors_server: ServerProcess,
 ) -> None:
     for content_type in ("application/json", "application/grpc-web+json"):
         response = issue(cors_server.url, "https://shop.example.com", content_type)
         assert response.headers["access-control-allow-origin"] == "https://shop.example.com"
-        exposed = {
-            h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")
-        }
+        exposed = listed(response.headers["access-control-expose-headers"])
         assert {
             "grpc-status",
             "grpc-message",
             "grpc-status-details-bin",
+            "grpc-encoding",
+            "grpc-accept-encoding",
+            "content-encoding",
+            "connect-content-encoding",
+            "accept-encoding",
+            "connect-accept-encoding",
             "retry-after-ms",
         } <= exposed
         assert "origin" in response.headers["vary"].lower()

@@ -10,17 +10,22 @@ from collections.abc import Iterable
 from litestar.types import Message, Receive, Scope, Send
 
 # What the Connect and gRPC-Web protocols send (connect-web, grpc-web clients), beside the
-# admin token.
+# admin token: a client that compresses names its coding in Content-Encoding (Connect
+# unary), Connect-Content-Encoding (Connect streaming) or Grpc-Encoding (gRPC-Web), and
+# what it accepts in the matching *-Accept-Encoding; none of these is safelisted, so a
+# preflight that did not allow them would keep a compressing client from calling at all.
 ALLOWED_HEADERS = (
     b"Content-Type, Connect-Protocol-Version, Connect-Timeout-Ms, Connect-Accept-Encoding, "
-    b"Connect-Content-Encoding, Grpc-Timeout, Grpc-Accept-Encoding, X-Grpc-Web, "
-    b"X-User-Agent, Authorization"
+    b"Connect-Content-Encoding, Content-Encoding, Accept-Encoding, Grpc-Timeout, "
+    b"Grpc-Encoding, Grpc-Accept-Encoding, X-Grpc-Web, X-User-Agent, Authorization"
 )
 # What a client must be able to read: the gRPC(-Web) status and error details, the Connect
-# protocol's headers and trailers, and the retry hint of overload answers.
+# protocol's headers and trailers, the codings the service accepts (sent with an
+# `unimplemented` for a coding it does not), and the retry hint of overload answers.
 EXPOSED_HEADERS = (
-    b"Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Grpc-Encoding, Content-Encoding, "
-    b"Connect-Content-Encoding, Connect-Accept-Encoding, Retry-After-Ms"
+    b"Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, Grpc-Encoding, "
+    b"Grpc-Accept-Encoding, Content-Encoding, Connect-Content-Encoding, Accept-Encoding, "
+    b"Connect-Accept-Encoding, Retry-After-Ms"
 )
 ALLOWED_METHODS = b"POST, GET"  # Connect unary GET, for cacheable calls
 # Browsers cap it (Chromium at 2 hours); one preflight per origin and path per cap.
