@@ -311,6 +311,86 @@ def test_a_content_coding_is_read_in_any_case(server: ServerProcess, coding: str
     assert response.json()["campaign"]["name"] == "cased"
 
 
+# A body in a coding the service does not decode, in each protocol: the request's headers,
+# and the header the answer must list the accepted codings in.
+REFUSED_CODINGS = {
+    "connect-json": (
+        "IssueCoupon",
+        {"content-type": "application/json", "content-encoding": "br"},
+        "accept-encoding",
+    ),
+    "connect-proto": (
+        "CreateCampaign",
+        {"content-type": "application/proto", "content-encoding": "zstd"},
+        "accept-encoding",
+    ),
+    "connect-stream": (
+        "ExportCoupons",
+        {"content-type": "application/connect+json", "connect-content-encoding": "br"},
+        "connect-accept-encoding",
+    ),
+    "grpc-web": (
+        "IssueCoupon",
+        {"content-type": "application/grpc-web+proto", "grpc-encoding": "snappy"},
+        "grpc-accept-encoding",
+    ),
+}
+
+
+def accepted_codings(value: str) -> set[str]:
+    return {coding.strip() for coding in value.split(",")}
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
+@pytest.mark.parametrize("case", REFUSED_CODINGS)
+def test_an_unsupported_coding_is_answered_with_the_codings_accepted(
+    server: ServerProcess, http2: bool, case: str
+) -> None:
+    """The Connect protocol (and gRPC) answers `unimplemented` and says what it accepts."""
+    rpc, headers, accept_header = REFUSED_CODINGS[case]
+    with httpx.Client(http1=not http2, http2=http2, timeout=10) as web:
+        response = web.post(
+            f"{server.url}/coupon.v1.CouponService/{rpc}", content=b"\x00" * 8, headers=headers
+        )
+    if case.startswith("connect-") and case != "connect-stream":
+        assert response.status_code == 501, response.text
+        assert response.json()["code"] == "unimplemented"
+    elif case == "connect-stream":
+        assert b'"unimplemented"' in response.content
+    else:
+        assert b"grpc-status: 12" in response.content
+    assert accepted_codings(response.headers.get(accept_header, "")) == {"gzip", "identity"}
+
+
+def test_an_unsupported_grpc_coding_is_answered_with_the_codings_accepted(
+    server: ServerProcess,
+) -> None:
+    client = H2Client(server.port)
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"localhost"),
+                (b":path", b"/coupon.v1.CouponService/IssueCoupon"),
+                (b"content-type", b"application/grpc+proto"),
+                (b"te", b"trailers"),
+                (b"grpc-encoding", b"br"),
+            ],
+        )
+        client.responses[stream_id] = Response()
+        client.conn.send_data(stream_id, b"\x01\x00\x00\x00\x01\x00", end_stream=True)
+        client.flush()
+        [response] = client.wait(stream_id)
+    finally:
+        client.close()
+    assert response.grpc_status == b"12"
+    accepted = response.headers.get(b"grpc-accept-encoding", b"").decode()
+    assert accepted_codings(accepted) == {"gzip", "identity"}
+
+
 @pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
 def test_an_unsupported_content_type_lists_what_the_method_accepts(
     server: ServerProcess, http2: bool

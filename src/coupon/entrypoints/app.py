@@ -85,6 +85,31 @@ _CODINGS = frozenset(
 )
 
 
+# The content codings the Connect application decodes (the library's defaults).
+ACCEPTED_CODINGS = frozenset({b"gzip", b"identity"})
+_ACCEPTED = b"gzip, identity"
+_GRPC_ACCEPTED = b"gzip,identity"
+
+
+def _refused_coding(scope: Scope, content_type: bytes) -> tuple[bytes, bytes] | None:
+    """For a request whose body is in a coding the service does not decode (answered
+    `unimplemented` by the Connect application), the header that lists those it does, as
+    each protocol names it: Accept-Encoding for a Connect unary call (whose coding is its
+    Content-Encoding), Connect-Accept-Encoding for a Connect stream, grpc-accept-encoding
+    for gRPC and gRPC-Web. None for any other. (No method here takes GET, whose coding
+    would be a query parameter.)"""
+    if content_type.startswith(b"application/grpc"):
+        asked, answer = b"grpc-encoding", (b"grpc-accept-encoding", _GRPC_ACCEPTED)
+    elif content_type.startswith(b"application/connect+"):
+        asked, answer = b"connect-content-encoding", (b"connect-accept-encoding", _ACCEPTED)
+    else:
+        asked, answer = b"content-encoding", (b"accept-encoding", _ACCEPTED)
+    for name, value in scope["headers"]:
+        if name == asked and value.strip().lower() not in ACCEPTED_CODINGS:
+            return answer
+    return None
+
+
 def _content_type(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-type":
@@ -182,7 +207,8 @@ class CouponApp:
         """A response sent before the request body was read (an early refusal) closes the
         connection: the unread body would otherwise be taken for the next request. A 415
         lists the content types this method accepts (the library's lists the unary Connect
-        ones whatever the method); gRPC without trailers (HTTP/1.1) is refused plainly."""
+        ones whatever the method), and an `unimplemented` for a coding the service does not
+        decode lists those it does; gRPC without trailers (HTTP/1.1) is refused plainly."""
         trailers = "http.response.trailers" in (scope.get("extensions") or {})
         content_type = _content_type(scope)
         if (
@@ -194,6 +220,7 @@ class CouponApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
+        refused_coding = _refused_coding(scope, content_type)
         if any(n in _CODINGS and v != v.lower() for n, v in scope["headers"]):
             # Content codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip.
             headers = [(n, v.lower() if n in _CODINGS else v) for n, v in scope["headers"]]
@@ -213,6 +240,8 @@ class CouponApp:
                 if message["status"] == 415:
                     headers = [h for h in headers if h[0].lower() != b"accept-post"]
                     headers.append((b"accept-post", accepted))
+                if refused_coding is not None:
+                    headers.append(refused_coding)
                 if not body_done:
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
