@@ -217,24 +217,62 @@ def test_an_idle_connection_is_closed_with_goaway(server: ServerProcess) -> None
         client.close()
 
 
-def test_a_header_list_over_the_limit_ends_the_connection(server: ServerProcess) -> None:
+def send_padded_request(client: H2Client, padding: int) -> int:
+    """An IssueCoupon request whose header list is `padding` bytes longer (the padding is
+    indexed: both sides' HPACK tables change with it)."""
+    stream_id = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        stream_id,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", b"/coupon.v1.CouponService/IssueCoupon"),
+            (b"content-type", b"application/grpc+proto"),
+            (b"x-padding", b"x" * padding),
+        ],
+        end_stream=True,
+    )
+    client.responses[stream_id] = Response()
+    client.flush()
+    return stream_id
+
+
+def test_a_header_list_over_the_limit_refuses_its_stream_alone(server: ServerProcess) -> None:
+    """431 on that stream; the streams open beside it, and those after it, are answered
+    on the same connection (the HPACK tables stay in step)."""
     client = H2Client(server.port)
     try:
         client.read()  # the server's SETTINGS, with its header list limit
         assert client.conn.remote_settings.max_header_list_size == 16 * 1024
-        stream_id = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"localhost"),
-                (b":path", b"/coupon.v1.CouponService/IssueCoupon"),
-                (b"x-padding", b"x" * 20_000),
-            ],
-            end_stream=True,
+        campaign_id = create_campaign(client, total=3)
+        # Open, its body not yet ended, while the oversized request comes and goes.
+        beside = client.start("IssueCoupon", issue_request(campaign_id, "beside"), end=False)
+        refused_id = send_padded_request(client, 20_000)
+        [refused] = client.wait(refused_id)
+        client.send(beside, b"", end=True)
+        [answered] = client.wait(beside)
+        after = client.call(
+            "IssueCoupon",
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id="after"),
+            coupon_pb.IssueCouponResponse,
         )
-        client.flush()
+    finally:
+        client.close()
+    assert refused.headers[b":status"] == b"431"
+    assert b"16384 bytes" in refused.body
+    assert answered.grpc_status == b"0"
+    coupon = grpc_message(answered.body, coupon_pb.IssueCouponResponse).coupon
+    assert coupon is not None and coupon.user_id == "beside"
+    assert after.coupon is not None and after.coupon.user_id == "after"
+    assert client.goaway is None
+
+
+def test_a_header_list_over_the_hard_limit_ends_the_connection(server: ServerProcess) -> None:
+    """Beyond four times the advertised limit, the peer ignores it on purpose: GOAWAY."""
+    client = H2Client(server.port)
+    try:
+        send_padded_request(client, 70_000)
         with pytest.raises(ConnectionError):
             while True:
                 client.read()

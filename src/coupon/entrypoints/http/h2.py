@@ -33,6 +33,7 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hpack.hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -42,6 +43,11 @@ log = logging.getLogger("uvicorn.error")
 # Limits a peer is told in SETTINGS; h2 refuses a peer that goes past them.
 MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 16 * 1024
+# A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (431), the
+# connection and its other streams going on: its block must still be decoded whole, or the
+# HPACK table the peer's later blocks refer to would be out of step. Only a list over
+# this, which no client keeping to the advertised limit sends, ends the connection.
+HEADER_LIST_HARD_LIMIT = 64 * 1024
 MAX_FRAME_SIZE = 16 * 1024  # the protocol's minimum: larger frames buy nothing here
 # Per stream, what a peer may send before the app reads it; the connection as a whole
 # may have this much unread across its streams.
@@ -55,6 +61,20 @@ _HOP_BY_HOP = frozenset(
 )
 
 Headers = list[tuple[bytes, bytes]]
+_TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes".encode()
+
+
+class _Decoder(Decoder):
+    """HPACK decoding that accepts header lists up to HEADER_LIST_HARD_LIMIT whatever h2
+    sets (it sets the advertised limit once the peer acknowledges the settings)."""
+
+    @property
+    def max_header_list_size(self) -> int:
+        return HEADER_LIST_HARD_LIMIT
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        pass
 
 
 class _Stream:
@@ -143,9 +163,8 @@ class H2Protocol(asyncio.Protocol):
                 SettingCodes.ENABLE_PUSH: 0,
             },
         )
-        # h2 applies the header list limit to its decoder only once the peer acknowledges
-        # the settings; until then it would accept any size.
-        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        # Before any block is decoded: the advertised limit is checked per stream (_request).
+        self.conn.decoder = _Decoder()
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self._flush()
@@ -240,7 +259,10 @@ class H2Protocol(asyncio.Protocol):
         if self.last_stream_id is not None and stream_id > self.last_stream_id:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        scope = self._scope(event.headers or [])
+        scope, size = self._scope(event.headers or [])
+        if size > MAX_HEADER_LIST_SIZE:
+            self._refuse_headers(stream_id, ended=event.stream_ended is not None)
+            return
         if scope is None:
             self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
@@ -265,10 +287,31 @@ class H2Protocol(asyncio.Protocol):
             stream.ended = True
         stream.wake()
 
-    def _scope(self, headers: Headers) -> dict[str, Any] | None:
+    def _refuse_headers(self, stream_id: int, *, ended: bool) -> None:
+        """431 on this stream alone, as HTTP/1.1 answers it; a body not yet sent need not
+        be (RST_STREAM NO_ERROR after the answer, RFC 9113, 8.1)."""
+        headers = [
+            (b":status", b"431"),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(_TOO_LARGE)).encode()),
+        ]
+        with contextlib.suppress(ProtocolError, StreamClosedError, FlowControlError):
+            if self.conn.local_flow_control_window(stream_id) < len(_TOO_LARGE):
+                self.conn.send_headers(stream_id, headers[:2], end_stream=True)
+            else:
+                self.conn.send_headers(stream_id, headers)
+                self.conn.send_data(stream_id, _TOO_LARGE, end_stream=True)
+            if not ended:
+                self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+
+    def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int]:
+        """The request's ASGI scope (None: nothing the app serves), and the header list's
+        size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
         method = path = authority = b""
         regular: Headers = []
+        size = 32 * len(headers)
         for name, value in headers:
+            size += len(name) + len(value)
             if name[:1] != b":":
                 regular.append((name, value))
             elif name == b":method":
@@ -278,7 +321,7 @@ class H2Protocol(asyncio.Protocol):
             elif name == b":authority":
                 authority = value
         if not method or not path.startswith(b"/"):
-            return None  # CONNECT or a malformed request: nothing the app serves
+            return None, size  # CONNECT or a malformed request: nothing the app serves
         if authority and not any(name == b"host" for name, _ in regular):
             regular.insert(0, (b"host", authority))
         raw_path, _, query = path.partition(b"?")
@@ -286,7 +329,7 @@ class H2Protocol(asyncio.Protocol):
         if "%" in decoded:
             decoded = unquote(decoded)
         root_path = self.config.root_path
-        return {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
             "http_version": "2",
@@ -302,6 +345,7 @@ class H2Protocol(asyncio.Protocol):
             "state": self.app_state.copy(),
             "extensions": {"http.response.trailers": {}},
         }
+        return scope, size
 
     # --- one stream's ASGI task ---------------------------------------------------------
 
