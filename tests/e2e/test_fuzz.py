@@ -934,3 +934,56 @@ def test_page_token_past_int64_is_invalid_argument(target: Target) -> None:
     response = target.send(request)
     assert check_answer(request, response) == "invalid_argument"
     assert response.json()["message"].startswith("page_token: ")
+
+
+UNKNOWN_ID = "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50"
+STARTS = '"startsAt": "2026-01-01T00:00:00Z"'
+# For every RPC, a field given twice: the same key twice, or its JSON and proto names
+# (`{campaign}` is the active campaign, the ended one is unknown: nothing ends if the
+# body were read).
+GIVEN_TWICE = [
+    ("IssueCoupon", '{"campaignId": "{campaign}", "campaignId": "{campaign}", "userId": "u"}'),
+    ("IssueCoupon", '{"campaignId": "{campaign}", "userId": "x", "user_id": "y"}'),
+    ("CreateCampaign", '{"name": "a", "name": "b", "totalCoupons": 1, ' + STARTS + "}"),
+    ("CreateCampaign", '{"name": "a", "totalCoupons": 1, "total_coupons": 2, ' + STARTS + "}"),
+    ("CreateCampaign", '{"name": "a", "totalCoupons": 1, ' + STARTS + ", " + STARTS + "}"),
+    ("GetCampaign", '{"campaignId": "{campaign}", "pageSize": 1, "page_size": 2}'),
+    ("ListCampaigns", '{"status": "CAMPAIGN_STATUS_ACTIVE", "status": "CAMPAIGN_STATUS_ENDED"}'),
+    ("EndCampaign", '{"campaign_id": "' + UNKNOWN_ID + '", "campaignId": "' + UNKNOWN_ID + '"}'),
+    ("ListUserCoupons", '{"userId": "first", "userId": "second"}'),
+    ("ExportCoupons", '{"campaignId": "{campaign}", "campaign_id": "{campaign}"}'),
+]
+TWICE_FIELDS = ["campaign_id", "user_id", "name", "total_coupons", "starts_at", "page_size"]
+TWICE_FIELDS += ["status", "campaign_id", "user_id", "campaign_id"]
+
+
+def connect_error(target: Target, rpc: str, body: bytes) -> dict[str, Any]:
+    """The Connect error a JSON request is answered with (ExportCoupons streams: its error
+    is the end of the stream)."""
+    if rpc != "ExportCoupons":
+        request = Request(rpc, body, {"content-type": "application/json", **AUTH})
+        response = target.send(request)
+        check_answer(request, response)
+        error: dict[str, Any] = response.json()
+        return error
+    envelope = b"\x00" + len(body).to_bytes(4, "big") + body
+    headers = {"content-type": "application/connect+json", **AUTH}
+    response = target.send(Request(rpc, envelope, headers))
+    assert response.status_code == 200 and response.content[:1] == b"\x02", response.content
+    end: dict[str, Any] = json.loads(response.content[5:])["error"]
+    return end
+
+
+@pytest.mark.parametrize(("case", "field"), zip(GIVEN_TWICE, TWICE_FIELDS, strict=True))
+def test_a_field_given_twice_is_invalid_argument(
+    target: Target, case: tuple[str, str], field: str
+) -> None:
+    """As protojson and connect-go: a body that sets a field twice is refused, not read
+    as its last value."""
+    rpc, text = case
+    body = text.replace("{campaign}", CAMPAIGNS["active"]).encode()
+    before = target.counts()
+    error = connect_error(target, rpc, body)
+    assert error["code"] == "invalid_argument", error
+    assert error["message"].startswith(f"{field}: "), error
+    assert target.counts() == before

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Protocol
 
 from connectrpc.code import Code
-from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
+from connectrpc.codec import Codec, proto_binary_codec
 from connectrpc.errors import ConnectError
 from litestar.types import (
     HTTPResponseBodyEvent,
@@ -35,6 +35,7 @@ from litestar.types import (
 )
 
 from coupon.application.issue import Issued, Pending
+from coupon.entrypoints.codecs import IssueJsonCodec
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import issue_response, issue_response_bytes
 from coupon.gen.coupon.v1 import coupon_pb
@@ -48,7 +49,7 @@ Answer = tuple[int, bytes, bytes, Headers]
 
 _CODECS: dict[bytes, tuple[Codec, bytes]] = {
     b"application/proto": (proto_binary_codec(), b"application/proto"),
-    b"application/json": (proto_json_codec(), b"application/json"),
+    b"application/json": (IssueJsonCodec(), b"application/json"),
 }
 # The Connect protocol's HTTP status for each code.
 _STATUS = {
@@ -145,6 +146,8 @@ class IssueRoute:
         must then await `answer`, which lets it out)."""
         try:
             request = codec[0].decode(body, coupon_pb.IssueCouponRequest)
+        except ConnectError as exc:  # the JSON codec's, which names the field
+            return error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
             return error_answer(
                 ConnectError(Code.INVALID_ARGUMENT, f"cannot decode the request: {exc}")
