@@ -10,6 +10,10 @@ It also refuses a field given twice — the same key twice, or a field's JSON na
 its proto name (`userId` and `user_id`) — as protojson and connect-go do, where the JSON
 parser would keep the last. A body is read again, key by key, only when it could give a
 field twice (see decode_json, and IssueJsonCodec for IssueCoupon's hot path).
+
+A body that cannot be read is answered in the service's words, not the parser's: the
+field and what it expects (`user_id: expected a string`), or what is wrong with the body
+as a whole. Those are worked out only once a body has failed (json_error, binary_error).
 """
 
 from __future__ import annotations
@@ -91,7 +95,10 @@ def decode_json(data: bytes | bytearray, message_class: type[Any]) -> Any:
     colons than fields set (not left at their zero: "", 0, unset) therefore has one pair
     per field set and no other: no field is given twice, and nothing more is looked at
     (the common case). Any other body is read again, its keys seen one by one."""
-    message = message_class.from_json(data, ignore_unknown_fields=True)
+    try:
+        message = message_class.from_json(data, ignore_unknown_fields=True)
+    except Exception:  # noqa: BLE001 - said plainly
+        raise json_error(data, message_class) from None
     values = (_VALUES.get(message_class) or _values(message_class))(message)
     if data.count(b":") > len(values) - values.count("") - values.count(0) - values.count(None):
         _refuse_set_twice(data, message_class)
@@ -132,7 +139,10 @@ class IssueJsonCodec(JsonCodec):
     bodies clients send (40 bytes of room: any whitespace short of a 4-space indent)."""
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
-        message = coupon_pb.IssueCouponRequest.from_json(data, ignore_unknown_fields=True)
+        try:
+            message = coupon_pb.IssueCouponRequest.from_json(data, ignore_unknown_fields=True)
+        except Exception:  # noqa: BLE001 - said plainly
+            raise json_error(data, coupon_pb.IssueCouponRequest) from None
         campaign, user = len(message.campaign_id), len(message.user_id)
         # {"campaignId":"…","userId":"…"} and the extra pair, whichever fields are set.
         if campaign and user:
@@ -146,5 +156,142 @@ class IssueJsonCodec(JsonCodec):
         return message
 
 
+class BinaryCodec:
+    """protobuf-py's binary codec, its failures said plainly."""
+
+    def __init__(self) -> None:
+        inner: Codec = proto_binary_codec()
+        self._name = inner.name()
+        self._decode = inner.decode
+        self.encode = inner.encode
+
+    def name(self) -> str:
+        return self._name
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return self._decode(data, message_class)
+        except Exception:  # noqa: BLE001 - said plainly
+            raise binary_error(data, message_class) from None
+
+
 def codecs() -> list[Codec]:
-    return [proto_binary_codec(), JsonCodec()]
+    return [BinaryCodec(), JsonCodec()]
+
+
+# --- what a body that cannot be read is told ---------------------------------------------
+
+_SCALARS = {
+    "STRING": "a string",
+    "BOOL": "true or false",
+    "BYTES": "base64 text",
+    "DOUBLE": "a number",
+    "FLOAT": "a number",
+    "INT32": "an integer of 32 bits",
+    "SINT32": "an integer of 32 bits",
+    "SFIXED32": "an integer of 32 bits",
+    "UINT32": "an unsigned integer of 32 bits",
+    "FIXED32": "an unsigned integer of 32 bits",
+    "INT64": "an integer of 64 bits",
+    "SINT64": "an integer of 64 bits",
+    "SFIXED64": "an integer of 64 bits",
+    "UINT64": "an unsigned integer of 64 bits",
+    "FIXED64": "an unsigned integer of 64 bits",
+}
+
+
+def _invalid(message: str) -> ConnectError:
+    return ConnectError(Code.INVALID_ARGUMENT, message)
+
+
+def _expected(field: Any) -> str:
+    """What a field takes, in words."""
+    value = field.value
+    if hasattr(value, "scalar"):
+        return "expected " + _SCALARS.get(value.scalar.name, "a number")
+    if hasattr(value, "enum"):
+        if field.parent is coupon_pb.ListCampaignsRequest._desc:
+            return STATUS_CHOICES
+        names = ", ".join(v.name for v in value.enum.values)
+        return f"expected one of {names}"
+    if hasattr(value, "message"):
+        if value.message.type_name == "google.protobuf.Timestamp":
+            return "expected a timestamp such as 2026-01-01T00:00:00Z"
+        return "expected an object"
+    return "expected a list" if hasattr(value, "element") else "expected an object"
+
+
+def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectError:
+    """What a JSON body that could not be read is told: the first field that cannot be
+    read alone, else what is wrong with the body."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return _invalid("request body: not valid JSON")
+    if not isinstance(value, dict):
+        return _invalid("request body: expected a JSON object")
+    fields = message_class._desc._fields_by_json_name
+    for key, item in value.items():
+        field = fields.get(key)
+        if field is None:
+            continue
+        try:
+            message_class._from_json_value({key: item}, ignore_unknown_fields=True)
+        except Exception:  # noqa: BLE001 - this field is the one
+            return _invalid(f"{field.name}: {_expected(field)}")
+    return _invalid(f"request body: not a valid {message_class.__name__}")
+
+
+def _varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 70:
+        if at >= len(data):
+            raise IndexError(at)
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    raise IndexError(at)
+
+
+def binary_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectError:
+    """What a binary body that could not be read is told: the first field that cannot be
+    read alone, else where the body stops making sense."""
+    fields = {field.number: field for field in message_class._desc.fields}
+    at = 0
+    name = message_class.__name__
+    while at < len(data):
+        start = at
+        try:
+            key, at = _varint(data, at)
+            wire = key & 7
+            if wire == 0:
+                _, at = _varint(data, at)
+            elif wire == 1:
+                at += 8
+            elif wire == 2:
+                size, at = _varint(data, at)
+                at += size
+            elif wire == 5:
+                at += 4
+            else:
+                raise IndexError(at)
+            if at > len(data):
+                raise IndexError(at)
+        except IndexError:
+            field = fields.get(key >> 3) if at > start else None
+            if field is not None:
+                return _invalid(f"{field.name}: cut short or malformed")
+            return _invalid(f"request body: not a valid binary {name}")
+        field = fields.get(key >> 3)
+        if field is not None:
+            try:
+                message_class.from_binary(bytes(data[start:at]))
+            except Exception:  # noqa: BLE001 - this field is the one
+                value = field.value
+                if getattr(getattr(value, "scalar", None), "name", "") == "STRING":
+                    return _invalid(f"{field.name}: expected a string in UTF-8")
+                return _invalid(f"{field.name}: {_expected(field)}")
+    return _invalid(f"request body: not a valid binary {name}")

@@ -35,7 +35,7 @@ from litestar.types import (
 )
 
 from coupon.application.issue import Issued, Pending
-from coupon.entrypoints.codecs import IssueJsonCodec
+from coupon.entrypoints.codecs import IssueJsonCodec, binary_error
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import issue_response, issue_response_bytes
 from coupon.gen.coupon.v1 import coupon_pb
@@ -146,12 +146,10 @@ class IssueRoute:
         must then await `answer`, which lets it out)."""
         try:
             request = codec[0].decode(body, coupon_pb.IssueCouponRequest)
-        except ConnectError as exc:  # the JSON codec's, which names the field
+        except ConnectError as exc:  # the JSON codec's, which says it plainly
             return error_answer(exc)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
-            return error_answer(
-                ConnectError(Code.INVALID_ARGUMENT, f"cannot decode the request: {exc}")
-            )
+        except Exception:  # noqa: BLE001 - the binary codec's, said plainly
+            return error_answer(binary_error(body, coupon_pb.IssueCouponRequest))
         error = self._service.issue_at_once(request, arrived)
         if error is None:
             return request
