@@ -76,6 +76,17 @@ def test_metrics_count_every_worker_s_requests_and_issues(server: ServerProcess)
     )
 
 
+def test_metrics_content_type_names_each_parameter_once(server: ServerProcess) -> None:
+    """Prometheus 3 parses the Content-Type strictly: a parameter given twice (two charsets)
+    fails the scrape."""
+    answer = httpx.get(f"{server.url}/metrics")
+    assert answer.status_code == 200
+    media_type, *params = [part.strip() for part in answer.headers["content-type"].split(";")]
+    names = [param.split("=", 1)[0].lower() for param in params]
+    assert media_type == "text/plain" and "version" in names, answer.headers["content-type"]
+    assert len(names) == len(set(names)), answer.headers["content-type"]
+
+
 def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
     httpx.post(
         f"{server.url}{CREATE}",

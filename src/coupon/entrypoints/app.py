@@ -312,7 +312,9 @@ def metrics(state: State) -> Response[bytes]:
     assert isinstance(app, CouponApp)
     get_metrics().flush()  # this worker's latest; the others' are at most a second old
     body, content_type = render(app.settings.metrics_dir)
-    return Response(body, media_type=content_type)
+    # As the client library gives it, charset included: given as the media type, Litestar
+    # would add a second charset, which Prometheus 3 refuses to parse.
+    return Response(body, headers={"content-type": content_type})
 
 
 def create_app() -> CouponApp:
