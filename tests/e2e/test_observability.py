@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -14,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.client import connect_client, create_campaign
+from harness.private_redis import PrivateRedis
+from harness.raw_http import open_connection, read_response
 from harness.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +103,43 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
         e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created
     )
     assert all({"time", "level", "message"} <= set(e) for e in entries)
+
+
+async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id(
+    server_env: dict[str, str],
+) -> None:
+    """However IssueCoupon's request arrives (in one read, or its body after its head), a
+    failure's log line carries the caller's X-Request-Id, as the other RPCs' do."""
+    private = PrivateRedis()
+    try:
+        with ServerProcess(env={**server_env, "REDIS_URL": private.url}) as server:
+            async with connect_client(server.url) as client:
+                campaign_id = (await create_campaign(client, total=10, name="ids")).id
+            private.kill()
+            for n, split in enumerate((False, True)):
+                body = json.dumps({"campaignId": campaign_id, "userId": f"u{n}"}).encode()
+                raw = (
+                    f"POST {ISSUE} HTTP/1.1\r\nHost: test\r\nX-Request-Id: rid-{n}\r\n"
+                    "Content-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+                reader, writer = await open_connection(server.url)
+                try:
+                    writer.write(raw[: len(raw) - len(body)] if split else raw)
+                    if split:
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                        writer.write(body)
+                    response = await asyncio.wait_for(read_response(reader), 30)
+                finally:
+                    writer.close()
+                assert response.status == 503, response.body
+                time.sleep(1.1)  # a failure of one kind is logged once a second
+            entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+            failed = [e for e in entries if e.get("message") == "rpc failed"]
+            assert {e.get("request_id") for e in failed} >= {"rid-0", "rid-1"}, failed
+    finally:
+        private.close()
 
 
 def test_a_campaign_ended_is_logged_once_however_often_it_is_ended(

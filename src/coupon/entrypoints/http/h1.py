@@ -55,9 +55,11 @@ if TYPE_CHECKING:
 CONNECT_PREFIX = b"/coupon.v1.CouponService/"
 # codec, content length, keep-alive, number of fields
 LaneFields = tuple[tuple["Codec", bytes], int, bool, int]
-# Headers that send a request to the full ASGI path.
+# Headers that send a request to the full ASGI path (X-Request-Id: the service's log lines
+# of the request carry it, which the lane, serving without a request's context, cannot).
 _NOT_FOR_THE_LANE = frozenset(
     {
+        b"x-request-id",
         b"transfer-encoding",
         b"expect",
         b"origin",
