@@ -105,17 +105,19 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
     assert all({"time", "level", "message"} <= set(e) for e in entries)
 
 
-async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id(
+async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id_and_cause(
     server_env: dict[str, str],
 ) -> None:
     """However IssueCoupon's request arrives (in one read, or its body after its head), a
-    failure's log line carries the caller's X-Request-Id, as the other RPCs' do."""
+    failure's log line carries the caller's X-Request-Id, as the other RPCs' do, and the
+    failure's cause, which the caller is not told."""
     private = PrivateRedis()
     try:
         with ServerProcess(env={**server_env, "REDIS_URL": private.url}) as server:
             async with connect_client(server.url) as client:
                 campaign_id = (await create_campaign(client, total=10, name="ids")).id
             private.kill()
+            answers: list[str] = []
             for n, split in enumerate((False, True)):
                 body = json.dumps({"campaignId": campaign_id, "userId": f"u{n}"}).encode()
                 raw = (
@@ -134,10 +136,16 @@ async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id(
                 finally:
                     writer.close()
                 assert response.status == 503, response.body
+                answers.append(str(response.json()["message"]))
                 time.sleep(1.1)  # a failure of one kind is logged once a second
             entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
             failed = [e for e in entries if e.get("message") == "rpc failed"]
             assert {e.get("request_id") for e in failed} >= {"rid-0", "rid-1"}, failed
+            # Anonymous callers are not told where Redis is nor what its client said; the
+            # log line has that, as its cause.
+            port = private.url.rsplit(":", 1)[1].split("/")[0]
+            assert answers == ["Redis is unavailable"] * 2, answers
+            assert all(port in str(e.get("cause")) for e in failed), failed
     finally:
         private.close()
 

@@ -144,7 +144,9 @@ async def test_a_kept_connection_broken_in_use_says_the_outcome_is_unknown(
         # look for (docs/clients.md).
         answer = connect_error(broken.value)
         assert answer.code is Code.UNAVAILABLE
-        assert answer.message.startswith("outcome unknown: PostgreSQL is unavailable: ")
+        unknown = "outcome unknown: PostgreSQL is unavailable, while recording"
+        assert answer.message.startswith(unknown), answer.message
+        assert str(broken.value.detail), "the cause, for the log"
     finally:
         await other.close()
         await kept.close()

@@ -463,7 +463,7 @@ class IssueCoupon:
             ended = await self._recorded_end(campaign_id, coupon.issued_at)
             if ended is not None:
                 raise CampaignEnded(ended) from exc
-            raise Unavailable(f"the ledger refused the coupon ({exc}); retry") from exc
+            raise Unavailable("the ledger refused the coupon; retry", detail=str(exc)) from exc
         except BaseException:
             # I6: nothing was recorded (or we cannot know; then the lease settles it).
             await self._release_quietly(campaign_id, user_id, slot)

@@ -51,11 +51,14 @@ class Unauthenticated(CouponError):
 
 class Unavailable(CouponError):
     """A dependency is down or overloaded; nothing was issued, retrying is safe.
-    `retry_after_ms`, when known, is when a retry can succeed."""
+    `retry_after_ms`, when known, is when a retry can succeed. `detail` is the failure in
+    the dependency's own words (its address, its error), for the service's log alone:
+    clients are told the message."""
 
-    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+    def __init__(self, message: str, retry_after_ms: int = 0, *, detail: str = "") -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+        self.detail = detail
 
 
 # How an `unavailable` whose write may have been done says so, for programs: its message
@@ -69,8 +72,8 @@ class OutcomeUnknown(Unavailable):
     user's coupon is found again, never issued twice. The message begins with
     OUTCOME_UNKNOWN_PREFIX, so that a client can tell this answer from a refusal."""
 
-    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(OUTCOME_UNKNOWN_PREFIX + message, retry_after_ms)
+    def __init__(self, message: str, retry_after_ms: int = 0, *, detail: str = "") -> None:
+        super().__init__(OUTCOME_UNKNOWN_PREFIX + message, retry_after_ms, detail=detail)
 
 
 class Overloaded(Unavailable):

@@ -86,6 +86,11 @@ def retry_later(exc: Unavailable, busy_ms: int = 0) -> RetryLater:
     return RetryLater(str(exc), hint)
 
 
+def _detail(exc: CouponError) -> str:
+    """What the log adds to a failure's message: a dependency's own words."""
+    return exc.detail if isinstance(exc, Unavailable) else ""
+
+
 def connect_error(exc: CouponError) -> ConnectError:
     if isinstance(exc, Unavailable) and not isinstance(exc, Overloaded):
         return retry_later(exc)
@@ -128,7 +133,15 @@ class Observed:
         self._by_code: dict[int, CounterTally] = {}
         self.latency = metrics.histogram(metrics.latency.labels(rpc))
 
-    def failed(self, started: float, code: Code, message: str = "", *, logged: bool = True) -> None:
+    def failed(
+        self,
+        started: float,
+        code: Code,
+        message: str = "",
+        *,
+        logged: bool = True,
+        detail: str = "",
+    ) -> None:
         # By the member's identity: hashing an Enum member runs Python code, and a refusal
         # from memory is a few microseconds in all.
         counter = self._by_code.get(id(code))
@@ -137,9 +150,9 @@ class Observed:
         counter.inc()
         self.latency.observe(time.monotonic() - started)
         if logged and code in _LOGGED_FAILURES:
-            self._log_failure(code, message)
+            self._log_failure(code, message, detail)
 
-    def _log_failure(self, code: Code, message: str) -> None:
+    def _log_failure(self, code: Code, message: str, detail: str = "") -> None:
         """One line per kind of failure a second at most: an outage fails every request,
         and a line per request would cost more than the requests."""
         now = time.monotonic()
@@ -150,16 +163,16 @@ class Observed:
         if len(self._quiet_until) > 1_000:
             self._quiet_until.clear()
         self._quiet_until[key] = now + self.LOG_EVERY_SECONDS
-        log.warning(
-            "rpc failed",
-            extra={
-                "rpc": self._rpc,
-                "code": code.value,
-                "error": message,
-                "request_id": request_id(),
-                "same_failures_not_logged": self._suppressed.pop(key, 0),
-            },
-        )
+        extra: dict[str, object] = {
+            "rpc": self._rpc,
+            "code": code.value,
+            "error": message,
+            "request_id": request_id(),
+            "same_failures_not_logged": self._suppressed.pop(key, 0),
+        }
+        if detail:
+            extra["cause"] = detail  # the dependency's own words, which clients are not told
+        log.warning("rpc failed", extra=extra)
 
     def succeeded(self, started: float) -> None:
         self.ok.inc()
@@ -171,7 +184,7 @@ class Observed:
             result = await work
         except CouponError as exc:
             error = connect_error(exc)
-            self.failed(started, error.code, error.message)
+            self.failed(started, error.code, error.message, detail=_detail(exc))
             if isinstance(error, RetryLater):
                 for name, value in retry_headers(error.retry_after_ms):
                     ctx.response_headers[name.decode()] = value.decode()
@@ -517,7 +530,11 @@ class CouponService:
         )
         # Shedding is the service working as meant: counted, never logged.
         self._observe_issue.failed(
-            arrived, error.code, error.message, logged=not isinstance(exc, Overloaded)
+            arrived,
+            error.code,
+            error.message,
+            logged=not isinstance(exc, Overloaded),
+            detail=_detail(exc),
         )
         reason = REJECTION_REASONS.get(type(exc), "other")
         self._rejections(reason).inc()

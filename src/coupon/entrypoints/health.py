@@ -14,6 +14,8 @@ class Readiness:
         async def one(check: Callable[[], Awaitable[None]]) -> str:
             try:
                 await asyncio.wait_for(check(), timeout)
+            except TimeoutError:
+                return f"error: no answer within {timeout:g} s"
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
                 return f"error: {type(exc).__name__}: {exc}"[:300]
             return "ok"

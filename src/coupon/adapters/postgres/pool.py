@@ -73,7 +73,9 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             reset=_keep_session,
         )
     except TRANSIENT as exc:
-        raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
+        raise Unavailable(
+            "PostgreSQL is unreachable", detail=f"{type(exc).__name__}: {exc}"
+        ) from exc
     assert pool is not None
     return pool
 
@@ -101,16 +103,18 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
 
 def _outcome_unknown(exc: BaseException) -> OutcomeUnknown:
+    unavailable = _unavailable(exc)
     return OutcomeUnknown(
-        f"{_unavailable(exc)}, while recording: it may have been recorded all the same;"
-        " retry (a coupon recorded is returned to its user, never issued twice)"
+        f"{unavailable}, while recording: it may have been recorded all the same;"
+        " retry (a coupon recorded is returned to its user, never issued twice)",
+        detail=unavailable.detail,
     )
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
     if isinstance(exc, asyncio.TimeoutError) and not str(exc):
         return Unavailable("PostgreSQL is unavailable: it did not answer in time")
-    return Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}")
+    return Unavailable("PostgreSQL is unavailable", detail=f"{type(exc).__name__}: {exc}")
 
 
 def _open(conn: asyncpg.Connection) -> bool:

@@ -20,5 +20,7 @@ class RedisClock:
         try:
             seconds, micros = await self._client.time()
         except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {exc}") from exc
+            raise Unavailable(
+                "Redis is unavailable", detail=f"{type(exc).__name__}: {exc}"
+            ) from exc
         return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int(micros))

@@ -26,7 +26,7 @@ def _script(name: str) -> str:
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+    return Unavailable("Redis is unavailable", detail=f"{type(exc).__name__}: {exc}")
 
 
 class RedisLiveStats:

@@ -38,7 +38,7 @@ FAILURES = (RedisError, OSError, RedisClusterException)
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+    return Unavailable("Redis is unavailable", detail=f"{type(exc).__name__}: {exc}")
 
 
 def _script(name: str) -> str:
