@@ -1030,7 +1030,16 @@ WRONG_TYPES = [
     for value in WRONG_VALUES[kind]
 ]
 # Python's and the libraries' words, which a client must never read.
-NOT_FOR_CLIENTS = ("<class", "Traceback", "msgspec", "protobuf", "NoneType", "line 1 column")
+NOT_FOR_CLIENTS = (
+    "<class",
+    "Traceback",
+    "msgspec",
+    "protobuf",
+    "NoneType",
+    "line 1 column",
+    "Error -",  # zlib's
+    "end-of-stream marker",  # gzip's
+)
 
 
 def plain(message: str) -> None:
@@ -1089,3 +1098,24 @@ def test_a_body_that_cannot_be_read_is_refused_plainly(
         error = response.json()
     assert error["code"] == "invalid_argument", error
     plain(error["message"])
+
+
+# Bodies said to be gzip that are not, or not whole.
+BAD_GZIP = {
+    "not gzip": b'{"campaignId": "x"}',
+    "cut short": gzip.compress(b'{"campaignId": "x", "userId": "y"}')[:-6],
+    "bad header": b"\x1f\x8b\x08\x00" + b"\x00" * 12,
+}
+
+
+@pytest.mark.parametrize("rpc", [rpc for rpc in REQUEST_FIELDS if rpc != "ExportCoupons"])
+@pytest.mark.parametrize("body", list(BAD_GZIP.values()), ids=list(BAD_GZIP))
+def test_a_body_that_is_not_the_gzip_it_says_is_refused_plainly(
+    target: Target, rpc: str, body: bytes
+) -> None:
+    headers = {"content-type": "application/json", "content-encoding": "gzip", **AUTH}
+    request = Request(rpc, body, headers)
+    response = target.send(request)
+    check_answer(request, response)
+    error = response.json()
+    assert error == {"code": "invalid_argument", "message": "request body: not valid gzip"}

@@ -23,7 +23,7 @@ from litestar.enums import ScopeType
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
-from coupon.entrypoints.codecs import codecs
+from coupon.entrypoints.codecs import codecs, compressions
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
@@ -257,7 +257,10 @@ class CouponApp:
         self.readiness = await container.get(Readiness)
         self.dashboard = await container.get(Dashboard)
         self.connect = CouponServiceASGIApplication(
-            service, read_max_bytes=MAX_REQUEST_BYTES, codecs=codecs()
+            service,
+            read_max_bytes=MAX_REQUEST_BYTES,
+            codecs=codecs(),
+            compressions=compressions(),
         )
         self.issue_route = IssueRoute(service)
         self.fast_issue = FastIssue(self.issue_route, MAX_REQUEST_BYTES)

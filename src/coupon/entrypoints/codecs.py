@@ -24,6 +24,8 @@ from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec, proto_binary_codec, proto_json_codec
+from connectrpc.compression import Compression
+from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
 
 from coupon.entrypoints.translate import STATUS_CHOICES
@@ -177,6 +179,25 @@ class BinaryCodec:
 
 def codecs() -> list[Codec]:
     return [BinaryCodec(), JsonCodec()]
+
+
+class PlainGzip(GzipCompression):
+    """gzip, a body that is not gzip said plainly (the library passes zlib's words on:
+    `decompress: Error -3 while decompressing data: incorrect header check`)."""
+
+    def decompress(
+        self, data: bytes | bytearray | memoryview, read_max_bytes: int | None = None
+    ) -> bytes:
+        try:
+            return super().decompress(data, read_max_bytes)
+        except ConnectError:
+            raise  # over the size limit, said by the library
+        except Exception:  # noqa: BLE001 - zlib's, gzip's and EOFError: said plainly
+            raise _invalid("request body: not valid gzip") from None
+
+
+def compressions() -> list[Compression]:
+    return [PlainGzip()]
 
 
 # --- what a body that cannot be read is told ---------------------------------------------
