@@ -1,7 +1,8 @@
 """Start-up and configuration, with real `coupon serve` and `coupon migrate` processes.
 
-A bad setting stops either command in one line naming the variable (exit 2). `coupon
-migrate` without a usable PostgreSQL says why in one line naming DATABASE_URL (exit 1).
+A bad setting stops either command in one line naming the variable (exit 2), a URL
+without its password. `coupon migrate` without a usable PostgreSQL says why in one line
+naming DATABASE_URL (exit 1).
 `coupon serve` without one starts anyway, answers /readyz 503 naming the failing check,
 and creates the schema once PostgreSQL answers (a private server started on the port it
 was pointed at). The metrics directory a server makes is gone after it exits.
@@ -75,6 +76,10 @@ BAD_SETTINGS = [
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"DB_DRIVER": "mysql"}, "DB_DRIVER"),
     ({"PORT": "http"}, "PORT"),
+    # Refused URLs are shown without their password.
+    ({"DATABASE_URL": "mysql://shop:hunter2@db.example/coupon"}, "DATABASE_URL"),
+    ({"REDIS_URL": "http://:hunter2@cache.example:6379/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis+cluster://:hunter2@cache.example:99999"}, "REDIS_URL"),
 ]
 
 
@@ -85,7 +90,7 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(
 ) -> None:
     args = [command] if command == "migrate" else [command, "--port", str(free_port())]
     # Nothing listens there: were the setting let through, neither command could succeed.
-    env = clean_env(tmp_path, DATABASE_URL=closed_port_url(), **values)
+    env = clean_env(tmp_path, **{"DATABASE_URL": closed_port_url(), **values})
     try:
         done = run_coupon(args, env, tmp_path)
     except subprocess.TimeoutExpired:
@@ -94,6 +99,9 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and variable in lines[0], done.stderr
     assert "serving" not in done.stderr
+    assert "hunter2" not in done.stderr
+    if "hunter2" in values.get(variable, ""):
+        assert ":***@" in lines[0], lines[0]
     if variable == "APP_ENV":
         assert "development" in lines[0] and "production" in lines[0]
 

@@ -15,13 +15,13 @@ import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit, urlunsplit
 
 from coupon.entrypoints.settings import (
     Settings,
     SettingsError,
     load_settings,
     read_dotenv,
+    redacted,
 )
 
 log = logging.getLogger("coupon")
@@ -244,16 +244,6 @@ def _metrics_dir(given: str) -> tuple[str, bool]:
     return given, False
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
-
-
 def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
     """Create the database and apply the migrations now; when PostgreSQL cannot be used
     yet, say so in one line and leave it to a background retry: the server starts and
@@ -269,7 +259,7 @@ def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
         log.warning(
             "PostgreSQL is not usable yet: serving anyway, /readyz answers 503 until it "
             "answers and the schema is in place (retrying in the background)",
-            extra={"database_url": _redacted(database_url), "error": failure},
+            extra={"database_url": redacted(database_url), "error": failure},
         )
         return BackgroundMigration(database_url, failure)
     return None
@@ -300,7 +290,7 @@ def _warn_unless_redis_answers(redis_url: str) -> None:
             failure = f"{type(exc).__name__}: {exc}"
         log.warning(
             "Redis is not usable yet: serving anyway, /readyz answers 503 until it answers",
-            extra={"redis_url": _redacted(redis_url), "error": failure},
+            extra={"redis_url": redacted(redis_url), "error": failure},
         )
 
 
@@ -363,7 +353,7 @@ class BackgroundMigration:
                     self._failure = failure
                     log.warning(
                         "PostgreSQL is still not usable; retrying",
-                        extra={"database_url": _redacted(self._url), "error": failure},
+                        extra={"database_url": redacted(self._url), "error": failure},
                     )
                 continue
             log.info(
@@ -383,8 +373,7 @@ def _migrate(_: argparse.Namespace, settings: Settings) -> int:
         if failure is None:
             raise
         print(
-            f"coupon migrate: cannot use DATABASE_URL={_redacted(settings.database_url)}: "
-            f"{failure}",
+            f"coupon migrate: cannot use DATABASE_URL={redacted(settings.database_url)}: {failure}",
             file=sys.stderr,
         )
         return 1

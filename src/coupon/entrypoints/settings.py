@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 
 class SettingsError(ValueError):
@@ -122,6 +122,16 @@ class Settings:
             raise SettingsError(f"COUPON_MAX_BATCH must be 1 or more (got {self.max_batch})")
 
 
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; '#' comments; optional single or double quotes around the value."""
     values: dict[str, str] = {}
@@ -203,7 +213,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
         ):
             raise SettingsError(
                 "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// "
-                f"or rediss+cluster:// (got {url!r})"
+                f"or rediss+cluster:// (got {redacted(url)!r})"
             )
         if urlsplit(url).scheme.endswith("+cluster"):
             from coupon.adapters.redis.client import parse_cluster_url
@@ -211,7 +221,9 @@ def _redis_url(env: Mapping[str, str]) -> str:
             try:
                 parse_cluster_url(url)
             except ValueError as exc:
-                raise SettingsError(f"REDIS_URL: {exc}") from None
+                # The parser quotes the URL it was given: quote it without its password.
+                message = str(exc).replace(repr(url), repr(redacted(url)))
+                raise SettingsError(f"REDIS_URL: {message.replace(url, redacted(url))}") from None
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")
@@ -237,7 +249,9 @@ def load_settings(
     env.update(os.environ if environ is None else environ)
     database_url = env.get("DATABASE_URL", "") or DEFAULTS.database_url
     if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
-        raise SettingsError(f"DATABASE_URL must start with postgresql:// (got {database_url!r})")
+        raise SettingsError(
+            f"DATABASE_URL must start with postgresql:// (got {redacted(database_url)!r})"
+        )
     app_env = env.get("APP_ENV", "") or "development"
     db_driver = env.get("DB_DRIVER", "")
     if db_driver and db_driver not in DB_DRIVERS:
