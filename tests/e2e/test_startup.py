@@ -76,6 +76,17 @@ BAD_SETTINGS = [
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"DB_DRIVER": "mysql"}, "DB_DRIVER"),
     ({"PORT": "http"}, "PORT"),
+    # Numbers a real deployment cannot mean: never a claim to serve, then a traceback.
+    ({"COUPON_PENDING_LEASE_SECONDS": "nan"}, "COUPON_PENDING_LEASE_SECONDS"),
+    ({"COUPON_PENDING_LEASE_SECONDS": "inf"}, "COUPON_PENDING_LEASE_SECONDS"),
+    ({"COUPON_KEEPALIVE_SECONDS": "inf"}, "COUPON_KEEPALIVE_SECONDS"),
+    ({"COUPON_KEEPALIVE_SECONDS": "nan"}, "COUPON_KEEPALIVE_SECONDS"),
+    ({"COUPON_REQUEST_TIMEOUT_SECONDS": "nan"}, "COUPON_REQUEST_TIMEOUT_SECONDS"),
+    ({"COUPON_DB_POOL_SIZE": "100000"}, "COUPON_DB_POOL_SIZE"),
+    ({"COUPON_MAX_BATCH": "100000000"}, "COUPON_MAX_BATCH"),
+    ({"REDIS_ADDRESS": "127.0.0.1:99999"}, "REDIS_ADDRESS"),
+    ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:99999/coupon"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://shop:hunter2@[::1/coupon"}, "DATABASE_URL"),
     # Refused URLs are shown without their password.
     ({"DATABASE_URL": "mysql://shop:hunter2@db.example/coupon"}, "DATABASE_URL"),
     ({"REDIS_URL": "http://:hunter2@cache.example:6379/0"}, "REDIS_URL"),
@@ -89,8 +100,12 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(
     tmp_path: Path, command: str, values: dict[str, str], variable: str
 ) -> None:
     args = [command] if command == "migrate" else [command, "--port", str(free_port())]
-    # Nothing listens there: were the setting let through, neither command could succeed.
-    env = clean_env(tmp_path, **{"DATABASE_URL": closed_port_url(), **values})
+    # Nothing listens there: were the setting let through, neither command could succeed
+    # (and a server let through keeps to Redis keys of its own).
+    env = clean_env(
+        tmp_path,
+        **{"DATABASE_URL": closed_port_url(), "COUPON_REDIS_PREFIX": "coupon-refused", **values},
+    )
     try:
         done = run_coupon(args, env, tmp_path)
     except subprocess.TimeoutExpired:

@@ -117,3 +117,89 @@ def test_redis_cluster_url_is_accepted_and_checked() -> None:
     assert s.redis_url.startswith("redis+cluster://")
     with pytest.raises(SettingsError, match="REDIS_URL"):
         load_settings({"REDIS_URL": "redis+cluster://10.0.0.1:6379/3"}, dotenv=None)
+
+
+# Every number the service reads, with the largest value it takes (documented in
+# docs/operations.md's configuration table).
+WHOLE_NUMBERS = {
+    "PORT": 65_535,
+    "WORKERS": 256,
+    "COUPON_DB_POOL_SIZE": 100,
+    "COUPON_MAX_BATCH": 10_000,
+    "COUPON_TARGET_LATENCY_MS": 60_000,
+    "COUPON_REQUEST_DEADLINE_MS": 600_000,
+    "COUPON_MAX_IN_FLIGHT": 1_000_000,
+    "COUPON_REFUSAL_MEMORY_MS": 60_000,
+    "COUPON_HOLDER_FILTER_MAX": 100_000_000,
+    "COUPON_MAX_HEADER_BYTES": 1_048_576,
+    "COUPON_MAX_HEADERS": 10_000,
+}
+SECONDS = {
+    "COUPON_PENDING_LEASE_SECONDS": 3_600,
+    "COUPON_REQUEST_TIMEOUT_SECONDS": 600,
+    "COUPON_KEEPALIVE_SECONDS": 3_600,
+}
+
+
+NOT_A_NUMBER_IT_TAKES = ["nan", "NaN", "inf", "-inf", "1e400", "-1", "1e15", "1000000000000000"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        *((name, value) for name in [*WHOLE_NUMBERS, *SECONDS] for value in NOT_A_NUMBER_IT_TAKES),
+        *((name, "0.5") for name in WHOLE_NUMBERS),
+        # REDIS_DB's upper bound is the Redis server's own `databases`.
+        *(("REDIS_DB", value) for value in NOT_A_NUMBER_IT_TAKES[:-1]),
+    ],
+)
+def test_every_number_refuses_nan_infinity_negatives_and_huge_values(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(SettingsError, match=f"^{variable} must "):
+        load_settings({variable: value}, dotenv=None)
+
+
+@pytest.mark.parametrize("variable", [*WHOLE_NUMBERS, *SECONDS])
+def test_every_number_takes_its_documented_maximum_and_not_one_more(variable: str) -> None:
+    most = {**WHOLE_NUMBERS, **SECONDS}[variable]
+    load_settings({variable: str(most)}, dotenv=None)
+    above = most + 1 if variable in WHOLE_NUMBERS else most + 0.001
+    with pytest.raises(SettingsError, match=f"^{variable} must be "):
+        load_settings({variable: str(above)}, dotenv=None)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_ADDRESS", "127.0.0.1:99999"),
+        ("REDIS_ADDRESS", "127.0.0.1:0"),
+        ("REDIS_ADDRESS", "cache:65536"),
+        ("REDIS_URL", "redis://127.0.0.1:99999/0"),
+        ("REDIS_URL", "rediss://:pw@cache:0/0"),
+        ("REDIS_URL", "redis+cluster://10.0.0.1:6379,10.0.0.2:70000"),
+        ("REDIS_URL", "redis://[::1/0"),
+        ("DATABASE_URL", "postgresql://postgres@127.0.0.1:99999/coupon"),
+        ("DATABASE_URL", "postgresql://postgres@db1:5432,db2:0/coupon"),
+        ("DATABASE_URL", "postgresql://postgres@[::1]:65536/coupon"),
+        ("DATABASE_URL", "postgresql://shop:pw@[::1/coupon"),
+    ],
+)
+def test_every_port_is_1_to_65535(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{variable} must ") as refused:
+        load_settings({variable: value}, dotenv=None)
+    assert ":pw@" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_ADDRESS", "[::1]:6379"),
+        ("REDIS_URL", "redis://[::1]:65535/0"),
+        ("REDIS_URL", "unix:///run/redis.sock"),
+        ("DATABASE_URL", "postgresql://shop:pw@db1:5432,db2:5433,[::1]:1/coupon"),
+        ("DATABASE_URL", "postgresql:///coupon?host=/run/postgresql"),
+    ],
+)
+def test_valid_ports_and_host_lists_pass(variable: str, value: str) -> None:
+    load_settings({variable: value}, dotenv=None)

@@ -6,11 +6,13 @@ REDIS_ADDRESS, REDIS_PASSWORD, REDIS_DB). Nothing else in the project reads os.e
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 
 class SettingsError(ValueError):
@@ -23,6 +25,19 @@ APP_ENVS = ("development", "production")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The original service's DB_DRIVER: coupons live in PostgreSQL only.
 DB_DRIVERS = ("postgres", "postgresql")
+
+# The most connections a worker keeps: each worker opens them all at start, and PostgreSQL
+# serves 100 connections in all by default (max_connections), every instance's included.
+# Group commit keeps a few busy: 8 is the default.
+MAX_DB_POOL_SIZE = 100
+# The most coupons one group commit inserts: a batch holds what waited during the last
+# commit, so a bigger cap only makes each commit, and every issue in it, slower.
+MAX_BATCH = 10_000
+# Upper bounds of the settings in seconds: a lease or a timeout beyond them is no longer
+# one (stock stranded for hours after a crash; slow senders held for hours).
+MAX_LEASE_SECONDS = 3_600.0
+MAX_REQUEST_TIMEOUT_SECONDS = 600.0
+MAX_KEEPALIVE_SECONDS = 3_600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +104,11 @@ class Settings:
             raise SettingsError(
                 f"COUPON_BACKEND must be 'postgres' or 'memory' (got {self.backend!r})"
             )
-        if not 1 <= self.port <= 65535:
-            raise SettingsError(f"PORT must be between 1 and 65535 (got {self.port})")
-        if not 1 <= self.workers <= 256:
-            raise SettingsError(f"WORKERS must be between 1 and 256 (got {self.workers})")
         for name, value, low, high in (
+            ("PORT", self.port, 1, 65535),
+            ("WORKERS", self.workers, 1, 256),
+            ("COUPON_DB_POOL_SIZE", self.db_pool_size, 1, MAX_DB_POOL_SIZE),
+            ("COUPON_MAX_BATCH", self.max_batch, 1, MAX_BATCH),
             ("COUPON_TARGET_LATENCY_MS", self.target_latency_ms, 1, 60_000),
             ("COUPON_REQUEST_DEADLINE_MS", self.request_deadline_ms, 1, 600_000),
             ("COUPON_MAX_IN_FLIGHT", self.max_in_flight, 1, 1_000_000),
@@ -104,6 +119,21 @@ class Settings:
         ):
             if not low <= value <= high:
                 raise SettingsError(f"{name} must be between {low} and {high} (got {value})")
+        for name, seconds, most in (
+            ("COUPON_PENDING_LEASE_SECONDS", self.pending_lease_seconds, MAX_LEASE_SECONDS),
+            (
+                "COUPON_REQUEST_TIMEOUT_SECONDS",
+                self.request_timeout_seconds,
+                MAX_REQUEST_TIMEOUT_SECONDS,
+            ),
+            ("COUPON_KEEPALIVE_SECONDS", self.keepalive_seconds, MAX_KEEPALIVE_SECONDS),
+        ):
+            # nan passes every comparison's negation: finite first.
+            if not (math.isfinite(seconds) and 0 < seconds <= most):
+                raise SettingsError(
+                    f"{name} must be a number of seconds above 0 and at most {most:g} "
+                    f"(got {seconds!r})"
+                )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             missing = "COUPON_TLS_KEY_FILE" if self.tls_cert_file else "COUPON_TLS_CERT_FILE"
             raise SettingsError(
@@ -116,20 +146,46 @@ class Settings:
         ):
             if path and not Path(path).is_file():
                 raise SettingsError(f"{name} must name a readable PEM file (got {path!r})")
-        if self.db_pool_size < 1:
-            raise SettingsError(f"COUPON_DB_POOL_SIZE must be 1 or more (got {self.db_pool_size})")
-        if self.max_batch < 1:
-            raise SettingsError(f"COUPON_MAX_BATCH must be 1 or more (got {self.max_batch})")
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
+    """The URL without its password, for messages and logs; also for a URL that does not
+    parse (urlsplit raises on an unclosed IPv6 bracket)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, hostport = netloc.rpartition("@")
     user, colon, _ = userinfo.partition(":")
     if not at or not colon:
         return url
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
+
+
+PORT_TEXT = re.compile(r"[0-9]{1,5}")
+
+
+def _is_port(text: str) -> bool:
+    return PORT_TEXT.fullmatch(text) is not None and 1 <= int(text) <= 65535
+
+
+def _url_scheme(name: str, url: str) -> str:
+    """The scheme of a URL whose every port (`host:port`, `[v6]:port`, and each of a
+    comma-separated host list, as libpq allows) is 1 to 65535."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise SettingsError(f"{name} must be a URL ({exc}; got {redacted(url)!r})") from None
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        if item.startswith("["):
+            port = item.partition("]")[2].removeprefix(":")
+        else:
+            port = item.rpartition(":")[2] if ":" in item else ""
+        if port and not _is_port(port):
+            raise SettingsError(
+                f"{name} must give ports between 1 and 65535 (got {redacted(url)!r})"
+            )
+    return parts.scheme
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -168,12 +224,9 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if raw == "":
         return default
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number (got {raw!r})") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive (got {raw!r})")
-    return value
 
 
 def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -204,7 +257,8 @@ def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
 def _redis_url(env: Mapping[str, str]) -> str:
     url = env.get("REDIS_URL", "")
     if url:
-        if urlsplit(url).scheme not in (
+        scheme = _url_scheme("REDIS_URL", url)
+        if scheme not in (
             "redis",
             "rediss",
             "unix",
@@ -215,7 +269,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
                 "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// "
                 f"or rediss+cluster:// (got {redacted(url)!r})"
             )
-        if urlsplit(url).scheme.endswith("+cluster"):
+        if scheme.endswith("+cluster"):
             from coupon.adapters.redis.client import parse_cluster_url
 
             try:
@@ -229,6 +283,8 @@ def _redis_url(env: Mapping[str, str]) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise SettingsError(f"REDIS_ADDRESS must be host:port (got {address!r})")
+    if not _is_port(port):
+        raise SettingsError(f"REDIS_ADDRESS must have a port between 1 and 65535 (got {address!r})")
     db = _int(env, "REDIS_DB", 0)
     if db < 0:
         raise SettingsError(f"REDIS_DB must be 0 or more (got {db})")
@@ -248,7 +304,7 @@ def load_settings(
         env.update(read_dotenv(dotenv))
     env.update(os.environ if environ is None else environ)
     database_url = env.get("DATABASE_URL", "") or DEFAULTS.database_url
-    if urlsplit(database_url).scheme not in ("postgresql", "postgres"):
+    if _url_scheme("DATABASE_URL", database_url) not in ("postgresql", "postgres"):
         raise SettingsError(
             f"DATABASE_URL must start with postgresql:// (got {redacted(database_url)!r})"
         )
