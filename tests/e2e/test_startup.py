@@ -355,15 +355,26 @@ def test_serve_on_a_taken_port_says_so_in_one_line_without_claiming_to_serve(
 
 
 def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
+    """...and every file in it but the metrics files of an earlier run (no process can have
+    the pid in their names), which it deletes: /metrics reads the metrics files alone."""
     given = tmp_path / "metrics"
     given.mkdir()
-    (given / "keep.txt").write_text("the operator's")
+    theirs = ["keep.txt", "users.db", "counter.db", "my_counter_1.db"]
+    for name in theirs:
+        (given / name).write_text("the operator's")
+    stale = ["counter_99999999.db", "histogram_99999999.db", "gauge_livesum_99999999.db"]
+    for name in stale:
+        (given / name).write_bytes(b"\0" * 8)
     env = clean_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given))
     server = ServerProcess(env=env, in_memory=True, log_dir=tmp_path)
     try:
         server.wait_ready()
-        assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 200
+        assert not [name for name in stale if (given / name).exists()]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5)
+        assert metrics.status_code == 200, metrics.text
+        assert "coupon_rpc_requests_total" in metrics.text
     finally:
         assert server.stop() == 0
-    assert (given / "keep.txt").read_text() == "the operator's"
+    for name in theirs:
+        assert (given / name).read_text() == "the operator's", name
     assert metrics_dirs(tmp_path) == []

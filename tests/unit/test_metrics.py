@@ -4,12 +4,14 @@ reads after a flush is exactly what writing every observation would have given."
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, values
 
-from coupon.entrypoints.metrics import LATENCY_BUCKETS, Children, Metrics
+from coupon.entrypoints.metrics import LATENCY_BUCKETS, Children, Metrics, metrics_files
 
 AMOUNTS = st.lists(
     st.one_of(
@@ -85,3 +87,21 @@ def test_children_are_made_once_per_label_values() -> None:
     assert children("a", "b") is children("a", "b")
     children("c", "d")
     assert made == [("a", "b"), ("c", "d")]
+
+
+def test_the_metrics_files_are_exactly_those_prometheus_client_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file of its multiprocess mode (each metric type, each gauge mode) is one, and
+    nothing else in the directory is: `coupon serve` deletes these and /metrics reads them."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    value = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    for kind in ("counter", "histogram", "summary"):
+        value(kind, "m", "m", (), (), "")
+    for mode in Gauge._MULTIPROC_MODES:
+        value("gauge", "m", "m", (), (), "", multiprocess_mode=mode)
+    written = sorted(tmp_path.glob("*.db"))
+    assert len(written) == 3 + 10
+    for name in ("users.db", "counter.db", "counter_1.db.bak", "gauge_1.db", "my_counter_1.db"):
+        (tmp_path / name).write_text("the operator's")
+    assert metrics_files(tmp_path) == written

@@ -230,12 +230,14 @@ def _cannot_listen(host: str, port: int) -> str | None:
 def _metrics_dir(given: str) -> tuple[str, bool]:
     """Where the workers add up their metrics, fresh for each start, and whether it was made
     here (then it is removed at exit; a directory given by PROMETHEUS_MULTIPROC_DIR is the
-    operator's and stays)."""
+    operator's and stays, and of its files only the metrics files of earlier runs go)."""
+    from coupon.entrypoints.metrics import metrics_files
+
     if not given:
         return tempfile.mkdtemp(prefix="coupon-metrics-"), True
     try:
         Path(given).mkdir(parents=True, exist_ok=True)
-        for stale in Path(given).glob("*.db"):
+        for stale in metrics_files(given):
             stale.unlink()
     except OSError as exc:
         raise SettingsError(

@@ -11,8 +11,10 @@ within `FLUSH_SECONDS`.
 from __future__ import annotations
 
 import contextlib
+import re
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -22,12 +24,29 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.values import ValueClass
 
 from coupon.application.periodic import periodically
 
 FLUSH_SECONDS = 1.0
+
+# The files prometheus_client's multiprocess mode writes, one per metric type and process
+# (prometheus_client/values.py: `<type>_<pid>.db`, a gauge's type followed by its mode).
+# `coupon serve` clears these at start and /metrics reads these alone: any other file in a
+# directory given by PROMETHEUS_MULTIPROC_DIR is the operator's, left alone.
+METRICS_FILE = re.compile(
+    r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))_[0-9]+\.db"
+)
+
+
+def metrics_files(directory: str | Path) -> list[Path]:
+    """The metrics files of every process in `directory`."""
+    return sorted(
+        path for path in Path(directory).glob("*.db") if METRICS_FILE.fullmatch(path.name)
+    )
+
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -193,11 +212,24 @@ def get_metrics() -> Metrics:
     return _METRICS
 
 
+class _WorkersMetrics:
+    """prometheus_client's MultiProcessCollector over the metrics files alone (it reads
+    every `*.db` file, and another one fails the whole scrape)."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(path) for path in metrics_files(self._directory)]
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
 def render(directory: str) -> tuple[bytes, str]:
     """The exposition text: all workers' metrics when running multi-process."""
     if directory:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        registry.register(_WorkersMetrics(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
 
