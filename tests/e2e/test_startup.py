@@ -10,6 +10,7 @@ was pointed at). The metrics directory a server makes is gone after it exits.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -255,6 +256,27 @@ def test_serve_without_redis_starts_and_says_so_in_one_warning_naming_redis(
         assert status == 0 and "Traceback" not in log, log
     finally:
         server.stop()
+
+
+def test_serve_in_memory_on_several_workers_says_it_serves_one_in_a_json_line(
+    tmp_path: Path,
+) -> None:
+    """Apart from the banner on stdout, everything `coupon serve` writes is a JSON line."""
+    server = ServerProcess(env=clean_env(tmp_path), in_memory=True, workers=2, log_dir=tmp_path)
+    try:
+        assert wait_answering(server).status_code == 200
+        status, log = stop(server)
+    finally:
+        server.stop()
+    assert status == 0, log
+    lines = log.splitlines()
+    banner = [line for line in lines if line.startswith("coupon: serving on ")]
+    assert banner == [f"coupon: serving on {server.url} (memory, 1 worker(s))"], log
+    records = [json.loads(line) for line in lines if line not in banner]
+    warnings = [r for r in records if r["level"] == "warning"]
+    assert [(w["message"], w["workers"]) for w in warnings] == [
+        ("--in-memory keeps state in one process: serving with 1 worker", 2)
+    ], log
 
 
 needs_postgres_binaries = pytest.mark.skipif(

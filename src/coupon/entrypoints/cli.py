@@ -126,7 +126,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         schema = _migrate_or_defer(settings.database_url)
         _warn_unless_redis_answers(settings.redis_url)
     if settings.backend == "memory" and settings.workers > 1:
-        print("--in-memory keeps state in one process: serving with 1 worker", file=sys.stderr)
+        log.warning(
+            "--in-memory keeps state in one process: serving with 1 worker",
+            extra={"workers": settings.workers},
+        )
         settings = settings.with_overrides(workers=1)
     metrics_dir, created = _metrics_dir(settings.metrics_dir)
     try:
