@@ -88,6 +88,9 @@ BAD_SETTINGS = [
     ({"REDIS_ADDRESS": "127.0.0.1:99999"}, "REDIS_ADDRESS"),
     ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:99999/coupon"}, "DATABASE_URL"),
     ({"DATABASE_URL": "postgresql://shop:hunter2@[::1/coupon"}, "DATABASE_URL"),
+    # A token of spaces would let `Authorization: Bearer ` and spaces through.
+    ({"COUPON_ADMIN_TOKEN": "   "}, "COUPON_ADMIN_TOKEN"),
+    ({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": " \t "}, "COUPON_ADMIN_TOKEN"),
     # Refused URLs are shown without their password.
     ({"DATABASE_URL": "mysql://shop:hunter2@db.example/coupon"}, "DATABASE_URL"),
     ({"REDIS_URL": "http://:hunter2@cache.example:6379/0"}, "REDIS_URL"),

@@ -203,3 +203,32 @@ def test_every_port_is_1_to_65535(variable: str, value: str) -> None:
 )
 def test_valid_ports_and_host_lists_pass(variable: str, value: str) -> None:
     load_settings({variable: value}, dotenv=None)
+
+
+@pytest.mark.parametrize("app_env", ["development", "production"])
+@pytest.mark.parametrize("token", [" ", "   ", "\t", " \t "])
+def test_a_blank_admin_token_is_refused_wherever_it_is_set(app_env: str, token: str) -> None:
+    with pytest.raises(SettingsError, match=r"^COUPON_ADMIN_TOKEN must not be blank"):
+        load_settings({"APP_ENV": app_env, "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+
+
+def test_production_without_a_token_names_everything_the_token_guards() -> None:
+    """Every RPC of the service that checks the token (and the dashboard, which does too)."""
+    import ast
+    import inspect
+
+    from coupon.entrypoints import connect_service
+    from coupon.entrypoints.settings import ADMIN_RPCS
+
+    service = ast.parse(inspect.getsource(connect_service.CouponService)).body[0]
+    assert isinstance(service, ast.ClassDef)
+    guarded = {
+        "".join(word.title() for word in method.name.split("_"))
+        for method in service.body
+        if isinstance(method, ast.AsyncFunctionDef) and "self._admin.check(" in ast.unparse(method)
+    }
+    assert guarded == set(ADMIN_RPCS)
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"APP_ENV": "production"}, dotenv=None)
+    for name in [*ADMIN_RPCS, "dashboard"]:
+        assert name in str(refused.value)

@@ -23,6 +23,8 @@ class SettingsError(ValueError):
 # not start the service in development, with the admin RPCs open.
 APP_ENVS = ("development", "production")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What COUPON_ADMIN_TOKEN guards, besides the dashboard.
+ADMIN_RPCS = ("CreateCampaign", "GetCampaign", "ListCampaigns", "EndCampaign", "ExportCoupons")
 # The original service's DB_DRIVER: coupons live in PostgreSQL only.
 DB_DRIVERS = ("postgres", "postgresql")
 
@@ -95,10 +97,17 @@ class Settings:
             raise SettingsError(
                 f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})"
             )
+        if self.admin_token and not self.admin_token.strip():
+            # HTTP drops the spaces around a header's value: `Authorization: Bearer ` followed
+            # by as many spaces would pass, which no one means as a secret.
+            raise SettingsError(
+                "COUPON_ADMIN_TOKEN must not be blank (got only whitespace): set a token, "
+                "or leave it empty for none (development only)"
+            )
         if self.production and not self.admin_token:
             raise SettingsError(
-                "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: "
-                "CreateCampaign and GetCampaign would otherwise be open to anyone"
+                "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: the admin RPCs "
+                f"({', '.join(ADMIN_RPCS)}) and the dashboard would otherwise be open to anyone"
             )
         if self.backend not in ("postgres", "memory"):
             raise SettingsError(
