@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `just up` and `just down`: docker compose (the v2 plugin, else docker-compose v1) with the
 # given arguments, once the Docker engine answers. Compose needs the engine, and without it
-# docker-compose v1 prints a Python traceback of a hundred lines: this says so in one.
+# docker-compose v1 prints a Python traceback of a hundred lines: this says so in one. Run
+# from the directory of docker-compose.yml (as `just` does); makes .env when missing.
 #
 #   tools/compose.sh up -d --build      tools/compose.sh down -v
 set -euo pipefail
@@ -32,6 +33,13 @@ elif command -v docker-compose >/dev/null 2>&1; then
 else
     fail "Docker is not installed; it needs Docker Engine with compose" \
         "(https://docs.docker.com/engine/install/)"
+fi
+
+# The api service reads .env (env_file in docker-compose.yml), which compose requires to
+# exist: without one, start from .env.example, every setting at its default.
+if [[ -f docker-compose.yml && ! -e .env ]]; then
+    printf '%s\n' "$(<.env.example)" >.env
+    echo "just $command: no .env: copied .env.example to .env (every setting at its default)" >&2
 fi
 
 if docker compose version >/dev/null 2>&1; then

@@ -42,12 +42,14 @@ def docker_cli(directory: Path, *, engine_up: bool, calls: Path) -> None:
     )
 
 
-def run(args: list[str], path: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], path: str, tmp_path: Path, cwd: Path = ROOT, **env: str
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER")}
     return subprocess.run(
         args,
         env={**clean, "PATH": path, "HOME": str(tmp_path), **env},
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -101,12 +103,45 @@ def test_with_docker_compose_v1_alone_a_missing_engine_socket_is_reported(
     assert not calls.exists(), "docker-compose ran without an engine"
 
 
-def test_with_the_engine_up_compose_runs_with_the_arguments(tmp_path: Path, bin_dir: Path) -> None:
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project's compose files, where the script may make a .env."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    for name in ("docker-compose.yml", ".env.example"):
+        shutil.copy(ROOT / name, directory / name)
+    return directory
+
+
+def test_with_the_engine_up_compose_runs_with_the_arguments(
+    tmp_path: Path, bin_dir: Path, project: Path
+) -> None:
     calls = tmp_path / "calls"
     docker_cli(bin_dir, engine_up=True, calls=calls)
-    done = run([str(SCRIPT), "up", "-d", "--build"], str(bin_dir), tmp_path)
+    (project / ".env").write_text("PORT=9000\n")
+    done = run([str(SCRIPT), "up", "-d", "--build"], str(bin_dir), tmp_path, cwd=project)
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
     assert calls.read_text().splitlines()[-1] == "docker compose up -d --build"
+    assert (project / ".env").read_text() == "PORT=9000\n", "the user's .env is left alone"
+
+
+@pytest.mark.parametrize("compose_command", [["up", "-d", "--build"], ["down"]])
+def test_without_a_dotenv_compose_starts_from_the_example(
+    tmp_path: Path, bin_dir: Path, project: Path, compose_command: list[str]
+) -> None:
+    """The api service reads .env (env_file), which compose requires: a project without one
+    gets a copy of .env.example, every setting at its default, and is told so."""
+    calls = tmp_path / "calls"
+    docker_cli(bin_dir, engine_up=True, calls=calls)
+    done = run([str(SCRIPT), *compose_command], str(bin_dir), tmp_path, cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert (project / ".env").read_text() == (project / ".env.example").read_text()
+    assert done.stderr == (
+        f"just {compose_command[0]}: no .env: copied .env.example to .env "
+        "(every setting at its default)\n"
+    )
+    assert calls.read_text().splitlines()[-1] == f"docker compose {' '.join(compose_command)}"
 
 
 def test_without_docker_at_all_it_says_what_to_install(tmp_path: Path, bin_dir: Path) -> None:

@@ -302,12 +302,15 @@ needs_compose = pytest.mark.skipif(
 
 
 def run_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """docker-compose with only `env_file` for interpolation: the variables of this
-    shell and the project's own .env stay out of it."""
+    """docker-compose on a copy of the compose file next to `env_file`, its .env: the
+    variables of this shell and the project's own .env stay out of it."""
     assert DOCKER_COMPOSE is not None
+    assert env_file.name == ".env", "the api service's env_file"
+    compose_file = env_file.parent / COMPOSE.name
+    compose_file.write_text(COMPOSE.read_text())
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": str(env_file.parent)}
     return subprocess.run(
-        [DOCKER_COMPOSE, "-f", str(COMPOSE), "--env-file", str(env_file), *args],
+        [DOCKER_COMPOSE, "-f", str(compose_file), "--env-file", str(env_file), *args],
         env=clean,
         cwd=env_file.parent,
         capture_output=True,
@@ -328,7 +331,7 @@ def resolved(env_file: Path) -> dict[str, Any]:
 @needs_compose
 @pytest.mark.parametrize("env_file", ["empty", ".env.example"])
 def test_docker_compose_config_is_valid(tmp_path: Path, env_file: str) -> None:
-    source = tmp_path / "compose.env"
+    source = tmp_path / ".env"
     source.write_text("" if env_file == "empty" else ENV_EXAMPLE.read_text())
     done = run_compose(source, "config", "-q")
     assert done.returncode == 0, done.stderr
@@ -337,7 +340,7 @@ def test_docker_compose_config_is_valid(tmp_path: Path, env_file: str) -> None:
 
 @needs_compose
 def test_resolved_compose_environment_is_accepted_by_the_service(tmp_path: Path) -> None:
-    source = tmp_path / "compose.env"
+    source = tmp_path / ".env"
     source.write_text(ENV_EXAMPLE.read_text())
     api = resolved(source)["services"]["api"]
     env = {k: str(v) for k, v in api["environment"].items()}
@@ -358,7 +361,7 @@ def test_resolved_compose_environment_is_accepted_by_the_service(tmp_path: Path)
 
 @needs_compose
 def test_values_from_env_reach_the_api_and_redis(tmp_path: Path) -> None:
-    source = tmp_path / "compose.env"
+    source = tmp_path / ".env"
     source.write_text(
         "APP_ENV=production\nPORT=9000\nWORKERS=4\nCOUPON_ADMIN_TOKEN=s3cret\n"
         "REDIS_PASSWORD=p@ss\nREDIS_DB=2\n"
@@ -373,6 +376,31 @@ def test_values_from_env_reach_the_api_and_redis(tmp_path: Path) -> None:
     assert settings.database_url == "postgresql://app:pw@db.internal:5432/coupons"
     assert config["api"]["ports"] == [{"published": 9000, "target": 9000}]
     assert config["redis"]["environment"]["REDIS_PASSWORD"] == "p@ss"
+
+
+@needs_compose
+def test_every_setting_in_env_reaches_the_api_and_the_containers_own_win(
+    tmp_path: Path,
+) -> None:
+    """`.env` is read whole (env_file), not only the variables the compose file names;
+    what must differ inside the containers still wins over it."""
+    source = tmp_path / ".env"
+    source.write_text(
+        ENV_EXAMPLE.read_text() + "COUPON_CORS_ORIGINS=https://shop.example.com\n"
+        "COUPON_REDIS_PREFIX=shop\n"
+        "COUPON_DB_POOL_SIZE=16\n"
+        "COUPON_KEEPALIVE_SECONDS=30\n"
+        "REDIS_URL=redis://cache.internal:6380/1\n"
+        "HOST=127.0.0.1\n"
+    )
+    api = resolved(source)["services"]["api"]
+    settings = load_settings({k: str(v) for k, v in api["environment"].items()}, dotenv=None)
+    assert settings.cors_origins == ("https://shop.example.com",)
+    assert settings.redis_prefix == "shop"
+    assert settings.db_pool_size == 16 and settings.keepalive_seconds == 30
+    assert settings.redis_url == "redis://cache.internal:6380/1"
+    assert settings.host == "0.0.0.0"
+    assert settings.database_url == "postgresql://coupon:coupon@postgres:5432/coupon"
 
 
 # --- the health checks and the Redis command, run for real -----------------------------
