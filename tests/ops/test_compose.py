@@ -46,6 +46,8 @@ GO_COMPATIBLE = {
     "COUPON_ADMIN_TOKEN",
     "WORKERS",
 }
+# Read by docker-compose.yml itself, not by the service.
+COMPOSE_ONLY = {"COUPON_PUBLISH_ADDRESS"}
 SERVE = ["coupon", "serve"]
 MIGRATE = ["coupon", "migrate"]
 
@@ -276,7 +278,10 @@ def test_env_example_lists_the_go_compatible_variables_and_the_api_gets_each() -
     operations = OPERATIONS.read_text()
     environment = services()["api"]["environment"]
     for name in example:
-        assert f"`{name}`" in operations, f"{name} is not in docs/operations.md's settings"
+        assert f"`{name}`" in operations, f"{name} is not in docs/operations.md"
+        if name in COMPOSE_ONLY:
+            assert any("${" + name in port for port in services()["api"]["ports"]), name
+            continue
         assert name in environment, f"the api service does not get {name}"
         # Passed through from .env / the environment, not hard-coded.
         assert str(environment[name]).startswith("${" + name), (name, environment[name])
@@ -328,6 +333,19 @@ def resolved(env_file: Path) -> dict[str, Any]:
     return loaded
 
 
+def published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port; compose writes
+    one with an address as `address:published:target/tcp`, one without as a mapping."""
+    ports: list[tuple[str, int, int]] = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.append((port.get("host_ip", ""), int(port["published"]), int(port["target"])))
+        else:
+            address, host, target = str(port).removesuffix("/tcp").rsplit(":", 2)
+            ports.append((address, int(host), int(target)))
+    return ports
+
+
 @needs_compose
 @pytest.mark.parametrize("env_file", ["empty", ".env.example"])
 def test_docker_compose_config_is_valid(tmp_path: Path, env_file: str) -> None:
@@ -349,7 +367,7 @@ def test_resolved_compose_environment_is_accepted_by_the_service(tmp_path: Path)
     assert settings.database_url == "postgresql://coupon:coupon@postgres:5432/coupon"
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.admin_token == "" and not settings.production
-    assert api["ports"] == [{"published": 8000, "target": 8000}]
+    assert published(api) == [("127.0.0.1", 8000, 8000)]
     migrate = resolved(source)["services"]["migrate"]
     assert (
         load_settings(
@@ -374,7 +392,7 @@ def test_values_from_env_reach_the_api_and_redis(tmp_path: Path) -> None:
     assert settings.port == 9000 and settings.workers == 4
     assert settings.redis_url == "redis://:p%40ss@redis:6379/2"
     assert settings.database_url == "postgresql://app:pw@db.internal:5432/coupons"
-    assert config["api"]["ports"] == [{"published": 9000, "target": 9000}]
+    assert published(config["api"]) == [("127.0.0.1", 9000, 9000)]
     assert config["redis"]["environment"]["REDIS_PASSWORD"] == "p@ss"
 
 
@@ -401,6 +419,25 @@ def test_every_setting_in_env_reaches_the_api_and_the_containers_own_win(
     assert settings.redis_url == "redis://cache.internal:6380/1"
     assert settings.host == "0.0.0.0"
     assert settings.database_url == "postgresql://coupon:coupon@postgres:5432/coupon"
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("dotenv", "where"),
+    [
+        ("", ("127.0.0.1", 8000, 8000)),
+        ("PORT=9000\nCOUPON_PUBLISH_ADDRESS=\n", ("127.0.0.1", 9000, 9000)),
+        ("COUPON_PUBLISH_ADDRESS=0.0.0.0\n", ("0.0.0.0", 8000, 8000)),
+        ("COUPON_PUBLISH_ADDRESS=192.168.1.5\n", ("192.168.1.5", 8000, 8000)),
+    ],
+)
+def test_the_api_is_published_on_loopback_unless_told_otherwise(
+    tmp_path: Path, dotenv: str, where: tuple[str, int, int]
+) -> None:
+    """As `coupon serve` listens: the admin RPCs are open in development, without a token."""
+    source = tmp_path / ".env"
+    source.write_text(dotenv)
+    assert published(resolved(source)["services"]["api"]) == [where]
 
 
 # --- the health checks and the Redis command, run for real -----------------------------
