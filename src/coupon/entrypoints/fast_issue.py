@@ -36,6 +36,7 @@ from litestar.types import (
 
 from coupon.application.issue import Issued, Pending
 from coupon.entrypoints.codecs import IssueJsonCodec, binary_error
+from coupon.entrypoints.logs import REQUEST_HEADERS
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import issue_response, issue_response_bytes
 from coupon.gen.coupon.v1 import coupon_pb
@@ -180,12 +181,14 @@ class IssueRoute:
         codec: tuple[Codec, bytes],
         arrived: float,
         reply: Callable[[Answer], object],
+        request_id: bytes = b"",
     ) -> Pending:
         """`answer` without a task: `reply` is called with the answer as the request's
         outcome settles (at once when it has already), unless it is cancelled (returned:
-        cancel it through `Pending.cancel`)."""
+        cancel it through `Pending.cancel`). `request_id`, the caller's X-Request-Id, is
+        what the service's log lines of the request carry."""
         pending = self._service.issue_begin(request, arrived)
-        pending.when_settled(partial(self._answered, request, codec, arrived, reply))
+        pending.when_settled(partial(self._answered, request, codec, arrived, reply, request_id))
         return pending
 
     def _answered(
@@ -194,12 +197,18 @@ class IssueRoute:
         codec: tuple[Codec, bytes],
         arrived: float,
         reply: Callable[[Answer], object],
+        request_id: bytes,
         pending: Pending,
     ) -> None:
+        # Without a task, the request's context is only this: its id, when it has one.
+        token = REQUEST_HEADERS.set(((b"x-request-id", request_id),)) if request_id else None
         try:
             answer = self._finished(request, codec, arrived, pending.outcome)
         except asyncio.CancelledError:
             return
+        finally:
+            if token is not None:
+                REQUEST_HEADERS.reset(token)
         reply(answer)
 
     def _finished(

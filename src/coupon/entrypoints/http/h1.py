@@ -53,13 +53,11 @@ if TYPE_CHECKING:
 
 
 CONNECT_PREFIX = b"/coupon.v1.CouponService/"
-# codec, content length, keep-alive, number of fields
-LaneFields = tuple[tuple["Codec", bytes], int, bool, int]
-# Headers that send a request to the full ASGI path (X-Request-Id: the service's log lines
-# of the request carry it, which the lane, serving without a request's context, cannot).
+# codec, content length, keep-alive, number of fields, X-Request-Id (b"": none)
+LaneFields = tuple[tuple["Codec", bytes], int, bool, int, bytes]
+# Headers that send a request to the full ASGI path.
 _NOT_FOR_THE_LANE = frozenset(
     {
-        b"x-request-id",
         b"transfer-encoding",
         b"expect",
         b"origin",
@@ -69,6 +67,8 @@ _NOT_FOR_THE_LANE = frozenset(
     }
 )
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
+# The caller's id for the request, which the service's log lines of it carry.
+_REQUEST_ID = b"x-request-id"
 # What the lane reads of a request it takes without the parser.
 _LANE_REQUEST_LINE = b"POST " + ISSUE_PATH_BYTES + b" HTTP/1.1\r\n"
 _PROTOCOL_VERSION = b"connect-protocol-version"
@@ -95,8 +95,8 @@ def _is_token(name: bytes) -> bool:
 
 def _lane_fields(block: bytes) -> LaneFields | None:
     """The fields after the lane's request line (without the blank line that ends them):
-    (codec, content length, keep-alive, number of fields) when the lane may take the
-    request, read exactly as llhttp reads them; None when the parser must."""
+    (codec, content length, keep-alive, number of fields, X-Request-Id) when the lane may
+    take the request, read exactly as llhttp reads them; None when the parser must."""
     # Only visible characters, spaces, tabs and obs-text, lines ended by CRLF alone.
     if block.translate(None, _FIELD_BYTES) != b"\r\n" * block.count(b"\r\n"):
         return None
@@ -104,6 +104,7 @@ def _lane_fields(block: bytes) -> LaneFields | None:
     content_type = None
     length = -1
     keep_alive = True
+    request_id = b""
     for line in lines:
         name, colon, value = line.partition(b":")
         name = name.lower()
@@ -130,12 +131,14 @@ def _lane_fields(block: bytes) -> LaneFields | None:
                 return None
         elif not colon or not name or not _is_token(name) or name in _NOT_FOR_THE_LANE:
             return None
+        elif name == _REQUEST_ID and not request_id:
+            request_id = value.strip(b" \t")
     if content_type is None or length < 0:
         return None
     codec = codec_for(content_type)
     if codec is None:
         return None
-    return codec, length, keep_alive, len(lines)
+    return codec, length, keep_alive, len(lines), request_id
 
 
 class Limits(Protocol):
@@ -210,6 +213,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._lane_ok = True
         self._content_type = b""
         self._content_length = -1
+        self._request_id = b""
         self._body_size = 0
         self._body = b""
 
@@ -309,6 +313,9 @@ class Http1Protocol(HttpToolsProtocol):
             self._content_type = value
         elif name == b"content-length":
             self._content_length = int(value) if value.isdigit() else -1
+        elif name == _REQUEST_ID:
+            if not self._request_id:
+                self._request_id = value
         elif name in _NOT_FOR_THE_LANE:
             self._lane_ok = False
             if name == b"expect" and value.lower() == b"100-continue":
@@ -384,7 +391,9 @@ class Http1Protocol(HttpToolsProtocol):
         self._body = b""
         route = self._route
         assert route is not None  # the lane was taken
-        self._lane_request(route, self._lane_codec, body, self.parser.should_keep_alive())
+        self._lane_request(
+            route, self._lane_codec, body, self.parser.should_keep_alive(), self._request_id
+        )
 
     # --- the lane ---------------------------------------------------------------------
 
@@ -406,22 +415,28 @@ class Http1Protocol(HttpToolsProtocol):
         fields = _LANE_BLOCKS.get(block, _UNSEEN)
         if fields is _UNSEEN:
             fields = _lane_fields(block)
-            if len(block) <= _LANE_BLOCK_MAX:
+            # (A block with a request id is another block each time: not kept.)
+            if len(block) <= _LANE_BLOCK_MAX and not (fields and fields[4]):
                 if len(_LANE_BLOCKS) >= _LANE_BLOCKS_MAX:
                     _LANE_BLOCKS.clear()
                 _LANE_BLOCKS[block] = fields
         if not fields:
             return False
-        codec, length, keep_alive, count = fields
+        codec, length, keep_alive, count, request_id = fields
         if count > self._max_headers or length > self._max_body or len(data) != end + 4 + length:
             return False
         self._unset_keepalive_if_required()
         self._receiving_since = 0.0
-        self._lane_request(route, codec, data[end + 4 :], keep_alive)
+        self._lane_request(route, codec, data[end + 4 :], keep_alive, request_id)
         return True
 
     def _lane_request(
-        self, route: IssueRoute, codec: tuple[Codec, bytes], body: bytes, keep_alive: bool
+        self,
+        route: IssueRoute,
+        codec: tuple[Codec, bytes],
+        body: bytes,
+        keep_alive: bool,
+        request_id: bytes,
     ) -> None:
         arrived = time.monotonic()
         answer = route.at_once(body, codec, arrived)
@@ -437,7 +452,9 @@ class Http1Protocol(HttpToolsProtocol):
         # No task: the answer is written as the request's outcome settles. The request
         # stands in the server's tasks, which a graceful shutdown waits for (or cancels),
         # until it is answered.
-        pending = route.answer_soon(answer, codec, arrived, partial(self._lane_answer, cycle))
+        pending = route.answer_soon(
+            answer, codec, arrived, partial(self._lane_answer, cycle), request_id
+        )
         if not cycle.response_complete:
             cycle.pending = pending
             self.tasks.add(pending)  # type: ignore[arg-type]
