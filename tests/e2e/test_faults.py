@@ -23,6 +23,7 @@ from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.client import all_coupons, connect_client, create_campaign, issue_retrying
 from harness.private_redis import PrivateRedis
 from harness.proxy import CuttableProxy
+from harness.raw_http import closed_by_peer, issue_request, open_connection, read_response
 from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -271,6 +272,52 @@ async def test_client_that_hangs_up_gets_its_coupon_on_retry(
     # Whatever the hang-up interrupted, each user ends with one coupon, the one stored.
     assert retried == {u: stored[u] for u in users}
     assert len(stored) == len(users)
+
+
+async def test_a_request_on_its_way_in_at_sigterm_is_answered_then_closed(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """A graceful shutdown reads and answers a request it has begun to receive (its head
+    or its body cut in two) rather than cut the connection: the client would not know
+    whether it was served. The answer says `Connection: close`."""
+    server = ServerProcess(env=server_env)
+    server.wait_ready()
+    try:
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, 10)
+        # Cut in the head or in the body; with a deadline, served by the ASGI application
+        # rather than the lane.
+        raws = {user: issue_request(campaign_id, user) for user in ("head", "body")}
+        for user in ("asgi-head", "asgi-body"):
+            raws[user] = issue_request(campaign_id, user).replace(
+                b"\r\n\r\n", b"\r\nConnect-Timeout-Ms: 20000\r\n\r\n", 1
+            )
+        cuts = {user: len(raw) - 5 for user, raw in raws.items()}
+        for user in ("head", "asgi-head"):
+            cuts[user] = raws[user].index(b"\r\n") + 2
+        connections = {user: await open_connection(server.url) for user in raws}
+        for user, (_, writer) in connections.items():
+            writer.write(raws[user][: cuts[user]])
+            await writer.drain()
+        await asyncio.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        await asyncio.sleep(1.5)  # the workers have the signal
+        answers = {}
+        for user, (reader, writer) in connections.items():
+            writer.write(raws[user][cuts[user] :])
+            await writer.drain()
+            answers[user] = await asyncio.wait_for(read_response(reader), 10)
+            assert await closed_by_peer(reader, 5), user
+            writer.close()
+        code = server.process.wait(30)
+    finally:
+        server.stop()
+    stored = await db_coupons(pg_pool, campaign_id)
+    for user, answer in answers.items():
+        assert answer.status == 200, (user, answer.body)
+        assert answer.headers.get("connection") == "close", (user, answer.headers)
+        assert answer.json()["coupon"]["code"] == stored[user]  # type: ignore[index]
+    assert code == 0
 
 
 async def test_sigterm_during_a_burst_finishes_in_flight_issues(

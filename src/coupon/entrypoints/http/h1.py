@@ -204,6 +204,8 @@ class Http1Protocol(HttpToolsProtocol):
         self._draining_until = 0.0  # refused and closing: read and drop until then
         self._held: asyncio.TimerHandle | None = None  # not read from until this fires
         self._drained = 0
+        # Shutting down with a request on its way in: it is answered, then closed.
+        self._closing = False
         self._in_headers = False
         self._header_bytes = 0  # counted from the parsed request line and fields
         self._raw_header_bytes = 0  # counted from the bytes received while inside them
@@ -225,6 +227,21 @@ class Http1Protocol(HttpToolsProtocol):
         # closed cleanly after the keep-alive time, as between requests.
         self._idle_since = self.loop.time()
         _Sweeper.watch(self)
+
+    def shutdown(self) -> None:
+        """A graceful shutdown. A request on its way in (its head or its body partly
+        received) is still read and answered, with `Connection: close`, rather than its
+        connection cut: its client could not tell whether it was served. Otherwise as
+        uvicorn does it: an idle connection is closed, an answer on its way is the last."""
+        cycle = self.cycle
+        if (
+            self._receiving_since
+            and not self._draining_until
+            and (cycle is None or cycle.response_complete)
+        ):
+            self._closing = True
+            return
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._held is not None:
@@ -351,6 +368,8 @@ class Http1Protocol(HttpToolsProtocol):
             return
         self.scope = self._scope()
         super().on_headers_complete()
+        if self._closing and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def _scope(self) -> Any:
         """The ASGI scope, as uvicorn's on_message_begin makes it."""
@@ -391,9 +410,8 @@ class Http1Protocol(HttpToolsProtocol):
         self._body = b""
         route = self._route
         assert route is not None  # the lane was taken
-        self._lane_request(
-            route, self._lane_codec, body, self.parser.should_keep_alive(), self._request_id
-        )
+        keep_alive = self.parser.should_keep_alive() and not self._closing
+        self._lane_request(route, self._lane_codec, body, keep_alive, self._request_id)
 
     # --- the lane ---------------------------------------------------------------------
 
