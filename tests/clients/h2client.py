@@ -57,6 +57,18 @@ class Response:
         return self.trailers.get(b"grpc-status", self.headers.get(b"grpc-status"))
 
 
+def grpc_headers(rpc: str, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """A gRPC request's header list for `rpc`, then `extra`."""
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"localhost"),
+        (b":path", (SERVICE + rpc).encode()),
+        (b"content-type", b"application/grpc+proto"),
+        *extra,
+    ]
+
+
 class H2Client:
     def __init__(
         self,
@@ -99,17 +111,7 @@ class H2Client:
 
     def start(self, rpc: str, body: bytes = b"", *, end: bool = True) -> int:
         stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"localhost"),
-                (b":path", (SERVICE + rpc).encode()),
-                (b"content-type", b"application/grpc+proto"),
-                (b"te", b"trailers"),
-            ],
-        )
+        self.conn.send_headers(stream_id, grpc_headers(rpc, (b"te", b"trailers")))
         self.responses[stream_id] = Response()
         if body or end:
             self.conn.send_data(stream_id, body, end_stream=end)
