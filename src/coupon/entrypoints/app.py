@@ -85,10 +85,10 @@ _CODINGS = frozenset(
 )
 
 
-# The content codings the Connect application decodes (the library's defaults).
-ACCEPTED_CODINGS = frozenset({b"gzip", b"identity"})
-_ACCEPTED = b"gzip, identity"
-_GRPC_ACCEPTED = b"gzip,identity"
+# The content codings the Connect application decodes: its compressions, and none.
+ACCEPTED_CODINGS = frozenset({b"identity", *(c.name().encode() for c in compressions())})
+_ACCEPTED = b", ".join(sorted(ACCEPTED_CODINGS))
+_GRPC_ACCEPTED = b",".join(sorted(ACCEPTED_CODINGS))
 
 
 def _refused_coding(scope: Scope, content_type: bytes) -> tuple[bytes, bytes] | None:
