@@ -148,8 +148,12 @@ junk = st.recursive(
     max_leaves=8,
 )
 
-# Text a field may hold: anything but lone surrogates and NUL.
-plain_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
+# Text a name may hold: anything but lone surrogates, controls (C0, DEL, C1), line and
+# paragraph separators and the characters that change the direction text is shown in.
+plain_chars = st.characters(
+    exclude_categories=["Cs", "Cc"],
+    exclude_characters="\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069",
+)
 huge_text = st.builds(
     lambda c, n: c * n,
     st.sampled_from(["a", "가", "\U0001f600", " ", "\x00", "\\", '"']),

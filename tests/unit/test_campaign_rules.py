@@ -46,6 +46,14 @@ def test_campaign_is_ended_at_its_end_even_with_stock_left() -> None:
         ({"name": ""}, "name"),
         ({"name": "   "}, "name"),
         ({"name": "x" * 201}, "name"),
+        ({"name": "a\x00b"}, "name"),
+        ({"name": "tab\there"}, "name"),
+        ({"name": "two\nlines"}, "name"),
+        ({"name": "\x1b[31mred"}, "name"),
+        ({"name": "c1\x85"}, "name"),
+        ({"name": "\u202eevil"}, "name"),
+        ({"name": "isolate\u2066"}, "name"),
+        ({"name": "line\u2028separator"}, "name"),
         ({"total_coupons": 0}, "total_coupons"),
         ({"total_coupons": -5}, "total_coupons"),
         ({"total_coupons": 10_000_001}, "total_coupons"),
@@ -66,6 +74,11 @@ def test_new_campaign_names_the_bad_field(changes: dict[str, object], field: str
 def test_total_coupons_error_says_the_range_and_the_value() -> None:
     with pytest.raises(InvalidArgument, match=r"between 1 and 10000000 \(got 0\)"):
         campaign(total_coupons=0)
+
+
+def test_a_name_in_any_script_with_emoji_and_joiners_is_accepted() -> None:
+    name = "봄맞이 세일 \U0001f469\u200d\U0001f4bb \u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc"
+    assert campaign(name=name).name == name
 
 
 def test_name_of_200_characters_and_ten_million_coupons_are_accepted() -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from coupon.domain.errors import InvalidArgument
 
 NAME_MAX_CHARS = 200
+# What a name is shown with (a table row, a page) must not be able to move: no C0, DEL or
+# C1 control (a tab, a newline, an escape sequence), no line or paragraph separator, and no
+# bidirectional embedding, override or isolate, which would show it reversed.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 TOTAL_COUPONS_MAX = 10_000_000
 # Timestamps outside this range cannot be stored by PostgreSQL's timestamptz without
 # surprises and make no sense for a campaign; refusing them early gives a clear error.
@@ -76,8 +81,13 @@ def validate_name(name: str) -> str:
         raise InvalidArgument(
             "name", f"must be at most {NAME_MAX_CHARS} characters (got {len(name)})"
         )
-    if "\x00" in name:
-        raise InvalidArgument("name", "must not contain NUL characters")
+    unshowable = _UNSHOWABLE.search(name)
+    if unshowable is not None:
+        raise InvalidArgument(
+            "name",
+            f"must not contain control or text-direction characters (got "
+            f"{unshowable.group()!r} at {unshowable.start()})",
+        )
     return name
 
 
