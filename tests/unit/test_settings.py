@@ -212,6 +212,32 @@ def test_a_blank_admin_token_is_refused_wherever_it_is_set(app_env: str, token: 
         load_settings({"APP_ENV": app_env, "COUPON_ADMIN_TOKEN": token}, dotenv=None)
 
 
+@pytest.mark.parametrize(
+    ("token", "shown"),
+    [
+        ("s3cret ", "' ' at 6"),
+        (" s3cret", "' ' at 0"),
+        ("two words", "' ' at 3"),
+        ("s3cret\n", "'\\n' at 6"),
+        ("비밀토큰", "'비' at 0"),
+        ("caf\xe9", "'é' at 3"),
+    ],
+)
+def test_an_admin_token_a_header_cannot_carry_is_refused(token: str, shown: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+    assert str(caught.value) == (
+        "COUPON_ADMIN_TOKEN must be printable ASCII without spaces, as an HTTP header "
+        f"carries it (got {shown})"
+    )
+
+
+@pytest.mark.parametrize("token", ["s3cret", "a-b_c.d~e+f/g=", "!#$%&*^|`{}"])
+def test_a_printable_admin_token_is_taken_as_it_is(token: str) -> None:
+    settings = load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+    assert settings.admin_token == token
+
+
 def test_production_without_a_token_names_everything_the_token_guards() -> None:
     """Every RPC of the service that checks the token (and the dashboard, which does too)."""
     import ast

@@ -97,13 +97,9 @@ class Settings:
             raise SettingsError(
                 f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})"
             )
-        if self.admin_token and not self.admin_token.strip():
-            # HTTP drops the spaces around a header's value: `Authorization: Bearer ` followed
-            # by as many spaces would pass, which no one means as a secret.
-            raise SettingsError(
-                "COUPON_ADMIN_TOKEN must not be blank (got only whitespace): set a token, "
-                "or leave it empty for none (development only)"
-            )
+        problem = admin_token_problem(self.admin_token)
+        if problem is not None:
+            raise SettingsError(problem)
         if self.production and not self.admin_token:
             raise SettingsError(
                 "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: the admin RPCs "
@@ -169,6 +165,27 @@ def redacted(url: str) -> str:
     if not at or not colon:
         return url
     return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
+
+
+def admin_token_problem(token: str) -> str | None:
+    """Why COUPON_ADMIN_TOKEN cannot be sent as `Authorization: Bearer <token>`; None if it
+    can (or is empty: no token). HTTP drops the spaces around a header's value, so a token
+    of spaces would let `Bearer ` through and one with spaces at its ends could never be
+    matched; a browser refuses a header value beyond Latin-1, and a newline ends the header."""
+    if not token:
+        return None
+    if not token.strip():
+        return (
+            "COUPON_ADMIN_TOKEN must not be blank (got only whitespace): set a token, "
+            "or leave it empty for none (development only)"
+        )
+    odd = next((c for c in token if not "!" <= c <= "~"), None)
+    if odd is not None:
+        return (
+            "COUPON_ADMIN_TOKEN must be printable ASCII without spaces, as an HTTP header "
+            f"carries it (got {odd!r} at {token.index(odd)})"
+        )
+    return None
 
 
 PORT_TEXT = re.compile(r"[0-9]{1,5}")
