@@ -7,8 +7,12 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from harness.private_redis import PrivateRedis
 from harness.server import ServerProcess, free_port
 
 TOKEN = "cli-token"
@@ -152,6 +157,104 @@ def test_export_to_a_path_that_cannot_be_a_file_is_one_line_and_leaves_nothing(
     assert list(folder.iterdir()) == []
 
 
+def test_export_through_a_link_replaces_the_file_it_points_to_and_a_pipe_stays_a_pipe(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    campaign = create(server, "export into odd places")
+    issue(server, campaign["id"], ["a", "b"])
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "target.csv").write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real / "target.csv")
+    ok(coupon(server, "export", str(campaign["id"]), "-o", str(link)))
+    assert link.is_symlink()
+    assert [r[1] for r in csv.reader(io.StringIO((real / "target.csv").read_text()))] == [
+        "user_id",
+        "a",
+        "b",
+    ]
+    assert sorted(p.name for p in real.iterdir()) == ["target.csv"]
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader.start()
+    result = coupon(server, "export", str(campaign["id"]), "--format", "jsonl", "-o", str(pipe))
+    reader.join(timeout=30)
+    ok(result)
+    assert [json.loads(line)["userId"] for line in read[0].splitlines()] == ["a", "b"]
+    assert pipe.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe.csv", "real"]
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Interrupted while waiting for a reader of the pipe it writes to."""
+    campaign = create(server, "export interrupted")
+    pipe = tmp_path / "nobody-reads.csv"
+    os.mkfifo(pipe)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coupon",
+            "campaigns",
+            "export",
+            str(campaign["id"]),
+            "-o",
+            str(pipe),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _blocked_opening(proc.pid, pipe):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == "coupon: interrupted\n" and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nobody-reads.csv"]
+
+
+def _blocked_opening(pid: int, path: Path) -> bool:
+    """Whether the process waits in open() for that pipe (its syscall, from /proc)."""
+    try:
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "fifo" in wchan or (bool(syscall) and syscall[0] in ("2", "257"))  # open, openat
+
+
+def test_a_table_lines_up_hangul_names_by_their_width_on_a_terminal(
+    server: ServerProcess,
+) -> None:
+    create(server, "봄맞이 세일")
+    create(server, "plain name")
+    header, *rows = ok(coupon(server, "list", "--limit", "2")).splitlines()
+
+    def column(line: str, at: str) -> int:
+        before = line[: line.index(at)]
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in before)
+
+    starts = {
+        column(line, word)
+        for line, word in zip([header, *rows], ["STATUS", "active", "active"], strict=True)
+    }
+    assert len(starts) == 1, [header, *rows]
+
+
 def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
     missing = coupon(server, "show", "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50")
     assert missing.returncode == 1
@@ -169,6 +272,74 @@ def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
     assert usage.stdout == ""
     # Every unit a relative time takes is listed, days included.
     assert "+30s, +5m, +2h or +1d" in usage.stderr and len(usage.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["create", "--name", "x", "--coupons", "5", "--starts-at", "+99999999999d"],
+            "coupon: --starts-at is too far from now (got '+99999999999d')",
+        ),
+        (
+            ["create", "--name", "x", "--coupons", "99999999999999999999"],
+            "coupon: --coupons must be between 1 and 10000000 (got 99999999999999999999)",
+        ),
+        (
+            ["--url", "http://127.0.0.1:99999", "list"],
+            "coupon: --url has no valid port: 1 to 65535 (got 'http://127.0.0.1:99999')",
+        ),
+        (["--url", "http://:8000", "list"], "coupon: --url names no host (got 'http://:8000')"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_exit_2(
+    server: ServerProcess, args: list[str], message: str
+) -> None:
+    result = coupon(server, *args)
+    assert (result.returncode, result.stderr, result.stdout) == (2, message + "\n", "")
+
+
+def test_a_token_no_header_can_carry_or_a_bad_dotenv_is_one_line_and_exit_2(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    newline = coupon(server, "list", token=TOKEN + "\n")
+    assert newline.returncode == 2
+    assert newline.stderr == (
+        "coupon: COUPON_ADMIN_TOKEN must be printable ASCII without spaces, as an HTTP "
+        "header carries it (got '\\n' at 9)\n"
+    )
+    (tmp_path / ".env").write_text("this line is bad\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    broken = command(env, tmp_path, "campaigns", "--url", server.url, "list")
+    assert broken.returncode == 2
+    assert broken.stderr.startswith("coupon: ") and len(broken.stderr.splitlines()) == 1
+    assert ".env" in broken.stderr
+
+
+def test_a_url_that_is_not_the_service_is_said_plainly(server: ServerProcess) -> None:
+    result = coupon(server, "--url", server.url + "/dashboard", "list", url=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"coupon: {server.url}/dashboard does not serve the coupon API (its paths are not "
+        "found there); give the service's base URL, such as http://127.0.0.1:8000\n"
+    )
+
+
+def test_export_works_while_redis_is_down(server_env: dict[str, str]) -> None:
+    """GetCampaign needs Redis (its clock); the export reads PostgreSQL alone."""
+    private = PrivateRedis()
+    try:
+        with ServerProcess(
+            env={**server_env, "REDIS_URL": private.url, "COUPON_ADMIN_TOKEN": TOKEN}
+        ) as proc:
+            campaign = create(proc, "export without redis")
+            issue(proc, campaign["id"], ["a", "b", "c"])
+            private.kill()
+            assert coupon(proc, "show", str(campaign["id"])).returncode == 1
+            rows = list(csv.reader(io.StringIO(ok(coupon(proc, "export", str(campaign["id"]))))))
+            assert [r[1] for r in rows] == ["user_id", "a", "b", "c"]
+    finally:
+        private.close()
 
 
 def test_create_help_lists_every_unit_and_that_a_bare_time_is_utc(server: ServerProcess) -> None:

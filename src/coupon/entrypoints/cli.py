@@ -451,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         # A client of a running service (campaigns, loadtest): the server's settings are
         # not its business, so a bad DATABASE_URL or WORKERS does not stop it; what it reads
         # (COUPON_URL, COUPON_ADMIN_TOKEN) comes from the environment or ./.env, as for serve.
-        for key, value in read_dotenv(Path(".env")).items():
+        try:
+            dotenv = read_dotenv(Path(".env"))
+        except SettingsError as exc:
+            print(f"coupon: {exc}", file=sys.stderr)
+            return 2
+        for key, value in dotenv.items():
             os.environ.setdefault(key, value)
         return int(args.handler(args))
     try:

@@ -11,18 +11,24 @@ import argparse
 import csv
 import os
 import re
+import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TextIO
+from urllib.parse import urlsplit
 
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import cannot_write
 from coupon.entrypoints.reach import cannot_reach, unreachable
+from coupon.entrypoints.settings import admin_token_problem
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -115,9 +121,11 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     url = (args.url or env.get("COUPON_URL") or DEFAULT_URL).rstrip("/")
     try:
-        if not url.startswith(("http://", "https://")):
-            raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
+        _check_url(url)
         token = env.get("COUPON_ADMIN_TOKEN", "")
+        problem = admin_token_problem(token)
+        if problem is not None:
+            raise UsageError(problem)
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # No deadline for the client as a whole: an export of millions of coupons takes
         # minutes; each unary call has its own (TIMEOUT_MS).
@@ -128,6 +136,13 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         reason = unreachable(exc)
         if reason is not None:
             print(f"coupon: {cannot_reach(url, reason)}", file=sys.stderr)
+        elif exc.code is Code.UNIMPLEMENTED and not exc.message:
+            # A 404 with no Connect error in it: something else answers at that URL.
+            print(
+                f"coupon: {url} does not serve the coupon API (its paths are not found there);"
+                " give the service's base URL, such as http://127.0.0.1:8000",
+                file=sys.stderr,
+            )
         else:
             print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 1
@@ -141,7 +156,23 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         # The reader went away (`| head`): not an error of ours.
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C: what was being written to a file is removed; nothing more to say.
+        print("coupon: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise UsageError(f"--url has no valid port: 1 to 65535 (got {url!r})") from None
+    if not parts.hostname:
+        raise UsageError(f"--url names no host (got {url!r})")
 
 
 class Call:
@@ -157,6 +188,11 @@ class Call:
 
 
 def _create(call: Call, args: argparse.Namespace) -> None:
+    if not -(2**63) <= args.coupons < 2**63:  # what the request cannot carry; the rest the
+        # service judges, as for any client
+        raise UsageError(
+            f"--coupons must be between 1 and {TOTAL_COUPONS_MAX} (got {args.coupons})"
+        )
     now = datetime.now(UTC)
     starts = parse_time("--starts-at", args.starts_at, now)
     ends = None if args.ends_at is None else parse_time("--ends-at", args.ends_at, now)
@@ -245,40 +281,76 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     if args.json:
         raise UsageError("--json does not apply to export: choose --format csv or jsonl")
     # The campaign first: a clear error before any output, and the total for the progress.
-    view = call.client.get_campaign(
-        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
-        headers=call.headers,
-        timeout_ms=TIMEOUT_MS,
-    )
-    assert view.campaign is not None
-    total = view.campaign.issued_count
+    total: int | None = None
+    try:
+        view = call.client.get_campaign(
+            coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
+            headers=call.headers,
+            timeout_ms=TIMEOUT_MS,
+        )
+    except ConnectError as exc:
+        # GetCampaign decides a status by the gate's clock, so it needs Redis; the export
+        # reads PostgreSQL alone, and is what an operator reaches for when Redis is down.
+        if exc.code is not Code.UNAVAILABLE or unreachable(exc) is not None:
+            raise
+    else:
+        assert view.campaign is not None
+        total = view.campaign.issued_count
     target = None if args.output is None else Path(args.output)
     if target is not None:
         _check_output(target)
     stream = call.client.export_coupons(
         coupon_pb.ExportCouponsRequest(campaign_id=args.campaign_id), headers=call.headers
     )
-    progress = Progress(total, sys.stderr) if sys.stderr.isatty() else None
+    # On a terminal, unless the rows go to that same terminal.
+    shown = sys.stderr.isatty() and (target is not None or not sys.stdout.isatty())
+    progress = Progress(total, sys.stderr) if shown else None
     if target is None:
         written = write_export(stream, args.format, sys.stdout, progress)
     else:
-        # Written under another name and renamed when complete: a file of that name is
-        # always a whole export, and nothing is left behind when the export fails.
-        partial = target.with_name(target.name + ".partial")
-        try:
-            with partial.open("w", newline="", encoding="utf-8") as out:
-                written = write_export(stream, args.format, out, progress)
-            partial.replace(target)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        written = _write_file(target, args, stream, progress)
     if progress is not None:
         progress.done()
     if args.output is not None:
         print(f"exported {written:,} coupons to {args.output}", file=sys.stderr)
+
+
+def _write_file(
+    target: Path,
+    args: argparse.Namespace,
+    stream: Iterator[coupon_pb.ExportCouponsResponse],
+    progress: Progress | None,
+) -> int:
+    """A regular file (or a new one) is written under another name and renamed when
+    complete: a file of that name is always a whole export, and nothing is left behind when
+    the export fails. Through a symbolic link, the file it points to is replaced and the link
+    stays. Anything else (a pipe, /dev/null, a terminal) is written as it is: renaming over
+    it would put a file in its place."""
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = None  # a new file, or a link to one still to be made
+    except OSError as exc:
+        raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        try:
+            with target.open("w", newline="", encoding="utf-8") as out:
+                return write_export(stream, args.format, out, progress)
+        except OSError as exc:
+            raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    final = target.resolve() if target.is_symlink() else target
+    partial = final.with_name(final.name + ".partial")
+    try:
+        with partial.open("w", newline="", encoding="utf-8") as out:
+            written = write_export(stream, args.format, out, progress)
+        partial.replace(final)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def _check_output(target: Path) -> None:
@@ -332,7 +404,7 @@ class Progress:
 
     WIDTH = 30
 
-    def __init__(self, total: int, out: TextIO) -> None:
+    def __init__(self, total: int | None, out: TextIO) -> None:
         self._total = total
         self._out = out
         self._started = time.monotonic()
@@ -347,9 +419,13 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        rate = self._count / max(now - self._started, 1e-9)
+        if self._total is None:  # not known (Redis down): the count alone
+            self._out.write(f"\r{self._count:,} coupons, {rate:,.0f}/s")
+            self._out.flush()
+            return
         share = min(1.0, self._count / self._total) if self._total else 1.0
         filled = int(share * self.WIDTH)
-        rate = self._count / max(now - self._started, 1e-9)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
         self._out.write(
             f"\r[{bar}] {self._count:,}/{self._total:,} coupons ({share:.0%}), {rate:,.0f}/s"
@@ -384,11 +460,26 @@ def print_table(header: Sequence[str] | None, rows: Sequence[Sequence[str]], out
     lines += [list(row) for row in rows]
     if not lines:
         return
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    widths = [max(_cells(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        cells = (
+            cell + " " * (width - _cells(cell)) for cell, width in zip(line, widths, strict=True)
+        )
         out.write("  ".join(cells).rstrip())
         out.write("\n")
+
+
+def _cells(text: str) -> int:
+    """How many columns of a terminal `text` takes: two for a wide character (Hangul, CJK,
+    most emoji), none for a combining mark or a joiner, one for the rest."""
+    if text.isascii():
+        return len(text)
+    width = 0
+    for char in text:
+        if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
 
 
 def _iso(value: Timestamp | None) -> str:
@@ -409,7 +500,10 @@ def parse_time(option: str, text: str, now: datetime) -> datetime:
         return now
     relative = _RELATIVE.match(text)
     if relative:
-        return now + timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+        try:
+            return now + timedelta(seconds=float(relative[1]) * _UNIT_SECONDS[relative[2]])
+        except OverflowError:
+            raise UsageError(f"{option} is too far from now (got {text!r})") from None
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
