@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 ISSUE = "/coupon.v1.CouponService/IssueCoupon"
 
@@ -77,3 +78,69 @@ async def last_words(reader: asyncio.StreamReader, timeout: float) -> bytes | No
         return await asyncio.wait_for(reader.read(), timeout)
     except TimeoutError:
         return None
+
+
+# gRPC's status codes by number, as the Connect protocol spells them.
+GRPC_CODES = dict(
+    enumerate(
+        (
+            "ok",
+            "canceled",
+            "unknown",
+            "invalid_argument",
+            "deadline_exceeded",
+            "not_found",
+            "already_exists",
+            "permission_denied",
+            "resource_exhausted",
+            "failed_precondition",
+            "aborted",
+            "out_of_range",
+            "unimplemented",
+            "internal",
+            "unavailable",
+            "data_loss",
+            "unauthenticated",
+        )
+    )
+)
+# The code a gRPC, gRPC-Web or Connect streaming client reads from an HTTP status other
+# than 200 (the same table in the gRPC and Connect specs).
+CODE_OF_HTTP_STATUS = {
+    400: "internal",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "unimplemented",
+    429: "unavailable",
+    502: "unavailable",
+    503: "unavailable",
+    504: "unavailable",
+}
+
+
+def rpc_error(
+    status: int, headers: dict[str, str], body: bytes, content_type: str
+) -> tuple[str, str]:
+    """The error code and message a client that sent `content_type` reads from an answer,
+    as its protocol says: gRPC and gRPC-Web from grpc-status (a trailers-only answer here:
+    headers, no body), a Connect stream from its end-stream message, a Connect unary call
+    from the JSON body; an HTTP status other than 200 by the specs' table, but for a Connect
+    unary call's JSON error body."""
+    if content_type.startswith(("application/grpc", "application/connect+")):
+        if status != 200:
+            return CODE_OF_HTTP_STATUS.get(status, "unknown"), f"HTTP {status}"
+        family = content_type.split("+", 1)[0].removesuffix("-text")
+        assert headers["content-type"].startswith(family), headers
+    if content_type.startswith("application/grpc"):
+        assert body == b"", "trailers-only: no body"
+        return GRPC_CODES[int(headers["grpc-status"])], unquote(headers.get("grpc-message", ""))
+    if content_type.startswith("application/connect+"):
+        assert headers["content-type"] == content_type, headers
+        flags, length = struct.unpack(">BI", body[:5])
+        assert flags == 0x02 and len(body) == 5 + length, "one end-stream message"
+        error = json.loads(body[5:])["error"]
+        return error["code"], error["message"]
+    if status == 200 or not headers.get("content-type", "").startswith("application/json"):
+        return CODE_OF_HTTP_STATUS.get(status, "unknown"), f"HTTP {status}"
+    error = json.loads(body)
+    return error["code"], error["message"]

@@ -23,8 +23,9 @@ from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFram
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import in_seconds
+from harness.raw_http import rpc_error
 from harness.server import ServerProcess
-from tests.clients.conftest import ROOT, buf_curl
+from tests.clients.conftest import ROOT, buf_curl, node_calls
 from tests.clients.h2client import H2Client, Response, grpc_frame, grpc_headers, grpc_message
 
 pytestmark = pytest.mark.e2e
@@ -229,9 +230,13 @@ def send_padded_request(client: H2Client, padding: int) -> int:
     return stream_id
 
 
+TOO_LARGE = "request headers are limited to 16384 bytes"
+
+
 def test_a_header_list_over_the_limit_refuses_its_stream_alone(server: ServerProcess) -> None:
-    """431 on that stream; the streams open beside it, and those after it, are answered
-    on the same connection (the HPACK tables stay in step)."""
+    """`resource_exhausted` on that stream, a gRPC trailers-only answer; the streams open
+    beside it, and those after it, are answered on the same connection (the HPACK tables
+    stay in step)."""
     client = H2Client(server.port)
     try:
         client.read()  # the server's SETTINGS, with its header list limit
@@ -250,13 +255,104 @@ def test_a_header_list_over_the_limit_refuses_its_stream_alone(server: ServerPro
         )
     finally:
         client.close()
-    assert refused.headers[b":status"] == b"431"
-    assert b"16384 bytes" in refused.body
+    assert refused.headers[b":status"] == b"200"
+    assert refused.headers[b"content-type"] == b"application/grpc+proto"
+    assert refused.grpc_status == b"8" and not refused.trailers and refused.body == b""
+    assert refused.headers[b"grpc-message"] == TOO_LARGE.encode()
     assert answered.grpc_status == b"0"
     coupon = grpc_message(answered.body, coupon_pb.IssueCouponResponse).coupon
     assert coupon is not None and coupon.user_id == "beside"
     assert after.coupon is not None and after.coupon.user_id == "after"
     assert client.goaway is None
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "expected"),
+    [
+        ("/healthz", "", (431, "text/plain; charset=utf-8", TOO_LARGE)),
+        (
+            "/coupon.v1.CouponService/IssueCoupon",
+            "application/json",
+            (429, "application/json", ("resource_exhausted", TOO_LARGE)),
+        ),
+        (
+            "/coupon.v1.CouponService/ExportCoupons",
+            "application/connect+proto",
+            (200, "application/connect+proto", ("resource_exhausted", TOO_LARGE)),
+        ),
+        (
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "application/grpc-web-text",
+            (200, "application/grpc-web-text", ("resource_exhausted", TOO_LARGE)),
+        ),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            "application/grpc",
+            (200, "application/grpc", ("resource_exhausted", TOO_LARGE)),
+        ),
+    ],
+    ids=["outside-the-api", "connect-unary", "connect-stream", "grpc-web-text", "grpc"],
+)
+def test_a_header_list_over_the_limit_is_answered_in_the_callers_protocol(
+    server: ServerProcess, path: str, content_type: str, expected: tuple[int, str, object]
+) -> None:
+    """Each answer read frame by frame as its protocol says (the body not sent: RST_STREAM
+    NO_ERROR after the answer); plain 431 outside the API."""
+    client = H2Client(server.port)
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", path.encode()),
+            *([(b"content-type", content_type.encode())] if content_type else []),
+            (b"x-padding", b"x" * 20_000),
+        ]
+        client.conn.send_headers(stream_id, headers)
+        client.responses[stream_id] = response = Response()
+        client.flush()
+        while not response.ended:
+            client.read()
+        while response.reset is None:
+            client.read()
+    finally:
+        client.close()
+    status, media, read = expected
+    assert response.reset == ErrorCodes.NO_ERROR
+    assert int(response.headers[b":status"]) == status
+    answer = {k.decode(): v.decode() for k, v in response.headers.items()}
+    assert answer["content-type"] == media
+    if status == 431:
+        assert response.body.decode() == read
+    else:
+        assert rpc_error(status, answer, response.body, content_type) == read
+
+
+@pytest.mark.parametrize(
+    ("transport", "binary"),
+    [
+        pytest.param(transport, binary, id=f"{transport}-{'binary' if binary else 'json'}")
+        for transport in ("connect", "grpc", "grpcweb")
+        for binary in (False, True)
+    ],
+)
+def test_connect_node_over_http2_reads_resource_exhausted_for_a_header_list_too_large(
+    server: ServerProcess, transport: str, binary: bool
+) -> None:
+    """connect-es's own reading, unary and streaming; the connection serves on."""
+    padded = {"x-padding": "$x*20000"}
+    calls = [
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "u"}, "headers": padded},
+        {"rpc": "ExportCoupons", "request": {"campaignId": "c"}, "headers": padded},
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "u"}},
+    ]
+    *refused, after = node_calls(server.url, transport, calls, binary=binary, http_version="2")
+    for result in refused:
+        assert result["error"] == {"code": "resource_exhausted", "message": TOO_LARGE}, result
+        if transport != "connect":
+            assert result["metadata"]["grpc-status"] == "8"
+    assert after["error"]["code"] == "invalid_argument"  # read, and answered by the service
 
 
 def test_a_header_list_over_the_hard_limit_ends_the_connection(server: ServerProcess) -> None:

@@ -21,13 +21,19 @@ from harness.raw_http import (
     last_words,
     open_connection,
     read_response,
+    rpc_error,
 )
 from harness.server import ServerProcess
+from tests.clients.conftest import node_calls
 
 pytestmark = pytest.mark.e2e
 REQUEST_TIMEOUT = 2
 KEEPALIVE = 3
 HOSTILE_CONNECTIONS = 2000
+EXPORT = "/coupon.v1.CouponService/ExportCoupons"
+REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+MAX_BODY = 64 * 1024
+TOO_MANY_HEADERS = "request headers are limited to 100 fields and 16384 bytes"
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +64,11 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-async def test_a_huge_header_is_refused_with_431_and_the_connection_closed(
+async def test_a_huge_header_is_refused_and_the_connection_closed(
     server: ServerProcess,
 ) -> None:
+    """Refused by its size as it arrives, before any content type: on the API's path, the
+    Connect unary error."""
     reader, writer = await open_connection(server.url)
     writer.write(f"POST {ISSUE} HTTP/1.1\r\nHost: t\r\nX-Big: ".encode())
     try:
@@ -70,7 +78,8 @@ async def test_a_huge_header_is_refused_with_431_and_the_connection_closed(
     except ConnectionError:
         pass  # the server answered and closed long before the end
     response = await read_response(reader)
-    assert response.status == 431
+    assert response.status == 429
+    assert response.json() == {"code": "resource_exhausted", "message": TOO_MANY_HEADERS}
     assert await closed_by_peer(reader, 5)
 
 
@@ -80,7 +89,98 @@ async def test_ten_thousand_headers_are_refused_with_431(server: ServerProcess) 
     writer.write(f"GET /healthz HTTP/1.1\r\nHost: t\r\n{head}\r\n".encode())
     response = await read_response(reader)
     assert response.status == 431
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.body.decode() == TOO_MANY_HEADERS
     assert await closed_by_peer(reader, 5)
+
+
+# A content type of each protocol, and a path of the API it goes to.
+API_REQUESTS = [
+    pytest.param("application/json", ISSUE, id="connect-unary-json"),
+    pytest.param("application/proto", ISSUE, id="connect-unary-proto"),
+    pytest.param("application/connect+json", EXPORT, id="connect-stream-json"),
+    pytest.param("application/connect+proto", EXPORT, id="connect-stream-proto"),
+    pytest.param("application/grpc", ISSUE, id="grpc"),
+    pytest.param("application/grpc+json", ISSUE, id="grpc-json"),
+    pytest.param("application/grpc-web+proto", ISSUE, id="grpc-web-proto"),
+    pytest.param("application/grpc-web-text", REFLECTION, id="grpc-web-text-reflection"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "path"), API_REQUESTS)
+async def test_too_many_headers_on_the_api_are_resource_exhausted_in_the_callers_protocol(
+    server: ServerProcess, content_type: str, path: str
+) -> None:
+    """Read as its client reads it (not HTTP 431, which gRPC, gRPC-Web and Connect streams
+    read as `unknown`), though the content type comes after the limit was passed."""
+    reader, writer = await open_connection(server.url)
+    head = "".join(f"X-H{i}: v\r\n" for i in range(200))
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\n{head}Content-Type: {content_type}\r\n"
+        f"Content-Length: 5\r\n\r\n".encode()
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)
+    code, message = rpc_error(response.status, response.headers, response.body, content_type)
+    assert (code, message) == ("resource_exhausted", TOO_MANY_HEADERS)
+    assert response.headers["connection"] == "close"
+    assert await closed_by_peer(reader, 5)
+
+
+@pytest.mark.parametrize(("content_type", "path"), API_REQUESTS)
+async def test_a_body_over_the_limit_on_the_api_is_resource_exhausted_in_the_callers_protocol(
+    server: ServerProcess, content_type: str, path: str
+) -> None:
+    """Not HTTP 429, which gRPC-Web and Connect streams read as `unavailable`: a retry of
+    a request that can never succeed."""
+    reader, writer = await open_connection(server.url)
+    size = 50 * 1024 * 1024
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {size}\r\n\r\n".encode()
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)  # no body sent at all
+    code, message = rpc_error(response.status, response.headers, response.body, content_type)
+    assert code == "resource_exhausted"
+    assert message == f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"
+    assert response.headers["connection"] == "close"
+    assert await closed_by_peer(reader, 5)
+
+
+async def test_a_body_over_the_limit_outside_the_api_is_413(server: ServerProcess) -> None:
+    reader, writer = await open_connection(server.url)
+    writer.write(
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\n"
+        b"Content-Length: 1000000\r\n\r\n"
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 413
+    assert response.body.decode() == f"request body is limited to {MAX_BODY} bytes"
+    assert await closed_by_peer(reader, 5)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("transport", ["connect", "grpcweb"])
+def test_connect_node_over_http1_reads_resource_exhausted_for_requests_over_the_limits(
+    server: ServerProcess, transport: str, binary: bool
+) -> None:
+    """connect-es's own reading of each refusal, unary and streaming (the Connect
+    protocol's streams are application/connect+*; gRPC-Web's calls are all alike)."""
+    padded = {"x-padding": "$x*20000"}
+    calls = [
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "u"}, "headers": padded},
+        {"rpc": "ExportCoupons", "request": {"campaignId": "c"}, "headers": padded},
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "$x*70000"}},
+        {"rpc": "ExportCoupons", "request": {"campaignId": "$x*70000"}},
+    ]
+    results = node_calls(server.url, transport, calls, binary=binary, http_version="1.1")
+    for result in results:
+        assert result["error"]["code"] == "resource_exhausted", result
+    for result in results[:2]:
+        assert result["error"]["message"] == TOO_MANY_HEADERS
+    for result in results[2:]:
+        assert result["error"]["message"].endswith(f"is over the limit of {MAX_BODY} bytes")
+    if transport == "grpcweb":
+        assert {r["metadata"]["grpc-status"] for r in results} == {"8"}
 
 
 async def test_a_declared_body_over_the_limit_is_answered_before_it_is_sent(

@@ -6,7 +6,9 @@ Properties, for every request:
 * the answer is a success (200, a body of the request's codec) or a well-formed Connect
   error: a JSON object with a `code` of the Connect code set, a string `message`, and the
   HTTP status the Connect protocol gives that code; a content type the server does not
-  speak may instead get the bare HTTP 415 the Connect protocol prescribes;
+  speak may instead get the bare HTTP 415 the Connect protocol prescribes, and a Connect
+  stream's content type (refused as too large before its method is known) its error as
+  the stream's end, a 200 of one end-stream message;
 * never a 5xx, except `unavailable` (503) and, only for a request that set
   `connect-timeout-ms`, `deadline_exceeded` (504); never `unknown` or `internal`;
 * never a hang (every request has a timeout), and the server stays up;
@@ -28,6 +30,7 @@ import asyncio
 import base64
 import gzip
 import json
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -788,8 +791,18 @@ def check_answer(request: Request, response: httpx.Response) -> str:
     """'ok', 'unsupported' (415) or the Connect error code; fails on anything else."""
     status = response.status_code
     where = f"{status} {response.content[:300]!r} for {request!r}"
+    served = response.headers.get("content-type", "")
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if status == 200 and media.startswith("application/connect+") and served == media:
+        # A Connect stream's error, the end of the stream: a body over the limit is refused
+        # as such by the HTTP layer, which does not know which methods stream.
+        flags, length = struct.unpack(">BI", response.content[:5])
+        assert flags == 0x02 and len(response.content) == 5 + length, where
+        error = json.loads(response.content[5:])["error"]
+        assert error["code"] == "resource_exhausted", where
+        assert str(error["message"]).startswith("request body of "), where
+        return "resource_exhausted"
     if status == 200:
-        served = response.headers.get("content-type", "")
         if request.codec == "json" or (request.codec is None and "json" in served):
             assert served == "application/json", where
             assert isinstance(response.json(), dict), where

@@ -1,12 +1,14 @@
 // Runs a list of RPCs against the service with connect-es's Node client, on the transport
 // and wire format given, and prints one JSON line per call: the response (proto3 JSON) or
-// the error's code and message, with the response headers and trailers seen.
+// the error's code and message, with the response headers and trailers seen. A streaming
+// RPC's response is {"messages": [...]}, each in proto3 JSON.
 //
 //   node tests/clients/node/calls.mjs '<plan as JSON>'
 //
 // plan: {"baseUrl", "transport": "connect" | "grpc" | "grpcweb", "binary": bool,
-//        "httpVersion": "1.1" | "2", "calls": [{"rpc", "request", "token"?}]}
-// A request string "$N.a.b" is replaced by field a.b of the response of call N.
+//        "httpVersion": "1.1" | "2", "calls": [{"rpc", "request", "token"?, "headers"?}]}
+// A request string "$N.a.b" is replaced by field a.b of the response of call N, and
+// "$x*N" (in a request or a header) by N letters x: a request or header list too large.
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import {
@@ -19,6 +21,8 @@ import {
   CouponService,
   CreateCampaignRequestSchema,
   CreateCampaignResponseSchema,
+  ExportCouponsRequestSchema,
+  ExportCouponsResponseSchema,
   GetCampaignRequestSchema,
   GetCampaignResponseSchema,
   IssueCouponRequestSchema,
@@ -29,7 +33,9 @@ const RPCS = {
   CreateCampaign: ["createCampaign", CreateCampaignRequestSchema, CreateCampaignResponseSchema],
   GetCampaign: ["getCampaign", GetCampaignRequestSchema, GetCampaignResponseSchema],
   IssueCoupon: ["issueCoupon", IssueCouponRequestSchema, IssueCouponResponseSchema],
+  ExportCoupons: ["exportCoupons", ExportCouponsRequestSchema, ExportCouponsResponseSchema],
 };
+const STREAMING = new Set(["ExportCoupons"]);
 
 function transportFor(plan) {
   const options = { baseUrl: plan.baseUrl, useBinaryFormat: plan.binary };
@@ -46,6 +52,9 @@ function transportFor(plan) {
 }
 
 function resolve(value, results) {
+  if (typeof value === "string" && /^\$x\*\d+$/.test(value)) {
+    return "x".repeat(Number(value.slice(3)));
+  }
   if (typeof value === "string" && /^\$\d+\./.test(value)) {
     const [index, ...path] = value.slice(1).split(".");
     return path.reduce((node, key) => node[key], results[Number(index)].response);
@@ -69,14 +78,26 @@ for (const call of plan.calls) {
   let header = {};
   let trailer = {};
   const options = {
-    headers: call.token ? { authorization: `Bearer ${call.token}` } : {},
+    headers: {
+      ...resolve(call.headers ?? {}, results),
+      ...(call.token ? { authorization: `Bearer ${call.token}` } : {}),
+    },
     onHeader: (h) => (header = entries(h)),
     onTrailer: (t) => (trailer = entries(t)),
   };
   let result;
   try {
-    const response = await client[method](request, options);
-    result = { response: toJson(responseSchema, response), header, trailer };
+    let response;
+    if (STREAMING.has(call.rpc)) {
+      const messages = [];
+      for await (const message of client[method](request, options)) {
+        messages.push(toJson(responseSchema, message));
+      }
+      response = { messages };
+    } else {
+      response = toJson(responseSchema, await client[method](request, options));
+    }
+    result = { response, header, trailer };
   } catch (err) {
     const error = ConnectError.from(err);
     result = {

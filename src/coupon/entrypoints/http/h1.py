@@ -3,10 +3,12 @@ clients and a lane that answers IssueCoupon's common request without an ASGI cyc
 
 Limits (each answered, then the connection closed):
 * headers: at most `max_headers` fields and `max_header_bytes` bytes (request line
-  included) -> 431, counted as they arrive, so a header trickled forever holds no more than
-  the limit in memory;
-* a body declared (or sent chunked) beyond the service's request size -> a Connect
-  `resource_exhausted` error (413 outside the API) before the body is read;
+  included) -> `resource_exhausted` in the caller's protocol on the API's paths, 431
+  elsewhere (http/refusal.py); counted as they arrive, so a header trickled forever holds
+  no more than the limit in memory;
+* a body declared (or sent chunked) beyond the service's request size ->
+  `resource_exhausted` in the caller's protocol (413 outside the API), before the body is
+  read;
 * a request must arrive whole within `request_timeout` of its first byte -> 408: slow
   senders are closed, not held;
 * idle connections, new ones that have sent nothing included, are closed cleanly after
@@ -31,8 +33,6 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -42,9 +42,9 @@ from coupon.entrypoints.fast_issue import (
     Answer,
     IssueRoute,
     codec_for,
-    error_answer,
     other_protocol_version,
 )
+from coupon.entrypoints.http.refusal import refusal
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from coupon.application.issue import Pending
 
 
-CONNECT_PREFIX = b"/coupon.v1.CouponService/"
 # codec, content length, keep-alive, number of fields, X-Request-Id (b"": none)
 LaneFields = tuple[tuple["Codec", bytes], int, bool, int, bytes]
 # Headers that send a request to the full ASGI path.
@@ -66,6 +65,7 @@ _NOT_FOR_THE_LANE = frozenset(
         b"upgrade",
     }
 )
+_PLAIN = b"text/plain; charset=utf-8"
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
 # The caller's id for the request, which the service's log lines of it carry.
 _REQUEST_ID = b"x-request-id"
@@ -280,7 +280,7 @@ class Http1Protocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._draining_until:
             return
         self._receiving_since = 0.0
-        self._close_with(408, b"text/plain; charset=utf-8", b"the request did not arrive in time")
+        self._close_with((408, _PLAIN, b"the request did not arrive in time", []))
 
     def receiving_since(self) -> float:
         return self._receiving_since
@@ -324,6 +324,9 @@ class Http1Protocol(HttpToolsProtocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_count > self._max_headers or self._header_bytes > self._max_header_bytes:
             self._too_large = True
+            # Still wanted: the refusal is written in the protocol the content type names.
+            if not self._content_type and name.lower() == b"content-type":
+                self._content_type = value
             return
         name = name.lower()
         if name == b"content-type":
@@ -569,27 +572,26 @@ class Http1Protocol(HttpToolsProtocol):
     # --- refusals ---------------------------------------------------------------------
 
     def _refuse_headers(self) -> None:
-        self._close_with(
-            431,
-            b"text/plain; charset=utf-8",
+        """In the protocol of the request's content type when it was read before the limit
+        (the path is always known: the request line comes first)."""
+        message = (
             f"request headers are limited to {self._max_headers} fields and "
-            f"{self._max_header_bytes} bytes".encode(),
+            f"{self._max_header_bytes} bytes"
         )
+        self._close_with(refusal(self.url, self._content_type, message, status=431, plain=message))
 
     def _refuse_body(self, size: int) -> None:
-        if self.url.startswith(CONNECT_PREFIX):
-            status, content_type, payload, _ = error_answer(
-                ConnectError(
-                    Code.RESOURCE_EXHAUSTED,
-                    f"request body of {size} bytes is over the limit of {self._max_body} bytes",
-                )
+        self._close_with(
+            refusal(
+                self.url,
+                self._content_type,
+                f"request body of {size} bytes is over the limit of {self._max_body} bytes",
+                status=413,
+                plain=f"request body is limited to {self._max_body} bytes",
             )
-        else:
-            status, content_type = 413, b"text/plain; charset=utf-8"
-            payload = f"request body is limited to {self._max_body} bytes".encode()
-        self._close_with(status, content_type, payload)
+        )
 
-    def _close_with(self, status: int, content_type: bytes, payload: bytes) -> None:
+    def _close_with(self, answer: Answer) -> None:
         """Answer (unless an answer has begun) and close: the rest of this request will not
         be read, so the connection cannot carry another."""
         self._in_headers = False
@@ -600,7 +602,7 @@ class Http1Protocol(HttpToolsProtocol):
             # A request in progress learns of it as a disconnect (connection_lost).
             self.transport.close()
             return
-        self._write((status, content_type, payload, []), keep_alive=False, linger=True)
+        self._write(answer, keep_alive=False, linger=True)
         if not self.transport.can_write_eof():
             self.transport.close()
             return

@@ -38,12 +38,15 @@ from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from coupon.entrypoints.http.refusal import refusal
+
 log = logging.getLogger("uvicorn.error")
 
 # Limits a peer is told in SETTINGS; h2 refuses a peer that goes past them.
 MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 16 * 1024
-# A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (431), the
+# A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (`resource_exhausted`
+# in the caller's protocol on the API's paths, 431 elsewhere: http/refusal.py), the
 # connection and its other streams going on: its block must still be decoded whole, or the
 # HPACK table the peer's later blocks refer to would be out of step. Only a list over
 # this, which no client keeping to the advertised limit sends, ends the connection.
@@ -61,7 +64,7 @@ _HOP_BY_HOP = frozenset(
 )
 
 Headers = list[tuple[bytes, bytes]]
-_TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes".encode()
+_TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes"
 
 
 class _Decoder(Decoder):
@@ -261,7 +264,7 @@ class H2Protocol(asyncio.Protocol):
             return
         scope, size = self._scope(event.headers or [])
         if size > MAX_HEADER_LIST_SIZE:
-            self._refuse_headers(stream_id, ended=event.stream_ended is not None)
+            self._refuse_headers(stream_id, event.headers or [], event.stream_ended is not None)
             return
         if scope is None:
             self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
@@ -287,20 +290,28 @@ class H2Protocol(asyncio.Protocol):
             stream.ended = True
         stream.wake()
 
-    def _refuse_headers(self, stream_id: int, *, ended: bool) -> None:
-        """431 on this stream alone, as HTTP/1.1 answers it; a body not yet sent need not
-        be (RST_STREAM NO_ERROR after the answer, RFC 9113, 8.1)."""
-        headers = [
-            (b":status", b"431"),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(_TOO_LARGE)).encode()),
-        ]
+    def _refuse_headers(self, stream_id: int, request: Headers, ended: bool) -> None:
+        """Refused on this stream alone, as HTTP/1.1 answers it (in the caller's protocol on
+        the API's paths); a body not yet sent need not be (RST_STREAM NO_ERROR after the
+        answer, RFC 9113, 8.1)."""
+        path = content_type = b""
+        for name, value in request:
+            if name == b":path":
+                path = value
+            elif name == b"content-type" and not content_type:
+                content_type = value
+        status, media, payload, extra = refusal(
+            path, content_type, _TOO_LARGE, status=431, plain=_TOO_LARGE
+        )
+        headers = [(b":status", str(status).encode()), (b"content-type", media), *extra]
         with contextlib.suppress(ProtocolError, StreamClosedError, FlowControlError):
-            if self.conn.local_flow_control_window(stream_id) < len(_TOO_LARGE):
-                self.conn.send_headers(stream_id, headers[:2], end_stream=True)
+            if not payload or self.conn.local_flow_control_window(stream_id) < len(payload):
+                # A gRPC trailers-only answer (or no room for the body): one HEADERS frame.
+                self.conn.send_headers(stream_id, headers, end_stream=True)
             else:
+                headers.append((b"content-length", str(len(payload)).encode()))
                 self.conn.send_headers(stream_id, headers)
-                self.conn.send_data(stream_id, _TOO_LARGE, end_stream=True)
+                self.conn.send_data(stream_id, payload, end_stream=True)
             if not ended:
                 self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 

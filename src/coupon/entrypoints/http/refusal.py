@@ -1,0 +1,70 @@
+"""Refusals the HTTP layers make themselves, before the Connect application sees the
+request (a header list or a body over the limit), answered in the caller's protocol.
+
+A client of each protocol reads the code its protocol's way, and an HTTP status means
+little to most of them: gRPC and gRPC-Web read the status from `grpc-status` (HTTP 431
+is `unknown` to them, 429 is `unavailable`, which says "retry" to a request that can
+never succeed), a Connect stream from its end-stream message. So on the service's paths
+each gets `resource_exhausted` as its protocol carries it:
+
+* gRPC and gRPC-Web: HTTP 200, trailers-only (grpc-status 8, grpc-message), no body;
+* a Connect stream (application/connect+*): HTTP 200 and one end-stream message;
+* a Connect unary call, and anything else there: the Connect unary error (HTTP 429).
+
+Outside them (health, metrics, the example page) it is plain HTTP: 431 or 413.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from coupon.entrypoints.fast_issue import Answer, error_answer
+
+# The paths the Connect application and gRPC server reflection serve.
+API_PREFIXES = (
+    b"/coupon.v1.CouponService/",
+    b"/grpc.reflection.v1.ServerReflection/",
+    b"/grpc.reflection.v1alpha.ServerReflection/",
+)
+_PLAIN = b"text/plain; charset=utf-8"
+# A media type safe to echo in an answer's Content-Type.
+_MEDIA = re.compile(rb"application/[a-z0-9.+-]+")
+# gRPC's status for resource_exhausted.
+_RESOURCE_EXHAUSTED = b"8"
+# The Connect protocol's flag of the end-stream message.
+_END_STREAM = 0x02
+
+
+def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plain: str) -> Answer:
+    """The answer refusing a request to `path` of `content_type` (b"": not known): on an API
+    path, `resource_exhausted` with `message` as the caller's protocol sends it; elsewhere
+    `status` with `plain` as text."""
+    if not path.startswith(API_PREFIXES):
+        return status, _PLAIN, plain.encode(), []
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media.startswith(b"application/grpc-web"):
+        family = b"application/grpc-web"
+    elif media == b"application/grpc" or media.startswith(b"application/grpc+"):
+        family = b"application/grpc"
+    elif media.startswith(b"application/connect+") and _MEDIA.fullmatch(media):
+        end = {"error": {"code": Code.RESOURCE_EXHAUSTED.value, "message": message}}
+        payload = json.dumps(end, ensure_ascii=False).encode()
+        return 200, media, struct.pack(">BI", _END_STREAM, len(payload)) + payload, []
+    else:
+        return error_answer(ConnectError(Code.RESOURCE_EXHAUSTED, message))
+    trailers = [(b"grpc-status", _RESOURCE_EXHAUSTED), (b"grpc-message", grpc_message(message))]
+    return 200, media if _MEDIA.fullmatch(media) else family, b"", trailers
+
+
+def grpc_message(message: str) -> bytes:
+    """`message` as grpc-message carries it: UTF-8, percent-encoded but for the printable
+    ASCII characters other than "%" (the gRPC over HTTP/2 spec)."""
+    return b"".join(
+        bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+        for byte in message.encode()
+    )
