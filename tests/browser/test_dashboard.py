@@ -126,5 +126,5 @@ async def test_dashboard_refuses_a_wrong_token(server: ServerProcess, browser: B
     await page.fill("#token", "not-the-token")
     await page.click("#token-form button")
     await page.wait_for_function("document.getElementById('login-error').textContent !== ''")
-    assert "Authorization: Bearer" in (await page.text_content("#login-error") or "")
+    assert "not the service's COUPON_ADMIN_TOKEN" in (await page.text_content("#login-error") or "")
     assert await page.locator("#campaigns tbody tr").count() == 0

@@ -20,6 +20,7 @@ from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
+from litestar.exceptions import NotFoundException
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
@@ -27,7 +28,7 @@ from coupon.entrypoints.codecs import codecs, compressions
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
-from coupon.entrypoints.dashboard import Dashboard
+from coupon.entrypoints.dashboard import Dashboard, not_found
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
@@ -171,6 +172,7 @@ class CouponApp:
                 create_static_files_router("/example", [EXAMPLE_PAGE], html_mode=True),
             ],
             lifespan=[self._lifespan],
+            exception_handlers={NotFoundException: not_found},
             openapi_config=None,
             state=State({"coupon": self}),
         )

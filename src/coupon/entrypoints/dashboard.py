@@ -2,7 +2,11 @@
 Litestar app, and the two JSON endpoints it polls once a second with the admin token as a
 Bearer header. The figures come from PostgreSQL (issued count) and from the per-second
 counters every server process adds to Redis (rates, refusals, latency): the same on
-every process and instance."""
+every process and instance.
+
+The page and script are revalidated on every load (`no-cache`), so an upgrade's script is
+never mixed with an older page; the JSON is never stored (`no-store`). Every error under
+/dashboard/, an unknown path included, is `{"code": ..., "message": ...}`."""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from importlib import resources
 from typing import Any
 
 from connectrpc.code import Code
-from litestar import MediaType, Request, Response, get
+from litestar import HttpMethod, MediaType, Request, Response, get, route
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
+from litestar.exceptions.responses import create_exception_response
+from litestar.response.base import ASGIResponse
 
 from coupon.application.live import LiveView, WatchCampaign
 from coupon.application.operations import ListCampaigns
@@ -29,6 +36,17 @@ HTTP_STATUS = {
     Code.UNAUTHENTICATED: 401,
     Code.UNAVAILABLE: 503,
 }
+
+
+# The page and its script: revalidated on every load, never framed, never sniffed.
+PAGE_HEADERS = {
+    "cache-control": "no-cache",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "content-security-policy": "frame-ancestors 'none'",
+}
+# The JSON: figures of a moment, never stored.
+API_HEADERS = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
 
 
 def _static(name: str) -> str:
@@ -91,35 +109,63 @@ def live_json(view: LiveView) -> dict[str, Any]:
     }
 
 
-def _error(exc: CouponError) -> Response[dict[str, str]]:
+def _json(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> Response[Any]:
+    return Response(body, status_code=status, headers={**API_HEADERS, **(headers or {})})
+
+
+def _failure(
+    code: str, message: str, status: int, headers: dict[str, str] | None = None
+) -> Response[Any]:
+    return _json({"code": code, "message": message}, status, headers)
+
+
+def _error(exc: CouponError) -> Response[Any]:
     code = ERROR_CODES.get(type(exc))
     status = HTTP_STATUS.get(code, 500) if code is not None else 500
-    return Response(
-        {"code": code.value if code else "internal", "message": str(exc)}, status_code=status
+    return _failure(code.value if code else "internal", str(exc), status)
+
+
+def _refused(authorization: str) -> Response[Any]:
+    message = (
+        "the token given is not the service's COUPON_ADMIN_TOKEN"
+        if authorization
+        else "the dashboard needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
+    )
+    return _failure("unauthenticated", message, 401, {"www-authenticate": "Bearer"})
+
+
+def _file(request: Request[Any, Any, Any], body: bytes, content_type: str) -> ASGIResponse:
+    """The page or script; to HEAD, the same headers without the body (whatever the HTTP
+    version: Litestar would send the body, and only HTTP/1.1's server drops it)."""
+    head = request.method == HttpMethod.HEAD
+    return ASGIResponse(
+        body=b"" if head else body,
+        is_head_response=head,
+        headers={**PAGE_HEADERS, "content-type": content_type, "content-length": str(len(body))},
     )
 
 
-def _refused() -> Response[dict[str, str]]:
-    return Response(
-        {
-            "code": "unauthenticated",
-            "message": (
-                "the dashboard needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
-            ),
-        },
-        status_code=401,
-    )
-
-
-@get("/dashboard", media_type=MediaType.HTML, sync_to_thread=False)
-def dashboard_page(state: State) -> Response[bytes]:
+@route("/dashboard", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
+def dashboard_page(state: State, request: Request[Any, Any, Any]) -> ASGIResponse:
     # The page holds no data: it asks for the token, and the API checks it.
-    return Response(_dashboard(state).page, media_type=MediaType.HTML)
+    return _file(request, _dashboard(state).page, "text/html; charset=utf-8")
 
 
-@get("/dashboard/dashboard.js", sync_to_thread=False)
-def dashboard_script(state: State) -> Response[bytes]:
-    return Response(_dashboard(state).script, media_type="text/javascript")
+@route(
+    "/dashboard/dashboard.js", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False
+)
+def dashboard_script(state: State, request: Request[Any, Any, Any]) -> ASGIResponse:
+    return _file(request, _dashboard(state).script, "text/javascript; charset=utf-8")
+
+
+def not_found(request: Request[Any, Any, Any], exc: NotFoundException) -> Response[Any]:
+    """The app's 404: under /dashboard/ in the dashboard API's shape, Litestar's elsewhere."""
+    path = request.url.path
+    if path == "/dashboard" or path.startswith("/dashboard/"):
+        return _failure("not_found", f"no such dashboard path: {path}", 404)
+    return create_exception_response(request, exc)
 
 
 @get("/dashboard/api/campaigns", media_type=MediaType.JSON)
@@ -127,20 +173,18 @@ async def dashboard_campaigns(
     state: State, request: Request[Any, Any, Any], status: str | None = None
 ) -> Response[Any]:
     board = _dashboard(state)
-    if not board.admin.allows(request.headers.get("authorization", "")):
-        return _refused()
+    authorization = request.headers.get("authorization", "")
+    if not board.admin.allows(authorization):
+        return _refused(authorization)
     try:
         wanted = None if not status else CampaignStatus(status)
     except ValueError:
-        return Response(
-            {"code": "invalid_argument", "message": f"status: unknown status {status!r}"},
-            status_code=400,
-        )
+        return _failure("invalid_argument", f"status: unknown status {status!r}", 400)
     try:
         listed = await board.listing.execute(page_size=100, page_token="", status=wanted)
     except CouponError as exc:
         return _error(exc)
-    return Response(
+    return _json(
         {
             "serverTime": _iso(listed.now),
             "campaigns": [campaign_json(c, listed.now) for c in listed.campaigns],
@@ -153,13 +197,14 @@ async def dashboard_live(
     state: State, request: Request[Any, Any, Any], campaign_id: str
 ) -> Response[Any]:
     board = _dashboard(state)
-    if not board.admin.allows(request.headers.get("authorization", "")):
-        return _refused()
+    authorization = request.headers.get("authorization", "")
+    if not board.admin.allows(authorization):
+        return _refused(authorization)
     try:
         view = await board.watch.execute(campaign_id=campaign_id)
     except CouponError as exc:
         return _error(exc)
-    return Response(live_json(view))
+    return _json(live_json(view))
 
 
 ROUTES = [dashboard_page, dashboard_script, dashboard_campaigns, dashboard_live]

@@ -1,0 +1,111 @@
+"""The dashboard's HTTP answers against a real server (PostgreSQL, Redis, an admin token)
+over real sockets: caching and framing headers, HEAD, the 401's challenge and the shape of
+every error under /dashboard/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from harness.server import ServerProcess
+
+TOKEN = "dashboard-http-token"
+pytestmark = pytest.mark.e2e
+
+FILES = {
+    "/dashboard": "text/html",
+    "/dashboard/dashboard.js": "text/javascript",
+}
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    with ServerProcess(env={**server_env, "COUPON_ADMIN_TOKEN": TOKEN}, workers=1) as proc:
+        yield proc
+
+
+def test_the_page_and_script_are_revalidated_never_sniffed_and_never_framed(
+    server: ServerProcess,
+) -> None:
+    for path, content_type in FILES.items():
+        got = httpx.get(server.url + path, timeout=10)
+        assert got.status_code == 200
+        assert got.headers["content-type"].startswith(content_type)
+        assert got.headers["cache-control"] == "no-cache", path
+        assert got.headers["x-content-type-options"] == "nosniff", path
+    page = httpx.get(server.url + "/dashboard", timeout=10)
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+async def raw_head(server: ServerProcess, path: str) -> bytes:
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("path", FILES)
+async def test_head_answers_like_get_without_the_body(server: ServerProcess, path: str) -> None:
+    got = httpx.get(server.url + path, timeout=10)
+    answer = await raw_head(server, path)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert rest == b""
+    fields = dict(
+        (name.strip().lower().decode(), value.strip().decode())
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    )
+    for name in ("content-type", "content-length", "cache-control", "x-content-type-options"):
+        assert fields[name] == got.headers[name], name
+    # The same over HTTP/2, where no server below the app drops a body.
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2:
+        response = await h2.head(server.url + path)
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-length"] == got.headers["content-length"]
+    assert response.headers["content-type"] == got.headers["content-type"]
+
+
+def test_the_api_is_never_stored_and_a_401_names_its_scheme(server: ServerProcess) -> None:
+    api = f"{server.url}/dashboard/api/campaigns"
+    listed = httpx.get(api, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert listed.status_code == 200
+    assert listed.headers["cache-control"] == "no-store"
+    assert listed.headers["x-content-type-options"] == "nosniff"
+
+    needed = httpx.get(api, timeout=10)
+    assert needed.status_code == 401
+    assert needed.headers["www-authenticate"] == "Bearer"
+    assert needed.headers["cache-control"] == "no-store"
+    assert "Authorization: Bearer" in needed.json()["message"]
+    wrong = httpx.get(f"{api}/x", headers={"authorization": "Bearer wrong"}, timeout=10)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert wrong.json() == {
+        "code": "unauthenticated",
+        "message": "the token given is not the service's COUPON_ADMIN_TOKEN",
+    }
+
+
+@pytest.mark.parametrize(
+    "path", ["/dashboard/nope", "/dashboard/api/nope", "/dashboard/api/campaigns/a/b"]
+)
+def test_an_unknown_dashboard_path_is_a_404_in_the_api_shape(
+    server: ServerProcess, path: str
+) -> None:
+    got = httpx.get(server.url + path, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert got.status_code == 404
+    assert got.headers["cache-control"] == "no-store"
+    assert got.json() == {"code": "not_found", "message": f"no such dashboard path: {path}"}
+
+
+def test_other_unknown_paths_keep_their_404(server: ServerProcess) -> None:
+    got = httpx.get(server.url + "/nope", timeout=10)
+    assert got.status_code == 404
+    assert got.json() == {"status_code": 404, "detail": "Not Found"}
