@@ -128,3 +128,42 @@ async def test_dashboard_refuses_a_wrong_token(server: ServerProcess, browser: B
     await page.wait_for_function("document.getElementById('login-error').textContent !== ''")
     assert "not the service's COUPON_ADMIN_TOKEN" in (await page.text_content("#login-error") or "")
     assert await page.locator("#campaigns tbody tr").count() == 0
+
+
+async def test_the_list_reaches_a_campaign_beyond_the_first_hundred(
+    server: ServerProcess, browser: Browser
+) -> None:
+    async with connect_client(server.url) as client:
+        # The oldest: open (live), then more than a page of newer ones.
+        oldest = await create_campaign(client, total=7, name="Older live one", token=TOKEN)
+        for i in range(105):
+            await create_campaign(client, total=5, name=f"newer-{i}", starts_in=3600, token=TOKEN)
+    page = await browser.new_page(viewport={"width": 1360, "height": 820})
+    await open_with_token(page, f"{server.url}/dashboard")
+    await page.wait_for_selector("#campaigns tbody tr")
+    row = f"#campaigns tr[data-id='{oldest.id}']"
+    assert await page.locator(row).count() == 0
+    while not await page.locator(row).count():
+        assert await page.is_visible("#more"), "no more pages, and the campaign is not listed"
+        shown = await page.locator("#campaigns tbody tr").count()
+        await page.click("#more")
+        await page.wait_for_function(
+            f"document.querySelectorAll('#campaigns tbody tr').length > {shown}"
+        )
+    await page.click(row)
+    await page.wait_for_function(
+        "document.getElementById('live-title').textContent === 'Older live one'"
+    )
+    assert await page.text_content(f"{row} .status") == "active"
+    # The list's refresh keeps the pages asked for.
+    await asyncio.sleep(5.5)
+    assert await page.locator(row).count() == 1
+
+    # Of one status: the scheduled ones only, the live one not among them.
+    await page.select_option("#status-filter", "scheduled")
+    await page.wait_for_function(
+        "[...document.querySelectorAll('#campaigns tbody .status')]"
+        ".every((s) => s.textContent === 'scheduled')"
+    )
+    assert await page.locator(row).count() == 0
+    assert await page.locator("#campaigns tbody tr").count() == 100

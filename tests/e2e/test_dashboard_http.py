@@ -1,6 +1,6 @@
 """The dashboard's HTTP answers against a real server (PostgreSQL, Redis, an admin token)
 over real sockets: caching and framing headers, HEAD, the 401's challenge and the shape of
-every error under /dashboard/."""
+every error under /dashboard/, and the list's pages."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from coupon.entrypoints.dashboard import PAGE_SIZE
+from harness.client import connect_client, create_campaign
 from harness.server import ServerProcess
 
 TOKEN = "dashboard-http-token"
@@ -109,3 +111,38 @@ def test_other_unknown_paths_keep_their_404(server: ServerProcess) -> None:
     got = httpx.get(server.url + "/nope", timeout=10)
     assert got.status_code == 404
     assert got.json() == {"status_code": 404, "detail": "Not Found"}
+
+
+async def test_the_list_reaches_every_campaign_a_page_at_a_time(server: ServerProcess) -> None:
+    async with connect_client(server.url) as client:
+        made = [
+            (await create_campaign(client, total=5, name=f"paged-{i}", token=TOKEN)).id
+            for i in range(PAGE_SIZE + 5)
+        ]
+    api = f"{server.url}/dashboard/api/campaigns"
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    seen: list[str] = []
+    params: dict[str, str] = {}
+    while True:
+        page = httpx.get(api, params=params, headers=headers, timeout=10).json()
+        assert len(page["campaigns"]) <= PAGE_SIZE
+        seen += [c["id"] for c in page["campaigns"]]
+        if not page["nextPageToken"]:
+            break
+        params = {"pageToken": page["nextPageToken"]}
+    assert len(seen) == len(set(seen))
+    assert set(made) <= set(seen)  # the oldest of them too, beyond the first page
+    assert seen.index(made[0]) >= PAGE_SIZE
+
+    # A token belongs to its listing: another status filter's, or a made-up one, is refused.
+    first = httpx.get(api, headers=headers, timeout=10).json()
+    for params in (
+        {"pageToken": first["nextPageToken"], "status": "active"},
+        {"pageToken": "not-a-token"},
+    ):
+        refused = httpx.get(api, params=params, headers=headers, timeout=10)
+        assert refused.status_code == 400, params
+        assert refused.json()["code"] == "invalid_argument"
+    scheduled = httpx.get(api, params={"status": "scheduled"}, headers=headers, timeout=10)
+    assert scheduled.status_code == 200
+    assert all(c["status"] == "scheduled" for c in scheduled.json()["campaigns"])

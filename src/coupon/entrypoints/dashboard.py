@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 from connectrpc.code import Code
 from litestar import HttpMethod, MediaType, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.exceptions.responses import create_exception_response
+from litestar.params import Parameter
 from litestar.response.base import ASGIResponse
 
 from coupon.application.live import LiveView, WatchCampaign
@@ -37,6 +38,9 @@ HTTP_STATUS = {
     Code.UNAVAILABLE: 503,
 }
 
+
+# Campaigns in a page of the list: the page asks for the next ones with `pageToken`.
+PAGE_SIZE = 100
 
 # The page and its script: revalidated on every load, never framed, never sniffed.
 PAGE_HEADERS = {
@@ -170,8 +174,13 @@ def not_found(request: Request[Any, Any, Any], exc: NotFoundException) -> Respon
 
 @get("/dashboard/api/campaigns", media_type=MediaType.JSON)
 async def dashboard_campaigns(
-    state: State, request: Request[Any, Any, Any], status: str | None = None
+    state: State,
+    request: Request[Any, Any, Any],
+    status: str | None = None,
+    page_token: Annotated[str, Parameter(query="pageToken")] = "",
 ) -> Response[Any]:
+    """A page of PAGE_SIZE campaigns, newest first (of one status if `status` is given), and
+    the `nextPageToken` of the next page ("" after the last)."""
     board = _dashboard(state)
     authorization = request.headers.get("authorization", "")
     if not board.admin.allows(authorization):
@@ -181,13 +190,16 @@ async def dashboard_campaigns(
     except ValueError:
         return _failure("invalid_argument", f"status: unknown status {status!r}", 400)
     try:
-        listed = await board.listing.execute(page_size=100, page_token="", status=wanted)
+        listed = await board.listing.execute(
+            page_size=PAGE_SIZE, page_token=page_token, status=wanted
+        )
     except CouponError as exc:
         return _error(exc)
     return _json(
         {
             "serverTime": _iso(listed.now),
             "campaigns": [campaign_json(c, listed.now) for c in listed.campaigns],
+            "nextPageToken": listed.next_page_token,
         }
     )
 

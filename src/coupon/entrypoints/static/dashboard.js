@@ -7,6 +7,10 @@ const fmt = (n) => Number(n).toLocaleString("en-US");
 let token = sessionStorage.getItem("coupon-admin-token") || "";
 let selected = decodeURIComponent(location.hash.slice(1));
 let timer = null;
+// The list: as many pages of campaigns as the operator has asked for, of one status or all.
+let pages = 1;
+let filter = "";
+let listRun = 0;
 
 class Refused extends Error {}
 
@@ -44,11 +48,31 @@ function localTime(iso) {
   return iso ? new Date(iso).toLocaleString("sv-SE", { hour12: false }) : "–";
 }
 
+async function listCampaigns() {
+  // The pages shown, from the newest, each asked for with the previous page's token.
+  const campaigns = [];
+  let next = "";
+  for (let page = 0; page < pages; page++) {
+    const query = new URLSearchParams();
+    if (filter) query.set("status", filter);
+    if (next) query.set("pageToken", next);
+    const search = query.toString();
+    const body = await api("campaigns" + (search ? "?" + search : ""));
+    campaigns.push(...body.campaigns);
+    next = body.nextPageToken || "";
+    if (!next) break;
+  }
+  return { campaigns, next };
+}
+
 async function loadCampaigns() {
+  const run = ++listRun;
   try {
-    const body = await api("campaigns");
+    const body = await listCampaigns();
+    if (run !== listRun) return true;  // a newer listing (another filter or page) won
     $("login").hidden = true;
     $("list-error").textContent = "";
+    $("more").hidden = !body.next;
     const tbody = $("campaigns").tBodies[0];
     tbody.replaceChildren();
     for (const c of body.campaigns) {
@@ -61,7 +85,7 @@ async function loadCampaigns() {
       cell(row, localTime(c.startsAt).slice(5));  // month-day and time
       row.addEventListener("click", () => select(c.id));
     }
-    if (!body.campaigns.length) $("list-error").textContent = "No campaigns yet.";
+    if (!body.campaigns.length) $("list-error").textContent = filter ? "No " + filter.replace("_", " ") + " campaigns." : "No campaigns yet.";
     return true;
   } catch (error) {
     if (error instanceof Refused) askForToken(error.message);
@@ -152,6 +176,15 @@ function start() {
   timer = setInterval(tick, 1000);
 }
 
+$("more").addEventListener("click", () => {
+  pages++;
+  loadCampaigns();
+});
+$("status-filter").addEventListener("change", () => {
+  filter = $("status-filter").value;
+  pages = 1;
+  loadCampaigns();
+});
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   token = $("token").value.trim();
