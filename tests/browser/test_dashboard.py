@@ -167,3 +167,31 @@ async def test_the_list_reaches_a_campaign_beyond_the_first_hundred(
     )
     assert await page.locator(row).count() == 0
     assert await page.locator("#campaigns tbody tr").count() == 100
+
+
+async def test_a_malformed_link_fragment_is_ignored_and_said(
+    server: ServerProcess, browser: Browser
+) -> None:
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=3, name="Linked", token=TOKEN)
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # A link cut short: the page still asks for the token, lists, and says what it ignored.
+    await open_with_token(page, f"{server.url}/dashboard#%ZZ")
+    await page.wait_for_selector(f"#campaigns tr[data-id='{campaign.id}']")
+    assert "#%ZZ" in (await page.text_content("#link-error") or "")
+    assert await page.is_hidden("#live-body")
+
+    await page.evaluate(f"location.hash = '{campaign.id}'")
+    await page.wait_for_function("document.getElementById('live-title').textContent === 'Linked'")
+    assert await page.text_content("#link-error") == ""
+    # Changed to a malformed one: said, and the campaign shown goes on being polled.
+    await page.evaluate("location.hash = '%E0%A4%A'")
+    await page.wait_for_function("document.getElementById('link-error').textContent !== ''")
+    before = await page.text_content("#updated")
+    await page.wait_for_function(
+        f"document.getElementById('updated').textContent !== {before!r}", timeout=5000
+    )
+    assert await page.text_content("#live-title") == "Linked"
+    assert errors == []

@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const fmt = (n) => Number(n).toLocaleString("en-US");
 let token = sessionStorage.getItem("coupon-admin-token") || "";
-let selected = decodeURIComponent(location.hash.slice(1));
+let selected = fragment() ?? "";
 let timer = null;
 // The list: as many pages of campaigns as the operator has asked for, of one status or all.
 let pages = 1;
@@ -13,6 +13,20 @@ let filter = "";
 let listRun = 0;
 
 class Refused extends Error {}
+
+function fragment() {
+  // The campaign id in the URL's #fragment; null, and said, when it is not one (a link
+  // cut short, #%ZZ): the page goes on without it.
+  const raw = location.hash.slice(1);
+  try {
+    const id = decodeURIComponent(raw);
+    $("link-error").textContent = "";
+    return id;
+  } catch {
+    $("link-error").textContent = "Ignored the link's #" + raw + ": it is not a campaign id (cut short?).";
+    return null;
+  }
+}
 
 async function api(path) {
   const headers = token ? { Authorization: "Bearer " + token } : {};
@@ -114,7 +128,11 @@ function drawChart(seconds) {
 }
 
 async function loadLive() {
-  if (!selected) return;
+  if (!selected) {
+    $("live-body").hidden = true;
+    $("live-title").textContent = "Select a campaign";
+    return;
+  }
   try {
     const v = await api("campaigns/" + encodeURIComponent(selected));
     const c = v.campaign;
@@ -154,6 +172,7 @@ async function loadLive() {
 
 function select(id) {
   selected = id;
+  $("link-error").textContent = "";
   history.replaceState(null, "", "#" + encodeURIComponent(id));
   const rows = [...$("campaigns").tBodies[0].rows];
   for (const row of rows) row.classList.toggle("selected", row.dataset.id === id);
@@ -191,5 +210,8 @@ $("token-form").addEventListener("submit", (event) => {
   sessionStorage.setItem("coupon-admin-token", token);
   start();
 });
-window.addEventListener("hashchange", () => select(decodeURIComponent(location.hash.slice(1))));
+window.addEventListener("hashchange", () => {
+  const id = fragment();
+  if (id !== null) select(id);
+});
 start();
