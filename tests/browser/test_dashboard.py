@@ -126,7 +126,45 @@ async def test_dashboard_refuses_a_wrong_token(server: ServerProcess, browser: B
     await page.fill("#token", "not-the-token")
     await page.click("#token-form button")
     await page.wait_for_function("document.getElementById('login-error').textContent !== ''")
-    assert "not the service's COUPON_ADMIN_TOKEN" in (await page.text_content("#login-error") or "")
+    said = await page.text_content("#login-error") or ""
+    assert "refused this token" in said and "COUPON_ADMIN_TOKEN" in said
+    assert await page.locator("#campaigns tbody tr").count() == 0
+
+
+@pytest.mark.parametrize(
+    ("typed", "said"),
+    [
+        (f" {TOKEN} ", "spaces"),  # as pasted: not trimmed into the right one behind one's back
+        (f"{TOKEN}\u00a0", "spaces"),
+        ("tökén-€", "outside printable ASCII"),  # fetch cannot send it in a header
+    ],
+    ids=["padded", "no-break-space", "not-latin-1"],
+)
+async def test_a_token_the_service_cannot_have_is_refused_as_typed(
+    server: ServerProcess, browser: Browser, typed: str, said: str
+) -> None:
+    page = await browser.new_page()
+    sent: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            sent.append(request.headers.get("authorization", ""))
+            if "/dashboard/api/" in request.url
+            else None
+        ),
+    )
+    await page.goto(f"{server.url}/dashboard")
+    await page.wait_for_selector("#login:not([hidden])")
+    asked = len(sent)
+    await page.fill("#token", typed)
+    await page.click("#token-form button")
+    await page.wait_for_function(
+        "document.getElementById('login-error').textContent !== ''", timeout=5000
+    )
+    assert said in (await page.text_content("#login-error") or "")
+    assert await page.is_visible("#login")
+    assert await page.text_content("#list-error") == ""
+    assert len(sent) == asked  # nothing was sent with it
     assert await page.locator("#campaigns tbody tr").count() == 0
 
 

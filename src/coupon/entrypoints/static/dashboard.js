@@ -28,11 +28,28 @@ function fragment() {
   }
 }
 
+function tokenProblem(value) {
+  // COUPON_ADMIN_TOKEN is printable ASCII without spaces: a token that is not cannot be
+  // the service's, so it is refused here, as typed (never trimmed into another one).
+  if (/\s/.test(value)) return "This token has spaces or line breaks: COUPON_ADMIN_TOKEN never has. Nothing was sent.";
+  if (!/^[\x21-\x7e]*$/.test(value)) return "This token has characters outside printable ASCII: COUPON_ADMIN_TOKEN never has. Nothing was sent.";
+  return "";
+}
+
 async function api(path) {
-  const headers = token ? { Authorization: "Bearer " + token } : {};
+  const problem = tokenProblem(token);
+  if (problem) throw new Refused(problem);
+  let headers;
+  try {
+    headers = new Headers(token ? { Authorization: "Bearer " + token } : {});
+  } catch {
+    throw new Refused("This browser cannot send this token in a header. Nothing was sent.");
+  }
   const response = await fetch("/dashboard/api/" + path, { headers, cache: "no-store" });
   const body = await response.json().catch(() => ({}));
-  if (response.status === 401) throw new Refused(body.message || "unauthenticated");
+  if (response.status === 401) {
+    throw new Refused(token ? "The service refused this token: it is not its COUPON_ADMIN_TOKEN." : body.message || "unauthenticated");
+  }
   if (!response.ok) throw new Error((body.code || response.status) + ": " + (body.message || ""));
   return body;
 }
@@ -206,7 +223,7 @@ $("status-filter").addEventListener("change", () => {
 });
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  token = $("token").value.trim();
+  token = $("token").value;
   sessionStorage.setItem("coupon-admin-token", token);
   start();
 });
