@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from coupon.gen.coupon.v1 import coupon_pb
 from harness.burst import Outcome, drive
-from harness.client import connect_client, create_campaign
+from harness.client import admin, connect_client, create_campaign, ts
 from harness.server import ServerProcess
 
 if TYPE_CHECKING:
@@ -233,3 +235,38 @@ async def test_a_malformed_link_fragment_is_ignored_and_said(
     )
     assert await page.text_content("#live-title") == "Linked"
     assert errors == []
+
+
+async def test_times_are_utc_marked_z_with_the_year(
+    server: ServerProcess, browser: Browser
+) -> None:
+    made: dict[int, coupon_pb.Campaign] = {}
+    async with connect_client(server.url) as client:
+        for year in (2027, 2028):
+            reply = await client.create_campaign(
+                coupon_pb.CreateCampaignRequest(
+                    name=f"New year {year}",
+                    total_coupons=3,
+                    starts_at=ts(datetime(year, 1, 1, tzinfo=UTC)),
+                ),
+                headers=admin(TOKEN),
+            )
+            assert reply.campaign is not None
+            made[year] = reply.campaign
+    # A browser far from UTC: the page's times are still UTC, as the command line prints.
+    context = await browser.new_context(timezone_id="Asia/Seoul")
+    page = await context.new_page()
+    await open_with_token(page, f"{server.url}/dashboard#{made[2027].id}")
+    for year, campaign in made.items():
+        row = f"#campaigns tr[data-id='{campaign.id}']"
+        await page.wait_for_selector(row)
+        assert await page.locator(f"{row} td").nth(3).text_content() == f"{year}-01-01 00:00:00Z"
+    await page.wait_for_function("document.getElementById('clock').textContent !== ''")
+    clock = await page.text_content("#clock") or ""
+    assert re.fullmatch(r"server time \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", clock), clock
+    shown = datetime.strptime(clock.removeprefix("server time "), "%Y-%m-%d %H:%M:%SZ")
+    assert abs(shown.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(seconds=30)
+    await page.wait_for_selector("#live-body:not([hidden])")
+    updated = await page.text_content("#updated") or ""
+    assert re.search(r"\d\d:\d\d:\d\dZ$", updated), updated
+    await context.close()

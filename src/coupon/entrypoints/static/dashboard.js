@@ -75,14 +75,16 @@ function cell(row, text, className) {
   }
 }
 
-function localTime(iso) {
-  return iso ? new Date(iso).toLocaleString("sv-SE", { hour12: false }) : "–";
+function utc(iso) {
+  // One convention for every time on the page, the command line's: UTC, marked Z.
+  return iso ? new Date(iso).toISOString().slice(0, 19).replace("T", " ") + "Z" : "–";
 }
 
 async function listCampaigns() {
   // The pages shown, from the newest, each asked for with the previous page's token.
   const campaigns = [];
   let next = "";
+  let serverTime = null;
   for (let page = 0; page < pages; page++) {
     const query = new URLSearchParams();
     if (filter) query.set("status", filter);
@@ -91,9 +93,10 @@ async function listCampaigns() {
     const body = await api("campaigns" + (search ? "?" + search : ""));
     campaigns.push(...body.campaigns);
     next = body.nextPageToken || "";
+    serverTime = body.serverTime;
     if (!next) break;
   }
-  return { campaigns, next };
+  return { campaigns, next, serverTime };
 }
 
 async function loadCampaigns() {
@@ -101,6 +104,7 @@ async function loadCampaigns() {
   try {
     const body = await listCampaigns();
     if (run !== listRun) return true;  // a newer listing (another filter or page) won
+    $("clock").textContent = "server time " + utc(body.serverTime);
     $("login").hidden = true;
     $("list-error").textContent = "";
     $("more").hidden = !body.next;
@@ -113,7 +117,7 @@ async function loadCampaigns() {
       cell(row, c.name);
       cell(row, c.status.replace("_", " "), "status " + c.status);
       cell(row, fmt(c.issuedCount) + " / " + fmt(c.totalCoupons));
-      cell(row, localTime(c.startsAt).slice(5));  // month-day and time
+      cell(row, utc(c.startsAt));
       row.addEventListener("click", () => select(c.id));
     }
     if (!body.campaigns.length) $("list-error").textContent = filter ? "No " + filter.replace("_", " ") + " campaigns." : "No campaigns yet.";
@@ -159,7 +163,7 @@ async function loadLive() {
     $("issued").textContent = fmt(c.issuedCount);
     $("issued-of").textContent = "of " + fmt(c.totalCoupons);
     $("remaining").textContent = fmt(c.remaining);
-    $("status").textContent = c.status.replace("_", " ") + (c.endedAt ? " (ended " + localTime(c.endedAt) + ")" : "");
+    $("status").textContent = c.status.replace("_", " ") + (c.endedAt ? " (ended " + utc(c.endedAt) + ")" : "");
     $("rate").textContent = fmt(v.issuedPerSecond);
     $("p99").textContent = v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
     $("requests").textContent = fmt(v.requests);
@@ -179,8 +183,8 @@ async function loadLive() {
       cell(row, "");
     }
     drawChart(v.seconds);
-    $("updated").textContent = "server time " + v.serverTime;
-    $("clock").textContent = localTime(v.serverTime);
+    $("updated").textContent = "updated at server time " + utc(v.serverTime);
+    $("clock").textContent = "server time " + utc(v.serverTime);
   } catch (error) {
     if (error instanceof Refused) askForToken(error.message);
     else $("live-error").textContent = String(error.message || error);
