@@ -270,3 +270,22 @@ async def test_times_are_utc_marked_z_with_the_year(
     updated = await page.text_content("#updated") or ""
     assert re.search(r"\d\d:\d\d:\d\dZ$", updated), updated
     await context.close()
+
+
+async def test_an_ended_campaigns_unissued_coupons_are_not_called_stock(
+    server: ServerProcess, browser: Browser
+) -> None:
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=500, name="Ended early", token=TOKEN)
+        await client.issue_coupon(
+            coupon_pb.IssueCouponRequest(campaign_id=campaign.id, user_id="before-the-end")
+        )
+        await client.end_campaign(
+            coupon_pb.EndCampaignRequest(campaign_id=campaign.id), headers=admin(TOKEN)
+        )
+    page = await browser.new_page()
+    await open_with_token(page, f"{server.url}/dashboard#{campaign.id}")
+    await page.wait_for_selector("#live-body:not([hidden])")
+    await page.wait_for_function("document.getElementById('remaining').textContent === '499'")
+    assert await page.text_content("#remaining-label") == "Unissued (ended)"
+    assert (await page.text_content("#status") or "").endswith("none can be issued")

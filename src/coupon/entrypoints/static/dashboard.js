@@ -162,8 +162,13 @@ async function loadLive() {
     $("live-title").textContent = c.name;
     $("issued").textContent = fmt(c.issuedCount);
     $("issued-of").textContent = "of " + fmt(c.totalCoupons);
+    // Once ended, what was never issued never will be: not stock any more.
+    $("remaining-label").textContent = c.status === "ended" ? "Unissued (ended)" : "Remaining stock";
     $("remaining").textContent = fmt(c.remaining);
-    $("status").textContent = c.status.replace("_", " ") + (c.endedAt ? " (ended " + utc(c.endedAt) + ")" : "");
+    const end = c.endedAt || c.endsAt;
+    $("status").textContent = c.status === "ended"
+      ? "ended" + (end ? " " + utc(end) : "") + ": none can be issued"
+      : c.status.replace("_", " ");
     $("rate").textContent = fmt(v.issuedPerSecond);
     $("p99").textContent = v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
     $("requests").textContent = fmt(v.requests);
