@@ -289,3 +289,37 @@ async def test_an_ended_campaigns_unissued_coupons_are_not_called_stock(
     await page.wait_for_function("document.getElementById('remaining').textContent === '499'")
     assert await page.text_content("#remaining-label") == "Unissued (ended)"
     assert (await page.text_content("#status") or "").endswith("none can be issued")
+
+
+@pytest.mark.parametrize("width", [1280, 1360, 1400])
+async def test_a_long_name_is_cut_and_every_column_stays_in_sight(
+    server: ServerProcess, browser: Browser, width: int
+) -> None:
+    name = "<b>Spring</b> mega sale & clearance " + "for every shop in every region " * 5
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=10_000, name=name, token=TOKEN)
+    page = await browser.new_page(viewport={"width": width, "height": 820})
+    await open_with_token(page, f"{server.url}/dashboard")
+    row = page.locator(f"#campaigns tr[data-id='{campaign.id}']")
+    await row.wait_for()
+    cut = row.locator("td").first
+    assert await cut.text_content() == name  # as text: the name's markup is not parsed
+    assert await cut.get_attribute("title") == name
+    assert await row.locator("b").count() == 0
+    fits = await page.evaluate(
+        """(id) => {
+            const list = document.getElementById("list");
+            const box = list.getBoundingClientRect();
+            return {
+                scrolls: list.scrollWidth > list.clientWidth,
+                cells: [...document.querySelectorAll("#campaigns thead th")].map(
+                    (th) => th.getBoundingClientRect().right <= box.right),
+                cut: (() => {
+                    const td = document.querySelector(`#campaigns tr[data-id='${id}'] td.name`);
+                    return td.scrollWidth > td.clientWidth;
+                })(),
+            };
+        }""",
+        campaign.id,
+    )
+    assert fits == {"scrolls": False, "cells": [True, True, True, True], "cut": True}

@@ -75,6 +75,15 @@ function cell(row, text, className) {
   }
 }
 
+function nameCell(row, name) {
+  // Cut with an ellipsis by the style sheet when long; whole in the title (as text, like
+  // the cell: a name is never parsed as HTML).
+  const td = row.insertCell();
+  td.className = "name";
+  td.title = name;
+  td.textContent = name;
+}
+
 function utc(iso) {
   // One convention for every time on the page, the command line's: UTC, marked Z.
   return iso ? new Date(iso).toISOString().slice(0, 19).replace("T", " ") + "Z" : "–";
@@ -114,7 +123,7 @@ async function loadCampaigns() {
       const row = tbody.insertRow();
       row.dataset.id = c.id;
       if (c.id === selected) row.classList.add("selected");
-      cell(row, c.name);
+      nameCell(row, c.name);
       cell(row, c.status.replace("_", " "), "status " + c.status);
       cell(row, fmt(c.issuedCount) + " / " + fmt(c.totalCoupons));
       cell(row, utc(c.startsAt));
