@@ -260,7 +260,9 @@ async def test_times_are_utc_marked_z_with_the_year(
     for year, campaign in made.items():
         row = f"#campaigns tr[data-id='{campaign.id}']"
         await page.wait_for_selector(row)
-        assert await page.locator(f"{row} td").nth(3).text_content() == f"{year}-01-01 00:00:00Z"
+        starts = page.locator(f"{row} td").nth(3)
+        assert await starts.text_content() == f"{year}-01-01 00:00Z"
+        assert await starts.get_attribute("title") == f"{year}-01-01 00:00:00Z"
     await page.wait_for_function("document.getElementById('clock').textContent !== ''")
     clock = await page.text_content("#clock") or ""
     assert re.fullmatch(r"server time \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", clock), clock

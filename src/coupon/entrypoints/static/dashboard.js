@@ -126,7 +126,8 @@ async function loadCampaigns() {
       nameCell(row, c.name);
       cell(row, c.status.replace("_", " "), "status " + c.status);
       cell(row, fmt(c.issuedCount) + " / " + fmt(c.totalCoupons));
-      cell(row, utc(c.startsAt));
+      cell(row, utc(c.startsAt).replace(/:\d\dZ$/, "Z"));  // to the minute: room for the name
+      row.cells[3].title = utc(c.startsAt);
       row.addEventListener("click", () => select(c.id));
     }
     if (!body.campaigns.length) $("list-error").textContent = filter ? "No " + filter.replace("_", " ") + " campaigns." : "No campaigns yet.";
