@@ -176,9 +176,8 @@ async function loadLive() {
     $("remaining-label").textContent = c.status === "ended" ? "Unissued (ended)" : "Remaining stock";
     $("remaining").textContent = fmt(c.remaining);
     const end = c.endedAt || c.endsAt;
-    $("status").textContent = c.status === "ended"
-      ? "ended" + (end ? " " + utc(end) : "") + ": none can be issued"
-      : c.status.replace("_", " ");
+    $("status").textContent = c.status === "ended" ? "none can be issued" : c.status.replace("_", " ");
+    $("status").title = c.status === "ended" && end ? "ended " + utc(end) : "";
     $("rate").textContent = fmt(v.issuedPerSecond);
     $("p99").textContent = v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
     $("requests").textContent = fmt(v.requests);
