@@ -151,8 +151,21 @@ async def test_sold_out_from_memory_ends_when_stock_comes_back(
 async def test_refusals_from_memory_cost_no_redis_round_trip(
     server_env: dict[str, str],
 ) -> None:
+    """After the sell-out the crowd that keeps asking is refused from memory: while the
+    memory holds, none of its refusals reaches the gate, and a holder still does. (How long
+    a memory holds and how it is renewed is checked against a clock of the test's own, in
+    tests/unit/test_refusals.py.)"""
     private = PrivateRedis()
-    proc = ServerProcess(env={**server_env, "REDIS_URL": private.url})
+    # Long enough for the crowd to be done well before the memory's renewal is due, from
+    # its second half on, however slowly a busy machine serves it.
+    memory = 60.0
+    proc = ServerProcess(
+        env={
+            **server_env,
+            "REDIS_URL": private.url,
+            "COUPON_REFUSAL_MEMORY_MS": str(int(memory * 1000)),
+        }
+    )
     admin = aioredis.Redis.from_url(private.url)
     try:
         proc.wait_ready()
@@ -160,24 +173,42 @@ async def test_refusals_from_memory_cost_no_redis_round_trip(
             c = (await create_campaign(client, total=10, name="memory")).id
             for i in range(10):
                 await issue_retrying(client, c, f"holder-{i}")
-            with pytest.raises(ConnectError):
-                await issue_retrying(client, c, "first-refused")
-            await asyncio.sleep(0.2)  # the holders are read
             async with _AdmissionCalls(admin) as admissions:
-                started = time.monotonic()
-                refused = 0
-                for batch in range(20):
+                sold_out_at = time.monotonic()
+                with pytest.raises(ConnectError):
+                    await issue_retrying(client, c, "first-refused")
+                # The holders are read in the background; until then a refusal asks the
+                # gate. Once a refusal is answered without asking, the memory is in use.
+                probes = 0
+                while True:
+                    before = await admissions.count()
+                    status, _ = await raw_issue(proc.url, c, f"probe-{probes}")
+                    assert status == 429, status
+                    if await admissions.count() == before:
+                        break
+                    probes += 1
+                    assert time.monotonic() - sold_out_at < 20, (
+                        f"{probes} refusals in a row asked the gate: none from memory"
+                    )
+                    await asyncio.sleep(0.05)
+                before = await admissions.count()
+                refused = batches = 0
+                # Batches only while the memory is in its first half, with room to spare
+                # (a slow machine sends fewer of them).
+                while batches < 20 and time.monotonic() - sold_out_at < memory / 2 - 10:
                     results = await asyncio.gather(
-                        *(raw_issue(proc.url, c, f"crowd-{batch}-{i}") for i in range(100)),
+                        *(raw_issue(proc.url, c, f"crowd-{batches}-{i}") for i in range(100)),
                     )
                     refused += sum(status == 429 for status, _ in results)
-                elapsed = time.monotonic() - started
-        assert refused == 2000
-        # A memory lasts 0.5 s and is renewed from its second half on, by one request at a
-        # time: about one refusal a quarter second reaches the gate, not one each (nor one
-        # a batch: with no memory, about 40 calls). Twice that leaves room for a refresh
-        # asked again when a busy machine answers it late.
-        assert 0 < admissions.calls <= 2 * elapsed / 0.25 + 2, (admissions.calls, elapsed)
+                    batches += 1
+                crowd = await admissions.count() - before
+                held = await issue_retrying(client, c, "holder-3")
+                holder = await admissions.count() - before - crowd
+        assert batches > 0 and refused == 100 * batches, (batches, refused)
+        assert crowd == 0, f"{crowd} of {refused} refusals reached the gate"
+        # A holder is never answered from memory: the gate is asked, and the coupon is theirs.
+        assert held.already_issued and held.coupon is not None
+        assert holder == 1, holder
     finally:
         await admin.aclose()
         proc.stop()
@@ -196,25 +227,33 @@ class _AdmissionCalls:
         self._admin = admin
         self._monitor = admin.monitor()
         self._watching: asyncio.Task[None] | None = None
-        self.calls = 0
+        self._calls = 0
+        self._marks: dict[str, asyncio.Future[int]] = {}
 
     async def __aenter__(self) -> _AdmissionCalls:
-        await self._monitor.__aenter__()
-        # MONITOR shows commands from the moment it is acknowledged; a PING marks that.
-        await self._admin.ping()
-        while "PING" not in (await self._monitor.next_command())["command"]:
-            pass
+        await self._monitor.__aenter__()  # MONITOR acknowledged: it sees what follows
         self._watching = asyncio.create_task(self._watch())
+        await self.count()
         return self
+
+    async def count(self) -> int:
+        """The admission calls Redis has run so far, counted once the watcher has seen a
+        command sent now: MONITOR reports commands in the order Redis runs them, so every
+        call that came before (say, for a request already answered) is in the count."""
+        mark = f"admission-calls-{len(self._marks)}"
+        seen = self._marks[mark] = asyncio.get_running_loop().create_future()
+        await self._admin.echo(mark)
+        return await asyncio.wait_for(seen, 60)
 
     async def _watch(self) -> None:
         async for command in self._monitor.listen():
             words = command["command"].split()
             if words[:2] == ["EVALSHA", self.SHA] or words[:1] == ["EVAL"]:
-                self.calls += 1
+                self._calls += 1
+            elif words[:1] == ["ECHO"] and len(words) == 2 and words[1] in self._marks:
+                self._marks[words[1]].set_result(self._calls)
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.sleep(0.1)  # the last commands reach the monitor
         assert self._watching is not None
         self._watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
