@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from connectrpc.errors import ConnectError
 
 from coupon.adapters.postgres.pool import COMMAND_TIMEOUT_SECONDS
@@ -116,8 +117,25 @@ async def outcome(client: CouponServiceClient, campaign_id: str, user: str) -> s
     return reply.coupon.code
 
 
+async def pending_longer_than_stuck(redis: aioredis.Redis, pending: str, user: str) -> None:
+    """Until the gate has held `user`'s admission pending for longer than STUCK, by the
+    gate's own clock (Redis's TIME, which scores the pending admissions)."""
+    deadline = time.monotonic() + 60
+    while (admitted_us := await redis.zscore(pending, user)) is None:
+        assert time.monotonic() < deadline, f"{user} was never admitted"
+        await asyncio.sleep(0.05)
+    past_us = admitted_us + STUCK.total_seconds() * 1_000_000 + 200_000
+    while True:
+        seconds, micros = await redis.time()
+        if seconds * 1_000_000 + micros > past_us:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_sold_out_behind_a_commit_stuck_in_a_stall_is_not_final(
     stallable: tuple[PrivatePostgres, ServerProcess],
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
 ) -> None:
     """The last coupon's commit hangs in a stalled PostgreSQL: a newcomer meanwhile is told
     to retry (the coupon may come back), not sold out; afterwards exactly one of the two
@@ -134,7 +152,10 @@ async def test_sold_out_behind_a_commit_stuck_in_a_stall_is_not_final(
                     {"campaignId": campaign.id, "userId": "first"},
                 )
             )
-            await asyncio.sleep(STUCK.total_seconds() + 0.5)
+            # However late a busy machine admits it, the newcomer asks once the admission
+            # has been pending longer than a commit takes.
+            pending = f"{redis_prefix}:{{{campaign.id}}}:pending"
+            await pending_longer_than_stuck(redis_client, pending, "first")
             _, newcomer = await timed_post(
                 server.url, "IssueCoupon", {"campaignId": campaign.id, "userId": "second"}
             )
