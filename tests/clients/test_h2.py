@@ -5,6 +5,7 @@ first-bytes sniffing that tells HTTP/2 from HTTP/1.1."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import shutil
@@ -222,6 +223,11 @@ def send_padded_request(client: H2Client, padding: int) -> int:
     """An IssueCoupon request whose header list is `padding` bytes longer (the padding is
     indexed: both sides' HPACK tables change with it)."""
     stream_id = client.conn.get_next_available_stream_id()
+    # Literals without Huffman coding (as HPACK allows): this client's pure-Python Huffman
+    # encoder takes seconds for 70 KB on a busy machine, long enough for the server's idle
+    # timer to end a connection that has sent nothing yet.
+    encoder = client.conn.encoder
+    encoder.encode = functools.partial(type(encoder).encode, encoder, huffman=False)  # type: ignore[method-assign]
     client.conn.send_headers(
         stream_id, grpc_headers("IssueCoupon", (b"x-padding", b"x" * padding)), end_stream=True
     )
