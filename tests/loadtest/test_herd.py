@@ -13,6 +13,7 @@ from coupon_loadtest.herd import (
     UserBook,
     decide,
     first_presses,
+    press_origin_ns,
     retry_delay_ns,
     summarize,
 )
@@ -37,6 +38,13 @@ def test_first_presses_fall_within_the_spread_and_repeat_with_the_seed() -> None
 
 def test_without_a_spread_everyone_presses_at_the_start() -> None:
     assert first_presses(50, 0, seed=1) == [0] * 50
+
+
+def test_a_herd_presses_at_the_start_or_at_once_when_the_campaign_is_open() -> None:
+    assert press_origin_ns(3 * S) == 3 * S
+    # Opened an hour before the load: the herd presses from the load's start, not in the
+    # past, where every user's patience would be spent before their first press.
+    assert press_origin_ns(-3600 * S) == 0
 
 
 def test_a_hinted_delay_is_drawn_between_the_floor_and_the_hint() -> None:

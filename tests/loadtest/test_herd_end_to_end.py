@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,20 @@ import pytest
 from coupon_loadtest import report
 from coupon_loadtest.cli import main
 from harness.server import ServerProcess
-from tests.loadtest.test_end_to_end import failed_checks, loadtest
+from tests.loadtest.test_end_to_end import create_campaign, failed_checks, loadtest
 
 pytestmark = pytest.mark.e2e
 
 
 def herd(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     report = tmp_path / "herd.json"
+    creating = [] if "--campaign-id" in extra else ["--start-in", "1"]
     code = main(
         [
             "--url",
             url,
             "--herd",
-            "--start-in",
-            "1",
+            *creating,
             "--spread",
             "500ms",
             "--patience",
@@ -104,6 +104,35 @@ def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
     assert crowd["sold_out"] is True and crowd["sell_out_s"] is not None
     assert sum(crowd["goodput_per_s"]) * crowd["goodput_bucket_s"] == pytest.approx(200)
     assert (tmp_path / "herd.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_crowd_on_a_campaign_open_for_an_hour_presses_from_now_with_full_patience(
+    memory_server: ServerProcess, tmp_path: Path
+) -> None:
+    campaign_id = create_campaign(memory_server, 40, datetime.now(UTC) - timedelta(hours=1))
+
+    code, document = herd(
+        memory_server.url, tmp_path, "--campaign-id", campaign_id, "--users", "100",
+        "--patience", "5s",
+    )  # fmt: skip
+
+    assert code == 0, document["verdict"]
+    crowd = document["herd"]
+    assert (crowd["got_coupon"], crowd["got_sold_out"], crowd["gave_up"]) == (40, 60, 0)
+    assert document["throughput"]["requests"] >= 100
+    # Measured from when the crowd pressed, within the spread, not from an hour ago.
+    assert crowd["answered_within_s"]["2"] == 1.0
+    assert len(crowd["goodput_per_s"]) < 100
 
 
 @pytest.fixture

@@ -60,6 +60,14 @@ def test_closed_loop_has_no_rate_to_miss() -> None:
     assert report.decide(PASSED, None, interrupted=False).exit_code == report.EXIT_OK
 
 
+def test_a_run_that_sent_nothing_never_passes() -> None:
+    verdict = report.decide(PASSED, None, interrupted=False, requests=0)
+
+    assert (verdict.passed, verdict.exit_code) == (False, report.EXIT_RATE_NOT_OFFERED)
+    assert "no request was sent" in verdict.reasons[0]
+    assert report.decide(PASSED, None, interrupted=False, requests=1).passed
+
+
 def config(**changes: object) -> LoadConfig:
     values: dict[str, object] = {
         "url": "http://127.0.0.1:8000",

@@ -359,7 +359,9 @@ def run(args: argparse.Namespace) -> int:
     target = data.target
     verification = verify(data.observations, target.plan, target.clock, data.ledgers)
     generator = report.generator_verdict(data)
-    verdict = report.decide(verification, generator, interrupted=data.interrupted)
+    verdict = report.decide(
+        verification, generator, interrupted=data.interrupted, requests=len(data.observations)
+    )
     # starts_at in the client's clock, after the load start: where t = 0 is on the chart.
     starts_rel = target.plan.starts_at_ns - target.clock.offset_ns - data.t0_wall_ns
     timeline = chart.series(data.observations, starts_rel)

@@ -3,7 +3,8 @@
 Pure: when each user first presses, what a user does with each answer, and what the run's
 per-user records add up to. The sending is herd_worker's.
 
-A user presses once at the campaign's start plus a random offset within the spread. An
+A user presses once at the campaign's start (or, when it is open already, at the load's
+start) plus a random offset within the spread. An
 answer is final when it is a coupon (new or already issued) or "sold out"; any other
 Connect error is final too, as an error. `unavailable` (the server shed the request, maybe
 with a retry hint), "not started yet" and a lost response (time-out, broken connection) are
@@ -94,6 +95,13 @@ def decide(
     if at - first_ns > policy.patience_ns:
         return Decision(Final.NONE, gave_up=True)
     return Decision(Final.NONE, retry_at_ns=at)
+
+
+def press_origin_ns(starts_rel_ns: int) -> int:
+    """When the herd begins to press, in ns after the load start: at the campaign's start,
+    or at once when the campaign is open already (targeted with --campaign-id). Each user's
+    patience counts from their own first press, so it is never spent before it."""
+    return max(starts_rel_ns, 0)
 
 
 def first_presses(users: int, spread_ns: int, seed: int) -> list[int]:

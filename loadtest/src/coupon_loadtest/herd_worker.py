@@ -24,6 +24,7 @@ from coupon_loadtest.herd import (
     UserBook,
     decide,
     first_presses,
+    press_origin_ns,
 )
 from coupon_loadtest.http import GaveUp, HttpPool, Reply
 from coupon_loadtest.records import LOST, Observations, user_id
@@ -62,7 +63,8 @@ class HerdWorker:
         # Process k owns users k, k + P, ...; local index i is user k + i * P.
         owned = len(range(spec.index, spec.users, spec.processes))
         offsets = first_presses(owned, spec.herd.spread_ns, seed)
-        self.book = UserBook([go.starts_rel_ns + o for o in offsets])
+        origin = press_origin_ns(go.starts_rel_ns)
+        self.book = UserBook([origin + o for o in offsets])
         self._order = sorted(range(owned), key=lambda i: self.book.first_ns[i])
         self._retries: list[tuple[int, int]] = []  # (due ns, local user)
         self.observations = Observations(spec.user_prefix, go.t0_wall_ns)

@@ -7,7 +7,7 @@ from typing import Any
 
 from coupon_loadtest.chart import Series
 from coupon_loadtest.clock import iso_ms
-from coupon_loadtest.herd import HerdSummary, summarize
+from coupon_loadtest.herd import HerdSummary, press_origin_ns, summarize
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.records import LOST, SOLD_OUT
 from coupon_loadtest.runner import RunData
@@ -52,14 +52,24 @@ def generator_verdict(run: RunData) -> GeneratorVerdict | None:
 
 
 def decide(
-    verification: Verification, generator: GeneratorVerdict | None, *, interrupted: bool
+    verification: Verification,
+    generator: GeneratorVerdict | None,
+    *,
+    interrupted: bool,
+    requests: int | None = None,
 ) -> Verdict:
+    """The exit code; `requests` is how many requests the run sent (None: not known)."""
     reasons = [
         f"{c.source}: {c.name}: {c.detail}" + (f" (e.g. {c.examples[0]})" if c.examples else "")
         for c in verification.failures
     ]
     if reasons:
         return Verdict(False, EXIT_VIOLATION, reasons)
+    if requests == 0 and not interrupted:
+        # Checks of nothing pass vacuously: a run that tested nothing has not passed.
+        return Verdict(
+            False, EXIT_RATE_NOT_OFFERED, ["no request was sent: the run tested nothing"]
+        )
     if generator is not None and not generator.kept_up:
         return Verdict(
             False, EXIT_RATE_NOT_OFFERED, [f"asked rate not offered: {generator.message}"]
@@ -83,7 +93,9 @@ def herd_summary(run: RunData, sell_out_s: float | None, sold_out: bool) -> Herd
     fresh = [obs.done_ns[row] for row, a in zip(obs.ok_row, obs.ok_already, strict=True) if not a]
     return summarize(
         run.herd,
-        starts_rel_ns=run.starts_rel_ns,
+        # From when the herd began pressing: the campaign's start, or the load's start when
+        # it was open already.
+        starts_rel_ns=press_origin_ns(run.starts_rel_ns),
         patience_ns=round(run.config.patience_s * NS_PER_S),
         fresh_done_ns=fresh,
         sell_out_s=sell_out_s,
