@@ -10,10 +10,15 @@ recording a coupon: every third user's first IssueCoupon is issued (and listed),
 answer is `unavailable` whose message says the outcome is unknown. `unmarked_app` does the
 same with a plain `unavailable`, a refusal that claims nothing was issued: a server that
 lies so must fail the tool's checks.
+
+`slow_listing_app` serves IssueCoupon as it is, but answers the first full GetCampaign
+listing (a page of more than one coupon: the read-back after the load) only after
+SLOW_LISTING_S; `failing_listing_app` answers every one with `internal`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from litestar.types import Message, Receive, Scope, Send
@@ -22,6 +27,8 @@ from coupon.entrypoints.app import create_app
 from coupon.gen.coupon.v1 import coupon_pb
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
+GET_CAMPAIGN_PATH = "/coupon.v1.CouponService/GetCampaign"
+SLOW_LISTING_S = 2.0
 RETRY_AFTER_MS = 200
 
 
@@ -117,6 +124,61 @@ async def _shed(send: Send, message: str = "overloaded: try again shortly") -> N
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
+class SlowListing:
+    """The full listing is slow the first `slow` times, and fails after that if `fail`."""
+
+    def __init__(self, *, slow: int, fail: bool) -> None:
+        self._service = create_app()
+        self._slow = slow
+        self._fail = fail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != GET_CAMPAIGN_PATH:
+            await self._service(scope, receive, send)
+            return
+        body = await _body(receive)
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if content_type.startswith(b"application/json"):
+            request = coupon_pb.GetCampaignRequest.from_json(body)
+        else:
+            request = coupon_pb.GetCampaignRequest.from_binary(body)
+        if request.page_size > 1:
+            if self._slow > 0:
+                self._slow -= 1
+                await asyncio.sleep(SLOW_LISTING_S)
+            elif self._fail:
+                await _error(send, 500, "internal", "listing is broken")
+                return
+        await self._service(scope, _replay(body, receive), send)
+
+
+async def _body(receive: Receive) -> bytes:
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")  # type: ignore[operator]
+        more = bool(message.get("more_body", False))
+    return body
+
+
+async def _error(send: Send, status: int, code: str, message: str) -> None:
+    payload = json.dumps({"code": code, "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
 app = ShedFirstPress()
 outcome_unknown_app = RecordedButUnanswered(OUTCOME_UNKNOWN_MESSAGE)
 unmarked_app = RecordedButUnanswered("PostgreSQL is unavailable: it did not answer in time")
+slow_listing_app = SlowListing(slow=1, fail=False)
+failing_listing_app = SlowListing(slow=0, fail=True)

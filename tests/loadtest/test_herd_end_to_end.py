@@ -242,3 +242,41 @@ def test_a_herd_presses_again_after_an_outcome_unknown_and_gets_its_coupon(
     assert document["outcomes"]["ok_already_issued"] == 30
     assert document["herd"]["got_coupon"] == 90
     assert document["herd"]["retries_histogram"] == {"0": 60, "1": 30}
+
+
+# A small burst, on a stock for all, with a short per-request time-out.
+SMALL_BURST = (
+    "--users", "100", "--coupons", "1000", "--start-in", "0", "--rate", "200",
+    "--duration", "0.5", "--timeout", "1",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("shedding_server", ["slow_listing_app"], indirect=True)
+def test_a_read_back_slower_than_a_request_time_out_still_verifies(
+    shedding_server: ServerProcess, tmp_path: Path
+) -> None:
+    code, document = loadtest(shedding_server.url, tmp_path, *SMALL_BURST)
+
+    assert code == 0, document["verdict"]
+    assert document["verification"]["passed"] is True
+    assert "api" in document["verification"]["sources"]
+
+
+@pytest.mark.parametrize("shedding_server", ["failing_listing_app"], indirect=True)
+def test_a_read_back_that_fails_keeps_the_clients_checks_and_exits_four(
+    shedding_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, document = loadtest(shedding_server.url, tmp_path, *SMALL_BURST)
+
+    assert code == report.EXIT_UNVERIFIED == 4
+    assert "cannot reach" not in capsys.readouterr().err
+    checks = document["verification"]["checks"]
+    assert all(c["passed"] for c in checks if c["source"] == "client")
+    (unread,) = [c for c in checks if not c["done"]]
+    assert unread["source"] == "api" and "listing is broken" in unread["detail"]
+    assert document["verdict"] == {
+        "passed": False,
+        "exit_code": 4,
+        "reasons": [f"api: {unread['detail']}"],
+    }
+    assert "SKIP api" in report_text(tmp_path)

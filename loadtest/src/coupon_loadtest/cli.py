@@ -3,7 +3,8 @@ and verify it.
 
 Exit codes: 0 every check passed and the asked rate was offered; 1 an invariant was
 violated; 2 the run could not be set up (bad option, server unreachable, wrong token);
-3 the generator could not offer the asked rate; 130 interrupted.
+3 the generator could not offer the asked rate; 4 the issued coupons could not be read
+back after the load (the report holds the clients' checks); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         return report.EXIT_INTERRUPTED
 
     target = data.target
-    verification = verify(data.observations, target.plan, target.clock, data.ledgers)
+    verification = verify(data.observations, target.plan, target.clock, data.ledgers, data.unread)
     generator = report.generator_verdict(data)
     verdict = report.decide(
         verification, generator, interrupted=data.interrupted, requests=len(data.observations)
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None, prog: str = "coupon-loadtest") -> int:
         "at a coupon server, then verify that it issued exactly the stock: never more, never "
         "a duplicate, never early, at most one per user, every acknowledged coupon recorded.",
         epilog="Exit codes: 0 passed; 1 invariant violated; 2 setup failed; 3 asked rate not "
-        "offered; 130 interrupted.",
+        "offered; 4 issued coupons not read back; 130 interrupted.",
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,6 +14,29 @@ from coupon_loadtest.verify import CampaignFacts, Ledger, ListedCoupon
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+# Reading back after the load: pages of up to 10,000 coupons from a server that may still be
+# busy, so a time-out of its own, far above a request's, and a few attempts.
+READBACK_TIMEOUT_S = 120.0
+READBACK_ATTEMPTS = 3
+READBACK_PAUSE_S = 1.0
+
+
+async def with_retries(
+    read: Callable[[], Awaitable[Ledger]],
+    *,
+    attempts: int = READBACK_ATTEMPTS,
+    pause_s: float = READBACK_PAUSE_S,
+) -> Ledger | str:
+    """The ledger `read` returns, trying up to `attempts` times, or why the last try failed."""
+    why = ""
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(pause_s * attempt)
+        try:
+            return await read()
+        except Exception as exc:  # noqa: BLE001 - reported in the run's verification
+            why = str(exc) if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
+    return f"failed {attempts} times, last: {why}"
 
 
 async def api_ledger(api: AdminApi, campaign_id: str) -> Ledger:
@@ -47,10 +72,12 @@ async def check_database(database_url: str, campaign_id: str | None, timeout_s: 
         await connection.close()
 
 
-async def database_ledger(database_url: str, campaign_id: str) -> Ledger:
+async def database_ledger(
+    database_url: str, campaign_id: str, timeout_s: float = READBACK_TIMEOUT_S
+) -> Ledger:
     """The source of truth, read directly: rows, not what the API chooses to show."""
     try:
-        connection = await asyncpg.connect(database_url)
+        connection = await asyncpg.connect(database_url, timeout=timeout_s)
     except Exception as exc:
         raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
     try:

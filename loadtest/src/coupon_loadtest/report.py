@@ -20,6 +20,8 @@ EXIT_OK = 0
 EXIT_VIOLATION = 1
 EXIT_SETUP = 2
 EXIT_RATE_NOT_OFFERED = 3
+# The load ran, but what the server issued could not be read back: not verified.
+EXIT_UNVERIFIED = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -65,6 +67,9 @@ def decide(
     ]
     if reasons:
         return Verdict(False, EXIT_VIOLATION, reasons)
+    unverified = [f"{c.source}: {c.detail}" for c in verification.not_done]
+    if unverified:
+        return Verdict(False, EXIT_UNVERIFIED, unverified)
     if requests == 0 and not interrupted:
         # Checks of nothing pass vacuously: a run that tested nothing has not passed.
         return Verdict(
@@ -328,7 +333,7 @@ def summary_text(report: dict[str, Any]) -> str:
         lines.append(f"    lost: {n} x {reason}")
     lines += ["", "verification:"]
     for check in report["verification"]["checks"]:
-        mark = "PASS" if check["passed"] else "FAIL"
+        mark = "PASS" if check["passed"] else ("FAIL" if check.get("done", True) else "SKIP")
         invariant = f"[{check['invariant']}] " if check["invariant"] else ""
         lines.append(
             f"  {mark} {check['source']:<12} {invariant}{check['name']}: {check['detail']}"

@@ -9,14 +9,20 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from coupon_loadtest.herd import UserBook
 from coupon_loadtest.histogram import LatencyHistogram
-from coupon_loadtest.ledger import api_ledger, check_database, database_ledger
+from coupon_loadtest.ledger import (
+    READBACK_TIMEOUT_S,
+    api_ledger,
+    check_database,
+    database_ledger,
+    with_retries,
+)
 from coupon_loadtest.progress import Progress, Snapshot
 from coupon_loadtest.records import Observations
 from coupon_loadtest.scenario import AdminApi, LoadConfig, SetupError, Target, prepare
@@ -55,6 +61,8 @@ class RunData:
     interrupted: bool = False
     herd: UserBook | None = None  # every user of the herd, in process order
     starts_rel_ns: int = 0  # starts_at in the client's clock, after t0
+    # Sources whose coupons could not be read back after the load, and why.
+    unread: dict[str, str] = field(default_factory=dict)
 
 
 class Console:
@@ -226,13 +234,13 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         settled, interrupted = await _drive(config, target, pool, api, t0)
         messages = await pool.receive("reporting", config.timeout_s + _READY_TIMEOUT_S)
         results: list[WorkerResult] = sorted((m[1] for m in messages), key=lambda r: r.index)
-        console.info("load finished; reading back the issued coupons")
-        ledgers = [await api_ledger(api, plan.campaign_id)]
-        if config.database_url:
-            ledgers.append(await database_ledger(config.database_url, plan.campaign_id))
     finally:
         await pool.close()
         await api.aclose()
+    console.info("load finished; reading back the issued coupons")
+    ledgers, unread = await _read_back(config, plan.campaign_id)
+    for source, why in unread.items():
+        console.info(f"could not read back the coupons from the {source}: {why}")
     observations = Observations(user_prefix, t0)
     histograms: dict[str, LatencyHistogram] = {}
     herd = UserBook.empty() if config.herd else None
@@ -260,7 +268,38 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         interrupted=interrupted,
         herd=herd,
         starts_rel_ns=starts_rel,
+        unread=unread,
     )
+
+
+async def _read_back(config: LoadConfig, campaign_id: str) -> tuple[list[Ledger], dict[str, str]]:
+    """Every issued coupon from the API (and PostgreSQL), with a time-out of its own and a
+    few attempts; a source that still cannot be read is reported, not fatal: the load's
+    results are not lost to it."""
+    ledgers: list[Ledger] = []
+    unread: dict[str, str] = {}
+    api = AdminApi(
+        config.url,
+        admin_token=config.admin_token,
+        json=config.json,
+        timeout_s=max(READBACK_TIMEOUT_S, config.timeout_s),
+    )
+    try:
+        got = await with_retries(lambda: api_ledger(api, campaign_id))
+    finally:
+        await api.aclose()
+    if isinstance(got, str):
+        unread["api"] = got
+    else:
+        ledgers.append(got)
+    if config.database_url:
+        database_url = config.database_url
+        got = await with_retries(lambda: database_ledger(database_url, campaign_id))
+        if isinstance(got, str):
+            unread["database"] = got
+        else:
+            ledgers.append(got)
+    return ledgers, unread
 
 
 async def _drive(

@@ -18,7 +18,7 @@ a violation.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -78,6 +78,9 @@ class Check:
     passed: bool
     detail: str
     examples: tuple[str, ...] = ()
+    # False: the check could not be made (its source could not be read), which is no
+    # violation but no pass either.
+    done: bool = True
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -87,6 +90,7 @@ class Check:
             "passed": self.passed,
             "detail": self.detail,
             "examples": list(self.examples),
+            "done": self.done,
         }
 
 
@@ -101,7 +105,12 @@ class Verification:
 
     @property
     def failures(self) -> list[Check]:
-        return [check for check in self.checks if not check.passed]
+        """Checks made that failed: violations."""
+        return [check for check in self.checks if not check.passed and check.done]
+
+    @property
+    def not_done(self) -> list[Check]:
+        return [check for check in self.checks if not check.done]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -464,13 +473,24 @@ def agreement_check(api: Ledger, database: Ledger) -> Check:
     )
 
 
+UNREAD_CHECK = "read back the issued coupons"
+
+
 def verify(
-    observations: Observations, plan: Plan, clock: ClockOffset, ledgers: Sequence[Ledger]
+    observations: Observations,
+    plan: Plan,
+    clock: ClockOffset,
+    ledgers: Sequence[Ledger],
+    unread: Mapping[str, str] | None = None,
 ) -> Verification:
+    """`unread`: sources ("api", "database") that could not be read back, and why; their
+    checks are marked not done."""
     view = summarize(observations, plan, clock)
     checks = client_checks(view)
     for ledger in ledgers:
         checks.extend(ledger_checks(ledger, plan, view))
+    for source, why in (unread or {}).items():
+        checks.append(Check(UNREAD_CHECK, "", source, False, f"not done: {why}", done=False))
     by_source = {ledger.source: ledger for ledger in ledgers}
     if "api" in by_source and "database" in by_source:
         checks.append(agreement_check(by_source["api"], by_source["database"]))
