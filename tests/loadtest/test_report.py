@@ -233,9 +233,10 @@ def test_a_herds_report_accounts_for_every_user() -> None:
 
     crowd = doc["herd"]
     assert doc["scenario"]["load_model"] == "herd"
-    assert doc["generator"] is None  # no asked rate to have missed
+    assert doc["generator"]["kept_up"] is True  # every user's presses went out
     assert (crowd["users"], crowd["got_coupon"], crowd["got_sold_out"]) == (300, 100, 190)
     assert (crowd["gave_up"], crowd["unanswered"]) == (10, 0)
+    assert crowd["gave_up_before_sending"] == 0
     assert abs(crowd["answered_within_patience"] - 290 / 300) < 1e-9
     assert crowd["retries_histogram"] == {"0": 100, "2": 190, "10+": 10}
     assert crowd["patience_s"] == 10.0
@@ -259,3 +260,33 @@ def test_a_herds_chart_adds_the_share_of_users_answered(tmp_path: Path) -> None:
 
     assert sum(timeline.due_per_s) * timeline.bucket_s == len(run.observations)
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_herd_that_gave_up_in_the_tools_queue_is_the_generators_failure() -> None:
+    run = herd_run()
+    assert run.herd is not None
+    # Ten of the users who gave up never sent a request: their presses waited for one of
+    # the tool's connections until their patience ran out.
+    for i in range(290, 300):
+        run.herd.presses[i] = 0
+    run.results[0].inflight_cap_waits = 250
+    doc = document(run)
+
+    crowd = doc["herd"]
+    assert isinstance(crowd, dict)
+    assert (crowd["gave_up"], crowd["gave_up_before_sending"]) == (10, 10)
+    generator = doc["generator"]
+    assert isinstance(generator, dict) and generator["kept_up"] is False
+    assert "10 of 300 users gave up before sending anything" in generator["message"]
+    assert "raise --connections" in generator["message"]
+    verdict = doc["verdict"]
+    assert isinstance(verdict, dict) and verdict["exit_code"] == report.EXIT_RATE_NOT_OFFERED
+    assert verdict["reasons"][0].startswith("crowd not offered as modelled: ")
+
+    text = report.summary_text(json.loads(json.dumps(doc)))
+
+    assert "generator FELL BEHIND" in text
+    assert (
+        "gave up before sending anything (waiting for one of the tool's connections): 10; "
+        "presses that waited for a connection: 250" in text
+    )

@@ -145,6 +145,9 @@ class HerdSummary:
     got_sold_out: int
     got_error: int
     gave_up: int
+    # Of those, users who never sent a request: their press was still waiting for one of
+    # the tool's connections when their patience ran out (the tool's queue, not the server).
+    gave_up_before_sending: int
     unanswered: int  # neither final nor given up when the run ended
     answered_within_patience: float  # share of users with a final answer in their patience
     answered_within_s: dict[str, float]  # seconds after starts_at -> share of users
@@ -216,6 +219,9 @@ def summarize(
         got_sold_out=finals.count(Final.SOLD_OUT),
         got_error=finals.count(Final.ERROR),
         gave_up=gave_up,
+        gave_up_before_sending=sum(
+            1 for g, p in zip(book.gave_up, book.presses, strict=True) if g and not p
+        ),
         unanswered=users - final_any - gave_up,
         answered_within_patience=(
             sum(1 for t in answered if t <= patience_ns) / users if users else 0.0

@@ -11,7 +11,7 @@ from coupon_loadtest.herd import HerdSummary, press_origin_ns, summarize
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.records import LOST, SOLD_OUT
 from coupon_loadtest.runner import RunData
-from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
+from coupon_loadtest.schedule import GeneratorVerdict, judge_generator, judge_herd_generator
 from coupon_loadtest.verify import Verification
 
 NS_PER_S = 1_000_000_000
@@ -37,8 +37,24 @@ def _iso(ns: int | None) -> str | None:
 
 
 def generator_verdict(run: RunData) -> GeneratorVerdict | None:
-    """Open loop only: in closed loop the server sets the pace, there is no asked rate."""
+    """Open loop and herd: in closed loop the server sets the pace, there is no asked rate."""
     config = run.config
+    if config.herd and run.herd is not None:
+        lag = run.histograms.get("send_lag") or LatencyHistogram()
+        book = run.herd
+        obs = run.observations
+        first_sent_ns = min(obs.sent_ns) if len(obs) else 0
+        return judge_herd_generator(
+            users=len(book),
+            window_ns=max(0, run.stop_rel_ns - first_sent_ns),
+            sent=len(obs),
+            gave_up_unsent=sum(
+                1 for g, p in zip(book.gave_up, book.presses, strict=True) if g and not p
+            ),
+            lag_p99_ms=lag.percentile_ms(99.0),
+            max_lag_ms=config.patience_s * 1000 / 10,
+            connection_waits=sum(r.inflight_cap_waits for r in run.results),
+        )
     if config.rate is None or not config.open_loop:
         return None
     lag = run.histograms.get("send_lag") or LatencyHistogram()
@@ -76,9 +92,9 @@ def decide(
             False, EXIT_RATE_NOT_OFFERED, ["no request was sent: the run tested nothing"]
         )
     if generator is not None and not generator.kept_up:
-        return Verdict(
-            False, EXIT_RATE_NOT_OFFERED, [f"asked rate not offered: {generator.message}"]
-        )
+        # A herd has no asked rate (asked_rps 0): its crowd is what was not offered.
+        what = "asked rate not offered" if generator.asked_rps else "crowd not offered as modelled"
+        return Verdict(False, EXIT_RATE_NOT_OFFERED, [f"{what}: {generator.message}"])
     if interrupted:
         return Verdict(False, EXIT_INTERRUPTED, ["interrupted before the planned end"])
     return Verdict(True, EXIT_OK, [])
@@ -264,7 +280,7 @@ def _latency_line(name: str, summary: dict[str, Any]) -> str:
     )
 
 
-def _herd_lines(herd: dict[str, Any] | None) -> list[str]:
+def _herd_lines(herd: dict[str, Any] | None, send_lag_p99: float | None = None) -> list[str]:
     if not herd:
         return []
     ttf = herd["time_to_final_ms"]
@@ -278,6 +294,10 @@ def _herd_lines(herd: dict[str, Any] | None) -> list[str]:
         f"{herd['retry_cap_s']:g} s with full jitter",
         f"  final answers: coupon {herd['got_coupon']}, sold out {herd['got_sold_out']}, "
         f"error {herd['got_error']}; gave up {herd['gave_up']}, unanswered {herd['unanswered']}",
+        f"  gave up before sending anything (waiting for one of the tool's connections): "
+        f"{herd.get('gave_up_before_sending', 0)}; presses that waited for a connection: "
+        f"{herd.get('waits_for_a_connection', 0)}"
+        + (f", p99 send lag {send_lag_p99:.1f} ms" if send_lag_p99 is not None else ""),
         f"  answered within their patience: {herd['answered_within_patience']:.1%} of users; "
         f"after the start: {within}",
         "  time to a final answer (ms, from the first press): "
@@ -320,7 +340,8 @@ def summary_text(report: dict[str, Any]) -> str:
             f"  generator {'kept up' if generator['kept_up'] else 'FELL BEHIND'}: "
             f"{generator['message']}"
         )
-    lines += _herd_lines(report.get("herd"))
+    send_lag = report["latency_ms"].get("send_lag") or {}
+    lines += _herd_lines(report.get("herd"), send_lag.get("p99") if send_lag.get("count") else None)
     lines += ["", f"latency (ms, from {report['latency_ms']['measured_from']}):"]
     for name in ("success", "rejected", "service", "send_lag"):
         if name in report["latency_ms"]:

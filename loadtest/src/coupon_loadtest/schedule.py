@@ -162,3 +162,59 @@ def judge_generator(
         inflight_cap_waits=inflight_cap_waits,
         message=message,
     )
+
+
+def judge_herd_generator(
+    *,
+    users: int,
+    window_ns: int,
+    sent: int,
+    gave_up_unsent: int,
+    lag_p99_ms: float,
+    max_lag_ms: float,
+    connection_waits: int,
+) -> GeneratorVerdict:
+    """Judge a herd's generator: the users' presses went out, and close to when they pressed.
+
+    A user who gave up while their press waited for one of the tool's connections never
+    reached the server, and a press that waited long makes the figures measure the tool's
+    queue rather than the server: either way the crowd was not offered as modelled. As for a
+    burst, a few stragglers (one in a thousand) are tolerated.
+    """
+    window_s = window_ns / NS_PER_S
+    offered = sent / window_s if window_s > 0 else 0.0
+    problems: list[str] = []
+    if gave_up_unsent > max(0, users // 1000):
+        problems.append(
+            f"{gave_up_unsent} of {users} users gave up before sending anything, waiting for "
+            "one of the tool's connections"
+        )
+    if lag_p99_ms > max_lag_ms:
+        problems.append(
+            f"p99 send lag {lag_p99_ms:.1f} ms exceeds the allowed {max_lag_ms:.1f} ms "
+            "(a tenth of the patience)"
+        )
+    if problems and connection_waits:
+        problems.append(
+            f"presses waited {connection_waits} times for a free connection of the tool's "
+            "--connections: the figures measure the tool's queue (raise --connections)"
+        )
+    elif problems:
+        problems.append("the generator is saturated: add --processes or fewer --users")
+    message = (
+        "; ".join(problems)
+        if problems
+        else f"every user's presses went out, p99 send lag {lag_p99_ms:.1f} ms"
+    )
+    return GeneratorVerdict(
+        kept_up=not problems,
+        asked_rps=0.0,
+        offered_rps=offered,
+        due=sent + gave_up_unsent,
+        sent=sent,
+        unsent=gave_up_unsent,
+        lag_p99_ms=lag_p99_ms,
+        max_lag_ms=max_lag_ms,
+        inflight_cap_waits=connection_waits,
+        message=message,
+    )
