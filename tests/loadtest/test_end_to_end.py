@@ -315,6 +315,60 @@ def test_an_option_the_run_would_ignore_is_a_usage_error_naming_it(
     assert err.startswith("loadtest: ") and named in err and err.count("\n") == 1, err
 
 
+HERD = ("--herd",)
+BURST = ("--rate", "100")
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        ((*HERD, "--spread", "inf"), "--spread"),
+        ((*HERD, "--spread", "1e400"), "--spread"),
+        ((*HERD, "--spread=-1s"), "--spread"),
+        ((*HERD, "--spread", "1e300"), "--spread"),
+        ((*HERD, "--patience", "inf"), "--patience"),
+        ((*HERD, "--patience", "1e-12"), "--patience"),
+        ((*HERD, "--patience", "nan"), "--patience"),
+        ((*HERD, "--retry-cap", "inf"), "--retry-cap"),
+        ((*HERD, "--retry-floor", "1e-12"), "--retry-floor"),
+        ((*HERD, "--retry-floor", "3s", "--retry-cap", "2s"), "--retry-floor"),
+        ((*BURST, "--start-in", "nan"), "--start-in"),
+        ((*BURST, "--start-in", "inf"), "--start-in"),
+        ((*BURST, "--start-in=-1"), "--start-in"),
+        ((*BURST, "--tail", "nan"), "--tail"),
+        ((*BURST, "--max-lag", "nan"), "--max-lag"),
+        ((*BURST, "--max-lag=-5"), "--max-lag"),
+        ((*BURST, "--duration", "inf"), "--duration"),
+        ((*BURST, "--duration", "1e-12"), "--duration"),
+        ((*BURST, "--max-duration", "inf"), "--max-duration"),
+        (("--rate", "inf"), "--rate"),
+        (("--rate", "nan"), "--rate"),
+        (("--rate", "0"), "--rate"),
+        ((*BURST, "--timeout", "nan"), "--timeout"),
+        ((*BURST, "--timeout", "1e-12"), "--timeout"),
+        ((*BURST, "--repeat-fraction", "nan"), "--repeat-fraction"),
+        ((*BURST, "--users", "0"), "--users"),
+        ((*BURST, "--coupons", "0"), "--coupons"),
+        ((*BURST, "--processes", "0"), "--processes"),
+        ((*BURST, "--max-inflight", "0"), "--max-inflight"),
+        (("--concurrency", "0"), "--concurrency"),
+        ((*HERD, "--connections", "0"), "--connections"),
+    ],
+)
+def test_a_number_out_of_range_is_one_line_at_set_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], option: str
+) -> None:
+    # Nothing listens at this URL: a run that got past its options would say it cannot
+    # reach the service instead, after creating nothing either.
+    url = f"http://127.0.0.1:{free_port()}"
+    report = tmp_path / "r.json"
+    code = main(["--url", url, "--report", str(report), "--no-chart", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"loadtest: {option} must") and err.count("\n") == 1, err
+    assert not report.exists()
+
+
 @pytest.fixture
 def broken_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()

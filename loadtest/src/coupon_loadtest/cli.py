@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -201,9 +202,36 @@ def duration(text: str) -> float:
         seconds = float(value) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 1s, 500ms)") from None
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    # Its range (finite, not negative, not rounding to 0 ns where it must be positive) is
+    # checked with the other options', in config_from_args: one line for every mistake.
     return seconds
+
+
+# Longest time any option may ask for: a week, far beyond any run, and far within the
+# 64-bit nanoseconds the tool counts in.
+MAX_SECONDS = 7 * 86_400.0
+MAX_RATE = 10_000_000.0
+
+
+def _out_of_range(
+    option: str,
+    value: float | None,
+    *,
+    high: float,
+    zero: bool = False,
+    ns: bool = False,
+    unit: str = "seconds",
+) -> str | None:
+    """Why `value` is not a finite number in (0, high] ([0, high] when `zero`), or, with
+    `ns`, a time that rounds to 0 ns while it must be positive; None when it is fine."""
+    if value is None:
+        return None
+    low = "0 or more" if zero else "more than 0"
+    if not math.isfinite(value) or not (value >= 0 if zero else value > 0) or value > high:
+        return f"{option} must be a number of {unit} {low} and at most {high:g} (got {value!r})"
+    if ns and not zero and round(value * NS_PER_S) <= 0:
+        return f"{option} must be at least 1 ns (got {value!r} s)"
+    return None
 
 
 # Options that one kind of run only reads, with their defaults: given to another kind of
@@ -256,31 +284,34 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         problems.append("--coupons must be at least 1")
     if args.users < 1:
         problems.append("--users must be at least 1")
-    if args.start_in < 0:
-        problems.append("--start-in must not be negative")
     if not 0.0 <= args.repeat_fraction <= 1.0:
         problems.append("--repeat-fraction must be between 0 and 1")
-    if args.rate is not None and not args.rate > 0:
-        problems.append("--rate must be positive")
     if args.concurrency is not None and args.concurrency < 1:
         problems.append("--concurrency must be at least 1")
-    if args.duration is not None and not args.duration > 0:
-        problems.append("--duration must be positive")
-    if args.tail < 0:
-        problems.append("--tail must not be negative")
-    if not args.max_duration > 0:
-        problems.append("--max-duration must be positive")
-    if not 0 < args.timeout <= 600:
-        problems.append("--timeout must be in (0, 600] seconds")
     if args.max_inflight < 1:
         problems.append("--max-inflight must be at least 1")
     if args.processes is not None and args.processes < 1:
         problems.append("--processes must be at least 1")
+    # Every number of seconds (or of a rate) is finite and within range, and a time that
+    # must be positive stays so once rounded to the nanoseconds the tool counts in.
+    ranges = [
+        _out_of_range("--start-in", args.start_in, high=MAX_SECONDS, zero=True),
+        _out_of_range("--rate", args.rate, high=MAX_RATE, unit="requests per second"),
+        _out_of_range("--duration", args.duration, high=MAX_SECONDS, ns=True),
+        _out_of_range("--tail", args.tail, high=MAX_SECONDS, zero=True),
+        _out_of_range("--max-duration", args.max_duration, high=MAX_SECONDS, ns=True),
+        _out_of_range("--timeout", args.timeout, high=600.0, ns=True),
+        _out_of_range("--max-lag", args.max_lag, high=MAX_SECONDS * 1000, unit="ms"),
+        _out_of_range("--spread", args.spread, high=MAX_SECONDS, zero=True),
+        _out_of_range("--patience", args.patience, high=MAX_SECONDS, ns=True),
+        _out_of_range("--retry-floor", args.retry_floor, high=MAX_SECONDS, ns=True),
+        _out_of_range("--retry-cap", args.retry_cap, high=MAX_SECONDS, ns=True),
+    ]
+    problems += [problem for problem in ranges if problem is not None]
     if args.herd:
-        if not args.patience > 0:
-            problems.append("--patience must be positive")
-        if not 0 < args.retry_floor <= args.retry_cap:
-            problems.append("--retry-floor must be positive and at most --retry-cap")
+        floor, cap = args.retry_floor, args.retry_cap
+        if math.isfinite(floor) and math.isfinite(cap) and floor > cap:
+            problems.append("--retry-floor must be at most --retry-cap")
         if args.connections < 1:
             problems.append("--connections must be at least 1")
     if args.database_url is not None and not args.database_url.startswith(
