@@ -4,6 +4,7 @@ breaks the invariants."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -14,13 +15,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 
 from coupon_loadtest.cli import main
 from harness.server import ServerProcess, free_port
+from harness.services import TestServices, drop_database
 
 pytestmark = pytest.mark.e2e
 
@@ -198,6 +201,47 @@ def test_an_unusable_database_url_stops_the_run_before_any_load(
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("loadtest: ") and "--database-url" in err
     # Refused at set-up: no campaign was created, nothing was sent, no report written.
+    assert campaigns(memory_server) == []
+    assert not report.exists()
+
+
+@pytest.fixture
+def empty_database(services: TestServices) -> Iterator[str]:
+    """A database of this run's with no tables at all; dropped afterwards."""
+    url = f"{services.database_url}_empty"
+    name = urlsplit(url).path.lstrip("/")
+    admin = urlunsplit(urlsplit(url)._replace(path="/postgres"))
+
+    async def create() -> None:
+        connection = await asyncpg.connect(admin)
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    try:
+        yield url
+    finally:
+        asyncio.run(drop_database(url))
+
+
+@pytest.mark.integration
+def test_a_database_without_the_schema_stops_the_run_before_any_load(
+    memory_server: ServerProcess,
+    empty_database: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = tmp_path / "report.json"
+    code = run_tool(
+        "--url", memory_server.url, "--coupons", "20", "--users", "40", "--rate", "100",
+        "--database-url", empty_database, "--report", str(report),
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("loadtest: --database-url holds no coupon schema"), err
+    assert err.count("\n") == 1
     assert campaigns(memory_server) == []
     assert not report.exists()
 

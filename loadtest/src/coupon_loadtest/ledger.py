@@ -14,6 +14,7 @@ from coupon_loadtest.verify import CampaignFacts, Ledger, ListedCoupon
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_NO_CAMPAIGN = "00000000-0000-0000-0000-000000000000"
 # Reading back after the load: pages of up to 10,000 coupons from a server that may still be
 # busy, so a time-out of its own, far above a request's, and a few attempts.
 READBACK_TIMEOUT_S = 120.0
@@ -66,6 +67,17 @@ async def check_database(database_url: str, campaign_id: str | None, timeout_s: 
     except Exception as exc:
         raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
     try:
+        try:
+            # The read-back's queries, on a campaign that cannot exist: a database without
+            # the service's tables (or another one) fails now, not after the load.
+            await audit.read_campaign(connection, _NO_CAMPAIGN)
+            await audit.read_coupons(connection, _NO_CAMPAIGN)
+            await audit.codes_held_elsewhere(connection, _NO_CAMPAIGN)
+        except asyncpg.PostgresError as exc:
+            raise SetupError(
+                "--database-url holds no coupon schema (is it the service's database, "
+                f"migrated?): {type(exc).__name__}: {exc}"
+            ) from exc
         if campaign_id is not None and await audit.read_campaign(connection, campaign_id) is None:
             raise SetupError(f"campaign {campaign_id} is not in the database at --database-url")
     finally:
