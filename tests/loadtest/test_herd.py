@@ -4,10 +4,13 @@ they do with each answer, and what their records add up to."""
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 import pytest
 
+from coupon.domain.errors import CampaignEnded, CampaignNotStarted
 from coupon_loadtest.herd import (
+    ENDED_PREFIX,
     Final,
     RetryPolicy,
     UserBook,
@@ -113,6 +116,27 @@ def test_shed_not_yet_open_or_lost_means_press_again_later(outcome: int) -> None
     assert S + 50 * MS <= decision.retry_at_ns <= S + hint_ms * MS
 
 
+def test_a_campaign_that_has_ended_is_a_final_answer_and_not_started_is_not() -> None:
+    def answer(message: str) -> Final:
+        decision = decide(
+            NOT_OPEN, None, attempt=1, now_ns=S, first_ns=0, policy=POLICY,
+            rng=random.Random(1), message=message,
+        )  # fmt: skip
+        return decision.final
+
+    # The service's messages (src/coupon/domain/errors.py).
+    assert answer("campaign has ended: it ended at 2026-12-04T10:00:00+00:00") is Final.ENDED
+    assert answer("campaign has not started yet: it starts at 2026-12-04T10:00:00+00:00") is (
+        Final.NONE
+    )
+
+
+def test_the_messages_the_herd_tells_apart_are_the_services() -> None:
+    now = datetime.now(UTC)
+    assert str(CampaignEnded(now)).startswith(ENDED_PREFIX)
+    assert not str(CampaignNotStarted(now)).startswith(ENDED_PREFIX)
+
+
 def test_a_user_gives_up_rather_than_press_after_their_patience() -> None:
     # First press at 0; an answer at 9.99 s with a hint of at least the floor: the next
     # press would come after the 10 s of patience.
@@ -183,6 +207,18 @@ def test_the_summary_counts_every_user_once_by_how_they_ended() -> None:
     assert summary.goodput_per_s[0] == pytest.approx(10.0)
     assert summary.goodput_per_s[15] == pytest.approx(10.0)
     assert sum(summary.goodput_per_s) == pytest.approx(20.0)
+
+
+def test_users_told_the_campaign_ended_were_answered() -> None:
+    book = book_of([(0, 100 * MS, Final.SOLD_OUT, 1, False), (0, 200 * MS, Final.ENDED, 2, False)])
+
+    summary = summarize(
+        book, starts_rel_ns=0, patience_ns=10 * S, fresh_done_ns=[], sell_out_s=None,
+        sold_out=False,
+    )  # fmt: skip
+
+    assert (summary.got_sold_out, summary.got_ended, summary.unanswered) == (1, 1, 0)
+    assert summary.answered_within_patience == 1.0
 
 
 def test_books_of_several_processes_add_up() -> None:

@@ -5,7 +5,8 @@ per-user records add up to. The sending is herd_worker's.
 
 A user presses once at the campaign's start (or, when it is open already, at the load's
 start) plus a random offset within the spread. An
-answer is final when it is a coupon (new or already issued) or "sold out"; any other
+answer is final when it is a coupon (new or already issued), "sold out" or "campaign has
+ended"; any other
 Connect error is final too, as an error. `unavailable` (the server shed the request, maybe
 with a retry hint), "not started yet" and a lost response (time-out, broken connection) are
 not: the user presses again after a delay drawn with full jitter, uniformly between zero and
@@ -37,6 +38,13 @@ class Final(IntEnum):
     COUPON = 1
     SOLD_OUT = 2
     ERROR = 3
+    ENDED = 4  # the campaign has ended: nothing more to get, like sold out
+
+
+# The service's `failed_precondition` says which of its two windows' edges it is at by its
+# message alone (src/coupon/domain/errors.py: CampaignNotStarted, CampaignEnded); it sends
+# no structured detail. "Not started yet" is worth pressing again, "ended" is not.
+ENDED_PREFIX = "campaign has ended"
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,16 @@ def decide(
     first_ns: int,
     policy: RetryPolicy,
     rng: random.Random,
+    message: str = "",
 ) -> Decision:
     """What a user does with an answer received at `now_ns`, after `attempt` presses, the
-    first at `first_ns`."""
+    first at `first_ns`; `message` is an error's, as the server sent it."""
     if outcome == OK:
         return Decision(Final.COUPON)
     if outcome == SOLD_OUT:
         return Decision(Final.SOLD_OUT)
+    if outcome == NOT_OPEN and message.startswith(ENDED_PREFIX):
+        return Decision(Final.ENDED)
     if outcome not in (UNAVAILABLE, OUTCOME_UNKNOWN, NOT_OPEN, LOST):
         return Decision(Final.ERROR)
     # After an outcome unknown the coupon may exist: pressing again gets it back.
@@ -144,6 +155,7 @@ class HerdSummary:
     got_coupon: int
     got_sold_out: int
     got_error: int
+    got_ended: int  # told the campaign has ended
     gave_up: int
     # Of those, users who never sent a request: their press was still waiting for one of
     # the tool's connections when their patience ran out (the tool's queue, not the server).
@@ -164,6 +176,8 @@ class HerdSummary:
 
 
 WITHIN_S = (1.0, 2.0, 5.0, 10.0)
+# Final answers a user was meant to get: the coupon, or that there is none left to get.
+_ANSWERED = (Final.COUPON, Final.SOLD_OUT, Final.ENDED)
 _PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("max", 100.0))
 
 
@@ -187,15 +201,9 @@ def summarize(
     the load start) at which new coupons were answered, for goodput over time."""
     users = len(book)
     finals = [Final(f) for f in book.final]
-    answered = [
-        book.final_ns[i] - book.first_ns[i]
-        for i in range(users)
-        if finals[i] in (Final.COUPON, Final.SOLD_OUT)
-    ]
+    answered = [book.final_ns[i] - book.first_ns[i] for i in range(users) if finals[i] in _ANSWERED]
     since_start = sorted(
-        book.final_ns[i] - starts_rel_ns
-        for i in range(users)
-        if finals[i] in (Final.COUPON, Final.SOLD_OUT)
+        book.final_ns[i] - starts_rel_ns for i in range(users) if finals[i] in _ANSWERED
     )
     ordered = sorted(answered)
     presses = sorted(book.presses)
@@ -218,6 +226,7 @@ def summarize(
         got_coupon=finals.count(Final.COUPON),
         got_sold_out=finals.count(Final.SOLD_OUT),
         got_error=finals.count(Final.ERROR),
+        got_ended=finals.count(Final.ENDED),
         gave_up=gave_up,
         gave_up_before_sending=sum(
             1 for g, p in zip(book.gave_up, book.presses, strict=True) if g and not p

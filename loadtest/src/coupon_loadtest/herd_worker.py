@@ -198,6 +198,7 @@ class HerdWorker:
             first_ns=book.first_ns[local],
             policy=self._policy,
             rng=self._rng,
+            message=answer.message,
         )
         self._end_or_retry(local, decision, done)
 

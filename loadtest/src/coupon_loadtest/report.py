@@ -293,7 +293,9 @@ def _herd_lines(herd: dict[str, Any] | None, send_lag_p99: float | None = None) 
         f"{herd['patience_s']:g} s, retry {herd['retry_floor_s'] * 1000:g} ms to "
         f"{herd['retry_cap_s']:g} s with full jitter",
         f"  final answers: coupon {herd['got_coupon']}, sold out {herd['got_sold_out']}, "
-        f"error {herd['got_error']}; gave up {herd['gave_up']}, unanswered {herd['unanswered']}",
+        f"error {herd['got_error']}"
+        + (f", campaign ended {herd['got_ended']}" if herd.get("got_ended") else "")
+        + f"; gave up {herd['gave_up']}, unanswered {herd['unanswered']}",
         f"  gave up before sending anything (waiting for one of the tool's connections): "
         f"{herd.get('gave_up_before_sending', 0)}; presses that waited for a connection: "
         f"{herd.get('waits_for_a_connection', 0)}"
