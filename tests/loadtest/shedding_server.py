@@ -29,7 +29,7 @@ from coupon.gen.coupon.v1 import coupon_pb
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
 GET_CAMPAIGN_PATH = "/coupon.v1.CouponService/GetCampaign"
 SLOW_LISTING_S = 2.0
-RETRY_AFTER_MS = 200
+RETRY_AFTER_MS = 1000
 
 
 OUTCOME_UNKNOWN_MESSAGE = (

@@ -50,16 +50,22 @@ def test_a_herd_presses_at_the_start_or_at_once_when_the_campaign_is_open() -> N
     assert press_origin_ns(-3600 * S) == 0
 
 
-def test_a_hinted_delay_is_drawn_between_the_floor_and_the_hint() -> None:
+def test_a_hinted_delay_honours_the_hint_with_jitter_on_top() -> None:
     rng = random.Random(7)
 
     delays = [retry_delay_ns(1000, 1, POLICY, rng) for _ in range(5000)]
 
-    assert all(50 * MS <= d <= 1000 * MS for d in delays)
-    # Full jitter: uniform over the hint, so about half of it on average, and both ends used.
-    assert 450 * MS < sum(delays) / len(delays) < 550 * MS
+    # Never before the hint: at least it, at most half of it again, uniformly.
+    assert all(1000 * MS <= d <= 1500 * MS for d in delays)
+    assert 1200 * MS < sum(delays) / len(delays) < 1300 * MS
+    assert min(delays) < 1010 * MS
+    assert max(delays) > 1490 * MS
+
+
+def test_a_hint_under_the_floor_waits_the_floor() -> None:
+    delays = [retry_delay_ns(10, 1, POLICY, random.Random(k)) for k in range(100)]
+
     assert min(delays) == 50 * MS
-    assert max(delays) > 950 * MS
 
 
 def test_a_hint_beyond_the_cap_is_cut_to_the_cap() -> None:
@@ -112,8 +118,10 @@ def test_shed_not_yet_open_or_lost_means_press_again_later(outcome: int) -> None
     )
 
     assert decision.final is Final.NONE and not decision.gave_up
-    hint_ms = 300 if outcome == UNAVAILABLE else 50  # only `unavailable` carries the hint
-    assert S + 50 * MS <= decision.retry_at_ns <= S + hint_ms * MS
+    if outcome == UNAVAILABLE:  # only `unavailable` carries the hint: at least it
+        assert S + 300 * MS <= decision.retry_at_ns <= S + 450 * MS
+    else:
+        assert S + 50 * MS <= decision.retry_at_ns <= S + 50 * MS
 
 
 def test_a_campaign_that_has_ended_is_a_final_answer_and_not_started_is_not() -> None:

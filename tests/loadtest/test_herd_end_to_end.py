@@ -181,8 +181,8 @@ def test_a_shed_crowd_comes_back_after_the_hint_and_gets_exactly_the_stock(
     assert document["throughput"]["requests"] == 1000
     assert (crowd["got_coupon"], crowd["got_sold_out"]) == (50, 450)
     assert crowd["gave_up"] == crowd["unanswered"] == 0
-    # Nobody came back sooner than the floor.
-    assert crowd["time_to_final_ms"]["p50"] >= 50
+    # Nobody came back sooner than the server's hint (shedding_server's RETRY_AFTER_MS).
+    assert crowd["time_to_final_ms"]["p50"] >= 1000
     assert document["verification"]["passed"] is True
 
 

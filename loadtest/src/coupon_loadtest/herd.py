@@ -9,8 +9,9 @@ answer is final when it is a coupon (new or already issued), "sold out" or "camp
 ended"; any other
 Connect error is final too, as an error. `unavailable` (the server shed the request, maybe
 with a retry hint), "not started yet" and a lost response (time-out, broken connection) are
-not: the user presses again after a delay drawn with full jitter, uniformly between zero and
-the hint (or, without one, an exponential backoff from the floor), clamped to [floor, cap].
+not: the user presses again after the hint plus up to half of it again (or, without a
+hint, a delay drawn uniformly between zero and an exponential backoff from the floor),
+clamped to [floor, cap].
 A user whose next press would come after their patience (counted from their first press)
 gives up.
 """
@@ -60,16 +61,23 @@ class RetryPolicy:
             raise ValueError("patience must be positive")
 
 
+# A hinted retry waits the hint plus up to this share of it again, so that a crowd told the
+# same hint does not come back all at once.
+HINT_JITTER = 0.5
+
+
 def retry_delay_ns(
     hint_ms: int | None, attempt: int, policy: RetryPolicy, rng: random.Random
 ) -> int:
-    """Full jitter on the server's hint, or on an exponential backoff from the floor when
-    there is none (`attempt` = presses so far); never under the floor, never over the cap."""
+    """The server's hint honoured, with jitter on top (hint x (1 + U(0, HINT_JITTER))), or,
+    when there is none, full jitter on an exponential backoff from the floor (`attempt` =
+    presses so far); never under the floor, never over the cap."""
     if hint_ms is not None:
-        base = hint_ms * NS_PER_MS
+        delay = int(hint_ms * NS_PER_MS * (1 + rng.random() * HINT_JITTER))
     else:
         base = policy.floor_ns << min(max(attempt - 1, 0), _MAX_BACKOFF_DOUBLINGS)
-    return min(policy.cap_ns, max(policy.floor_ns, int(rng.random() * base)))
+        delay = int(rng.random() * base)
+    return min(policy.cap_ns, max(policy.floor_ns, delay))
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def _herd_lines(herd: dict[str, Any] | None, send_lag_p99: float | None = None) 
         "",
         f"herd: {herd['users']} users, spread {herd['spread_s']:g} s, patience "
         f"{herd['patience_s']:g} s, retry {herd['retry_floor_s'] * 1000:g} ms to "
-        f"{herd['retry_cap_s']:g} s with full jitter",
+        f"{herd['retry_cap_s']:g} s, after the hint plus up to half of it",
         f"  final answers: coupon {herd['got_coupon']}, sold out {herd['got_sold_out']}, "
         f"error {herd['got_error']}"
         + (f", campaign ended {herd['got_ended']}" if herd.get("got_ended") else "")
