@@ -242,6 +242,9 @@ def test_a_herd_presses_again_after_an_outcome_unknown_and_gets_its_coupon(
     assert document["outcomes"]["ok_already_issued"] == 30
     assert document["herd"]["got_coupon"] == 90
     assert document["herd"]["retries_histogram"] == {"0": 60, "1": 30}
+    # Goodput counts every user's coupon once, those first answered `alreadyIssued` too.
+    crowd = document["herd"]
+    assert sum(crowd["goodput_per_s"]) * crowd["goodput_bucket_s"] == pytest.approx(90)
 
 
 # A small burst, on a stock for all, with a short per-request time-out.

@@ -10,6 +10,7 @@ from coupon_loadtest import chart, report
 from coupon_loadtest.herd import Final, UserBook
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.progress import Progress, Snapshot, render
+from coupon_loadtest.records import LOST, OK, Observations
 from coupon_loadtest.runner import RunData
 from coupon_loadtest.scenario import LoadConfig, Target
 from coupon_loadtest.schedule import GeneratorVerdict, judge_generator
@@ -290,3 +291,21 @@ def test_a_herd_that_gave_up_in_the_tools_queue_is_the_generators_failure() -> N
         "gave up before sending anything (waiting for one of the tool's connections): 10; "
         "presses that waited for a connection: 250" in text
     )
+
+
+def test_goodput_counts_each_users_coupon_once_at_its_first_answer() -> None:
+    obs = Observations("u-", T0)
+    # User 1: issued at once. User 2: the first answer was lost, the retry returned the
+    # coupon as already issued. User 3: issued, then asked again (already issued).
+    for user, done, outcome, already in (
+        (1, 100, OK, False),
+        (2, 150, LOST, False),
+        (2, 400, OK, True),
+        (3, 200, OK, False),
+        (3, 900, OK, True),
+    ):
+        row = obs.record(user, 0, 0, done, outcome)
+        if outcome == OK:
+            obs.record_success(row, f"C{user}", 0, already_issued=already)
+
+    assert report.first_coupon_answers(obs) == [100, 200, 400]

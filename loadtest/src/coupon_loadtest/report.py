@@ -9,7 +9,7 @@ from coupon_loadtest.chart import Series
 from coupon_loadtest.clock import iso_ms
 from coupon_loadtest.herd import HerdSummary, press_origin_ns, summarize
 from coupon_loadtest.histogram import LatencyHistogram
-from coupon_loadtest.records import LOST, SOLD_OUT
+from coupon_loadtest.records import LOST, SOLD_OUT, Observations
 from coupon_loadtest.runner import RunData
 from coupon_loadtest.schedule import GeneratorVerdict, judge_generator, judge_herd_generator
 from coupon_loadtest.verify import Verification
@@ -106,19 +106,29 @@ def first_sold_out_rel(run: RunData) -> int | None:
     return min(times, default=None)
 
 
+def first_coupon_answers(obs: Observations) -> list[int]:
+    """When each user first received their coupon (ns after the load start), one time per
+    user: a coupon whose first answer was lost comes back `alreadyIssued` on a retry, and
+    counts then, once."""
+    first: dict[int, int] = {}
+    for row in obs.ok_row:
+        user, done = obs.user[row], obs.done_ns[row]
+        if user not in first or done < first[user]:
+            first[user] = done
+    return sorted(first.values())
+
+
 def herd_summary(run: RunData, sell_out_s: float | None, sold_out: bool) -> HerdSummary | None:
     """The crowd's figures: each user's time to a final answer, retries, goodput over time."""
     if run.herd is None:
         return None
-    obs = run.observations
-    fresh = [obs.done_ns[row] for row, a in zip(obs.ok_row, obs.ok_already, strict=True) if not a]
     return summarize(
         run.herd,
         # From when the herd began pressing: the campaign's start, or the load's start when
         # it was open already.
         starts_rel_ns=press_origin_ns(run.starts_rel_ns),
         patience_ns=round(run.config.patience_s * NS_PER_S),
-        fresh_done_ns=fresh,
+        fresh_done_ns=first_coupon_answers(run.observations),
         sell_out_s=sell_out_s,
         sold_out=sold_out,
     )
