@@ -309,8 +309,8 @@ def test_an_output_in_a_missing_folder_is_refused_before_any_load(
     """As `campaigns export -o`: the folder is not created, the run is refused at set-up."""
     out = tmp_path / "out"
     out.mkdir()
-    missing = out / "no" / "such" / "file"
     outputs = {"--report": out / "report.json", "--chart": out / "chart.png"}
+    missing = out / "no" / "such" / outputs[option].name
     outputs[option] = missing
     code = main(
         [
@@ -411,6 +411,33 @@ def test_a_number_out_of_range_is_one_line_at_set_up(
     assert code == 2, err
     assert err.startswith(f"loadtest: {option} must") and err.count("\n") == 1, err
     assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "named"),
+    [
+        (
+            ("--report", "{d}/run.png", "--chart", "{d}/run.png"),
+            "--report and --chart are the same",
+        ),
+        (("--report", "{d}/r.png", "--chart", "{d}/./r.png"), "the same file"),
+        (("--chart", "{d}/noext"), "--chart must name a .png file"),
+        (("--chart", "{d}/x.txt"), "--chart must name a .png file"),
+        (("--chart", "{d}/x.pdf"), "--chart must name a .png file"),
+    ],
+)
+def test_outputs_that_would_clash_or_change_name_are_refused_at_set_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], outputs: tuple[str, ...], named: str
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [part.format(d=tmp_path) for part in outputs]
+    if "--report" not in argv:
+        argv += ["--report", str(tmp_path / "r.json")]
+    code = main(["--url", url, "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("loadtest: ") and named in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture

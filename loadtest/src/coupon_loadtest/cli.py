@@ -182,7 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", default="loadtest-report.json", help="JSON report path (default %(default)s)"
     )
     output.add_argument(
-        "--chart", default="loadtest-report.png", help="PNG chart path (default %(default)s)"
+        "--chart",
+        default="loadtest-report.png",
+        help="PNG chart path (default %(default)s)",
     )
     output.add_argument("--no-chart", action="store_true", help="do not draw the chart")
     output.add_argument(
@@ -320,6 +322,13 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
     if not args.url.startswith(("http://", "https://")):
         problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
+    if not args.no_chart:
+        # The chart is a PNG, written where asked: a name that says otherwise would be
+        # written under another name (matplotlib adds .png) or in another format.
+        if not args.chart.lower().endswith(".png"):
+            problems.append(f"--chart must name a .png file (got {args.chart!r})")
+        elif Path(args.chart).resolve() == Path(args.report).resolve():
+            problems.append(f"--report and --chart are the same file ({args.report!r})")
     # Written after the run: a folder that is not there is found now, before any load.
     outputs = {"--report": args.report} | ({} if args.no_chart else {"--chart": args.chart})
     for option, path in outputs.items():
