@@ -14,6 +14,7 @@ from coupon_loadtest.herd import (
     Final,
     RetryPolicy,
     UserBook,
+    answered_ns,
     decide,
     first_presses,
     press_origin_ns,
@@ -227,6 +228,20 @@ def test_users_told_the_campaign_ended_were_answered() -> None:
 
     assert (summary.got_sold_out, summary.got_ended, summary.unanswered) == (1, 1, 0)
     assert summary.answered_within_patience == 1.0
+
+
+def test_the_users_answered_are_those_the_summary_counts_not_errors() -> None:
+    book = book_of(
+        [
+            (0, 10, Final.COUPON, 1, False),
+            (0, 20, Final.SOLD_OUT, 1, False),
+            (0, 30, Final.ENDED, 1, False),
+            (0, 40, Final.ERROR, 1, False),
+            (0, -1, Final.NONE, 3, True),
+        ]
+    )
+
+    assert answered_ns(book) == [10, 20, 30]
 
 
 def test_books_of_several_processes_add_up() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 from pathlib import Path
 
-from coupon_loadtest import chart, report
+from coupon_loadtest import chart, report, runner
 from coupon_loadtest.herd import Final, UserBook
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.progress import Progress, Snapshot, render
@@ -234,6 +235,10 @@ def test_a_herds_report_accounts_for_every_user() -> None:
 
     crowd = doc["herd"]
     assert doc["scenario"]["load_model"] == "herd"
+    # A burst's settings, which a herd does not read, are not reported as if it had.
+    scenario = doc["scenario"]
+    assert scenario["repeat_fraction"] is scenario["tail_s"] is None
+    assert scenario["max_inflight_per_process"] is None
     assert doc["generator"]["kept_up"] is True  # every user's presses went out
     assert (crowd["users"], crowd["got_coupon"], crowd["got_sold_out"]) == (300, 100, 190)
     assert (crowd["gave_up"], crowd["unanswered"]) == (10, 0)
@@ -309,3 +314,15 @@ def test_goodput_counts_each_users_coupon_once_at_its_first_answer() -> None:
             obs.record_success(row, f"C{user}", 0, already_issued=already)
 
     assert report.first_coupon_answers(obs) == [100, 200, 400]
+
+
+def test_a_dead_workers_traceback_is_kept() -> None:
+    parent, child = multiprocessing.Pipe()
+    child.send(("error", 1, "Traceback (most recent call last):\nValueError: boom\n"))
+    child.close()
+
+    words = runner._last_words(parent, 0)
+
+    assert "ValueError: boom" in words and "Traceback" in words
+    quiet, _ = multiprocessing.Pipe()
+    assert runner._last_words(quiet, -9) == "exited with code -9"

@@ -23,6 +23,7 @@ import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
 from coupon_loadtest import chart, report
+from coupon_loadtest.herd import answered_ns
 from coupon_loadtest.runner import Console, RunData, execute
 from coupon_loadtest.scenario import LoadConfig, SetupError
 from coupon_loadtest.verify import verify
@@ -444,14 +445,9 @@ def _draw(
     )
     answers = None
     if data.herd is not None:
-        # Every final answer, in seconds after the start; users never answered keep the
-        # curve below 1.
-        book = data.herd
-        answers = [
-            (book.final_ns[i] - starts_rel) / NS_PER_S
-            for i in range(len(book))
-            if book.final_ns[i] >= 0
-        ]
+        # Every answer (as the summary counts them), in seconds after the start; users
+        # never answered keep the curve below 1.
+        answers = [(t - starts_rel) / NS_PER_S for t in answered_ns(data.herd)]
     try:
         chart.draw(
             timeline,

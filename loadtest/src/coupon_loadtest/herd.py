@@ -270,5 +270,11 @@ def summarize(
     )
 
 
+def answered_ns(book: UserBook) -> list[int]:
+    """When each user answered (a coupon, sold out, ended) got it, ns after the load start;
+    as the summary counts them: an error is an ending, not an answer."""
+    return [book.final_ns[i] for i in range(len(book)) if Final(book.final[i]) in _ANSWERED]
+
+
 def _histogram_order(key: str) -> int:
     return 10 if key == "10+" else int(key)

@@ -82,6 +82,17 @@ def _recv(conn: Connection, timeout_s: float) -> Any:
     return conn.recv()
 
 
+def _last_words(conn: Connection, exitcode: int | None) -> str:
+    """A dead worker's error report, read from its pipe (it sends one before it exits on an
+    error), or its exit code when there is none."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.poll(0):
+            message = conn.recv()
+            if message[0] == "error":
+                return f"\n{message[2]}"
+    return f"exited with code {exitcode}"
+
+
 def _herd_spec(config: LoadConfig, index: int) -> HerdSpec | None:
     if not config.herd:
         return None
@@ -146,6 +157,10 @@ class _Pool:
     def all_done(self) -> bool:
         width = len(COUNTERS)
         return all(self.counters[k * width + COUNTER["done"]] for k in range(len(self.procs)))
+
+    def last_words(self, k: int) -> str:
+        """Why worker k died: the traceback it sent, if it sent one before exiting."""
+        return _last_words(self.conns[k], self.procs[k].exitcode)
 
     def dead_worker(self) -> int | None:
         width = len(COUNTERS)
@@ -334,9 +349,7 @@ async def _drive(
             tick += 1
             dead = pool.dead_worker()
             if dead is not None:
-                raise SetupError(
-                    f"worker {dead} exited with code {pool.procs[dead].exitcode} mid-run"
-                )
+                raise SetupError(f"worker {dead} failed mid-run: {pool.last_words(dead)}")
             now_rel = time.time_ns() - t0
             # A herd ends by itself: every user stops at a final answer or their patience.
             if (
