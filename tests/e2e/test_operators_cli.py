@@ -317,10 +317,10 @@ def test_a_token_no_header_can_carry_or_a_bad_dotenv_is_one_line_and_exit_2(
 
 
 def test_a_url_that_is_not_the_service_is_said_plainly(server: ServerProcess) -> None:
-    result = coupon(server, "--url", server.url + "/dashboard", "list", url=False)
+    result = coupon(server, "--url", server.url + "/api", "list", url=False)
     assert result.returncode == 1
     assert result.stderr == (
-        f"coupon: {server.url}/dashboard does not serve the coupon API (its paths are not "
+        f"coupon: {server.url}/api does not serve the coupon API (its paths are not "
         "found there); give the service's base URL, such as http://127.0.0.1:8000\n"
     )
 
