@@ -48,12 +48,7 @@ class ShedFirstPress:
         if scope["type"] != "http" or scope["path"] != ISSUE_PATH:
             await self._service(scope, receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")  # type: ignore[operator]
-            more = bool(message.get("more_body", False))
+        body = await _body(receive)
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         if content_type.startswith(b"application/json"):
             user = coupon_pb.IssueCouponRequest.from_json(body).user_id

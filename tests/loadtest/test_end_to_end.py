@@ -65,16 +65,6 @@ def failed_checks(document: dict[str, Any]) -> set[str]:
     return {c["name"] for c in document["verification"]["checks"] if not c["passed"]}
 
 
-@pytest.fixture
-def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 def test_real_server_passes_every_check(memory_server: ServerProcess, tmp_path: Path) -> None:
     code, document = loadtest(memory_server.url, tmp_path)
 

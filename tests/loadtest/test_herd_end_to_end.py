@@ -106,16 +106,6 @@ def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
     assert (tmp_path / "herd.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.fixture
-def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 def test_a_crowd_on_a_campaign_open_for_an_hour_presses_from_now_with_full_patience(
     memory_server: ServerProcess, tmp_path: Path
 ) -> None:
