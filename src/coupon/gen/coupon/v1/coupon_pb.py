@@ -158,7 +158,8 @@ class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
 
     Attributes:
         name:
-            1 to 200 characters.
+            1 to 200 characters; not blank, no control characters (tab, newline, escape), line
+            separators or text-direction marks.
 
             ```proto
             string name = 1;
