@@ -331,13 +331,13 @@ def _write_file(
     except FileNotFoundError:
         mode = None  # a new file, or a link to one still to be made
     except OSError as exc:
-        raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        raise _unwritable(args.output, exc) from None
     if mode is not None and not stat.S_ISREG(mode):
         try:
             with target.open("w", newline="", encoding="utf-8") as out:
                 return write_export(stream, args.format, out, progress)
         except OSError as exc:
-            raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+            raise _unwritable(args.output, exc) from None
     final = target.resolve() if target.is_symlink() else target
     partial = final.with_name(final.name + ".partial")
     try:
@@ -346,11 +346,15 @@ def _write_file(
         partial.replace(final)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        raise _unwritable(args.output, exc) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return written
+
+
+def _unwritable(output: str, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {output}: {exc.strerror or exc}")
 
 
 def _check_output(target: Path) -> None:
