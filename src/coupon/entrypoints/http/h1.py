@@ -44,7 +44,7 @@ from coupon.entrypoints.fast_issue import (
     codec_for,
     other_protocol_version,
 )
-from coupon.entrypoints.http.refusal import refusal
+from coupon.entrypoints.http.refusal import PLAIN, refusal
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -65,7 +65,6 @@ _NOT_FOR_THE_LANE = frozenset(
         b"upgrade",
     }
 )
-_PLAIN = b"text/plain; charset=utf-8"
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
 # The caller's id for the request, which the service's log lines of it carry.
 _REQUEST_ID = b"x-request-id"
@@ -280,7 +279,7 @@ class Http1Protocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._draining_until:
             return
         self._receiving_since = 0.0
-        self._close_with((408, _PLAIN, b"the request did not arrive in time", []))
+        self._close_with((408, PLAIN, b"the request did not arrive in time", []))
 
     def receiving_since(self) -> float:
         return self._receiving_since

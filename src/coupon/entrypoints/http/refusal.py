@@ -31,7 +31,7 @@ API_PREFIXES = (
     b"/grpc.reflection.v1.ServerReflection/",
     b"/grpc.reflection.v1alpha.ServerReflection/",
 )
-_PLAIN = b"text/plain; charset=utf-8"
+PLAIN = b"text/plain; charset=utf-8"
 # A media type safe to echo in an answer's Content-Type.
 _MEDIA = re.compile(rb"application/[a-z0-9.+-]+")
 # gRPC's status for resource_exhausted.
@@ -45,7 +45,7 @@ def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plai
     path, `resource_exhausted` with `message` as the caller's protocol sends it; elsewhere
     `status` with `plain` as text."""
     if not path.startswith(API_PREFIXES):
-        return status, _PLAIN, plain.encode(), []
+        return status, PLAIN, plain.encode(), []
     media = content_type.split(b";", 1)[0].strip().lower()
     if media.startswith(b"application/grpc-web"):
         family = b"application/grpc-web"
