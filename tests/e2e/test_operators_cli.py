@@ -136,6 +136,35 @@ def test_export_csv_to_stdout_and_json_lines_to_a_file(
     assert not (tmp_path / "coupons.jsonl.partial").exists()
 
 
+def test_export_for_a_spreadsheet_marks_utf8_and_defuses_formulas(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    campaign = create(server, "spreadsheet")
+    users = ['=HYPERLINK("http://x","y")', "+8210", "-1+1", "@SUM(1)", "a=b", "plain"]
+    issue(server, campaign["id"], users)
+    plain = ok(coupon(server, "export", str(campaign["id"])))
+    assert not plain.startswith("\ufeff")
+    assert [r[1] for r in list(csv.reader(io.StringIO(plain)))[1:]] == users  # as issued
+    target = tmp_path / "coupons.csv"
+    ok(coupon(server, "export", str(campaign["id"]), "--excel", "-o", str(target)))
+    data = target.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf"), data[:8]
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+    assert rows[0] == ["code", "user_id", "campaign_id", "issued_at"]
+    assert [r[1] for r in rows[1:]] == [
+        '\'=HYPERLINK("http://x","y")',
+        "'+8210",
+        "'-1+1",
+        "'@SUM(1)",
+        "a=b",
+        "plain",
+    ]
+    assert [r[0] for r in rows[1:]] == [r[0] for r in list(csv.reader(io.StringIO(plain)))[1:]]
+    refused = coupon(server, "export", str(campaign["id"]), "--excel", "--format", "jsonl")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("--excel applies to --format csv only"), refused.stderr
+
+
 def test_export_to_a_path_that_cannot_be_a_file_is_one_line_and_leaves_nothing(
     server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -115,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--output", "-o", help="write to this file (default: standard output)", metavar="FILE"
     )
+    export.add_argument(
+        "--excel",
+        action="store_true",
+        help="CSV for a spreadsheet: a byte-order mark (Hangul opens as UTF-8) and an "
+        "apostrophe before a value it would take for a formula (= + - @ first)",
+    )
 
 
 def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
@@ -280,6 +286,8 @@ def _end(call: Call, args: argparse.Namespace) -> None:
 def _export(call: Call, args: argparse.Namespace) -> None:
     if args.json:
         raise UsageError("--json does not apply to export: choose --format csv or jsonl")
+    if args.excel and args.format != "csv":
+        raise UsageError("--excel applies to --format csv only")
     # The campaign first: a clear error before any output, and the total for the progress.
     total: int | None = None
     try:
@@ -306,7 +314,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     shown = sys.stderr.isatty() and (target is not None or not sys.stdout.isatty())
     progress = Progress(total, sys.stderr) if shown else None
     if target is None:
-        written = write_export(stream, args.format, sys.stdout, progress)
+        written = write_export(stream, args.format, sys.stdout, progress, excel=args.excel)
     else:
         written = _write_file(target, args, stream, progress)
     if progress is not None:
@@ -335,14 +343,14 @@ def _write_file(
     if mode is not None and not stat.S_ISREG(mode):
         try:
             with target.open("w", newline="", encoding="utf-8") as out:
-                return write_export(stream, args.format, out, progress)
+                return write_export(stream, args.format, out, progress, excel=args.excel)
         except OSError as exc:
             raise _unwritable(args.output, exc) from None
     final = target.resolve() if target.is_symlink() else target
     partial = final.with_name(final.name + ".partial")
     try:
         with partial.open("w", newline="", encoding="utf-8") as out:
-            written = write_export(stream, args.format, out, progress)
+            written = write_export(stream, args.format, out, progress, excel=args.excel)
         partial.replace(final)
     except OSError as exc:
         partial.unlink(missing_ok=True)
@@ -381,18 +389,24 @@ def write_export(
     fmt: str,
     out: IO[str],
     progress: Progress | None,
+    *,
+    excel: bool = False,
 ) -> int:
-    """Write each chunk as it arrives (nothing is held beyond one chunk); rows written."""
+    """Write each chunk as it arrives (nothing is held beyond one chunk); rows written.
+    With `excel`, the CSV is made for a spreadsheet (see `for_spreadsheet`)."""
     written = 0
     writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
     if writer is not None:
+        if excel:
+            out.write(BOM)
         writer.writerow(CSV_COLUMNS)
     for message in stream:
         for coupon in message.coupons:
             if writer is not None:
-                writer.writerow(
-                    (coupon.code, coupon.user_id, coupon.campaign_id, _iso(coupon.issued_at))
-                )
+                # Only a user id is the caller's text; a code, an id and a time never
+                # begin with a formula's character.
+                user_id = for_spreadsheet(coupon.user_id) if excel else coupon.user_id
+                writer.writerow((coupon.code, user_id, coupon.campaign_id, _iso(coupon.issued_at)))
             else:
                 out.write(coupon.to_json())
                 out.write("\n")
@@ -401,6 +415,18 @@ def write_export(
             progress.update(written)
     out.flush()
     return written
+
+
+BOM = "\ufeff"
+# A spreadsheet opening a CSV runs a cell beginning with one of these as a formula
+# (`=HYPERLINK(...)`, `@SUM(...)`, `+cmd|...`; tab and carriage return are skipped first).
+FORMULA_FIRST = ("=", "+", "-", "@", "\t", "\r")
+
+
+def for_spreadsheet(value: str) -> str:
+    """The value as a spreadsheet shows it as text: an apostrophe before a leading formula
+    character (OWASP's CSV injection advice); any other value unchanged."""
+    return "'" + value if value.startswith(FORMULA_FIRST) else value
 
 
 class Progress:
