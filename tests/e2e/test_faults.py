@@ -202,6 +202,39 @@ async def test_redis_outage_gives_unavailable_and_recovers(
     assert len(stored) == total and outcome["ok"] == total - 2
 
 
+async def test_reads_and_new_campaigns_go_on_while_redis_is_down(
+    redis_proxy: tuple[CuttableProxy, ServerProcess],
+) -> None:
+    """PostgreSQL holds what is read: GetCampaign, ListCampaigns and CreateCampaign answer
+    through a Redis outage (statuses by the process's clock), IssueCoupon does not."""
+    proxy, server = redis_proxy
+    async with connect_client(server.url) as client:
+        campaign_id = await create(client, 5)
+        code = await issue(client, campaign_id, "alice")
+        proxy.block()
+        try:
+            assert await issue(client, campaign_id, "bob") == "error:unavailable"
+            for _ in range(3):  # the first after the loss finds Redis gone, the next know it
+                seen = await client.get_campaign(
+                    coupon_pb.GetCampaignRequest(campaign_id=campaign_id)
+                )
+                assert seen.campaign is not None
+                assert seen.campaign.status == coupon_pb.CampaignStatus.ACTIVE
+                assert seen.campaign.issued_count == 1
+                assert [(c.user_id, c.code) for c in seen.coupons] == [("alice", code)]
+                assert seen.server_time is not None
+                assert abs(seen.server_time.seconds - time.time()) < 5
+            listed = await client.list_campaigns(coupon_pb.ListCampaignsRequest(page_size=1000))
+            assert campaign_id in [c.id for c in listed.campaigns]
+            later = await create(client, 2)
+            assert await issue(client, later, "carol") == "error:unavailable"
+        finally:
+            proxy.unblock()
+        # The campaign made during the outage is issued from once Redis is back.
+        assert await until_issued(client, later, "carol-again")
+        assert await issue(client, campaign_id, "alice") == code
+
+
 async def test_server_killed_mid_burst_strands_no_stock(
     server_env: dict[str, str], pg_pool: asyncpg.Pool
 ) -> None:

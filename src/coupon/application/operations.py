@@ -16,6 +16,7 @@ from coupon.application.ports import (
     Clock,
     CouponLedger,
     StockGate,
+    ViewClock,
 )
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.campaign import Campaign, CampaignStatus
@@ -71,7 +72,7 @@ class CampaignList:
 class ListCampaigns:
     """Newest first, a page at a time; statuses decided by the one clock, at one `now`."""
 
-    def __init__(self, campaigns: CampaignRepository, clock: Clock) -> None:
+    def __init__(self, campaigns: CampaignRepository, clock: ViewClock) -> None:
         self._campaigns = campaigns
         self._clock = clock
 

@@ -77,6 +77,13 @@ class Clock(Protocol):
     async def now(self) -> datetime: ...
 
 
+class ViewClock(Clock, Protocol):
+    """The clock what is read is dated by (the status GetCampaign and ListCampaigns show,
+    a new campaign's created_at): the one clock while it answers, else the process's own,
+    so that what PostgreSQL holds stays readable while Redis is down. Nothing is decided
+    by it: admission and the kill switch read the one clock alone."""
+
+
 class CampaignRepository(Protocol):
     async def add(self, campaign: Campaign) -> None: ...
 

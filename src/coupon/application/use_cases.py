@@ -15,9 +15,9 @@ from datetime import datetime
 
 from coupon.application.ports import (
     CampaignRepository,
-    Clock,
     CouponLedger,
     StockGate,
+    ViewClock,
 )
 from coupon.domain.campaign import Campaign, new_campaign
 from coupon.domain.coupon import Coupon, validate_campaign_id
@@ -84,7 +84,7 @@ async def _no_holdings() -> AsyncIterator[Sequence[Coupon]]:
 
 
 class CreateCampaign:
-    def __init__(self, campaigns: CampaignRepository, gate: StockGate, clock: Clock) -> None:
+    def __init__(self, campaigns: CampaignRepository, gate: StockGate, clock: ViewClock) -> None:
         self._campaigns = campaigns
         self._gate = gate
         self._clock = clock
@@ -150,7 +150,9 @@ def decode_page_token(campaign_id: str, token: str) -> int:
 
 
 class GetCampaign:
-    def __init__(self, campaigns: CampaignRepository, ledger: CouponLedger, clock: Clock) -> None:
+    def __init__(
+        self, campaigns: CampaignRepository, ledger: CouponLedger, clock: ViewClock
+    ) -> None:
         self._campaigns = campaigns
         self._ledger = ledger
         self._clock = clock

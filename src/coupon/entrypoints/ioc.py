@@ -34,6 +34,7 @@ from coupon.adapters.redis.client import RedisClient, create_client
 from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
+from coupon.application.clocks import ReadingClock
 from coupon.application.issue import IssueCoupon
 from coupon.application.live import LiveTally, WatchCampaign
 from coupon.application.operations import (
@@ -49,6 +50,7 @@ from coupon.application.ports import (
     CouponLedger,
     LiveStats,
     StockGate,
+    ViewClock,
 )
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
@@ -192,6 +194,10 @@ class ApplicationProvider(Provider):
     @provide
     def directory(self, campaigns: CampaignRepository) -> CampaignDirectory:
         return CampaignDirectory(campaigns)
+
+    @provide
+    def view_clock(self, clock: Clock) -> ViewClock:
+        return ReadingClock(clock)
 
     create = provide(CreateCampaign)
     get = provide(GetCampaign)

@@ -289,21 +289,14 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     if args.excel and args.format != "csv":
         raise UsageError("--excel applies to --format csv only")
     # The campaign first: a clear error before any output, and the total for the progress.
-    total: int | None = None
-    try:
-        view = call.client.get_campaign(
-            coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
-            headers=call.headers,
-            timeout_ms=TIMEOUT_MS,
-        )
-    except ConnectError as exc:
-        # GetCampaign decides a status by the gate's clock, so it needs Redis; the export
-        # reads PostgreSQL alone, and is what an operator reaches for when Redis is down.
-        if exc.code is not Code.UNAVAILABLE or unreachable(exc) is not None:
-            raise
-    else:
-        assert view.campaign is not None
-        total = view.campaign.issued_count
+    # (GetCampaign answers while Redis is down, as the export does: both read PostgreSQL.)
+    view = call.client.get_campaign(
+        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
+        headers=call.headers,
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert view.campaign is not None
+    total = view.campaign.issued_count
     target = None if args.output is None else Path(args.output)
     if target is not None:
         _check_output(target)
@@ -434,7 +427,7 @@ class Progress:
 
     WIDTH = 30
 
-    def __init__(self, total: int | None, out: TextIO) -> None:
+    def __init__(self, total: int, out: TextIO) -> None:
         self._total = total
         self._out = out
         self._started = time.monotonic()
@@ -450,10 +443,6 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         rate = self._count / max(now - self._started, 1e-9)
-        if self._total is None:  # not known (Redis down): the count alone
-            self._out.write(f"\r{self._count:,} coupons, {rate:,.0f}/s")
-            self._out.flush()
-            return
         share = min(1.0, self._count / self._total) if self._total else 1.0
         filled = int(share * self.WIDTH)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
