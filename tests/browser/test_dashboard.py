@@ -18,6 +18,7 @@ import pytest
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.burst import Outcome, drive
 from harness.client import admin, connect_client, create_campaign, ts
+from harness.private_redis import PrivateRedis
 from harness.server import ServerProcess
 
 if TYPE_CHECKING:
@@ -326,3 +327,34 @@ async def test_a_long_name_is_cut_and_every_column_stays_in_sight(
         campaign.id,
     )
     assert fits == {"scrolls": False, "cells": [True, True, True, True], "cut": True}
+
+
+async def test_with_redis_down_the_list_and_counts_show_and_the_live_figures_say_why(
+    server_env: dict[str, str], browser: Browser
+) -> None:
+    private = PrivateRedis()
+    try:
+        env = {**server_env, "REDIS_URL": private.url, "COUPON_ADMIN_TOKEN": TOKEN}
+        with ServerProcess(env=env) as proc:
+            async with connect_client(proc.url) as client:
+                campaign = await create_campaign(
+                    client, total=50, name="Through an outage", token=TOKEN
+                )
+                for user in ("a", "b", "c"):
+                    await client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=campaign.id, user_id=user)
+                    )
+            private.kill()
+            page = await browser.new_page()
+            await open_with_token(page, f"{proc.url}/dashboard")
+            await page.wait_for_selector(f"#campaigns tr[data-id='{campaign.id}']")
+            await page.evaluate(f"location.hash = '{campaign.id}'")
+            await page.wait_for_selector("#live-body:not([hidden])")
+            await page.wait_for_function("document.getElementById('issued').textContent === '3'")
+            assert await number(page, "#remaining") == 47
+            assert await page.text_content("#rate") == "–"
+            assert await page.text_content("#requests") == "–"
+            said = await page.text_content("#live-error") or ""
+            assert said.startswith("Live figures unavailable (Redis is unavailable)"), said
+    finally:
+        private.close()

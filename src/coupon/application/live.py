@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from coupon.application.periodic import periodically
-from coupon.application.ports import CampaignRepository, Clock, LiveCounts, LiveStats
+from coupon.application.ports import CampaignRepository, LiveCounts, LiveStats, ViewClock
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import validate_campaign_id
-from coupon.domain.errors import CampaignNotFound, CouponError
+from coupon.domain.errors import CampaignNotFound, CouponError, Unavailable
 
 log = logging.getLogger("coupon")
 
@@ -100,6 +100,9 @@ class LiveView:
     refusals: dict[str, int]  # by reason, over the window
     p99_seconds: float | None  # IssueCoupon latency over the last P99_SECONDS
     requests: int  # IssueCoupon answers over the window
+    # Why the figures above are missing (the window empty, the numbers zero), or "": the
+    # campaign's own counts come from PostgreSQL and are shown whatever this says.
+    figures_missing: str = ""
 
 
 class WatchCampaign:
@@ -108,7 +111,7 @@ class WatchCampaign:
     # Processes add their counts once a second: the second before last is complete.
     SETTLE_SECONDS = 2
 
-    def __init__(self, campaigns: CampaignRepository, stats: LiveStats, clock: Clock) -> None:
+    def __init__(self, campaigns: CampaignRepository, stats: LiveStats, clock: ViewClock) -> None:
         self._campaigns = campaigns
         self._stats = stats
         self._clock = clock
@@ -122,7 +125,10 @@ class WatchCampaign:
         # The processes count by their own wall clocks: read the same seconds.
         newest = int(time.time())
         window = range(newest - self.WINDOW_SECONDS + 1, newest + 1)
-        counts = await self._stats.read(campaign_id, list(window))
+        try:
+            counts = await self._stats.read(campaign_id, list(window))
+        except Unavailable as exc:
+            return LiveView(campaign, now, (), 0, {}, None, 0, figures_missing=str(exc))
         seconds = []
         refusals: dict[str, int] = {}
         latency = [0] * len(_LATENCY_FIELDS)

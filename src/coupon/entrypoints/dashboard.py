@@ -96,6 +96,8 @@ def live_json(view: LiveView) -> dict[str, Any]:
     return {
         "campaign": campaign_json(view.campaign, view.now),
         "serverTime": _iso(view.now),
+        # Why the live figures below are missing (the counts above still hold), or null.
+        "figuresMissing": view.figures_missing or None,
         "issuedPerSecond": view.issued_per_second,
         "refusals": dict(sorted(view.refusals.items())),
         "p99Ms": None if view.p99_seconds is None else round(view.p99_seconds * 1000, 3),

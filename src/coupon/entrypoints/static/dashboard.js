@@ -178,10 +178,13 @@ async function loadLive() {
     const end = c.endedAt || c.endsAt;
     $("status").textContent = c.status === "ended" ? "none can be issued" : c.status.replace("_", " ");
     $("status").title = c.status === "ended" && end ? "ended " + utc(end) : "";
-    $("rate").textContent = fmt(v.issuedPerSecond);
-    $("p99").textContent = v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
-    $("requests").textContent = fmt(v.requests);
-    $("window").textContent = "last " + v.windowSeconds + " s";
+    // Without the live figures (Redis down), the counts above still hold: say so, show none.
+    const missing = v.figuresMissing;
+    $("live-error").textContent = missing ? "Live figures unavailable (" + missing + "); issued and stock are from PostgreSQL." : "";
+    $("rate").textContent = missing ? "–" : fmt(v.issuedPerSecond);
+    $("p99").textContent = missing || v.p99Ms === null ? "–" : (v.p99Ms < 10 ? v.p99Ms.toFixed(2) : v.p99Ms.toFixed(0)) + " ms";
+    $("requests").textContent = missing ? "–" : fmt(v.requests);
+    $("window").textContent = missing ? "" : "last " + v.windowSeconds + " s";
     const tbody = $("refusals").tBodies[0];
     tbody.replaceChildren();
     const reasons = Object.entries(v.refusals);
@@ -193,7 +196,7 @@ async function loadLive() {
     }
     if (!reasons.length) {
       const row = tbody.insertRow();
-      cell(row, "none");
+      cell(row, missing ? "–" : "none");
       cell(row, "");
     }
     drawChart(v.seconds);
