@@ -134,7 +134,17 @@ def draw(
         if answers_s is not None:
             # A crowd presses faster than connections free up: both lines tell.
             top.plot(x, data.due_per_s, label="pressed", color="grey", linewidth=1.5)
-        top.plot(x, data.sent_per_s, label="sent", color="black", linewidth=1.5)
+        # Dashed and on top: once every request sent is answered alike (all sold out, say),
+        # the two lines coincide, and a solid one underneath would look like nothing sent.
+        top.plot(
+            x,
+            data.sent_per_s,
+            label="sent",
+            color="black",
+            linewidth=1.2,
+            linestyle="--",
+            zorder=3,
+        )
         colours = {
             "issued": "tab:green",
             "already_issued": "tab:olive",
