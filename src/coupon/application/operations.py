@@ -70,7 +70,7 @@ class CampaignList:
 
 
 class ListCampaigns:
-    """Newest first, a page at a time; statuses decided by the one clock, at one `now`."""
+    """Newest first, a page at a time; statuses dated by the ViewClock, at one `now`."""
 
     def __init__(self, campaigns: CampaignRepository, clock: ViewClock) -> None:
         self._campaigns = campaigns

@@ -78,10 +78,10 @@ class Clock(Protocol):
 
 
 class ViewClock(Clock, Protocol):
-    """The clock what is read is dated by (the status GetCampaign and ListCampaigns show,
-    a new campaign's created_at): the one clock while it answers, else the process's own,
-    so that what PostgreSQL holds stays readable while Redis is down. Nothing is decided
-    by it: admission and the kill switch read the one clock alone."""
+    """The clock what is read is dated by (the status GetCampaign, ListCampaigns and the
+    dashboard show, a new campaign's created_at): the one clock while it answers, else the
+    process's own, so that what PostgreSQL holds stays readable while Redis is down.
+    Nothing is decided by it: admission and the kill switch read the one clock alone."""
 
 
 class CampaignRepository(Protocol):
