@@ -99,6 +99,9 @@ class ConstantIssue:
     ) -> ConnectError | None:
         return None
 
+    def issue_unreadable(self, error: ConnectError, arrived: float) -> None:
+        pass
+
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
         """Settled at once (the service's settles from a callback of the gate's batch)."""
         if self._loop is None:

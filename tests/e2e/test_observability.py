@@ -80,6 +80,42 @@ def test_metrics_count_every_worker_s_requests_and_issues(server: ServerProcess)
     )
 
 
+def test_an_issue_request_whose_body_cannot_be_read_is_counted_as_invalid(
+    server: ServerProcess,
+) -> None:
+    def counts() -> tuple[float, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return (
+            metric(text, "coupon_issue_rejections_total", reason="invalid"),
+            metric(text, "coupon_rpc_requests_total", rpc="IssueCoupon", code="invalid_argument"),
+        )
+
+    def settled() -> tuple[float, float]:
+        # Each worker writes its tallies out every second: read until they stop moving.
+        last, same_since = counts(), time.monotonic()
+        while time.monotonic() - same_since < 2.5:
+            time.sleep(0.25)
+            now = counts()
+            if now != last:
+                last, same_since = now, time.monotonic()
+        return last
+
+    before = settled()
+    json_bodies = [b'{"campaignId": 5', b'{"campaignId": 5, "userId": "u"}', b"not json"]
+    for body in json_bodies:
+        answer = httpx.post(
+            f"{server.url}{ISSUE}", content=body, headers={"content-type": "application/json"}
+        )
+        assert answer.json()["code"] == "invalid_argument", answer.text
+    for body in (b"\xff\xff\xff", b"\x0a\x05ab"):
+        answer = httpx.post(
+            f"{server.url}{ISSUE}", content=body, headers={"content-type": "application/proto"}
+        )
+        assert answer.status_code == 400, answer.text
+    after = settled()
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 5)
+
+
 def test_metrics_content_type_names_each_parameter_once(server: ServerProcess) -> None:
     """Prometheus 3 parses the Content-Type strictly: a parameter given twice (two charsets)
     fails the scrape."""

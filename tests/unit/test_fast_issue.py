@@ -34,11 +34,15 @@ class Service:
         self._at_once = at_once
         self.let_in = 0
         self.finished = 0
+        self.unreadable: list[Code] = []
 
     def issue_at_once(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> ConnectError | None:
         return self._at_once
+
+    def issue_unreadable(self, error: ConnectError, arrived: float) -> None:
+        self.unreadable.append(error.code)
 
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
         self.let_in += 1
@@ -208,6 +212,7 @@ async def test_an_undecodable_body_is_invalid_and_never_let_in() -> None:
     assert status == 400
     assert json.loads(body)["code"] == "invalid_argument"
     assert service.let_in == 0
+    assert service.unreadable == [Code.INVALID_ARGUMENT]  # counted by the service
 
 
 async def test_a_request_turned_away_carries_the_retry_hint_in_header_and_detail() -> None:

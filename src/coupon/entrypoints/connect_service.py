@@ -441,6 +441,12 @@ class CouponService:
             return None
         return self._shed(arrived, request.campaign_id)
 
+    def issue_unreadable(self, error: ConnectError, arrived: float) -> None:
+        """A body that is not an IssueCouponRequest: answered `error` by the front door,
+        counted here as an invalid request (as a bad field is)."""
+        self._observe_issue.failed(arrived, error.code, error.message)
+        self._rejections("invalid").inc()
+
     @property
     def doorman(self) -> Doorman:
         return self._doorman

@@ -78,6 +78,10 @@ class IssueService(Protocol):
         self, request: coupon_pb.IssueCouponRequest, arrived: float
     ) -> ConnectError | None: ...
 
+    def issue_unreadable(self, error: ConnectError, arrived: float) -> None:
+        """Count a request whose body is not an IssueCouponRequest (answered `error`)."""
+        ...
+
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending: ...
 
     def issue_finish(
@@ -148,9 +152,9 @@ class IssueRoute:
         try:
             request = codec[0].decode(body, coupon_pb.IssueCouponRequest)
         except ConnectError as exc:  # the JSON codec's, which says it plainly
-            return error_answer(exc)
+            return self._unreadable(exc, arrived)
         except Exception:  # noqa: BLE001 - the binary codec's, said plainly
-            return error_answer(binary_error(body, coupon_pb.IssueCouponRequest))
+            return self._unreadable(binary_error(body, coupon_pb.IssueCouponRequest), arrived)
         error = self._service.issue_at_once(request, arrived)
         if error is None:
             return request
@@ -160,6 +164,10 @@ class IssueRoute:
                 self._answers.clear()
             known = self._answers[id(error)] = (error, error_answer(error))
         return known[1]
+
+    def _unreadable(self, error: ConnectError, arrived: float) -> Answer:
+        self._service.issue_unreadable(error, arrived)
+        return error_answer(error)
 
     def hold_after(self, answer: Answer) -> float:
         """After a request turned away, how long its connection should not be read from."""
