@@ -116,6 +116,26 @@ def test_an_issue_request_whose_body_cannot_be_read_is_counted_as_invalid(
     assert (after[0] - before[0], after[1] - before[1]) == (5, 5)
 
 
+def test_metrics_of_a_single_worker_server(server_env: dict[str, str]) -> None:
+    """One worker runs the app in the serving process itself: its counts are served too."""
+    with ServerProcess(env=server_env, workers=1) as single:
+        created = httpx.post(
+            f"{single.url}{CREATE}",
+            json={"name": "one worker", "totalCoupons": 3, "startsAt": "2026-01-01T00:00:00Z"},
+        ).json()["campaign"]["id"]
+        for user in ("a", "b"):
+            httpx.post(f"{single.url}{ISSUE}", json={"campaignId": created, "userId": user})
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(f"{single.url}/metrics").text
+            issued = metric(text, "coupon_coupons_issued_total", campaign_id=created)
+            if issued == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert issued == 2, text[:2000]
+        assert metric(text, "coupon_rpc_requests_total", rpc="IssueCoupon", code="ok") == 2
+
+
 def test_metrics_content_type_names_each_parameter_once(server: ServerProcess) -> None:
     """Prometheus 3 parses the Content-Type strictly: a parameter given twice (two charsets)
     fails the scrape."""

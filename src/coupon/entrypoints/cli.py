@@ -234,10 +234,13 @@ def _metrics_dir(given: str) -> tuple[str, bool]:
     """Where the workers add up their metrics, fresh for each start, and whether it was made
     here (then it is removed at exit; a directory given by PROMETHEUS_MULTIPROC_DIR is the
     operator's and stays, and of its files only the metrics files of earlier runs go)."""
+    if not given:
+        # Not importing prometheus_client first: it picks where values live (in memory, or
+        # in this directory's files) when imported, and with one worker the app runs in
+        # this process, so it must find PROMETHEUS_MULTIPROC_DIR already set.
+        return tempfile.mkdtemp(prefix="coupon-metrics-"), True
     from coupon.entrypoints.metrics import metrics_files
 
-    if not given:
-        return tempfile.mkdtemp(prefix="coupon-metrics-"), True
     try:
         Path(given).mkdir(parents=True, exist_ok=True)
         for stale in metrics_files(given):
