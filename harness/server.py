@@ -118,6 +118,22 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} server not ready after {timeout:g} s:\n{self.log()}")
 
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Until every worker serves and GET /healthz answers, whether or not its
+        PostgreSQL and Redis are there (unlike `wait_ready`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited early:\n{self.log()}")
+            if self.log().count('"message": "serving"') >= self.workers:
+                try:
+                    if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} server not serving after {timeout:g} s:\n{self.log()}")
+
     def log(self, tail: int = 20_000) -> str:
         self._log.flush()
         try:

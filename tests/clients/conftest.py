@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from harness.server import ServerProcess, free_port
@@ -25,22 +23,6 @@ TOKEN = "client-tests-admin-token"
 def need_node_packages() -> None:
     if shutil.which("node") is None or not (ROOT / "node_modules" / "@connectrpc").is_dir():
         pytest.skip("node and the npm packages (npm ci, run by `just test`) are needed")
-
-
-def wait_serving(server: ServerProcess, timeout: float = 30.0) -> None:
-    """Ready to answer, whether or not its PostgreSQL and Redis are (unlike /readyz)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log()}")
-        if server.log().count('"message": "serving"') >= server.workers:
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server not serving after {timeout}s:\n{server.log()}")
 
 
 @pytest.fixture(scope="package")
@@ -57,7 +39,7 @@ def redis_down_server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
     env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     proc = ServerProcess(env=env)
     try:
-        wait_serving(proc)
+        proc.wait_serving()
         yield proc
     finally:
         proc.stop()

@@ -24,7 +24,7 @@ from harness.client import all_coupons, connect_client, create_campaign, issue_r
 from harness.private_redis import PrivateRedis
 from harness.proxy import CuttableProxy
 from harness.raw_http import closed_by_peer, issue_request, open_connection, read_response
-from harness.server import ServerProcess
+from harness.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 LEASE = "1"
@@ -233,6 +233,30 @@ async def test_reads_and_new_campaigns_go_on_while_redis_is_down(
         # The campaign made during the outage is issued from once Redis is back.
         assert await until_issued(client, later, "carol-again")
         assert await issue(client, campaign_id, "alice") == code
+
+
+async def test_with_no_redis_cluster_node_reachable_reads_answer_and_writes_are_unavailable(
+    server_env: dict[str, str],
+) -> None:
+    """The cluster client fails otherwise than a single Redis (its own exception, not a
+    RedisError): the same answers all the same, never `unknown`."""
+    env = {**server_env, "REDIS_URL": f"redis+cluster://127.0.0.1:{free_port()}"}
+    server = ServerProcess(env=env)
+    try:
+        server.wait_serving()
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, 5)
+            seen = await client.get_campaign(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+            assert seen.campaign is not None and seen.campaign.issued_count == 0
+            listed = await client.list_campaigns(coupon_pb.ListCampaignsRequest())
+            assert campaign_id in [c.id for c in listed.campaigns]
+            assert await issue(client, campaign_id, "ana") == "error:unavailable"
+            with pytest.raises(ConnectError) as ended:
+                await client.end_campaign(coupon_pb.EndCampaignRequest(campaign_id=campaign_id))
+            assert ended.value.code.value == "unavailable", ended.value
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
 
 
 async def test_server_killed_mid_burst_strands_no_stock(

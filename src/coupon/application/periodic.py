@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+
+log = logging.getLogger("coupon")
 
 
 @contextlib.asynccontextmanager
@@ -12,12 +15,16 @@ async def periodically(
     seconds: float, action: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[None]:
     """Await `action` every `seconds` while open, and once more when closed (so nothing
-    tallied before the close is lost). `action` handles its own failures."""
+    tallied before the close is lost). `action` handles the failures it expects; one it
+    does not is logged, and the next round runs all the same."""
 
     async def forever() -> None:
         while True:
             await asyncio.sleep(seconds)
-            await action()
+            try:
+                await action()
+            except Exception:
+                log.exception("a periodic task failed; it runs again")
 
     task = asyncio.get_running_loop().create_task(forever())
     try:

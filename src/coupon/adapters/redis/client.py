@@ -34,6 +34,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import ScriptTextT
 from redis.utils import str_if_bytes
 
+# What a Redis call can fail with: the server's errors, the network's, the cluster client's
+# (no node reachable, a node not in cluster mode: RedisClusterException, not a RedisError).
+FAILURES = (RedisError, OSError, RedisClusterException)
+
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from redis.exceptions import RedisError
-
-from coupon.adapters.redis.client import RedisClient
+from coupon.adapters.redis.client import FAILURES, RedisClient
 from coupon.domain.errors import Unavailable
 
 
@@ -19,7 +17,7 @@ class RedisClock:
     async def now(self) -> datetime:
         try:
             seconds, micros = await self._client.time()
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise Unavailable(
                 "Redis is unavailable", detail=f"{type(exc).__name__}: {exc}"
             ) from exc

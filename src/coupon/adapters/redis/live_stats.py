@@ -14,9 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from importlib import resources
 
-from redis.exceptions import RedisError
-
-from coupon.adapters.redis.client import RedisClient
+from coupon.adapters.redis.client import FAILURES, RedisClient
 from coupon.application.ports import LiveCounts
 from coupon.domain.errors import Unavailable
 
@@ -49,7 +47,7 @@ class RedisLiveStats:
             calls.append(self._add(keys=[self.key(campaign_id, second)], args=args))
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
-            if isinstance(result, (RedisError, OSError)):
+            if isinstance(result, FAILURES):
                 raise _unavailable(result)
             if isinstance(result, BaseException):
                 raise result
@@ -59,7 +57,7 @@ class RedisLiveStats:
             return {}
         try:
             replies = await self._read(keys=[self.key(campaign_id, s) for s in seconds])
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise _unavailable(exc) from exc
         found = {}
         for second, flat in zip(seconds, replies, strict=True):

@@ -19,12 +19,11 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import EncodableT
 
 from coupon.adapters.redis import admission_reply as wire
 from coupon.adapters.redis.admission_reply import Held, ReplyKind
-from coupon.adapters.redis.client import RedisClient
+from coupon.adapters.redis.client import FAILURES, RedisClient
 from coupon.adapters.redis.script_lane import ScriptLane
 from coupon.application.ports import Admission, AdmissionKind, GateView, Handoff, Settles
 from coupon.domain.campaign import Campaign
@@ -32,9 +31,6 @@ from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Overloaded, Unavailable
 
 log = logging.getLogger("coupon")
-
-# What a Redis call can fail with: the server's errors, the network's, the cluster client's.
-FAILURES = (RedisError, OSError, RedisClusterException)
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
