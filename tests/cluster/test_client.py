@@ -5,6 +5,7 @@ own campaigns down."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from coupon.adapters.redis.client import create_client, is_cluster_url, parse_cluster_url
+from coupon.adapters.redis.client import (
+    QueueingRedisCluster,
+    create_client,
+    is_cluster_url,
+    parse_cluster_url,
+)
 from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
@@ -274,4 +280,63 @@ async def test_a_hung_master_holds_up_only_its_own_callers() -> None:
             assert all(isinstance(value, RedisError) for value in results), results
         finally:
             cluster.thaw_master(0)
+            await client.aclose()
+
+
+@needs_redis_server
+async def test_a_call_to_a_hung_master_fails_within_the_command_deadline() -> None:
+    """The cluster client retries a time-out on the same hung master, a socket time-out
+    each (5 s): the caller is answered within one deadline, not after every retry."""
+    with LocalRedisCluster(masters=3) as cluster:
+        client = create_client(cluster.url)
+        assert isinstance(client, QueueingRedisCluster)
+        try:
+            key = next(
+                k
+                for k in (f"{PREFIX}:{{{uuid.uuid4()}}}:n" for _ in range(1000))
+                if cluster.master_for_key(k) == 0
+            )
+            await client.set(key, 1)
+            cluster.freeze_master(0)
+            started = time.monotonic()
+            with pytest.raises(RedisConnectionError):
+                await client.incr(key)
+            # One deadline (6 s) and some slack, against 20 s for four socket time-outs.
+            assert time.monotonic() - started < QueueingRedisCluster.COMMAND_DEADLINE + 3
+        finally:
+            cluster.thaw_master(0)
+            await client.aclose()
+
+
+@needs_redis_server
+async def test_a_hung_default_node_holds_up_neither_readiness_nor_the_clock_nor_rebuilds() -> None:
+    """Keyless commands (PING, TIME) go to the client's default node: readiness asks every
+    master and moves that role off a node that does not answer; a rebuild reads the time
+    of its own campaign's master."""
+    with LocalRedisCluster(masters=3) as cluster:
+        client = create_client(cluster.url)
+        assert isinstance(client, QueueingRedisCluster)
+        try:
+            await client.ping_any(timeout=1.5)
+            default = client.get_default_node()
+            frozen = next(n.index for n in cluster.nodes if n.port == default.port)
+            gate = RedisStockGate(client, prefix=PREFIX)
+            other = campaign(total=10)
+            while cluster.master_for_key(gate.keys(other.id)[0]) == frozen:
+                other = campaign(total=10)
+            cluster.freeze_master(frozen)
+            started = time.monotonic()
+            await gate.load(other, chunks())  # its TIME from its own master
+            assert time.monotonic() - started < 3
+            started = time.monotonic()
+            await client.ping_any(timeout=1.5)  # ready: two masters of three answer
+            assert time.monotonic() - started < 3
+            assert client.get_default_node().port != default.port
+            started = time.monotonic()
+            assert abs((await RedisClock(client).now() - datetime.now(UTC)).total_seconds()) < 5
+            assert time.monotonic() - started < 3
+            admitted = await gate.admit(other.id, "alice")
+            assert admitted.kind is AdmissionKind.ADMITTED
+        finally:
+            cluster.thaw_master(frozen)
             await client.aclose()

@@ -3,6 +3,7 @@ it does not, without waiting on the one clock at every read of an outage."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -61,3 +62,14 @@ async def test_only_unavailability_falls_back() -> None:
 
     with pytest.raises(RuntimeError):
         await ReadingClock(Broken(), lambda: OWN).now()
+
+
+async def test_a_clock_slower_than_the_patience_is_not_waited_for() -> None:
+    class Hung:
+        async def now(self) -> datetime:
+            await asyncio.sleep(60)
+            return ONE
+
+    started = asyncio.get_running_loop().time()
+    assert await ReadingClock(Hung(), lambda: OWN, patience=0.05).now() == OWN
+    assert asyncio.get_running_loop().time() - started < 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,9 +16,10 @@ def _utc_now() -> datetime:
 
 
 class ReadingClock:
-    """A ViewClock: `decides` (the one clock) while it answers; once it is unavailable,
-    the process's own clock, without asking `decides` again for `pause` seconds, so a read
-    during an outage does not wait for the one clock each time."""
+    """A ViewClock: `decides` (the one clock) while it answers within `patience` seconds;
+    once it is unavailable or slower, the process's own clock, without asking `decides`
+    again for `pause` seconds, so a read during an outage or a hang does not wait for the
+    one clock each time."""
 
     def __init__(
         self,
@@ -25,11 +27,13 @@ class ReadingClock:
         own: Callable[[], datetime] = _utc_now,
         *,
         pause: float = 1.0,
+        patience: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._decides = decides
         self._own = own
         self._pause = pause
+        self._patience = patience
         self._monotonic = monotonic
         self._retry_at = 0.0
 
@@ -37,7 +41,8 @@ class ReadingClock:
         if self._monotonic() < self._retry_at:
             return self._own()
         try:
-            return await self._decides.now()
-        except Unavailable:
+            async with asyncio.timeout(self._patience):
+                return await self._decides.now()
+        except (Unavailable, TimeoutError):
             self._retry_at = self._monotonic() + self._pause
             return self._own()

@@ -162,6 +162,10 @@ class QueueingRedisCluster(RedisCluster):
     """
 
     KEYLESS_IN_FLIGHT = 8
+    # A command's whole time, its retries included: the client retries a time-out on the
+    # same hung master, a socket time-out each, which would hold a caller for 20 s.
+    COMMAND_DEADLINE = 6.0
+    SCRIPT_LOAD_WAIT = 0.5
 
     def __init__(self, *args: Any, pool_timeout: float = 5.0, in_flight: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -205,32 +209,69 @@ class QueueingRedisCluster(RedisCluster):
                 f"no Redis Cluster connection free after {self._pool_timeout}s"
             ) from None
         try:
-            return await super().execute_command(*args, **kwargs)
+            async with asyncio.timeout(self.COMMAND_DEADLINE):
+                return await super().execute_command(*args, **kwargs)
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"no answer from Redis Cluster within {self.COMMAND_DEADLINE:g} s"
+            ) from None
         finally:
             limit.release()
 
+    async def ping_any(self, timeout: float) -> None:
+        """PING every primary at once: fine when one answers within `timeout` (a master
+        down or hung takes only its own campaigns away). Keyless commands (PING, TIME) go
+        to the client's default node; when that one did not answer, one that did takes
+        its place, so they stop waiting on it."""
+        await self.initialize()
+        primaries = self.get_primaries()
+
+        async def ping(node: ClusterNode) -> None:
+            async with asyncio.timeout(timeout):
+                await self.execute_command("PING", target_nodes=node)
+
+        results = await asyncio.gather(*(ping(n) for n in primaries), return_exceptions=True)
+        answered = [n for n, r in zip(primaries, results, strict=True) if r is None]
+        if not answered:
+            failures = [r for r in results if isinstance(r, BaseException)]
+            raise failures[0] if failures else RedisConnectionError("Redis Cluster has no primary")
+        if self.get_default_node() not in answered:
+            self.set_default_node(answered[0])
+
     async def script_load(self, script: ScriptTextT) -> str:
-        """SCRIPT LOAD on every primary that answers.
+        """SCRIPT LOAD on every primary that answers within SCRIPT_LOAD_WAIT.
 
         A script is run by EVALSHA on the node that owns its keys; a node without the
         script (restarted, promoted) answers NOSCRIPT and the script is loaded. redis-py
         loads it on every primary at once and fails if any one is down, which would fail
         requests for campaigns on healthy nodes because of a dead one. Here it fails only
-        when no primary took the script.
+        when no primary took the script, and a hung primary is not waited for: a live one
+        loads a script in a millisecond (one that missed it loads it at its next NOSCRIPT).
         """
         await self.initialize()
-        results = await asyncio.gather(
-            *(
-                self.execute_command("SCRIPT LOAD", script, target_nodes=node)
-                for node in self.get_primaries()
-            ),
-            return_exceptions=True,
+        calls = [
+            asyncio.ensure_future(self.execute_command("SCRIPT LOAD", script, target_nodes=node))
+            for node in self.get_primaries()
+        ]
+        if not calls:
+            raise RedisConnectionError("Redis Cluster has no primary")
+        done, late = await asyncio.wait(calls, timeout=self.SCRIPT_LOAD_WAIT)
+        for call in late:
+            call.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        first_error: BaseException | None = None
+        for call in calls:
+            if call not in done:
+                continue
+            error = call.exception()
+            if error is None:
+                return str_if_bytes(call.result())
+            first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+        raise RedisConnectionError(
+            f"no Redis Cluster primary loaded a script within {self.SCRIPT_LOAD_WAIT:g} s"
         )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for result in results:
-            if not isinstance(result, BaseException):
-                return str_if_bytes(result)
-        raise errors[0] if errors else RedisConnectionError("Redis Cluster has no primary")
 
 
 def create_client(url: str, max_connections: int = 64) -> RedisClient:

@@ -50,6 +50,9 @@ _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# TIME on the node that holds KEYS[1]: in a cluster, the campaign's own master, whose
+# clock its admissions read (a keyless TIME would go to whichever node the client picks).
+_TIME = "return redis.call('TIME')"
 
 # A request waiting for the next admission call: a future (`admit`) or a handoff.
 _Waiting = tuple[str, Settles[Admission], float]
@@ -96,6 +99,7 @@ class RedisStockGate:
         self._load_users = client.register_script(_script("load_users.lua"))
         self._renew = client.register_script(_RENEW)
         self._unlock = client.register_script(_UNLOCK)
+        self._time = client.register_script(_TIME)
         # A cluster routes each call by its keys; its client is used as it is.
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else None
         self._waiting: dict[str, list[_Waiting]] = {}
@@ -347,7 +351,7 @@ class RedisStockGate:
         client = self._client
         # Any state there is partial or of an older script version: start clean.
         await client.delete(meta, users, free, pending)
-        seconds, micros = await client.time()
+        seconds, micros = await self._time(keys=[meta])
         started_us = int(seconds) * 1_000_000 + int(micros)
         taken = bytearray(campaign.total_coupons + 1)
         top = count = 0
