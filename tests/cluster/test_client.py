@@ -52,6 +52,7 @@ def test_cluster_url_lists_startup_nodes_and_keeps_credentials_and_tls() -> None
     ("url", "says"),
     [
         ("redis+cluster://a:1/3", "only database 0"),
+        ("redis+cluster://a:1?db=3", "only database 0"),
         ("redis+cluster://a:1,:2", "empty host"),
         ("redis+cluster://a:port", "bad port"),
         ("redis://a:1", "not a Redis Cluster URL"),

@@ -258,3 +258,9 @@ def test_production_without_a_token_names_everything_the_token_guards() -> None:
         load_settings({"APP_ENV": "production"}, dotenv=None)
     for name in [*ADMIN_RPCS, "dashboard"]:
         assert name in str(refused.value)
+
+
+@pytest.mark.parametrize("prefix", ["shop{eu}", "a{", "}b"])
+def test_a_redis_prefix_with_a_brace_is_refused(prefix: str) -> None:
+    with pytest.raises(SettingsError, match=r"^COUPON_REDIS_PREFIX must not hold"):
+        load_settings({"COUPON_REDIS_PREFIX": prefix}, dotenv=None)

@@ -105,6 +105,13 @@ class Settings:
                 "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: the admin RPCs "
                 f"({', '.join(ADMIN_RPCS)}) and the dashboard would otherwise be open to anyone"
             )
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise SettingsError(
+                "COUPON_REDIS_PREFIX must not hold '{' or '}': keys are "
+                "<prefix>:{<campaign id>}:..., and Redis Cluster would take a brace of the "
+                "prefix for every campaign's hash tag, one slot for all "
+                f"(got {self.redis_prefix!r})"
+            )
         if self.backend not in ("postgres", "memory"):
             raise SettingsError(
                 f"COUPON_BACKEND must be 'postgres' or 'memory' (got {self.backend!r})"

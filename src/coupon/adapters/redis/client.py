@@ -68,6 +68,8 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     auth = f"{userinfo}@" if userinfo else ""
     single = urlunsplit((scheme, f"{auth}{host}:{first_port}", "/0", parts.query, ""))
     kwargs: dict[str, Any] = dict(parse_url(single))
+    if int(kwargs.get("db") or 0) != 0:  # ?db=N: the query is read after the path
+        raise ValueError(f"Redis Cluster has only database 0 (got db={kwargs['db']} in {url!r})")
     for name in ("host", "port", "db", "path"):
         kwargs.pop(name, None)
     if kwargs.pop("connection_class", None) is SSLConnection:
