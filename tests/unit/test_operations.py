@@ -40,7 +40,12 @@ from coupon.application.ports import StockGate
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign
 from coupon.domain.campaign import Campaign, CampaignStatus
-from coupon.domain.errors import CampaignEnded, CampaignNotFound, InvalidArgument
+from coupon.domain.errors import (
+    CampaignEnded,
+    CampaignNotFound,
+    CampaignNotStarted,
+    InvalidArgument,
+)
 
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -52,6 +57,7 @@ class Process:
     directory: CampaignDirectory
     gate: StockGate
     issue: IssueCoupon
+    memory: RefusalMemory
 
 
 @dataclass
@@ -67,7 +73,7 @@ class World:
         directory = CampaignDirectory(self.campaigns)
         memory = RefusalMemory(self.ledger, self.gate, clock=self.clock.seconds)
         issue = IssueCoupon(self.gate, self.ledger, self.codes, directory, memory)
-        return Process(directory, self.gate, issue)
+        return Process(directory, self.gate, issue, memory)
 
     async def campaign(self, total: int = 10, ends_at: datetime | None = None) -> Campaign:
         create = CreateCampaign(self.campaigns, self.gate, self.clock)
@@ -77,9 +83,11 @@ class World:
         await asyncio.sleep(0.002)  # ids are ordered by the millisecond they were made in
         return campaign
 
-    def end(self) -> EndCampaign:
-        process = self.process()
-        return EndCampaign(self.campaigns, process.gate, self.clock, process.directory)
+    def end(self, process: Process | None = None) -> EndCampaign:
+        process = process or self.process()
+        return EndCampaign(
+            self.campaigns, process.gate, self.clock, process.directory, process.memory
+        )
 
 
 @pytest.fixture
@@ -213,6 +221,20 @@ async def test_ending_a_scheduled_campaign_refuses_as_ended(world: World) -> Non
     world.clock.advance(600)
     with pytest.raises(CampaignEnded):
         await a.issue.execute(campaign_id=campaign.id, user_id="u")
+
+
+async def test_the_process_that_ends_a_campaign_forgets_its_not_started_at_once(
+    world: World,
+) -> None:
+    campaign = await world.campaign()
+    a = world.process()
+    with pytest.raises(CampaignNotStarted):
+        await a.issue.execute(campaign_id=campaign.id, user_id="early")
+    assert a.memory.recall(campaign.id, "early") is not None  # remembered: not started
+    await world.end(a).execute(campaign_id=campaign.id)
+    world.clock.advance(0.01)  # well within the memory's time
+    with pytest.raises(CampaignEnded):
+        await a.issue.execute(campaign_id=campaign.id, user_id="early")
 
 
 # --- ListUserCoupons ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from coupon.application.ports import (
     StockGate,
     ViewClock,
 )
+from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
@@ -110,11 +111,19 @@ class EndCampaign:
         gate: StockGate,
         clock: Clock,
         directory: CampaignDirectory,
+        refusals: RefusalMemory,
     ) -> None:
         self._campaigns = campaigns
         self._gate = gate
         self._clock = clock
         self._directory = directory
+        self._refusals = refusals
+
+    def _forget(self, campaign_id: str) -> None:
+        """What this process keeps of the campaign: the next request sees the end (other
+        processes see it when their memories run out, COUPON_REFUSAL_MEMORY_MS at most)."""
+        self._directory.forget(campaign_id)
+        self._refusals.forget(campaign_id)
 
     async def execute(self, *, campaign_id: str) -> EndedCampaign:
         campaign_id = validate_campaign_id(campaign_id)
@@ -125,7 +134,7 @@ class EndCampaign:
             # Ended before: unchanged. The gate hears of it again, in case the call that
             # ended it stopped before telling it.
             await self._gate.end(campaign_id, campaign.ended_at)
-            self._directory.forget(campaign_id)
+            self._forget(campaign_id)
             return EndedCampaign(campaign, await self._clock.now())
         now = await self._clock.now()
         if campaign.ends_at is not None and campaign.ends_at <= now:
@@ -136,7 +145,7 @@ class EndCampaign:
             raise CampaignNotFound(campaign_id)
         assert ended.ended_at is not None
         await self._gate.end(campaign_id, ended.ended_at)
-        self._directory.forget(campaign_id)
+        self._forget(campaign_id)
         return EndedCampaign(ended, max(now, ended.ended_at), changed=True)
 
 
