@@ -35,6 +35,7 @@ migrate: setup
 # Lint: ruff, formatting, mypy --strict, buf lint of the proto, and buf breaking against
 # the released API (proto/released.binpb): fields and RPCs may be added, never renamed,
 # renumbered or removed.
+[doc('Lint: ruff, formatting, mypy --strict, buf lint, and buf breaking against the released API.')]
 lint: setup
     .venv/bin/ruff check src loadtest harness tests tools bench
     .venv/bin/ruff format --check src loadtest harness tests tools bench
@@ -48,6 +49,7 @@ release-api:
 
 # Run every test (lint first). Local PostgreSQL/Redis are used when reachable,
 # testcontainers otherwise. Extra arguments go to pytest.
+[doc('Run every test, lint first (local PostgreSQL/Redis when reachable, else testcontainers); extra arguments go to pytest.')]
 test *ARGS: lint test-deps
     #!/usr/bin/env bash
     set -euo pipefail
@@ -73,11 +75,13 @@ loadtest *ARGS: setup
 
 # Measure IssueCoupon against two no-op ceilings and under overload, verify the invariants,
 # print the table (docs/performance.md; `just bench --quick` to try it, `--help` for options).
+[doc('Measure IssueCoupon against two no-op ceilings and under overload (`--quick` to try it, `--help` for options).')]
 bench *ARGS: setup
     {{python}} -m bench {{ARGS}}
 
 # CPU per issued coupon of the working tree (or --against-ref OTHER) against REV, both
 # servers measured at once on one core so the VM's drift moves both alike (docs/performance.md).
+[doc('CPU per issued coupon of the working tree against REV, both servers measured at once on one core.')]
 bench-side *ARGS: setup
     {{python}} -m bench.side {{ARGS}}
 
@@ -99,5 +103,6 @@ cluster-demo *ARGS: setup
 # At scale: sell out a 1,000,000-coupon campaign (RSS, I1-I4, every page),
 # GetCampaign paging with 10,000,000 coupon rows, and ExportCoupons of a 10,000,000-coupon
 # campaign (bench/scale/; `--help` for options).
+[doc('At scale: a 1,000,000-coupon sell-out, GetCampaign and ExportCoupons over 10,000,000 rows (`--help`).')]
 bench-scale *ARGS: setup
     {{python}} -m bench.scale {{ARGS}}
