@@ -279,18 +279,30 @@ REDIS_PROBE_SECONDS = 3.0
 def _warn_unless_redis_answers(redis_url: str) -> None:
     """PING Redis once at start-up; when it does not answer, say so in one warning line, as
     for PostgreSQL: the server starts anyway and /readyz names Redis until it answers."""
-    from coupon.adapters.redis.client import create_client
+    from coupon.adapters.redis.client import create_client, is_cluster_url
 
-    async def ping() -> None:
+    async def ping() -> bool:
+        """Whether the one server named is a node of a Redis Cluster."""
         client = create_client(redis_url, max_connections=1)
         try:
             await asyncio.wait_for(client.ping(), REDIS_PROBE_SECONDS)
+            if is_cluster_url(redis_url):
+                return False
+            with contextlib.suppress(Exception):  # INFO may be renamed away: no matter
+                info = await asyncio.wait_for(client.info("cluster"), REDIS_PROBE_SECONDS)
+                return str(info.get("cluster_enabled", 0)) == "1"
+            return False
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
 
     try:
-        asyncio.run(ping())
+        if asyncio.run(ping()):
+            log.warning(
+                "REDIS_URL names one node of a Redis Cluster: campaigns whose slots other "
+                "nodes serve would answer unavailable; name it redis+cluster://...",
+                extra={"redis_url": redacted(redis_url)},
+            )
     except Exception as exc:  # noqa: BLE001 - whatever fails, the server serves and says so
         if isinstance(exc, TimeoutError):
             failure = f"no answer within {REDIS_PROBE_SECONDS:g} s"
