@@ -403,3 +403,26 @@ def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     for name in theirs:
         assert (given / name).read_text() == "the operator's", name
     assert metrics_dirs(tmp_path) == []
+
+
+def test_a_tls_url_to_a_redis_without_tls_is_said_to_be_maybe_that(
+    tmp_path: Path, server_env: dict[str, str]
+) -> None:
+    plain = urlsplit(server_env["REDIS_URL"])
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=closed_port_url(),
+        REDIS_URL=f"rediss://{plain.hostname}:{plain.port}/0",
+    )
+    server = ServerProcess(env=env, log_dir=tmp_path)
+    try:
+        wait_answering(server)
+        about_redis = [
+            line
+            for line in server.log().splitlines()
+            if '"level": "warning"' in line and "Redis" in line
+        ]
+        assert len(about_redis) == 1, server.log()
+        assert "does that Redis serve TLS, or is it redis://?" in about_redis[0], about_redis
+    finally:
+        server.stop()

@@ -306,6 +306,9 @@ def _warn_unless_redis_answers(redis_url: str) -> None:
     except Exception as exc:  # noqa: BLE001 - whatever fails, the server serves and says so
         if isinstance(exc, TimeoutError):
             failure = f"no answer within {REDIS_PROBE_SECONDS:g} s"
+            if redis_url.startswith("rediss"):
+                # A TLS handshake to a server without TLS waits in silence this way.
+                failure += " (with TLS: does that Redis serve TLS, or is it redis://?)"
         else:
             failure = f"{type(exc).__name__}: {exc}"
         log.warning(
