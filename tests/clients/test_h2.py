@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,7 +28,15 @@ from harness.client import in_seconds
 from harness.raw_http import rpc_error
 from harness.server import ServerProcess
 from tests.clients.conftest import ROOT, buf_curl, node_calls
-from tests.clients.h2client import H2Client, Response, grpc_frame, grpc_headers, grpc_message
+from tests.clients.h2client import (
+    CODEC,
+    SERVICE,
+    H2Client,
+    Response,
+    grpc_frame,
+    grpc_headers,
+    grpc_message,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -356,6 +365,279 @@ def test_connect_node_over_http2_reads_resource_exhausted_for_a_header_list_too_
     *refused, after = node_calls(server.url, transport, calls, binary=binary, http_version="2")
     for result in refused:
         assert result["error"] == {"code": "resource_exhausted", "message": TOO_LARGE}, result
+        if transport != "connect":
+            assert result["metadata"]["grpc-status"] == "8"
+    assert after["error"]["code"] == "invalid_argument"  # read, and answered by the service
+
+
+MAX_BODY = 64 * 1024
+FRAME = 16 * 1024  # the largest DATA frame the server takes
+ISSUE_PATH = SERVICE + "IssueCoupon"
+EXPORT_PATH = SERVICE + "ExportCoupons"
+
+
+def over_the_limit(size: int) -> str:
+    return f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"
+
+
+def open_request(
+    client: H2Client, path: str, content_type: str, *, length: int | None = None
+) -> int:
+    """A POST's headers, its body to follow (`length`: its content-length, None: none)."""
+    stream_id = client.conn.get_next_available_stream_id()
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"localhost"),
+        (b":path", path.encode()),
+        (b"content-type", content_type.encode()),
+        (b"te", b"trailers"),
+    ]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    client.conn.send_headers(stream_id, headers)
+    client.responses[stream_id] = Response()
+    client.flush()
+    return stream_id
+
+
+def send_in_frames(client: H2Client, stream_id: int, body: bytes) -> bool:
+    """`body` in DATA frames of FRAME bytes each (the last ending the stream), each as the
+    windows allow, until the server answers. True: all of it sent."""
+    response = client.responses[stream_id]
+    sent = 0
+    while sent < len(body):
+        if response.ended or response.reset is not None:
+            return False
+        frame = body[sent : sent + FRAME]
+        if client.conn.local_flow_control_window(stream_id) < len(frame):
+            client.read()  # for the server's WINDOW_UPDATE, as the app reads
+            continue
+        client.conn.send_data(stream_id, frame, end_stream=sent + len(frame) == len(body))
+        client.flush()
+        sent += len(frame)
+    return True
+
+
+def refusal_read(client: H2Client, stream_id: int, *, client_ended: bool) -> Response:
+    """The answer; a stream the client had not ended is then reset with NO_ERROR."""
+    response = client.responses[stream_id]
+    while not response.ended:
+        client.read()
+    if not client_ended:
+        while response.reset is None:
+            client.read()
+        assert response.reset == ErrorCodes.NO_ERROR
+    return response
+
+
+def enveloped(size: int, declared: int | None = None) -> bytes:
+    """A body of `size` bytes: one message after its prefix (gRPC's, gRPC-Web's, a Connect
+    stream's), the prefix saying the body is `declared` bytes (`size` unless told)."""
+    return struct.pack(">BI", 0, (declared or size) - 5) + b"\x00" * (size - 5)
+
+
+def json_body(size: int) -> bytes:
+    body = b'{"campaignId": "' + b"x" * (size - 18) + b'"}'
+    assert len(body) == size
+    return body
+
+
+def assert_refused(response: Response, content_type: str, message: str, plain: int) -> None:
+    """Read as the caller's protocol reads it (see test_a_header_list_over_the_limit_...);
+    a gRPC answer trailers-only; `plain`: the HTTP status outside the API."""
+    status = int(response.headers[b":status"])
+    answer = {k.decode(): v.decode() for k, v in response.headers.items()}
+    if plain:
+        assert (status, answer["content-type"]) == (plain, "text/plain; charset=utf-8")
+        assert response.body.decode() == f"request body is limited to {MAX_BODY} bytes"
+        return
+    if content_type.startswith("application/grpc"):
+        assert not response.trailers and response.body == b"", "trailers-only"
+    code = rpc_error(status, answer, response.body, content_type)
+    assert code == ("resource_exhausted", message)
+
+
+def still_serves(client: H2Client) -> bool:
+    """The connection still serves: a call on a new stream is answered."""
+    mine = open_request(client, SERVICE + "ListUserCoupons", "application/json")
+    send_in_frames(client, mine, b'{"userId": "nobody"}')
+    [response] = client.wait(mine)
+    return response.headers.get(b":status") == b"200"
+
+
+# The path, content type and HTTP status outside the API (0: on it) of each protocol.
+BODY_REFUSALS = {
+    "grpc": (ISSUE_PATH, "application/grpc", 0),
+    "grpc-web": (ISSUE_PATH, "application/grpc-web+proto", 0),
+    "connect-unary-json": (ISSUE_PATH, "application/json", 0),
+    "connect-stream": (EXPORT_PATH, "application/connect+json", 0),
+    "outside-the-api": ("/healthz", "application/json", 413),
+}
+
+
+@pytest.mark.parametrize("case", BODY_REFUSALS)
+def test_a_body_declared_over_the_limit_is_refused_at_its_headers(
+    server: ServerProcess, case: str
+) -> None:
+    """As over HTTP/1.1: refused before any of the body is sent, on its stream alone (the
+    body need not follow: RST_STREAM NO_ERROR); the connection serves on."""
+    path, content_type, plain = BODY_REFUSALS[case]
+    client = H2Client(server.port)
+    try:
+        stream_id = open_request(client, path, content_type, length=MAX_BODY + 1)
+        response = refusal_read(client, stream_id, client_ended=False)
+        assert still_serves(client)
+    finally:
+        client.close()
+    assert_refused(response, content_type, over_the_limit(MAX_BODY + 1), plain)
+    assert client.goaway is None
+
+
+def padded_issue(campaign_id: str, user: str, size: int) -> bytes:
+    """IssueCoupon's gRPC body of exactly `size` bytes (over 16 KiB): the request, padded
+    with a field the service does not know, which protobuf keeps and ignores."""
+    message = CODEC.encode(coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user))
+    pad = size - 5 - len(message) - 2 - 3  # the field's tag (2 bytes), its length (3)
+    length = bytes((pad & 0x7F | 0x80, pad >> 7 & 0x7F | 0x80, pad >> 14))
+    field = b"\xfa\x07" + length + b"\x00" * pad  # field 127, length-delimited
+    body = struct.pack(">BI", 0, len(message) + len(field)) + message + field
+    assert len(body) == size and 0 < pad >> 14 < 0x80
+    return body
+
+
+# A body of no content-length over the limit, in frames, and the size the refusal names:
+# an enveloped one by its first message's prefix, at the first frame; the others (and an
+# enveloped one whose first message keeps within it) when what has arrived passes it.
+GROWING = {
+    "grpc": (ISSUE_PATH, "application/grpc", enveloped(6 * FRAME), 6 * FRAME),
+    "grpc-web": (ISSUE_PATH, "application/grpc-web+proto", enveloped(6 * FRAME), 6 * FRAME),
+    "connect-stream": (EXPORT_PATH, "application/connect+proto", enveloped(6 * FRAME), 6 * FRAME),
+    "connect-unary-json": (ISSUE_PATH, "application/json", json_body(6 * FRAME), 5 * FRAME),
+    "grpc-second-message": (
+        ISSUE_PATH,
+        "application/grpc",
+        padded_issue("c", "u", MAX_BODY) + enveloped(2 * FRAME),
+        5 * FRAME,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GROWING)
+def test_a_body_of_no_declared_length_is_refused_once_over_the_limit(
+    server: ServerProcess, case: str
+) -> None:
+    """gRPC's usual case (no content-length), in several DATA frames: the same answer as a
+    body declared over the limit, in the caller's protocol; none of the excess reaches the
+    service (whose own refusal would name its own limit, not the body's)."""
+    path, content_type, body, size = GROWING[case]
+    client = H2Client(server.port)
+    try:
+        stream_id = open_request(client, path, content_type)
+        client_ended = send_in_frames(client, stream_id, body)
+        response = refusal_read(client, stream_id, client_ended=client_ended)
+        assert still_serves(client)
+    finally:
+        client.close()
+    assert_refused(response, content_type, over_the_limit(size), 0)
+    assert client.goaway is None
+
+
+def test_a_body_over_the_limit_refuses_its_stream_alone_and_frees_its_window(
+    server: ServerProcess,
+) -> None:
+    """A stream open beside the refused ones is answered, and so are streams after them;
+    their bodies, discarded, give the connection's window back (more of them than the
+    1 MiB window would take if they did not)."""
+    client = H2Client(server.port)
+    try:
+        campaign_id = create_campaign(client, total=3)
+        beside = client.start("IssueCoupon", issue_request(campaign_id, "beside"), end=False)
+        refused = []
+        for i in range(24):  # 24 x 64 KiB: 1.5 MiB, over the connection's 1 MiB window
+            declared = i % 2 == 0
+            stream_id = open_request(
+                client, ISSUE_PATH, "application/grpc", length=6 * FRAME if declared else None
+            )
+            # A stream's window of body, sent before its answer is read: the bytes reach
+            # the server after it has refused the stream (its answer at the headers, or at
+            # the first frame, whose prefix declares 96 KiB).
+            body = enveloped(4 * FRAME, 6 * FRAME)
+            while client.conn.local_flow_control_window(stream_id) < len(body):
+                client.read()  # stalls here if the window of discarded bodies is not freed
+            for start in range(0, len(body), FRAME):
+                client.conn.send_data(stream_id, body[start : start + FRAME])
+            client.flush()
+            refused.append(refusal_read(client, stream_id, client_ended=False))
+        client.send(beside, b"", end=True)
+        [answered] = client.wait(beside)
+        after = client.call(
+            "IssueCoupon",
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id="after"),
+            coupon_pb.IssueCouponResponse,
+        )
+    finally:
+        client.close()
+    for response in refused:
+        assert_refused(response, "application/grpc", over_the_limit(6 * FRAME), 0)
+    assert answered.grpc_status == b"0"
+    coupon = grpc_message(answered.body, coupon_pb.IssueCouponResponse).coupon
+    assert coupon is not None and coupon.user_id == "beside"
+    assert after.coupon is not None and after.coupon.user_id == "after"
+    assert client.goaway is None
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["no-content-length", "content-length"])
+def test_a_body_at_the_limit_is_served(server: ServerProcess, declared: bool) -> None:
+    """64 KiB exactly, in gRPC and the Connect protocol's JSON: the coupon is issued."""
+    client = H2Client(server.port)
+    try:
+        campaign_id = create_campaign(client, total=2)
+        body = padded_issue(campaign_id, "grpc-at-the-limit", MAX_BODY)
+        grpc = open_request(
+            client, ISSUE_PATH, "application/grpc", length=len(body) if declared else None
+        )
+        assert send_in_frames(client, grpc, body)
+        text = json.dumps({"campaignId": campaign_id, "userId": "json-at-the-limit"})
+        body = text.encode().ljust(MAX_BODY)  # JSON may end in spaces
+        connect = open_request(
+            client, ISSUE_PATH, "application/json", length=len(body) if declared else None
+        )
+        assert send_in_frames(client, connect, body)
+        grpc_answer, connect_answer = client.wait(grpc, connect)
+    finally:
+        client.close()
+    assert grpc_answer.grpc_status == b"0", grpc_answer
+    coupon = grpc_message(grpc_answer.body, coupon_pb.IssueCouponResponse).coupon
+    assert coupon is not None and coupon.user_id == "grpc-at-the-limit"
+    assert connect_answer.headers[b":status"] == b"200", connect_answer
+    assert json.loads(connect_answer.body)["coupon"]["userId"] == "json-at-the-limit"
+
+
+@pytest.mark.parametrize(
+    ("transport", "binary"),
+    [
+        pytest.param(transport, binary, id=f"{transport}-{'binary' if binary else 'json'}")
+        for transport in ("connect", "grpc", "grpcweb")
+        for binary in (False, True)
+    ],
+)
+def test_connect_node_over_http2_reads_resource_exhausted_for_a_body_too_large(
+    server: ServerProcess, transport: str, binary: bool
+) -> None:
+    """connect-es's own requests (gRPC's and a Connect stream's without content-length)
+    and its own reading, unary and streaming; the connection serves on."""
+    calls = [
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "$x*70000"}},
+        {"rpc": "ExportCoupons", "request": {"campaignId": "$x*70000"}},
+        {"rpc": "IssueCoupon", "request": {"campaignId": "c", "userId": "u"}},
+    ]
+    *refused, after = node_calls(server.url, transport, calls, binary=binary, http_version="2")
+    for result in refused:
+        assert result["error"]["code"] == "resource_exhausted", result
+        assert result["error"]["message"].startswith("request body of "), result
+        assert result["error"]["message"].endswith(f"over the limit of {MAX_BODY} bytes")
         if transport != "connect":
             assert result["metadata"]["grpc-status"] == "8"
     assert after["error"]["code"] == "invalid_argument"  # read, and answered by the service

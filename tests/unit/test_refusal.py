@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from coupon.entrypoints.http.refusal import grpc_message, refusal
+from coupon.entrypoints.http.refusal import body_refusal, grpc_message, refusal
 
 ISSUE = b"/coupon.v1.CouponService/IssueCoupon"
 
@@ -60,3 +60,16 @@ def test_outside_the_api_it_is_plain_http() -> None:
     assert answer == (431, b"text/plain; charset=utf-8", b"limited", [])
     reflection = b"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
     assert refusal(reflection, b"application/grpc", "m", status=431, plain="p")[0] == 200
+
+
+def test_a_body_over_the_limit_names_its_size_and_the_limit() -> None:
+    message = b"request body of 70000 bytes is over the limit of 65536 bytes"
+    _, _, _, headers = body_refusal(ISSUE, b"application/grpc", 70_000, 65_536)
+    assert headers == [(b"grpc-status", b"8"), (b"grpc-message", message)]
+    answer = body_refusal(b"/healthz", b"application/json", 70_000, 65_536)
+    assert answer == (
+        413,
+        b"text/plain; charset=utf-8",
+        b"request body is limited to 65536 bytes",
+        [],
+    )

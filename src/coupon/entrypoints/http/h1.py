@@ -44,7 +44,7 @@ from coupon.entrypoints.fast_issue import (
     codec_for,
     other_protocol_version,
 )
-from coupon.entrypoints.http.refusal import PLAIN, refusal
+from coupon.entrypoints.http.refusal import PLAIN, body_refusal, refusal
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -580,15 +580,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._close_with(refusal(self.url, self._content_type, message, status=431, plain=message))
 
     def _refuse_body(self, size: int) -> None:
-        self._close_with(
-            refusal(
-                self.url,
-                self._content_type,
-                f"request body of {size} bytes is over the limit of {self._max_body} bytes",
-                status=413,
-                plain=f"request body is limited to {self._max_body} bytes",
-            )
-        )
+        self._close_with(body_refusal(self.url, self._content_type, size, self._max_body))
 
     def _close_with(self, answer: Answer) -> None:
         """Answer (unless an answer has begun) and close: the rest of this request will not

@@ -6,6 +6,13 @@ trailers. Flow control runs both ways: a request body is acknowledged to the pee
 the app reads it (so a slow reader holds the peer back instead of buffering), and a
 response waits for the peer's stream and connection windows, and for the transport's
 buffer to drain. A peer's RST_STREAM or a lost connection is `http.disconnect`.
+
+A header list or a request body over the service's limits is refused on its own stream,
+as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
+A body is refused at its headers when its content-length says it is over the limit; else
+(gRPC's usual case) when the prefix of its first enveloped message (gRPC, gRPC-Web, a
+Connect stream) says so, or as soon as what has arrived of it is over: none of the excess
+reaches the app.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from coupon.entrypoints.http.refusal import refusal
+from coupon.entrypoints.fast_issue import Answer
+from coupon.entrypoints.http.h1 import front_app, limits_of
+from coupon.entrypoints.http.refusal import body_refusal, refusal
 
 log = logging.getLogger("uvicorn.error")
 
@@ -65,6 +74,10 @@ _HOP_BY_HOP = frozenset(
 
 Headers = list[tuple[bytes, bytes]]
 _TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes"
+# An enveloped message's prefix: a flags byte, then the message's length (4 bytes).
+_PREFIX = 5
+# Content-Type header values seen, and whether their bodies are enveloped (_enveloped).
+_ENVELOPED: dict[bytes, bool] = {}
 
 
 class _Decoder(Decoder):
@@ -90,6 +103,9 @@ class _Stream:
         "end_delivered",
         "ended",
         "headers_sent",
+        "prefix",
+        "received",
+        "request",
         "response_complete",
         "response_headers",
         "response_status",
@@ -97,10 +113,15 @@ class _Stream:
         "trailers_expected",
     )
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, request: Headers, prefix: bytes | None) -> None:
         self.stream_id = stream_id
+        self.request = request  # the header list, for a refusal's answer
         # Request body chunks not yet read by the app, with their flow-controlled size.
         self.body: deque[tuple[bytes, int]] = deque()
+        self.received = 0  # bytes of request body received, against the limit
+        # The first bytes of an enveloped body of no declared length, until they make the
+        # prefix that gives the first message's length (None: not wanted, or read).
+        self.prefix = prefix
         self.ended = False  # the peer sent END_STREAM
         self.end_delivered = False  # the app has read the end of the body
         self.closed = False  # reset by the peer, or the connection is gone
@@ -133,6 +154,7 @@ class H2Protocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.app_state = app_state
+        self.max_body = limits_of(front_app(self.app)).max_request_bytes
         self.conn = H2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
@@ -262,15 +284,22 @@ class H2Protocol(asyncio.Protocol):
         if self.last_stream_id is not None and stream_id > self.last_stream_id:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        scope, size = self._scope(event.headers or [])
+        request = event.headers or []
+        scope, size, length, content_type = self._scope(request)
         if size > MAX_HEADER_LIST_SIZE:
-            self._refuse_headers(stream_id, event.headers or [], event.stream_ended is not None)
+            self._refuse_headers(stream_id, request, event.stream_ended is not None)
             return
         if scope is None:
             self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
+        if length > self.max_body:
+            # Said over the limit by its content-length: refused before any of it is read.
+            answer = self._body_refusal(request, length)
+            self._answer_refusal(stream_id, answer, event.stream_ended is not None)
+            return
         self._disarm_idle()
-        stream = _Stream(stream_id)
+        prefix = b"" if length < 0 and _enveloped(content_type) else None
+        stream = _Stream(stream_id, request, prefix)
         if event.stream_ended is not None:
             stream.ended = True
         self.streams[stream_id] = stream
@@ -285,24 +314,64 @@ class H2Protocol(asyncio.Protocol):
             # Nobody will read it: give the window straight back.
             self._acknowledge(event.stream_id, size)
             return
-        stream.body.append((event.data or b"", size))
+        data = event.data or b""
+        received = stream.received = stream.received + len(data)
+        if stream.prefix is not None:
+            received = max(received, self._declared(stream, data))
+        if received > self.max_body:
+            self._acknowledge(event.stream_id, size)
+            self._refuse_body(stream, received, event.stream_ended is not None)
+            return
+        stream.body.append((data, size))
         if event.stream_ended is not None:
             stream.ended = True
         stream.wake()
+
+    @staticmethod
+    def _declared(stream: _Stream, data: bytes) -> int:
+        """The size of the body the first message's prefix declares (the body of a unary
+        call or a server stream is that one message), once the prefix has arrived; 0
+        before."""
+        prefix = stream.prefix or b""
+        prefix += data[: _PREFIX - len(prefix)]
+        if len(prefix) < _PREFIX:
+            stream.prefix = prefix
+            return 0
+        stream.prefix = None
+        return _PREFIX + int.from_bytes(prefix[1:], "big")
+
+    def _refuse_body(self, stream: _Stream, size: int, ended: bool) -> None:
+        """A body of no content-length, over the limit by its first message's prefix or by
+        what has arrived of it (`size` bytes): answered as one whose content-length is over
+        it, unless the app has begun its response; then the stream is reset, with the code
+        HTTP/2 clients read as `resource_exhausted`. Either way the app reads no more of it
+        (`http.disconnect`) and anything it still sends goes nowhere."""
+        if stream.headers_sent:
+            self._reset(stream, ErrorCodes.ENHANCE_YOUR_CALM)
+        else:
+            stream.closed = True
+            stream.response_complete = True
+            self._release_body(stream)
+            answer = self._body_refusal(stream.request, size)
+            self._answer_refusal(stream.stream_id, answer, ended)
+        stream.wake()
+
+    def _body_refusal(self, request: Headers, size: int) -> Answer:
+        path, content_type = _path_and_content_type(request)
+        return body_refusal(path, content_type, size, self.max_body)
 
     def _refuse_headers(self, stream_id: int, request: Headers, ended: bool) -> None:
         """Refused on this stream alone, as HTTP/1.1 answers it (in the caller's protocol on
         the API's paths); a body not yet sent need not be (RST_STREAM NO_ERROR after the
         answer, RFC 9113, 8.1)."""
-        path = content_type = b""
-        for name, value in request:
-            if name == b":path":
-                path = value
-            elif name == b"content-type" and not content_type:
-                content_type = value
-        status, media, payload, extra = refusal(
-            path, content_type, _TOO_LARGE, status=431, plain=_TOO_LARGE
-        )
+        path, content_type = _path_and_content_type(request)
+        answer = refusal(path, content_type, _TOO_LARGE, status=431, plain=_TOO_LARGE)
+        self._answer_refusal(stream_id, answer, ended)
+
+    def _answer_refusal(self, stream_id: int, answer: Answer, ended: bool) -> None:
+        """A refusal's answer, written here rather than by the app; then, unless the peer has
+        ended its side, RST_STREAM NO_ERROR: the rest of its body need not be sent."""
+        status, media, payload, extra = answer
         headers = [(b":status", str(status).encode()), (b"content-type", media), *extra]
         with contextlib.suppress(ProtocolError, StreamClosedError, FlowControlError):
             if not payload or self.conn.local_flow_control_window(stream_id) < len(payload):
@@ -315,16 +384,22 @@ class H2Protocol(asyncio.Protocol):
             if not ended:
                 self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
-    def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int]:
-        """The request's ASGI scope (None: nothing the app serves), and the header list's
-        size as SETTINGS_MAX_HEADER_LIST_SIZE counts it."""
-        method = path = authority = b""
+    def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int, int, bytes]:
+        """The request's ASGI scope (None: nothing the app serves), the header list's size
+        as SETTINGS_MAX_HEADER_LIST_SIZE counts it, its content-length (-1: none) and its
+        content type."""
+        method = path = authority = content_type = b""
         regular: Headers = []
         size = 32 * len(headers)
+        length = -1
         for name, value in headers:
             size += len(name) + len(value)
             if name[:1] != b":":
                 regular.append((name, value))
+                if name == b"content-length" and value.isdigit():
+                    length = int(value)
+                elif name == b"content-type" and not content_type:
+                    content_type = value
             elif name == b":method":
                 method = value
             elif name == b":path":
@@ -332,7 +407,7 @@ class H2Protocol(asyncio.Protocol):
             elif name == b":authority":
                 authority = value
         if not method or not path.startswith(b"/"):
-            return None, size  # CONNECT or a malformed request: nothing the app serves
+            return None, size, length, content_type  # CONNECT or malformed: not served
         if authority and not any(name == b"host" for name, _ in regular):
             regular.insert(0, (b"host", authority))
         raw_path, _, query = path.partition(b"?")
@@ -356,7 +431,7 @@ class H2Protocol(asyncio.Protocol):
             "state": self.app_state.copy(),
             "extensions": {"http.response.trailers": {}},
         }
-        return scope, size
+        return scope, size, length, content_type
 
     # --- one stream's ASGI task ---------------------------------------------------------
 
@@ -563,6 +638,31 @@ class H2Protocol(asyncio.Protocol):
         self.idle = None
         if not self.streams:
             self.shutdown()
+
+
+def _enveloped(content_type: bytes) -> bool:
+    """A body of enveloped messages, each after its prefix: gRPC, gRPC-Web (not its text
+    form, in base64) and the Connect protocol's streams. (Remembered per header value:
+    clients send one.)"""
+    known = _ENVELOPED.get(content_type)
+    if known is None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        known = media.startswith((b"application/grpc", b"application/connect+")) and not (
+            media.startswith(b"application/grpc-web-text")
+        )
+        if len(_ENVELOPED) < 64:
+            _ENVELOPED[content_type] = known
+    return known
+
+
+def _path_and_content_type(request: Headers) -> tuple[bytes, bytes]:
+    path = content_type = b""
+    for name, value in request:
+        if name == b":path":
+            path = value
+        elif name == b"content-type" and not content_type:
+            content_type = value
+    return path, content_type
 
 
 def _address(value: object) -> tuple[str, int] | None:

@@ -1,5 +1,6 @@
 """Refusals the HTTP layers make themselves, before the Connect application sees the
-request (a header list or a body over the limit), answered in the caller's protocol.
+request (a header list or a body over the limit), answered in the caller's protocol, the
+same over HTTP/1.1 and HTTP/2.
 
 A client of each protocol reads the code its protocol's way, and an HTTP status means
 little to most of them: gRPC and gRPC-Web read the status from `grpc-status` (HTTP 431
@@ -59,6 +60,18 @@ def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plai
         return error_answer(ConnectError(Code.RESOURCE_EXHAUSTED, message))
     trailers = [(b"grpc-status", _RESOURCE_EXHAUSTED), (b"grpc-message", grpc_message(message))]
     return 200, media if _MEDIA.fullmatch(media) else family, b"", trailers
+
+
+def body_refusal(path: bytes, content_type: bytes, size: int, limit: int) -> Answer:
+    """The answer refusing a request body of `size` bytes (declared, or received so far)
+    over `limit`, whichever HTTP version carried it."""
+    return refusal(
+        path,
+        content_type,
+        f"request body of {size} bytes is over the limit of {limit} bytes",
+        status=413,
+        plain=f"request body is limited to {limit} bytes",
+    )
 
 
 def grpc_message(message: str) -> bytes:
