@@ -14,6 +14,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from coupon.gen.coupon.v1 import coupon_pb
 from harness.private_redis import PrivateRedis
 from harness.server import ServerProcess, free_port
 
@@ -256,14 +258,121 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nobody-reads.csv"]
 
 
+CAMPAIGN_ID = "01a23ac5-0000-7000-8000-000000000000"
+
+
+class SilentService:
+    """A listener that takes every call and never answers, but GetCampaign's when asked:
+    for an export, whose stream then never sends a coupon."""
+
+    def __init__(self, *, answers_get_campaign: bool) -> None:
+        self.called = called = threading.Event()
+        self._released = released = threading.Event()
+        campaign = coupon_pb.GetCampaignResponse(
+            campaign=coupon_pb.Campaign(id=CAMPAIGN_ID, total_coupons=10, issued_count=3)
+        ).to_binary()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                if answers_get_campaign and self.path.endswith("/GetCampaign"):
+                    self.rfile.read(int(self.headers.get("content-length", 0)))
+                    self.send_response(200)
+                    self.send_header("content-type", "application/proto")
+                    self.send_header("content-length", str(len(campaign)))
+                    self.end_headers()
+                    self.wfile.write(campaign)
+                    return
+                called.set()
+                released.wait()  # until the test ends
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> SilentService:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        ["list"],
+        ["show", CAMPAIGN_ID],
+        ["create", "--name", "n", "--coupons", "5"],
+        ["end", CAMPAIGN_ID],
+        ["export", CAMPAIGN_ID],
+        ["export", CAMPAIGN_ID, "-o", "coupons.csv"],
+        ["export", CAMPAIGN_ID, "--format", "jsonl", "-o", "coupons.jsonl"],
+    ],
+    ids=" ".join,
+)
+def test_ctrl_c_while_the_service_never_answers_ends_the_command_at_once(
+    tmp_path: Path, action: list[str]
+) -> None:
+    """The call waits for the service in native code: Ctrl-C still ends the command at
+    once, rather than when the call's time-out (30 s) ends, or never for an export's
+    stream, which has none; the file being exported is removed."""
+    export = action[0] == "export"
+    output = tmp_path / action[-1] if "-o" in action else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env["COUPON_ADMIN_TOKEN"] = TOKEN
+    with SilentService(answers_get_campaign=export) as service:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "coupon", "campaigns", "--url", service.url, *action],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert service.called.wait(30), "the call never came"
+            if output is not None:  # being written under another name, until complete
+                partial = output.with_name(output.name + ".partial")
+                deadline = time.monotonic() + 30
+                while not partial.exists():
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.05)
+            time.sleep(0.3)  # well inside the call's wait
+            assert proc.poll() is None
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+            elapsed = time.monotonic() - signalled
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "coupon: interrupted\n"
+    assert elapsed < 3, elapsed
+    if action != ["export", CAMPAIGN_ID]:  # rows to stdout may have begun
+        assert out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _blocked_opening(pid: int, path: Path) -> bool:
-    """Whether the process waits in open() for that pipe (its syscall, from /proc)."""
-    try:
-        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
-        wchan = Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return False
-    return "fifo" in wchan or (bool(syscall) and syscall[0] in ("2", "257"))  # open, openat
+    """Whether a thread of the process waits in open() for that pipe (its syscall, from
+    /proc): the action runs on a thread of its own."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            syscall = (task / "syscall").read_text().split()
+            wchan = (task / "wchan").read_text()
+        except OSError:
+            continue
+        if "fifo" in wchan or (bool(syscall) and syscall[0] in ("2", "257")):  # open, openat
+            return True
+    return False
 
 
 def test_a_table_lines_up_hangul_names_by_their_width_on_a_terminal(

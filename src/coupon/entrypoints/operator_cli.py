@@ -11,8 +11,10 @@ import argparse
 import csv
 import os
 import re
+import signal
 import stat
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
@@ -126,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     url = (args.url or env.get("COUPON_URL") or DEFAULT_URL).rstrip("/")
+    files = Unfinished()
     try:
         _check_url(url)
         token = env.get("COUPON_ADMIN_TOKEN", "")
@@ -133,11 +136,14 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         if problem is not None:
             raise UsageError(problem)
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        # No deadline for the client as a whole: an export of millions of coupons takes
-        # minutes; each unary call has its own (TIMEOUT_MS).
-        with CouponServiceClientSync(url, send_compression=None) as client:
-            action = ACTIONS[args.action]
-            action(Call(client, headers, args.json), args)
+
+        def act() -> None:
+            # No deadline for the client as a whole: an export of millions of coupons takes
+            # minutes; each unary call has its own (TIMEOUT_MS).
+            with CouponServiceClientSync(url, send_compression=None) as client:
+                ACTIONS[args.action](Call(client, headers, args.json, files), args)
+
+        interruptible(act)
     except ConnectError as exc:
         reason = unreachable(exc)
         if reason is not None:
@@ -164,9 +170,35 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         # Ctrl-C: what was being written to a file is removed; nothing more to say.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        files.abandon()
         print("coupon: interrupted", file=sys.stderr)
-        return 130
+        sys.stderr.flush()
+        # The action's thread may still wait for the service (or for a reader of a pipe),
+        # in native code nothing can interrupt: the process ends here, at once, rather than
+        # at the interpreter's exit, which would wait for it or stop it midway.
+        os._exit(130)
     return 0
+
+
+def interruptible(work: Callable[[], None]) -> None:
+    """Run `work` on a thread of its own and wait for it on this one, the main thread,
+    where Ctrl-C raises KeyboardInterrupt at once: the Connect client waits for the
+    service in native code, where Python's handler of SIGINT cannot run until the call
+    ends or times out. What `work` raises is raised here."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=target, name="coupon-campaigns", daemon=True)
+    worker.start()
+    worker.join()  # a lock's wait, which a signal interrupts
+    if failure:
+        raise failure[0]
 
 
 def _check_url(url: str) -> None:
@@ -183,11 +215,65 @@ def _check_url(url: str) -> None:
 
 class Call:
     def __init__(
-        self, client: CouponServiceClientSync, headers: dict[str, str], as_json: bool
+        self,
+        client: CouponServiceClientSync,
+        headers: dict[str, str],
+        as_json: bool,
+        files: Unfinished,
     ) -> None:
         self.client = client
         self.headers = headers
         self.as_json = as_json
+        self.files = files
+
+
+class Unfinished:
+    """The files an action is writing under a temporary name. Ctrl-C is received on
+    another thread than the action's (see `interruptible`): `abandon` removes each of them
+    there, and from then on none is created or renamed into place."""
+
+    # How long Ctrl-C waits for a file being opened: a regular file opens at once; only
+    # something else under the temporary name (a pipe) could hold it.
+    WAIT_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[Path] = set()
+        self._abandoned = False
+
+    def create(self, path: Path) -> IO[str]:
+        with self._lock:
+            self._refuse_if_abandoned()
+            out = path.open("w", newline="", encoding="utf-8")
+            self._paths.add(path)
+            return out
+
+    def finish(self, path: Path, final: Path) -> None:
+        """Rename the complete file into place."""
+        with self._lock:
+            self._refuse_if_abandoned()
+            path.replace(final)
+            self._paths.discard(path)
+
+    def discard(self, path: Path) -> None:
+        with self._lock:
+            path.unlink(missing_ok=True)
+            self._paths.discard(path)
+
+    def abandon(self) -> None:
+        locked = self._lock.acquire(timeout=self.WAIT_SECONDS)
+        try:
+            self._abandoned = True
+            for path in self._paths:
+                path.unlink(missing_ok=True)
+            self._paths.clear()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _refuse_if_abandoned(self) -> None:
+        if self._abandoned:
+            raise KeyboardInterrupt
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -309,7 +395,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     if target is None:
         written = write_export(stream, args.format, sys.stdout, progress, excel=args.excel)
     else:
-        written = _write_file(target, args, stream, progress)
+        written = _write_file(target, args, stream, progress, call.files)
     if progress is not None:
         progress.done()
     if args.output is not None:
@@ -321,6 +407,7 @@ def _write_file(
     args: argparse.Namespace,
     stream: Iterator[coupon_pb.ExportCouponsResponse],
     progress: Progress | None,
+    files: Unfinished,
 ) -> int:
     """A regular file (or a new one) is written under another name and renamed when
     complete: a file of that name is always a whole export, and nothing is left behind when
@@ -342,14 +429,14 @@ def _write_file(
     final = target.resolve() if target.is_symlink() else target
     partial = final.with_name(final.name + ".partial")
     try:
-        with partial.open("w", newline="", encoding="utf-8") as out:
+        with files.create(partial) as out:
             written = write_export(stream, args.format, out, progress, excel=args.excel)
-        partial.replace(final)
+        files.finish(partial, final)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        files.discard(partial)
         raise _unwritable(args.output, exc) from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        files.discard(partial)
         raise
     return written
 
