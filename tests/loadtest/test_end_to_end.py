@@ -61,6 +61,38 @@ def loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]
     return code, json.loads(report.read_text())
 
 
+@pytest.mark.parametrize("where", ["environment", ".env", "environment over .env"])
+def test_the_url_comes_from_coupon_url_in_the_environment_or_dotenv(
+    memory_server: ServerProcess, tmp_path: Path, where: str
+) -> None:
+    """Without --url, `coupon loadtest` calls $COUPON_URL, from the environment or ./.env
+    (the environment wins), as the operators' command line does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    if where != "environment":
+        elsewhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        dotenv = memory_server.url if where == ".env" else elsewhere
+        (tmp_path / ".env").write_text(f"COUPON_URL={dotenv}\n")
+    if where != ".env":
+        env["COUPON_URL"] = memory_server.url
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "coupon", "loadtest", "--coupons", "5", "--users", "10",
+            "--rate", "20", "--start-in", "0.5", "--tail", "0.2", "--processes", "1",
+            "--max-lag", "1000", "--no-chart", "--quiet",
+        ],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    document = json.loads((tmp_path / "loadtest-report.json").read_text())
+    assert document["target"]["url"] == memory_server.url
+    assert document["throughput"]["issued"] == 5
+
+
 def failed_checks(document: dict[str, Any]) -> set[str]:
     return {c["name"] for c in document["verification"]["checks"] if not c["passed"]}
 

@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every loadtest option to a (sub)parser."""
     target = parser.add_argument_group("target")
     target.add_argument(
-        "--url", default=DEFAULT_URL, help=f"server base URL (default {DEFAULT_URL})"
+        "--url",
+        default=None,
+        help=f"server base URL (default: $COUPON_URL, else {DEFAULT_URL})",
     )
     target.add_argument(
         "--admin-token",
@@ -283,6 +285,9 @@ def _misplaced(args: argparse.Namespace) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     problems: list[str] = _misplaced(args)
+    # As the operators' command line: the option, else COUPON_URL (`coupon loadtest` has
+    # put ./.env's in the environment, under what is set there), else the default.
+    url = args.url or os.environ.get("COUPON_URL") or DEFAULT_URL
     if args.coupons < 1 and args.campaign_id is None:
         problems.append("--coupons must be at least 1")
     if args.users < 1:
@@ -321,8 +326,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         ("postgresql://", "postgres://")
     ):
         problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
-    if not args.url.startswith(("http://", "https://")):
-        problems.append(f"--url must start with http:// or https:// (got {args.url!r})")
+    if not url.startswith(("http://", "https://")):
+        problems.append(f"--url must start with http:// or https:// (got {url!r})")
     if not args.no_chart:
         # The chart is a PNG, written where asked: a name that says otherwise would be
         # written under another name (matplotlib adds .png) or in another format.
@@ -349,7 +354,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     if admin_token is None:
         admin_token = os.environ.get("COUPON_ADMIN_TOKEN", "")
     return LoadConfig(
-        url=args.url.rstrip("/"),
+        url=url.rstrip("/"),
         coupons=args.coupons,
         users=args.users,
         start_in_s=args.start_in,
