@@ -9,6 +9,7 @@ import ast
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 OPERATIONS = DOCS / "operations.md"
-# Where the service and its operators' command line read the environment.
+# Where the service, its operators' command line and the load tool read the environment.
 ENVIRONMENT_READERS = (
     ROOT / "src/coupon/entrypoints/settings.py",
     ROOT / "src/coupon/entrypoints/operator_cli.py",
+    ROOT / "loadtest/src/coupon_loadtest/cli.py",
 )
+LOADTEST = DOCS / "loadtest.md"
 README_MAX_LINES = 250
 README_URL = "http://127.0.0.1:8000"
 
@@ -246,6 +249,23 @@ def test_the_configuration_table_names_every_variable_read_and_no_other() -> Non
     documented = configuration_table()
     assert sorted(read - documented) == [], "read but not in docs/operations.md"
     assert sorted(documented - read) == [], "in docs/operations.md but read by nothing"
+
+
+def test_the_load_tools_options_are_its_help() -> None:
+    """docs/loadtest.md quotes `coupon loadtest --help` whole, as it prints it on a terminal
+    80 columns wide."""
+    options = section(LOADTEST.read_text(), "## Options")
+    quoted = [body for info, body in fenced_blocks(options) if body.startswith("usage: ")]
+    env = clean_environment() | {"COLUMNS": "80"}
+    printed = subprocess.run(
+        [sys.executable, "-m", "coupon", "loadtest", "--help"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert quoted == [printed]
 
 
 # --- the README's API examples, run -------------------------------------------------------
