@@ -40,6 +40,13 @@ from tests.clients.h2client import (
 
 pytestmark = pytest.mark.e2e
 
+# connect-es's transports, each with JSON and binary messages.
+NODE_TRANSPORTS = [
+    pytest.param(transport, binary, id=f"{transport}-{'binary' if binary else 'json'}")
+    for transport in ("connect", "grpc", "grpcweb")
+    for binary in (False, True)
+]
+
 
 def start_server(tmp_path: Path, **env: str) -> ServerProcess:
     # Idle connections close after 5 s here (75 s by default), so a test can wait for it.
@@ -344,14 +351,7 @@ def test_a_header_list_over_the_limit_is_answered_in_the_callers_protocol(
         assert rpc_error(status, answer, response.body, content_type) == read
 
 
-@pytest.mark.parametrize(
-    ("transport", "binary"),
-    [
-        pytest.param(transport, binary, id=f"{transport}-{'binary' if binary else 'json'}")
-        for transport in ("connect", "grpc", "grpcweb")
-        for binary in (False, True)
-    ],
-)
+@pytest.mark.parametrize(("transport", "binary"), NODE_TRANSPORTS)
 def test_connect_node_over_http2_reads_resource_exhausted_for_a_header_list_too_large(
     server: ServerProcess, transport: str, binary: bool
 ) -> None:
@@ -615,14 +615,7 @@ def test_a_body_at_the_limit_is_served(server: ServerProcess, declared: bool) ->
     assert json.loads(connect_answer.body)["coupon"]["userId"] == "json-at-the-limit"
 
 
-@pytest.mark.parametrize(
-    ("transport", "binary"),
-    [
-        pytest.param(transport, binary, id=f"{transport}-{'binary' if binary else 'json'}")
-        for transport in ("connect", "grpc", "grpcweb")
-        for binary in (False, True)
-    ],
-)
+@pytest.mark.parametrize(("transport", "binary"), NODE_TRANSPORTS)
 def test_connect_node_over_http2_reads_resource_exhausted_for_a_body_too_large(
     server: ServerProcess, transport: str, binary: bool
 ) -> None:

@@ -192,10 +192,12 @@ def stop(server: ServerProcess) -> tuple[int, str]:
     return server.process.wait(60), server.log()
 
 
+def warnings_about(name: str, log: str) -> list[str]:
+    return [line for line in log.splitlines() if '"level": "warning"' in line and name in line]
+
+
 def warnings_about_postgres(log: str) -> list[str]:
-    return [
-        line for line in log.splitlines() if '"level": "warning"' in line and "PostgreSQL" in line
-    ]
+    return warnings_about("PostgreSQL", log)
 
 
 @pytest.fixture
@@ -250,9 +252,7 @@ def test_serve_without_redis_starts_and_says_so_in_one_warning_naming_redis(
         assert answer.status_code == 503
         assert answer.json()["checks"]["redis"].startswith("error"), answer.text
         log = server.log()
-        about_redis = [
-            line for line in log.splitlines() if '"level": "warning"' in line and "Redis" in line
-        ]
+        about_redis = warnings_about("Redis", log)
         assert len(about_redis) == 1, log
         assert "Connection" in about_redis[0] and "hunter2" not in log, log
         status, log = stop(server)
@@ -417,11 +417,7 @@ def test_a_tls_url_to_a_redis_without_tls_is_said_to_be_maybe_that(
     server = ServerProcess(env=env, log_dir=tmp_path)
     try:
         wait_answering(server)
-        about_redis = [
-            line
-            for line in server.log().splitlines()
-            if '"level": "warning"' in line and "Redis" in line
-        ]
+        about_redis = warnings_about("Redis", server.log())
         assert len(about_redis) == 1, server.log()
         assert "does that Redis serve TLS, or is it redis://?" in about_redis[0], about_redis
     finally:
