@@ -13,8 +13,10 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import pytest
 from connectrpc.errors import ConnectError
 
@@ -25,6 +27,7 @@ from harness.private_redis import PrivateRedis
 from harness.proxy import CuttableProxy
 from harness.raw_http import closed_by_peer, issue_request, open_connection, read_response
 from harness.server import ServerProcess, free_port
+from harness.services import TestServices, drop_database, with_database
 
 pytestmark = pytest.mark.e2e
 LEASE = "1"
@@ -257,6 +260,43 @@ async def test_with_no_redis_cluster_node_reachable_reads_answer_and_writes_are_
         assert "Traceback" not in server.log()
     finally:
         server.stop()
+
+
+async def test_a_read_only_database_is_unavailable_and_its_end_is_seen_without_a_restart(
+    services: TestServices, server_env: dict[str, str]
+) -> None:
+    """As after a failover to a standby, or an operator's default_transaction_read_only:
+    `unavailable` with a hint (retry), not `internal`; /readyz says so; once writable
+    again the service issues by itself, its read-only sessions replaced."""
+    name = urlsplit(services.database_url).path.lstrip("/")
+    url = with_database(services.database_url, f"{name}_ro{uuid.uuid4().hex[:6]}")
+    admin = await asyncpg.connect(with_database(services.database_url, "postgres"))
+    server = ServerProcess(env={**server_env, "DATABASE_URL": url})
+    try:
+        server.wait_ready()
+        db = url.rsplit("/", 1)[1]
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, 10)
+            assert not (await issue(client, campaign_id, "before")).startswith("error:")
+            await admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+            # New sessions are read-only; the service's open ones end, as at a failover.
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND application_name = 'coupon'",
+                db,
+            )
+            during = [await issue(client, campaign_id, f"ro-{i}") for i in range(5)]
+            assert set(during) == {"error:unavailable"}, during
+            ready = httpx.get(f"{server.url}/readyz")
+            assert ready.status_code == 503 and "read-only" in ready.json()["checks"]["postgres"]
+            await admin.execute(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+            # No backend is ended this time: the service replaces its read-only sessions.
+            assert not (await until_issued(client, campaign_id, "after")).startswith("error:")
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+        await admin.close()
+        await drop_database(url)
 
 
 async def test_server_killed_mid_burst_strands_no_stock(

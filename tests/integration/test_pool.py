@@ -5,7 +5,9 @@ commits is reused, replaced when it broke, and given back."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -15,6 +17,7 @@ from coupon.adapters.postgres.pool import KeptConnection, create_pool
 from coupon.domain.errors import OutcomeUnknown, Unavailable
 from coupon.entrypoints.connect_service import connect_error
 from harness.server import free_port as a_free_port
+from harness.services import drop_database, with_database
 
 
 @pytest.fixture
@@ -162,3 +165,32 @@ async def test_a_kept_connection_that_cannot_be_had_says_unavailable(free_port: 
         assert not isinstance(refused.value, OutcomeUnknown)
     finally:
         await pool.close()
+
+
+async def test_commits_wait_for_the_disk_even_where_the_database_says_not_to(
+    database: str,
+) -> None:
+    """I5: with synchronous_commit off (for the database, the role or the server), a
+    commit is acknowledged before it is on disk and a crash loses it; the service's own
+    sessions turn it back on."""
+    name = urlsplit(database).path.lstrip("/")
+    url = with_database(database, f"{name}_sc{uuid.uuid4().hex[:6]}")
+    admin = await asyncpg.connect(with_database(database, "postgres"))
+    try:
+        db = url.rsplit("/", 1)[1]
+        await admin.execute(f'CREATE DATABASE "{db}"')
+        await admin.execute(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+        plain = await asyncpg.connect(url)
+        try:
+            assert await plain.fetchval("SHOW synchronous_commit") == "off"
+        finally:
+            await plain.close()
+        pool = await create_pool(url, 2)
+        try:
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        finally:
+            await pool.close()
+    finally:
+        await admin.close()
+        await drop_database(url)

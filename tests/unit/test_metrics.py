@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, values
 
+from coupon.entrypoints.connect_service import Observed
 from coupon.entrypoints.metrics import LATENCY_BUCKETS, Children, Metrics, metrics_files
 
 AMOUNTS = st.lists(
@@ -105,3 +110,19 @@ def test_the_metrics_files_are_exactly_those_prometheus_client_writes(
     for name in ("users.db", "counter.db", "counter_1.db.bak", "gauge_1.db", "my_counter_1.db"):
         (tmp_path / name).write_text("the operator's")
     assert metrics_files(tmp_path) == written
+
+
+async def test_an_unexpected_failure_is_internal_in_no_dependency_s_words() -> None:
+    """What no rule maps (a bug, or a dependency's error of a kind not foreseen) is answered
+    `internal` with its type's name, as IssueCoupon answers it: not `unknown` in the
+    dependency's own words, which go to the log."""
+    registry = CollectorRegistry()
+    observed = Observed(Metrics(registry), "CreateCampaign")
+
+    async def work() -> None:
+        raise RuntimeError("cannot execute INSERT in a read-only transaction")
+
+    with pytest.raises(ConnectError) as caught:
+        await observed.call(work(), cast("RequestContext[Any, Any]", None))
+    assert caught.value.code is Code.INTERNAL
+    assert caught.value.message == "RuntimeError"

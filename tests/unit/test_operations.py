@@ -45,6 +45,7 @@ from coupon.domain.errors import (
     CampaignNotFound,
     CampaignNotStarted,
     InvalidArgument,
+    Unavailable,
 )
 
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -235,6 +236,31 @@ async def test_the_process_that_ends_a_campaign_forgets_its_not_started_at_once(
     world.clock.advance(0.01)  # well within the memory's time
     with pytest.raises(CampaignEnded):
         await a.issue.execute(campaign_id=campaign.id, user_id="early")
+
+
+async def test_an_end_the_database_could_not_record_says_so_and_a_retry_records_it(
+    world: World,
+) -> None:
+    campaign = await world.campaign()
+    a = world.process()
+    world.clock.advance(120)  # open
+
+    class Failing(MemoryCampaignRepository):
+        async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
+            raise Unavailable("PostgreSQL is unavailable")
+
+    failing = EndCampaign(Failing(world.store), a.gate, world.clock, a.directory, a.memory)
+    with pytest.raises(Unavailable) as caught:
+        await failing.execute(campaign_id=campaign.id)
+    assert "not recorded yet; retry EndCampaign to record it" in str(caught.value)
+    world.clock.advance(0.01)
+    with pytest.raises(CampaignEnded):  # the gate holds the end meanwhile
+        await a.issue.execute(campaign_id=campaign.id, user_id="after")
+    world.clock.advance(5)
+    retried = await world.end(a).execute(campaign_id=campaign.id)
+    assert retried.changed
+    ended_at = retried.campaign.ended_at
+    assert ended_at is not None and ended_at < START + timedelta(seconds=61)  # the first end
 
 
 # --- ListUserCoupons ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
-from coupon.domain.errors import CampaignNotFound, InvalidArgument
+from coupon.domain.errors import CampaignNotFound, InvalidArgument, Unavailable
 
 LIST_PAGE_SIZE_DEFAULT = 100
 LIST_PAGE_SIZE_MAX = 1_000
@@ -140,7 +140,17 @@ class EndCampaign:
         if campaign.ends_at is not None and campaign.ends_at <= now:
             return EndedCampaign(campaign, now)  # over by its schedule: nothing to end
         at = await self._gate.end(campaign_id, None)
-        ended = await self._campaigns.end(campaign_id, at)
+        try:
+            ended = await self._campaigns.end(campaign_id, at)
+        except Unavailable as exc:
+            # The gate refuses from `at` on already; only PostgreSQL's record is missing,
+            # and a retry records this same end (the gate keeps its first).
+            raise Unavailable(
+                f"{exc}: the campaign ended at {at.isoformat()} (no coupon is issued any "
+                "more) but the end is not recorded yet; retry EndCampaign to record it",
+                exc.retry_after_ms,
+                detail=exc.detail,
+            ) from exc
         if ended is None:
             raise CampaignNotFound(campaign_id)
         assert ended.ended_at is not None

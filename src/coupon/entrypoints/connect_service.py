@@ -194,7 +194,9 @@ class Observed:
             raise
         except Exception as exc:
             self.failed(started, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
-            raise
+            # `internal`, as IssueCoupon answers it: not `unknown`, and not in the words of
+            # a dependency (the log line above has them).
+            raise ConnectError(Code.INTERNAL, type(exc).__name__) from exc
         self.succeeded(started)
         return result
 

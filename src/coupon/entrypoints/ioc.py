@@ -170,6 +170,14 @@ class StorageProvider(Provider):
         async def postgres() -> None:
             async with pool.acquire(timeout=2) as conn:
                 version = await current_version(conn)
+                read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+            if read_only == "on":
+                # Sessions keep what they opened with: new ones, to see when it is writable.
+                await pool.expire_connections()
+                raise RuntimeError(
+                    "read-only (a standby, or default_transaction_read_only): "
+                    "coupons cannot be recorded"
+                )
             if version < latest_version():
                 raise RuntimeError(
                     f"schema version {version}, expected {latest_version()}: being applied "

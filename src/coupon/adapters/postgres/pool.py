@@ -21,7 +21,11 @@ TRANSIENT = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
+    # Too many connections, disk full, out of memory: the statement was refused.
+    asyncpg.InsufficientResourcesError,
+    # A read-only session (a standby after a failover, default_transaction_read_only):
+    # the statement was refused; the pool's sessions are replaced (`_refused_read_only`).
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.QueryCanceledError,
     asyncpg.AdminShutdownError,
     asyncpg.DeadlockDetectedError,
@@ -34,6 +38,10 @@ TRANSIENT = (
     # The schema is not applied yet (serve applies it as soon as PostgreSQL answers).
     asyncpg.UndefinedTableError,
 )
+
+# Refusals by the server of a statement it did not run: retrying later can succeed, and
+# nothing of what was sent was done (not an outcome unknown).
+REFUSED = (asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
 
 COMMAND_TIMEOUT_SECONDS = 10.0
 INFINITY = datetime.max.replace(tzinfo=UTC)
@@ -57,6 +65,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (bench/RESULTS.md)."""
 
 
+async def _durable_commits(conn: asyncpg.Connection) -> None:
+    """I5: a coupon acknowledged is committed to disk. With synchronous_commit off (set for
+    the database or the role), PostgreSQL acknowledges a commit before it is flushed, and a
+    crash loses it: the service's sessions wait for the flush whatever the default."""
+    if await conn.fetchval("SHOW synchronous_commit") == "off":
+        await conn.execute("SET synchronous_commit = on")
+
+
 async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
@@ -71,6 +87,7 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             command_timeout=COMMAND_TIMEOUT_SECONDS,
             timeout=5,
             reset=_keep_session,
+            init=_durable_commits,
         )
     except TRANSIENT as exc:
         raise Unavailable(
@@ -99,7 +116,18 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         async with pool.acquire(timeout=5) as conn:
             yield conn
     except TRANSIENT as exc:
+        await _refused_read_only(pool, exc)
         raise _unavailable(exc) from exc
+
+
+async def _refused_read_only(pool: asyncpg.Pool, exc: BaseException) -> None:
+    """After a read-only refusal, every pooled session is replaced as it is next taken: a
+    session keeps the read-only state it opened with (default_transaction_read_only), and
+    a failover leaves the old ones on the demoted server; new sessions find the writable
+    one once there is one."""
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        with contextlib.suppress(Exception):
+            await pool.expire_connections()
 
 
 def _outcome_unknown(exc: BaseException) -> OutcomeUnknown:
@@ -153,8 +181,11 @@ class KeptConnection:
             if conn is not None:
                 await self._release_quietly(conn)
             if isinstance(exc, TRANSIENT):
-                # Failed in use, a write may have reached the server before it broke.
-                raise (_outcome_unknown(exc) if used else _unavailable(exc)) from exc
+                await _refused_read_only(self._pool, exc)
+                # Failed in use, a write may have reached the server before it broke;
+                # not when the server refused it.
+                unknown = used and not isinstance(exc, REFUSED)
+                raise (_outcome_unknown(exc) if unknown else _unavailable(exc)) from exc
             raise
         if self._kept is None and _open(conn):
             self._kept = conn
