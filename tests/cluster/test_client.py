@@ -23,6 +23,7 @@ from coupon.adapters.redis.client import (
     parse_cluster_url,
 )
 from coupon.adapters.redis.clock import RedisClock
+from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
 from coupon.application.ports import AdmissionKind
 from coupon.domain.campaign import Campaign
@@ -340,4 +341,33 @@ async def test_a_hung_default_node_holds_up_neither_readiness_nor_the_clock_nor_
             assert admitted.kind is AdmissionKind.ADMITTED
         finally:
             cluster.thaw_master(frozen)
+            await client.aclose()
+
+
+@needs_redis_server
+async def test_a_hung_master_delays_no_other_campaigns_live_figures() -> None:
+    """One flush adds every campaign's counts at once: those of a hung master's campaign
+    are dropped after a short wait, the others are added meanwhile."""
+    with LocalRedisCluster(masters=3) as cluster:
+        client = create_client(cluster.url)
+        stats = RedisLiveStats(client, prefix=PREFIX)
+        try:
+            by_master: dict[int, str] = {}
+            while len(by_master) < 2:
+                campaign_id = str(uuid.uuid4())
+                master = cluster.master_for_key(stats.key(campaign_id, 0))
+                if master in (0, 1):
+                    by_master.setdefault(master, campaign_id)
+            second = int(time.time())
+            await stats.add({(by_master[1], second): {"issued": 1}})  # scripts loaded
+            cluster.freeze_master(0)
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                await stats.add(
+                    {(by_master[0], second): {"issued": 5}, (by_master[1], second): {"issued": 2}}
+                )
+            assert time.monotonic() - started < RedisLiveStats.ADD_WAIT_SECONDS + 2
+            assert await stats.read(by_master[1], [second]) == {second: {"issued": 3}}
+        finally:
+            cluster.thaw_master(0)
             await client.aclose()

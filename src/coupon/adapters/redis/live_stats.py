@@ -29,6 +29,9 @@ def _unavailable(exc: BaseException) -> Unavailable:
 
 class RedisLiveStats:
     KEEP_SECONDS = 120
+    # A campaign's counts not added within this are dropped (figures, not coupons): a
+    # master that hangs holds up neither the next flush nor the other campaigns' counts.
+    ADD_WAIT_SECONDS = 2.0
 
     def __init__(self, client: RedisClient, *, prefix: str = "coupon") -> None:
         self._prefix = prefix
@@ -44,10 +47,11 @@ class RedisLiveStats:
             args: list[str | int] = [self.KEEP_SECONDS]
             for name, count in fields.items():
                 args += (name, count)
-            calls.append(self._add(keys=[self.key(campaign_id, second)], args=args))
+            call = self._add(keys=[self.key(campaign_id, second)], args=args)
+            calls.append(asyncio.wait_for(call, self.ADD_WAIT_SECONDS))
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
-            if isinstance(result, FAILURES):
+            if isinstance(result, FAILURES):  # TimeoutError is an OSError
                 raise _unavailable(result)
             if isinstance(result, BaseException):
                 raise result
