@@ -87,7 +87,7 @@ class World:
     def end(self, process: Process | None = None) -> EndCampaign:
         process = process or self.process()
         return EndCampaign(
-            self.campaigns, process.gate, self.clock, process.directory, process.memory
+            self.campaigns, process.gate, self.clock, process.directory, process.memory, self.clock
         )
 
 
@@ -249,7 +249,9 @@ async def test_an_end_the_database_could_not_record_says_so_and_a_retry_records_
         async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
             raise Unavailable("PostgreSQL is unavailable")
 
-    failing = EndCampaign(Failing(world.store), a.gate, world.clock, a.directory, a.memory)
+    failing = EndCampaign(
+        Failing(world.store), a.gate, world.clock, a.directory, a.memory, world.clock
+    )
     with pytest.raises(Unavailable) as caught:
         await failing.execute(campaign_id=campaign.id)
     assert "not recorded yet; retry EndCampaign to record it" in str(caught.value)
@@ -261,6 +263,24 @@ async def test_an_end_the_database_could_not_record_says_so_and_a_retry_records_
     assert retried.changed
     ended_at = retried.campaign.ended_at
     assert ended_at is not None and ended_at < START + timedelta(seconds=61)  # the first end
+
+
+async def test_an_ended_campaign_is_returned_as_it_is_while_the_gate_is_down(
+    world: World,
+) -> None:
+    campaign = await world.campaign()
+    a = world.process()
+    first = await world.end(a).execute(campaign_id=campaign.id)
+
+    class Down(MemoryStockGate):
+        async def end(self, campaign_id: str, at: datetime | None) -> datetime:
+            raise Unavailable("Redis is unavailable")
+
+    down = EndCampaign(
+        world.campaigns, Down(world.clock), world.clock, a.directory, a.memory, world.clock
+    )
+    again = await down.execute(campaign_id=campaign.id)
+    assert again.campaign.ended_at == first.campaign.ended_at and not again.changed
 
 
 # --- ListUserCoupons ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -112,12 +113,14 @@ class EndCampaign:
         clock: Clock,
         directory: CampaignDirectory,
         refusals: RefusalMemory,
+        view_clock: ViewClock,
     ) -> None:
         self._campaigns = campaigns
         self._gate = gate
         self._clock = clock
         self._directory = directory
         self._refusals = refusals
+        self._view_clock = view_clock
 
     def _forget(self, campaign_id: str) -> None:
         """What this process keeps of the campaign: the next request sees the end (other
@@ -132,10 +135,13 @@ class EndCampaign:
             raise CampaignNotFound(campaign_id)
         if campaign.ended_at is not None:
             # Ended before: unchanged. The gate hears of it again, in case the call that
-            # ended it stopped before telling it.
-            await self._gate.end(campaign_id, campaign.ended_at)
+            # ended it stopped before telling it; if it cannot (Redis down), the answer is
+            # the same: the ledger refuses any coupon after the recorded end whatever the
+            # gate says, and tells the gate again when it admits one.
+            with contextlib.suppress(Unavailable):
+                await self._gate.end(campaign_id, campaign.ended_at)
             self._forget(campaign_id)
-            return EndedCampaign(campaign, await self._clock.now())
+            return EndedCampaign(campaign, await self._view_clock.now())
         now = await self._clock.now()
         if campaign.ends_at is not None and campaign.ends_at <= now:
             return EndedCampaign(campaign, now)  # over by its schedule: nothing to end
