@@ -149,6 +149,39 @@ async def test_a_body_over_the_limit_on_the_api_is_resource_exhausted_in_the_cal
     assert await closed_by_peer(reader, 5)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "path"),
+    # Enveloped bodies (gRPC-Web's text form is base64: no prefix to read as it comes).
+    [
+        p
+        for p in API_REQUESTS
+        if str(p.values[0]).startswith(("application/grpc", "application/connect+"))
+        and p.values[0] != "application/grpc-web-text"
+    ],
+)
+async def test_a_chunked_enveloped_body_over_the_limit_by_its_prefix_is_refused_at_once(
+    server: ServerProcess, content_type: str, path: str
+) -> None:
+    """Sent chunked, with no length declared: its first message's prefix declares one,
+    and the refusal comes as soon as it says the body is over, in the service's words."""
+    declared = 70_000
+    prefix = b"\x00" + declared.to_bytes(4, "big")
+    reader, writer = await open_connection(server.url)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+        + b"%x\r\n" % len(prefix)
+        + prefix
+        + b"\r\n"
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)  # nothing more sent
+    code, message = rpc_error(response.status, response.headers, response.body, content_type)
+    assert code == "resource_exhausted"
+    size = len(prefix) + declared
+    assert message == f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"
+    assert await closed_by_peer(reader, 5)
+
+
 async def test_a_body_over_the_limit_outside_the_api_is_413(server: ServerProcess) -> None:
     reader, writer = await open_connection(server.url)
     writer.write(

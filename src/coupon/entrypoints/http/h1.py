@@ -44,7 +44,7 @@ from coupon.entrypoints.fast_issue import (
     codec_for,
     other_protocol_version,
 )
-from coupon.entrypoints.http.refusal import PLAIN, body_refusal, refusal
+from coupon.entrypoints.http.refusal import PLAIN, body_refusal, declared_size, enveloped, refusal
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -216,6 +216,9 @@ class Http1Protocol(HttpToolsProtocol):
         self._content_length = -1
         self._request_id = b""
         self._body_size = 0
+        # The first bytes of an enveloped body sent chunked, until its first message's
+        # prefix is whole (None: not wanted, or read).
+        self._prefix: bytes | None = None
         self._body = b""
 
     # --- connection -----------------------------------------------------------------
@@ -308,6 +311,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._content_type = b""
         self._content_length = -1
         self._body_size = 0
+        self._prefix = None
         self._body = b""
 
     def on_url(self, url: bytes) -> None:
@@ -355,6 +359,8 @@ class Http1Protocol(HttpToolsProtocol):
         if self._content_length > self._max_body:
             self._refuse_body(self._content_length)
             return
+        if self._content_length < 0 and enveloped(self._content_type):
+            self._prefix = b""  # sent chunked: its first message's prefix says its size
         route = self._route
         codec = codec_for(self._content_type) if self._lane_ok else None
         if (
@@ -391,8 +397,12 @@ class Http1Protocol(HttpToolsProtocol):
         if self._draining_until:
             return
         self._body_size += len(body)
-        if self._body_size > self._max_body:
-            self._refuse_body(self._body_size)
+        size = self._body_size
+        if self._prefix is not None:
+            self._prefix, declared = declared_size(self._prefix, body)
+            size = max(size, declared)
+        if size > self._max_body:
+            self._refuse_body(size)
             return
         if self._lane:
             self._body += body

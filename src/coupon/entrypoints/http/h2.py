@@ -47,7 +47,7 @@ from uvicorn.server import ServerState
 
 from coupon.entrypoints.fast_issue import Answer
 from coupon.entrypoints.http.h1 import front_app, limits_of
-from coupon.entrypoints.http.refusal import body_refusal, refusal
+from coupon.entrypoints.http.refusal import body_refusal, declared_size, enveloped, refusal
 
 log = logging.getLogger("uvicorn.error")
 
@@ -74,10 +74,6 @@ _HOP_BY_HOP = frozenset(
 
 Headers = list[tuple[bytes, bytes]]
 _TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes"
-# An enveloped message's prefix: a flags byte, then the message's length (4 bytes).
-_PREFIX = 5
-# Content-Type header values seen, and whether their bodies are enveloped (_enveloped).
-_ENVELOPED: dict[bytes, bool] = {}
 
 
 class _Decoder(Decoder):
@@ -298,7 +294,7 @@ class H2Protocol(asyncio.Protocol):
             self._answer_refusal(stream_id, answer, event.stream_ended is not None)
             return
         self._disarm_idle()
-        prefix = b"" if length < 0 and _enveloped(content_type) else None
+        prefix = b"" if length < 0 and enveloped(content_type) else None
         stream = _Stream(stream_id, request, prefix)
         if event.stream_ended is not None:
             stream.ended = True
@@ -332,13 +328,8 @@ class H2Protocol(asyncio.Protocol):
         """The size of the body the first message's prefix declares (the body of a unary
         call or a server stream is that one message), once the prefix has arrived; 0
         before."""
-        prefix = stream.prefix or b""
-        prefix += data[: _PREFIX - len(prefix)]
-        if len(prefix) < _PREFIX:
-            stream.prefix = prefix
-            return 0
-        stream.prefix = None
-        return _PREFIX + int.from_bytes(prefix[1:], "big")
+        stream.prefix, size = declared_size(stream.prefix or b"", data)
+        return size
 
     def _refuse_body(self, stream: _Stream, size: int, ended: bool) -> None:
         """A body of no content-length, over the limit by its first message's prefix or by
@@ -638,21 +629,6 @@ class H2Protocol(asyncio.Protocol):
         self.idle = None
         if not self.streams:
             self.shutdown()
-
-
-def _enveloped(content_type: bytes) -> bool:
-    """A body of enveloped messages, each after its prefix: gRPC, gRPC-Web (not its text
-    form, in base64) and the Connect protocol's streams. (Remembered per header value:
-    clients send one.)"""
-    known = _ENVELOPED.get(content_type)
-    if known is None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        known = media.startswith((b"application/grpc", b"application/connect+")) and not (
-            media.startswith(b"application/grpc-web-text")
-        )
-        if len(_ENVELOPED) < 64:
-            _ENVELOPED[content_type] = known
-    return known
 
 
 def _path_and_content_type(request: Headers) -> tuple[bytes, bytes]:

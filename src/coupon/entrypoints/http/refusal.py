@@ -81,3 +81,35 @@ def grpc_message(message: str) -> bytes:
         bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
         for byte in message.encode()
     )
+
+
+# An enveloped message's prefix: a flags byte, then the message's length (4 bytes).
+PREFIX_BYTES = 5
+# Content-Type header values seen, and whether their bodies are enveloped.
+_ENVELOPED: dict[bytes, bool] = {}
+
+
+def enveloped(content_type: bytes) -> bool:
+    """A body of enveloped messages, each after its prefix: gRPC, gRPC-Web (not its text
+    form, in base64) and the Connect protocol's streams. (Remembered per header value:
+    clients send one.)"""
+    known = _ENVELOPED.get(content_type)
+    if known is None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        known = media.startswith((b"application/grpc", b"application/connect+")) and not (
+            media.startswith(b"application/grpc-web-text")
+        )
+        if len(_ENVELOPED) < 64:
+            _ENVELOPED[content_type] = known
+    return known
+
+
+def declared_size(prefix: bytes, data: bytes) -> tuple[bytes | None, int]:
+    """An enveloped body's first bytes so far (`prefix`) and the next (`data`): the prefix
+    still to complete (None once whole), and the size of body its first message declares
+    (0 before the prefix is whole). A body of no declared length over the limit by this is
+    refused before the rest of it arrives."""
+    prefix += data[: PREFIX_BYTES - len(prefix)]
+    if len(prefix) < PREFIX_BYTES:
+        return prefix, 0
+    return None, PREFIX_BYTES + int.from_bytes(prefix[1:], "big")
