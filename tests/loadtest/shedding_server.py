@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any, TypeVar
 
 from litestar.types import Message, Receive, Scope, Send
+from protobuf import Message as ProtoMessage
 
 from coupon.entrypoints.app import create_app
 from coupon.gen.coupon.v1 import coupon_pb
+
+M = TypeVar("M", bound=ProtoMessage[Any])
 
 ISSUE_PATH = "/coupon.v1.CouponService/IssueCoupon"
 GET_CAMPAIGN_PATH = "/coupon.v1.CouponService/GetCampaign"
@@ -49,11 +53,7 @@ class ShedFirstPress:
             await self._service(scope, receive, send)
             return
         body = await _body(receive)
-        content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if content_type.startswith(b"application/json"):
-            user = coupon_pb.IssueCouponRequest.from_json(body).user_id
-        else:
-            user = coupon_pb.IssueCouponRequest.from_binary(body).user_id
+        user = _request(scope, body, coupon_pb.IssueCouponRequest).user_id
         first = user not in self._seen
         self._seen.add(user)
         await self.answer(scope, _replay(body, receive), send, user, first=first)
@@ -132,11 +132,7 @@ class SlowListing:
             await self._service(scope, receive, send)
             return
         body = await _body(receive)
-        content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if content_type.startswith(b"application/json"):
-            request = coupon_pb.GetCampaignRequest.from_json(body)
-        else:
-            request = coupon_pb.GetCampaignRequest.from_binary(body)
+        request = _request(scope, body, coupon_pb.GetCampaignRequest)
         if request.page_size > 1:
             if self._slow > 0:
                 self._slow -= 1
@@ -155,6 +151,14 @@ async def _body(receive: Receive) -> bytes:
         body += message.get("body", b"")  # type: ignore[operator]
         more = bool(message.get("more_body", False))
     return body
+
+
+def _request(scope: Scope, body: bytes, message: type[M]) -> M:
+    """The request message, in JSON or binary as its content type says."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    if content_type.startswith(b"application/json"):
+        return message.from_json(body)
+    return message.from_binary(body)
 
 
 async def _error(send: Send, status: int, code: str, message: str) -> None:

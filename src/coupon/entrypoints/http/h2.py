@@ -313,7 +313,8 @@ class H2Protocol(asyncio.Protocol):
         data = event.data or b""
         received = stream.received = stream.received + len(data)
         if stream.prefix is not None:
-            received = max(received, self._declared(stream, data))
+            stream.prefix, declared = declared_size(stream.prefix, data)
+            received = max(received, declared)
         if received > self.max_body:
             self._acknowledge(event.stream_id, size)
             self._refuse_body(stream, received, event.stream_ended is not None)
@@ -322,14 +323,6 @@ class H2Protocol(asyncio.Protocol):
         if event.stream_ended is not None:
             stream.ended = True
         stream.wake()
-
-    @staticmethod
-    def _declared(stream: _Stream, data: bytes) -> int:
-        """The size of the body the first message's prefix declares (the body of a unary
-        call or a server stream is that one message), once the prefix has arrived; 0
-        before."""
-        stream.prefix, size = declared_size(stream.prefix or b"", data)
-        return size
 
     def _refuse_body(self, stream: _Stream, size: int, ended: bool) -> None:
         """A body of no content-length, over the limit by its first message's prefix or by
