@@ -279,13 +279,13 @@ REDIS_PROBE_SECONDS = 3.0
 def _warn_unless_redis_answers(redis_url: str) -> None:
     """PING Redis once at start-up; when it does not answer, say so in one warning line, as
     for PostgreSQL: the server starts anyway and /readyz names Redis until it answers."""
-    from coupon.adapters.redis.client import create_client, is_cluster_url
+    from coupon.adapters.redis.client import answers, create_client, is_cluster_url
 
     async def ping() -> bool:
         """Whether the one server named is a node of a Redis Cluster."""
         client = create_client(redis_url, max_connections=1)
         try:
-            await asyncio.wait_for(client.ping(), REDIS_PROBE_SECONDS)
+            await answers(client, REDIS_PROBE_SECONDS)
             if is_cluster_url(redis_url):
                 return False
             with contextlib.suppress(Exception):  # INFO may be renamed away: no matter

@@ -30,7 +30,7 @@ from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool, warm
-from coupon.adapters.redis.client import QueueingRedisCluster, RedisClient, create_client
+from coupon.adapters.redis.client import RedisClient, answers, create_client
 from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
@@ -185,10 +185,7 @@ class StorageProvider(Provider):
                 )
 
         async def redis() -> None:
-            if isinstance(client, QueueingRedisCluster):
-                await client.ping_any(timeout=1.5)  # within the check's 2 s
-            else:
-                await client.ping()
+            await answers(client, timeout=1.5)  # within the check's 2 s
 
         return Readiness({"postgres": postgres, "redis": redis})
 

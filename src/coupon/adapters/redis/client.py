@@ -276,6 +276,15 @@ class QueueingRedisCluster(RedisCluster):
         )
 
 
+async def answers(client: RedisClient, timeout: float) -> None:
+    """Whether Redis answers within `timeout` (raises if not): one server's PING, or a
+    cluster's, where any primary answering will do (`QueueingRedisCluster.ping_any`)."""
+    if isinstance(client, QueueingRedisCluster):
+        await client.ping_any(timeout)
+    else:
+        await asyncio.wait_for(client.ping(), timeout)
+
+
 def create_client(url: str, max_connections: int = 64) -> RedisClient:
     """A Redis Cluster client for `redis+cluster://` URLs, a one-server client otherwise."""
     if is_cluster_url(url):
