@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from docker.utils.build import exclude_paths
 
 from coupon.entrypoints.cli import build_parser
 from coupon.entrypoints.settings import load_settings
@@ -74,6 +75,45 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
             stages.append([])
         stages[-1].append((keyword.upper(), rest.strip()))
     return stages
+
+
+def build_context() -> set[str]:
+    """The paths `docker build .` sends, by .dockerignore as Docker reads it: the last line
+    that matches a path decides, and a directory's line covers everything under it."""
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    return set(exclude_paths(str(ROOT), patterns, dockerfile="Dockerfile"))
+
+
+def context_copies(stage: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
+    """A stage's COPY instructions from the build context: (sources, destination)."""
+    found = []
+    for key, rest in stage:
+        if key == "COPY" and not rest.startswith("--from"):
+            *sources, destination = rest.split()
+            found.append((sources, destination))
+    return found
+
+
+def copy_from_context(context: set[str], sources: list[str], target: Path, into: bool) -> None:
+    """COPY as Docker does it, from the build context alone: a directory's contents go into
+    the target; a file goes to the target, or into it when it is a directory (`into`, or
+    several sources)."""
+    for source in sources:
+        assert source in context, f"COPY {source}: not in the build context"
+        if (ROOT / source).is_dir():
+            for path in sorted(p for p in context if p.startswith(source + "/")):
+                if (ROOT / path).is_file():
+                    copied = target / Path(path).relative_to(source)
+                    copied.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / path, copied)
+        else:
+            copied = target / Path(source).name if into or len(sources) > 1 else target
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / source, copied)
 
 
 def final_stage() -> list[tuple[str, str]]:
@@ -208,6 +248,87 @@ def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
 
 
 # --- docker-compose.yml (static) -------------------------------------------------------
+
+
+def test_every_path_the_dockerfile_copies_is_in_the_build_context() -> None:
+    # A COPY of a path .dockerignore leaves out fails the build ("not found").
+    context = build_context()
+    copies = [srcs for stage in dockerfile_stages() for srcs, _ in context_copies(stage)]
+    sources = [source for srcs in copies for source in srcs]
+    assert "tools/build_feistel.py" in sources
+    for source in sources:
+        files = [p for p in context if (p == source or p.startswith(source + "/"))]
+        assert any((ROOT / p).is_file() for p in files), f"COPY {source}: not in the build context"
+    for left_out in (".env", ".git", ".venv", "loadtest", "tests", "bench", "harness"):
+        assert not [p for p in context if p == left_out or p.startswith(left_out + "/")], left_out
+    assert not [p for p in context if p.endswith(".so")], "a host build of the C network"
+
+
+def test_the_build_stage_installs_a_working_service_from_the_build_context(
+    tmp_path: Path,
+) -> None:
+    """The image's build stage, rehearsed without Docker: its COPYs take only what the
+    build context holds, its RUNs that install (uv sync, the C network's build) run as
+    written, and the virtual environment they make serves the service with the C
+    network and without the load tool. (The base image's pip and apt-get steps are
+    left to Docker.)"""
+    build = dockerfile_stages()[1]
+    context = build_context()
+    workdir = tmp_path / "src"
+    for sources, destination in context_copies(build):
+        copy_from_context(context, sources, workdir / destination, destination.endswith("/"))
+    env = {**os.environ}
+    for key, rest in build:
+        if key == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    venv = tmp_path / "venv"
+    env.update(UV_PROJECT_ENVIRONMENT=str(venv), UV_PYTHON=sys.executable)
+    env.pop("UV_NO_CACHE", None)  # the machine's cache, not PyPI, for the same locked wheels
+    env.pop("VIRTUAL_ENV", None)
+    uv = shutil.which("uv")
+    env["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), *([str(Path(uv).parent)] if uv else []), env["PATH"]]
+    )
+    installs = [rest for key, rest in build if key == "RUN" and ("uv sync" in rest)]
+    assert installs, "the build stage installs with uv sync"
+    for written in installs:
+        command = written if uv else written.replace("uv sync", f"{sys.executable} -m uv sync")
+        done = subprocess.run(
+            ["sh", "-c", command],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"RUN {command}\n{done.stdout}\n{done.stderr}"
+
+    probe = (
+        "import importlib.util, coupon.domain._feistel, coupon.domain.codes as c\n"
+        "assert importlib.util.find_spec('coupon_loadtest') is None\n"
+        "print(c.__file__)"
+    )
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(venv)), "installed, not linked to the sources"
+    for command in (SERVE, MIGRATE):
+        helped = subprocess.run(
+            [venv / "bin" / command[0], *command[1:], "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert helped.returncode == 0, helped.stderr
 
 
 def test_compose_has_the_api_its_migration_postgres_and_redis() -> None:
