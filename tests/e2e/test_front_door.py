@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import connect_client, create_campaign, issue_retrying
 from harness.raw_http import (
     ISSUE,
@@ -371,3 +372,75 @@ async def test_an_idle_keep_alive_connection_is_reused_or_closed_cleanly(
     assert (await read_response(reader)).status == 200
     # Beyond the keep-alive time the server ends it with a clean close, never a reset.
     assert await closed_by_peer(reader, KEEPALIVE + 2)
+
+
+UPGRADE_H2C = (
+    "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+)
+
+
+def upgrading(request: bytes) -> bytes:
+    """The request as curl --http2 and Java's HttpClient send it over http://: asking to
+    upgrade to h2c, which this server does not do."""
+    line, _, rest = request.partition(b"\r\n")
+    return line + b"\r\n" + UPGRADE_H2C.encode() + rest
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_request_asking_to_upgrade_is_served_in_http1_with_its_body(
+    server: ServerProcess, campaign: str, chunked: bool
+) -> None:
+    request = upgrading(issue_request(campaign, f"upgrade-{chunked}"))
+    if chunked:
+        head, _, body = request.partition(b"\r\n\r\n")
+        head = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+        request = head + b"\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    reader, writer = await open_connection(server.url)
+    head, _, body = request.partition(b"\r\n\r\n")
+    writer.write(head + b"\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the body in a later packet than the head
+    writer.write(body)
+    first = await read_response(reader)
+    writer.write(issue_request(campaign, f"upgrade-{chunked}"))  # the same connection
+    again = await read_response(reader)
+    writer.close()
+
+    assert first.status == 200, first.body
+    assert first.json()["coupon"]["userId"] == f"upgrade-{chunked}"  # type: ignore[index]
+    assert again.status == 200 and again.json()["alreadyIssued"] is True
+
+
+async def test_a_body_after_an_upgrade_head_is_never_read_as_a_request_of_its_own(
+    server: ServerProcess, campaign: str
+) -> None:
+    """The body of a request asking to upgrade is its body, even when it is itself a whole
+    request: read as the next request, it would pass any rule a proxy in front applies to
+    the first request's path."""
+    inner = issue_request(campaign, "smuggled")
+    head = (
+        f"POST /coupon.v1.CouponService/ListUserCoupons HTTP/1.1\r\nHost: t\r\n{UPGRADE_H2C}"
+        f"Content-Type: application/json\r\nContent-Length: {len(inner)}\r\n\r\n"
+    )
+    reader, writer = await open_connection(server.url)
+    writer.write(head.encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(inner)
+    answer = await read_response(reader)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    pipelined = [await read_response(reader), await read_response(reader)]
+    writer.close()
+
+    assert answer.status == 400
+    assert "not valid JSON" in str(answer.json()["message"])
+    assert [r.status for r in pipelined] == [200, 200]
+    async with connect_client(server.url) as client:
+        listed = await client.list_user_coupons(
+            coupon_pb.ListUserCouponsRequest(user_id="smuggled")
+        )
+    assert not listed.coupons, listed

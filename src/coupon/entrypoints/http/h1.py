@@ -33,6 +33,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -220,6 +221,9 @@ class Http1Protocol(HttpToolsProtocol):
         # prefix is whole (None: not wanted, or read).
         self._prefix: bytes | None = None
         self._body = b""
+        # A fresh parser is being told a request's framing (see _ignore_upgrade): its
+        # head's callbacks are not the request's.
+        self._framing_only = False
 
     # --- connection -----------------------------------------------------------------
 
@@ -269,13 +273,60 @@ class Http1Protocol(HttpToolsProtocol):
             return
         if not self._receiving_since:
             self._receiving_since = self.loop.time()
-        super().data_received(data)
+        self._feed(data)
         if self._in_headers and not self._draining_until and not self.transport.is_closing():
             # Still inside the headers after this chunk: the parser holds them until they
             # end, so a header that never ends must be stopped here, by its raw size.
             self._raw_header_bytes += len(data)
             if self._raw_header_bytes > 2 * self._max_header_bytes:
                 self._refuse_headers()
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's feeding of the parser, but for a request that asks to upgrade."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._ignore_upgrade(data[upgrade.args[0] :])
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Serve a request that asks to upgrade (`Upgrade: h2c`, as curl --http2 and Java's
+        HttpClient send over http://) in HTTP/1.1, as RFC 9110 §7.8 lets a server that
+        upgrades to nothing do, its body included. llhttp stops at such a request's head,
+        ends the request there without its body, and would read the body as the next
+        request. A fresh parser is told the request's framing (its Content-Length or
+        chunked coding) and reads the body into the request, then what follows as the next
+        request."""
+        self.parser = httptools.HttpRequestParser(self)
+        if self._draining_until or self.transport.is_closing():
+            return
+        chunked = any(
+            name == b"transfer-encoding" and b"chunked" in value.lower()
+            for name, value in self.headers
+        )
+        if chunked or self._content_length > 0:
+            # Undo the end llhttp gave the request: its handler has not run yet.
+            cycle = self.cycle
+            cycle.more_body = True
+            cycle.message_event.clear()
+            self._fresh = False
+            self._receiving_since = self.loop.time()
+            framing = (
+                b"transfer-encoding: chunked"
+                if chunked
+                else b"content-length: %d" % self._content_length
+            )
+            self._framing_only = True
+            try:
+                self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+            finally:
+                self._framing_only = False
+        if rest:
+            self._feed(rest)
 
     def timed_out(self) -> None:
         """The request did not arrive whole in time: 408, then the connection is closed."""
@@ -294,6 +345,8 @@ class Http1Protocol(HttpToolsProtocol):
     # --- parser callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._framing_only:
+            return
         self._fresh = False
         # uvicorn builds the ASGI scope here; the lane needs none, so it is built only for
         # a request that goes to the ASGI app (see _scope).
@@ -315,13 +368,15 @@ class Http1Protocol(HttpToolsProtocol):
         self._body = b""
 
     def on_url(self, url: bytes) -> None:
+        if self._framing_only:
+            return
         self.url += url
         self._header_bytes += len(url)
         if self._header_bytes > self._max_header_bytes:
             self._too_large = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._draining_until:
+        if self._draining_until or self._framing_only:
             return
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
@@ -350,7 +405,7 @@ class Http1Protocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._draining_until:
+        if self._draining_until or self._framing_only:
             return
         self._in_headers = False
         if self._too_large:
