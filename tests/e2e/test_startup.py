@@ -422,3 +422,36 @@ def test_a_tls_url_to_a_redis_without_tls_is_said_to_be_maybe_that(
         assert "does that Redis serve TLS, or is it redis://?" in about_redis[0], about_redis
     finally:
         server.stop()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(server_env: dict[str, str]) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it,
+    gracefully, so that the port is free for the server started in its place."""
+    server = ServerProcess(env=server_env, workers=2)
+    workers: list[int] = []
+    try:
+        server.wait_ready()
+        workers = server.worker_pids()
+        assert len(workers) == 2 and server.process.pid not in workers
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if running(pid)], "workers outlived their supervisor"
+        with ServerProcess(env=server_env, port=server.port) as again:
+            assert httpx.get(f"{again.url}/readyz", timeout=5).status_code == 200
+    finally:
+        server.stop()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
