@@ -455,3 +455,29 @@ def test_workers_stop_when_their_supervisor_is_killed(server_env: dict[str, str]
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("unreachable_server", ["unknown host"], indirect=True)
+def test_an_export_without_postgres_is_unavailable_with_the_retry_hint_and_a_logged_cause(
+    unreachable_server: ServerProcess,
+) -> None:
+    """As every unary answer: `retry-after-ms` beside the RetryInfo detail (here in the end
+    of the stream's metadata, and the headers), and the cause in the log line."""
+    server = unreachable_server
+    wait_answering(server)
+    body = json.dumps({"campaignId": "01a244b6-5173-7232-9e3e-cfbd538716e1"}).encode()
+    answer = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/ExportCoupons",
+        content=b"\x00" + len(body).to_bytes(4, "big") + body,
+        headers={"content-type": "application/connect+json"},
+        timeout=30,
+    )
+    flags, size = answer.content[0], int.from_bytes(answer.content[1:5], "big")
+    end = json.loads(answer.content[5 : 5 + size])
+
+    assert flags & 0x02, answer.content  # the end of the stream
+    assert end["error"]["code"] == "unavailable"
+    assert int(end["metadata"]["retry-after-ms"][0]) > 0
+    assert int(answer.headers["retry-after-ms"]) > 0
+    failed = [line for line in server.log().splitlines() if '"rpc": "ExportCoupons"' in line]
+    assert failed and all('"cause": ' in line for line in failed), failed

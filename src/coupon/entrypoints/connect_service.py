@@ -401,7 +401,13 @@ class CouponService:
                 yield coupon_pb.ExportCouponsResponse(coupons=[coupon_message(c) for c in chunk])
         except CouponError as exc:
             error = connect_error(exc)
-            observed.failed(started, error.code, error.message)
+            observed.failed(started, error.code, error.message, detail=_detail(exc))
+            if isinstance(error, RetryLater):
+                # The hint as unary answers carry it: in the headers when they have not
+                # gone yet, else in the trailers (the end of the stream's metadata).
+                for name, value in retry_headers(error.retry_after_ms):
+                    ctx.response_headers[name.decode()] = value.decode()
+                    ctx.response_trailers[name.decode()] = value.decode()
             raise error from None
         except ConnectError as exc:
             observed.failed(started, exc.code, exc.message)
