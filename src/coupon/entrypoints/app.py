@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
     ServerReflectionAlphaASGIApplication,
@@ -126,6 +127,14 @@ def _content_type(scope: Scope) -> bytes:
 # Requests are a few dozen bytes; anything near this is not a request of ours.
 MAX_REQUEST_BYTES = 64 * 1024
 REFLECTION_PREFIX = "/grpc.reflection."
+# Every gRPC method this port serves: a gRPC call of any other path is `unimplemented`.
+GRPC_METHODS = frozenset(
+    [CONNECT_PREFIX + method.name for method in coupon_pb.desc().services[0].methods]
+    + [
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        for version in ("v1", "v1alpha")
+    ]
+)
 # A page that issues a coupon from a browser with connect-web (see web/ for its source).
 EXAMPLE_PAGE = Path(__file__).parent / "static" / "example"
 
@@ -197,14 +206,18 @@ class CouponApp:
                     await fast(scope, receive, send, codec)
                     return
             connect = self.connect
-            if connect is not None:
+            if connect is not None and not await _unknown_grpc_method(scope, receive, send):
                 await self._connect_closing_unread(connect, scope, receive, send)
+            if connect is not None:
                 return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
             reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
-            if reflection is not None:
+            if reflection is not None and not await _unknown_grpc_method(scope, receive, send):
                 await reflection(scope, receive, send)
+            if reflection is not None:
                 return
+        if scope["type"] == ScopeType.HTTP and await _unknown_grpc_method(scope, receive, send):
+            return
         await self.web(scope, receive, send)
 
     @staticmethod
@@ -346,6 +359,30 @@ def stop_with_the_supervisor() -> None:
         return
     if os.getppid() != parent.pid:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _unknown_grpc_method(scope: Scope, receive: Receive, send: Send) -> bool:
+    """A gRPC or gRPC-Web call of a method this port does not serve gets what gRPC servers
+    answer, a trailers-only `unimplemented` (not a bare 404, which gRPC clients report as an
+    HTTP error); its body is read first, so that a keep-alive connection stays in step."""
+    path = scope["path"]
+    if path in GRPC_METHODS or not _content_type(scope).startswith(b"application/grpc"):
+        return False
+    while (await receive()).get("more_body", False):
+        pass
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", _content_type(scope).split(b";")[0]),
+                (b"grpc-status", b"12"),
+                (b"grpc-message", quote(f"unknown method {path}", safe=" /").encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return True
 
 
 def create_app() -> CouponApp:
