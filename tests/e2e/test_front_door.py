@@ -444,3 +444,17 @@ async def test_a_body_after_an_upgrade_head_is_never_read_as_a_request_of_its_ow
             coupon_pb.ListUserCouponsRequest(user_id="smuggled")
         )
     assert not listed.coupons, listed
+
+
+async def test_a_flood_of_malformed_requests_is_answered_400_and_logged_once_a_second(
+    server: ServerProcess,
+) -> None:
+    before = server.log(tail=10_000_000).count("Invalid HTTP request received.")
+    for _ in range(50):
+        reader, writer = await open_connection(server.url)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
+        assert (await read_response(reader)).status == 400
+        writer.close()
+    await asyncio.sleep(0.2)
+    logged = server.log(tail=10_000_000).count("Invalid HTTP request received.") - before
+    assert 1 <= logged <= 3, logged

@@ -89,6 +89,27 @@ _LANE_BLOCKS_MAX = 256
 _LANE_BLOCK_MAX = 1024
 
 
+class _OncePerSecond:
+    """A warning a client can cause at will, logged at most once a second, with how many
+    were not: a client sending garbage must not fill the log."""
+
+    def __init__(self) -> None:
+        self._quiet_until = 0.0
+        self._suppressed = 0
+
+    def log(self, logger: Any, message: str) -> None:
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._suppressed += 1
+            return
+        self._quiet_until = now + 1.0
+        logger.warning(message, extra={"same_not_logged": self._suppressed})
+        self._suppressed = 0
+
+
+_INVALID_REQUESTS = _OncePerSecond()
+
+
 def _is_token(name: bytes) -> bool:
     return not name.translate(None, _TOKEN_DELETE)
 
@@ -288,7 +309,7 @@ class Http1Protocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
+            _INVALID_REQUESTS.log(self.logger, msg)
             self.send_400_response(msg)
         except httptools.HttpParserUpgrade as upgrade:
             self._ignore_upgrade(data[upgrade.args[0] :])
