@@ -458,3 +458,20 @@ async def test_a_flood_of_malformed_requests_is_answered_400_and_logged_once_a_s
     await asyncio.sleep(0.2)
     logged = server.log(tail=10_000_000).count("Invalid HTTP request received.") - before
     assert 1 <= logged <= 3, logged
+
+
+async def test_pipelined_requests_ahead_of_an_unfinished_head_do_not_count_against_it(
+    server: ServerProcess,
+) -> None:
+    """A read that ends inside a request's head also holds the requests pipelined before
+    it (RFC 9112 9.3.2): their bytes are not that head's, and must not make it too large."""
+    one = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    many = one * 1_000  # 34 KB, over twice the header limit, in one write
+    reader, writer = await open_connection(server.url)
+    writer.write(many + one[:-10])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(one[-10:])
+    statuses = [(await read_response(reader)).status for _ in range(1_001)]
+    writer.close()
+    assert statuses == [200] * 1_001

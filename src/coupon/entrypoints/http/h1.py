@@ -245,6 +245,7 @@ class Http1Protocol(HttpToolsProtocol):
         # A fresh parser is being told a request's framing (see _ignore_upgrade): its
         # head's callbacks are not the request's.
         self._framing_only = False
+        self._began = False  # a request began in the chunk being read
 
     # --- connection -----------------------------------------------------------------
 
@@ -294,10 +295,18 @@ class Http1Protocol(HttpToolsProtocol):
             return
         if not self._receiving_since:
             self._receiving_since = self.loop.time()
+        self._began = False
         self._feed(data)
-        if self._in_headers and not self._draining_until and not self.transport.is_closing():
+        if (
+            self._in_headers
+            and not self._began
+            and not self._draining_until
+            and not self.transport.is_closing()
+        ):
             # Still inside the headers after this chunk: the parser holds them until they
-            # end, so a header that never ends must be stopped here, by its raw size.
+            # end, so a header that never ends must be stopped here, by its raw size. (A
+            # chunk in which the request began also holds the requests pipelined before
+            # it: its bytes are not all this request's, so only the next chunks count.)
             self._raw_header_bytes += len(data)
             if self._raw_header_bytes > 2 * self._max_header_bytes:
                 self._refuse_headers()
@@ -369,6 +378,7 @@ class Http1Protocol(HttpToolsProtocol):
         if self._framing_only:
             return
         self._fresh = False
+        self._began = True
         # uvicorn builds the ASGI scope here; the lane needs none, so it is built only for
         # a request that goes to the ASGI app (see _scope).
         self.url = b""
