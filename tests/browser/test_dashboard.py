@@ -358,3 +358,30 @@ async def test_with_redis_down_the_list_and_counts_show_and_the_live_figures_say
             assert said.startswith("Live figures unavailable (Redis is unavailable)"), said
     finally:
         private.close()
+
+
+async def test_figures_that_stop_updating_are_greyed_and_say_since_when(
+    server_env: dict[str, str], browser: Browser
+) -> None:
+    """The service unreachable: the last figures stay, greyed, with since when and from
+    when they are; once it answers again they are live again."""
+    env = {**server_env, "COUPON_ADMIN_TOKEN": TOKEN}
+    with ServerProcess(env=env) as proc:
+        async with connect_client(proc.url) as client:
+            campaign = await create_campaign(client, total=5, name="Lost sight", token=TOKEN)
+        page = await browser.new_page()
+        await open_with_token(page, f"{proc.url}/dashboard#{campaign.id}")
+        await page.wait_for_selector("#live-body:not([hidden]):not(.stale)")
+        port = proc.port
+    try:
+        await page.wait_for_selector("#live-body.stale", timeout=15_000)
+        said = await page.text_content("#live-error") or ""
+        assert re.fullmatch(
+            r"cannot reach the service since .+Z; the figures shown are from .+Z\.", said
+        ), said
+        assert await page.text_content("#issued") == "0"  # the last figures, still shown
+        with ServerProcess(env=env, port=port):
+            await page.wait_for_selector("#live-body:not(.stale)", timeout=15_000)
+            assert await page.text_content("#live-error") == ""
+    finally:
+        await page.close()

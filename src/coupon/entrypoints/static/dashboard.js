@@ -45,7 +45,12 @@ async function api(path) {
   } catch {
     throw new Refused("This browser cannot send this token in a header. Nothing was sent.");
   }
-  const response = await fetch("/dashboard/api/" + path, { headers, cache: "no-store" });
+  let response;
+  try {
+    response = await fetch("/dashboard/api/" + path, { headers, cache: "no-store" });
+  } catch {
+    throw new Error("cannot reach the service");
+  }
   const body = await response.json().catch(() => ({}));
   if (response.status === 401) {
     throw new Refused(token ? "The service refused this token: it is not its COUPON_ADMIN_TOKEN." : body.message || "unauthenticated");
@@ -200,15 +205,19 @@ async function loadLive() {
       cell(row, "");
     }
     drawChart(v.seconds);
+    freshAt = v.serverTime;
+    failingSince = null;
+    $("live-body").classList.remove("stale");
     $("updated").textContent = "updated at server time " + utc(v.serverTime);
     $("clock").textContent = "server time " + utc(v.serverTime);
   } catch (error) {
     if (error instanceof Refused) askForToken(error.message);
-    else $("live-error").textContent = String(error.message || error);
+    else liveFailed(error);
   }
 }
 
 function select(id) {
+  if (id !== selected) freshAt = "";
   selected = id;
   $("link-error").textContent = "";
   history.replaceState(null, "", "#" + encodeURIComponent(id));
@@ -217,6 +226,19 @@ function select(id) {
   // A campaign newer than the list: refresh the list too.
   if (!rows.some((row) => row.dataset.id === id)) loadCampaigns();
   loadLive();
+}
+
+// When the live panel last showed fresh figures (the server's time), and since when its
+// updates have failed: figures that stopped updating are greyed and say since when.
+let freshAt = "";
+let failingSince = null;
+
+function liveFailed(error) {
+  if (failingSince === null) failingSince = new Date();
+  $("live-body").classList.add("stale");
+  const since = utc(failingSince.toISOString());
+  const shown = freshAt ? "; the figures shown are from " + utc(freshAt) : "";
+  $("live-error").textContent = String(error.message || error) + " since " + since + shown + ".";
 }
 
 let ticks = 0;
