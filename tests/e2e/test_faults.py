@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import time
@@ -231,6 +232,12 @@ async def test_reads_and_new_campaigns_go_on_while_redis_is_down(
             assert campaign_id in [c.id for c in listed.campaigns]
             later = await create(client, 2)
             assert await issue(client, later, "carol") == "error:unavailable"
+            prewarm = [
+                json.loads(line)
+                for line in server.log(tail=200_000).splitlines()
+                if '"gate prewarm failed"' in line and later in line
+            ]
+            assert prewarm and prewarm[0]["cause"], prewarm  # Redis's own words, to act on
         finally:
             proxy.unblock()
         # The campaign made during the outage is issued from once Redis is back.

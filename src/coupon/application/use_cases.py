@@ -110,9 +110,12 @@ class CreateCampaign:
         try:
             # Prewarm so the burst at the start finds the gate ready.
             await self._gate.load(campaign, _no_holdings())
-        except Unavailable:
+        except Unavailable as exc:
             # The campaign is durable; the gate is rebuilt on first use.
-            log.warning("gate prewarm failed", extra={"campaign_id": campaign.id})
+            log.warning(
+                "gate prewarm failed",
+                extra={"campaign_id": campaign.id, "error": str(exc), "cause": exc.detail},
+            )
         return campaign
 
 
