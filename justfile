@@ -56,7 +56,7 @@ test *ARGS: lint test-deps
     eval "$({{python}} -m tools.test_services)"
     exec {{python}} -m pytest {{ARGS}}
 
-# Install what the tests need beyond Python (npm packages; chromium and docker-compose on Debian).
+# Install what the tests need beyond Python (npm packages; chromium, docker-compose and faketime on Debian).
 test-deps:
     tools/test-deps.sh
 

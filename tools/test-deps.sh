@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the tests need beyond the Python environment, installed when missing:
 #   * npm packages from package-lock.json (buf, and the Node clients the protocol tests use);
-#   * on Debian, as root: chromium (browser tests) and docker-compose (validates
-#     docker-compose.yml without a Docker engine).
+#   * on Debian, as root: chromium (browser tests), docker-compose (validates
+#     docker-compose.yml without a Docker engine) and faketime (runs `coupon campaigns`
+#     under a clock that is not the service's).
 # Each install runs only when its tool is missing, so a second `just test` installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ command -v chromium >/dev/null || debian+=(chromium)
 # Coupon codes are Hangul: without a Korean font the example page's screenshot shows boxes.
 [ -d /usr/share/fonts/truetype/nanum ] || debian+=(fonts-nanum)
 command -v docker-compose >/dev/null || debian+=(docker-compose)
+command -v faketime >/dev/null || debian+=(faketime)
 if [ ${#debian[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${debian[*]} (apt-get) ..." >&2

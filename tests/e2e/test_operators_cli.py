@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -590,3 +592,99 @@ def test_json_is_the_rpcs_own_answer(server: ServerProcess) -> None:
     ended = json.loads(ok(coupon(server, "--json", "end", campaign_id)))
     assert ended.keys() == {"campaign"}
     same(ended, rpc(server, "EndCampaign", {"campaignId": campaign_id}))
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime (just test-deps)")
+def test_now_and_times_from_now_are_the_services_clock_not_this_machines(
+    server: ServerProcess,
+) -> None:
+    """An operator whose clock is 10 minutes slow creates a sale "in 2 minutes": it opens 2
+    minutes after the service's now, which decides the window, not at once; the command
+    says the clocks differ."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url})
+    for shift, side in (("-10m", "behind"), ("+10m", "ahead of")):
+        before = _when(rpc(server, "ListCampaigns", {"pageSize": 1})["serverTime"])
+        args = ["create", "--name", f"slow laptop {shift}", "--coupons", "5"]
+        args += ["--starts-at", "+2m", "--ends-at", "+1d"]
+        result = subprocess.run(
+            ["faketime", "-f", shift, sys.executable, "-m", "coupon", "campaigns", "--json", *args],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        after = _when(rpc(server, "ListCampaigns", {"pageSize": 1})["serverTime"])
+        campaign = json.loads(ok(result))["campaign"]
+        starts, ends = _when(campaign["startsAt"]), _when(campaign["endsAt"])
+        slack = timedelta(seconds=1)
+        assert before + timedelta(minutes=2) - slack <= starts <= after + timedelta(minutes=2)
+        assert ends - starts == timedelta(days=1) - timedelta(minutes=2)
+        assert campaign["status"] == "CAMPAIGN_STATUS_SCHEDULED"
+        assert result.stderr.startswith(f"coupon: note: this machine's clock is 10m {side} ")
+        assert len(result.stderr.splitlines()) == 1
+    # The same clock as the service's: nothing to say.
+    same = coupon(server, "create", "--name", "on time", "--coupons", "5", "--starts-at", "+2m")
+    assert ok(same) and same.stderr == ""
+
+
+class TimelessService:
+    """A service whose ListCampaigns answers without serverTime; CreateCampaign echoes the
+    start and end it is sent."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path.endswith("/CreateCampaign"):
+                    sent = coupon_pb.CreateCampaignRequest.from_binary(body)
+                    answer = coupon_pb.CreateCampaignResponse(
+                        campaign=coupon_pb.Campaign(
+                            id=CAMPAIGN_ID, starts_at=sent.starts_at, ends_at=sent.ends_at
+                        )
+                    ).to_binary()
+                else:
+                    answer = coupon_pb.ListCampaignsResponse().to_binary()
+                self.send_response(200)
+                self.send_header("content-type", "application/proto")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> TimelessService:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_service_that_gives_no_time_leaves_this_machines_clock_with_a_warning() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    with TimelessService() as service:
+        env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": service.url})
+        before = datetime.now(UTC)
+        result = command(
+            env, None, "campaigns", "--json", "create", "--name", "n", "--coupons", "5"
+        )
+        after = datetime.now(UTC)
+    starts = _when(json.loads(ok(result))["campaign"]["startsAt"])
+    assert before <= starts <= after
+    assert result.stderr.startswith("coupon: warning: the service gave no time; ")
+    assert len(result.stderr.splitlines()) == 1

@@ -285,9 +285,17 @@ def _create(call: Call, args: argparse.Namespace) -> None:
         raise UsageError(
             f"--coupons must be between 1 and {TOTAL_COUPONS_MAX} (got {args.coupons})"
         )
-    now = datetime.now(UTC)
-    starts = parse_time("--starts-at", args.starts_at, now)
-    ends = None if args.ends_at is None else parse_time("--ends-at", args.ends_at, now)
+
+    def window(now: datetime) -> tuple[datetime, datetime | None]:
+        starts = parse_time("--starts-at", args.starts_at, now)
+        ends = None if args.ends_at is None else parse_time("--ends-at", args.ends_at, now)
+        return starts, ends
+
+    starts, ends = window(datetime.now(UTC))  # a bad value is refused before any call
+    # 'now' and +N are the service's now: it opens and closes the window by its own clock,
+    # which this machine's may be minutes off. An absolute time needs no clock.
+    if any(_is_relative(t) for t in (args.starts_at, args.ends_at) if t is not None):
+        starts, ends = window(service_now(call))
     response = call.client.create_campaign(
         coupon_pb.CreateCampaignRequest(
             name=args.name,
@@ -300,6 +308,51 @@ def _create(call: Call, args: argparse.Namespace) -> None:
     )
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
+
+
+# How far this machine's clock may be from the service's before the command says so.
+SKEW_NOTED = timedelta(seconds=1)
+
+
+def service_now(call: Call) -> datetime:
+    """The service's clock now: its serverTime from a ListCampaigns of one campaign, moved on
+    by the time since (this machine's clock counts the seconds; only its offset is wrong).
+    When the service gives no time, this machine's clock, with a warning."""
+    before = time.monotonic()
+    local_before = datetime.now(UTC)
+    page = call.client.list_campaigns(
+        coupon_pb.ListCampaignsRequest(page_size=1), headers=call.headers, timeout_ms=TIMEOUT_MS
+    )
+    round_trip = timedelta(seconds=time.monotonic() - before)
+    if page.server_time is None:
+        print(
+            "coupon: warning: the service gave no time; 'now' and +N times are this "
+            "machine's clock, which may not be the service's",
+            file=sys.stderr,
+        )
+        return datetime.now(UTC)
+    # The service read its clock about halfway through the call.
+    served: datetime = page.server_time.to_datetime()
+    offset: timedelta = served - (local_before + round_trip / 2)
+    if abs(offset) > SKEW_NOTED:
+        side = "behind" if offset > timedelta(0) else "ahead of"
+        print(
+            f"coupon: note: this machine's clock is {_duration(abs(offset))} {side} the "
+            "service's; 'now' and +N times are the service's",
+            file=sys.stderr,
+        )
+    return datetime.now(UTC) + offset
+
+
+def _duration(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (rest, "s")]
+    return " ".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
 
 
 def _list(call: Call, args: argparse.Namespace) -> None:
@@ -598,6 +651,11 @@ def _time(value: Timestamp | None) -> str:
     if value is None:
         return "-"
     return value.to_datetime().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _is_relative(text: str) -> bool:
+    """Whether `text` is a time from now ('now' or +N), which needs a clock."""
+    return text == "now" or _RELATIVE.match(text) is not None
 
 
 def parse_time(option: str, text: str, now: datetime) -> datetime:
