@@ -69,11 +69,28 @@ def new_campaign_body(name: str) -> dict[str, Any]:
     return {"name": name, "totalCoupons": "5", "startsAt": "2026-01-01T00:00:00Z"}
 
 
-def assert_unauthenticated(response: httpx.Response) -> None:
+NEEDS_THE_HEADER = "this RPC needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
+WRONG_TOKEN = "the token given is not the service's COUPON_ADMIN_TOKEN"
+# The refused headers that carry a bearer token, just not the service's: the answer says
+# the token was refused (a wrong or stale COUPON_ADMIN_TOKEN), not that one is missing.
+WRONG_BEARER = {
+    "wrong token",
+    "prefix of the token",
+    "first character",
+    "token plus a character",
+    "two spaces",
+    "token in another case",
+    "lower-case scheme, wrong token",
+    "token twice",
+    "non-ASCII",
+}
+
+
+def assert_unauthenticated(response: httpx.Response, case: str = "missing") -> None:
     assert response.status_code == 401, response.text
     body = response.json()
     assert body["code"] == "unauthenticated"
-    assert "Authorization: Bearer" in body["message"]
+    assert body["message"] == (WRONG_TOKEN if case in WRONG_BEARER else NEEDS_THE_HEADER)
 
 
 # --- with a token configured -----------------------------------------------------------
@@ -124,7 +141,7 @@ async def test_create_campaign_without_the_token_is_refused_and_creates_nothing(
 ) -> None:
     name = f"refused-{uuid.uuid4()}"
     response = post(guarded.url, "CreateCampaign", new_campaign_body(name), REFUSED[case])
-    assert_unauthenticated(response)
+    assert_unauthenticated(response, case)
     assert name not in response.text
     if guarded.database is not None:
         assert await campaigns_named(guarded.database, name) == 0
@@ -135,7 +152,7 @@ def test_get_campaign_without_the_token_is_refused_and_reveals_nothing(
     guarded: Guarded, case: str
 ) -> None:
     response = post(guarded.url, "GetCampaign", {"campaignId": guarded.campaign_id}, REFUSED[case])
-    assert_unauthenticated(response)
+    assert_unauthenticated(response, case)
     assert guarded.code not in response.text and "guarded" not in response.text
 
 

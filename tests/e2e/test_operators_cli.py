@@ -415,6 +415,36 @@ def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(
+    "action",
+    [
+        ["list"],
+        ["show", CAMPAIGN_ID],
+        ["create", "--name", "n", "--coupons", "5", "--starts-at", "2026-01-01T00:00:00Z"],
+        ["create", "--name", "n", "--coupons", "5"],
+        ["end", CAMPAIGN_ID],
+        ["export", CAMPAIGN_ID],
+    ],
+    ids=" ".join,
+)
+def test_a_wrong_token_is_said_refused_and_a_missing_one_missing(
+    server: ServerProcess, action: list[str]
+) -> None:
+    """Like `gh`'s "Bad credentials": a token the service does not take is not reported as
+    no token at all, whichever RPC the command calls."""
+    wrong = coupon(server, *action, token="not-the-token")
+    assert wrong.returncode == 1 and wrong.stdout == ""
+    assert wrong.stderr == (
+        "coupon: unauthenticated: the token given is not the service's COUPON_ADMIN_TOKEN\n"
+    )
+    missing = coupon(server, *action, token="")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr == (
+        "coupon: unauthenticated: this RPC needs the header "
+        "'Authorization: Bearer <COUPON_ADMIN_TOKEN>'\n"
+    )
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (

@@ -217,11 +217,21 @@ class AdminGuard:
         return hmac.compare_digest(given.encode(), self._expected)
 
     def check(self, ctx: RequestContext[object, object]) -> None:
-        if not self.allows(ctx.request_headers.get("authorization", "")):
-            raise ConnectError(
-                Code.UNAUTHENTICATED,
-                "this RPC needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'",
-            )
+        authorization = ctx.request_headers.get("authorization", "")
+        if not self.allows(authorization):
+            raise ConnectError(Code.UNAUTHENTICATED, refusal(authorization, "this RPC"))
+
+
+WRONG_TOKEN = "the token given is not the service's COUPON_ADMIN_TOKEN"
+
+
+def refusal(authorization: str, needer: str) -> str:
+    """Why an Authorization header that `AdminGuard.allows` refused was refused: a bearer
+    token that is not the service's (a wrong or stale COUPON_ADMIN_TOKEN: "bad
+    credentials"), or no bearer token at all (`needer` needs the header)."""
+    if authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        return WRONG_TOKEN
+    return f"{needer} needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from coupon.application.live import LiveView, WatchCampaign
 from coupon.application.operations import ListCampaigns
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.errors import CouponError
-from coupon.entrypoints.connect_service import ERROR_CODES, AdminGuard
+from coupon.entrypoints.connect_service import ERROR_CODES, AdminGuard, refusal
 
 # The HTTP status the Connect protocol gives each code these endpoints can answer.
 HTTP_STATUS = {
@@ -134,11 +134,7 @@ def _error(exc: CouponError) -> Response[Any]:
 
 
 def _refused(authorization: str) -> Response[Any]:
-    message = (
-        "the token given is not the service's COUPON_ADMIN_TOKEN"
-        if authorization
-        else "the dashboard needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
-    )
+    message = refusal(authorization, "the dashboard")
     return _failure("unauthenticated", message, 401, {"www-authenticate": "Bearer"})
 
 
