@@ -140,6 +140,27 @@ def test_export_csv_to_stdout_and_json_lines_to_a_file(
     assert not (tmp_path / "coupons.jsonl.partial").exists()
 
 
+def test_export_to_dash_is_standard_output_not_a_file_named_dash(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`-o -` is standard output, as for curl and kubectl; `./-` is still a file."""
+    campaign = create(server, "dash")
+    issue(server, campaign["id"], ["ann", "ben"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url})
+    plain = ok(coupon(server, "export", str(campaign["id"])))
+    for output in ("-o", "--output"):
+        dashed = command(env, tmp_path, "campaigns", "export", str(campaign["id"]), output, "-")
+        assert ok(dashed) == plain and dashed.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+    jsonl = command(
+        env, tmp_path, "campaigns", "export", str(campaign["id"]), "--format", "jsonl", "-o", "-"
+    )
+    assert [json.loads(line)["userId"] for line in ok(jsonl).splitlines()] == ["ann", "ben"]
+    named = command(env, tmp_path, "campaigns", "export", str(campaign["id"]), "-o", "./-")
+    assert ok(named) == "" and (tmp_path / "-").read_text() == plain
+
+
 def test_export_for_a_spreadsheet_marks_utf8_and_defuses_formulas(
     server: ServerProcess, tmp_path: Path
 ) -> None:

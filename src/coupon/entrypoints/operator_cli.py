@@ -115,7 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
     export.add_argument("--format", choices=EXPORT_FORMATS, default="csv", help="default csv")
     export.add_argument(
-        "--output", "-o", help="write to this file (default: standard output)", metavar="FILE"
+        "--output",
+        "-o",
+        help="write to this file (default, or '-': standard output; ./- for a file named -)",
+        metavar="FILE",
     )
     export.add_argument(
         "--excel",
@@ -436,7 +439,9 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     )
     assert view.campaign is not None
     total = view.campaign.issued_count
-    target = None if args.output is None else Path(args.output)
+    # `-o -` is standard output, as for curl and kubectl: not a file named "-".
+    to_stdout = args.output in (None, "-")
+    target = None if to_stdout else Path(args.output)
     if target is not None:
         _check_output(target)
     stream = call.client.export_coupons(
@@ -451,7 +456,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
         written = _write_file(target, args, stream, progress, call.files)
     if progress is not None:
         progress.done()
-    if args.output is not None:
+    if not to_stdout:
         print(f"exported {written:,} coupons to {args.output}", file=sys.stderr)
 
 
