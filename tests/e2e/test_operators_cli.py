@@ -105,6 +105,24 @@ def test_create_list_show_as_tables(server: ServerProcess) -> None:
     assert "Launch day" in shown and "status      active" in shown
 
 
+def test_a_list_cut_by_its_limit_says_so_on_stderr_only(server: ServerProcess) -> None:
+    for name in ("cut 1", "cut 2", "cut 3"):
+        create(server, name)
+    total = len(json.loads(ok(coupon(server, "--json", "list", "--limit", "0")))["campaigns"])
+    cut = coupon(server, "list", "--limit", "2")
+    assert len(ok(cut).splitlines()) == 1 + 2
+    assert cut.stderr == (
+        "coupon: showing the newest 2; more exist: --limit N for more, --limit 0 for all\n"
+    )
+    # All of them, or a limit that leaves none out (exactly the total included): nothing
+    # to say; --json carries nextPageToken instead.
+    for limit in ("0", str(total), str(total + 1)):
+        whole = coupon(server, "list", "--limit", limit)
+        assert len(ok(whole).splitlines()) == 1 + total and whole.stderr == "", limit
+    listed = coupon(server, "--json", "list", "--limit", "2")
+    assert json.loads(ok(listed))["nextPageToken"] and listed.stderr == ""
+
+
 def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
     campaign = create(server, "to end")
     issue(server, campaign["id"], ["before"])

@@ -401,6 +401,15 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         for c in campaigns
     ]
     print_table(("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS"), rows, sys.stdout)
+    if page.next_page_token:
+        # --limit stopped the listing and the service has more (a token is given only
+        # then): said on stderr, so what reads the table on stdout sees only the table.
+        sys.stdout.flush()
+        print(
+            f"coupon: showing the newest {len(campaigns):,}; more exist: --limit N for "
+            "more, --limit 0 for all",
+            file=sys.stderr,
+        )
 
 
 def _show(call: Call, args: argparse.Namespace) -> None:
