@@ -104,6 +104,12 @@ class H2Client:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> H2Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
@@ -189,19 +195,7 @@ class H2Client:
         self.sock.sendall(frame.serialize())
 
     def raw_headers(self, stream_id: int, rpc: str) -> None:
-        block = self.conn.encoder.encode(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"localhost"),
-                (b":path", (SERVICE + rpc).encode()),
-                (b"content-type", b"application/grpc+proto"),
-                (b"te", b"trailers"),
-            ]
-        )
-        frame = HeadersFrame(stream_id, block)
-        frame.flags.add("END_HEADERS")
-        self.sock.sendall(frame.serialize())
+        self.sock.sendall(headers_frame(self, stream_id, rpc).serialize())
 
     def decode(self, frame: HeadersFrame) -> dict[bytes, bytes]:
         return {bytes(k): bytes(v) for k, v in self.conn.decoder.decode(frame.data, raw=True)}
@@ -210,3 +204,21 @@ class H2Client:
         [response] = self.wait(self.start(rpc, grpc_frame(request)))
         assert response.grpc_status == b"0", response
         return grpc_message(response.body, kind)
+
+
+def headers_frame(client: H2Client, stream_id: int, rpc: str) -> HeadersFrame:
+    """A request's HEADERS frame (END_HEADERS, not END_STREAM), encoded by the client's
+    HPACK encoder, for sending past h2's state machine."""
+    block = client.conn.encoder.encode(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", (SERVICE + rpc).encode()),
+            (b"content-type", b"application/grpc+proto"),
+            (b"te", b"trailers"),
+        ]
+    )
+    frame = HeadersFrame(stream_id, block)
+    frame.flags.add("END_HEADERS")
+    return frame

@@ -5,9 +5,11 @@ first-bytes sniffing that tells HTTP/2 from HTTP/1.1."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
+import select
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from coupon.gen.coupon.v1 import coupon_pb
@@ -36,6 +39,7 @@ from tests.clients.h2client import (
     grpc_frame,
     grpc_headers,
     grpc_message,
+    headers_frame,
 )
 
 pytestmark = pytest.mark.e2e
@@ -170,6 +174,78 @@ def test_a_reset_stream_ends_and_the_connection_goes_on(tmp_path: Path) -> None:
         stops_gracefully(proc)
     finally:
         proc.stop()
+
+
+def test_rapid_reset_is_answered_with_goaway_and_the_server_serves_on(tmp_path: Path) -> None:
+    """CVE-2023-44487: thousands of streams, each opened (a whole IssueCoupon request) and
+    reset at once, end the connection with GOAWAY ENHANCE_YOUR_CALM rather than keep the
+    worker busy on requests nobody waits for; the next client is answered at once."""
+    proc = start_server(tmp_path)
+    try:
+        with H2Client(proc.port) as setup:
+            campaign_id = create_campaign(setup, total=10)
+        attacker = H2Client(proc.port)
+        attacker.sock.settimeout(10)
+        body = issue_request(campaign_id, "nobody")
+        # Read as it goes: the server closes with these bytes unsent, so its kernel answers
+        # them with a TCP reset, which drops whatever the attacker had not read.
+        received = bytearray()
+        with contextlib.suppress(OSError):  # closed by the server meanwhile
+            for first in range(1, 4001, 100):
+                # 50 streams a write, past h2's state machine (it would stop at its
+                # connection window): each reset as soon as it is sent.
+                frames = b""
+                for stream_id in range(first, first + 100, 2):
+                    reset = RstStreamFrame(stream_id)
+                    reset.error_code = ErrorCodes.CANCEL
+                    frames += headers_frame(attacker, stream_id, "IssueCoupon").serialize()
+                    frames += DataFrame(stream_id, body, flags=["END_STREAM"]).serialize()
+                    frames += reset.serialize()
+                attacker.sock.sendall(frames)
+                if select.select([attacker.sock], [], [], 0)[0]:
+                    received += attacker.sock.recv(65_536)
+            while data := attacker.sock.recv(65_536):
+                received += data
+        attacker.close()
+        answer = FrameBuffer(server=False)
+        answer.max_frame_size = attacker.conn.max_inbound_frame_size
+        answer.add_data(bytes(received))
+        goaways = [f for f in answer if isinstance(f, GoAwayFrame)]
+        assert [g.error_code for g in goaways] == [ErrorCodes.ENHANCE_YOUR_CALM]
+
+        started = time.monotonic()
+        with H2Client(proc.port) as client:
+            answer = client.call(
+                "IssueCoupon",
+                coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id="next"),
+                coupon_pb.IssueCouponResponse,
+            )
+        assert answer.coupon is not None
+        assert time.monotonic() - started < 2
+        stops_gracefully(proc)
+    finally:
+        proc.stop()
+
+
+def test_a_client_that_cancels_some_streams_is_not_cut_off(server: ServerProcess) -> None:
+    """More resets than the budget, but no more than the streams answered beside them (a
+    client cancelling calls whose deadlines passed): the connection goes on."""
+    with H2Client(server.port) as client:
+        campaign_id = create_campaign(client, total=200)
+        for round_ in range(3):
+            users = [f"cancels-{round_}-{i}" for i in range(50)]
+            assert all(r.grpc_status == b"0" for r in issue_all(client, campaign_id, users))
+            for i in range(50):
+                # Some whole requests, some whose body never comes: all cancelled.
+                body = issue_request(campaign_id, f"cancelled-{round_}-{i}")
+                client.reset(client.start("IssueCoupon", body if i % 2 else body[:3], end=i % 2))
+        answer = client.call(
+            "IssueCoupon",
+            coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id="still-served"),
+            coupon_pb.IssueCouponResponse,
+        )
+        assert answer.coupon is not None and not answer.already_issued
+        assert client.goaway is None
 
 
 def test_graceful_shutdown_finishes_an_open_stream_and_refuses_new_ones(tmp_path: Path) -> None:

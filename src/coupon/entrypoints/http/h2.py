@@ -7,6 +7,17 @@ the app reads it (so a slow reader holds the peer back instead of buffering), an
 response waits for the peer's stream and connection windows, and for the transport's
 buffer to drain. A peer's RST_STREAM or a lost connection is `http.disconnect`.
 
+A stream's task is cancelled when its peer resets it (or the connection is lost) before the
+app has read the whole request: until then no handler has begun any work. Once the app has
+the whole request, the task runs to its end, as over HTTP/1.1 (uvicorn tells a handler of a
+lost client by `http.disconnect`, never by cancelling it): an IssueCoupon past admission
+keeps its guarantees. The work a peer can leave running this way is bounded ("rapid reset",
+CVE-2023-44487): at most MAX_CONCURRENT_STREAMS streams of a connection are unanswered at
+once, reset ones included (a new stream beyond is refused, REFUSED_STREAM), and a
+connection whose peer has reset (or had refused) more than RESET_BUDGET streams before
+their answers, and more of them than it had answered, is closed with a GOAWAY
+(ENHANCE_YOUR_CALM).
+
 A header list or a request body over the service's limits is refused on its own stream,
 as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
 A body is refused at its headers when its content-length says it is over the limit; else
@@ -53,6 +64,14 @@ log = logging.getLogger("uvicorn.error")
 
 # Limits a peer is told in SETTINGS; h2 refuses a peer that goes past them.
 MAX_CONCURRENT_STREAMS = 100
+# Streams a peer may reset before their answers (or have refused, over
+# MAX_CONCURRENT_STREAMS unanswered) before the connection is closed, when they also
+# outnumber the streams it had answered.
+RESET_BUDGET = 100
+# After that GOAWAY: how long, and how much, is read and dropped before the close, so that
+# the peer, still sending, reads the GOAWAY before a TCP reset would discard it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 MAX_HEADER_LIST_SIZE = 16 * 1024
 # A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (`resource_exhausted`
 # in the caller's protocol on the API's paths, 431 elsewhere: http/refusal.py), the
@@ -105,7 +124,9 @@ class _Stream:
         "response_complete",
         "response_headers",
         "response_status",
+        "stopped",
         "stream_id",
+        "task",
         "trailers_expected",
     )
 
@@ -128,6 +149,8 @@ class _Stream:
         self.headers_sent = False
         self.trailers_expected = False
         self.response_complete = False
+        self.task: asyncio.Task[None] | None = None
+        self.stopped = False  # its task cancelled: it runs no more of the app
 
     def wake(self) -> None:
         self.changed.set()
@@ -150,7 +173,8 @@ class H2Protocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.app_state = app_state
-        self.max_body = limits_of(front_app(self.app)).max_request_bytes
+        limits = limits_of(front_app(self.app))
+        self.max_body = limits.max_request_bytes
         self.conn = H2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
@@ -164,6 +188,10 @@ class H2Protocol(asyncio.Protocol):
         # After a graceful GOAWAY: streams above this id are refused, open ones finish.
         self.last_stream_id: int | None = None
         self.idle: asyncio.TimerHandle | None = None
+        # Streams the peer reset before their answers (or had refused), and streams answered.
+        self.resets = 0
+        self.answered = 0
+        self.lingering = -1  # bytes dropped since that GOAWAY; -1: not closing so
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -192,6 +220,11 @@ class H2Protocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering >= 0:
+            self.lingering += len(data)
+            if self.lingering > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
+            return
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -202,6 +235,8 @@ class H2Protocol(asyncio.Protocol):
             self._abort()
             return
         for event in events:
+            if self.lingering >= 0 or self.transport is None or self.transport.is_closing():
+                break  # closed by one of them (ENHANCE_YOUR_CALM): the rest go unread
             self._handle(event)
         self._flush()
 
@@ -212,8 +247,9 @@ class H2Protocol(asyncio.Protocol):
         self.server_state.connections.discard(self)
         self._disarm_idle()
         self.writable.set()
-        for stream in self.streams.values():
+        for stream in list(self.streams.values()):
             stream.closed = True
+            self._stop(stream)
             stream.wake()
 
     def pause_writing(self) -> None:
@@ -225,7 +261,12 @@ class H2Protocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful: tell the peer which streams will still be answered (GOAWAY with the
         last stream id), finish those, then close."""
-        if self.transport is None or self.transport.is_closing() or self.last_stream_id is not None:
+        if (
+            self.transport is None
+            or self.transport.is_closing()
+            or self.last_stream_id is not None
+            or self.lingering >= 0
+        ):
             return
         self.last_stream_id = self.conn.highest_inbound_stream_id
         # Written beside h2 rather than through close_connection(), which would stop h2
@@ -259,8 +300,12 @@ class H2Protocol(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 self._release_body(stream)
+                unanswered = not stream.closed and not stream.response_complete
                 stream.closed = True
+                self._stop(stream)
                 stream.wake()
+                if unanswered:
+                    self._count_reset()
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 for stream in self.streams.values():
@@ -293,15 +338,72 @@ class H2Protocol(asyncio.Protocol):
             answer = self._body_refusal(request, length)
             self._answer_refusal(stream_id, answer, event.stream_ended is not None)
             return
+        if len(self.streams) >= MAX_CONCURRENT_STREAMS and self._unanswered() >= (
+            MAX_CONCURRENT_STREAMS
+        ):
+            # Only reset streams whose tasks still run can take it here: h2 itself refuses
+            # a peer that opens more than that many at once.
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._count_reset()
+            return
         self._disarm_idle()
         prefix = b"" if length < 0 and enveloped(content_type) else None
         stream = _Stream(stream_id, request, prefix)
         if event.stream_ended is not None:
             stream.ended = True
         self.streams[stream_id] = stream
-        task = self.loop.create_task(self._run(stream, scope))
+        task = stream.task = self.loop.create_task(self._run(stream, scope))
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
+        # Here rather than in _run: a task cancelled before it began runs none of it.
+        task.add_done_callback(lambda _: self._finish(stream))
+
+    def _unanswered(self) -> int:
+        """Streams whose tasks still run the app and have not answered, reset ones
+        included."""
+        return sum(1 for s in self.streams.values() if not (s.response_complete or s.stopped))
+
+    def _count_reset(self) -> None:
+        """One more stream the peer reset before its answer (or had refused): past the
+        budget, and outnumbering the answered ones, the connection is closed."""
+        self.resets += 1
+        if self.resets > RESET_BUDGET and self.resets > self.answered:
+            log.warning(
+                "HTTP/2 connection from %s closed: %d streams reset before their answers",
+                self.client,
+                self.resets,
+            )
+            with contextlib.suppress(ProtocolError):
+                self.conn.close_connection(
+                    error_code=ErrorCodes.ENHANCE_YOUR_CALM,
+                    last_stream_id=self.conn.highest_inbound_stream_id,
+                )
+            self._flush()
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after a GOAWAY while the peer may still be sending: our side ended at once,
+        what arrives read and dropped for a moment (LINGER_SECONDS), then the connection
+        closed."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._abort()
+            return
+        self._disarm_idle()
+        transport.write_eof()
+        self.lingering = 0
+        self.loop.call_later(LINGER_SECONDS, transport.close)
+        for stream in list(self.streams.values()):
+            stream.closed = True
+            self._stop(stream)
+            stream.wake()
+
+    def _stop(self, stream: _Stream) -> None:
+        """Cancel a closed stream's task, unless the app has read the whole request (then
+        it may be doing the request's work, which runs to its end, as over HTTP/1.1)."""
+        if stream.task is not None and not stream.end_delivered and not stream.stopped:
+            stream.stopped = True
+            stream.task.cancel()
 
     def _data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -442,7 +544,6 @@ class H2Protocol(asyncio.Protocol):
             if not stream.response_complete and not stream.closed:
                 # The app returned without finishing its response.
                 self._reset(stream, ErrorCodes.INTERNAL_ERROR)
-            self._finish(stream)
 
     async def _receive(self, stream: _Stream) -> dict[str, Any]:
         while True:
@@ -553,6 +654,8 @@ class H2Protocol(asyncio.Protocol):
             await self.writable.wait()
 
     def _complete(self, stream: _Stream) -> None:
+        if not stream.response_complete and not stream.closed:
+            self.answered += 1
         stream.response_complete = True
         if not stream.ended:
             # Answered before the request ended (an early refusal): the peer may stop
@@ -562,7 +665,8 @@ class H2Protocol(asyncio.Protocol):
 
     def _finish(self, stream: _Stream) -> None:
         self._release_body(stream)
-        self.streams.pop(stream.stream_id, None)
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
         self._flush()
         if not self.streams:
             self._arm_idle()
@@ -591,11 +695,21 @@ class H2Protocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        if (
+            data
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.lingering < 0
+        ):
             self.transport.write(data)
 
     def _close_if_done(self) -> None:
-        if self.last_stream_id is not None and not self.streams and self.transport is not None:
+        if (
+            self.last_stream_id is not None
+            and not self.streams
+            and self.transport is not None
+            and self.lingering < 0
+        ):
             self.conn.close_connection(last_stream_id=self.last_stream_id)
             self._flush()
             self.transport.close()
@@ -603,13 +717,14 @@ class H2Protocol(asyncio.Protocol):
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        for stream in self.streams.values():
+        for stream in list(self.streams.values()):
             stream.closed = True
+            self._stop(stream)
             stream.wake()
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and self.lingering < 0:
             self.idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_close)
 
     def _disarm_idle(self) -> None:
