@@ -248,6 +248,67 @@ def test_a_client_that_cancels_some_streams_is_not_cut_off(server: ServerProcess
         assert client.goaway is None
 
 
+REQUEST_TIMEOUT = 2
+
+
+@pytest.fixture(scope="module")
+def short_timeouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(
+        tmp_path_factory.mktemp("h2-timeouts"),
+        COUPON_REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT),
+        COUPON_KEEPALIVE_SECONDS=str(REQUEST_TIMEOUT),
+    )
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def serves_meanwhile(port: int, seconds: float) -> None:
+    """Calls on another connection are answered while a stream waits for its time-out."""
+    until = time.monotonic() + seconds
+    i = 0
+    with H2Client(port) as other:
+        campaign_id = create_campaign(other, total=100)
+        while time.monotonic() < until:
+            answer = other.call(
+                "IssueCoupon",
+                coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=f"other-{i}"),
+                coupon_pb.IssueCouponResponse,
+            )
+            assert answer.coupon is not None
+            i += 1
+            time.sleep(0.2)
+
+
+def test_a_request_that_never_arrives_whole_is_reset_after_the_request_timeout(
+    short_timeouts: ServerProcess,
+) -> None:
+    """Slowloris over HTTP/2: a stream whose HEADERS came without the rest (no body, or part
+    of it) is reset (CANCEL) after COUPON_REQUEST_TIMEOUT_SECONDS, and its connection, left
+    with no stream, closes on its idle timer as any other."""
+    with H2Client(short_timeouts.port) as setup:
+        campaign_id = create_campaign(setup, total=100)
+    client = H2Client(short_timeouts.port)
+    try:
+        started = time.monotonic()
+        headers_only = client.start("IssueCoupon", end=False)
+        part = client.start("IssueCoupon", issue_request(campaign_id, "slow")[:4], end=False)
+        serves_meanwhile(short_timeouts.port, REQUEST_TIMEOUT - 0.5)
+        client.sock.settimeout(REQUEST_TIMEOUT + 3)
+        responses = client.wait(headers_only, part)
+        assert [r.reset for r in responses] == [ErrorCodes.CANCEL] * 2
+        assert not any(r.headers for r in responses)
+        assert REQUEST_TIMEOUT - 0.5 < time.monotonic() - started < REQUEST_TIMEOUT + 2
+        while client.goaway is None:
+            client.read()  # then idle (keep-alive 2 s here): closed with a GOAWAY
+        assert client.goaway.error_code == ErrorCodes.NO_ERROR
+        assert client.goaway.last_stream_id == part
+    finally:
+        client.close()
+    assert "Traceback" not in short_timeouts.log()
+
+
 def test_graceful_shutdown_finishes_an_open_stream_and_refuses_new_ones(tmp_path: Path) -> None:
     proc = start_server(tmp_path)
     try:

@@ -18,6 +18,10 @@ connection whose peer has reset (or had refused) more than RESET_BUDGET streams 
 their answers, and more of them than it had answered, is closed with a GOAWAY
 (ENHANCE_YOUR_CALM).
 
+Time limits: a request must arrive whole within the service's request time-out of its
+HEADERS, or its stream is reset (CANCEL) and its task cancelled. A connection left with no
+stream goes back to its idle timer.
+
 A header list or a request body over the service's limits is refused on its own stream,
 as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
 A body is refused at its headers when its content-length says it is over the limit; else
@@ -127,6 +131,7 @@ class _Stream:
         "stopped",
         "stream_id",
         "task",
+        "timer",
         "trailers_expected",
     )
 
@@ -151,6 +156,8 @@ class _Stream:
         self.response_complete = False
         self.task: asyncio.Task[None] | None = None
         self.stopped = False  # its task cancelled: it runs no more of the app
+        # The request time-out, until the request has arrived whole.
+        self.timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         self.changed.set()
@@ -175,6 +182,7 @@ class H2Protocol(asyncio.Protocol):
         self.app_state = app_state
         limits = limits_of(front_app(self.app))
         self.max_body = limits.max_request_bytes
+        self.request_timeout = limits.request_timeout_seconds
         self.conn = H2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
@@ -351,6 +359,8 @@ class H2Protocol(asyncio.Protocol):
         stream = _Stream(stream_id, request, prefix)
         if event.stream_ended is not None:
             stream.ended = True
+        else:
+            stream.timer = self.loop.call_later(self.request_timeout, self._late, stream)
         self.streams[stream_id] = stream
         task = stream.task = self.loop.create_task(self._run(stream, scope))
         self.server_state.tasks.add(task)
@@ -404,6 +414,16 @@ class H2Protocol(asyncio.Protocol):
         if stream.task is not None and not stream.end_delivered and not stream.stopped:
             stream.stopped = True
             stream.task.cancel()
+
+    def _late(self, stream: _Stream) -> None:
+        """The request time-out: a request not arrived whole is reset, its task stopped."""
+        stream.timer = None
+        if stream.ended or stream.closed or self.streams.get(stream.stream_id) is not stream:
+            return
+        log.debug("HTTP/2 stream %d from %s: request time-out", stream.stream_id, self.client)
+        self._reset(stream, ErrorCodes.CANCEL)
+        self._stop(stream)
+        stream.wake()
 
     def _data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -664,6 +684,9 @@ class H2Protocol(asyncio.Protocol):
         stream.wake()
 
     def _finish(self, stream: _Stream) -> None:
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
         self._release_body(stream)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
