@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -302,7 +302,41 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_nothing(
 CAMPAIGN_ID = "01a23ac5-0000-7000-8000-000000000000"
 
 
-class SilentService:
+class ProtoHandler(BaseHTTPRequestHandler):
+    """A fake service's handler: HTTP/1.1, silent, answering binary Connect messages."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, message: bytes) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "application/proto")
+        self.send_header("content-length", str(len(message)))
+        self.end_headers()
+        self.wfile.write(message)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class FakeService:
+    """A service of the test's own on a free port, its handler on threads of their own."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class SilentService(FakeService):
     """A listener that takes every call and never answers, but GetCampaign's when asked:
     for an export, whose stream then never sends a coupon."""
 
@@ -313,37 +347,20 @@ class SilentService:
             campaign=coupon_pb.Campaign(id=CAMPAIGN_ID, total_coupons=10, issued_count=3)
         ).to_binary()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(ProtoHandler):
             def do_POST(self) -> None:
                 if answers_get_campaign and self.path.endswith("/GetCampaign"):
                     self.rfile.read(int(self.headers.get("content-length", 0)))
-                    self.send_response(200)
-                    self.send_header("content-type", "application/proto")
-                    self.send_header("content-length", str(len(campaign)))
-                    self.end_headers()
-                    self.wfile.write(campaign)
+                    self.answer(campaign)
                     return
                 called.set()
                 released.wait()  # until the test ends
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> SilentService:
-        self._thread.start()
-        return self
+        super().__init__(Handler)
 
     def __exit__(self, *_: object) -> None:
         self._released.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().__exit__()
 
 
 @pytest.mark.parametrize(
@@ -702,14 +719,12 @@ def test_now_and_times_from_now_are_the_services_clock_not_this_machines(
     assert ok(same) and same.stderr == ""
 
 
-class TimelessService:
+class TimelessService(FakeService):
     """A service whose ListCampaigns answers without serverTime; CreateCampaign echoes the
     start and end it is sent."""
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(ProtoHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.path.endswith("/CreateCampaign"):
@@ -721,27 +736,9 @@ class TimelessService:
                     ).to_binary()
                 else:
                     answer = coupon_pb.ListCampaignsResponse().to_binary()
-                self.send_response(200)
-                self.send_header("content-type", "application/proto")
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                self.answer(answer)
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> TimelessService:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
 
 
 def test_a_service_that_gives_no_time_leaves_this_machines_clock_with_a_warning() -> None:
