@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import resource
 import time
 from collections.abc import Iterator
@@ -450,14 +451,16 @@ async def test_a_flood_of_malformed_requests_is_answered_400_and_logged_once_a_s
     server: ServerProcess,
 ) -> None:
     before = server.log(tail=10_000_000).count("Invalid HTTP request received.")
+    started = time.monotonic()
     for _ in range(50):
         reader, writer = await open_connection(server.url)
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
         assert (await read_response(reader)).status == 400
         writer.close()
     await asyncio.sleep(0.2)
+    seconds = time.monotonic() - started
     logged = server.log(tail=10_000_000).count("Invalid HTTP request received.") - before
-    assert 1 <= logged <= 3, logged
+    assert 1 <= logged <= 1 + math.ceil(seconds), (logged, seconds)  # one a second at most
 
 
 async def test_pipelined_requests_ahead_of_an_unfinished_head_do_not_count_against_it(

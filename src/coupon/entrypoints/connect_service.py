@@ -38,7 +38,7 @@ from coupon.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
-from coupon.entrypoints.logs import request_id
+from coupon.entrypoints.logs import LogQuota, request_id
 from coupon.entrypoints.metrics import CounterTally, Metrics
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import (
@@ -122,11 +122,8 @@ _NO_CAMPAIGN = frozenset({"invalid", "not_found"})
 class Observed:
     """Counts and times one RPC method."""
 
-    LOG_EVERY_SECONDS = 1.0
-
     def __init__(self, metrics: Metrics, rpc: str) -> None:
-        self._quiet_until: dict[tuple[Code, str], float] = {}
-        self._suppressed: dict[tuple[Code, str], int] = {}
+        self._quota = LogQuota()
         self._rpc = rpc
         self._requests = metrics.counters(metrics.requests)
         self.ok = self._requests(rpc, "ok")
@@ -155,20 +152,15 @@ class Observed:
     def _log_failure(self, code: Code, message: str, detail: str = "") -> None:
         """One line per kind of failure a second at most: an outage fails every request,
         and a line per request would cost more than the requests."""
-        now = time.monotonic()
-        key = (code, message[:60])
-        if now < self._quiet_until.get(key, 0.0):
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        not_logged = self._quota.admit((code, message[:60]))
+        if not_logged is None:
             return
-        if len(self._quiet_until) > 1_000:
-            self._quiet_until.clear()
-        self._quiet_until[key] = now + self.LOG_EVERY_SECONDS
         extra: dict[str, object] = {
             "rpc": self._rpc,
             "code": code.value,
             "error": message,
             "request_id": request_id(),
-            "same_failures_not_logged": self._suppressed.pop(key, 0),
+            "same_failures_not_logged": not_logged,
         }
         if detail:
             extra["cause"] = detail  # the dependency's own words, which clients are not told

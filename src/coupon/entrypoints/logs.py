@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -14,6 +15,28 @@ from datetime import UTC, datetime
 REQUEST_HEADERS: ContextVar[Iterable[tuple[bytes, bytes]]] = ContextVar(
     "request_headers", default=()
 )
+
+
+class LogQuota:
+    """One line per kind of event a second at most: an event a client or an outage causes
+    at will must not fill the log, nor cost more than its requests. `admit(kind)` is None
+    when the line is not to be written, else how many of its kind were not since."""
+
+    EVERY_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._quiet_until: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
+
+    def admit(self, kind: Hashable = None) -> int | None:
+        now = time.monotonic()
+        if now < self._quiet_until.get(kind, 0.0):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return None
+        if len(self._quiet_until) > 1_000:
+            self._quiet_until.clear()
+        self._quiet_until[kind] = now + self.EVERY_SECONDS
+        return self._suppressed.pop(kind, 0)
 
 
 def request_id() -> str:

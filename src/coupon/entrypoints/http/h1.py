@@ -46,6 +46,7 @@ from coupon.entrypoints.fast_issue import (
     other_protocol_version,
 )
 from coupon.entrypoints.http.refusal import PLAIN, body_refusal, declared_size, enveloped, refusal
+from coupon.entrypoints.logs import LogQuota
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -89,25 +90,8 @@ _LANE_BLOCKS_MAX = 256
 _LANE_BLOCK_MAX = 1024
 
 
-class _OncePerSecond:
-    """A warning a client can cause at will, logged at most once a second, with how many
-    were not: a client sending garbage must not fill the log."""
-
-    def __init__(self) -> None:
-        self._quiet_until = 0.0
-        self._suppressed = 0
-
-    def log(self, logger: Any, message: str) -> None:
-        now = time.monotonic()
-        if now < self._quiet_until:
-            self._suppressed += 1
-            return
-        self._quiet_until = now + 1.0
-        logger.warning(message, extra={"same_not_logged": self._suppressed})
-        self._suppressed = 0
-
-
-_INVALID_REQUESTS = _OncePerSecond()
+# A malformed request, which a client can send at will, logged once a second at most.
+_INVALID_REQUESTS = LogQuota()
 
 
 def _is_token(name: bytes) -> bool:
@@ -318,7 +302,9 @@ class Http1Protocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             msg = "Invalid HTTP request received."
-            _INVALID_REQUESTS.log(self.logger, msg)
+            not_logged = _INVALID_REQUESTS.admit()
+            if not_logged is not None:
+                self.logger.warning(msg, extra={"same_not_logged": not_logged})
             self.send_400_response(msg)
         except httptools.HttpParserUpgrade as upgrade:
             self._ignore_upgrade(data[upgrade.args[0] :])
