@@ -206,15 +206,15 @@ class CouponApp:
                     await fast(scope, receive, send, codec)
                     return
             connect = self.connect
-            if connect is not None and not await _unknown_grpc_method(scope, receive, send):
-                await self._connect_closing_unread(connect, scope, receive, send)
             if connect is not None:
+                if not await _unknown_grpc_method(scope, receive, send):
+                    await self._connect_closing_unread(connect, scope, receive, send)
                 return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
             reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
-            if reflection is not None and not await _unknown_grpc_method(scope, receive, send):
-                await reflection(scope, receive, send)
             if reflection is not None:
+                if not await _unknown_grpc_method(scope, receive, send):
+                    await reflection(scope, receive, send)
                 return
         if scope["type"] == ScopeType.HTTP and await _unknown_grpc_method(scope, receive, send):
             return

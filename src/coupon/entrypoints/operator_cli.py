@@ -449,8 +449,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     assert view.campaign is not None
     total = view.campaign.issued_count
     # `-o -` is standard output, as for curl and kubectl: not a file named "-".
-    to_stdout = args.output in (None, "-")
-    target = None if to_stdout else Path(args.output)
+    target = None if args.output in (None, "-") else Path(args.output)
     if target is not None:
         _check_output(target)
     stream = call.client.export_coupons(
@@ -465,7 +464,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
         written = _write_file(target, args, stream, progress, call.files)
     if progress is not None:
         progress.done()
-    if not to_stdout:
+    if target is not None:
         print(f"exported {written:,} coupons to {args.output}", file=sys.stderr)
 
 
