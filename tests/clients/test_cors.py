@@ -4,7 +4,9 @@ configuration get none."""
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +175,24 @@ def test_tls_settings_name_the_variable(tmp_path: Path) -> None:
         {"COUPON_TLS_CERT_FILE": str(pem), "COUPON_TLS_KEY_FILE": str(pem)}, dotenv=None
     )
     assert both.tls_cert_file == both.tls_key_file == str(pem)
+
+
+def test_grpc_web_text_mode_from_an_allowed_origin(cors_server: ServerProcess) -> None:
+    """What the grpc-web JavaScript client sends in its default text mode: the preflight
+    allows its headers, and its call is answered, in text mode, with the CORS headers."""
+    asked = "content-type,x-grpc-web,x-user-agent,grpc-timeout"
+    allowed = preflight(cors_server.url, PAGE, asked)
+    assert allowed.status_code == 204
+    assert listed(asked) <= listed(allowed.headers["access-control-allow-headers"])
+    message = b"\n\x04nope\x12\x03ana"  # IssueCouponRequest(campaign_id="nope", user_id="ana")
+    body = base64.b64encode(struct.pack(">BI", 0, len(message)) + message)
+    response = httpx.post(
+        cors_server.url + ISSUE,
+        headers={"Content-Type": "application/grpc-web-text", "Origin": PAGE, "X-Grpc-Web": "1"},
+        content=body,
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/grpc-web-text"
+    assert response.headers["access-control-allow-origin"] == PAGE
+    assert "grpc-status" in listed(response.headers["access-control-expose-headers"])
+    assert b"grpc-status: 3" in base64.b64decode(response.content)  # the trailer frame

@@ -934,7 +934,11 @@ def test_an_unsupported_content_type_lists_what_the_method_accepts(
     assert unary.status_code == streaming.status_code == 415
     unary_types = set(unary.headers["accept-post"].split(", "))
     streaming_types = set(streaming.headers["accept-post"].split(", "))
-    web_types = {"application/grpc-web+proto", "application/grpc-web+json"}
+    web_types = {
+        "application/grpc-web+proto",
+        "application/grpc-web+json",
+        "application/grpc-web-text+proto",
+    }
     grpc_types = {"application/grpc+proto", "application/grpc+json"} if http2 else set()
     assert unary_types == {"application/proto", "application/json"} | web_types | grpc_types
     assert streaming_types == (

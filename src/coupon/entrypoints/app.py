@@ -36,6 +36,7 @@ from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
 from coupon.entrypoints.dashboard import Dashboard, not_found
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
+from coupon.entrypoints.grpc_web_text import serve_text, text_media
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
@@ -52,7 +53,9 @@ EXPORT_PATH = CONNECT_PREFIX + "ExportCoupons"
 # What a 415 lists, by (a streaming method, gRPC possible on this connection).
 _UNARY = b"application/proto, application/json"
 _STREAMING = b"application/connect+proto, application/connect+json"
-_GRPC_WEB = b", application/grpc-web+proto, application/grpc-web+json"
+_GRPC_WEB = (
+    b", application/grpc-web+proto, application/grpc-web+json, application/grpc-web-text+proto"
+)
 _GRPC = b", application/grpc+proto, application/grpc+json"
 _ACCEPT_POST = {
     (False, False): _UNARY + _GRPC_WEB,
@@ -228,7 +231,8 @@ class CouponApp:
         connection: the unread body would otherwise be taken for the next request. A 415
         lists the content types this method accepts (the library's lists the unary Connect
         ones whatever the method), and an `unimplemented` for a coding the service does not
-        decode lists those it does; gRPC without trailers (HTTP/1.1) is refused plainly."""
+        decode lists those it does; gRPC without trailers (HTTP/1.1) is refused plainly.
+        gRPC-Web's text mode is served as binary gRPC-Web, translated (grpc_web_text.py)."""
         trailers = "http.response.trailers" in (scope.get("extensions") or {})
         content_type = _content_type(scope)
         if (
@@ -267,7 +271,11 @@ class CouponApp:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await connect(scope, receive_tracking, send_closing)
+        text = text_media(content_type)
+        if text is not None:
+            await serve_text(connect, scope, receive_tracking, send_closing, text)
+        else:
+            await connect(scope, receive_tracking, send_closing)
 
     @asynccontextmanager
     async def _lifespan(self, _: Litestar) -> AsyncIterator[None]:
