@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
+import subprocess
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
@@ -17,7 +20,7 @@ from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import connect_client, create_campaign
 from harness.raw_http import Response, open_connection, read_response
 from harness.server import ServerProcess
-from tests.clients.conftest import TOKEN
+from tests.clients.conftest import ROOT, TOKEN, need_node_packages
 from tests.clients.h2client import CODEC, grpc_frame
 
 pytestmark = pytest.mark.e2e
@@ -227,3 +230,51 @@ def test_text_mode_over_each_http_version(
     response = Response(answer.status_code, dict(answer.headers), answer.content)
     coupon = issued(response).coupon
     assert coupon is not None and coupon.user_id == request.user_id
+
+
+GRPCWEB_TEXT = ROOT / "tests" / "clients" / "node" / "grpcweb_text.mjs"
+
+
+def grpcweb_text_calls(base_url: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each call's result from the grpc-web JavaScript client in text mode, on Node:
+    {"response"} or {"error": {"code", "message"}} (gRPC's numeric code)."""
+    need_node_packages()
+    if not (ROOT / "node_modules" / "grpc-web").is_dir():
+        pytest.skip("the npm package grpc-web (npm ci, run by `just test`) is needed")
+    done = subprocess.run(
+        ["node", str(GRPCWEB_TEXT), json.dumps({"baseUrl": base_url, "calls": calls})],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+async def test_the_grpc_web_javascript_client_in_text_mode(
+    coupon_server: ServerProcess,
+) -> None:
+    """The client nobody here wrote, as protoc-gen-grpc-web's code drives it: a coupon
+    issued, then again (alreadyIssued), an error, and the server stream."""
+    async with connect_client(coupon_server.url) as client:
+        made = await create_campaign(client, total=3, token=TOKEN, name="grpc-web text")
+    issue = {"rpc": "IssueCoupon", "request": {"campaignId": made.id, "userId": "grpc-web"}}
+    first, again, invalid, unauthenticated, exported = grpcweb_text_calls(
+        coupon_server.url,
+        [
+            issue,
+            issue,
+            {"rpc": "IssueCoupon", "request": {"campaignId": made.id, "userId": ""}},
+            {"rpc": "GetCampaign", "request": {"campaignId": made.id}},
+            {"rpc": "ExportCoupons", "request": {"campaignId": made.id}, "token": TOKEN},
+        ],
+    )
+    coupon = first["response"]["coupon"]
+    assert coupon["userId"] == "grpc-web"
+    assert again["response"] == {"coupon": coupon, "alreadyIssued": True}
+    assert invalid["error"] == {"code": 3, "message": "user_id: must not be empty"}
+    assert unauthenticated["error"]["code"] == 16
+    [page] = exported["response"]["messages"]
+    assert page["coupons"] == [coupon]
