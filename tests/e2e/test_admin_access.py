@@ -1,6 +1,7 @@
 """Who may call the admin RPCs. CreateCampaign and GetCampaign create stock and reveal every
 code: with COUPON_ADMIN_TOKEN configured they need `Authorization: Bearer <token>` exactly
-(the scheme's name in any case, as RFC 9110 has it), refuse anything else with
+(the scheme's name in any case, as RFC 9110 has it, and whitespace around the value not
+part of it), refuse anything else with
 `unauthenticated` and change nothing; IssueCoupon is public; with no token configured
 (development) the admin RPCs are open. The token comparison is constant time: AdminGuard
 goes through hmac.compare_digest for every request.
@@ -11,7 +12,9 @@ goes through hmac.compare_digest for every request.
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
+import json
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.entrypoints import connect_service
 from coupon.entrypoints.connect_service import AdminGuard
+from harness.raw_http import open_connection, read_response
 from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +62,13 @@ GOOD = {"authorization": f"Bearer {TOKEN}".encode()}
 ALSO_GOOD: dict[str, dict[str, bytes]] = {
     "lower-case scheme": {"authorization": f"bearer {TOKEN}".encode()},
     "upper-case scheme": {"authorization": f"BEARER {TOKEN}".encode()},
+}
+# Whitespace around a field's value is not part of it (RFC 9110, 5.5). httpx will not
+# send these: they go over a socket by hand.
+TRAILING_WHITESPACE: dict[str, dict[str, bytes]] = {
+    "trailing spaces": {"authorization": f"Bearer {TOKEN}  ".encode()},
+    "trailing tab": {"authorization": f"Bearer {TOKEN}\t".encode()},
+    "trailing spaces and tabs": {"authorization": f"Bearer {TOKEN} \t \t".encode()},
 }
 
 
@@ -186,6 +197,26 @@ def test_the_scheme_passes_in_any_case(guarded: Guarded, case: str) -> None:
     assert guarded.code in got.text
 
 
+@pytest.mark.parametrize("case", list(TRAILING_WHITESPACE))
+async def test_whitespace_after_the_token_is_not_part_of_it(guarded: Guarded, case: str) -> None:
+    body = json.dumps({"campaignId": guarded.campaign_id}).encode()
+    reader, writer = await open_connection(guarded.url)
+    try:
+        writer.write(
+            f"POST {RPC}GetCampaign HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n".encode()
+            + b"Authorization: "
+            + TRAILING_WHITESPACE[case]["authorization"]
+            + b"\r\n\r\n"
+            + body
+        )
+        response = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()
+    assert response.status == 200, response.body
+    assert guarded.code in response.body.decode()
+
+
 @pytest.mark.parametrize("headers", [{}, REFUSED["wrong token"], GOOD])
 def test_issue_coupon_needs_no_token(guarded: Guarded, headers: dict[str, bytes]) -> None:
     user = f"user-{uuid.uuid4()}"
@@ -231,7 +262,7 @@ def fake_context(headers: dict[str, str]) -> Any:
     return SimpleNamespace(request_headers=headers)
 
 
-@pytest.mark.parametrize("case", [*REFUSED, "good", *ALSO_GOOD])
+@pytest.mark.parametrize("case", [*REFUSED, "good", *ALSO_GOOD, *TRAILING_WHITESPACE])
 def test_admin_guard_compares_through_hmac_compare_digest(
     monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
@@ -245,7 +276,11 @@ def test_admin_guard_compares_through_hmac_compare_digest(
         return real(a, b)
 
     monkeypatch.setattr(connect_service.hmac, "compare_digest", recording)
-    raw = GOOD if case == "good" else ALSO_GOOD.get(case) or REFUSED[case]
+    raw = (
+        GOOD
+        if case == "good"
+        else ALSO_GOOD.get(case) or TRAILING_WHITESPACE.get(case) or REFUSED[case]
+    )
     headers = {k: v.decode("latin-1") for k, v in raw.items()}
     guard = AdminGuard(TOKEN)
     if case not in REFUSED:
@@ -259,6 +294,7 @@ def test_admin_guard_compares_through_hmac_compare_digest(
     given, against = calls[0]
     assert against == expected
     value = headers.get("authorization", "")
+    value = value.strip(" \t")
     assert given == (value[:7].lower() + value[7:]).encode()
 
 

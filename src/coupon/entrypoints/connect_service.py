@@ -201,9 +201,12 @@ class AdminGuard:
 
     def allows(self, authorization: str) -> bool:
         """Whether an Authorization header value passes (also for the dashboard's API). The
-        scheme's name is case-insensitive (RFC 9110, 11.1), so it is compared lowered."""
+        scheme's name is case-insensitive (RFC 9110, 11.1), so it is compared lowered;
+        spaces and tabs around the value are not part of it (RFC 9110, 5.5), though the
+        HTTP/1.1 parser leaves trailing ones in."""
         if not self._expected:
             return True
+        authorization = authorization.strip(" \t")
         given = authorization[:7].lower() + authorization[7:]
         # Constant time, so the comparison does not leak how much of a guess was right.
         return hmac.compare_digest(given.encode(), self._expected)
@@ -221,6 +224,7 @@ def refusal(authorization: str, needer: str) -> str:
     """Why an Authorization header that `AdminGuard.allows` refused was refused: a bearer
     token that is not the service's (a wrong or stale COUPON_ADMIN_TOKEN: "bad
     credentials"), or no bearer token at all (`needer` needs the header)."""
+    authorization = authorization.strip(" \t")
     if authorization[:7].lower() == "bearer " and authorization[7:].strip():
         return WRONG_TOKEN
     return f"{needer} needs the header 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'"
