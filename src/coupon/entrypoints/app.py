@@ -95,6 +95,27 @@ _CODINGS = frozenset(
 )
 
 
+# Deadline headers, whose parser in the Connect application takes digits and a unit only:
+# spaces and tabs around a field's value are not part of it (RFC 9110, 5.5), but the
+# HTTP/1.1 parser leaves trailing ones in.
+_TIMEOUTS = frozenset({b"connect-timeout-ms", b"grpc-timeout"})
+_OWS = b" \t"
+
+
+def _to_normalize(name: bytes, value: bytes) -> bool:
+    """Whether a header's value is to be rewritten before the Connect application reads
+    it: a content coding not in lower case, or a deadline with whitespace around it."""
+    if name in _CODINGS:
+        return value != value.lower()
+    return name in _TIMEOUTS and value != value.strip(_OWS)
+
+
+def _normalized(name: bytes, value: bytes) -> bytes:
+    if name in _CODINGS:
+        return value.lower()  # codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip
+    return value.strip(_OWS) if name in _TIMEOUTS else value
+
+
 # The content codings the Connect application decodes: its compressions, and none.
 ACCEPTED_CODINGS = frozenset({b"identity", *(c.name().encode() for c in compressions())})
 _ACCEPTED = b", ".join(sorted(ACCEPTED_CODINGS))
@@ -245,9 +266,8 @@ class CouponApp:
             return
         accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
         refused_coding = _refused_coding(scope, content_type)
-        if any(n in _CODINGS and v != v.lower() for n, v in scope["headers"]):
-            # Content codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip.
-            headers = [(n, v.lower() if n in _CODINGS else v) for n, v in scope["headers"]]
+        if any(_to_normalize(n, v) for n, v in scope["headers"]):
+            headers = [(n, _normalized(n, v)) for n, v in scope["headers"]]
             scope = {**scope, "headers": headers}  # type: ignore[assignment]
         body_done = False
 
