@@ -278,3 +278,20 @@ async def test_the_grpc_web_javascript_client_in_text_mode(
     assert unauthenticated["error"]["code"] == 16
     [page] = exported["response"]["messages"]
     assert page["coupons"] == [coupon]
+
+
+async def test_unavailable_carries_its_retry_hint_in_text_mode(
+    coupon_server: ServerProcess, redis_down_server: ServerProcess, campaign: str
+) -> None:
+    """Redis down: `unavailable`, nothing issued, with the retry hint as a header and as
+    the RetryInfo detail of the encoded trailer frame."""
+    request = coupon_pb.IssueCouponRequest(campaign_id=campaign, user_id="no redis")
+    response = await call(redis_down_server, "IssueCoupon", [encoded(request)])
+    assert response.headers["content-type"] == TEXT
+    messages, trailers = messages_and_trailers(response)
+    assert messages == []
+    assert trailers["grpc-status"] == "14"  # unavailable
+    assert unquote(trailers["grpc-message"]).startswith("Redis is unavailable")
+    assert int(response.headers["retry-after-ms"]) > 0
+    details = base64.b64decode(trailers["grpc-status-details-bin"] + "==")
+    assert b"google.rpc.RetryInfo" in details
