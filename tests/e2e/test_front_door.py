@@ -479,3 +479,76 @@ async def test_pipelined_requests_ahead_of_an_unfinished_head_do_not_count_again
     statuses = [(await read_response(reader)).status for _ in range(1_001)]
     writer.close()
     assert statuses == [200] * 1_001
+
+
+# name -> (the request, the answer's status); a refused request's connection is closed.
+HOST_CASES = {
+    "HTTP/1.1 without Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    "HTTP/1.1 with two Hosts": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "HTTP/1.1 with an empty Host": (b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n", 200),
+    "HTTP/1.0 without Host": (b"GET /healthz HTTP/1.0\r\n\r\n", 200),
+    "HTTP/1.0 with two Hosts": (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), HOST_CASES.values(), ids=HOST_CASES)
+async def test_host_is_one_field_in_http_1_1_and_at_most_one_in_http_1_0(
+    server: ServerProcess, request_bytes: bytes, status: int
+) -> None:
+    """RFC 9112 §3.2: 400 to an HTTP/1.1 request without Host, and to any with more than
+    one; the connection is then closed, as for any malformed request."""
+    reader, writer = await open_connection(server.url)
+    writer.write(request_bytes)
+    response = await read_response(reader)
+    writer.close()
+    assert response.status == status, response.body
+    if status == 400:
+        assert response.headers["connection"] == "close"
+        assert b"Host" in response.body
+        assert await closed_by_peer(reader, 5)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["in one write", "in two writes"])
+@pytest.mark.parametrize("hosts", [0, 2])
+async def test_an_issue_request_without_one_host_is_refused_and_issues_nothing(
+    server: ServerProcess, campaign: str, split: bool, hosts: int
+) -> None:
+    """IssueCoupon's lane reads the fields itself when the request arrives in one write:
+    it refuses what the parser refuses."""
+    user = f"hosts-{hosts}-{split}"
+    request = issue_request(campaign, user)
+    request = request.replace(b"Host: test\r\n", b"Host: test\r\n" * hosts)
+    reader, writer = await open_connection(server.url)
+    if split:
+        writer.write(request[:20])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(request[20:])
+    else:
+        writer.write(request)
+    response = await read_response(reader)
+    writer.close()
+    assert response.status == 400, response.body
+    assert await closed_by_peer(reader, 5)
+    async with connect_client(server.url) as client:
+        listed = await client.list_user_coupons(coupon_pb.ListUserCouponsRequest(user_id=user))
+    assert not listed.coupons
+
+
+@pytest.mark.parametrize(
+    ("version", "status"),
+    [("HTTP/1.1", 200), ("HTTP/1.0", 200), ("HTTP/2.0", 505), ("HTTP/0.9", 505)],
+)
+async def test_a_request_line_of_another_major_version_is_answered_505(
+    server: ServerProcess, version: str, status: int
+) -> None:
+    """llhttp reads HTTP/0.9 and HTTP/2.0 request lines: neither is HTTP/1 (HTTP/2 with prior
+    knowledge begins with its preface, which the server tells apart before this)."""
+    reader, writer = await open_connection(server.url)
+    writer.write(f"GET /healthz {version}\r\nHost: t\r\n\r\n".encode())
+    response = await read_response(reader)
+    writer.close()
+    assert response.status == status, response.body
+    if status == 505:
+        assert response.headers["connection"] == "close"
+        assert await closed_by_peer(reader, 5)

@@ -11,6 +11,9 @@ Limits (each answered, then the connection closed):
   read;
 * a request must arrive whole within `request_timeout` of its first byte -> 408: slow
   senders are closed, not held;
+* an HTTP/1.1 request without exactly one Host field, an HTTP/1.0 one with more than one
+  (RFC 9112 §3.2) -> 400; a request line of HTTP/0.9 or HTTP/2.0, which llhttp reads ->
+  505 (HTTP/2 with prior knowledge never reaches this protocol: sniff.py hands it over);
 * idle connections, new ones that have sent nothing included, are closed cleanly after
   `keepalive` seconds (longer than common client pools keep theirs, so clients close first
   and never race the server's close; no answer is written that a client could take for
@@ -70,6 +73,8 @@ _NOT_FOR_THE_LANE = frozenset(
 _ENCODINGS = frozenset({b"content-encoding", b"connect-content-encoding"})
 # The caller's id for the request, which the service's log lines of it carry.
 _REQUEST_ID = b"x-request-id"
+# Exactly one in an HTTP/1.1 request, at most one in an HTTP/1.0 one (RFC 9112 §3.2).
+_HOST = b"host"
 # What the lane reads of a request it takes without the parser.
 _LANE_REQUEST_LINE = b"POST " + ISSUE_PATH_BYTES + b" HTTP/1.1\r\n"
 _PROTOCOL_VERSION = b"connect-protocol-version"
@@ -110,6 +115,7 @@ def _lane_fields(block: bytes) -> LaneFields | None:
     length = -1
     keep_alive = True
     request_id = b""
+    hosts = 0
     for line in lines:
         name, colon, value = line.partition(b":")
         name = name.lower()
@@ -138,7 +144,9 @@ def _lane_fields(block: bytes) -> LaneFields | None:
             return None
         elif name == _REQUEST_ID and not request_id:
             request_id = value.strip(b" \t")
-    if content_type is None or length < 0:
+        elif name == _HOST:
+            hosts += 1
+    if content_type is None or length < 0 or hosts != 1:  # Host: the parser refuses it
         return None
     codec = codec_for(content_type)
     if codec is None:
@@ -215,6 +223,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._header_bytes = 0  # counted from the parsed request line and fields
         self._raw_header_bytes = 0  # counted from the bytes received while inside them
         self._header_count = 0
+        self._hosts = 0  # Host fields
         self._too_large = False
         self._lane = False
         self._lane_ok = True
@@ -375,6 +384,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._in_headers = True
         self._header_bytes = self._raw_header_bytes = 0
         self._header_count = 0
+        self._hosts = 0
         self._too_large = False
         self._lane = False
         self._lane_ok = True
@@ -408,6 +418,8 @@ class Http1Protocol(HttpToolsProtocol):
             self._content_type = value
         elif name == b"content-length":
             self._content_length = int(value) if value.isdigit() else -1
+        elif name == _HOST:
+            self._hosts += 1
         elif name == _REQUEST_ID:
             if not self._request_id:
                 self._request_id = value
@@ -428,6 +440,13 @@ class Http1Protocol(HttpToolsProtocol):
         if self._too_large:
             self._refuse_headers()
             return
+        # llhttp reads HTTP/0.9, 1.0, 1.1 and 2.0 request lines (and refuses the others).
+        version = self.parser.get_http_version()
+        if version != "1.1" or self._hosts != 1:
+            refused = _unsupported(version, self._hosts)
+            if refused is not None:
+                self._refuse_malformed(refused)
+                return
         if self._content_length > self._max_body:
             self._refuse_body(self._content_length)
             return
@@ -661,6 +680,17 @@ class Http1Protocol(HttpToolsProtocol):
         )
         self._close_with(refusal(self.url, self._content_type, message, status=431, plain=message))
 
+    def _refuse_malformed(self, answer: Answer) -> None:
+        """A request the parser read but HTTP/1.1 does not allow: refused as the parser's
+        errors are (see _feed), logged once a second at most."""
+        not_logged = _INVALID_REQUESTS.admit()
+        if not_logged is not None:
+            self.logger.warning(
+                "Invalid HTTP request received.",
+                extra={"same_not_logged": not_logged, "reason": answer[2].decode()},
+            )
+        self._close_with(answer)
+
     def _refuse_body(self, size: int) -> None:
         self._close_with(body_refusal(self.url, self._content_type, size, self._max_body))
 
@@ -688,6 +718,23 @@ class Http1Protocol(HttpToolsProtocol):
 
     def draining_until(self) -> float:
         return self._draining_until
+
+
+_NO_HOST: Answer = (400, PLAIN, b"an HTTP/1.1 request needs one Host header", [])
+_HOSTS: Answer = (400, PLAIN, b"a request may have one Host header, no more", [])
+_VERSION: Answer = (505, PLAIN, b"HTTP/1.1 and 1.0 here; HTTP/2 with prior knowledge or TLS", [])
+
+
+def _unsupported(version: str, hosts: int) -> Answer | None:
+    """The refusal of a request line's version, or of its Host fields (RFC 9112 §3.2:
+    one in HTTP/1.1, at most one in HTTP/1.0), or None when neither is wrong."""
+    if not version.startswith("1."):
+        return _VERSION
+    if hosts > 1:
+        return _HOSTS
+    if hosts == 0 and version != "1.0":
+        return _NO_HOST
+    return None
 
 
 def front_app(app: object) -> object:
