@@ -3,6 +3,7 @@ HTTP, against a real server process — with the memory backend and with Postgre
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -324,6 +325,43 @@ def test_health_and_readiness(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
+
+
+async def raw_head(server: ServerProcess, path: str) -> tuple[bytes, dict[str, str], bytes]:
+    """HEAD over HTTP/1.1 by hand: the status line, the fields and whatever follows them
+    before the server closes the connection (nothing, for HEAD)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = {
+        name.strip().lower().decode(): value.strip().decode()
+        for name, _, value in (line.partition(b":") for line in lines)
+    }
+    return status, fields, rest
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+async def test_head_on_health_answers_as_get_without_the_body(
+    server: ServerProcess, path: str
+) -> None:
+    """Load balancers and uptime checkers send HEAD (RFC 9110 §9.3.2)."""
+    got = httpx.get(server.url + path, timeout=10)
+    status, fields, rest = await raw_head(server, path)
+    assert status.startswith(b"HTTP/1.1 %d" % got.status_code), status
+    assert rest == b""
+    assert fields["content-length"] == got.headers["content-length"] == str(len(got.content))
+    assert fields["content-type"] == got.headers["content-type"]
+    # The same over HTTP/2, where no server below the app drops a body.
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2:
+        response = await h2.head(server.url + path)
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == got.status_code and response.content == b""
+    assert response.headers["content-length"] == got.headers["content-length"]
 
 
 async def test_thousands_of_concurrent_issues_keep_i1_to_i4(client: CouponServiceClient) -> None:

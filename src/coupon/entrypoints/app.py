@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
@@ -23,10 +24,12 @@ from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
     ServerReflectionASGIApplication,
     ServerReflectionService,
 )
-from litestar import Litestar, MediaType, Response, get
+from litestar import HttpMethod, Litestar, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.exceptions import NotFoundException
+from litestar.response.base import ASGIResponse
+from litestar.serialization import encode_json
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
 
@@ -339,21 +342,35 @@ class CouponApp:
             self.fast_issue = None
 
 
-@get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def _health(request: Request[Any, Any, Any], body: object, status: int = 200) -> ASGIResponse:
+    """A health answer; to HEAD, which load balancers and uptime checkers send, the same
+    status and headers without the body (whatever the HTTP version, as the dashboard's)."""
+    payload = encode_json(body)
+    head = request.method == HttpMethod.HEAD
+    return ASGIResponse(
+        body=b"" if head else payload,
+        status_code=status,
+        is_head_response=head,
+        headers={"content-type": "application/json", "content-length": str(len(payload))},
+    )
 
 
-@get("/readyz", media_type=MediaType.JSON)
-async def readyz(state: State) -> Response[dict[str, object]]:
+@route("/healthz", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
+def healthz(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return _health(request, {"status": "ok"})
+
+
+@route("/readyz", http_method=[HttpMethod.GET, HttpMethod.HEAD])
+async def readyz(state: State, request: Request[Any, Any, Any]) -> ASGIResponse:
     app = state.coupon
     assert isinstance(app, CouponApp)
     if app.readiness is None:
-        return Response({"status": "starting"}, status_code=503)
+        return _health(request, {"status": "starting"}, 503)
     ready, checks = await app.readiness.check()
-    return Response(
+    return _health(
+        request,
         {"status": "ok" if ready else "unavailable", "checks": checks},
-        status_code=200 if ready else 503,
+        200 if ready else 503,
     )
 
 
