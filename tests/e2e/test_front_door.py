@@ -552,3 +552,46 @@ async def test_a_request_line_of_another_major_version_is_answered_505(
     if status == 505:
         assert response.headers["connection"] == "close"
         assert await closed_by_peer(reader, 5)
+
+
+ODD_PATHS = [
+    "/example/%00",
+    "/example/%00/",
+    "/example/a%00.html",
+    "/example/" + "a" * 300,
+    "/example/index.html/x",
+    "/example/%2e%2e/%2e%2e/etc/passwd",
+    "/example/../../etc/passwd",
+    "/example/%ff%fe",
+    "/example/%c0%ae%c0%ae/x",
+    "/example/a%2fb",
+    "/%00",
+    "/dashboard/%00",
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_odd_paths_are_not_found_never_a_fault_of_the_server(
+    server: ServerProcess, method: str
+) -> None:
+    """A NUL byte, a name too long for the file system, a file taken for a directory,
+    escapes out of the example page's directory, invalid UTF-8: 404 (or 400), never 500,
+    and nothing logged as an error; the example page's own files still served."""
+    errors_before = server.log(tail=10_000_000).count('"level": "error"')
+    statuses = {}
+    for path in ODD_PATHS:
+        reader, writer = await open_connection(server.url)
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        status_line = await reader.readline()
+        writer.close()
+        statuses[path] = int(status_line.split()[1])
+    assert all(status in (400, 404) for status in statuses.values()), statuses
+    for path in ("/example/", "/example/app.js"):
+        reader, writer = await open_connection(server.url)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert (await read_response(reader)).status == 200, path
+        writer.close()
+    await asyncio.sleep(0.2)
+    log = server.log(tail=10_000_000)
+    assert log.count('"level": "error"') == errors_before, log[-3000:]
+    assert "Traceback" not in log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import gc
 import logging
 import multiprocessing
@@ -28,10 +29,11 @@ from litestar import HttpMethod, Litestar, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.exceptions import NotFoundException
+from litestar.file_system import BaseLocalFileSystem
 from litestar.response.base import ASGIResponse
 from litestar.serialization import encode_json
 from litestar.static_files import create_static_files_router
-from litestar.types import Message, Receive, ReceiveMessage, Scope, Send
+from litestar.types import FileInfo, Message, PathType, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.codecs import codecs, compressions
 from coupon.entrypoints.connect_service import CouponService
@@ -166,6 +168,20 @@ GRPC_METHODS = frozenset(
 EXAMPLE_PAGE = Path(__file__).parent / "static" / "example"
 
 
+class StaticFiles(BaseLocalFileSystem):
+    """The local files, where a path no file can have (a NUL byte, a name too long, a file
+    taken for a directory) is a file not found, as any other missing file: Litestar
+    answers 404 to FileNotFoundError alone, and 500 to the rest."""
+
+    async def info(self, path: PathType, **kwargs: Any) -> FileInfo:
+        try:
+            return await super().info(path, **kwargs)
+        except PermissionError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise FileNotFoundError(errno.ENOENT, "no such file") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     max_header_bytes: int
@@ -210,7 +226,9 @@ class CouponApp:
                 readyz,
                 metrics,
                 *DASHBOARD_ROUTES,
-                create_static_files_router("/example", [EXAMPLE_PAGE], html_mode=True),
+                create_static_files_router(
+                    "/example", [EXAMPLE_PAGE], html_mode=True, file_system=StaticFiles()
+                ),
             ],
             lifespan=[self._lifespan],
             exception_handlers={NotFoundException: not_found},
