@@ -107,6 +107,35 @@ def test_an_unknown_dashboard_path_is_a_404_in_the_api_shape(
     assert got.json() == {"code": "not_found", "message": f"no such dashboard path: {path}"}
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/dashboard/api/campaigns", "GET, OPTIONS"),
+        ("DELETE", "/dashboard/api/campaigns/some-id", "GET, OPTIONS"),
+        ("PUT", "/dashboard", "HEAD, GET, OPTIONS"),
+    ],
+)
+def test_a_method_the_dashboard_does_not_serve_is_a_405_in_the_api_shape(
+    server: ServerProcess, method: str, path: str, allowed: str
+) -> None:
+    got = httpx.request(
+        method, server.url + path, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+    )
+    assert got.status_code == 405
+    assert sorted(got.headers["allow"].split(", ")) == sorted(allowed.split(", "))
+    assert got.headers["cache-control"] == "no-store"
+    body = got.json()
+    assert set(body) == {"code", "message"}, body
+    assert body["code"] == "unimplemented"
+    assert method in body["message"] and path in body["message"]
+
+
+def test_other_paths_keep_their_405(server: ServerProcess) -> None:
+    got = httpx.post(server.url + "/healthz", timeout=10)
+    assert got.status_code == 405 and "GET" in got.headers["allow"]
+    assert got.json() == {"status_code": 405, "detail": "Method Not Allowed"}
+
+
 def test_other_unknown_paths_keep_their_404(server: ServerProcess) -> None:
     got = httpx.get(server.url + "/nope", timeout=10)
     assert got.status_code == 404

@@ -28,7 +28,7 @@ from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
 from litestar import HttpMethod, Litestar, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.enums import ScopeType
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import HTTPException
 from litestar.file_system import BaseLocalFileSystem
 from litestar.response.base import ASGIResponse
 from litestar.serialization import encode_json
@@ -39,7 +39,7 @@ from coupon.entrypoints.codecs import codecs, compressions
 from coupon.entrypoints.connect_service import CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
-from coupon.entrypoints.dashboard import Dashboard, not_found
+from coupon.entrypoints.dashboard import Dashboard, http_error
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.grpc_web_text import serve_text, text_media
 from coupon.entrypoints.health import Readiness
@@ -231,7 +231,7 @@ class CouponApp:
                 ),
             ],
             lifespan=[self._lifespan],
-            exception_handlers={NotFoundException: not_found},
+            exception_handlers={HTTPException: http_error},
             openapi_config=None,
             state=State({"coupon": self}),
         )

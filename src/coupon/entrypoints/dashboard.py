@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from connectrpc.code import Code
 from litestar import HttpMethod, MediaType, Request, Response, get, route
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.exceptions.responses import create_exception_response
 from litestar.params import Parameter
 from litestar.response.base import ASGIResponse
@@ -162,12 +162,26 @@ def dashboard_script(state: State, request: Request[Any, Any, Any]) -> ASGIRespo
     return _file(request, _dashboard(state).script, "text/javascript; charset=utf-8")
 
 
-def not_found(request: Request[Any, Any, Any], exc: NotFoundException) -> Response[Any]:
-    """The app's 404: under /dashboard/ in the dashboard API's shape, Litestar's elsewhere."""
+# The code of each HTTP error Litestar itself answers with (a path or method it does not
+# route, a parameter it cannot read), in the dashboard API's words.
+_FRAMEWORK_CODES = {400: "invalid_argument", 401: "unauthenticated", 404: "not_found"}
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """The app's HTTP errors: under /dashboard/ in the dashboard API's shape (405 with its
+    Allow header), Litestar's elsewhere."""
     path = request.url.path
-    if path == "/dashboard" or path.startswith("/dashboard/"):
+    if path != "/dashboard" and not path.startswith("/dashboard/"):
+        return create_exception_response(request, exc)
+    status = exc.status_code
+    if isinstance(exc, NotFoundException):
         return _failure("not_found", f"no such dashboard path: {path}", 404)
-    return create_exception_response(request, exc)
+    if isinstance(exc, MethodNotAllowedException):
+        allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
+        message = f"{request.method} is not served at {path} (only {allow})"
+        return _failure("unimplemented", message, 405, {"allow": allow})
+    code = _FRAMEWORK_CODES.get(status, "internal" if status >= 500 else "unknown")
+    return _failure(code, str(exc.detail), status)
 
 
 @get("/dashboard/api/campaigns", media_type=MediaType.JSON)
