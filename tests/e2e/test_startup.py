@@ -232,6 +232,14 @@ def test_serve_without_postgres_starts_and_is_not_ready_naming_postgres(
     assert body["status"] == "unavailable"
     assert body["checks"]["postgres"].startswith("error"), body
     assert body["checks"]["redis"] == "ok", body
+    # Why, in words; not where it looked nor as whom (anyone may ask /readyz).
+    assert body["checks"]["postgres"] in (
+        "error: gaierror: name or service not known",
+        "error: InvalidAuthorizationSpecificationError: invalid authorization specification"
+        " (SQLSTATE 28000)",
+    ), body
+    assert "no-such-host" not in answer.text and "coupon_no_such_role" not in answer.text
+    assert "hunter2" not in answer.text
     assert len(warnings_about_postgres(server.log())) == 1, server.log()
     assert "hunter2" not in server.log()
     status, log = stop(server)
@@ -241,16 +249,20 @@ def test_serve_without_postgres_starts_and_is_not_ready_naming_postgres(
 def test_serve_without_redis_starts_and_says_so_in_one_warning_naming_redis(
     tmp_path: Path,
 ) -> None:
+    redis_port = free_port()
     env = clean_env(
         tmp_path,
         DATABASE_URL=closed_port_url(),
-        REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+        REDIS_URL=f"redis://:hunter2@127.0.0.1:{redis_port}/0",
     )
     server = ServerProcess(env=env, log_dir=tmp_path)
     try:
         answer = wait_answering(server)
         assert answer.status_code == 503
-        assert answer.json()["checks"]["redis"].startswith("error"), answer.text
+        checks = answer.json()["checks"]
+        assert checks["redis"] == "error: ConnectionError: connection refused", answer.text
+        assert checks["postgres"] == "error: ConnectionRefusedError: connection refused"
+        assert "127.0.0.1" not in answer.text and str(redis_port) not in answer.text
         log = server.log()
         about_redis = warnings_about("Redis", log)
         assert len(about_redis) == 1, log

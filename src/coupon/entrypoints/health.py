@@ -1,9 +1,48 @@
-"""Readiness: can this process serve? (PostgreSQL and Redis reachable, schema current)."""
+"""Readiness: can this process serve? (PostgreSQL and Redis reachable, schema current).
+
+Anyone who can reach the port may ask, so a failing check says which dependency is down
+and why in words (the error's kind, the operating system's reason, PostgreSQL's error
+class and SQLSTATE), never the error's own text: a driver's message names the address it
+tried, and may name the role or database it logged in as."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Mapping
+
+
+class NotReady(Exception):
+    """A check's own finding, worded by the service: shown as it is."""
+
+
+_WORDS = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _words(kind: type[BaseException]) -> str:
+    """`InvalidAuthorizationSpecificationError` -> `invalid authorization specification`."""
+    name = kind.__name__.removesuffix("Error").removesuffix("Exception") or kind.__name__
+    return _WORDS.sub(" ", name).lower()
+
+
+def reason(exc: BaseException) -> str:
+    """Why a check failed, in words that name no address and no credential."""
+    if isinstance(exc, NotReady):
+        return str(exc)
+    why = _words(type(exc))
+    seen: BaseException | None = exc
+    for _ in range(5):  # the error and what it was raised from (a driver wraps OSError)
+        if seen is None:
+            break
+        sqlstate = getattr(seen, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.isalnum():
+            why = f"{_words(type(seen))} (SQLSTATE {sqlstate})"
+            break
+        if isinstance(seen, OSError) and isinstance(seen.strerror, str):
+            why = seen.strerror.rstrip(".").lower()
+            break
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {why}"
 
 
 class Readiness:
@@ -17,7 +56,7 @@ class Readiness:
             except TimeoutError:
                 return f"error: no answer within {timeout:g} s"
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-                return f"error: {type(exc).__name__}: {exc}"[:300]
+                return f"error: {reason(exc)}"[:300]
             return "ok"
 
         names = list(self._checks)

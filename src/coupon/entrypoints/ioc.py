@@ -56,7 +56,7 @@ from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
 from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
 from coupon.entrypoints.dashboard import Dashboard
-from coupon.entrypoints.health import Readiness
+from coupon.entrypoints.health import NotReady, Readiness
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings
@@ -174,12 +174,12 @@ class StorageProvider(Provider):
             if read_only == "on":
                 # Sessions keep what they opened with: new ones, to see when it is writable.
                 await pool.expire_connections()
-                raise RuntimeError(
+                raise NotReady(
                     "read-only (a standby, or default_transaction_read_only): "
                     "coupons cannot be recorded"
                 )
             if version < latest_version():
-                raise RuntimeError(
+                raise NotReady(
                     f"schema version {version}, expected {latest_version()}: being applied "
                     "(coupon serve applies it once PostgreSQL answers; or run coupon migrate)"
                 )
