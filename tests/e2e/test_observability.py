@@ -161,6 +161,38 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
     assert all({"time", "level", "message"} <= set(e) for e in entries)
 
 
+async def test_a_request_id_cannot_split_a_log_line(server_env: dict[str, str]) -> None:
+    """The byte 0x85 of an X-Request-Id is U+0085 (NEL) in the log line that carries it, a
+    line break to Unicode readers (Python's splitlines among them): it is written escaped,
+    and the line reads back whole."""
+    private = PrivateRedis()
+    try:
+        with ServerProcess(env={**server_env, "REDIS_URL": private.url}) as server:
+            async with connect_client(server.url) as client:
+                campaign_id = (await create_campaign(client, total=10, name="nel")).id
+            private.kill()
+            body = json.dumps({"campaignId": campaign_id, "userId": "nel"}).encode()
+            raw = (
+                f"POST {ISSUE} HTTP/1.1\r\nHost: test\r\nX-Request-Id: rid\x85nel\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode("latin-1") + body
+            reader, writer = await open_connection(server.url)
+            try:
+                writer.write(raw)
+                response = await asyncio.wait_for(read_response(reader), 30)
+            finally:
+                writer.close()
+            assert response.status == 503, response.body
+            log = server.log()
+            assert not {"\x85", "\u2028", "\u2029"} & set(log)
+            entries = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+            failed = [e for e in entries if e.get("message") == "rpc failed"]
+            assert [e.get("request_id") for e in failed] == ["rid\x85nel"], failed
+    finally:
+        private.close()
+
+
 async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id_and_cause(
     server_env: dict[str, str],
 ) -> None:

@@ -52,6 +52,12 @@ def request_id() -> str:
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
+# Line breaks to Unicode (and to Python's str.splitlines) that JSON leaves as they are: in a
+# value a client chose (an X-Request-Id read as Latin-1 has U+0085 for the byte 0x85) they
+# would split a line for any reader that breaks lines the Unicode way.
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -65,7 +71,10 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        line = json.dumps(entry, default=str, ensure_ascii=False)
+        if line.isascii():
+            return line
+        return line.translate(_UNICODE_BREAKS)
 
 
 def configure_logging(level: str = "INFO") -> None:
