@@ -595,3 +595,24 @@ async def test_odd_paths_are_not_found_never_a_fault_of_the_server(
     log = server.log(tail=10_000_000)
     assert log.count('"level": "error"') == errors_before, log[-3000:]
     assert "Traceback" not in log
+
+
+async def test_a_header_value_beyond_utf_8_is_served_not_a_fault(server: ServerProcess) -> None:
+    """HTTP lets a field value carry any byte beyond ASCII (obs-text): an X-Request-Id in
+    Latin-1 is read so, and the request answered, not failed as `unknown` with a traceback
+    logged."""
+    errors_before = server.log(tail=10_000_000).count('"level": "error"')
+    body = b'{"userId": "latin-1 caller"}'
+    reader, writer = await open_connection(server.url)
+    writer.write(
+        b"POST /coupon.v1.CouponService/ListUserCoupons HTTP/1.1\r\nHost: t\r\n"
+        b"X-Request-Id: caf\xe9\x85\r\nUser-Agent: na\xefve/1.0\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    response = await read_response(reader)
+    writer.close()
+    assert response.status == 200, response.body
+    assert response.json() == {}
+    await asyncio.sleep(0.2)
+    log = server.log(tail=10_000_000)
+    assert log.count('"level": "error"') == errors_before, log[-3000:]

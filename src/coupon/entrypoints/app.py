@@ -253,13 +253,14 @@ class CouponApp:
             connect = self.connect
             if connect is not None:
                 if not await _unknown_grpc_method(scope, receive, send):
+                    scope = _utf8_headers(scope)
                     await self._connect_closing_unread(connect, scope, receive, send)
                 return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
             reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
             if reflection is not None:
                 if not await _unknown_grpc_method(scope, receive, send):
-                    await reflection(scope, receive, send)
+                    await reflection(_utf8_headers(scope), receive, send)
                 return
         if scope["type"] == ScopeType.HTTP and await _unknown_grpc_method(scope, receive, send):
             return
@@ -358,6 +359,25 @@ class CouponApp:
             self.connect = None
             self.issue_route = None
             self.fast_issue = None
+
+
+def _utf8_headers(scope: Scope) -> Scope:
+    """The scope with its header values readable as UTF-8: connectrpc decodes every value so
+    and fails the request on any other byte (a 500, and a traceback logged), though HTTP
+    lets a value carry any byte beyond ASCII (obs-text, RFC 9110 §5.5). Such a value is read
+    as Latin-1, as the service's log reads an X-Request-Id."""
+    headers = scope["headers"]
+    if b"".join(value for _, value in headers).isascii():
+        return scope
+    return {**scope, "headers": [(name, _utf8(value)) for name, value in headers]}  # type: ignore[return-value]
+
+
+def _utf8(value: bytes) -> bytes:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1").encode()
+    return value
 
 
 def _health(request: Request[Any, Any, Any], body: object, status: int = 200) -> ASGIResponse:
