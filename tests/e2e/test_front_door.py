@@ -166,7 +166,11 @@ async def test_a_chunked_enveloped_body_over_the_limit_by_its_prefix_is_refused_
     server: ServerProcess, content_type: str, path: str
 ) -> None:
     """Sent chunked, with no length declared: its first message's prefix declares one,
-    and the refusal comes as soon as it says the body is over, in the service's words."""
+    and the refusal comes as soon as it says the body is over, in the service's words. The
+    request's handler, already started, writes nothing after the refusal (gRPC over
+    HTTP/1.1 answers before reading the body: it was an error logged, a write after the
+    connection's end)."""
+    faults_before = server.log(tail=10_000_000).count("Exception in ASGI application")
     declared = 70_000
     prefix = b"\x00" + declared.to_bytes(4, "big")
     reader, writer = await open_connection(server.url)
@@ -183,6 +187,9 @@ async def test_a_chunked_enveloped_body_over_the_limit_by_its_prefix_is_refused_
     size = len(prefix) + declared
     assert message == f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"
     assert await closed_by_peer(reader, 5)
+    await asyncio.sleep(0.5)  # for the handler to have run
+    log = server.log(tail=10_000_000)
+    assert log.count("Exception in ASGI application") == faults_before, log[-3000:]
 
 
 async def test_a_body_over_the_limit_outside_the_api_is_413(server: ServerProcess) -> None:

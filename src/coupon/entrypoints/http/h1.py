@@ -38,7 +38,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from coupon.entrypoints.fast_issue import (
@@ -706,6 +710,13 @@ class Http1Protocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._write(answer, keep_alive=False, linger=True)
+        cycle = self.cycle
+        if isinstance(cycle, RequestResponseCycle) and not cycle.response_complete:
+            # Its handler may have started without answering yet (its request's body was
+            # being read): it learns of the refusal as a disconnect, and what it would
+            # send could not be written after the end written below.
+            cycle.disconnected = True
+            cycle.message_event.set()
         if not self.transport.can_write_eof():
             self.transport.close()
             return
