@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from coupon.entrypoints.settings import SettingsError, load_settings
+from coupon.entrypoints.settings import SettingsError, load_settings, read_dotenv
 
 
 def test_defaults_point_at_local_postgres_and_redis() -> None:
@@ -84,6 +84,60 @@ def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     dotenv.write_text("# comment\nPORT=9000\nexport WORKERS='3'\nCOUPON_ADMIN_TOKEN=\"abc\"\n")
     s = load_settings({"PORT": "9100"}, dotenv=dotenv)
     assert s.port == 9100 and s.workers == 3 and s.admin_token == "abc"
+
+
+# What docker compose and python-dotenv make of each line (the same .env is compose's).
+DOTENV_VALUES = [
+    ("TOKEN=abc # rotate monthly", "abc"),
+    ("TOKEN=abc\t# rotate monthly", "abc"),
+    ("TOKEN=abc   ", "abc"),
+    ("TOKEN=  abc  ", "abc"),
+    ("TOKEN=abc#1", "abc#1"),
+    ("TOKEN=#1", "#1"),
+    ("TOKEN= # none yet", ""),
+    ("TOKEN=a b # c", "a b"),
+    ('TOKEN="abc # not a comment"', "abc # not a comment"),
+    ("TOKEN='abc # not a comment'", "abc # not a comment"),
+    ('TOKEN="abc" # rotate monthly', "abc"),
+    ("TOKEN='abc'   # rotate monthly", "abc"),
+    ('TOKEN=" abc "', " abc "),
+    ("TOKEN=", ""),
+]
+
+
+@pytest.mark.parametrize(("line", "value"), DOTENV_VALUES)
+def test_dotenv_comments_and_quotes_are_read_as_compose_reads_them(
+    tmp_path: Path, line: str, value: str
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(line + "\n")
+    assert read_dotenv(dotenv) == {"TOKEN": value}
+    dotenv_values = pytest.importorskip("dotenv").dotenv_values
+    assert dotenv_values(dotenv) == {"TOKEN": value}
+
+
+def test_an_inline_comment_is_not_part_of_the_admin_token(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COUPON_ADMIN_TOKEN=abc # rotate monthly\nPORT=9000 # the API\n")
+    s = load_settings({}, dotenv=dotenv)
+    assert s.admin_token == "abc" and s.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('TOKEN="abc', "no closing"),
+        ("TOKEN='abc' def", "only a '#' comment may follow"),
+    ],
+)
+def test_a_dotenv_quote_left_open_or_followed_by_text_is_refused(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PORT=9000\n" + line + "\n")
+    with pytest.raises(SettingsError, match=problem) as raised:
+        read_dotenv(dotenv)
+    assert ":2:" in str(raised.value)
 
 
 def test_malformed_dotenv_line_is_reported_with_its_number(tmp_path: Path) -> None:

@@ -222,7 +222,12 @@ def _url_scheme(name: str, url: str) -> str:
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines; '#' comments; optional single or double quotes around the value."""
+    """KEY=VALUE lines, read as docker compose and python-dotenv read them: blank lines and
+    lines starting with '#' are skipped, `export ` before a key is allowed. A value in single
+    or double quotes is taken as written between them ('#' and spaces included; no escapes),
+    and may be followed by a comment. In a value without quotes, whitespace then '#' begins
+    a comment (`TOKEN=abc # rotate monthly` is `abc`; `abc#1` stays whole), and the
+    whitespace around the value is dropped."""
     values: dict[str, str] = {}
     if not path.is_file():
         return values
@@ -235,11 +240,31 @@ def read_dotenv(path: Path) -> dict[str, str]:
         key, sep, value = line.partition("=")
         if not sep or not key.strip():
             raise SettingsError(f"{path}:{number}: expected KEY=VALUE (got {raw!r})")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
+        values[key.strip()] = _dotenv_value(value, f"{path}:{number}")
     return values
+
+
+# In a value without quotes, a comment begins at whitespace followed by '#'.
+_INLINE_COMMENT = re.compile(r"\s#")
+
+
+def _dotenv_value(text: str, where: str) -> str:
+    """The value of one .env line from the text after its '='."""
+    quoted = text.lstrip()
+    quote = quoted[:1]
+    if quote in ("'", '"'):
+        text = quoted
+        end = text.find(quote, 1)
+        if end < 0:
+            raise SettingsError(f"{where}: the value has no closing {quote} (got {text!r})")
+        rest = text[end + 1 :].strip()
+        if rest and not rest.startswith("#"):
+            raise SettingsError(
+                f"{where}: only a '#' comment may follow the closing {quote} (got {rest!r})"
+            )
+        return text[1:end]
+    # `KEY= # note` is empty; `KEY=#1` is `#1`.
+    return _INLINE_COMMENT.split(text, maxsplit=1)[0].strip()
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
