@@ -61,36 +61,73 @@ def loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]
     return code, json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("where", ["environment", ".env", "environment over .env"])
-def test_the_url_comes_from_coupon_url_in_the_environment_or_dotenv(
-    memory_server: ServerProcess, tmp_path: Path, where: str
-) -> None:
-    """Without --url, `coupon loadtest` calls $COUPON_URL, from the environment or ./.env
-    (the environment wins), as the operators' command line does."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
-    if where != "environment":
-        elsewhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        dotenv = memory_server.url if where == ".env" else elsewhere
-        (tmp_path / ".env").write_text(f"COUPON_URL={dotenv}\n")
-    if where != ".env":
-        env["COUPON_URL"] = memory_server.url
-    run = subprocess.run(
-        [
-            sys.executable, "-m", "coupon", "loadtest", "--coupons", "5", "--users", "10",
-            "--rate", "20", "--start-in", "0.5", "--tail", "0.2", "--processes", "1",
-            "--max-lag", "1000", "--no-chart", "--quiet",
-        ],
+# `coupon loadtest`, and the tool's own command, `coupon-loadtest`.
+COMMANDS = {
+    "coupon loadtest": [sys.executable, "-m", "coupon", "loadtest"],
+    "coupon-loadtest": [sys.executable, "-m", "coupon_loadtest"],
+}
+SMALL_RUN = [
+    "--coupons", "5", "--users", "10", "--rate", "20", "--start-in", "0.5", "--tail", "0.2",
+    "--processes", "1", "--max-lag", "1000", "--no-chart", "--quiet",
+]  # fmt: skip
+
+
+def run_command(
+    command: str, env: dict[str, str], cwd: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMANDS[command], *SMALL_RUN, *extra],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
-    )  # fmt: skip
+    )
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("where", ["environment", ".env", "environment over .env"])
+def test_the_url_comes_from_coupon_url_in_the_environment_or_dotenv(
+    memory_server: ServerProcess, tmp_path: Path, where: str, command: str
+) -> None:
+    """Without --url, `coupon loadtest` and `coupon-loadtest` call $COUPON_URL, from the
+    environment or ./.env (the environment wins), as the operators' command line does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    if where != "environment":
+        elsewhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        dotenv = memory_server.url if where == ".env" else elsewhere
+        (tmp_path / ".env").write_text(f"COUPON_URL={dotenv}  # the local server\n")
+    if where != ".env":
+        env["COUPON_URL"] = memory_server.url
+    run = run_command(command, env, tmp_path)
     assert run.returncode == 0, run.stderr
     document = json.loads((tmp_path / "loadtest-report.json").read_text())
     assert document["target"]["url"] == memory_server.url
     assert document["throughput"]["issued"] == 5
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_admin_token_comes_from_the_environment_or_dotenv(tmp_path: Path, command: str) -> None:
+    """A service that requires a token: ./.env's COUPON_ADMIN_TOKEN is sent, and one in the
+    environment wins over it; a bad .env is one line and exit 2."""
+    token = "loadtest-token"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    with ServerProcess(
+        env={"COUPON_ADMIN_TOKEN": token}, in_memory=True, log_dir=tmp_path
+    ) as server:
+        (tmp_path / ".env").write_text(
+            f"COUPON_URL={server.url}\nCOUPON_ADMIN_TOKEN={token} # rotate monthly\n"
+        )
+        passed = run_command(command, env, tmp_path)
+        assert passed.returncode == 0, passed.stderr
+        refused = run_command(command, {**env, "COUPON_ADMIN_TOKEN": "wrong"}, tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith("loadtest: cannot use the admin API: "), refused.stderr
+    (tmp_path / ".env").write_text("this line is bad\n")
+    broken = run_command(command, env, tmp_path)
+    assert broken.returncode == 2 and len(broken.stderr.splitlines()) == 1, broken.stderr
+    assert ".env:1: expected KEY=VALUE" in broken.stderr
 
 
 def failed_checks(document: dict[str, Any]) -> set[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
+from coupon.entrypoints.settings import SettingsError, read_dotenv
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
 from coupon_loadtest.runner import Console, RunData, execute
@@ -283,11 +284,14 @@ def _misplaced(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def config_from_args(args: argparse.Namespace) -> LoadConfig:
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> LoadConfig:
+    """`environ`: where COUPON_URL and COUPON_ADMIN_TOKEN are read (default os.environ)."""
+    env = os.environ if environ is None else environ
     problems: list[str] = _misplaced(args)
-    # As the operators' command line: the option, else COUPON_URL (`coupon loadtest` has
-    # put ./.env's in the environment, under what is set there), else the default.
-    url = args.url or os.environ.get("COUPON_URL") or DEFAULT_URL
+    # As the operators' command line: the option, else COUPON_URL, else the default.
+    url = args.url or env.get("COUPON_URL") or DEFAULT_URL
     if args.coupons < 1 and args.campaign_id is None:
         problems.append("--coupons must be at least 1")
     if args.users < 1:
@@ -352,7 +356,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     rate = args.rate if chosen else DEFAULT_RATE
     admin_token = args.admin_token
     if admin_token is None:
-        admin_token = os.environ.get("COUPON_ADMIN_TOKEN", "")
+        admin_token = env.get("COUPON_ADMIN_TOKEN", "")
     return LoadConfig(
         url=url.rstrip("/"),
         coupons=args.coupons,
@@ -386,10 +390,11 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a load test from parsed options; returns the exit code."""
+def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """Run a load test from parsed options; returns the exit code. `environ`: as for
+    `config_from_args`."""
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, environ)
     except SetupError as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
         return report.EXIT_SETUP
@@ -478,4 +483,12 @@ def main(argv: list[str] | None = None, prog: str = "coupon-loadtest") -> int:
         "offered; 4 issued coupons not read back; 130 interrupted.",
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    # As `coupon campaigns` and `coupon serve`: COUPON_URL and COUPON_ADMIN_TOKEN from the
+    # environment, else from ./.env (the same file, read the same way).
+    try:
+        dotenv = read_dotenv(Path(".env"))
+    except SettingsError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return report.EXIT_SETUP
+    return run(args, {**dotenv, **os.environ})
