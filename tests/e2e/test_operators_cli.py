@@ -96,13 +96,52 @@ def test_create_list_show_as_tables(server: ServerProcess) -> None:
     later = create(server, "Tomorrow", "--starts-at", "+1d")
     listed = ok(coupon(server, "list"))
     header, *rows = listed.splitlines()
-    assert header.split() == ["ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS"]
+    assert header.split() == ["ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED"]
     assert rows[0].startswith(str(later["id"])) and "scheduled" in rows[0]
     assert any(row.startswith(campaign_id) and "0/100" in row for row in rows)
     scheduled = ok(coupon(server, "list", "--status", "scheduled"))
     assert str(later["id"]) in scheduled and campaign_id not in scheduled
     shown = ok(coupon(server, "show", campaign_id))
     assert "Launch day" in shown and "status      active" in shown
+
+
+def table_rows(out: str) -> list[dict[str, str]]:
+    """A table's rows as {column: cell}, cut where each header's name begins (a time cell
+    holds a space)."""
+    header, *lines = out.splitlines()
+    names = header.split()
+    starts = [header.index(name) for name in names]
+    ends = [*starts[1:], None]
+    return [
+        {name: line[a:b].strip() for name, a, b in zip(names, starts, ends, strict=True)}
+        for line in lines
+    ]
+
+
+def table_time(rfc3339: object) -> str:
+    """A time as the tables print it: 2026-12-03 09:01:08.580Z."""
+    when = datetime.fromisoformat(str(rfc3339).replace("Z", "+00:00"))
+    return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def test_list_shows_the_scheduled_end_and_when_a_campaign_was_ended_apart(
+    server: ServerProcess,
+) -> None:
+    """ENDS is the end the campaign was created with, as `show`'s ends_at, also once it has
+    been ended; ENDED is when EndCampaign ended it, as `show`'s ended_at."""
+    running = create(server, "runs to its end", "--ends-at", "+1d")
+    ended = create(server, "ended early", "--ends-at", "+2d")
+    ended = json.loads(ok(coupon(server, "--json", "end", str(ended["id"]))))["campaign"]
+    rows = {row["ID"]: row for row in table_rows(ok(coupon(server, "list", "--limit", "0")))}
+    assert rows[str(ended["id"])]["ENDS"] == table_time(ended["endsAt"])
+    assert rows[str(running["id"])]["ENDS"] == table_time(running["endsAt"])
+    assert rows[str(running["id"])]["ENDED"] == "-"
+    assert rows[str(running["id"])]["STATUS"] == "active"
+    assert rows[str(ended["id"])]["ENDED"] == table_time(ended["endedAt"])
+    assert rows[str(ended["id"])]["STATUS"] == "ended"
+    shown = ok(coupon(server, "show", str(ended["id"])))
+    assert f"ends_at     {table_time(ended['endsAt'])}" in shown
+    assert f"ended_at    {table_time(ended['endedAt'])}" in shown
 
 
 def test_a_list_cut_by_its_limit_says_so_on_stderr_only(server: ServerProcess) -> None:

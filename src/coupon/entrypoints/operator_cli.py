@@ -47,6 +47,8 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EXPORT_FORMATS = ("csv", "jsonl")
 CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
 TIMEOUT_MS = 30_000  # each unary call
+# `list`'s table: ENDS is the scheduled end (ends_at), ENDED when EndCampaign ended it.
+LIST_COLUMNS = ("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED")
 
 
 class UsageError(Exception):
@@ -396,11 +398,13 @@ def _list(call: Call, args: argparse.Namespace) -> None:
             _STATUS_NAMES.get(c.status, "?"),
             f"{c.issued_count:,}/{c.total_coupons:,}",
             _time(c.starts_at),
-            _time(c.ended_at) if c.ended_at is not None else _time(c.ends_at),
+            # The scheduled end, as `show`'s ends_at; when EndCampaign ended it, apart.
+            _time(c.ends_at),
+            _time(c.ended_at),
         )
         for c in campaigns
     ]
-    print_table(("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS"), rows, sys.stdout)
+    print_table(LIST_COLUMNS, rows, sys.stdout)
     if page.next_page_token:
         # --limit stopped the listing and the service has more (a token is given only
         # then): said on stderr, so what reads the table on stdout sees only the table.
