@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -266,6 +267,67 @@ def test_export_to_a_path_that_cannot_be_a_file_is_one_line_and_leaves_nothing(
     assert into_dir.stdout == nowhere.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
     assert list(folder.iterdir()) == []
+
+
+# Root may write any file, whatever its mode: as root, the command runs without that
+# privilege (CAP_DAC_OVERRIDE), as a user file permissions apply to.
+AS_A_USER = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+)
+
+
+def as_user(server: ServerProcess, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`coupon campaigns ARGS` as a user whom a file's permissions bind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url})
+    return subprocess.run(
+        [*AS_A_USER, sys.executable, "-m", "coupon", "campaigns", *args],
+        env=env,
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_export_over_a_read_only_file_or_into_a_read_only_folder_is_refused(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The complete export is renamed into place, which needs only the folder's permission:
+    a file the user may not write is still refused, as a shell's `>` refuses it, and left
+    as it was; the file replaced otherwise keeps its permissions."""
+    campaign = create(server, "read-only target")
+    issue(server, campaign["id"], ["ann"])
+    kept = tmp_path / "kept.csv"
+    kept.write_text("precious\n")
+    kept.chmod(0o444)
+    refused = as_user(server, tmp_path, "export", str(campaign["id"]), "-o", "kept.csv")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        "coupon: cannot write kept.csv: it is read-only to you (permission denied)\n"
+    )
+    assert kept.read_text() == "precious\n"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o444
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    (closed / "old.csv").write_text("old\n")
+    closed.chmod(0o555)  # no file may be created in it, nor renamed into it
+    for name in ("new.csv", "old.csv"):
+        refused = as_user(server, tmp_path, "export", str(campaign["id"]), "-o", f"closed/{name}")
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr == (
+            f"coupon: cannot write closed/{name}: its directory closed is read-only to you "
+            "(permission denied)\n"
+        )
+        assert sorted(p.name for p in closed.iterdir()) == ["old.csv"]
+        assert (closed / "old.csv").read_text() == "old\n"
+    private = tmp_path / "private.csv"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    ok(as_user(server, tmp_path, "export", str(campaign["id"]), "-o", "private.csv"))
+    assert private.read_text().startswith("code,user_id,")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
 def test_export_through_a_link_replaces_the_file_it_points_to_and_a_pipe_stays_a_pipe(

@@ -28,7 +28,7 @@ from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
-from coupon.entrypoints.output_path import cannot_write
+from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
 from coupon.entrypoints.reach import cannot_reach, unreachable
 from coupon.entrypoints.settings import admin_token_problem
 from coupon.gen.coupon.v1 import coupon_pb
@@ -500,6 +500,10 @@ def _write_file(
     partial = final.with_name(final.name + ".partial")
     try:
         with files.create(partial) as out:
+            if mode is not None:
+                # The file replaced keeps its permissions (a file of codes kept 0600 stays
+                # so), from before the first code is written.
+                partial.chmod(stat.S_IMODE(mode))
             written = write_export(stream, args.format, out, progress, excel=args.excel)
         files.finish(partial, final)
     except OSError as exc:
@@ -516,8 +520,15 @@ def _unwritable(output: str, exc: OSError) -> OutputError:
 
 
 def _check_output(target: Path) -> None:
-    """Refuse, before anything is fetched or written, an output that cannot be a file."""
+    """Refuse, before anything is fetched or written, an output that cannot be a file, or
+    that the user may not write: a read-only file is not replaced, though the rename that
+    puts a complete export in place would need only its folder to be writable."""
     problem = cannot_write(target)
+    if problem is None and target.is_file():
+        # A regular file is written beside it and renamed over it (see _write_file).
+        folder = (target.resolve() if target.is_symlink() else target).parent
+        if not can_create_in(folder):
+            problem = directory_not_writable(target, folder)
     if problem is not None:
         raise OutputError(problem)
 
