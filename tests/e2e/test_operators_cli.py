@@ -520,6 +520,93 @@ def test_ctrl_c_while_the_service_never_answers_ends_the_command_at_once(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+class StalledService(SilentService):
+    """SilentService that keeps the connect-timeout-ms each call carried (None: none)."""
+
+    def __init__(self, *, answers_get_campaign: bool) -> None:
+        super().__init__(answers_get_campaign=answers_get_campaign)
+        self.deadlines: dict[str, str | None] = {}
+        handler = self._server.RequestHandlerClass
+        deadlines = self.deadlines
+
+        class Recording(handler):  # type: ignore[valid-type,misc]
+            def do_POST(self) -> None:
+                deadlines[self.path.rsplit("/", 1)[-1]] = self.headers.get("connect-timeout-ms")
+                super().do_POST()
+
+        self._server.RequestHandlerClass = Recording
+
+
+@pytest.mark.parametrize(
+    ("action", "rpc"),
+    [
+        (["list"], "ListCampaigns"),
+        (["show", CAMPAIGN_ID], "GetCampaign"),
+        (["create", "--name", "n", "--coupons", "5"], "ListCampaigns"),  # the service's now
+        (["end", CAMPAIGN_ID], "EndCampaign"),
+        (["export", CAMPAIGN_ID], "ExportCoupons"),
+        (["export", CAMPAIGN_ID, "-o", "coupons.csv"], "ExportCoupons"),
+    ],
+    ids=" ".join,
+)
+def test_a_service_that_never_answers_is_given_up_on_after_the_timeout(
+    tmp_path: Path, action: list[str], rpc: str
+) -> None:
+    """A socket that takes the call and never answers: --timeout (or $COUPON_TIMEOUT) ends
+    the wait, in one line naming the service, with exit status 1; a unary call tells the
+    service its deadline (connect-timeout-ms), the export's stream, which may rightly last
+    minutes, has none but waits as long for each read."""
+    export = action[0] == "export"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env["COUPON_ADMIN_TOKEN"] = TOKEN
+    for where in ("option", "environment"):
+        with StalledService(answers_get_campaign=export) as service:
+            given = ["--timeout", "1.5"] if where == "option" else []
+            if where == "environment":
+                env["COUPON_TIMEOUT"] = "1.5"
+            started = time.monotonic()
+            result = command(env, tmp_path, "campaigns", "--url", service.url, *given, *action)
+            elapsed = time.monotonic() - started
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            f"coupon: the service at {service.url} did not answer within 1.5s "
+            "(--timeout SECONDS waits longer)\n"
+        )
+        assert elapsed < 25, elapsed  # not the default 10 s twice over, nor forever
+        assert service.deadlines[rpc] == (None if export else "1500"), service.deadlines
+        if export:
+            assert service.deadlines["GetCampaign"] == "1500"
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("given", "name", "got"),
+    [
+        (["--timeout", "0"], "--timeout", "0"),
+        (["--timeout", "nan"], "--timeout", "nan"),
+        (["list", "--timeout", "soon"], "--timeout", "soon"),
+        ([], "COUPON_TIMEOUT", "-1"),
+    ],
+)
+def test_a_bad_timeout_is_one_line_and_exit_2(
+    server: ServerProcess, given: list[str], name: str, got: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url, "COUPON_TIMEOUT": "-1"})
+    args = given if given[:1] == ["list"] else [*given, "list"]
+    result = command(env, None, "campaigns", *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"coupon: {name} must be a number of seconds above 0 and at most 3600 (got {got!r})\n"
+    )
+
+
+def test_the_timeout_option_wins_over_the_environment(server: ServerProcess) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url, "COUPON_TIMEOUT": "x"})
+    assert "ID" in ok(command(env, None, "campaigns", "list", "--timeout", "30"))
+
+
 def _blocked_opening(pid: int, path: Path) -> bool:
     """Whether a thread of the process waits in open() for that pipe (its syscall, from
     /proc): the action runs on a thread of its own."""

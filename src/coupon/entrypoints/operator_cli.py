@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import IO, TextIO
 from urllib.parse import urlsplit
 
+import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
@@ -46,7 +48,10 @@ _RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EXPORT_FORMATS = ("csv", "jsonl")
 CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
-TIMEOUT_MS = 30_000  # each unary call
+# How long the command waits for the service (--timeout, $COUPON_TIMEOUT): for each unary
+# call's answer, sent as its connect-timeout-ms; for the export's stream, for each read.
+DEFAULT_TIMEOUT_SECONDS = 10.0
+MAX_TIMEOUT_SECONDS = 3_600.0
 # `list`'s table: ENDS is the scheduled end (ends_at), ENDED when EndCampaign ended it.
 LIST_COLUMNS = ("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED")
 
@@ -67,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--json", action="store_true", help="print the API's JSON instead of a table"
+    )
+    parser.add_argument(
+        "--timeout",
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the service's answer, and during an export for each of "
+        "its reads (default: $COUPON_TIMEOUT, else "
+        f"{DEFAULT_TIMEOUT_SECONDS:g})",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -108,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # Also after the action (`campaigns list --url URL --json`); unset there, the value
         # given before it stands.
         action.add_argument("--url", default=argparse.SUPPRESS, help="as before the action")
+        action.add_argument(
+            "--timeout",
+            default=argparse.SUPPRESS,
+            metavar="SECONDS",
+            help="as before the action",
+        )
         if action is not export:
             action.add_argument(
                 "--json",
@@ -136,6 +155,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     files = Unfinished()
     try:
         _check_url(url)
+        timeout = _timeout(args.timeout, env.get("COUPON_TIMEOUT", ""))
         token = env.get("COUPON_ADMIN_TOKEN", "")
         problem = admin_token_problem(token)
         if problem is not None:
@@ -144,14 +164,30 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
 
         def act() -> None:
             # No deadline for the client as a whole: an export of millions of coupons takes
-            # minutes; each unary call has its own (TIMEOUT_MS).
-            with CouponServiceClientSync(url, send_compression=None) as client:
-                ACTIONS[args.action](Call(client, headers, args.json, files), args)
+            # minutes. Each unary call has its own (`timeout`), sent to the service, which
+            # then stops what it could not deliver; every connection and every read of the
+            # export's stream waits that long at most.
+            with (
+                pyqwest.SyncHTTPTransport(
+                    connect_timeout=timeout, read_timeout=timeout, tls_include_system_certs=True
+                ) as transport,
+                CouponServiceClientSync(
+                    url, send_compression=None, http_client=pyqwest.SyncClient(transport)
+                ) as client,
+            ):
+                call = Call(client, headers, args.json, files, round(timeout * 1000))
+                ACTIONS[args.action](call, args)
 
         interruptible(act)
     except ConnectError as exc:
         reason = unreachable(exc)
-        if reason is not None:
+        if reason == "timed out":
+            print(
+                f"coupon: the service at {url} did not answer within {timeout:g}s "
+                "(--timeout SECONDS waits longer)",
+                file=sys.stderr,
+            )
+        elif reason is not None:
             print(f"coupon: {cannot_reach(url, reason)}", file=sys.stderr)
         elif exc.code is Code.UNIMPLEMENTED and not exc.message:
             # A 404 with no Connect error in it: something else answers at that URL.
@@ -206,6 +242,24 @@ def interruptible(work: Callable[[], None]) -> None:
         raise failure[0]
 
 
+def _timeout(option: str | None, variable: str) -> float:
+    """--timeout, else $COUPON_TIMEOUT, else the default: seconds above 0, at most an hour."""
+    name, text = ("--timeout", option) if option is not None else ("COUPON_TIMEOUT", variable)
+    if text == "":
+        return DEFAULT_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    # nan passes every comparison's negation: finite first.
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_SECONDS):
+        raise UsageError(
+            f"{name} must be a number of seconds above 0 and at most "
+            f"{MAX_TIMEOUT_SECONDS:g} (got {text!r})"
+        )
+    return seconds
+
+
 def _check_url(url: str) -> None:
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
@@ -225,11 +279,14 @@ class Call:
         headers: dict[str, str],
         as_json: bool,
         files: Unfinished,
+        timeout_ms: int,
     ) -> None:
         self.client = client
         self.headers = headers
         self.as_json = as_json
         self.files = files
+        # Each unary call's deadline, sent as its connect-timeout-ms.
+        self.timeout_ms = timeout_ms
 
 
 class Unfinished:
@@ -309,7 +366,7 @@ def _create(call: Call, args: argparse.Namespace) -> None:
             ends_at=None if ends is None else Timestamp.from_datetime(ends),
         ),
         headers=call.headers,
-        timeout_ms=TIMEOUT_MS,
+        timeout_ms=call.timeout_ms,
     )
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
@@ -326,7 +383,9 @@ def service_now(call: Call) -> datetime:
     before = time.monotonic()
     local_before = datetime.now(UTC)
     page = call.client.list_campaigns(
-        coupon_pb.ListCampaignsRequest(page_size=1), headers=call.headers, timeout_ms=TIMEOUT_MS
+        coupon_pb.ListCampaignsRequest(page_size=1),
+        headers=call.headers,
+        timeout_ms=call.timeout_ms,
     )
     round_trip = timedelta(seconds=time.monotonic() - before)
     if page.server_time is None:
@@ -373,7 +432,7 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         page = call.client.list_campaigns(
             coupon_pb.ListCampaignsRequest(page_size=wanted, page_token=token, status=status),
             headers=call.headers,
-            timeout_ms=TIMEOUT_MS,
+            timeout_ms=call.timeout_ms,
         )
         campaigns.extend(page.campaigns)
         token = page.next_page_token
@@ -420,7 +479,7 @@ def _show(call: Call, args: argparse.Namespace) -> None:
     response = call.client.get_campaign(
         coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
         headers=call.headers,
-        timeout_ms=TIMEOUT_MS,
+        timeout_ms=call.timeout_ms,
     )
     assert response.campaign is not None
     # GetCampaign's own answer for a page of one coupon: the campaign, its first coupon,
@@ -432,7 +491,7 @@ def _end(call: Call, args: argparse.Namespace) -> None:
     response = call.client.end_campaign(
         coupon_pb.EndCampaignRequest(campaign_id=args.campaign_id),
         headers=call.headers,
-        timeout_ms=TIMEOUT_MS,
+        timeout_ms=call.timeout_ms,
     )
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
@@ -448,7 +507,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
     view = call.client.get_campaign(
         coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
         headers=call.headers,
-        timeout_ms=TIMEOUT_MS,
+        timeout_ms=call.timeout_ms,
     )
     assert view.campaign is not None
     total = view.campaign.issued_count
