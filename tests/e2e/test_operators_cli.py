@@ -219,6 +219,49 @@ def test_export_to_dash_is_standard_output_not_a_file_named_dash(
     assert ok(named) == "" and (tmp_path / "-").read_text() == plain
 
 
+def first_line_then_close(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """`ARGS | head -1`: the first line read, then the pipe closed while the rest is being
+    written; the exit status (negative: the signal that ended it) and stderr."""
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, line, err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly_as_it_ends_cat(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`campaigns export | head -1`: the command stops writing and ends as cat (and every
+    coreutils tool) does when its reader is gone, by SIGPIPE (status 141 in a shell), with
+    nothing on stderr; `list` alike."""
+    campaign = create(server, "read in part", "--coupons", "1500")
+    with httpx.Client(headers={"authorization": f"Bearer {TOKEN}"}) as client:
+        for n in range(1500):  # far more than a pipe holds (64 KiB)
+            client.post(
+                f"{server.url}/coupon.v1.CouponService/IssueCoupon",
+                json={"campaignId": campaign["id"], "userId": f"user-{n}"},
+            ).raise_for_status()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url})
+    coupon_cmd = [sys.executable, "-m", "coupon", "campaigns"]
+    everything = tmp_path / "everything.csv"
+    everything.write_text(ok(coupon(server, "export", str(campaign["id"]))))
+    cat = first_line_then_close(["cat", str(everything)], env)
+    assert cat == (-signal.SIGPIPE, "code,user_id,campaign_id,issued_at\n", "")
+    exported = first_line_then_close([*coupon_cmd, "export", str(campaign["id"])], env)
+    assert exported == cat
+    listed = first_line_then_close([*coupon_cmd, "list", "--limit", "0"], env)
+    assert listed[2] == "" and listed[0] in (0, -signal.SIGPIPE), listed
+
+
 def test_export_for_a_spreadsheet_marks_utf8_and_defuses_formulas(
     server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 import pyqwest
@@ -179,6 +179,9 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
                 ACTIONS[args.action](call, args)
 
         interruptible(act)
+        # What stdout still buffers is written now, where a reader gone is caught below,
+        # not at the interpreter's exit.
+        sys.stdout.flush()
     except ConnectError as exc:
         reason = unreachable(exc)
         if reason == "timed out":
@@ -206,9 +209,9 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         print(f"coupon: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (`| head`): not an error of ours.
-        sys.stderr.close()
-        return 0
+        # The reader went away (`| head -1`): nothing more to do or say.
+        files.abandon()
+        end_as_a_pipeline_writer()
     except KeyboardInterrupt:
         # Ctrl-C: what was being written to a file is removed; nothing more to say.
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
@@ -220,6 +223,19 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         # at the interpreter's exit, which would wait for it or stop it midway.
         os._exit(130)
     return 0
+
+
+def end_as_a_pipeline_writer() -> NoReturn:
+    """End the process as SIGPIPE ends cat, or any tool of a pipeline whose reader has gone:
+    quietly, with the status of that signal (141 in a shell; `set -o pipefail` sees it).
+    Python ignores SIGPIPE, so that a write raises BrokenPipeError instead: it is restored
+    and raised. What stdout still buffers goes nowhere, as nothing would read it."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process
 
 
 def interruptible(work: Callable[[], None]) -> None:
