@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.private_redis import PrivateRedis
@@ -964,6 +965,48 @@ def test_now_and_times_from_now_are_the_services_clock_not_this_machines(
     # The same clock as the service's: nothing to say.
     same = coupon(server, "create", "--name", "on time", "--coupons", "5", "--starts-at", "+2m")
     assert ok(same) and same.stderr == ""
+
+
+class LateClockService(FakeService):
+    """A service that reads its clock (this machine's) for ListCampaigns' serverTime only
+    after a second, as one busy or a new connection's set-up would, then answers at once;
+    CreateCampaign echoes the start it is sent and keeps its clock's time then."""
+
+    def __init__(self) -> None:
+        self.created_at: list[datetime] = []
+        created_at = self.created_at
+
+        class Handler(ProtoHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path.endswith("/CreateCampaign"):
+                    created_at.append(datetime.now(UTC))
+                    sent = coupon_pb.CreateCampaignRequest.from_binary(body)
+                    answer = coupon_pb.CreateCampaignResponse(
+                        campaign=coupon_pb.Campaign(id=CAMPAIGN_ID, starts_at=sent.starts_at)
+                    ).to_binary()
+                else:
+                    time.sleep(1.0)
+                    answer = coupon_pb.ListCampaignsResponse(
+                        server_time=Timestamp.from_datetime(datetime.now(UTC))
+                    ).to_binary()
+                self.answer(answer)
+
+        super().__init__(Handler)
+
+
+def test_now_is_never_ahead_of_the_services_clock() -> None:
+    """The service may read its clock anywhere in the call that tells it: 'now' counts from
+    the latest it can have, so a sale created to open now is open at once, never scheduled
+    for a fraction of a second; the clocks (the same here) are not said to differ."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update({"COUPON_ADMIN_TOKEN": TOKEN})
+    with LateClockService() as service:
+        args = ["--url", service.url, "--json", "create", "--name", "n", "--coupons", "5"]
+        result = command(env, None, "campaigns", *args)
+    starts = _when(json.loads(ok(result))["campaign"]["startsAt"])
+    assert starts <= service.created_at[0], (starts, service.created_at)
+    assert result.stderr == ""
 
 
 class TimelessService(FakeService):

@@ -411,17 +411,20 @@ def service_now(call: Call) -> datetime:
             file=sys.stderr,
         )
         return datetime.now(UTC)
-    # The service read its clock about halfway through the call.
     served: datetime = page.server_time.to_datetime()
-    offset: timedelta = served - (local_before + round_trip / 2)
-    if abs(offset) > SKEW_NOTED:
-        side = "behind" if offset > timedelta(0) else "ahead of"
+    # The service read its clock somewhere in the call, about halfway through (what the
+    # note says), at the latest as the answer left: counted from that latest, 'now' is
+    # never ahead of the service's clock (a sale created to open now is open at once, not
+    # scheduled for part of a second), and behind it by one round trip at most.
+    skew: timedelta = served - (local_before + round_trip / 2)
+    if abs(skew) > SKEW_NOTED:
+        side = "behind" if skew > timedelta(0) else "ahead of"
         print(
-            f"coupon: note: this machine's clock is {_duration(abs(offset))} {side} the "
+            f"coupon: note: this machine's clock is {_duration(abs(skew))} {side} the "
             "service's; 'now' and +N times are the service's",
             file=sys.stderr,
         )
-    return datetime.now(UTC) + offset
+    return datetime.now(UTC) + (served - (local_before + round_trip))
 
 
 def _duration(span: timedelta) -> str:
