@@ -110,7 +110,8 @@ def test_the_url_comes_from_coupon_url_in_the_environment_or_dotenv(
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_the_admin_token_comes_from_the_environment_or_dotenv(tmp_path: Path, command: str) -> None:
     """A service that requires a token: ./.env's COUPON_ADMIN_TOKEN is sent, and one in the
-    environment wins over it; a bad .env is one line and exit 2."""
+    environment wins over it (a wrong one is said to be wrong, not missing); a bad .env is
+    one line and exit 2."""
     token = "loadtest-token"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
     with ServerProcess(
@@ -122,8 +123,18 @@ def test_the_admin_token_comes_from_the_environment_or_dotenv(tmp_path: Path, co
         passed = run_command(command, env, tmp_path)
         assert passed.returncode == 0, passed.stderr
         refused = run_command(command, {**env, "COUPON_ADMIN_TOKEN": "wrong"}, tmp_path)
-        assert refused.returncode == 2, refused.stderr
-        assert refused.stderr.startswith("loadtest: cannot use the admin API: "), refused.stderr
+        assert (refused.returncode, refused.stderr) == (
+            2,
+            "loadtest: cannot use the admin API: the server does not take the admin token "
+            "given: check --admin-token or COUPON_ADMIN_TOKEN\n",
+        )
+        (tmp_path / ".env").write_text(f"COUPON_URL={server.url}\n")
+        missing = run_command(command, env, tmp_path)
+        assert (missing.returncode, missing.stderr) == (
+            2,
+            "loadtest: cannot use the admin API: the server wants an admin token: pass "
+            "--admin-token or set COUPON_ADMIN_TOKEN\n",
+        )
     (tmp_path / ".env").write_text("this line is bad\n")
     broken = run_command(command, env, tmp_path)
     assert broken.returncode == 2 and len(broken.stderr.splitlines()) == 1, broken.stderr

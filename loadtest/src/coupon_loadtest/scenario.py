@@ -93,11 +93,17 @@ def to_timestamp(ns: int) -> Timestamp:
     return Timestamp(seconds=ns // NS_PER_S, nanos=ns % NS_PER_S)
 
 
-def _explain(exc: BaseException, url: str, what: str) -> SetupError:
+def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> SetupError:
     reason = unreachable(exc)
     if reason is not None:
         return SetupError(cannot_reach(url, reason))
     if isinstance(exc, ConnectError):
+        if exc.code is Code.UNAUTHENTICATED and token_sent:
+            # A token the service does not take is not reported as none at all.
+            return SetupError(
+                f"{what}: the server does not take the admin token given: check "
+                "--admin-token or COUPON_ADMIN_TOKEN"
+            )
         if exc.code is Code.UNAUTHENTICATED:
             return SetupError(
                 f"{what}: the server wants an admin token: pass --admin-token or set "
@@ -125,6 +131,9 @@ class AdminApi:
         )
         self._json = json
 
+    def _failure(self, exc: BaseException, what: str) -> SetupError:
+        return _explain(exc, self.url, what, token_sent=bool(self._headers))
+
     async def aclose(self) -> None:
         await self._client.close()
         await self._transport.aclose()
@@ -140,7 +149,7 @@ class AdminApi:
         try:
             response = await self._client.create_campaign(request, headers=self._headers)
         except Exception as exc:
-            raise _explain(exc, self.url, "CreateCampaign failed") from exc
+            raise self._failure(exc, "CreateCampaign failed") from exc
         received = time.time_ns()
         campaign = response.campaign
         created_at = timestamp_ns(None if campaign is None else campaign.created_at)
@@ -157,7 +166,7 @@ class AdminApi:
         try:
             return await self._client.get_campaign(request, headers=self._headers)
         except Exception as exc:
-            raise _explain(exc, self.url, f"GetCampaign {campaign_id} failed") from exc
+            raise self._failure(exc, f"GetCampaign {campaign_id} failed") from exc
 
     async def list_campaign(
         self, campaign_id: str
@@ -191,9 +200,9 @@ class AdminApi:
         except ConnectError as exc:
             if exc.code in (Code.NOT_FOUND, Code.INVALID_ARGUMENT):
                 return
-            raise _explain(exc, self.url, "cannot use the admin API") from exc
+            raise self._failure(exc, "cannot use the admin API") from exc
         except Exception as exc:
-            raise _explain(exc, self.url, "cannot use the admin API") from exc
+            raise self._failure(exc, "cannot use the admin API") from exc
 
     async def clock_samples(self, campaign_id: str, count: int) -> list[ClockSample]:
         """GetCampaign's server_time (the service's one clock) against our send and receipt
@@ -205,7 +214,7 @@ class AdminApi:
             try:
                 response = await self._client.get_campaign(request, headers=self._headers)
             except Exception as exc:
-                raise _explain(exc, self.url, "clock probe failed") from exc
+                raise self._failure(exc, "clock probe failed") from exc
             received = time.time_ns()
             server = timestamp_ns(response.server_time)
             if server is None:
@@ -225,7 +234,7 @@ class AdminApi:
                 f"{self.url}/coupon.v1.CouponService/GetCampaign", headers, payload
             )
         except Exception as exc:
-            raise _explain(exc, self.url, "clock probe failed") from exc
+            raise self._failure(exc, "clock probe failed") from exc
         received = time.time_ns()
         try:
             server = email.utils.parsedate_to_datetime(response.headers.get("date", ""))
