@@ -525,8 +525,8 @@ def test_ctrl_c_while_the_service_never_answers_ends_the_command_at_once(
     tmp_path: Path, action: list[str]
 ) -> None:
     """The call waits for the service in native code: Ctrl-C still ends the command at
-    once, rather than when the call's time-out (30 s) ends, or never for an export's
-    stream, which has none; the file being exported is removed."""
+    once, rather than when its time-out (--timeout, 10 s by default; for an export's
+    stream, a read's) ends; the file being exported is removed."""
     export = action[0] == "export"
     output = tmp_path / action[-1] if "-o" in action else None
     env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
