@@ -880,6 +880,23 @@ def test_the_url_and_token_come_from_dotenv_and_server_settings_do_not_matter(
     assert refused.returncode == 1 and "unauthenticated" in refused.stderr, refused.stderr
 
 
+def test_without_coupon_url_the_client_calls_the_port_serve_listens_on(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The .env that moved `coupon serve` to another PORT moves its clients with it; a
+    COUPON_URL still wins."""
+    port = urlsplit(server.url).port
+    assert port is not None and port != 8000
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COUPON_", "PORT"))}
+    env["COUPON_ADMIN_TOKEN"] = TOKEN
+    (tmp_path / ".env").write_text(f"PORT={port}\n")
+    listed = command(env, tmp_path, "campaigns", "list")
+    assert listed.returncode == 0, listed.stderr
+    (tmp_path / ".env").write_text(f"PORT={port}\nCOUPON_URL=http://127.0.0.1:1\n")
+    refused = command(env, tmp_path, "campaigns", "list")
+    assert refused.returncode == 1 and "http://127.0.0.1:1" in refused.stderr, refused.stderr
+
+
 def test_json_is_read_before_or_after_the_action_and_refused_for_export(
     server: ServerProcess,
 ) -> None:

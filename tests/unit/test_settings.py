@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from coupon.entrypoints.settings import SettingsError, load_settings, read_dotenv
+from coupon.entrypoints.settings import SettingsError, client_url, load_settings, read_dotenv
 
 
 def test_defaults_point_at_local_postgres_and_redis() -> None:
@@ -318,3 +318,22 @@ def test_production_without_a_token_names_everything_the_token_guards() -> None:
 def test_a_redis_prefix_with_a_brace_is_refused(prefix: str) -> None:
     with pytest.raises(SettingsError, match=r"^COUPON_REDIS_PREFIX must not hold"):
         load_settings({"COUPON_REDIS_PREFIX": prefix}, dotenv=None)
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({}, "http://127.0.0.1:8000"),
+        ({"PORT": "9000"}, "http://127.0.0.1:9000"),
+        ({"PORT": " 9000 "}, "http://127.0.0.1:9000"),
+        ({"PORT": "9000", "COUPON_URL": "http://service:8080"}, "http://service:8080"),
+        # A PORT the server refuses to start on names no server of this machine.
+        ({"PORT": "99999"}, "http://127.0.0.1:8000"),
+        ({"PORT": "0"}, "http://127.0.0.1:8000"),
+        ({"PORT": "eighty"}, "http://127.0.0.1:8000"),
+    ],
+)
+def test_clients_call_coupon_url_else_the_port_serve_listens_on(
+    env: dict[str, str], url: str
+) -> None:
+    assert client_url(env) == url

@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
-from coupon.entrypoints.settings import SettingsError, read_dotenv
+from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
 from coupon_loadtest.runner import Console, RunData, execute
@@ -30,7 +30,6 @@ from coupon_loadtest.scenario import LoadConfig, SetupError
 from coupon_loadtest.verify import verify
 
 NS_PER_S = 1_000_000_000
-DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_RATE = 1000.0
 
 
@@ -40,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--url",
         default=None,
-        help=f"server base URL (default: $COUPON_URL, else {DEFAULT_URL})",
+        help="server base URL (default: $COUPON_URL, else http://127.0.0.1:$PORT, else "
+        "http://127.0.0.1:8000)",
     )
     target.add_argument(
         "--admin-token",
@@ -291,7 +291,7 @@ def config_from_args(
     env = os.environ if environ is None else environ
     problems: list[str] = _misplaced(args)
     # As the operators' command line: the option, else COUPON_URL, else the default.
-    url = args.url or env.get("COUPON_URL") or DEFAULT_URL
+    url = args.url or client_url(env)
     if args.coupons < 1 and args.campaign_id is None:
         problems.append("--coupons must be at least 1")
     if args.users < 1:

@@ -1,8 +1,9 @@
 """`coupon campaigns ...`: the operators' command line, a client of a running service.
 
-It speaks to the service at `--url` (default $COUPON_URL, else http://127.0.0.1:8000) with
-the generated Connect client, sending the admin token from COUPON_ADMIN_TOKEN. Tables for
-people by default, `--json` for programs; errors are one line on stderr and exit 1.
+It speaks to the service at `--url` (default $COUPON_URL, else http://127.0.0.1:$PORT, else
+port 8000) with the generated Connect client, sending the admin token from
+COUPON_ADMIN_TOKEN. Tables for people by default, `--json` for programs; errors are one
+line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
 from coupon.entrypoints.reach import cannot_reach, unreachable
-from coupon.entrypoints.settings import admin_token_problem
+from coupon.entrypoints.settings import admin_token_problem, client_url
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 STATUSES = {
     "scheduled": coupon_pb.CampaignStatus.SCHEDULED,
     "active": coupon_pb.CampaignStatus.ACTIVE,
@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         default=None,
-        help=f"the service's base URL (default: $COUPON_URL, else {DEFAULT_URL})",
+        help="the service's base URL (default: $COUPON_URL, else http://127.0.0.1:$PORT, "
+        "else http://127.0.0.1:8000)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the API's JSON instead of a table"
@@ -151,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
-    url = (args.url or env.get("COUPON_URL") or DEFAULT_URL).rstrip("/")
+    url = (args.url or client_url(env)).rstrip("/")
     files = Unfinished()
     try:
         _check_url(url)

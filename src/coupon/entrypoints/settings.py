@@ -202,6 +202,17 @@ def _is_port(text: str) -> bool:
     return PORT_TEXT.fullmatch(text) is not None and 1 <= int(text) <= 65535
 
 
+def client_url(env: Mapping[str, str]) -> str:
+    """Where the service's clients (`coupon campaigns`, the load tool) call when not told:
+    COUPON_URL, else this machine at the PORT `coupon serve` listens on, read from the same
+    environment and .env, else port 8000. A PORT the server would refuse is not used."""
+    url = env.get("COUPON_URL", "")
+    if url:
+        return url
+    port = env.get("PORT", "").strip()
+    return f"http://127.0.0.1:{int(port) if _is_port(port) else DEFAULTS.port}"
+
+
 def _url_scheme(name: str, url: str) -> str:
     """The scheme of a URL whose every port (`host:port`, `[v6]:port`, and each of a
     comma-separated host list, as libpq allows) is 1 to 65535."""
