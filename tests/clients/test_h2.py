@@ -22,8 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from coupon.gen.coupon.v1 import coupon_pb
@@ -306,6 +309,133 @@ def test_a_request_that_never_arrives_whole_is_reset_after_the_request_timeout(
         assert client.goaway.last_stream_id == part
     finally:
         client.close()
+    assert "Traceback" not in short_timeouts.log()
+
+
+def test_a_response_the_client_never_lets_through_is_reset_after_the_request_timeout(
+    short_timeouts: ServerProcess,
+) -> None:
+    """A client whose stream window stays shut (SETTINGS_INITIAL_WINDOW_SIZE 0, never
+    opened) keeps no answer waiting: after COUPON_REQUEST_TIMEOUT_SECONDS without a byte of
+    it sent, its stream is reset (CANCEL), while the same connection's other streams, old and
+    new, are answered. The coupon it was issued stays issued: the retry gets it back."""
+    with H2Client(short_timeouts.port) as setup:
+        campaign_id = create_campaign(setup, total=100)
+    client = H2Client(short_timeouts.port, window=0)
+    client.sock.settimeout(REQUEST_TIMEOUT + 10)
+    try:
+        started = time.monotonic()
+        stuck = client.start("IssueCoupon", issue_request(campaign_id, "never-reads"))
+        served = client.start("IssueCoupon", issue_request(campaign_id, "reads"))
+        client.conn.increment_flow_control_window(65_535, stream_id=served)
+        client.flush()
+        [answer] = client.wait(served)
+        assert answer.grpc_status == b"0", answer
+        [response] = client.wait(stuck)
+        assert response.reset == ErrorCodes.CANCEL
+        assert response.headers[b":status"] == b"200" and response.body == b""
+        assert REQUEST_TIMEOUT - 0.5 < time.monotonic() - started < REQUEST_TIMEOUT + 8
+        retry = client.start("IssueCoupon", issue_request(campaign_id, "never-reads"))
+        client.conn.increment_flow_control_window(65_535, stream_id=retry)
+        client.flush()
+        [again] = client.wait(retry)
+        assert again.grpc_status == b"0", again
+        coupon = grpc_message(again.body, coupon_pb.IssueCouponResponse)
+        assert coupon.already_issued and coupon.coupon is not None
+        assert client.goaway is None
+    finally:
+        client.close()
+    assert "Traceback" not in short_timeouts.log()
+
+
+def test_a_slow_reader_that_keeps_opening_its_window_gets_its_whole_response(
+    short_timeouts: ServerProcess,
+) -> None:
+    """The send time-out counts from the response's last byte sent, not from its first: a
+    window opened a little at a time (less than a frame), each step within the time-out,
+    lets a response through that takes several time-outs in all."""
+    users = [f"slow-reader-{i:03d}" for i in range(100)]
+    with H2Client(short_timeouts.port) as setup:
+        campaign_id = create_campaign(setup, total=len(users))
+        assert all(r.grpc_status == b"0" for r in issue_all(setup, campaign_id, users))
+    step = 1000
+    reader = H2Client(short_timeouts.port, window=step, auto_acknowledge=False)
+    reader.sock.settimeout(REQUEST_TIMEOUT + 10)
+    try:
+        started = time.monotonic()
+        request = coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=len(users))
+        stream_id = reader.start("GetCampaign", grpc_frame(request))
+        response = reader.responses[stream_id]
+        granted = step
+        while not (response.ended or response.reset is not None):
+            if len(response.body) < granted:
+                reader.read()
+                continue
+            assert len(response.body) == granted
+            time.sleep(REQUEST_TIMEOUT / 2)  # half the time-out: a wide margin
+            reader.conn.increment_flow_control_window(step, stream_id=stream_id)
+            reader.conn.increment_flow_control_window(step)
+            reader.flush()
+            granted += step
+        elapsed = time.monotonic() - started
+    finally:
+        reader.close()
+    assert response.reset is None and response.grpc_status == b"0", response
+    assert elapsed > 2 * REQUEST_TIMEOUT
+    page = grpc_message(response.body, coupon_pb.GetCampaignResponse)
+    assert [c.user_id for c in page.coupons] == users
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The socket's TCP state, from TCP_INFO (1: established)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def test_a_client_that_stops_reading_its_socket_is_closed(short_timeouts: ServerProcess) -> None:
+    """A client that asks for large answers, with windows wide open, and never reads its
+    socket fills the server's buffers: the connection is closed once the server has written
+    nothing to it for COUPON_REQUEST_TIMEOUT_SECONDS, rather than held with its answers, and
+    other clients are served meanwhile and after."""
+    with H2Client(short_timeouts.port) as setup:
+        for _ in range(3):
+            streams = [
+                setup.start(
+                    "CreateCampaign",
+                    grpc_frame(
+                        coupon_pb.CreateCampaignRequest(
+                            name="n" * 200, total_coupons=1, starts_at=in_seconds(-60)
+                        )
+                    ),
+                )
+                for _ in range(100)
+            ]
+            assert all(r.grpc_status == b"0" for r in setup.wait(*streams))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", short_timeouts.port))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        largest = 2**31 - 1
+        conn.local_settings = Settings(
+            client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: largest}
+        )
+        conn.initiate_connection()
+        conn.increment_flow_control_window(largest - 65_535)
+        request = grpc_frame(coupon_pb.ListCampaignsRequest(page_size=1000))
+        for _ in range(100):
+            stream_id = conn.get_next_available_stream_id()
+            conn.send_headers(stream_id, grpc_headers("ListCampaigns", (b"te", b"trailers")))
+            conn.send_data(stream_id, request, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        # Never read from here on.
+        serves_meanwhile(short_timeouts.port, REQUEST_TIMEOUT + 1)
+        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 10
+        while tcp_state(sock) == 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tcp_state(sock) != 1, "the server still holds the connection"
+    finally:
+        sock.close()
+    serves_meanwhile(short_timeouts.port, 0.5)
     assert "Traceback" not in short_timeouts.log()
 
 

@@ -19,8 +19,18 @@ their answers, and more of them than it had answered, is closed with a GOAWAY
 (ENHANCE_YOUR_CALM).
 
 Time limits: a request must arrive whole within the service's request time-out of its
-HEADERS, or its stream is reset (CANCEL) and its task cancelled. A connection left with no
-stream goes back to its idle timer.
+HEADERS, or its stream is reset (CANCEL) and its task cancelled. A response must not stand
+still for as long either (the send time-out): one whose next byte the peer's windows keep
+back for the request time-out (its stream's window, or the connection's while no other
+stream's bytes go out either) is abandoned. Its stream is reset with CANCEL (keeping a
+window shut breaks no rule, RFC 9113, 6.9, so FLOW_CONTROL_ERROR would be wrong: the
+answer is just no longer worth holding), its task runs to its end sending nothing more,
+and its buffers go with it. A connection whose transport has drained nothing for that long
+(paused: the peer does not read its socket) is closed: a GOAWAY (ENHANCE_YOUR_CALM) is
+queued, then the connection reset (TCP RST: a close would wait for buffers the peer never
+drains, so the GOAWAY reaches it only if there was room). Progress restarts either clock:
+a byte of the response sent, the paused transport's buffer shrinking. A connection left
+with no stream goes back to its idle timer.
 
 A header list or a request body over the service's limits is refused on its own stream,
 as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
@@ -35,6 +45,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections import deque
 from typing import Any, cast
 from urllib.parse import unquote
@@ -88,6 +100,10 @@ MAX_FRAME_SIZE = 16 * 1024  # the protocol's minimum: larger frames buy nothing 
 # may have this much unread across its streams.
 STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 1024 * 1024
+# A send time-out found already past (the loop was busy) is confirmed this much later, so
+# that the loop has read what the peer sent and written what it could meanwhile: the
+# server's own stall is not counted against the peer.
+OVERDUE_GRACE = 0.05
 
 # Connection-specific headers do not exist in HTTP/2 (RFC 9113, 8.2.2): an ASGI app
 # written for HTTP/1.1 may still set them, and h2 would refuse to send them.
@@ -122,12 +138,14 @@ class _Stream:
         "end_delivered",
         "ended",
         "headers_sent",
+        "overdue",
         "prefix",
         "received",
         "request",
         "response_complete",
         "response_headers",
         "response_status",
+        "sent_at",
         "stopped",
         "stream_id",
         "task",
@@ -158,6 +176,9 @@ class _Stream:
         self.stopped = False  # its task cancelled: it runs no more of the app
         # The request time-out, until the request has arrived whole.
         self.timer: asyncio.TimerHandle | None = None
+        # Loop time the response last moved: a byte of it sent, or a send begun.
+        self.sent_at = 0.0
+        self.overdue = False  # its send time-out found past, to be confirmed
 
     def wake(self) -> None:
         self.changed.set()
@@ -200,6 +221,14 @@ class H2Protocol(asyncio.Protocol):
         self.resets = 0
         self.answered = 0
         self.lingering = -1  # bytes dropped since that GOAWAY; -1: not closing so
+        # Loop time a response's DATA last went out on the connection, or its paused
+        # transport last drained some.
+        self.sent_at = 0.0
+        # While the transport is paused: its buffer's size when last looked at, and the
+        # check that closes the connection once it has not shrunk for the request time-out.
+        self.buffered = 0
+        self.watch: asyncio.TimerHandle | None = None
+        self.overdue = False  # that time found past, to be confirmed
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -254,6 +283,7 @@ class H2Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self._disarm_idle()
+        self._unwatch()
         self.writable.set()
         for stream in list(self.streams.values()):
             stream.closed = True
@@ -262,9 +292,18 @@ class H2Protocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable.clear()
+        if self.watch is None and self.transport is not None:
+            self.sent_at = self.loop.time()
+            self.buffered = self.transport.get_write_buffer_size()
+            self.watch = self.loop.call_later(self._watch_period(), self._watch_writes)
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self._unwatch()
+        self.overdue = False
+        self.sent_at = self.loop.time()
+        for stream in self.streams.values():
+            stream.wake()
 
     def shutdown(self) -> None:
         """Graceful: tell the peer which streams will still be answered (GOAWAY with the
@@ -283,7 +322,10 @@ class H2Protocol(asyncio.Protocol):
         goaway.last_stream_id = self.last_stream_id
         goaway.error_code = ErrorCodes.NO_ERROR
         self._flush()
-        self.transport.write(goaway.serialize())
+        frame = goaway.serialize()
+        self.transport.write(frame)
+        if self.watch is not None:
+            self.buffered += len(frame)
         self._close_if_done()
 
     # --- h2 events ----------------------------------------------------------------------
@@ -628,7 +670,9 @@ class H2Protocol(asyncio.Protocol):
                     for name, value in message.get("headers", ())
                     if name.lower() not in _HOP_BY_HOP
                 ]
-                await self._writable(stream)
+                while not self.writable.is_set() and not stream.closed:
+                    # Bounded by the connection's watch (_watch_writes).
+                    await self._wait(stream, None)
                 if not stream.closed:
                     self.conn.send_headers(stream.stream_id, trailers, end_stream=True)
                     self._flush()
@@ -643,18 +687,31 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
 
     async def _send_data(self, stream: _Stream, body: bytes, end: bool) -> None:
+        """Sends `body` as the windows allow, each wait re-checked on waking (a wake-up
+        that comes early, late or twice changes nothing). Abandons the response (the send
+        time-out) once the windows have kept its next byte back for the request time-out
+        since it last moved."""
         view = memoryview(body)
+        stream.sent_at = self.loop.time()
         while True:
-            await self._writable(stream)
             if stream.closed:
                 return
+            if not self.writable.is_set():
+                # Bounded by the connection's watch (_watch_writes).
+                await self._wait(stream, None)
+                continue
             try:
                 window = self.conn.local_flow_control_window(stream.stream_id)
             except StreamClosedError:
                 return
             if view and window <= 0:
-                stream.changed.clear()
-                await stream.changed.wait()
+                since = stream.sent_at
+                if self.conn.outbound_flow_control_window <= 0:
+                    # The connection's window, shared: stuck only if no stream moves.
+                    since = max(since, self.sent_at)
+                if not await self._wait(stream, since + self.request_timeout):
+                    self._send_timed_out(stream)
+                    return
                 continue
             size = min(len(view), window, self.conn.max_outbound_frame_size)
             last = size == len(view)
@@ -665,13 +722,91 @@ class H2Protocol(asyncio.Protocol):
             except (FlowControlError, StreamClosedError):
                 return
             self._flush()
+            stream.sent_at = self.sent_at = self.loop.time()
             view = view[size:]
             if last:
                 return
 
-    async def _writable(self, stream: _Stream) -> None:
-        while not self.writable.is_set() and not stream.closed:
-            await self.writable.wait()
+    async def _wait(self, stream: _Stream, deadline: float | None) -> bool:
+        """Until something the stream's task looks at may have changed, or `deadline`
+        (loop time) passes; False once it has (found past on two looks, OVERDUE_GRACE
+        apart). The caller re-checks what it waits for: the event is only a hint, the
+        deadline only a bound."""
+        timer = None
+        if deadline is not None:
+            delay = deadline - self.loop.time()
+            if delay > 0:
+                stream.overdue = False
+            elif stream.overdue:
+                return False
+            else:
+                stream.overdue = True
+                delay = OVERDUE_GRACE
+            timer = self.loop.call_later(delay, stream.wake)
+        # Cleared and waited on at once: no wake-up can fall between the caller's check
+        # and the wait (Event.wait registers its waiter before it yields).
+        stream.changed.clear()
+        try:
+            await stream.changed.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return True
+
+    def _send_timed_out(self, stream: _Stream) -> None:
+        """The send time-out: the response is abandoned, its stream reset; its task, back
+        from its send, finishes without sending more."""
+        log.debug("HTTP/2 stream %d from %s: send time-out", stream.stream_id, self.client)
+        self._reset(stream, ErrorCodes.CANCEL)
+        stream.wake()
+
+    def _watch_period(self) -> float:
+        return min(1.0, self.request_timeout / 4)
+
+    def _watch_writes(self) -> None:
+        """While the transport is paused: a buffer that shrank is progress; one that has not
+        for the request time-out closes the connection."""
+        self.watch = None
+        transport = self.transport
+        if self.writable.is_set() or transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        buffered = transport.get_write_buffer_size()
+        if buffered < self.buffered:
+            self.sent_at = now
+        self.buffered = buffered
+        if now - self.sent_at < self.request_timeout:
+            self.overdue = False
+            self.watch = self.loop.call_later(self._watch_period(), self._watch_writes)
+            return
+        if not self.overdue:
+            self.overdue = True
+            self.watch = self.loop.call_later(OVERDUE_GRACE, self._watch_writes)
+            return
+        log.debug("HTTP/2 connection from %s: nothing written to it in time", self.client)
+        self._disarm_idle()
+        with contextlib.suppress(ProtocolError):
+            self.conn.close_connection(
+                error_code=ErrorCodes.ENHANCE_YOUR_CALM,
+                last_stream_id=self.conn.highest_inbound_stream_id,
+            )
+        self._flush()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Reset rather than closed: a close would leave the kernel holding the unsent
+            # bytes (and the peer its connection) until they drain, which they never do.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        for stream in list(self.streams.values()):
+            stream.closed = True
+            self._stop(stream)
+            stream.wake()
+
+    def _unwatch(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
 
     def _complete(self, stream: _Stream) -> None:
         if not stream.response_complete and not stream.closed:
@@ -725,6 +860,8 @@ class H2Protocol(asyncio.Protocol):
             and self.lingering < 0
         ):
             self.transport.write(data)
+            if self.watch is not None:
+                self.buffered += len(data)  # so that only a drain counts as progress
 
     def _close_if_done(self) -> None:
         if (
