@@ -130,7 +130,7 @@ def test_documented_values_pass_the_settings_check(tmp_path: Path) -> None:
         tmp_path,
         DATABASE_URL=closed_port_url(),
         APP_ENV="production",
-        COUPON_ADMIN_TOKEN="t",
+        COUPON_ADMIN_TOKEN="t" * 16,
         LOG_LEVEL="warning",
         DB_DRIVER="postgres",
     )

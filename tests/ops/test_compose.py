@@ -502,14 +502,14 @@ def test_resolved_compose_environment_is_accepted_by_the_service(tmp_path: Path)
 def test_values_from_env_reach_the_api_and_redis(tmp_path: Path) -> None:
     source = tmp_path / ".env"
     source.write_text(
-        "APP_ENV=production\nPORT=9000\nWORKERS=4\nCOUPON_ADMIN_TOKEN=s3cret\n"
+        "APP_ENV=production\nPORT=9000\nWORKERS=4\nCOUPON_ADMIN_TOKEN=s3cret-s3cret-s3cret\n"
         "REDIS_PASSWORD=p@ss\nREDIS_DB=2\n"
         "DATABASE_URL=postgresql://app:pw@db.internal:5432/coupons\n"
     )
     config = resolved(source)["services"]
     env = {k: str(v) for k, v in config["api"]["environment"].items()}
     settings = load_settings(env, dotenv=None)
-    assert settings.production and settings.admin_token == "s3cret"
+    assert settings.production and settings.admin_token == "s3cret-s3cret-s3cret"
     assert settings.port == 9000 and settings.workers == 4
     assert settings.redis_url == "redis://:p%40ss@redis:6379/2"
     assert settings.database_url == "postgresql://app:pw@db.internal:5432/coupons"

@@ -75,8 +75,9 @@ def test_db_driver_of_the_original_service_accepts_postgres(driver: str) -> None
 
 
 def test_production_with_a_token_starts() -> None:
-    s = load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": "t"}, dotenv=None)
-    assert s.production and s.admin_token == "t"
+    token = "t" * 16
+    s = load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+    assert s.production and s.admin_token == token
 
 
 def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
@@ -288,7 +289,7 @@ def test_an_admin_token_a_header_cannot_carry_is_refused(token: str, shown: str)
 
 @pytest.mark.parametrize("token", ["s3cret", "a-b_c.d~e+f/g=", "!#$%&*^|`{}"])
 def test_a_printable_admin_token_is_taken_as_it_is(token: str) -> None:
-    settings = load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+    settings = load_settings({"COUPON_ADMIN_TOKEN": token}, dotenv=None)
     assert settings.admin_token == token
 
 
@@ -337,3 +338,17 @@ def test_clients_call_coupon_url_else_the_port_serve_listens_on(
     env: dict[str, str], url: str
 ) -> None:
     assert client_url(env) == url
+
+
+@pytest.mark.parametrize("token", ["admin", "changeme", "s3cret-s3cret-1"])
+def test_production_refuses_a_short_admin_token_without_showing_it(token: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"APP_ENV": "production", "COUPON_ADMIN_TOKEN": token}, dotenv=None)
+    message = str(caught.value)
+    assert message.startswith(
+        "COUPON_ADMIN_TOKEN must be at least 16 characters when APP_ENV=production "
+        f"(got {len(token)})"
+    )
+    assert token not in message and "secrets.token_urlsafe(32)" in message
+    # Development takes it: a token there guards a laptop's service.
+    assert load_settings({"COUPON_ADMIN_TOKEN": token}, dotenv=None).admin_token == token

@@ -23,6 +23,9 @@ class SettingsError(ValueError):
 # not start the service in development, with the admin RPCs open.
 APP_ENVS = ("development", "production")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The shortest COUPON_ADMIN_TOKEN production takes: a word or a short password ("admin",
+# "changeme") that guards every code is refused; token_urlsafe(32) gives 43 characters.
+MIN_PRODUCTION_TOKEN = 16
 # What COUPON_ADMIN_TOKEN guards, besides the dashboard.
 ADMIN_RPCS = ("CreateCampaign", "GetCampaign", "ListCampaigns", "EndCampaign", "ExportCoupons")
 # The original service's DB_DRIVER: coupons live in PostgreSQL only.
@@ -104,6 +107,13 @@ class Settings:
             raise SettingsError(
                 "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: the admin RPCs "
                 f"({', '.join(ADMIN_RPCS)}) and the dashboard would otherwise be open to anyone"
+            )
+        if self.production and len(self.admin_token) < MIN_PRODUCTION_TOKEN:
+            raise SettingsError(
+                f"COUPON_ADMIN_TOKEN must be at least {MIN_PRODUCTION_TOKEN} characters when "
+                f"APP_ENV=production (got {len(self.admin_token)}): a short one can be "
+                "guessed; make one with: python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'"
             )
         if "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise SettingsError(
