@@ -136,6 +136,31 @@ def test_metrics_of_a_single_worker_server(server_env: dict[str, str]) -> None:
         assert metric(text, "coupon_rpc_requests_total", rpc="IssueCoupon", code="ok") == 2
 
 
+def test_metrics_asks_for_its_token_when_one_is_set(server_env: dict[str, str]) -> None:
+    """/metrics names campaigns and what each issued: COUPON_METRICS_TOKEN keeps it to the
+    scraper that holds the token; the health endpoints and the API are not affected."""
+    token = "scrape-token-0123456789"
+    env = {**server_env, "COUPON_METRICS_TOKEN": token}
+    with ServerProcess(env=env, workers=1) as guarded:
+        url = f"{guarded.url}/metrics"
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token}):
+            refused = httpx.get(url, headers=headers)
+            assert refused.status_code == 401, (headers, refused.text)
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert "COUPON_METRICS_TOKEN" in refused.text and token not in refused.text
+            assert "coupon_" not in refused.text
+        for value in (f"Bearer {token}", f"bearer {token}"):
+            answer = httpx.get(url, headers={"authorization": value})
+            assert answer.status_code == 200, (value, answer.text[:200])
+            assert "coupon_rpc_requests_total" in answer.text
+        assert httpx.get(f"{guarded.url}/healthz").status_code == 200
+        created = httpx.post(
+            f"{guarded.url}{CREATE}",
+            json={"name": "guarded", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"},
+        )
+        assert created.status_code == 200, created.text
+
+
 def test_metrics_content_type_names_each_parameter_once(server: ServerProcess) -> None:
     """Prometheus 3 parses the Content-Type strictly: a parameter given twice (two charsets)
     fails the scrape."""

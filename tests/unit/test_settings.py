@@ -352,3 +352,18 @@ def test_production_refuses_a_short_admin_token_without_showing_it(token: str) -
     assert token not in message and "secrets.token_urlsafe(32)" in message
     # Development takes it: a token there guards a laptop's service.
     assert load_settings({"COUPON_ADMIN_TOKEN": token}, dotenv=None).admin_token == token
+
+
+@pytest.mark.parametrize(("token", "shown"), [(" \t", None), ("two words", "' ' at 3")])
+def test_a_metrics_token_a_header_cannot_carry_is_refused(token: str, shown: str | None) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"COUPON_METRICS_TOKEN": token}, dotenv=None)
+    message = str(caught.value)
+    assert message.startswith("COUPON_METRICS_TOKEN must")
+    assert shown is None or f"(got {shown})" in message
+
+
+def test_the_metrics_token_is_read_from_the_environment() -> None:
+    assert load_settings({}, dotenv=None).metrics_token == ""
+    settings = load_settings({"COUPON_METRICS_TOKEN": "scrape"}, dotenv=None)
+    assert settings.metrics_token == "scrape"

@@ -36,7 +36,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import FileInfo, Message, PathType, Receive, ReceiveMessage, Scope, Send
 
 from coupon.entrypoints.codecs import codecs, compressions
-from coupon.entrypoints.connect_service import CouponService
+from coupon.entrypoints.connect_service import AdminGuard, CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
 from coupon.entrypoints.dashboard import Dashboard, http_error
@@ -196,6 +196,7 @@ class CouponApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics_guard = AdminGuard(settings.metrics_token)
         self.http_limits = HttpLimits(
             max_header_bytes=settings.max_header_bytes,
             max_headers=settings.max_headers,
@@ -413,9 +414,17 @@ async def readyz(state: State, request: Request[Any, Any, Any]) -> ASGIResponse:
 
 
 @get("/metrics", sync_to_thread=False)
-def metrics(state: State) -> Response[bytes]:
+def metrics(state: State, request: Request[Any, Any, Any]) -> Response[bytes]:
     app = state.coupon
     assert isinstance(app, CouponApp)
+    guard = app.metrics_guard
+    if not guard.allows(request.headers.get("authorization", "")):
+        # As Prometheus's scrape config sends it: `authorization: {credentials: <token>}`.
+        return Response(
+            b"/metrics needs the header 'Authorization: Bearer <COUPON_METRICS_TOKEN>'\n",
+            status_code=401,
+            headers={"content-type": "text/plain; charset=utf-8", "www-authenticate": "Bearer"},
+        )
     get_metrics().flush()  # this worker's latest; the others' are at most a second old
     body, content_type = render(app.settings.metrics_dir)
     # As the client library gives it, charset included: given as the media type, Litestar

@@ -56,6 +56,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "coupon"
     admin_token: str = ""
+    # Bearer token /metrics asks for; empty: /metrics is open, for a scraper on the
+    # operator's network.
+    metrics_token: str = ""
     pending_lease_seconds: float = 15.0
     db_pool_size: int = 8
     max_batch: int = 512
@@ -100,9 +103,13 @@ class Settings:
             raise SettingsError(
                 f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})"
             )
-        problem = admin_token_problem(self.admin_token)
-        if problem is not None:
-            raise SettingsError(problem)
+        for name, token in (
+            ("COUPON_ADMIN_TOKEN", self.admin_token),
+            ("COUPON_METRICS_TOKEN", self.metrics_token),
+        ):
+            problem = admin_token_problem(token, name)
+            if problem is not None:
+                raise SettingsError(problem)
         if self.production and not self.admin_token:
             raise SettingsError(
                 "COUPON_ADMIN_TOKEN must be set when APP_ENV=production: the admin RPCs "
@@ -184,22 +191,23 @@ def redacted(url: str) -> str:
     return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
 
 
-def admin_token_problem(token: str) -> str | None:
-    """Why COUPON_ADMIN_TOKEN cannot be sent as `Authorization: Bearer <token>`; None if it
-    can (or is empty: no token). HTTP drops the spaces around a header's value, so a token
+def admin_token_problem(token: str, name: str = "COUPON_ADMIN_TOKEN") -> str | None:
+    """Why the token `name` sets cannot be sent as `Authorization: Bearer <token>`; None if
+    it can (or is empty: no token). HTTP drops the spaces around a header's value, so a token
     of spaces would let `Bearer ` through and one with spaces at its ends could never be
     matched; a browser refuses a header value beyond Latin-1, and a newline ends the header."""
     if not token:
         return None
     if not token.strip():
         return (
-            "COUPON_ADMIN_TOKEN must not be blank (got only whitespace): set a token, "
-            "or leave it empty for none (development only)"
+            f"{name} must not be blank (got only whitespace): set a token, "
+            "or leave it empty for none"
+            + (" (development only)" if name == "COUPON_ADMIN_TOKEN" else "")
         )
     odd = next((c for c in token if not "!" <= c <= "~"), None)
     if odd is not None:
         return (
-            "COUPON_ADMIN_TOKEN must be printable ASCII without spaces, as an HTTP header "
+            f"{name} must be printable ASCII without spaces, as an HTTP header "
             f"carries it (got {odd!r} at {token.index(odd)})"
         )
     return None
@@ -404,6 +412,7 @@ def load_settings(
         redis_url=_redis_url(env),
         redis_prefix=env.get("COUPON_REDIS_PREFIX", "") or DEFAULTS.redis_prefix,
         admin_token=env.get("COUPON_ADMIN_TOKEN", ""),
+        metrics_token=env.get("COUPON_METRICS_TOKEN", ""),
         pending_lease_seconds=_float(
             env, "COUPON_PENDING_LEASE_SECONDS", DEFAULTS.pending_lease_seconds
         ),
