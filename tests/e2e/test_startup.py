@@ -246,6 +246,29 @@ def test_serve_without_postgres_starts_and_is_not_ready_naming_postgres(
     assert status == 0 and "Traceback" not in log, log
 
 
+def test_a_redis_db_beyond_its_databases_is_named_by_readyz(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> None:
+    """Redis's own refusal says what to fix (unlike a driver's message, it names no
+    address), so /readyz shows it."""
+    parts = urlsplit(services.redis_url)
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=closed_port_url(),
+        REDIS_URL=urlunsplit(parts._replace(path="/99")),
+        COUPON_REDIS_PREFIX=redis_prefix,
+    )
+    server = ServerProcess(env=env, log_dir=tmp_path)
+    try:
+        answer = wait_answering(server)
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["redis"] == (
+            "error: ResponseError: DB index is out of range"
+        ), answer.text
+    finally:
+        server.stop()
+
+
 def test_serve_without_redis_starts_and_says_so_in_one_warning_naming_redis(
     tmp_path: Path,
 ) -> None:

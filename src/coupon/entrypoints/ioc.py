@@ -16,6 +16,7 @@ from dishka import (
     make_async_container,
     provide,
 )
+from redis.exceptions import ResponseError as RedisResponseError
 
 from coupon.adapters.memory.live_stats import MemoryLiveStats
 from coupon.adapters.memory.store import (
@@ -185,7 +186,12 @@ class StorageProvider(Provider):
                 )
 
         async def redis() -> None:
-            await answers(client, timeout=1.5)  # within the check's 2 s
+            try:
+                await answers(client, timeout=1.5)  # within the check's 2 s
+            except RedisResponseError as exc:
+                # Redis's own words (a REDIS_DB beyond its databases, a refused password,
+                # a dataset still loading) name no address, and say what to fix.
+                raise NotReady(f"{type(exc).__name__}: {exc}") from exc
 
         return Readiness({"postgres": postgres, "redis": redis})
 
