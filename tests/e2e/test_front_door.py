@@ -622,3 +622,38 @@ async def test_a_header_value_beyond_utf_8_is_served_not_a_fault(server: ServerP
     await asyncio.sleep(0.2)
     log = server.log(tail=10_000_000)
     assert log.count('"level": "error"') == errors_before, log[-3000:]
+
+
+# name -> a request the server refuses (its status), pipelined behind valid ones.
+REFUSED_BEHIND = {
+    "no Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    "HTTP/2.0 request line": (b"GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    "unparsable": (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", 400),
+    "a body over the limit": (
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999\r\n\r\n",
+        413,
+    ),
+}
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["ASGI first", "IssueCoupon first"])
+@pytest.mark.parametrize(("refused", "status"), REFUSED_BEHIND.values(), ids=REFUSED_BEHIND)
+async def test_requests_pipelined_before_a_refused_one_are_answered_first(
+    server: ServerProcess, campaign: str, lane: bool, refused: bytes, status: int
+) -> None:
+    """RFC 9112 §9.3.2: answers go in the order of the requests. The requests before a
+    refused one, in flight or queued, are answered, then the refusal, then the close;
+    before, the refusal was written at once and the earlier answers were lost (an
+    IssueCoupon's coupon committed without an answer)."""
+    user = f"before-{status}-{lane}-{refused[:12].hex()}"
+    first = issue_request(campaign, user) if lane else b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    reader, writer = await open_connection(server.url)
+    writer.write(first + second + refused)
+    answers = [await read_response(reader) for _ in range(3)]
+    writer.close()
+    assert [a.status for a in answers] == [200, 200, status], [a.body for a in answers]
+    assert answers[2].headers["connection"] == "close"
+    assert await closed_by_peer(reader, 5)
+    if lane:
+        assert answers[0].json()["coupon"]["userId"] == user

@@ -18,6 +18,8 @@ Limits (each answered, then the connection closed):
   `keepalive` seconds (longer than common client pools keep theirs, so clients close first
   and never race the server's close; no answer is written that a client could take for
   its next request's).
+A refused request pipelined behind others waits for their answers (RFC 9112 §9.3.2: in
+the order of the requests); nothing more is read meanwhile.
 
 The IssueCoupon lane takes a POST to the IssueCoupon path with a binary or JSON body of a
 declared length, uncompressed, without a deadline header or an Origin (CORS is the ASGI
@@ -32,6 +34,7 @@ the request to the parser instead (see `_lane_at_once`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -219,6 +222,8 @@ class Http1Protocol(HttpToolsProtocol):
         self._receiving_since = 0.0  # loop time of its first byte; 0: not receiving
         self._idle_since = 0.0  # loop time its last answer went out, while idle
         self._draining_until = 0.0  # refused and closing: read and drop until then
+        # A refusal waiting for the answers of the requests before it (RFC 9112 §9.3.2).
+        self._refused: Answer | None = None
         self._held: asyncio.TimerHandle | None = None  # not read from until this fires
         self._drained = 0
         # Shutting down with a request on its way in: it is answered, then closed.
@@ -243,6 +248,8 @@ class Http1Protocol(HttpToolsProtocol):
         # head's callbacks are not the request's.
         self._framing_only = False
         self._began = False  # a request began in the chunk being read
+        # The ASGI cycle of the request being read, once its head is complete.
+        self._own: object = None
 
     # --- connection -----------------------------------------------------------------
 
@@ -318,7 +325,7 @@ class Http1Protocol(HttpToolsProtocol):
             not_logged = _INVALID_REQUESTS.admit()
             if not_logged is not None:
                 self.logger.warning(msg, extra={"same_not_logged": not_logged})
-            self.send_400_response(msg)
+            self._close_with(_INVALID)
         except httptools.HttpParserUpgrade as upgrade:
             self._ignore_upgrade(data[upgrade.args[0] :])
 
@@ -378,6 +385,7 @@ class Http1Protocol(HttpToolsProtocol):
             return
         self._fresh = False
         self._began = True
+        self._own = None
         # uvicorn builds the ASGI scope here; the lane needs none, so it is built only for
         # a request that goes to the ASGI app (see _scope).
         self.url = b""
@@ -471,6 +479,7 @@ class Http1Protocol(HttpToolsProtocol):
             return
         self.scope = self._scope()
         super().on_headers_complete()
+        self._own = self.cycle
         if self._closing and self.cycle is not None:
             self.cycle.keep_alive = False
 
@@ -650,10 +659,17 @@ class Http1Protocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
+        if self._refused is None:
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+        elif self._refused is not None:
+            # Every request before the refused one is answered: its refusal goes now.
+            answer, self._refused = self._refused, None
+            self._draining_until = 0.0
+            self.flow.resume_reading()  # for the lingering close
+            self._close_with(answer)
         else:
             self._idle_since = self.loop.time()
 
@@ -703,7 +719,16 @@ class Http1Protocol(HttpToolsProtocol):
         be read, so the connection cannot carry another."""
         self._in_headers = False
         self._lane = False
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refused is not None:
+            return
+        if self._earlier_unanswered():
+            # Answers go in the order of the requests (RFC 9112 §9.3.2): the refusal waits
+            # for those of the requests before it, in flight or queued. Nothing more is
+            # read; what the parser still holds is dropped.
+            self._refused = answer
+            self._receiving_since = 0.0
+            self._draining_until = math.inf  # never due: the sweeper leaves it be
+            self.flow.pause_reading()
             return
         if _answering(self.cycle):
             # A request in progress learns of it as a disconnect (connection_lost).
@@ -727,10 +752,26 @@ class Http1Protocol(HttpToolsProtocol):
         self._draining_until = self.loop.time() + self.LINGER_SECONDS
         self._drained = 0
 
+    def _earlier_unanswered(self) -> bool:
+        """Whether a request before the one being refused awaits its answer. A queued
+        request (behind one in flight) is one; the refused request's own cycle, queued, is
+        taken off the queue, as it will not run."""
+        own = self._own
+        queued = self.pipeline
+        if own is not None and any(cycle is own for cycle, _ in queued):
+            for entry in [e for e in queued if e[0] is own]:
+                queued.remove(entry)
+            return True
+        cycle = self.cycle
+        return bool(queued) or (
+            cycle is not None and cycle is not own and not cycle.response_complete
+        )
+
     def draining_until(self) -> float:
         return self._draining_until
 
 
+_INVALID: Answer = (400, PLAIN, b"Invalid HTTP request received.", [])
 _NO_HOST: Answer = (400, PLAIN, b"an HTTP/1.1 request needs one Host header", [])
 _HOSTS: Answer = (400, PLAIN, b"a request may have one Host header, no more", [])
 _VERSION: Answer = (505, PLAIN, b"HTTP/1.1 and 1.0 here; HTTP/2 with prior knowledge or TLS", [])
