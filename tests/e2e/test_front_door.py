@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from coupon.gen.coupon.v1 import coupon_pb
@@ -495,6 +496,13 @@ HOST_CASES = {
     "HTTP/1.1 with an empty Host": (b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n", 200),
     "HTTP/1.0 without Host": (b"GET /healthz HTTP/1.0\r\n\r\n", 200),
     "HTTP/1.0 with two Hosts": (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    # Not an authority (RFC 9112 §3.2): the framework would fail to build a URL from it.
+    "a port past 65535": (b"GET /nonexistent HTTP/1.1\r\nHost: a:99999\r\n\r\n", 400),
+    "a URL for a Host": (b"GET /healthz HTTP/1.1\r\nHost: http://a/\r\n\r\n", 400),
+    "a port of letters": (b"GET /dashboard/nope HTTP/1.1\r\nHost: a:b\r\n\r\n", 400),
+    "two hosts in one": (b"GET /healthz HTTP/1.1\r\nHost: a, b\r\n\r\n", 400),
+    "HTTP/1.0 with a bad Host": (b"GET /healthz HTTP/1.0\r\nHost: a b\r\n\r\n", 400),
+    "an IP literal": (b"GET /healthz HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n", 200),
 }
 
 
@@ -657,3 +665,32 @@ async def test_requests_pipelined_before_a_refused_one_are_answered_first(
     assert await closed_by_peer(reader, 5)
     if lane:
         assert answers[0].json()["coupon"]["userId"] == user
+
+
+async def test_an_issue_request_whose_host_is_no_authority_is_refused_and_issues_nothing(
+    server: ServerProcess, campaign: str
+) -> None:
+    """The lane, which reads the fields itself, refuses what the parser refuses."""
+    user = "bad-host-lane"
+    request = issue_request(campaign, user).replace(b"Host: test\r\n", b"Host: a:b\r\n")
+    reader, writer = await open_connection(server.url)
+    writer.write(request)
+    response = await read_response(reader)
+    writer.close()
+    assert response.status == 400 and b"Host" in response.body, response.body
+    async with connect_client(server.url) as client:
+        held = await client.list_user_coupons(coupon_pb.ListUserCouponsRequest(user_id=user))
+    assert not held.coupons
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nonexistent", "/dashboard/nope", "/example/"])
+@pytest.mark.parametrize("authority", ["a:99999", "http://a/", "a:b"])
+def test_an_http2_authority_that_is_no_host_gets_400_not_a_server_error(
+    server: ServerProcess, path: str, authority: str
+) -> None:
+    with httpx.Client(http1=False, http2=True) as client:
+        answer = client.get(f"{server.url}{path}", headers={"host": authority})
+    assert answer.http_version == "HTTP/2"
+    assert answer.status_code == 400, answer.text
+    assert "Host" in answer.text
+    assert "Traceback" not in server.log(tail=200_000)

@@ -43,6 +43,7 @@ from coupon.entrypoints.dashboard import Dashboard, http_error
 from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
 from coupon.entrypoints.grpc_web_text import serve_text, text_media
 from coupon.entrypoints.health import Readiness
+from coupon.entrypoints.http.host import valid_host
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
 from coupon.entrypoints.metrics import get_metrics, render
@@ -263,8 +264,14 @@ class CouponApp:
                 if not await _unknown_grpc_method(scope, receive, send):
                     await reflection(_utf8_headers(scope), receive, send)
                 return
-        if scope["type"] == ScopeType.HTTP and await _unknown_grpc_method(scope, receive, send):
-            return
+        if scope["type"] == ScopeType.HTTP:
+            if await _unknown_grpc_method(scope, receive, send):
+                return
+            if not all(valid_host(v) for n, v in scope["headers"] if n == b"host"):
+                # HTTP/2's :authority (HTTP/1.1's Host is refused at the door, h1.py): the
+                # framework would fail to build the request's URL from it, a 500.
+                await _bad_host(send)
+                return
         await self.web(scope, receive, send)
 
     @staticmethod
@@ -360,6 +367,16 @@ class CouponApp:
             self.connect = None
             self.issue_route = None
             self.fast_issue = None
+
+
+async def _bad_host(send: Send) -> None:
+    body = b"the Host header must be a host and an optional port"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _utf8_headers(scope: Scope) -> Scope:

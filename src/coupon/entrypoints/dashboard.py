@@ -170,7 +170,7 @@ _FRAMEWORK_CODES = {400: "invalid_argument", 401: "unauthenticated", 404: "not_f
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """The app's HTTP errors: under /dashboard/ in the dashboard API's shape (405 with its
     Allow header), Litestar's elsewhere."""
-    path = request.url.path
+    path = request.scope["path"]
     if path != "/dashboard" and not path.startswith("/dashboard/"):
         return create_exception_response(request, exc)
     status = exc.status_code

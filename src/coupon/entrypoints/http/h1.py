@@ -11,8 +11,9 @@ Limits (each answered, then the connection closed):
   read;
 * a request must arrive whole within `request_timeout` of its first byte -> 408: slow
   senders are closed, not held;
-* an HTTP/1.1 request without exactly one Host field, an HTTP/1.0 one with more than one
-  (RFC 9112 §3.2) -> 400; a request line of HTTP/0.9 or HTTP/2.0, which llhttp reads ->
+* an HTTP/1.1 request without exactly one Host field, an HTTP/1.0 one with more than one,
+  a Host that is no authority (RFC 9112 §3.2; http/host.py) -> 400; a request line of
+  HTTP/0.9 or HTTP/2.0, which llhttp reads ->
   505 (HTTP/2 with prior knowledge never reaches this protocol: sniff.py hands it over);
 * idle connections, new ones that have sent nothing included, are closed cleanly after
   `keepalive` seconds (longer than common client pools keep theirs, so clients close first
@@ -55,6 +56,7 @@ from coupon.entrypoints.fast_issue import (
     codec_for,
     other_protocol_version,
 )
+from coupon.entrypoints.http.host import valid_host
 from coupon.entrypoints.http.refusal import PLAIN, body_refusal, declared_size, enveloped, refusal
 from coupon.entrypoints.logs import LogQuota
 
@@ -152,7 +154,7 @@ def _lane_fields(block: bytes) -> LaneFields | None:
         elif name == _REQUEST_ID and not request_id:
             request_id = value.strip(b" \t")
         elif name == _HOST:
-            hosts += 1
+            hosts += 1 if valid_host(value) else 2  # the parser's path refuses it
     if content_type is None or length < 0 or hosts != 1:  # Host: the parser refuses it
         return None
     codec = codec_for(content_type)
@@ -233,6 +235,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._raw_header_bytes = 0  # counted from the bytes received while inside them
         self._header_count = 0
         self._hosts = 0  # Host fields
+        self._bad_host = False  # one of them no authority
         self._too_large = False
         self._lane = False
         self._lane_ok = True
@@ -397,6 +400,7 @@ class Http1Protocol(HttpToolsProtocol):
         self._header_bytes = self._raw_header_bytes = 0
         self._header_count = 0
         self._hosts = 0
+        self._bad_host = False
         self._too_large = False
         self._lane = False
         self._lane_ok = True
@@ -432,6 +436,8 @@ class Http1Protocol(HttpToolsProtocol):
             self._content_length = int(value) if value.isdigit() else -1
         elif name == _HOST:
             self._hosts += 1
+            if not valid_host(value):
+                self._bad_host = True
         elif name == _REQUEST_ID:
             if not self._request_id:
                 self._request_id = value
@@ -454,8 +460,8 @@ class Http1Protocol(HttpToolsProtocol):
             return
         # llhttp reads HTTP/0.9, 1.0, 1.1 and 2.0 request lines (and refuses the others).
         version = self.parser.get_http_version()
-        if version != "1.1" or self._hosts != 1:
-            refused = _unsupported(version, self._hosts)
+        if version != "1.1" or self._hosts != 1 or self._bad_host:
+            refused = _unsupported(version, self._hosts, self._bad_host)
             if refused is not None:
                 self._refuse_malformed(refused)
                 return
@@ -774,18 +780,22 @@ class Http1Protocol(HttpToolsProtocol):
 _INVALID: Answer = (400, PLAIN, b"Invalid HTTP request received.", [])
 _NO_HOST: Answer = (400, PLAIN, b"an HTTP/1.1 request needs one Host header", [])
 _HOSTS: Answer = (400, PLAIN, b"a request may have one Host header, no more", [])
+_BAD_HOST: Answer = (400, PLAIN, b"the Host header must be a host and an optional port", [])
 _VERSION: Answer = (505, PLAIN, b"HTTP/1.1 and 1.0 here; HTTP/2 with prior knowledge or TLS", [])
 
 
-def _unsupported(version: str, hosts: int) -> Answer | None:
+def _unsupported(version: str, hosts: int, bad_host: bool) -> Answer | None:
     """The refusal of a request line's version, or of its Host fields (RFC 9112 §3.2:
-    one in HTTP/1.1, at most one in HTTP/1.0), or None when neither is wrong."""
+    one in HTTP/1.1, at most one in HTTP/1.0, an authority), or None when neither is
+    wrong."""
     if not version.startswith("1."):
         return _VERSION
     if hosts > 1:
         return _HOSTS
     if hosts == 0 and version != "1.0":
         return _NO_HOST
+    if bad_host:
+        return _BAD_HOST
     return None
 
 
