@@ -201,13 +201,13 @@ class AdminGuard:
 
     def allows(self, authorization: str) -> bool:
         """Whether an Authorization header value passes (also for the dashboard's API). The
-        scheme's name is case-insensitive (RFC 9110, 11.1), so it is compared lowered;
-        spaces and tabs around the value are not part of it (RFC 9110, 5.5), though the
-        HTTP/1.1 parser leaves trailing ones in."""
+        scheme's name is case-insensitive (RFC 9110, 11.1), so it is compared lowered, and
+        one or more spaces may follow it (11.4); spaces and tabs around the value are not
+        part of it (RFC 9110, 5.5), though the HTTP/1.1 parser leaves trailing ones in."""
         if not self._expected:
             return True
-        authorization = authorization.strip(" \t")
-        given = authorization[:7].lower() + authorization[7:]
+        scheme, space, credentials = authorization.strip(" \t").partition(" ")
+        given = scheme.lower() + space + credentials.lstrip(" ")
         # Constant time, so the comparison does not leak how much of a guess was right.
         return hmac.compare_digest(given.encode(), self._expected)
 
