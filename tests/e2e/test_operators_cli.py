@@ -627,6 +627,7 @@ def test_a_service_that_never_answers_is_given_up_on_after_the_timeout(
     ("given", "name", "got"),
     [
         (["--timeout", "0"], "--timeout", "0"),
+        (["--timeout", "0.0001"], "--timeout", "0.0001"),
         (["--timeout", "nan"], "--timeout", "nan"),
         (["list", "--timeout", "soon"], "--timeout", "soon"),
         ([], "COUPON_TIMEOUT", "-1"),
@@ -641,7 +642,7 @@ def test_a_bad_timeout_is_one_line_and_exit_2(
     result = command(env, None, "campaigns", *args)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
-        f"coupon: {name} must be a number of seconds above 0 and at most 3600 (got {got!r})\n"
+        f"coupon: {name} must be a number of seconds from 0.001 to 3600 (got {got!r})\n"
     )
 
 
@@ -895,6 +896,11 @@ def test_without_coupon_url_the_client_calls_the_port_serve_listens_on(
     (tmp_path / ".env").write_text(f"PORT={port}\nCOUPON_URL=http://127.0.0.1:1\n")
     refused = command(env, tmp_path, "campaigns", "list")
     assert refused.returncode == 1 and "http://127.0.0.1:1" in refused.stderr, refused.stderr
+    # A PORT serve would refuse is said to be wrong, not replaced by 8000.
+    (tmp_path / ".env").write_text(f"PORT={port}#x\n")
+    bad = command(env, tmp_path, "campaigns", "list")
+    assert (bad.returncode, bad.stdout) == (2, ""), bad.stderr
+    assert bad.stderr.startswith(f"coupon: PORT must be a port number, 1 to 65535 (got '{port}#x')")
 
 
 def test_json_is_read_before_or_after_the_action_and_refused_for_export(

@@ -328,10 +328,7 @@ def test_a_redis_prefix_with_a_brace_is_refused(prefix: str) -> None:
         ({"PORT": "9000"}, "http://127.0.0.1:9000"),
         ({"PORT": " 9000 "}, "http://127.0.0.1:9000"),
         ({"PORT": "9000", "COUPON_URL": "http://service:8080"}, "http://service:8080"),
-        # A PORT the server refuses to start on names no server of this machine.
-        ({"PORT": "99999"}, "http://127.0.0.1:8000"),
-        ({"PORT": "0"}, "http://127.0.0.1:8000"),
-        ({"PORT": "eighty"}, "http://127.0.0.1:8000"),
+        ({"PORT": "eighty", "COUPON_URL": "http://service:8080"}, "http://service:8080"),
     ],
 )
 def test_clients_call_coupon_url_else_the_port_serve_listens_on(
@@ -367,3 +364,16 @@ def test_the_metrics_token_is_read_from_the_environment() -> None:
     assert load_settings({}, dotenv=None).metrics_token == ""
     settings = load_settings({"COUPON_METRICS_TOKEN": "scrape"}, dotenv=None)
     assert settings.metrics_token == "scrape"
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "eighty", "18900#x"])
+def test_a_port_serve_would_refuse_is_no_default_for_its_clients(port: str) -> None:
+    """Calling port 8000 instead could reach another service, or another deployment."""
+    with pytest.raises(SettingsError, match=rf"^PORT must be a port number.*\(got '{port}'\)"):
+        client_url({"PORT": port})
+
+
+def test_a_dotenv_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    source = tmp_path / ".env"
+    source.write_bytes("\ufeffPORT=9000\n".encode())
+    assert read_dotenv(source) == {"PORT": "9000"}

@@ -291,7 +291,11 @@ def config_from_args(
     env = os.environ if environ is None else environ
     problems: list[str] = _misplaced(args)
     # As the operators' command line: the option, else COUPON_URL, else the default.
-    url = args.url or client_url(env)
+    try:
+        url = args.url or client_url(env)
+    except SettingsError as exc:
+        problems.append(str(exc))
+        url = ""
     if args.coupons < 1 and args.campaign_id is None:
         problems.append("--coupons must be at least 1")
     if args.users < 1:

@@ -33,7 +33,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
 from coupon.entrypoints.reach import cannot_reach, unreachable
-from coupon.entrypoints.settings import admin_token_problem, client_url
+from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -52,6 +52,7 @@ CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
 # call's answer, sent as its connect-timeout-ms; for the export's stream, for each read.
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 3_600.0
+MIN_TIMEOUT_SECONDS = 0.001
 # `list`'s table: ENDS is the scheduled end (ends_at), ENDED when EndCampaign ended it.
 LIST_COLUMNS = ("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED")
 
@@ -152,10 +153,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
-    url = (args.url or client_url(env)).rstrip("/")
     files = Unfinished()
+    url = args.url or ""
     try:
-        _check_url(url)
+        if args.url:
+            _check_url(url, "--url")
+        else:
+            try:
+                url = client_url(env)
+            except SettingsError as exc:
+                raise UsageError(str(exc)) from None
+            _check_url(url, "COUPON_URL")
+        url = url.rstrip("/")
         timeout = _timeout(args.timeout, env.get("COUPON_TIMEOUT", ""))
         token = env.get("COUPON_ADMIN_TOKEN", "")
         problem = admin_token_problem(token)
@@ -260,7 +269,8 @@ def interruptible(work: Callable[[], None]) -> None:
 
 
 def _timeout(option: str | None, variable: str) -> float:
-    """--timeout, else $COUPON_TIMEOUT, else the default: seconds above 0, at most an hour."""
+    """--timeout, else $COUPON_TIMEOUT, else the default: seconds, from a millisecond (the
+    deadline sent to the service counts whole milliseconds) to an hour."""
     name, text = ("--timeout", option) if option is not None else ("COUPON_TIMEOUT", variable)
     if text == "":
         return DEFAULT_TIMEOUT_SECONDS
@@ -269,24 +279,25 @@ def _timeout(option: str | None, variable: str) -> float:
     except ValueError:
         seconds = math.nan
     # nan passes every comparison's negation: finite first.
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_SECONDS):
+    if not (math.isfinite(seconds) and MIN_TIMEOUT_SECONDS <= seconds <= MAX_TIMEOUT_SECONDS):
         raise UsageError(
-            f"{name} must be a number of seconds above 0 and at most "
+            f"{name} must be a number of seconds from {MIN_TIMEOUT_SECONDS:g} to "
             f"{MAX_TIMEOUT_SECONDS:g} (got {text!r})"
         )
     return seconds
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, name: str) -> None:
+    """`name`: where the URL came from (--url, COUPON_URL), as the message names it."""
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--url must start with http:// or https:// (got {url!r})")
+        raise UsageError(f"{name} must start with http:// or https:// (got {url!r})")
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - parsing it is the check
     except ValueError:
-        raise UsageError(f"--url has no valid port: 1 to 65535 (got {url!r})") from None
+        raise UsageError(f"{name} has no valid port: 1 to 65535 (got {url!r})") from None
     if not parts.hostname:
-        raise UsageError(f"--url names no host (got {url!r})")
+        raise UsageError(f"{name} names no host (got {url!r})")
 
 
 class Call:

@@ -223,12 +223,20 @@ def _is_port(text: str) -> bool:
 def client_url(env: Mapping[str, str]) -> str:
     """Where the service's clients (`coupon campaigns`, the load tool) call when not told:
     COUPON_URL, else this machine at the PORT `coupon serve` listens on, read from the same
-    environment and .env, else port 8000. A PORT the server would refuse is not used."""
+    environment and .env, else port 8000. A PORT the server would refuse is a SettingsError."""
     url = env.get("COUPON_URL", "")
     if url:
         return url
     port = env.get("PORT", "").strip()
-    return f"http://127.0.0.1:{int(port) if _is_port(port) else DEFAULTS.port}"
+    if not port:
+        return f"http://127.0.0.1:{DEFAULTS.port}"
+    if not _is_port(port):
+        # Calling port 8000 instead could reach another service, or another deployment.
+        raise SettingsError(
+            f"PORT must be a port number, 1 to 65535 (got {port!r}): the port coupon serve "
+            "listens on, which its clients call when COUPON_URL is not set"
+        )
+    return f"http://127.0.0.1:{int(port)}"
 
 
 def _url_scheme(name: str, url: str) -> str:
@@ -260,7 +268,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
