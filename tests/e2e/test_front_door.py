@@ -1,6 +1,7 @@
 """The HTTP/1.1 front door against hostile connections, over real sockets to a real server:
 oversized or endless headers, bodies over the limit, senders that never finish, thousands
-of them at once; and a keep-alive connection a client leaves idle."""
+of them at once, clients that do not read their answers; and a keep-alive connection a
+client leaves idle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import contextlib
 import math
 import resource
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -694,3 +697,112 @@ def test_an_http2_authority_that_is_no_host_gets_400_not_a_server_error(
     assert answer.status_code == 400, answer.text
     assert "Host" in answer.text
     assert "Traceback" not in server.log(tail=200_000)
+
+
+SCRIPT = b"GET /dashboard/dashboard.js HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The socket's TCP state, from TCP_INFO (1: established)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def small_window_socket() -> socket.socket:
+    """A client socket whose receive buffer is small: what it does not read soon fills the
+    server's buffers rather than its own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def script_size(server: ServerProcess) -> int:
+    reader, writer = await open_connection(server.url)
+    writer.write(SCRIPT)
+    response = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert response.status == 200
+    return len(response.body)
+
+
+async def serves_meanwhile(server: ServerProcess, campaign: str, seconds: float) -> None:
+    """Calls on another connection are answered while one is stuck."""
+    until = time.monotonic() + seconds
+    reader, writer = await open_connection(server.url)
+    try:
+        while time.monotonic() < until:
+            writer.write(issue_request(campaign, f"meanwhile-{uuid.uuid4().hex}"))
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 200, response
+            await asyncio.sleep(0.2)
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_never_reads_its_answers_is_reset(
+    server: ServerProcess, campaign: str
+) -> None:
+    """A client that pipelines requests for large answers and never reads its socket fills
+    the server's buffers: the connection is reset once the server has written nothing to it
+    for COUPON_REQUEST_TIMEOUT_SECONDS, rather than held with its answers and its handler,
+    and other clients are served meanwhile and after. The coupon its first request was
+    issued stays issued: the retry gets it back."""
+    # About 27 MB of answers: more than the kernel buffers on the way (the server's send
+    # buffer grows to net.ipv4.tcp_wmem's maximum), so that the server's own fills.
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    if wmem_max > 16 * 1024 * 1024:
+        pytest.skip(f"TCP send buffers of up to {wmem_max} bytes would take it all")
+    count = 27_000_000 // await script_size(server) + 1
+    user = f"never-reads-{uuid.uuid4().hex}"
+    loop = asyncio.get_running_loop()
+    sock = small_window_socket()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        sending = asyncio.ensure_future(
+            loop.sock_sendall(sock, issue_request(campaign, user) + SCRIPT * count)
+        )
+        # Never read from here on.
+        await serves_meanwhile(server, campaign, REQUEST_TIMEOUT + 1)
+        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 20
+        while tcp_state(sock) == 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert tcp_state(sock) != 1, "the server still holds the connection"
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(sending, 5)
+    finally:
+        sock.close()
+    await serves_meanwhile(server, campaign, 0.5)
+    reader, writer = await open_connection(server.url)
+    writer.write(issue_request(campaign, user))
+    retry = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert retry.status == 200, retry
+    assert retry.json().get("alreadyIssued") is True, retry.json()
+    assert "Traceback" not in server.log()
+
+
+async def test_a_slow_reader_that_keeps_reading_gets_every_answer(
+    server: ServerProcess,
+) -> None:
+    """The send time-out counts from the last time the client drained anything, not from
+    the answer's start: a client reading a little at a time, each step within the
+    time-out, gets everything, though it takes several time-outs in all."""
+    size = await script_size(server)
+    count = 6_000_000 // size + 1
+    loop = asyncio.get_running_loop()
+    sock = small_window_socket()
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    # A small stream buffer: the reader takes from the socket only what it reads.
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16_384)
+    try:
+        started = time.monotonic()
+        writer.write(SCRIPT * count)
+        for i in range(count):
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 200 and len(response.body) == size
+            if i % 25 == 24:  # about 250 KB, then half the time-out: a wide margin
+                await asyncio.sleep(REQUEST_TIMEOUT / 2)
+        elapsed = time.monotonic() - started
+    finally:
+        writer.close()
+    assert elapsed > 2 * REQUEST_TIMEOUT

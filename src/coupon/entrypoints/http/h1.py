@@ -1,7 +1,7 @@
 """The HTTP/1.1 front door: uvicorn's httptools protocol, with limits against hostile
 clients and a lane that answers IssueCoupon's common request without an ASGI cycle.
 
-Limits (each answered, then the connection closed):
+Limits (each answered, then the connection closed; but the send time-out, which resets it):
 * headers: at most `max_headers` fields and `max_header_bytes` bytes (request line
   included) -> `resource_exhausted` in the caller's protocol on the API's paths, 431
   elsewhere (http/refusal.py); counted as they arrive, so a header trickled forever holds
@@ -15,6 +15,15 @@ Limits (each answered, then the connection closed):
   a Host that is no authority (RFC 9112 §3.2; http/host.py) -> 400; a request line of
   HTTP/0.9 or HTTP/2.0, which llhttp reads ->
   505 (HTTP/2 with prior knowledge never reaches this protocol: sniff.py hands it over);
+* answers the client does not read (the send time-out): while the transport is paused
+  (its buffer over the high-water mark, a handler waiting in uvicorn's drain), a watch
+  looks at what is still unsent, the transport's buffer and the kernel's send queue; when
+  nothing of it has gone for `request_timeout`, the connection is reset (SO_LINGER 0, then
+  abort: a close would leave the kernel holding bytes the client never takes) and the
+  handlers waiting on it are told of a lost client, so they run to their end writing
+  nothing more (an IssueCoupon that committed stays committed). Any byte taken restarts
+  the clock: a slow reader that keeps reading is never cut off. The watch exists only
+  while the transport is paused, so requests pay nothing for it;
 * idle connections, new ones that have sent nothing included, are closed cleanly after
   `keepalive` seconds (longer than common client pools keep theirs, so clients close first
   and never race the server's close; no answer is written that a client could take for
@@ -35,7 +44,12 @@ the request to the parser instead (see `_lane_at_once`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import math
+import socket
+import struct
+import termios
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -163,6 +177,10 @@ def _lane_fields(block: bytes) -> LaneFields | None:
     return codec, length, keep_alive, len(lines), request_id
 
 
+# The second look of the send time-out's watch, this long after the first found it past.
+_OVERDUE_GRACE = 0.05
+
+
 class Limits(Protocol):
     """What the protocol reads from the app's settings."""
 
@@ -253,6 +271,14 @@ class Http1Protocol(HttpToolsProtocol):
         self._began = False  # a request began in the chunk being read
         # The ASGI cycle of the request being read, once its head is complete.
         self._own: object = None
+        # While the transport is paused (its buffer over the high-water mark): the watch
+        # on its draining, the buffer's size when last looked at, and the loop time it
+        # last shrank (see _watch_writes).
+        self._write_watch: asyncio.TimerHandle | None = None
+        self._running: RequestResponseCycle | None = None  # the ASGI cycle last started
+        self._buffered = 0
+        self._sent_at = 0.0
+        self._overdue = False
 
     # --- connection -----------------------------------------------------------------
 
@@ -282,10 +308,93 @@ class Http1Protocol(HttpToolsProtocol):
         if self._held is not None:
             self._held.cancel()
             self._held = None
+        self._unwatch_writes()
         cycle = self.cycle
         if isinstance(cycle, _LaneCycle):
             self.cycle = None  # type: ignore[assignment]
         super().connection_lost(exc)
+
+    # --- the send time-out: a client that does not read its answers ---------------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is over its high-water mark: whoever writes next waits
+        for it to drain (uvicorn's FlowControl), and a watch starts on its draining."""
+        super().pause_writing()
+        if self._write_watch is None and not self.transport.is_closing():
+            self._sent_at = self.loop.time()
+            self._buffered = self._unsent()
+            self._overdue = False
+            self._write_watch = self.loop.call_later(self._watch_period(), self._watch_writes)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch_writes()
+
+    def _unwatch_writes(self) -> None:
+        if self._write_watch is not None:
+            self._write_watch.cancel()
+            self._write_watch = None
+
+    def _watch_period(self) -> float:
+        return min(1.0, self._request_timeout / 4)
+
+    def _unsent(self) -> int:
+        """The bytes written and not yet taken by the client: the transport's buffer and
+        the kernel's send queue (the kernel tells the transport there is room only once a
+        good part of its queue has gone, so the transport's buffer alone would stand still
+        for a while under a client that reads steadily but slowly)."""
+        size = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                size += struct.unpack("i", queued)[0]
+        return size
+
+    def _watch_writes(self) -> None:
+        """While the transport is paused: a buffer that shrank is progress; one that has
+        not for the request time-out (found so on two looks, a moment apart, so that a loop
+        that was late does not count against the client) resets the connection."""
+        self._write_watch = None
+        transport = self.transport
+        if not self.flow.write_paused or transport.is_closing():
+            return
+        now = self.loop.time()
+        buffered = self._unsent()
+        if buffered < self._buffered:
+            self._sent_at = now
+        self._buffered = buffered
+        if now - self._sent_at < self._request_timeout:
+            self._overdue = False
+            self._write_watch = self.loop.call_later(self._watch_period(), self._watch_writes)
+            return
+        if not self._overdue:
+            self._overdue = True
+            self._write_watch = self.loop.call_later(_OVERDUE_GRACE, self._watch_writes)
+            return
+        self.logger.debug("HTTP/1.1 connection from %s: nothing written to it in time", self.client)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Reset rather than closed: a close would leave the kernel holding the unsent
+            # bytes (and the client its connection) until they drain, which they never do.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._idle_since = self._receiving_since = 0.0
+        transport.abort()
+        # The handler waiting in drain returns now, as from a lost client (it runs to its
+        # end, sending nothing more: a coupon it issued stays issued); the requests queued
+        # behind it are never started.
+        for cycle in (self._running, self.cycle, *(queued for queued, _ in self.pipeline)):
+            if isinstance(cycle, RequestResponseCycle) and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
+        self.flow.resume_writing()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Remembered: with requests pipelined behind it, `self.cycle` is the last queued.
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self._draining_until:
