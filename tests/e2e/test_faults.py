@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import time
@@ -14,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -410,6 +412,64 @@ async def test_a_request_on_its_way_in_at_sigterm_is_answered_then_closed(
         for user, (reader, writer) in connections.items():
             writer.write(raws[user][cuts[user] :])
             await writer.drain()
+            answers[user] = await asyncio.wait_for(read_response(reader), 10)
+            assert await closed_by_peer(reader, 5), user
+            writer.close()
+        code = server.process.wait(30)
+    finally:
+        server.stop()
+    stored = await db_coupons(pg_pool, campaign_id)
+    for user, answer in answers.items():
+        assert answer.status == 200, (user, answer.body)
+        assert answer.headers.get("connection") == "close", (user, answer.headers)
+        assert answer.json()["coupon"]["code"] == stored[user]  # type: ignore[index]
+    assert code == 0
+
+
+async def stopped(pid: int) -> None:
+    """Until the process is stopped (SIGSTOP takes effect when it is next scheduled)."""
+    deadline = time.monotonic() + 10
+    # The state follows the command's closing parenthesis in /proc/PID/stat.
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, f"{pid} not stopped"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_request_arrived_on_an_idle_connection_at_sigterm_is_answered_then_closed(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """A request whose bytes reached the server, but not yet its reading, when the graceful
+    shutdown closes idle connections is served all the same, with `Connection: close`: on
+    a keep-alive connection between requests, and on a new one before its first request.
+    (The server is stopped while the bytes arrive and the signal comes, so that the
+    shutdown finds them unread.)"""
+    server = ServerProcess(env=server_env)
+    server.wait_ready()
+    try:
+        async with connect_client(server.url) as client:
+            campaign_id = await create(client, 10)
+        reused = await open_connection(server.url)
+        reused[1].write(issue_request(campaign_id, "before"))
+        assert (await asyncio.wait_for(read_response(reused[0]), 10)).status == 200
+        fresh = await open_connection(server.url)
+        connections = {"reused": reused, "fresh": fresh}
+        await asyncio.sleep(0.5)  # both accepted, both idle
+        workers = server.worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for pid in workers:
+                await stopped(pid)
+            for user, (_, writer) in connections.items():
+                writer.write(issue_request(campaign_id, user))
+                await writer.drain()
+            server.signal(signal.SIGTERM)
+            await asyncio.sleep(1.5)  # passed on to the workers, if others serve
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        answers = {}
+        for user, (reader, writer) in connections.items():
             answers[user] = await asyncio.wait_for(read_response(reader), 10)
             assert await closed_by_peer(reader, 5), user
             writer.close()

@@ -31,6 +31,10 @@ Limits (each answered, then the connection closed; but the send time-out, which 
 A refused request pipelined behind others waits for their answers (RFC 9112 §9.3.2: in
 the order of the requests); nothing more is read meanwhile.
 
+Graceful shutdown (`shutdown`): an idle connection is closed, unless a request's bytes have
+reached it (read in part, or still in the kernel): that request is read and answered with
+`Connection: close` first. An answer in flight is the connection's last (uvicorn's way).
+
 The IssueCoupon lane takes a POST to the IssueCoupon path with a binary or JSON body of a
 declared length, uncompressed, without a deadline header or an Origin (CORS is the ASGI
 app's), when nothing else is in flight on the connection. It hands the body to the
@@ -291,18 +295,33 @@ class Http1Protocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """A graceful shutdown. A request on its way in (its head or its body partly
-        received) is still read and answered, with `Connection: close`, rather than its
-        connection cut: its client could not tell whether it was served. Otherwise as
-        uvicorn does it: an idle connection is closed, an answer on its way is the last."""
+        received, or its first bytes arrived and not yet read) is still read and answered,
+        with `Connection: close`, rather than its connection cut: its client could not tell
+        whether it was served. Otherwise as uvicorn does it: an idle connection is closed,
+        an answer on its way is the last (`Connection: close`)."""
         cycle = self.cycle
         if (
-            self._receiving_since
-            and not self._draining_until
+            not self._draining_until
             and (cycle is None or cycle.response_complete)
+            and (self._receiving_since or unread_bytes(self.transport))
         ):
-            self._closing = True
+            self.close_after_next()
             return
         super().shutdown()
+
+    def close_after_next(self) -> None:
+        """Shutting down with a request's bytes here: it is read (within the request
+        time-out, else 408) and answered with `Connection: close`, then the connection is
+        closed."""
+        self._closing = True
+        self._fresh = False  # the parser reads it, and its answer honours _closing
+        self._idle_since = 0.0
+        if not self._receiving_since:
+            self._receiving_since = self.loop.time()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._held is not None:
@@ -906,6 +925,18 @@ def _unsupported(version: str, hosts: int, bad_host: bool) -> Answer | None:
     if bad_host:
         return _BAD_HOST
     return None
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """The bytes that have arrived on the transport's socket and are not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[
+                0
+            ]
+            return size
+    return 0
 
 
 def front_app(app: object) -> object:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from coupon.entrypoints.http.h1 import Http1Protocol, front_app, limits_of
+from coupon.entrypoints.http.h1 import Http1Protocol, front_app, limits_of, unread_bytes
 from coupon.entrypoints.http.h2 import H2Protocol
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -48,6 +48,9 @@ class AutoProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.idle: asyncio.TimerHandle | None = None
+        # Shut down with a request's first bytes here or arrived: the protocol chosen for
+        # them answers that request, then closes.
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -108,8 +111,21 @@ class AutoProtocol(asyncio.Protocol):
         self._release()
 
     def shutdown(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """An idle connection is closed; one whose first bytes have arrived (read, or still
+        in the kernel) is handed over as they come, and its request answered, then closed."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not self.buffer and not unread_bytes(transport):
+            transport.close()
+            return
+        self.closing = True
+        if not self.buffer:
+            # Bounded as a request begun: the rest must come within the request time-out.
+            if self.idle is not None:
+                self.idle.cancel()
+            limits = limits_of(front_app(self.config.loaded_app))
+            self.idle = self.loop.call_later(limits.request_timeout_seconds, self._late)
 
     def _release(self) -> None:
         self.server_state.connections.discard(self)
@@ -127,7 +143,11 @@ class AutoProtocol(asyncio.Protocol):
         )
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
+        if self.closing and isinstance(protocol, Http1Protocol):
+            protocol.close_after_next()
         if replay:
             protocol.data_received(replay)
         self.buffer = b""
+        if self.closing and isinstance(protocol, H2Protocol):
+            protocol.shutdown()  # a GOAWAY: the streams already opened are answered
         return protocol
