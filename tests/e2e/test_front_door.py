@@ -806,3 +806,41 @@ async def test_a_slow_reader_that_keeps_reading_gets_every_answer(
     finally:
         writer.close()
     assert elapsed > 2 * REQUEST_TIMEOUT
+
+
+async def test_a_client_that_pipelines_issues_and_never_reads_is_reset(
+    server: ServerProcess, campaign: str
+) -> None:
+    """IssueCoupon's lane writes each answer as its request is read: a client that
+    pipelines them by the thousand and never reads fills the server's buffers all the same,
+    and is reset once nothing has been written to it for COUPON_REQUEST_TIMEOUT_SECONDS."""
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    if wmem_max > 16 * 1024 * 1024:
+        pytest.skip(f"TCP send buffers of up to {wmem_max} bytes would take it all")
+    user = f"pipelines-{uuid.uuid4().hex}"
+    reader, writer = await open_connection(server.url)
+    writer.write(issue_request(campaign, user))
+    answer = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert answer.status == 200, answer
+    # The same user again and again: each answer the coupon issued, `alreadyIssued`.
+    count = 3 * wmem_max // len(answer.body) + 1
+    loop = asyncio.get_running_loop()
+    sock = small_window_socket()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        sending = asyncio.ensure_future(
+            loop.sock_sendall(sock, issue_request(campaign, user) * count)
+        )
+        # Never read from here on.
+        await serves_meanwhile(server, campaign, REQUEST_TIMEOUT + 1)
+        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 30
+        while tcp_state(sock) == 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert tcp_state(sock) != 1, "the server still holds the connection"
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(sending, 5)
+    finally:
+        sock.close()
+    await serves_meanwhile(server, campaign, 0.5)
+    assert "Traceback" not in server.log()
