@@ -932,9 +932,8 @@ def unread_bytes(transport: asyncio.BaseTransport) -> int:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
-            size: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[
-                0
-            ]
+            unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            size: int = struct.unpack("i", unread)[0]
             return size
     return 0
 
