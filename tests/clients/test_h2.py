@@ -922,6 +922,203 @@ def test_a_header_list_over_the_hard_limit_ends_the_connection(server: ServerPro
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
+def lenient(client: H2Client) -> H2Client:
+    """The client's h2 sends header lists as given: neither lower-cased, trimmed nor
+    checked, so that a malformed one reaches the server."""
+    client.conn.config.validate_outbound_headers = False
+    client.conn.config.normalize_outbound_headers = False
+    return client
+
+
+def without(headers: list[tuple[bytes, bytes]], name: bytes) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in headers if n != name]
+
+
+def get_campaign_headers(*extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return grpc_headers("GetCampaign", (b"te", b"trailers"), *extra)
+
+
+GOOD_REQUEST = get_campaign_headers()
+# Header lists that make a request malformed (RFC 9113, 8.1.1, 8.2.1, 8.2.2, 8.3.1).
+MALFORMED: dict[str, list[tuple[bytes, bytes]]] = {
+    "upper-case name": get_campaign_headers((b"X-Upper", b"1")),
+    "space in a name": get_campaign_headers((b"x upper", b"1")),
+    "colon in a name": get_campaign_headers((b"x:upper", b"1")),
+    "non-ASCII name": get_campaign_headers(("x-ünicode".encode(), b"1")),
+    "connection": get_campaign_headers((b"connection", b"keep-alive")),
+    "keep-alive": get_campaign_headers((b"keep-alive", b"timeout=5")),
+    "proxy-connection": get_campaign_headers((b"proxy-connection", b"keep-alive")),
+    "transfer-encoding": get_campaign_headers((b"transfer-encoding", b"chunked")),
+    "upgrade": get_campaign_headers((b"upgrade", b"h2c")),
+    "te other than trailers": grpc_headers("GetCampaign", (b"te", b"gzip")),
+    "NUL in a value": get_campaign_headers((b"x-bad", b"a\x00b")),
+    "CR in a value": get_campaign_headers((b"x-bad", b"a\rb")),
+    "LF in a value": get_campaign_headers((b"x-bad", b"a\nb")),
+    "no :method": without(GOOD_REQUEST, b":method"),
+    "no :path": without(GOOD_REQUEST, b":path"),
+    "no :scheme": without(GOOD_REQUEST, b":scheme"),
+    "unknown pseudo-header": [(b":custom", b"1"), *GOOD_REQUEST],
+    ":status in a request": [(b":status", b"200"), *GOOD_REQUEST],
+    "pseudo-header after a regular field": [
+        *without(GOOD_REQUEST, b":path"),
+        (b":path", (SERVICE + "GetCampaign").encode()),
+    ],
+    "two :path": [(b":path", (SERVICE + "GetCampaign").encode()), *GOOD_REQUEST],
+    "host other than :authority": get_campaign_headers((b"host", b"elsewhere")),
+}
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["body-to-follow", "ended"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_header_list_resets_its_stream_alone(
+    server: ServerProcess, case: str, ended: bool
+) -> None:
+    """RST_STREAM PROTOCOL_ERROR on that stream (a stream error, RFC 9113, 8.1.1), not a
+    GOAWAY: the request open beside it is answered, and so is the next one. A body sent
+    after the headers, which nobody reads, gives its window back."""
+    client = lenient(H2Client(server.port))
+    try:
+        campaign_id = create_campaign(client, total=1)
+        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        # Open, its body not yet sent, while the malformed request comes and goes.
+        beside = client.start("GetCampaign", end=False)
+        bad = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(bad, MALFORMED[case], end_stream=ended)
+        client.responses[bad] = Response()
+        if not ended:
+            client.conn.send_data(bad, b"x" * 16_000, end_stream=True)
+        client.flush()
+        [refused] = client.wait(bad)
+        client.send(beside, body, end=True)
+        [answered] = client.wait(beside)
+        after = client.call(
+            "GetCampaign",
+            coupon_pb.GetCampaignRequest(campaign_id=campaign_id),
+            coupon_pb.GetCampaignResponse,
+        )
+    finally:
+        client.close()
+    assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
+    assert answered.grpc_status == b"0", answered
+    assert grpc_message(answered.body, coupon_pb.GetCampaignResponse).campaign is not None
+    assert after.campaign is not None and after.campaign.id == campaign_id
+    assert client.goaway is None
+
+
+MALFORMED_TRAILERS: dict[str, list[tuple[bytes, bytes]]] = {
+    "pseudo-header": [(b":path", b"/")],
+    "upper-case name": [(b"X-Upper", b"1")],
+    "connection": [(b"connection", b"close")],
+    "LF in a value": [(b"x-bad", b"a\nb")],
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_TRAILERS))
+def test_malformed_trailers_reset_their_stream_alone(server: ServerProcess, case: str) -> None:
+    """A request whose trailer section is malformed is malformed too: its stream is reset
+    (PROTOCOL_ERROR), unanswered; the connection and its other streams go on."""
+    client = lenient(H2Client(server.port))
+    try:
+        campaign_id = create_campaign(client, total=1)
+        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        beside = client.start("GetCampaign", end=False)
+        bad = client.start("GetCampaign", body, end=False)
+        client.conn.send_headers(bad, MALFORMED_TRAILERS[case], end_stream=True)
+        client.flush()
+        [refused] = client.wait(bad)
+        client.send(beside, body, end=True)
+        [answered] = client.wait(beside)
+        after = client.call(
+            "GetCampaign",
+            coupon_pb.GetCampaignRequest(campaign_id=campaign_id),
+            coupon_pb.GetCampaignResponse,
+        )
+    finally:
+        client.close()
+    assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
+    assert answered.grpc_status == b"0", answered
+    assert after.campaign is not None and after.campaign.id == campaign_id
+    assert client.goaway is None
+
+
+def test_well_formed_trailers_end_the_request(server: ServerProcess) -> None:
+    client = lenient(H2Client(server.port))
+    try:
+        campaign_id = create_campaign(client, total=1)
+        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        stream_id = client.start("GetCampaign", body, end=False)
+        client.conn.send_headers(stream_id, [(b"x-checksum", b"1")], end_stream=True)
+        client.flush()
+        [response] = client.wait(stream_id)
+    finally:
+        client.close()
+    assert response.grpc_status == b"0", response
+
+
+ADMIN_TOKEN = "h2-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path_factory.mktemp("h2-guarded"), COUPON_ADMIN_TOKEN=ADMIN_TOKEN)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def admin_call(
+    client: H2Client, rpc: str, request: object, *extra: tuple[bytes, bytes]
+) -> Response:
+    stream_id = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(stream_id, grpc_headers(rpc, (b"te", b"trailers"), *extra))
+    client.conn.send_data(stream_id, grpc_frame(request), end_stream=True)
+    client.responses[stream_id] = Response()
+    client.flush()
+    [response] = client.wait(stream_id)
+    return response
+
+
+@pytest.mark.parametrize("padding", [b" ", b"\t", b" \t ", b"  "])
+def test_whitespace_around_a_value_is_not_part_of_it(
+    guarded: ServerProcess, padding: bytes
+) -> None:
+    """As over HTTP/1.1 (RFC 9110, 5.5): the admin token and the deadline are read without
+    it, not refused as malformed."""
+    token = b"Bearer " + ADMIN_TOKEN.encode()
+    client = lenient(H2Client(guarded.port))
+    try:
+        made = admin_call(
+            client,
+            "CreateCampaign",
+            coupon_pb.CreateCampaignRequest(name="h2", total_coupons=1, starts_at=in_seconds(-60)),
+            (b"authorization", token),
+        )
+        assert made.grpc_status == b"0", made
+        created = grpc_message(made.body, coupon_pb.CreateCampaignResponse).campaign
+        assert created is not None
+        got = admin_call(
+            client,
+            "GetCampaign",
+            coupon_pb.GetCampaignRequest(campaign_id=created.id),
+            (b"authorization", padding + token + padding),
+            (b"grpc-timeout", padding + b"5S" + padding),
+        )
+        wrong = admin_call(
+            client,
+            "GetCampaign",
+            coupon_pb.GetCampaignRequest(campaign_id=created.id),
+            (b"authorization", padding + token + b"x" + padding),
+        )
+    finally:
+        client.close()
+    assert got.grpc_status == b"0", got
+    campaign = grpc_message(got.body, coupon_pb.GetCampaignResponse).campaign
+    assert campaign is not None and campaign.id == created.id
+    assert wrong.grpc_status == b"16", wrong  # unauthenticated: the token is still checked
+    assert client.goaway is None
+
+
 def test_http1_and_http2_are_told_apart_from_bytes_in_pieces(server: ServerProcess) -> None:
     # HTTP/2: the preface three bytes at a time.
     client = H2Client(server.port, dribble=3)

@@ -32,6 +32,13 @@ drains, so the GOAWAY reaches it only if there was room). Progress restarts eith
 a byte of the response sent, the paused transport's buffer shrinking. A connection left
 with no stream goes back to its idle timer.
 
+A malformed request (RFC 9113, 8.1.1: a field name or value HTTP/2 forbids, a
+connection-specific field, a pseudo-header missing, repeated, unknown or misplaced, or such
+a trailer section) is a stream error: RST_STREAM PROTOCOL_ERROR on its stream alone. h2's
+own checks of inbound header lists are off, since they end the whole connection for it;
+the header list is checked in the one pass that builds the request's scope. Spaces and
+tabs around a value are dropped, not refused, as over HTTP/1.1 (RFC 9110, 5.5).
+
 A header list or a request body over the service's limits is refused on its own stream,
 as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
 A body is refused at its headers when its content-length says it is over the limit; else
@@ -45,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import struct
 from collections import deque
@@ -110,6 +118,15 @@ OVERDUE_GRACE = 0.05
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+
+# Malformed in a header list (RFC 9113, 8.2.1): in a field name, a character outside
+# visible ASCII, an upper-case letter, or a colon (but a pseudo-header's first); in a
+# value, NUL, CR or LF. Such a request is refused on its own stream (RST_STREAM
+# PROTOCOL_ERROR), the connection and its other streams going on: h2's own checks, which
+# would end the whole connection for it, are off.
+_BAD_NAME = re.compile(rb"[^\x21-\x39\x3b-\x40\x5b-\x7e]")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_WHITESPACE = b" \t"
 
 Headers = list[tuple[bytes, bytes]]
 _TOO_LARGE = f"request headers are limited to {MAX_HEADER_LIST_SIZE} bytes"
@@ -205,7 +222,7 @@ class H2Protocol(asyncio.Protocol):
         self.max_body = limits.max_request_bytes
         self.request_timeout = limits.request_timeout_seconds
         self.conn = H2Connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
@@ -341,9 +358,17 @@ class H2Protocol(asyncio.Protocol):
                 stream.ended = True
                 stream.wake()
         elif isinstance(event, TrailersReceived):
-            # Request trailers carry nothing the app reads: the body has ended.
+            # Request trailers carry nothing the app reads: the body has ended, unless they
+            # are malformed; then so is the request, refused on its stream alone.
             stream = self.streams.get(event.stream_id)
-            if stream is not None and event.stream_ended is not None:
+            if stream is None:
+                pass
+            elif _malformed_trailers(event.headers or []):
+                if not stream.closed and not stream.response_complete:
+                    self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
+                    self._stop(stream)
+                    stream.wake()
+            elif event.stream_ended is not None:
                 stream.ended = True
                 stream.wake()
         elif isinstance(event, StreamReset):
@@ -533,30 +558,61 @@ class H2Protocol(asyncio.Protocol):
                 self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
     def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int, int, bytes]:
-        """The request's ASGI scope (None: nothing the app serves), the header list's size
-        as SETTINGS_MAX_HEADER_LIST_SIZE counts it, its content-length (-1: none) and its
-        content type."""
-        method = path = authority = content_type = b""
+        """The request's ASGI scope (None: nothing the app serves, or a malformed request,
+        RFC 9113, 8.1.1), the header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts
+        it, its content-length (-1: none) and its content type. Spaces and tabs around a
+        value are not part of it (RFC 9110, 5.5): they are dropped, as over HTTP/1.1."""
+        method = path = scheme = authority = content_type = b""
+        host: bytes | None = None
         regular: Headers = []
         size = 32 * len(headers)
         length = -1
-        for name, value in headers:
-            size += len(name) + len(value)
+        malformed = False
+        for name, field in headers:
+            size += len(name) + len(field)
+            value = field
+            if field and (field[0] in _WHITESPACE or field[-1] in _WHITESPACE):
+                value = field.strip(b" \t")
+            if _BAD_VALUE.search(value) is not None:
+                malformed = True
             if name[:1] != b":":
                 regular.append((name, value))
-                if name == b"content-length" and value.isdigit():
+                if not name or _BAD_NAME.search(name) is not None or name in _HOP_BY_HOP:
+                    malformed = True
+                elif name == b"content-length" and value.isdigit():
                     length = int(value)
                 elif name == b"content-type" and not content_type:
                     content_type = value
+                elif name == b"te" and value.lower() != b"trailers":
+                    malformed = True
+                elif name == b"host":
+                    malformed = malformed or host is not None
+                    host = value
+            elif regular:
+                malformed = True  # a pseudo-header after a regular field
             elif name == b":method":
+                malformed = malformed or bool(method)
                 method = value
             elif name == b":path":
+                malformed = malformed or bool(path)
                 path = value
+            elif name == b":scheme":
+                malformed = malformed or bool(scheme)
+                scheme = value
             elif name == b":authority":
+                malformed = malformed or bool(authority)
                 authority = value
-        if not method or not path.startswith(b"/"):
+            else:
+                malformed = True  # :status, :protocol (no CONNECT here), or unknown
+        if (
+            malformed
+            or not method
+            or not scheme
+            or not path.startswith(b"/")
+            or (authority and host is not None and host != authority)
+        ):
             return None, size, length, content_type  # CONNECT or malformed: not served
-        if authority and not any(name == b"host" for name, _ in regular):
+        if authority and host is None:
             regular.insert(0, (b"host", authority))
         raw_path, _, query = path.partition(b"?")
         decoded = raw_path.decode("ascii", "replace")
@@ -903,10 +959,26 @@ def _path_and_content_type(request: Headers) -> tuple[bytes, bytes]:
     path = content_type = b""
     for name, value in request:
         if name == b":path":
-            path = value
+            path = value.strip(b" \t")
         elif name == b"content-type" and not content_type:
-            content_type = value
+            content_type = value.strip(b" \t")
     return path, content_type
+
+
+def _malformed_trailers(trailers: Headers) -> bool:
+    """A trailer section that makes its request malformed (RFC 9113, 8.1 and 8.2): a
+    pseudo-header, or a field h2's own checks would have refused in a header list."""
+    for name, value in trailers:
+        if (
+            not name
+            or name[:1] == b":"
+            or _BAD_NAME.search(name) is not None
+            or name in _HOP_BY_HOP
+            or _BAD_VALUE.search(value) is not None
+            or (name == b"te" and value.strip(b" \t").lower() != b"trailers")
+        ):
+            return True
+    return False
 
 
 def _address(value: object) -> tuple[str, int] | None:
