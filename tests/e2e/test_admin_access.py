@@ -31,6 +31,7 @@ from coupon.entrypoints import connect_service
 from coupon.entrypoints.connect_service import AdminGuard
 from harness.raw_http import open_connection, read_response
 from harness.server import ServerProcess
+from tests.clients.h2client import H2Client, Response
 
 pytestmark = pytest.mark.e2e
 
@@ -214,6 +215,46 @@ async def test_whitespace_after_the_token_is_not_part_of_it(guarded: Guarded, ca
     finally:
         writer.close()
     assert response.status == 200, response.body
+    assert guarded.code in response.body.decode()
+
+
+def get_campaign_over_http2(port: int, campaign_id: str, authorization: bytes) -> Response:
+    """GetCampaign as a Connect unary call over HTTP/2 (prior knowledge), the header list
+    sent as given: h2's own client would trim the whitespace, or refuse it."""
+    client = H2Client(port)
+    try:
+        client.conn.config.validate_outbound_headers = False
+        client.conn.config.normalize_outbound_headers = False
+        stream_id = client.conn.get_next_available_stream_id()
+        body = json.dumps({"campaignId": campaign_id}).encode()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", f"{RPC}GetCampaign".encode()),
+            (b"content-type", b"application/json"),
+            (b"authorization", authorization),
+        ]
+        client.conn.send_headers(stream_id, headers)
+        client.conn.send_data(stream_id, body, end_stream=True)
+        client.responses[stream_id] = Response()
+        client.flush()
+        [response] = client.wait(stream_id)
+        assert client.goaway is None
+        return response
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", list(TRAILING_WHITESPACE))
+def test_whitespace_after_the_token_is_not_part_of_it_over_http2(
+    guarded: Guarded, case: str
+) -> None:
+    response = get_campaign_over_http2(
+        guarded.server.port, guarded.campaign_id, TRAILING_WHITESPACE[case]["authorization"]
+    )
+    assert response.reset is None, response
+    assert response.headers[b":status"] == b"200", response
     assert guarded.code in response.body.decode()
 
 
