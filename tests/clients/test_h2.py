@@ -1005,6 +1005,37 @@ def test_a_malformed_header_list_resets_its_stream_alone(
     assert client.goaway is None
 
 
+def test_bodies_of_malformed_requests_give_the_connection_window_back(
+    server: ServerProcess,
+) -> None:
+    """The bodies of reset malformed requests, which arrive after the reset, are dropped
+    and their bytes given back to the connection's window: more of them than its 1 MiB
+    would take, and the stream open beside them is still answered."""
+    client = lenient(H2Client(server.port))
+    try:
+        campaign_id = create_campaign(client, total=1)
+        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        beside = client.start("GetCampaign", end=False)
+        for _ in range(24):  # 24 x 64 KiB: 1.5 MiB
+            bad = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(bad, MALFORMED["upper-case name"])
+            client.responses[bad] = Response()
+            while client.conn.local_flow_control_window(bad) < 4 * FRAME:
+                client.read()  # stalls here if the window of dropped bodies is not freed
+            for _ in range(4):
+                client.conn.send_data(bad, b"x" * FRAME)
+            client.flush()
+            [refused] = client.wait(bad)
+            assert refused.reset == ErrorCodes.PROTOCOL_ERROR, refused
+        client.send(beside, body, end=True)
+        [answered] = client.wait(beside)
+    finally:
+        client.close()
+    assert answered.grpc_status == b"0", answered
+    assert client.goaway is None
+    assert "Traceback" not in server.log()
+
+
 MALFORMED_TRAILERS: dict[str, list[tuple[bytes, bytes]]] = {
     "pseudo-header": [(b":path", b"/")],
     "upper-case name": [(b"X-Upper", b"1")],
