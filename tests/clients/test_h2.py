@@ -965,6 +965,10 @@ MALFORMED: dict[str, list[tuple[bytes, bytes]]] = {
     ],
     "two :path": [(b":path", (SERVICE + "GetCampaign").encode()), *GOOD_REQUEST],
     "host other than :authority": get_campaign_headers((b"host", b"elsewhere")),
+    "content-length not digits": get_campaign_headers((b"content-length", b"12a")),
+    "two content-lengths": get_campaign_headers(
+        (b"content-length", b"16000"), (b"content-length", b"16001")
+    ),
 }
 
 
@@ -1034,6 +1038,65 @@ def test_bodies_of_malformed_requests_give_the_connection_window_back(
     assert answered.grpc_status == b"0", answered
     assert client.goaway is None
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("sent", [0, 5, 15, 17, 30], ids=lambda n: f"{n}-bytes")
+def test_a_body_other_than_its_content_length_resets_its_stream_alone(
+    server: ServerProcess, sent: int
+) -> None:
+    """Content-length 16, a body of another size: malformed (RFC 9113, 8.1.1), its stream
+    reset, the connection going on; the body of the size it says is served."""
+    client = lenient(H2Client(server.port))
+    try:
+        campaign_id = create_campaign(client, total=1)
+        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
+        beside = client.start("GetCampaign", end=False)
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            stream_id,
+            get_campaign_headers((b"content-length", b"16")),
+            end_stream=not sent,
+        )
+        client.responses[stream_id] = Response()
+        if sent:
+            client.conn.send_data(stream_id, b"x" * sent, end_stream=True)
+        client.flush()
+        [refused] = client.wait(stream_id)
+        client.send(beside, body, end=True)
+        [answered] = client.wait(beside)
+        matching = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            matching, get_campaign_headers((b"content-length", b" %d\t" % len(body)))
+        )
+        client.responses[matching] = Response()
+        client.conn.send_data(matching, body, end_stream=True)
+        client.flush()
+        [served] = client.wait(matching)
+    finally:
+        client.close()
+    assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
+    assert answered.grpc_status == b"0", answered
+    assert served.grpc_status == b"0", served
+    assert client.goaway is None
+
+
+def test_a_body_short_of_its_content_length_before_trailers_resets_its_stream(
+    server: ServerProcess,
+) -> None:
+    client = lenient(H2Client(server.port))
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, get_campaign_headers((b"content-length", b"16")))
+        client.responses[stream_id] = Response()
+        client.conn.send_data(stream_id, b"x" * 5)
+        client.conn.send_headers(stream_id, [(b"x-checksum", b"1")], end_stream=True)
+        client.flush()
+        [refused] = client.wait(stream_id)
+        assert still_serves(client)
+    finally:
+        client.close()
+    assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
+    assert client.goaway is None
 
 
 MALFORMED_TRAILERS: dict[str, list[tuple[bytes, bytes]]] = {

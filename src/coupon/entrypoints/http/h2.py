@@ -33,11 +33,13 @@ a byte of the response sent, the paused transport's buffer shrinking. A connecti
 with no stream goes back to its idle timer.
 
 A malformed request (RFC 9113, 8.1.1: a field name or value HTTP/2 forbids, a
-connection-specific field, a pseudo-header missing, repeated, unknown or misplaced, or such
-a trailer section) is a stream error: RST_STREAM PROTOCOL_ERROR on its stream alone. h2's
-own checks of inbound header lists are off, since they end the whole connection for it;
-the header list is checked in the one pass that builds the request's scope. Spaces and
-tabs around a value are dropped, not refused, as over HTTP/1.1 (RFC 9110, 5.5).
+connection-specific field, a pseudo-header missing, repeated, unknown or misplaced, a
+content-length not digits or not what the body is, or such a trailer section) is a
+stream error: RST_STREAM PROTOCOL_ERROR on its stream alone. h2's own checks of inbound
+header lists and of content-length are off, since they end the whole connection for it:
+the header list is checked in the one pass that builds the request's scope, the body
+against its content-length as it arrives. Spaces and tabs around a value are dropped,
+not refused, as over HTTP/1.1 (RFC 9110, 5.5).
 
 A header list or a request body over the service's limits is refused on its own stream,
 as HTTP/1.1 refuses it (http/refusal.py), the connection and its other streams going on.
@@ -60,7 +62,7 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import AllowedStreamIDs, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -75,6 +77,7 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream
 from hpack.hpack import Decoder
 from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
@@ -145,6 +148,26 @@ class _Decoder(Decoder):
         pass
 
 
+class _Connection(H2Connection):
+    """h2's connection, but a request's content-length is checked here (_scope, _data), as
+    a stream error: h2 would end the whole connection for a malformed one, or for a body
+    that does not match it (RFC 9113, 8.1.1)."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _no_content_length  # type: ignore[method-assign]
+        stream._track_content_length = _no_body_length  # type: ignore[method-assign]
+        return stream
+
+
+def _no_content_length(headers: object) -> None:
+    pass
+
+
+def _no_body_length(length: int, end_stream: bool) -> None:
+    pass
+
+
 class _Stream:
     """One request and its response, as the stream's ASGI task sees them."""
 
@@ -152,6 +175,7 @@ class _Stream:
         "body",
         "changed",
         "closed",
+        "declared",
         "end_delivered",
         "ended",
         "headers_sent",
@@ -170,9 +194,12 @@ class _Stream:
         "trailers_expected",
     )
 
-    def __init__(self, stream_id: int, request: Headers, prefix: bytes | None) -> None:
+    def __init__(
+        self, stream_id: int, request: Headers, prefix: bytes | None, declared: int
+    ) -> None:
         self.stream_id = stream_id
         self.request = request  # the header list, for a refusal's answer
+        self.declared = declared  # its content-length (-1: none), which its body must match
         # Request body chunks not yet read by the app, with their flow-controlled size.
         self.body: deque[tuple[bytes, int]] = deque()
         self.received = 0  # bytes of request body received, against the limit
@@ -221,7 +248,7 @@ class H2Protocol(asyncio.Protocol):
         limits = limits_of(front_app(self.app))
         self.max_body = limits.max_request_bytes
         self.request_timeout = limits.request_timeout_seconds
-        self.conn = H2Connection(
+        self.conn = _Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
         )
         self.transport: asyncio.Transport | None = None
@@ -363,11 +390,10 @@ class H2Protocol(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 pass
-            elif _malformed_trailers(event.headers or []):
-                if not stream.closed and not stream.response_complete:
-                    self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
-                    self._stop(stream)
-                    stream.wake()
+            elif _malformed_trailers(event.headers or []) or (
+                0 <= stream.declared != stream.received
+            ):
+                self._malformed(stream)
             elif event.stream_ended is not None:
                 stream.ended = True
                 stream.wake()
@@ -405,7 +431,8 @@ class H2Protocol(asyncio.Protocol):
         if size > MAX_HEADER_LIST_SIZE:
             self._refuse_headers(stream_id, request, event.stream_ended is not None)
             return
-        if scope is None:
+        if scope is None or (event.stream_ended is not None and length > 0):
+            # Malformed, or of no body but a content-length that says otherwise.
             self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         if length > self.max_body:
@@ -423,7 +450,7 @@ class H2Protocol(asyncio.Protocol):
             return
         self._disarm_idle()
         prefix = b"" if length < 0 and enveloped(content_type) else None
-        stream = _Stream(stream_id, request, prefix)
+        stream = _Stream(stream_id, request, prefix, length)
         if event.stream_ended is not None:
             stream.ended = True
         else:
@@ -501,6 +528,14 @@ class H2Protocol(asyncio.Protocol):
             return
         data = event.data or b""
         received = stream.received = stream.received + len(data)
+        if stream.declared >= 0 and (
+            received > stream.declared
+            or (event.stream_ended is not None and received != stream.declared)
+        ):
+            # Not the body its content-length says: malformed (RFC 9113, 8.1.1).
+            self._acknowledge(event.stream_id, size)
+            self._malformed(stream)
+            return
         if stream.prefix is not None:
             stream.prefix, declared = declared_size(stream.prefix, data)
             received = max(received, declared)
@@ -512,6 +547,14 @@ class H2Protocol(asyncio.Protocol):
         if event.stream_ended is not None:
             stream.ended = True
         stream.wake()
+
+    def _malformed(self, stream: _Stream) -> None:
+        """A request found malformed after its headers (its body, its trailers): its stream
+        is reset, its task stopped unless it has read the whole request."""
+        if not stream.closed and not stream.response_complete:
+            self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
+            self._stop(stream)
+            stream.wake()
 
     def _refuse_body(self, stream: _Stream, size: int, ended: bool) -> None:
         """A body of no content-length, over the limit by its first message's prefix or by
@@ -579,8 +622,12 @@ class H2Protocol(asyncio.Protocol):
                 regular.append((name, value))
                 if not name or _BAD_NAME.search(name) is not None or name in _HOP_BY_HOP:
                     malformed = True
-                elif name == b"content-length" and value.isdigit():
-                    length = int(value)
+                elif name == b"content-length":
+                    # Digits only (RFC 9110, 8.6); repeated, the same each time.
+                    if not value.isdigit() or (length >= 0 and int(value) != length):
+                        malformed = True
+                    else:
+                        length = int(value)
                 elif name == b"content-type" and not content_type:
                     content_type = value
                 elif name == b"te" and value.lower() != b"trailers":
