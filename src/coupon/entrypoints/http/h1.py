@@ -358,17 +358,7 @@ class Http1Protocol(HttpToolsProtocol):
         return min(1.0, self._request_timeout / 4)
 
     def _unsent(self) -> int:
-        """The bytes written and not yet taken by the client: the transport's buffer and
-        the kernel's send queue (the kernel tells the transport there is room only once a
-        good part of its queue has gone, so the transport's buffer alone would stand still
-        for a while under a client that reads steadily but slowly)."""
-        size = self.transport.get_write_buffer_size()
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError, ValueError):
-                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-                size += struct.unpack("i", queued)[0]
-        return size
+        return unsent_bytes(self.transport)
 
     def _watch_writes(self) -> None:
         """While the transport is paused: a buffer that shrank is progress; one that has
@@ -925,6 +915,20 @@ def _unsupported(version: str, hosts: int, bad_host: bool) -> Answer | None:
     if bad_host:
         return _BAD_HOST
     return None
+
+
+def unsent_bytes(transport: asyncio.WriteTransport) -> int:
+    """The bytes written and not yet taken by the client: the transport's buffer and the
+    kernel's send queue (the kernel tells the transport there is room only once a good
+    part of its queue has gone, so the transport's buffer alone would stand still for a
+    while under a client that reads steadily but slowly)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            size += struct.unpack("i", queued)[0]
+    return size
 
 
 def unread_bytes(transport: asyncio.BaseTransport) -> int:

@@ -84,7 +84,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from coupon.entrypoints.fast_issue import Answer
-from coupon.entrypoints.http.h1 import front_app, limits_of
+from coupon.entrypoints.http.h1 import front_app, limits_of, unsent_bytes
 from coupon.entrypoints.http.refusal import body_refusal, declared_size, enveloped, refusal
 
 log = logging.getLogger("uvicorn.error")
@@ -338,7 +338,7 @@ class H2Protocol(asyncio.Protocol):
         self.writable.clear()
         if self.watch is None and self.transport is not None:
             self.sent_at = self.loop.time()
-            self.buffered = self.transport.get_write_buffer_size()
+            self.buffered = unsent_bytes(self.transport)
             self.watch = self.loop.call_later(self._watch_period(), self._watch_writes)
 
     def resume_writing(self) -> None:
@@ -874,7 +874,9 @@ class H2Protocol(asyncio.Protocol):
         if self.writable.is_set() or transport is None or transport.is_closing():
             return
         now = self.loop.time()
-        buffered = transport.get_write_buffer_size()
+        # The transport's buffer and the kernel's send queue: a client that reads steadily
+        # but slowly drains the second long before the kernel makes room in the first.
+        buffered = unsent_bytes(transport)
         if buffered < self.buffered:
             self.sent_at = now
         self.buffered = buffered
