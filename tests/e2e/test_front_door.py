@@ -739,6 +739,30 @@ async def serves_meanwhile(server: ServerProcess, campaign: str, seconds: float)
         writer.close()
 
 
+async def send_and_never_read(
+    server: ServerProcess, campaign: str, requests: bytes, slack: float = 0
+) -> None:
+    """Sends `requests` on a connection with a small receive window and reads nothing:
+    the server must reset it within a few request time-outs (plus `slack` seconds), and
+    serve other clients meanwhile and after."""
+    loop = asyncio.get_running_loop()
+    sock = small_window_socket()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        sending = asyncio.ensure_future(loop.sock_sendall(sock, requests))
+        # Never read from here on.
+        await serves_meanwhile(server, campaign, REQUEST_TIMEOUT + 1)
+        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 20 + slack
+        while tcp_state(sock) == 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert tcp_state(sock) != 1, "the server still holds the connection"
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(sending, 5)
+    finally:
+        sock.close()
+    await serves_meanwhile(server, campaign, 0.5)
+
+
 async def test_a_client_that_never_reads_its_answers_is_reset(
     server: ServerProcess, campaign: str
 ) -> None:
@@ -754,24 +778,7 @@ async def test_a_client_that_never_reads_its_answers_is_reset(
         pytest.skip(f"TCP send buffers of up to {wmem_max} bytes would take it all")
     count = 27_000_000 // await script_size(server) + 1
     user = f"never-reads-{uuid.uuid4().hex}"
-    loop = asyncio.get_running_loop()
-    sock = small_window_socket()
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", server.port))
-        sending = asyncio.ensure_future(
-            loop.sock_sendall(sock, issue_request(campaign, user) + SCRIPT * count)
-        )
-        # Never read from here on.
-        await serves_meanwhile(server, campaign, REQUEST_TIMEOUT + 1)
-        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 20
-        while tcp_state(sock) == 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert tcp_state(sock) != 1, "the server still holds the connection"
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(sending, 5)
-    finally:
-        sock.close()
-    await serves_meanwhile(server, campaign, 0.5)
+    await send_and_never_read(server, campaign, issue_request(campaign, user) + SCRIPT * count)
     reader, writer = await open_connection(server.url)
     writer.write(issue_request(campaign, user))
     retry = await asyncio.wait_for(read_response(reader), 10)
@@ -825,22 +832,5 @@ async def test_a_client_that_pipelines_issues_and_never_reads_is_reset(
     assert answer.status == 200, answer
     # The same user again and again: each answer the coupon issued, `alreadyIssued`.
     count = 3 * wmem_max // len(answer.body) + 1
-    loop = asyncio.get_running_loop()
-    sock = small_window_socket()
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", server.port))
-        sending = asyncio.ensure_future(
-            loop.sock_sendall(sock, issue_request(campaign, user) * count)
-        )
-        # Never read from here on.
-        await serves_meanwhile(server, campaign, REQUEST_TIMEOUT + 1)
-        deadline = time.monotonic() + 4 * REQUEST_TIMEOUT + 30
-        while tcp_state(sock) == 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert tcp_state(sock) != 1, "the server still holds the connection"
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(sending, 5)
-    finally:
-        sock.close()
-    await serves_meanwhile(server, campaign, 0.5)
+    await send_and_never_read(server, campaign, issue_request(campaign, user) * count, 10)
     assert "Traceback" not in server.log()
