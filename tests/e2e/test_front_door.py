@@ -834,3 +834,17 @@ async def test_a_client_that_pipelines_issues_and_never_reads_is_reset(
     count = 3 * wmem_max // len(answer.body) + 1
     await send_and_never_read(server, campaign, issue_request(campaign, user) * count, 10)
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("path", "location"), [("/example", "/example/"), ("/example?x=1", "/example/?x=1")]
+)
+def test_the_example_page_without_its_slash_redirects_to_it(
+    server: ServerProcess, path: str, location: str
+) -> None:
+    """Its files are relative to /example/: served at /example, the page loaded none."""
+    answer = httpx.get(f"{server.url}{path}", follow_redirects=False)
+    assert answer.status_code == 308 and answer.headers["location"] == location
+    page = httpx.get(f"{server.url}{path}", follow_redirects=True)
+    assert page.status_code == 200 and page.url.path == "/example/"
+    assert 'src="app.js"' in page.text or "app.js" in page.text

@@ -267,6 +267,11 @@ class CouponApp:
         if scope["type"] == ScopeType.HTTP:
             if await _unknown_grpc_method(scope, receive, send):
                 return
+            if scope["path"] == "/example":
+                # The page's own files are relative to /example/: served without the slash,
+                # it would load none of them.
+                await _redirect(send, "/example/", scope.get("query_string", b""))
+                return
             if not all(valid_host(v) for n, v in scope["headers"] if n == b"host"):
                 # HTTP/2's :authority (HTTP/1.1's Host is refused at the door, h1.py): the
                 # framework would fail to build the request's URL from it, a 500.
@@ -367,6 +372,13 @@ class CouponApp:
             self.connect = None
             self.issue_route = None
             self.fast_issue = None
+
+
+async def _redirect(send: Send, path: str, query: bytes) -> None:
+    location = path.encode() + (b"?" + query if query else b"")
+    headers = [(b"location", location), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 308, "headers": headers})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _bad_host(send: Send) -> None:
