@@ -259,6 +259,11 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_as_it_ends_cat(
     assert cat == (-signal.SIGPIPE, "code,user_id,campaign_id,issued_at\n", "")
     exported = first_line_then_close([*coupon_cmd, "export", str(campaign["id"])], env)
     assert exported == cat
+    # The pipe named as the file to write (-o /dev/stdout) ends the same way.
+    named = first_line_then_close(
+        [*coupon_cmd, "export", str(campaign["id"]), "-o", "/dev/stdout"], env
+    )
+    assert named == cat
     listed = first_line_then_close([*coupon_cmd, "list", "--limit", "0"], env)
     assert listed[2] == "" and listed[0] in (0, -signal.SIGPIPE), listed
 

@@ -584,6 +584,8 @@ def _write_file(
         try:
             with target.open("w", newline="", encoding="utf-8") as out:
                 return write_export(stream, args.format, out, progress, excel=args.excel)
+        except BrokenPipeError:
+            raise  # a pipe's reader that stopped early (-o /dev/stdout | head): as on stdout
         except OSError as exc:
             raise _unwritable(args.output, exc) from None
     final = target.resolve() if target.is_symlink() else target
