@@ -3,6 +3,7 @@ the admin token from the environment, tables or JSON on stdout, one-line errors.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -796,12 +797,39 @@ def test_a_token_no_header_can_carry_or_a_bad_dotenv_is_one_line_and_exit_2(
     assert ".env" in broken.stderr
 
 
-def test_a_url_that_is_not_the_service_is_said_plainly(server: ServerProcess) -> None:
+def test_a_url_that_is_not_the_service_is_said_plainly(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     result = coupon(server, "--url", server.url + "/api", "list", url=False)
     assert result.returncode == 1
     assert result.stderr == (
         f"coupon: {server.url}/api does not serve the coupon API (its paths are not "
         "found there); give the service's base URL, such as http://127.0.0.1:8000\n"
+    )
+    # Another web server, whose 404 has a page of its own.
+    port = free_port()
+    (tmp_path / "index.html").write_text("a site")
+    other = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url)
+                break
+            time.sleep(0.1)
+        elsewhere = coupon(server, "--url", url, "list", url=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr.startswith(f"coupon: {url} does not serve the coupon API"), (
+        elsewhere.stderr
     )
 
 

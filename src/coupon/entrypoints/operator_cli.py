@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http
 import math
 import os
 import re
@@ -53,6 +54,8 @@ CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 3_600.0
 MIN_TIMEOUT_SECONDS = 0.001
+# What a plain web server's error says (a Connect error names its cause in words).
+_HTTP_PHRASES = frozenset(status.phrase for status in http.HTTPStatus)
 # `list`'s table: ENDS is the scheduled end (ends_at), ENDED when EndCampaign ended it.
 LIST_COLUMNS = ("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED")
 
@@ -202,8 +205,12 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
             )
         elif reason is not None:
             print(f"coupon: {cannot_reach(url, reason)}", file=sys.stderr)
-        elif exc.code is Code.UNIMPLEMENTED and not exc.message:
-            # A 404 with no Connect error in it: something else answers at that URL.
+        elif exc.code is Code.UNIMPLEMENTED or (
+            exc.code is Code.UNKNOWN and exc.message in _HTTP_PHRASES
+        ):
+            # A 404, or a bare HTTP error (a 405 or 501 to a POST): something else answers
+            # at that URL (a web server's page, or the service under a wrong prefix); none
+            # of the calls made here is unimplemented by the service itself.
             print(
                 f"coupon: {url} does not serve the coupon API (its paths are not found there);"
                 " give the service's base URL, such as http://127.0.0.1:8000",
