@@ -29,8 +29,9 @@ and its buffers go with it. A connection whose transport has drained nothing for
 (paused: the peer does not read its socket) is closed: a GOAWAY (ENHANCE_YOUR_CALM) is
 queued, then the connection reset (TCP RST: a close would wait for buffers the peer never
 drains, so the GOAWAY reaches it only if there was room). Progress restarts either clock:
-a byte of the response sent, the paused transport's buffer shrinking. A connection left
-with no stream goes back to its idle timer.
+a byte of the response sent, or what is unsent shrinking while the transport is paused
+(its buffer and the kernel's send queue: h1.unsent_bytes). A connection left with no
+stream goes back to its idle timer.
 
 A malformed request (RFC 9113, 8.1.1: a field name or value HTTP/2 forbids, a
 connection-specific field, a pseudo-header missing, repeated, unknown or misplaced, a
