@@ -110,8 +110,8 @@ def test_an_unknown_dashboard_path_is_a_404_in_the_api_shape(
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("POST", "/dashboard/api/campaigns", "GET, OPTIONS"),
-        ("DELETE", "/dashboard/api/campaigns/some-id", "GET, OPTIONS"),
+        ("POST", "/dashboard/api/campaigns", "HEAD, GET, OPTIONS"),
+        ("DELETE", "/dashboard/api/campaigns/some-id", "HEAD, GET, OPTIONS"),
         ("PUT", "/dashboard", "HEAD, GET, OPTIONS"),
     ],
 )
@@ -175,3 +175,30 @@ async def test_the_list_reaches_every_campaign_a_page_at_a_time(server: ServerPr
     scheduled = httpx.get(api, params={"status": "scheduled"}, headers=headers, timeout=10)
     assert scheduled.status_code == 200
     assert all(c["status"] == "scheduled" for c in scheduled.json()["campaigns"])
+
+
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [
+        ("/dashboard/api/campaigns", True),
+        ("/dashboard/api/campaigns", False),
+        ("/example/", False),
+        ("/example/app.js", False),
+        ("/metrics", False),
+        ("/dashboard/nope", True),
+    ],
+)
+async def test_head_is_served_wherever_get_is(
+    server: ServerProcess, path: str, token: bool
+) -> None:
+    """RFC 9110 §9.1: the GET's status and fields, without its body, on every page."""
+    headers = {"authorization": f"Bearer {TOKEN}"} if token else {}
+    got = httpx.get(server.url + path, headers=headers, timeout=10)
+    for http2 in (False, True):
+        async with httpx.AsyncClient(http1=not http2, http2=http2, timeout=10) as client:
+            head = await client.head(server.url + path, headers=headers)
+        assert head.status_code == got.status_code, (path, http2)
+        assert head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+        if "content-length" in got.headers and path != "/metrics":  # /metrics moves
+            assert head.headers["content-length"] == got.headers["content-length"]

@@ -277,6 +277,11 @@ class CouponApp:
                 # framework would fail to build the request's URL from it, a 500.
                 await _bad_host(send)
                 return
+            if scope["method"] == "HEAD":
+                # HEAD wherever GET is served (RFC 9110, 9.1): the GET's status and fields,
+                # its Content-Length included, without its body (9.3.2).
+                scope = {**scope, "method": "GET"}
+                send = _headless(send)
         await self.web(scope, receive, send)
 
     @staticmethod
@@ -372,6 +377,17 @@ class CouponApp:
             self.connect = None
             self.issue_route = None
             self.fast_issue = None
+
+
+def _headless(send: Send) -> Send:
+    """`send` for an answer to HEAD: every body left out, the fields as they are."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return sending
 
 
 async def _redirect(send: Send, path: str, query: bytes) -> None:

@@ -178,6 +178,9 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         return _failure("not_found", f"no such dashboard path: {path}", 404)
     if isinstance(exc, MethodNotAllowedException):
         allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
+        methods = [m.strip() for m in allow.split(",") if m.strip()]
+        if "GET" in methods and "HEAD" not in methods:
+            allow = ", ".join(["HEAD", *methods])  # HEAD is served wherever GET is (app.py)
         message = f"{request.method} is not served at {path} (only {allow})"
         return _failure("unimplemented", message, 405, {"allow": allow})
     code = _FRAMEWORK_CODES.get(status, "internal" if status >= 500 else "unknown")
