@@ -144,3 +144,21 @@ def rpc_error(
         return CODE_OF_HTTP_STATUS.get(status, "unknown"), f"HTTP {status}"
     error = json.loads(body)
     return error["code"], error["message"]
+
+
+async def head(url: str, path: str) -> tuple[bytes, dict[str, str], bytes]:
+    """HEAD over HTTP/1.1 by hand (no client library shows what follows the fields): the
+    status line, the fields (names lowered) and whatever came before the server closed the
+    connection (nothing, for HEAD)."""
+    reader, writer = await open_connection(url)
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    fields_part, _, rest = answer.partition(b"\r\n\r\n")
+    status, *lines = fields_part.split(b"\r\n")
+    fields = {
+        name.strip().lower().decode(): value.strip().decode()
+        for name, _, value in (line.partition(b":") for line in lines)
+    }
+    return status, fields, rest

@@ -17,7 +17,7 @@ import ssl
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -972,25 +972,18 @@ MALFORMED: dict[str, list[tuple[bytes, bytes]]] = {
 }
 
 
-@pytest.mark.parametrize("ended", [False, True], ids=["body-to-follow", "ended"])
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_a_malformed_header_list_resets_its_stream_alone(
-    server: ServerProcess, case: str, ended: bool
-) -> None:
-    """RST_STREAM PROTOCOL_ERROR on that stream (a stream error, RFC 9113, 8.1.1), not a
-    GOAWAY: the request open beside it is answered, and so is the next one. A body sent
-    after the headers, which nobody reads, gives its window back."""
+def reset_alone(server: ServerProcess, malformed: Callable[[H2Client, bytes], int]) -> Response:
+    """Opens a GetCampaign (its body not yet sent), lets `malformed(client, body)` send a
+    malformed request on a stream of its own (its id returned), then finishes the first and
+    makes one more call. The malformed stream is reset (PROTOCOL_ERROR, a stream error,
+    RFC 9113, 8.1.1) and unanswered; the connection and its other streams go on. Returns
+    the answer of the stream opened beside it."""
     client = lenient(H2Client(server.port))
     try:
         campaign_id = create_campaign(client, total=1)
         body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
-        # Open, its body not yet sent, while the malformed request comes and goes.
         beside = client.start("GetCampaign", end=False)
-        bad = client.conn.get_next_available_stream_id()
-        client.conn.send_headers(bad, MALFORMED[case], end_stream=ended)
-        client.responses[bad] = Response()
-        if not ended:
-            client.conn.send_data(bad, b"x" * 16_000, end_stream=True)
+        bad = malformed(client, body)
         client.flush()
         [refused] = client.wait(bad)
         client.send(beside, body, end=True)
@@ -1004,9 +997,30 @@ def test_a_malformed_header_list_resets_its_stream_alone(
         client.close()
     assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
     assert answered.grpc_status == b"0", answered
-    assert grpc_message(answered.body, coupon_pb.GetCampaignResponse).campaign is not None
     assert after.campaign is not None and after.campaign.id == campaign_id
     assert client.goaway is None
+    return answered
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["body-to-follow", "ended"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_header_list_resets_its_stream_alone(
+    server: ServerProcess, case: str, ended: bool
+) -> None:
+    """RST_STREAM PROTOCOL_ERROR on that stream (a stream error, RFC 9113, 8.1.1), not a
+    GOAWAY: the request open beside it is answered, and so is the next one. A body sent
+    after the headers, which nobody reads, gives its window back."""
+
+    def malformed(client: H2Client, body: bytes) -> int:
+        bad = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(bad, MALFORMED[case], end_stream=ended)
+        client.responses[bad] = Response()
+        if not ended:
+            client.conn.send_data(bad, b"x" * 16_000, end_stream=True)
+        return bad
+
+    answered = reset_alone(server, malformed)
+    assert grpc_message(answered.body, coupon_pb.GetCampaignResponse).campaign is not None
 
 
 def test_bodies_of_malformed_requests_give_the_connection_window_back(
@@ -1111,28 +1125,13 @@ MALFORMED_TRAILERS: dict[str, list[tuple[bytes, bytes]]] = {
 def test_malformed_trailers_reset_their_stream_alone(server: ServerProcess, case: str) -> None:
     """A request whose trailer section is malformed is malformed too: its stream is reset
     (PROTOCOL_ERROR), unanswered; the connection and its other streams go on."""
-    client = lenient(H2Client(server.port))
-    try:
-        campaign_id = create_campaign(client, total=1)
-        body = grpc_frame(coupon_pb.GetCampaignRequest(campaign_id=campaign_id))
-        beside = client.start("GetCampaign", end=False)
+
+    def malformed(client: H2Client, body: bytes) -> int:
         bad = client.start("GetCampaign", body, end=False)
         client.conn.send_headers(bad, MALFORMED_TRAILERS[case], end_stream=True)
-        client.flush()
-        [refused] = client.wait(bad)
-        client.send(beside, body, end=True)
-        [answered] = client.wait(beside)
-        after = client.call(
-            "GetCampaign",
-            coupon_pb.GetCampaignRequest(campaign_id=campaign_id),
-            coupon_pb.GetCampaignResponse,
-        )
-    finally:
-        client.close()
-    assert refused.reset == ErrorCodes.PROTOCOL_ERROR and not refused.headers, refused
-    assert answered.grpc_status == b"0", answered
-    assert after.campaign is not None and after.campaign.id == campaign_id
-    assert client.goaway is None
+        return bad
+
+    reset_alone(server, malformed)
 
 
 def test_well_formed_trailers_end_the_request(server: ServerProcess) -> None:

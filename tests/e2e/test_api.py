@@ -25,6 +25,7 @@ from harness.client import (
     issue_retrying,
     ts,
 )
+from harness.raw_http import head
 from harness.server import ServerProcess
 
 TOKEN = "s3cret-admin-token"
@@ -144,7 +145,6 @@ async def test_before_start_is_failed_precondition_with_the_start(
 
 async def test_after_end_is_failed_precondition(client: CouponServiceClient) -> None:
     c = await create(client, starts_in=-5, ends_at=in_seconds(0.3))
-    import asyncio
 
     await asyncio.sleep(0.5)
     err = await error_of(
@@ -327,31 +327,13 @@ def test_health_and_readiness(server: ServerProcess) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
 
 
-async def raw_head(server: ServerProcess, path: str) -> tuple[bytes, dict[str, str], bytes]:
-    """HEAD over HTTP/1.1 by hand: the status line, the fields and whatever follows them
-    before the server closes the connection (nothing, for HEAD)."""
-    host, port = server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    status, *lines = head.split(b"\r\n")
-    fields = {
-        name.strip().lower().decode(): value.strip().decode()
-        for name, _, value in (line.partition(b":") for line in lines)
-    }
-    return status, fields, rest
-
-
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_head_on_health_answers_as_get_without_the_body(
     server: ServerProcess, path: str
 ) -> None:
     """Load balancers and uptime checkers send HEAD (RFC 9110 §9.3.2)."""
     got = httpx.get(server.url + path, timeout=10)
-    status, fields, rest = await raw_head(server, path)
+    status, fields, rest = await head(server.url, path)
     assert status.startswith(b"HTTP/1.1 %d" % got.status_code), status
     assert rest == b""
     assert fields["content-length"] == got.headers["content-length"] == str(len(got.content))
@@ -365,7 +347,6 @@ async def test_head_on_health_answers_as_get_without_the_body(
 
 
 async def test_thousands_of_concurrent_issues_keep_i1_to_i4(client: CouponServiceClient) -> None:
-    import asyncio
     import random
     from collections import Counter
 

@@ -4,7 +4,6 @@ every error under /dashboard/, and the list's pages."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 
 from coupon.entrypoints.dashboard import PAGE_SIZE
 from harness.client import connect_client, create_campaign
+from harness.raw_http import head
 from harness.server import ServerProcess
 
 TOKEN = "dashboard-http-token"
@@ -43,27 +43,12 @@ def test_the_page_and_script_are_revalidated_never_sniffed_and_never_framed(
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
 
 
-async def raw_head(server: ServerProcess, path: str) -> bytes:
-    host, port = server.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return answer
-
-
 @pytest.mark.parametrize("path", FILES)
 async def test_head_answers_like_get_without_the_body(server: ServerProcess, path: str) -> None:
     got = httpx.get(server.url + path, timeout=10)
-    answer = await raw_head(server, path)
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    status, fields, rest = await head(server.url, path)
+    assert status.startswith(b"HTTP/1.1 200"), status
     assert rest == b""
-    fields = dict(
-        (name.strip().lower().decode(), value.strip().decode())
-        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-    )
     for name in ("content-type", "content-length", "cache-control", "x-content-type-options"):
         assert fields[name] == got.headers[name], name
     # The same over HTTP/2, where no server below the app drops a body.
