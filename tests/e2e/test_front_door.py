@@ -836,6 +836,49 @@ async def test_a_client_that_pipelines_issues_and_never_reads_is_reset(
     assert "Traceback" not in server.log()
 
 
+async def test_a_client_that_pipelines_issues_and_never_reads_is_read_no_further(
+    server: ServerProcess, campaign: str
+) -> None:
+    """While its answers wait to be sent, nothing more is read from such a client: what it
+    sends stays in the kernels' buffers, and the server does not answer (and hold in its
+    memory) request after request that it cannot send."""
+    user = f"stopped-{uuid.uuid4().hex}"
+    request = issue_request(campaign, user)
+    reader, writer = await open_connection(server.url)
+    writer.write(request)
+    answer = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert answer.status == 200, answer
+    total = 60_000_000
+    requests = request * (total // len(request) + 1)
+    sock = small_window_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65_536)
+    loop = asyncio.get_running_loop()
+    sent = 0
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        view = memoryview(requests)
+        progress_at = time.monotonic()
+        # Sends until the server stops taking bytes for a second (or resets the connection).
+        while sent < len(requests) and time.monotonic() - progress_at < 1:
+            try:
+                n = sock.send(view[sent : sent + 65_536])
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            except OSError:
+                break
+            sent += n
+            progress_at = time.monotonic()
+    finally:
+        sock.close()
+    answered = sent // len(request)
+    # What the server could not send: its own buffer's high-water mark, the kernel's send
+    # and receive buffers; the client's requests beyond them are not read.
+    assert sent < total // 3, f"{answered} requests of {len(requests) // len(request)} read"
+    await serves_meanwhile(server, campaign, 0.5)
+
+
 @pytest.mark.parametrize(
     ("path", "location"), [("/example", "/example/"), ("/example?x=1", "/example/?x=1")]
 )

@@ -55,11 +55,13 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Sized
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import httptools
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -288,6 +290,7 @@ class Http1Protocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _Flow(transport, self.pipeline)
         # Idle until its first byte (a pool may open a connection well before using it):
         # closed cleanly after the keep-alive time, as between requests.
         self._idle_since = self.loop.time()
@@ -339,6 +342,10 @@ class Http1Protocol(HttpToolsProtocol):
         """The transport's buffer is over its high-water mark: whoever writes next waits
         for it to drain (uvicorn's FlowControl), and a watch starts on its draining."""
         super().pause_writing()
+        if not self._draining_until:
+            # Nor is more read meanwhile: answers to requests read now would only pile up
+            # behind the ones waiting (the lane writes its answers without waiting).
+            self.flow.pause_reading()
         if self._write_watch is None and not self.transport.is_closing():
             self._sent_at = self.loop.time()
             self._buffered = self._unsent()
@@ -348,6 +355,8 @@ class Http1Protocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._unwatch_writes()
+        if not self.pipeline and self._refused is None and not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def _unwatch_writes(self) -> None:
         if self._write_watch is not None:
@@ -774,7 +783,7 @@ class Http1Protocol(HttpToolsProtocol):
 
     def _unhold(self) -> None:
         self._held = None
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.flow.read_paused:
             self.transport.resume_reading()
 
     # --- keep-alive: the sweeper closes idle connections (no timer per request) ------------
@@ -783,11 +792,11 @@ class Http1Protocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        if self._refused is None:
-            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+            if self._refused is None:
+                self.flow.resume_reading()  # if it was the last queued
         elif self._refused is not None:
             # Every request before the refused one is answered: its refusal goes now.
             answer, self._refused = self._refused, None
@@ -795,6 +804,7 @@ class Http1Protocol(HttpToolsProtocol):
             self.flow.resume_reading()  # for the lingering close
             self._close_with(answer)
         else:
+            self.flow.resume_reading()
             self._idle_since = self.loop.time()
 
     def _unset_keepalive_if_required(self) -> None:
@@ -900,6 +910,23 @@ _NO_HOST: Answer = (400, PLAIN, b"an HTTP/1.1 request needs one Host header", []
 _HOSTS: Answer = (400, PLAIN, b"a request may have one Host header, no more", [])
 _BAD_HOST: Answer = (400, PLAIN, b"the Host header must be a host and an optional port", [])
 _VERSION: Answer = (505, PLAIN, b"HTTP/1.1 and 1.0 here; HTTP/2 with prior knowledge or TLS", [])
+
+
+class _Flow(FlowControl):
+    """uvicorn's flow control, but reading stays paused while requests wait their turn
+    behind the one in flight, and while writing is paused: a request read then would only
+    wait in memory, or add its answer to those waiting to be sent. (uvicorn resumes reading
+    whenever an answer ends or a handler asks for its body, so a client that pipelines
+    faster than it is answered queues requests without bound.) A queued request's body is
+    whole, but for the last one's: started, it is no longer queued, and reading resumes."""
+
+    def __init__(self, transport: asyncio.Transport, pipeline: Sized) -> None:
+        super().__init__(transport)
+        self._pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if not self.write_paused and not self._pipeline:
+            super().resume_reading()
 
 
 def _unsupported(version: str, hosts: int, bad_host: bool) -> Answer | None:
