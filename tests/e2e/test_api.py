@@ -140,7 +140,9 @@ async def test_before_start_is_failed_precondition_with_the_start(
     )
     assert err.code == Code.FAILED_PRECONDITION
     assert c.starts_at is not None
-    assert c.starts_at.to_datetime().isoformat()[:19] in err.message
+    # The time as the API's JSON writes every Timestamp: RFC 3339 with Z, to the microsecond.
+    start = c.starts_at.to_datetime().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert err.message == f"campaign has not started yet: it starts at {start}"
 
 
 async def test_after_end_is_failed_precondition(client: CouponServiceClient) -> None:

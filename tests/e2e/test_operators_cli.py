@@ -712,8 +712,8 @@ def test_errors_are_one_line_with_a_nonzero_exit(server: ServerProcess) -> None:
 def test_times_in_an_error_are_written_as_every_other_time_the_command_prints(
     server: ServerProcess,
 ) -> None:
-    """The service's message quotes its times with +00:00: the command writes them with Z
-    (RFC 3339 UTC), to the microsecond, as its tables and exports do."""
+    """The service's message quotes its times with Z (RFC 3339 UTC), to the microsecond, as
+    the command's tables and exports write them."""
     backwards = coupon(
         server, "create", "--name", "x", "--coupons", "5",
         "--starts-at", "2100-01-02T03:04:05.250Z", "--ends-at", "2100-01-01T00:00:00Z",

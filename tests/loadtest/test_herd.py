@@ -134,10 +134,8 @@ def test_a_campaign_that_has_ended_is_a_final_answer_and_not_started_is_not() ->
         return decision.final
 
     # The service's messages (src/coupon/domain/errors.py).
-    assert answer("campaign has ended: it ended at 2026-12-04T10:00:00+00:00") is Final.ENDED
-    assert answer("campaign has not started yet: it starts at 2026-12-04T10:00:00+00:00") is (
-        Final.NONE
-    )
+    assert answer("campaign has ended: it ended at 2026-12-04T10:00:00Z") is Final.ENDED
+    assert answer("campaign has not started yet: it starts at 2026-12-04T10:00:00Z") is (Final.NONE)
 
 
 def test_the_messages_the_herd_tells_apart_are_the_services() -> None:

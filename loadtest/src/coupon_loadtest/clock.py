@@ -103,5 +103,6 @@ def from_http_date(sent_ns: int, received_ns: int, date_s: int, source: str) -> 
 
 def iso_ms(ns: int) -> str:
     """A wall-clock time (ns since the epoch) as the report writes times: ISO 8601, UTC,
-    to the millisecond."""
-    return datetime.fromtimestamp(ns / NS_PER_S, UTC).isoformat(timespec="milliseconds")
+    to the millisecond, with `Z` (RFC 3339), as the service writes times."""
+    text = datetime.fromtimestamp(ns / NS_PER_S, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")

@@ -150,7 +150,8 @@ class ClientView:
 
 
 def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="microseconds")
+    text = datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="microseconds")
+    return text.replace("+00:00", "Z")
 
 
 def summarize(observations: Observations, plan: Plan, clock: ClockOffset) -> ClientView:

@@ -24,6 +24,7 @@ from coupon.application.use_cases import CampaignDirectory
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon, validate_campaign_id, validate_user_id
 from coupon.domain.errors import CampaignNotFound, InvalidArgument, Unavailable
+from coupon.domain.times import rfc3339
 
 LIST_PAGE_SIZE_DEFAULT = 100
 LIST_PAGE_SIZE_MAX = 1_000
@@ -152,7 +153,7 @@ class EndCampaign:
             # The gate refuses from `at` on already; only PostgreSQL's record is missing,
             # and a retry records this same end (the gate keeps its first).
             raise Unavailable(
-                f"{exc}: the campaign ended at {at.isoformat()} (no coupon is issued any "
+                f"{exc}: the campaign ended at {rfc3339(at)} (no coupon is issued any "
                 "more) but the end is not recorded yet; retry EndCampaign to record it",
                 exc.retry_after_ms,
                 detail=exc.detail,

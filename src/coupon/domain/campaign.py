@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from coupon.domain.errors import InvalidArgument
+from coupon.domain.times import rfc3339
 
 NAME_MAX_CHARS = 200
 # What a name is shown with (a table row, a page) must not be able to move: no C0, DEL or
@@ -108,8 +109,7 @@ def validate_time(field: str, value: datetime | None, *, required: bool) -> date
     if not EARLIEST <= value < LATEST:
         raise InvalidArgument(
             field,
-            f"must be between {EARLIEST.isoformat()} and {LATEST.isoformat()} "
-            f"(got {value.isoformat()})",
+            f"must be between {rfc3339(EARLIEST)} and {rfc3339(LATEST)} (got {rfc3339(value)})",
         )
     return value
 
@@ -133,11 +133,11 @@ def new_campaign(
         kept = " (times are kept to the microsecond)" if end == start else ""
         raise InvalidArgument(
             "ends_at",
-            f"must be after starts_at ({start.isoformat()}); got {end.isoformat()}{kept}",
+            f"must be after starts_at ({rfc3339(start)}); got {rfc3339(end)}{kept}",
         )
     if end is not None and end <= now:
         raise InvalidArgument(
-            "ends_at", f"must be in the future (got {end.isoformat()}, now {now.isoformat()})"
+            "ends_at", f"must be in the future (got {rfc3339(end)}, now {rfc3339(now)})"
         )
     return Campaign(
         id=campaign_id,

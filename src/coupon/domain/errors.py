@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from coupon.domain.times import rfc3339
+
 
 class CouponError(Exception):
     """Base of every error the service reports to a caller."""
@@ -29,13 +31,13 @@ class CampaignNotFound(CouponError):
 
 class CampaignNotStarted(CouponError):
     def __init__(self, starts_at: datetime) -> None:
-        super().__init__(f"campaign has not started yet: it starts at {starts_at.isoformat()}")
+        super().__init__(f"campaign has not started yet: it starts at {rfc3339(starts_at)}")
         self.starts_at = starts_at
 
 
 class CampaignEnded(CouponError):
     def __init__(self, ends_at: datetime) -> None:
-        super().__init__(f"campaign has ended: it ended at {ends_at.isoformat()}")
+        super().__init__(f"campaign has ended: it ended at {rfc3339(ends_at)}")
         self.ends_at = ends_at
 
 

@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
                 file=sys.stderr,
             )
         else:
-            print(f"coupon: {exc.code.value}: {utc_times(exc.message)}", file=sys.stderr)
+            print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
@@ -772,17 +772,6 @@ def _iso(value: Timestamp | None) -> str:
     if value is None:
         return ""
     return value.to_datetime().isoformat().replace("+00:00", "Z")
-
-
-# A UTC time as Python's isoformat() writes it, as the service's messages quote times.
-_OFFSET_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)\+00:00\b")
-
-
-def utc_times(message: str) -> str:
-    """The service's message with each UTC time in it written with `Z` (RFC 3339), as the
-    command prints every other time: `2026-12-03T09:01:10.924591+00:00` becomes
-    `2026-12-03T09:01:10.924591Z`, to the same microsecond."""
-    return _OFFSET_UTC.sub(r"\1Z", message)
 
 
 def _time(value: Timestamp | None) -> str:
