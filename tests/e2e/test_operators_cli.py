@@ -165,6 +165,20 @@ def test_a_list_cut_by_its_limit_says_so_on_stderr_only(server: ServerProcess) -
     assert json.loads(ok(listed))["nextPageToken"] and listed.stderr == ""
 
 
+def test_an_empty_list_says_so_and_its_json_still_has_campaigns() -> None:
+    """A script takes `campaigns` without a check (the API's JSON leaves an empty list
+    out); a person reads one line on stderr rather than a header over nothing."""
+    with ServerProcess(env={"COUPON_ADMIN_TOKEN": TOKEN}, in_memory=True) as empty:
+        listed = json.loads(ok(coupon(empty, "--json", "list")))
+        assert listed["campaigns"] == [] and "serverTime" in listed
+        table = coupon(empty, "list")
+        assert (table.returncode, table.stdout, table.stderr) == (0, "", "coupon: no campaigns\n")
+        create(empty, "only one")
+        active = coupon(empty, "list", "--status", "sold_out")
+        assert (active.stdout, active.stderr) == ("", "coupon: no sold_out campaigns\n")
+        assert len(json.loads(ok(coupon(empty, "--json", "list")))["campaigns"]) == 1
+
+
 def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
     campaign = create(server, "to end")
     issue(server, campaign["id"], ["before"])

@@ -260,8 +260,9 @@ def test_an_unusable_database_url_stops_the_run_before_any_load(
     capsys: pytest.CaptureFixture[str],
     database_url: str,
 ) -> None:
+    free = f"127.0.0.1:{free_port()}"
     if database_url == "closed port":
-        database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/coupon"
+        database_url = f"postgresql://postgres@{free}/coupon"
     report = tmp_path / "report.json"
     code = run_tool(
         "--url", memory_server.url, "--coupons", "20", "--users", "40", "--rate", "100",
@@ -270,6 +271,8 @@ def test_an_unusable_database_url_stops_the_run_before_any_load(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("loadtest: ") and "--database-url" in err
+    if database_url.endswith(f"{free}/coupon"):
+        assert err == f"loadtest: cannot connect to --database-url: connection refused by {free}\n"
     # Refused at set-up: no campaign was created, nothing was sent, no report written.
     assert campaigns(memory_server) == []
     assert not report.exists()

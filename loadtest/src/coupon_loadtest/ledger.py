@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -59,13 +61,34 @@ def _ns(value: datetime | None) -> int | None:
     return None if value is None else (value - _EPOCH) // _MICROSECOND * 1000
 
 
+def _unreachable(exc: BaseException, database_url: str) -> str:
+    """Why PostgreSQL could not be reached, in a few words naming where (never the
+    password): `connection refused by 127.0.0.1:5433`."""
+    try:
+        parts = urlsplit(database_url)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:
+        where = "the URL's host"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} (timed out)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot reach {where}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def check_database(database_url: str, campaign_id: str | None, timeout_s: float) -> None:
     """At set-up, before any load: --database-url answers, and holds the campaign when one
     is named, so that a wrong URL does not cost the run's results at its end."""
     try:
         connection = await asyncpg.connect(database_url, timeout=timeout_s)
     except Exception as exc:
-        raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
+        raise SetupError(
+            f"cannot connect to --database-url: {_unreachable(exc, database_url)}"
+        ) from exc
     try:
         try:
             # The read-back's queries, on a campaign that cannot exist: a database without
@@ -91,7 +114,9 @@ async def database_ledger(
     try:
         connection = await asyncpg.connect(database_url, timeout=timeout_s)
     except Exception as exc:
-        raise SetupError(f"cannot connect to --database-url: {type(exc).__name__}: {exc}") from exc
+        raise SetupError(
+            f"cannot connect to --database-url: {_unreachable(exc, database_url)}"
+        ) from exc
     try:
         campaign = await audit.read_campaign(connection, campaign_id)
         if campaign is None:

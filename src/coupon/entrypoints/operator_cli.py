@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import http
+import json
 import math
 import os
 import re
@@ -480,13 +481,17 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         # ListCampaigns' own answer, as `curl` gets it: the campaigns of every page read,
         # with the last page's nextPageToken (set when --limit stopped before the end)
         # and serverTime.
-        print(
-            coupon_pb.ListCampaignsResponse(
-                campaigns=campaigns,
-                next_page_token=page.next_page_token,
-                server_time=page.server_time,
-            ).to_json()
-        )
+        # `campaigns` is there when empty too (as `[]`, where the API's JSON leaves an
+        # empty list out), so that a script can take it without a check.
+        answer = coupon_pb.ListCampaignsResponse(
+            campaigns=campaigns,
+            next_page_token=page.next_page_token,
+            server_time=page.server_time,
+        ).to_json()
+        if not campaigns:
+            fields = {"campaigns": [], **json.loads(answer)}
+            answer = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        print(answer)
         return
     rows = [
         (
@@ -501,6 +506,11 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         )
         for c in campaigns
     ]
+    if not rows:
+        # As `kubectl get` says it: on stderr, leaving stdout empty.
+        which = f"{args.status} " if args.status else ""
+        print(f"coupon: no {which}campaigns", file=sys.stderr)
+        return
     print_table(LIST_COLUMNS, rows, sys.stdout)
     if page.next_page_token:
         # --limit stopped the listing and the service has more (a token is given only
