@@ -38,6 +38,7 @@ from coupon.application.ports import (
     CodeGenerator,
     ConstraintViolation,
     CouponLedger,
+    CouponPage,
     Handoff,
     LiveStats,
     Recorded,
@@ -370,6 +371,27 @@ async def test_ledger_pages_in_issue_order_with_stable_positions(adapters: Adapt
     assert sorted(holdings, key=lambda x: x.slot) == coupons
     holders = [u async for chunk in adapters.ledger.holders(c.id) for u in chunk]
     assert sorted(holders) == sorted(x.user_id for x in coupons)
+
+
+async def test_ledger_reads_a_campaign_with_a_page_of_its_coupons_at_once(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=10)
+    assert await adapters.ledger.campaign_page(c.id, 0, 4) == (c, CouponPage([], 0, False))
+    coupons = [await adapters.coupon(c, f"u{i}", i + 1) for i in range(6)]
+    for x in coupons:
+        await adapters.ledger.record(x)
+    found = await adapters.ledger.campaign_page(c.id, 0, 4)
+    assert found is not None
+    campaign, first = found
+    assert campaign == await adapters.campaigns.get(c.id)
+    assert campaign.issued_count == 6 and campaign.name == c.name
+    assert first == await adapters.ledger.page(c.id, 0, 4)
+    found = await adapters.ledger.campaign_page(c.id, first.last_position, 4)
+    assert found is not None
+    assert found[1] == await adapters.ledger.page(c.id, first.last_position, 4)
+    assert list(found[1].coupons) == coupons[4:] and not found[1].has_more
+    assert await adapters.ledger.campaign_page(new_campaign_id(), 0, 4) is None
 
 
 # --- stock gate ----------------------------------------------------------------------

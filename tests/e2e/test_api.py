@@ -155,6 +155,38 @@ async def test_after_end_is_failed_precondition(client: CouponServiceClient) -> 
     assert err.code == Code.FAILED_PRECONDITION and "ended" in err.message
 
 
+async def test_get_campaign_counts_the_coupons_it_lists_while_they_are_issued(
+    server: ServerProcess, client: CouponServiceClient
+) -> None:
+    """The issued count and the coupons of one answer are read at one moment: a page
+    that lists them all says exactly how many there are, also mid-burst."""
+    total = 1500
+    c = await create(client, total=total)
+    users = iter(range(total))
+
+    async def issue_some() -> None:
+        async with connect_client(server.url) as own:
+            for user in users:
+                await own.issue_coupon(
+                    coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=f"u{user}")
+                )
+
+    issuing = asyncio.gather(*(issue_some() for _ in range(32)))
+    seen: list[tuple[int, int]] = []
+    try:
+        while not issuing.done():
+            page = await client.get_campaign(
+                coupon_pb.GetCampaignRequest(campaign_id=c.id, page_size=10_000), headers=AUTH
+            )
+            assert page.campaign is not None and not page.next_page_token
+            seen.append((page.campaign.issued_count, len(page.coupons)))
+    finally:
+        await issuing
+    mid_burst = [pair for pair in seen if 0 < pair[1] < total]
+    assert mid_burst, seen
+    assert all(count == listed for count, listed in seen), seen
+
+
 async def test_unknown_campaign_is_not_found(client: CouponServiceClient) -> None:
     missing = "0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50"
     err = await error_of(

@@ -102,7 +102,7 @@ def build_world(
         gate=gate,
         ledger=ledger,
         create=CreateCampaign(campaigns, gate, clock),
-        get=GetCampaign(campaigns, ledger, clock),
+        get=GetCampaign(ledger, clock),
         issue=IssueCoupon(
             gate, ledger, codes or MemoryCodeGenerator(), CampaignDirectory(campaigns), memory
         ),

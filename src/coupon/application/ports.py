@@ -159,6 +159,13 @@ class CouponLedger(Protocol):
         """Coupons of a campaign in issue order, those after position `after` (0: first)."""
         ...
 
+    async def campaign_page(
+        self, campaign_id: str, after: int, limit: int
+    ) -> tuple[Campaign, CouponPage] | None:
+        """The campaign and a page of its coupons (as `page`) read together, as of one
+        moment: its issued count counts the coupons the pages show. None: no such campaign."""
+        ...
+
     def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
         """Every coupon of the campaign, in chunks: what a gate rebuild needs."""
         ...

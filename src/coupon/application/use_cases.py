@@ -153,10 +153,7 @@ def decode_page_token(campaign_id: str, token: str) -> int:
 
 
 class GetCampaign:
-    def __init__(
-        self, campaigns: CampaignRepository, ledger: CouponLedger, clock: ViewClock
-    ) -> None:
-        self._campaigns = campaigns
+    def __init__(self, ledger: CouponLedger, clock: ViewClock) -> None:
         self._ledger = ledger
         self._clock = clock
 
@@ -169,9 +166,10 @@ class GetCampaign:
                 "page_size", f"must be between 1 and {PAGE_SIZE_MAX} (got {page_size})"
             )
         after = decode_page_token(campaign_id, page_token)
-        campaign = await self._campaigns.get(campaign_id)
-        if campaign is None:
+        # One read: the issued count is that of the coupons the pages list.
+        found = await self._ledger.campaign_page(campaign_id, after, page_size)
+        if found is None:
             raise CampaignNotFound(campaign_id)
-        page = await self._ledger.page(campaign_id, after, page_size)
+        campaign, page = found
         token = encode_page_token(campaign_id, page.last_position) if page.has_more else ""
         return CampaignView(campaign, page.coupons, token, await self._clock.now())

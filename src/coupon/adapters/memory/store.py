@@ -154,6 +154,15 @@ class MemoryCouponLedger:
         last = after + len(chunk)
         return CouponPage(chunk, last, has_more=last < len(issued))
 
+    async def campaign_page(
+        self, campaign_id: str, after: int, limit: int
+    ) -> tuple[Campaign, CouponPage] | None:
+        campaign = self._store.campaigns.get(campaign_id)
+        if campaign is None:
+            return None
+        issued = len(self._store.coupons[campaign_id])
+        return campaign.with_issued_count(issued), await self.page(campaign_id, after, limit)
+
     async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
         yield list(self._store.coupons.get(campaign_id, []))
 

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import asyncpg
 
-from coupon.adapters.postgres.pool import KeptConnection, connection
+from coupon.adapters.postgres.pool import KeptConnection, connection, from_db_end
 from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
@@ -27,6 +27,7 @@ from coupon.application.ports import (
     Settles,
     UserCouponPage,
 )
+from coupon.domain.campaign import Campaign
 from coupon.domain.codes import CodeCipher
 from coupon.domain.coupon import Coupon
 from coupon.domain.errors import Unavailable
@@ -78,6 +79,19 @@ SELECT r.campaign_id, r.slot FROM unnest($1::uuid[], $2::bigint[]) AS r(campaign
 _PAGE = f"""
 SELECT id, {_COUPON_COLUMNS} FROM coupons
  WHERE campaign_id = $1 AND id > $2 ORDER BY id LIMIT $3
+"""
+# The campaign and a page of its coupons in one statement, so from one snapshot: the
+# issued count is that of the coupons listed (a row with no coupon when the page is empty).
+_CAMPAIGN_PAGE = f"""
+SELECT c.name, c.total_coupons, c.issued_count, c.starts_at, c.ends_at, c.created_at,
+       c.ended_at, p.id, p.code, p.campaign_id, p.user_id, p.issued_at, p.slot
+  FROM campaigns c
+  LEFT JOIN LATERAL (
+       SELECT id, {_COUPON_COLUMNS} FROM coupons
+        WHERE campaign_id = c.id AND id > $2 ORDER BY id LIMIT $3
+  ) p ON true
+ WHERE c.id = $1
+ ORDER BY p.id
 """
 _HOLDINGS = f"SELECT {_COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1"
 _HOLDERS = "SELECT user_id FROM coupons WHERE campaign_id = $1"
@@ -378,6 +392,32 @@ class PostgresCouponLedger:
         rows = rows[:limit]
         last = rows[-1]["id"] if rows else after
         return CouponPage([coupon_from_row(r) for r in rows], last, has_more)
+
+    async def campaign_page(
+        self, campaign_id: str, after: int, limit: int
+    ) -> tuple[Campaign, CouponPage] | None:
+        async with connection(self._pool) as conn:
+            rows = await conn.fetch(_CAMPAIGN_PAGE, uuid.UUID(campaign_id), after, limit + 1)
+        if not rows:
+            return None
+        first = rows[0]
+        campaign_id = str(uuid.UUID(campaign_id))  # the rows' spelling
+        campaign = Campaign(
+            id=campaign_id,
+            name=first["name"],
+            total_coupons=first["total_coupons"],
+            starts_at=first["starts_at"],
+            ends_at=from_db_end(first["ends_at"]),
+            created_at=first["created_at"],
+            issued_count=first["issued_count"],
+            ended_at=first["ended_at"],
+        )
+        if first["id"] is None:
+            return campaign, CouponPage([], after, has_more=False)
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        page = CouponPage([coupon_from_row(r, campaign_id) for r in rows], rows[-1]["id"], has_more)
+        return campaign, page
 
     async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
         campaign = str(uuid.UUID(campaign_id))  # every row's, in the rows' spelling
