@@ -155,7 +155,9 @@ junk = st.recursive(
 # paragraph separators and the characters that change the direction text is shown in.
 plain_chars = st.characters(
     exclude_categories=["Cs", "Cc"],
-    exclude_characters="\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069",
+    exclude_characters=(
+        "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    ),
 )
 huge_text = st.builds(
     lambda c, n: c * n,

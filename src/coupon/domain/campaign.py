@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -13,8 +14,10 @@ from coupon.domain.times import rfc3339
 NAME_MAX_CHARS = 200
 # What a name is shown with (a table row, a page) must not be able to move: no C0, DEL or
 # C1 control (a tab, a newline, an escape sequence), no line or paragraph separator, and no
-# bidirectional embedding, override or isolate, which would show it reversed.
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# bidirectional mark, embedding, override or isolate, which would show it reversed.
+_UNSHOWABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 TOTAL_COUPONS_MAX = 10_000_000
 # Timestamps outside this range cannot be stored by PostgreSQL's timestamptz without
 # surprises and make no sense for a campaign; refusing them early gives a clear error.
@@ -76,8 +79,9 @@ class Campaign:
 
 
 def validate_name(name: str) -> str:
-    if not name or not name.strip():
-        raise InvalidArgument("name", "must not be empty")
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in name):
+        # Empty, or only spaces and invisible format characters (U+200B, U+FEFF, …).
+        raise InvalidArgument("name", "must not be empty or blank")
     if len(name) > NAME_MAX_CHARS:
         raise InvalidArgument(
             "name", f"must be at most {NAME_MAX_CHARS} characters (got {len(name)})"
