@@ -27,7 +27,9 @@ EXPOSED_HEADERS = (
     b"Grpc-Accept-Encoding, Content-Encoding, Connect-Content-Encoding, Accept-Encoding, "
     b"Connect-Accept-Encoding, Retry-After-Ms"
 )
-ALLOWED_METHODS = b"POST, GET"  # Connect unary GET, for cacheable calls
+# POST only: no RPC of the API is marked free of side effects, so none is served by GET
+# (which answers 405), and a preflight must not promise it.
+ALLOWED_METHODS = b"POST"
 # Browsers cap it (Chromium at 2 hours); one preflight per origin and path per cap.
 MAX_AGE = b"7200"
 
