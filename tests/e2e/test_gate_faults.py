@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from connectrpc.code import Code
@@ -184,6 +185,30 @@ async def test_a_user_whose_request_failed_in_a_redis_hang_succeeds_at_once_afte
         recovered = time.monotonic() - resumed
         print(f"after the hang: the user's retry succeeded {recovered * 1000:.0f} ms after resume")
         assert recovered < 1.0
+
+
+async def test_a_redis_full_under_noeviction_makes_the_server_not_ready_and_says_why(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    """Full to its maxmemory under noeviction, Redis still answers PING but refuses every
+    admission: /readyz says so (503, in words), and is ready again once it has room."""
+    async with connect_client(server.url) as client:
+        c = (await create_campaign(client, total=10, name="full")).id
+        await code_of(client, c, "before")
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1mb")
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{server.url}/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "Redis is full" in ready.json()["checks"]["redis"], ready.text
+            assert "raise maxmemory" in ready.json()["checks"]["redis"]
+            await admin.config_set("maxmemory", "0")
+            assert (await http.get(f"{server.url}/readyz")).status_code == 200
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
 
 
 async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_seconds(

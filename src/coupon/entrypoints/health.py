@@ -63,3 +63,16 @@ class Readiness:
         results = await asyncio.gather(*(one(self._checks[n]) for n in names))
         report = dict(zip(names, results, strict=True))
         return all(r == "ok" for r in results), report
+
+
+def refuses_writes(memory: Mapping[str, object]) -> str | None:
+    """Why Redis, by its INFO memory, refuses every write, or None: full to its
+    `maxmemory` under `noeviction`, it answers PING but refuses each admission (OOM)."""
+    limit = int(str(memory.get("maxmemory", 0)))
+    used = int(str(memory.get("used_memory", 0)))
+    if limit and used >= limit and memory.get("maxmemory_policy") == "noeviction":
+        return (
+            f"Redis is full: used_memory {used} of maxmemory {limit} (noeviction), so it "
+            "refuses writes and no coupon can be admitted; raise maxmemory"
+        )
+    return None

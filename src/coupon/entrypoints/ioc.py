@@ -31,7 +31,12 @@ from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
 from coupon.adapters.postgres.pool import create_pool, warm
-from coupon.adapters.redis.client import RedisClient, answers, create_client
+from coupon.adapters.redis.client import (
+    QueueingRedisCluster,
+    RedisClient,
+    answers,
+    create_client,
+)
 from coupon.adapters.redis.clock import RedisClock
 from coupon.adapters.redis.live_stats import RedisLiveStats
 from coupon.adapters.redis.stock_gate import RedisStockGate
@@ -57,7 +62,7 @@ from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
 from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
 from coupon.entrypoints.dashboard import Dashboard
-from coupon.entrypoints.health import NotReady, Readiness
+from coupon.entrypoints.health import NotReady, Readiness, refuses_writes
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings
@@ -188,6 +193,10 @@ class StorageProvider(Provider):
         async def redis() -> None:
             try:
                 await answers(client, timeout=1.5)  # within the check's 2 s
+                if not isinstance(client, QueueingRedisCluster):
+                    full = refuses_writes(await client.info("memory"))
+                    if full:
+                        raise NotReady(full)
             except RedisResponseError as exc:
                 # Redis's own words (a REDIS_DB beyond its databases, a refused password,
                 # a dataset still loading) name no address, and say what to fix.
