@@ -134,6 +134,11 @@ def test_server_that_says_sold_out_with_stock_left_fails() -> None:
     result = check(run_server(Faults(sold_out_early_by=10)))
 
     assert failed(result) == {"issued = min(stock, demand)"}
+    # Short of the stock: the failure says what else than a fault explains it.
+    (short,) = result.failures
+    assert any(e.startswith("10 short:") and "--tail longer than" in e for e in short.examples), (
+        short.examples
+    )
 
 
 def test_coupon_of_another_user_fails() -> None:

@@ -380,6 +380,14 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
             f"{len(view.demand)} users answered while open"
             + (f", +{hi - lo} with lost or outcome-unknown responses)" if hi != lo else ")")
         )
+        if issued < lo:
+            # Stock held by a request whose server process died mid-run is the service's
+            # again only after its pending lease: a run that ends sooner cannot see it issued.
+            demand_problems.append(
+                f"{lo - issued} short: if a server process died during the run, its admitted "
+                "stock returns after the service's pending lease (COUPON_PENDING_LEASE_SECONDS, "
+                "15 s by default): run with --tail longer than it to see it issued"
+            )
 
     return [
         _check(
