@@ -72,7 +72,8 @@ class LiveTally:
         self, stats: LiveStats, seconds: float = 1.0
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """Add the tallies to `stats` every `seconds` while open, and once more when closed.
-        A failed flush drops its tallies: live figures, not records."""
+        A failed flush drops its tallies: live figures, not records (a shutdown does not
+        wait for them longer than one flush waits, see LiveStats.add)."""
 
         async def flush_quietly() -> None:
             try:
@@ -80,7 +81,13 @@ class LiveTally:
             except CouponError as exc:
                 log.warning("live stats flush failed", extra={"error": str(exc)})
 
-        return periodically(seconds, flush_quietly)
+        async def flush_last() -> None:
+            try:
+                await self.flush(stats)
+            except CouponError as exc:
+                log.warning("live figures not flushed at shutdown", extra={"error": str(exc)})
+
+        return periodically(seconds, flush_quietly, flush_last)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,13 @@ log = logging.getLogger("coupon")
 
 @contextlib.asynccontextmanager
 async def periodically(
-    seconds: float, action: Callable[[], Awaitable[None]]
+    seconds: float,
+    action: Callable[[], Awaitable[None]],
+    last: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[None]:
     """Await `action` every `seconds` while open, and once more when closed (so nothing
-    tallied before the close is lost). `action` handles the failures it expects; one it
-    does not is logged, and the next round runs all the same."""
+    tallied before the close is lost), or `last` instead if given. `action` handles the
+    failures it expects; one it does not is logged, and the next round runs all the same."""
 
     async def forever() -> None:
         while True:
@@ -33,4 +35,4 @@ async def periodically(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await action()
+        await (last or action)()

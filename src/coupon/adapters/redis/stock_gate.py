@@ -13,7 +13,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -77,6 +77,10 @@ class RedisStockGate:
     REBUILD_WAIT_S = 8.0
     # How long a call whose reply was lost keeps trying to give its admissions back.
     ABANDON_RETRY_S = (0.05, 0.1, 0.2, 0.5)
+    # A graceful shutdown waits this long for the gate's calls (queued confirms, calls in
+    # flight, admissions being given back), then gives them up: each is an optimisation the
+    # lease makes up for, and every coupon acknowledged is in PostgreSQL already (I5).
+    CLOSE_WAIT_S = 2.0
 
     def __init__(
         self,
@@ -106,6 +110,8 @@ class RedisStockGate:
         self._busy: set[str] = set()
         self._confirms: dict[str, list[str]] = {}  # user, value, user, value, ...
         self._tasks: set[asyncio.Future[None]] = set()
+        self._closing = False  # shutting down: no retrying, nothing new once given up
+        self._given_up = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Names this process's admission calls: 'origin.n'.
         self._origin = secrets.token_hex(4)
@@ -132,7 +138,10 @@ class RedisStockGate:
     def _ended_key(self, campaign_id: str) -> str:
         return f"{self._prefix}:{{{campaign_id}}}:ended"
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._given_up:  # after the shutdown's wait: nobody would wait for it
+            work.close()
+            return
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -299,7 +308,14 @@ class RedisStockGate:
                 given = await self._abandon(
                     keys=self.keys(campaign_id), args=[token, self._delay_us, users]
                 )
-            except FAILURES:
+            except FAILURES as exc:
+                if self._closing:  # shutting down: no retrying
+                    log.warning(
+                        "admissions of a call whose reply was lost not given back at "
+                        "shutdown: Redis is unavailable; the lease settles them",
+                        extra={"campaign_id": campaign_id, "cause": f"{type(exc).__name__}: {exc}"},
+                    )
+                    return
                 if time.monotonic() + delay > give_up:
                     return  # the lease settles them
                 await asyncio.sleep(delay)
@@ -404,12 +420,28 @@ class RedisStockGate:
         self._wake(coupon.campaign_id)
 
     async def close(self) -> None:
-        """Send queued confirms and wait for batches in flight (graceful shutdown)."""
-        while self._tasks or self._busy:
+        """Send queued confirms and wait for the calls in flight (graceful shutdown), for
+        CLOSE_WAIT_S at most: a Redis that is down or hangs does not hold the exit. What is
+        left then is given up, in one warning line; the lease settles those admissions."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.CLOSE_WAIT_S
+        while (self._tasks or self._busy) and loop.time() < deadline:
             if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
             else:  # a drain is scheduled (see _wake) but has not started yet
                 await asyncio.sleep(0)
+        left = list(self._tasks)
+        if left or self._busy:
+            self._given_up = True
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            log.warning(
+                "gate calls given up at shutdown: Redis did not answer within "
+                f"{self.CLOSE_WAIT_S:g} s; the lease settles their admissions",
+                extra={"calls": len(left), "wait_seconds": self.CLOSE_WAIT_S},
+            )
         if self._lane is not None:
             await self._lane.close()
 
