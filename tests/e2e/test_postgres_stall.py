@@ -2,16 +2,19 @@
 its own statement_timeout cannot fire — holds no request for longer than the client's
 command timeout: IssueCoupon and GetCampaign answer `unavailable` within it, and once
 PostgreSQL moves again the service serves on, exact. Stock whose commit is stuck in the
-stall is not sold out to newcomers (a private PostgreSQL, stopped with SIGSTOP; the shared
-one is never touched)."""
+stall is not sold out to newcomers. A server stopped during a stall exits within seconds
+(a private PostgreSQL, stopped with SIGSTOP; the shared one is never touched)."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -172,3 +175,43 @@ async def test_sold_out_behind_a_commit_stuck_in_a_stall_is_not_final(
     assert "resource_exhausted" in answers.values(), answers
     _, got = await timed_post(server.url, "GetCampaign", {"campaignId": campaign.id})
     assert got.json()["campaign"]["issuedCount"] == "1"
+
+
+async def test_a_server_stopped_during_a_stall_exits_within_seconds(
+    stallable: tuple[PrivatePostgres, ServerProcess],
+) -> None:
+    """The pool's close says goodbye on each connection and waits for the server to hang
+    up: a stalled PostgreSQL held the exit for the command timeout (10 s, then a traceback
+    and "Application shutdown failed"), on top of the 30 s the requests in flight may take,
+    beyond the 40 s compose allows. Now it waits 2 s, then drops them; every coupon
+    acknowledged was committed before its answer (I5)."""
+    postgres, server = stallable
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=10, name="stall-stop")
+        codes = {}
+        for user in ("a", "b", "c"):
+            reply = await issue_retrying(client, campaign.id, user)
+            assert reply.coupon is not None
+            codes[user] = reply.coupon.code
+    postgres.pause()
+    try:
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        status = await asyncio.to_thread(server.process.wait, 60)
+        took = time.monotonic() - signalled
+    finally:
+        postgres.resume()
+    log = server.log()
+    print(f"stopped during a stall: exit {took:.1f} s after SIGTERM")
+    assert status == 0, log
+    assert took < 6, log  # the pool's close waits 2 s
+    assert "PostgreSQL connections dropped at shutdown" in log, log
+    assert "Traceback" not in log, log
+    conn = await asyncpg.connect(postgres.url.rsplit("/", 1)[0] + "/coupon")
+    try:
+        rows = await conn.fetch(
+            "SELECT user_id, code FROM coupons WHERE campaign_id = $1", uuid.UUID(campaign.id)
+        )
+    finally:
+        await conn.close()
+    assert {row["user_id"]: row["code"] for row in rows} == codes

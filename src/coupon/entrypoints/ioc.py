@@ -30,7 +30,7 @@ from coupon.adapters.memory.store import (
 from coupon.adapters.postgres.campaigns import PostgresCampaignRepository
 from coupon.adapters.postgres.ledger import PostgresCodeGenerator, PostgresCouponLedger
 from coupon.adapters.postgres.migrate import current_version, latest_version
-from coupon.adapters.postgres.pool import create_pool, warm
+from coupon.adapters.postgres.pool import close_pool, create_pool, warm
 from coupon.adapters.redis.client import (
     QueueingRedisCluster,
     RedisClient,
@@ -115,7 +115,7 @@ class StorageProvider(Provider):
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warming
-            await pool.close()
+            await close_pool(pool)
 
     @provide
     async def redis(self, settings: Settings) -> AsyncIterator[RedisClient]:
