@@ -112,6 +112,9 @@ class RedisStockGate:
         self._tasks: set[asyncio.Future[None]] = set()
         self._closing = False  # shutting down: no retrying, nothing new once given up
         self._given_up = False
+        # Give-backs not retried at shutdown (close says so), and the last one's error.
+        self._dropped = 0
+        self._dropped_cause = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Names this process's admission calls: 'origin.n'.
         self._origin = secrets.token_hex(4)
@@ -309,12 +312,9 @@ class RedisStockGate:
                     keys=self.keys(campaign_id), args=[token, self._delay_us, users]
                 )
             except FAILURES as exc:
-                if self._closing:  # shutting down: no retrying
-                    log.warning(
-                        "admissions of a call whose reply was lost not given back at "
-                        "shutdown: Redis is unavailable; the lease settles them",
-                        extra={"campaign_id": campaign_id, "cause": f"{type(exc).__name__}: {exc}"},
-                    )
+                if self._closing:  # shutting down: no retrying (close says so)
+                    self._dropped += 1
+                    self._dropped_cause = f"{type(exc).__name__}: {exc}"
                     return
                 if time.monotonic() + delay > give_up:
                     return  # the lease settles them
@@ -437,10 +437,12 @@ class RedisStockGate:
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+        if left or self._dropped:
+            cause = self._dropped_cause or f"no answer in {self.CLOSE_WAIT_S:g} s"
             log.warning(
-                "gate calls given up at shutdown: Redis did not answer within "
-                f"{self.CLOSE_WAIT_S:g} s; the lease settles their admissions",
-                extra={"calls": len(left), "wait_seconds": self.CLOSE_WAIT_S},
+                "gate calls given up at shutdown: Redis is unavailable; the lease settles "
+                "their admissions",
+                extra={"calls": len(left) + self._dropped, "cause": cause},
             )
         if self._lane is not None:
             await self._lane.close()
