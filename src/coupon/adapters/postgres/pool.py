@@ -113,7 +113,7 @@ async def close_pool(pool: asyncpg.Pool, wait: float = CLOSE_WAIT_SECONDS) -> No
         pool.terminate()
         log.warning(
             "PostgreSQL connections dropped at shutdown: it did not answer their close",
-            extra={"wait_seconds": wait, "cause": f"{type(exc).__name__}: {exc}"},
+            extra={"cause": f"{type(exc).__name__}: {str(exc) or f'no answer in {wait:g} s'}"},
         )
 
 
