@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,12 @@ class ScriptLane:
     and a timeout, checks it for unread data, and goes through retry and observability
     hooks on every call: 125 us of CPU per admission batch, against 60 us here. The gate
     has at most one batch in flight per campaign, so a few connections serve them all.
+
+    The lane keeps the connections it took (idle between batches), at most half the pool:
+    a burst on many campaigns at once queues its batches for the lane's connections, and
+    leaves the rest of the pool to everything else (releases, rebuilds, readiness). Kept
+    without a bound, the lane once held every connection of the pool, idle, after such a
+    burst, and every other command of the process failed until it restarted.
     """
 
     ATTEMPTS = 3
@@ -34,6 +42,10 @@ class ScriptLane:
         self._client = client
         self._pool = client.connection_pool
         self._idle: list[AbstractConnection] = []
+        self._limit = max(1, (self._pool.max_connections or 2) // 2)
+        self._held = 0  # taken from the pool, idle or in use
+        # Batches waiting for a connection: handed an idle one, or None, room to take one.
+        self._turns: deque[asyncio.Future[AbstractConnection | None]] = deque()
 
     async def run(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
@@ -55,7 +67,7 @@ class ScriptLane:
                 # A reply may still be on its way: the connection cannot be used again.
                 await self._drop(conn)
                 raise
-            self._idle.append(conn)
+            self._hand_over(conn)
             return reply
         raise AssertionError("unreachable")
 
@@ -74,14 +86,50 @@ class ScriptLane:
         return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _connection(self) -> AbstractConnection:
-        conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        if self._held < self._limit:
+            self._held += 1
+        else:
+            turn: asyncio.Future[AbstractConnection | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._turns.append(turn)
+            try:
+                handed = await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._hand_over(turn.result())  # handed just as it left: to the next
+                raise
+            if handed is not None:
+                return handed
+        try:
+            conn: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._hand_over(None)
+            raise
         return conn
 
+    def _hand_over(self, conn: AbstractConnection | None) -> None:
+        """A connection done with (None: one given up) goes to the batch that waited
+        longest, else back to the idle ones (None: the room it leaves)."""
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(conn)
+                return
+        if conn is None:
+            self._held -= 1
+        else:
+            self._idle.append(conn)
+
     async def _drop(self, conn: AbstractConnection) -> None:
-        await conn.disconnect()
-        await self._pool.release(conn)
+        try:
+            await conn.disconnect()
+        finally:
+            self._hand_over(None)
+            await self._pool.release(conn)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
+        self._held -= len(idle)
         for conn in idle:
             await self._pool.release(conn)
