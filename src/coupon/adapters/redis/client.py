@@ -13,6 +13,8 @@ the one node that owns that slot.
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -147,6 +149,79 @@ def _for_uvloop(connection_class: type[AbstractConnection]) -> type[AbstractConn
         if connection_class is base:
             return mapped
     return connection_class
+
+
+class QueueingConnectionPool(aioredis.ConnectionPool):
+    """A one-server pool whose callers wait up to `timeout` seconds for a connection, and
+    which cannot lose one, whatever is cancelled when.
+
+    redis-py's BlockingConnectionPool hands a connection back under two asyncio locks
+    (`release` awaits both): a caller cancelled while it waits for them (a request's
+    deadline, `asyncio.wait_for`) loses its connection for good, and a pool that has lost
+    them all answers "No connection available." until the process restarts. Here giving a
+    connection back is plain bookkeeping, with nothing to wait for, so nothing can
+    interrupt it; a connection given back goes straight to the caller that waited longest.
+    And a connection its caller dropped without giving it back stops counting as soon as
+    it is garbage (the pool holds the connections in use weakly): lost connections cannot
+    use the pool up for good either.
+    """
+
+    def __init__(self, *, timeout: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.timeout = timeout
+        self._in_use_connections = weakref.WeakSet()  # type: ignore[assignment]
+        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+
+    def _has_room(self) -> bool:
+        return bool(self._available_connections) or (
+            len(self._in_use_connections) < self.max_connections
+        )
+
+    async def get_connection(
+        self, command_name: object = None, *keys: object, **options: object
+    ) -> AbstractConnection:
+        if self._has_room():
+            connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        else:
+            connection = await self._wait_turn()
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            self._give_back(connection)
+            raise
+        return connection
+
+    async def _wait_turn(self) -> AbstractConnection:
+        turn: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                # Handed one just as it stopped waiting: the next in line takes it.
+                self._give_back(turn.result())
+            else:
+                turn.cancel()  # skipped by _give_back
+            if isinstance(exc, TimeoutError):
+                if self._has_room():  # room left by connections lost and collected
+                    return self.get_available_connection()  # type: ignore[no-any-return,no-untyped-call]
+                raise RedisConnectionError("No connection available.") from None
+            raise
+
+    def _give_back(self, connection: AbstractConnection) -> None:
+        if connection not in self._in_use_connections:
+            return  # not this pool's (any more): dropped
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(connection)  # in use still, by the next caller
+                return
+        self._in_use_connections.discard(connection)
+        self._available_connections.append(connection)
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._give_back(connection)
 
 
 class QueueingRedisCluster(RedisCluster):
@@ -289,8 +364,8 @@ def create_client(url: str, max_connections: int = 64) -> RedisClient:
     """A Redis Cluster client for `redis+cluster://` URLs, a one-server client otherwise."""
     if is_cluster_url(url):
         return create_cluster_client(url, max_connections)
-    # A blocking pool: under a burst, requests queue for a connection instead of failing.
-    pool = aioredis.BlockingConnectionPool.from_url(
+    # Under a burst, requests queue for a connection instead of failing.
+    pool = QueueingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=5,
