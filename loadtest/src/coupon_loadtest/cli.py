@@ -22,6 +22,7 @@ from pathlib import Path
 import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
+from coupon.entrypoints.reach import read_ca_file
 from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
@@ -46,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--admin-token",
         default=None,
         help="token for CreateCampaign/GetCampaign (default: $COUPON_ADMIN_TOKEN)",
+    )
+    target.add_argument(
+        "--cacert",
+        default=None,
+        metavar="FILE",
+        help="trust the CA certificates in this PEM file instead of the system's, for an "
+        "https:// URL served with a private CA's or a self-signed certificate (default: "
+        "$COUPON_CA_FILE; $SSL_CERT_FILE replaces the system's too)",
     )
     target.add_argument(
         "--campaign-id",
@@ -287,7 +296,8 @@ def _misplaced(args: argparse.Namespace) -> list[str]:
 def config_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> LoadConfig:
-    """`environ`: where COUPON_URL and COUPON_ADMIN_TOKEN are read (default os.environ)."""
+    """`environ`: where COUPON_URL, COUPON_ADMIN_TOKEN and COUPON_CA_FILE are read (default
+    os.environ)."""
     env = os.environ if environ is None else environ
     problems: list[str] = _misplaced(args)
     # As the operators' command line: the option, else COUPON_URL, else the default.
@@ -336,6 +346,13 @@ def config_from_args(
         problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
     if not url.startswith(("http://", "https://")):
         problems.append(f"--url must start with http:// or https:// (got {url!r})")
+    # As the operators' command line: the option, else COUPON_CA_FILE, else the system's.
+    ca_file = args.cacert or env.get("COUPON_CA_FILE", "")
+    if ca_file:
+        try:
+            read_ca_file(ca_file, "--cacert" if args.cacert else "COUPON_CA_FILE")
+        except ValueError as exc:
+            problems.append(str(exc))
     if not args.no_chart:
         # The chart is a PNG, written where asked: a name that says otherwise would be
         # written under another name (matplotlib adds .png) or in another format.
@@ -391,6 +408,7 @@ def config_from_args(
         retry_floor_s=args.retry_floor,
         retry_cap_s=args.retry_cap,
         connections=args.connections,
+        ca_file=ca_file or None,
     )
 
 

@@ -90,6 +90,7 @@ class HerdWorker:
             connections=self._herd.connections,
             timeout_s=spec.timeout_s,
             headers=self._codec.headers,
+            ca_file=spec.ca_file,
         )
         publisher = asyncio.create_task(self._publish_loop())
         try:

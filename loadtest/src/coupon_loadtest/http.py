@@ -204,13 +204,17 @@ class HttpPool:
         connections: int,
         timeout_s: float,
         headers: dict[str, str] | None = None,
+        ca_file: str | None = None,
     ) -> None:
+        """`ca_file`: the PEM file of the CAs to trust over https:// instead of the
+        system's."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        https = parts.scheme == "https"
+        self._ssl = ssl.create_default_context(cafile=ca_file) if https else None
         self._prefix = parts.path.rstrip("/")
         self._cap = connections
         self._timeout_ns = round(timeout_s * 1e9)

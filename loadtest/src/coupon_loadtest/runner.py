@@ -115,6 +115,7 @@ def _specs(config: LoadConfig, user_prefix: str) -> list[WorkerSpec]:
             url=config.url,
             json=config.json,
             timeout_s=config.timeout_s,
+            ca_file=config.ca_file,
             max_inflight=config.max_inflight,
             rate=config.rate if config.open_loop else None,
             concurrency=len(range(k, concurrency, processes)),
@@ -209,7 +210,11 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
     user_prefix = f"lt-{uuid.uuid4().hex[:8]}-"
     pool = _Pool(_specs(config, user_prefix))
     api = AdminApi(
-        config.url, admin_token=config.admin_token, json=config.json, timeout_s=config.timeout_s
+        config.url,
+        admin_token=config.admin_token,
+        json=config.json,
+        timeout_s=config.timeout_s,
+        ca_file=config.ca_file,
     )
     try:
         # Processes start while the campaign does not exist yet, so that a slow spawn does
@@ -298,6 +303,7 @@ async def _read_back(config: LoadConfig, campaign_id: str) -> tuple[list[Ledger]
         admin_token=config.admin_token,
         json=config.json,
         timeout_s=max(READBACK_TIMEOUT_S, config.timeout_s),
+        ca_file=config.ca_file,
     )
     try:
         got = await with_retries(lambda: api_ledger(api, campaign_id))

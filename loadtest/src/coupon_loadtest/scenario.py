@@ -6,6 +6,7 @@ import email.utils
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyqwest
 from connectrpc.code import Code
@@ -67,6 +68,8 @@ class LoadConfig:
     retry_floor_s: float = 0.05
     retry_cap_s: float = 2.0
     connections: int = 512  # over all processes
+    # The PEM file of the CAs to trust over https:// instead of the system's (--cacert).
+    ca_file: str | None = None
 
     @property
     def open_loop(self) -> bool:
@@ -94,7 +97,7 @@ def to_timestamp(ns: int) -> Timestamp:
 
 
 def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> SetupError:
-    reason = unreachable(exc)
+    reason = unreachable(exc, url)
     if reason is not None:
         return SetupError(cannot_reach(url, reason))
     if isinstance(exc, ConnectError):
@@ -116,9 +119,20 @@ def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> Se
 class AdminApi:
     """CreateCampaign and GetCampaign, with the admin token; not on the hot path."""
 
-    def __init__(self, url: str, *, admin_token: str, json: bool, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        admin_token: str,
+        json: bool,
+        timeout_s: float,
+        ca_file: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
-        self._transport = pyqwest.HTTPTransport(timeout=timeout_s, tls_include_system_certs=True)
+        ca_pem = None if ca_file is None else Path(ca_file).read_bytes()
+        self._transport = pyqwest.HTTPTransport(
+            timeout=timeout_s, tls_ca_cert=ca_pem, tls_include_system_certs=ca_pem is None
+        )
         self._http = pyqwest.Client(self._transport)
         self._client = CouponServiceClient(
             self.url,

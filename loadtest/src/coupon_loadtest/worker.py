@@ -84,6 +84,7 @@ class WorkerSpec:
     seed: int
     user_prefix: str
     herd: HerdSpec | None = None
+    ca_file: str | None = None  # the CAs to trust over https:// instead of the system's
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Worker:
             connections=connections,
             timeout_s=spec.timeout_s,
             headers=self._codec.headers,
+            ca_file=spec.ca_file,
         )
         head = pool.request_head(ISSUE_PATH)
 

@@ -2,7 +2,8 @@
 
 It speaks to the service at `--url` (default $COUPON_URL, else http://127.0.0.1:$PORT, else
 port 8000) with the generated Connect client, sending the admin token from
-COUPON_ADMIN_TOKEN. Tables for people by default, `--json` for programs; errors are one
+COUPON_ADMIN_TOKEN; over https:// it trusts the system's CAs, or those of `--cacert FILE`
+(default $COUPON_CA_FILE). Tables for people by default, `--json` for programs; errors are one
 line on stderr and exit 1.
 """
 
@@ -34,7 +35,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
-from coupon.entrypoints.reach import cannot_reach, unreachable
+from coupon.entrypoints.reach import cannot_reach, read_ca_file, unreachable
 from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
@@ -75,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the service's base URL (default: $COUPON_URL, else http://127.0.0.1:$PORT, "
         "else http://127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--cacert",
+        default=None,
+        metavar="FILE",
+        help="trust the CA certificates in this PEM file instead of the system's, for an "
+        "https:// URL served with a private CA's or a self-signed certificate (default: "
+        "$COUPON_CA_FILE; $SSL_CERT_FILE replaces the system's too)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the API's JSON instead of a table"
@@ -133,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="SECONDS",
             help="as before the action",
         )
+        action.add_argument(
+            "--cacert", default=argparse.SUPPRESS, metavar="FILE", help="as before the action"
+        )
         if action is not export:
             action.add_argument(
                 "--json",
@@ -175,6 +187,15 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         if problem is not None:
             raise UsageError(problem)
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        ca_file = args.cacert or env.get("COUPON_CA_FILE", "")
+        try:
+            ca_pem = (
+                read_ca_file(ca_file, "--cacert" if args.cacert else "COUPON_CA_FILE")
+                if ca_file
+                else None
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
         def act() -> None:
             # No deadline for the client as a whole: an export of millions of coupons takes
@@ -183,7 +204,10 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
             # export's stream waits that long at most.
             with (
                 pyqwest.SyncHTTPTransport(
-                    connect_timeout=timeout, read_timeout=timeout, tls_include_system_certs=True
+                    connect_timeout=timeout,
+                    read_timeout=timeout,
+                    tls_ca_cert=ca_pem,
+                    tls_include_system_certs=ca_pem is None,
                 ) as transport,
                 CouponServiceClientSync(
                     url, send_compression=None, http_client=pyqwest.SyncClient(transport)
@@ -197,7 +221,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         # not at the interpreter's exit.
         sys.stdout.flush()
     except ConnectError as exc:
-        reason = unreachable(exc)
+        reason = unreachable(exc, url)
         if reason == "timed out":
             print(
                 f"coupon: the service at {url} did not answer within {timeout:g}s "

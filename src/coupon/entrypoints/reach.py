@@ -1,17 +1,31 @@
-"""Why a client's call never reached the service, in a few plain words.
+"""Why a client's call never reached the service, in a few plain words, and the private
+CA a client may be told to trust.
 
 The generated Connect client turns a failure of the HTTP client (pyqwest) into a
 ConnectError `unavailable` (`deadline_exceeded` for a time-out) whose message is the HTTP
 client's debug text: the request's URL, the layers it went through, the resolver's query.
 The operators' command line and the load tool say instead, in one line, `cannot reach the
-service at URL: connection refused` (or `name not resolved`, `timed out`, `TLS failure`,
+service at URL: connection refused` (or `name not resolved`, `timed out`, why TLS failed,
 ...). An `unavailable` the service answered itself (at capacity, PostgreSQL down) is not
 such a failure: it has no HTTP client error behind it, and keeps its code and message.
+
+TLS failures say why, as curl does: the certificate's issuer is not trusted, it is not
+valid for the URL's host, it has expired, it is a CA's; an https:// URL to a port that does
+not speak TLS, or an http:// URL to one that does, says so and which scheme to use.
 """
 
 from __future__ import annotations
 
+import re
+import socket
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import pyqwest
+
+# How a client is told to trust a private CA: the option, else the variable.
+TRUST_HINT = "--cacert FILE or COUPON_CA_FILE trusts a private CA"
 
 # (words in the HTTP client's text, the plain reason), the first match wins.
 _REASONS = (
@@ -19,8 +33,16 @@ _REASONS = (
     (("dns error", "failed to lookup", "name or service not known", "no address"),
      "name not resolved"),
     (("timed out", "timeout"), "timed out"),
-    (("certificate", "tls", "ssl", "handshake", "corrupt message", "invalidcontenttype"),
-     "TLS failure"),
+    (("corrupt message", "invalidcontenttype"),
+     "the port does not speak TLS (use http://)"),
+    (("unknownissuer",),
+     f"TLS: the service's certificate is not signed by a trusted CA ({TRUST_HINT})"),
+    (("causedasendentity",),
+     "TLS: the service's certificate is a CA's (CA:TRUE), which is refused as a server's: "
+     "make one with CA:FALSE (docs/clients.md#tls)"),
+    (("certificate: expired",), "TLS: the service's certificate has expired"),
+    (("certificate: notvalidyet",), "TLS: the service's certificate is not valid yet"),
+    (("certificate", "tls", "ssl", "handshake"), "TLS failure"),
     (("connection reset",), "connection reset"),
     (("network is unreachable", "no route to host"), "network unreachable"),
 )  # fmt: skip
@@ -31,11 +53,17 @@ _TRANSPORT_ERRORS = (
     pyqwest.ReadError,
     pyqwest.WriteError,
 )
+# rustls's words for a certificate not valid for the host asked for, and the names it is for.
+_WRONG_NAME = re.compile(r'not valid for name "([^"]*)"')
+_NAMES = re.compile(r'DnsName\("([^"]*)"\)')
+# How long a plain connection that failed waits to learn whether its port speaks TLS.
+_PROBE_SECONDS = 2.0
 
 
-def unreachable(exc: BaseException) -> str | None:
+def unreachable(exc: BaseException, url: str) -> str | None:
     """The plain reason when `exc` (a ConnectError from the generated client, or the HTTP
-    client's own error) is a failure to reach the service; None when the service answered."""
+    client's own error) is a failure to reach the service at `url`; None when the service
+    answered."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, _TRANSPORT_ERRORS):
         cause = cause.__cause__
@@ -43,12 +71,53 @@ def unreachable(exc: BaseException) -> str | None:
         return None
     if isinstance(cause, TimeoutError):
         return "timed out"
-    text = str(cause).lower()
-    for words, reason in _REASONS:
-        if any(word in text for word in words):
-            return reason
-    return "the connection failed"
+    text = str(cause)
+    wrong_name = _WRONG_NAME.search(text)
+    if wrong_name is not None:
+        names = _NAMES.findall(text[wrong_name.end() :])
+        valid_for = f" (only for {', '.join(names)})" if names else ""
+        return f"TLS: the service's certificate is not valid for {wrong_name[1]}{valid_for}"
+    lowered = text.lower()
+    reason = next(
+        (reason for words, reason in _REASONS if any(word in lowered for word in words)),
+        "the connection failed",
+    )
+    if reason in ("the connection failed", "connection reset") and _speaks_tls(url):
+        return "the port speaks TLS (use https://)"
+    return reason
+
+
+def _speaks_tls(url: str) -> bool:
+    """Whether the host and port of an http:// `url` complete a TLS handshake (whatever the
+    certificate): a plain HTTP request to a TLS port is dropped without a word."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((parts.hostname, parts.port or 80), _PROBE_SECONDS) as raw,
+            context.wrap_socket(raw, server_hostname=parts.hostname),
+        ):
+            return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
 
 
 def cannot_reach(url: str, reason: str) -> str:
     return f"cannot reach the service at {url}: {reason}"
+
+
+def read_ca_file(path: str, name: str) -> bytes:
+    """The PEM certificates of the file a client is told to trust (`name`: the option or
+    variable that named it, as the message says); ValueError with a one-line message when
+    it cannot be read or holds no certificate."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ValueError(f"{name} must name a PEM file of CA certificates (got {path!r})")
+    return data
