@@ -275,3 +275,21 @@ def test_the_docs_recipe_writes_only_into_an_ignored_folder(tmp_path: Path) -> N
     )
     assert ignored.returncode == 0, ignored.stderr
     assert re.search(r"^tls$", (ROOT / ".dockerignore").read_text(), re.MULTILINE)
+
+
+def test_a_ca_certificate_served_is_warned_of_at_start(
+    servers: Callable[[str], tuple[ServerProcess, Path]],
+) -> None:
+    """Curl takes it, so the service starts; the clients that will refuse it are named."""
+    warned = "COUPON_TLS_CERT_FILE is a CA's certificate (CA:TRUE)"
+    lines = [
+        json.loads(line)
+        for line in servers("CA as server")[0].log().splitlines()
+        if line.startswith("{") and warned in line
+    ]
+    assert len(lines) == 1, lines
+    assert lines[0]["level"] == "warning"
+    assert "rustls (coupon campaigns, coupon loadtest)" in lines[0]["message"]
+    assert "docs/clients.md#tls" in lines[0]["message"]
+    for kind in ("docs", "private CA"):
+        assert warned not in servers(kind)[0].log()

@@ -125,6 +125,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.backend == "postgres":
         schema = _migrate_or_defer(settings.database_url)
         _warn_unless_redis_answers(settings.redis_url)
+    if settings.tls_cert_file and _is_ca_certificate(settings.tls_cert_file):
+        log.warning(
+            "COUPON_TLS_CERT_FILE is a CA's certificate (CA:TRUE), which clients built on "
+            "rustls (coupon campaigns, coupon loadtest) refuse as a server's: make one with "
+            "CA:FALSE (docs/clients.md#tls)",
+            extra={"file": settings.tls_cert_file},
+        )
     if settings.backend == "memory" and settings.workers > 1:
         log.warning(
             "--in-memory keeps state in one process: serving with 1 worker",
@@ -207,6 +214,38 @@ def _check_tls(cert_file: str, key_file: str) -> None:
             f"COUPON_TLS_CERT_FILE and COUPON_TLS_KEY_FILE must be a PEM certificate and "
             f"its private key (got {cert_file!r} and {key_file!r}: {reason})"
         ) from None
+
+
+# basicConstraints' object identifier (2.5.29.19), as DER writes it.
+_BASIC_CONSTRAINTS = bytes.fromhex("0603551d13")
+
+
+def _is_ca_certificate(cert_file: str) -> bool:
+    """Whether the first certificate of the PEM file (checked by `_check_tls`) says
+    `CA:TRUE` in its basicConstraints: the extension's value, after its optional
+    `critical` flag, is an OCTET STRING holding a SEQUENCE whose first element, when it
+    is a BOOLEAN, is cA."""
+    import ssl
+
+    text = Path(cert_file).read_text(encoding="ascii", errors="replace")
+    end = "-----END CERTIFICATE-----"
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text[: text.index(end) + len(end)])
+    except ValueError:
+        return False
+    at = der.find(_BASIC_CONSTRAINTS)
+    if at < 0:
+        return False
+    rest = der[at + len(_BASIC_CONSTRAINTS) :]
+    if rest[:2] == b"\x01\x01":  # critical
+        rest = rest[3:]
+    # OCTET STRING (04 len), SEQUENCE (30 len), BOOLEAN (01 01 value)
+    return (
+        rest[:1] == b"\x04"
+        and rest[2:3] == b"\x30"
+        and rest[4:6] == b"\x01\x01"
+        and (rest[6:7] not in (b"", b"\x00"))
+    )
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
