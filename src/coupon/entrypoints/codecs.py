@@ -14,11 +14,19 @@ field twice (see decode_json, and IssueJsonCodec for IssueCoupon's hot path).
 A body that cannot be read is answered in the service's words, not the parser's: the
 field and what it expects (`user_id: expected a string`), or what is wrong with the body
 as a whole. Those are worked out only once a body has failed (json_error, binary_error).
+
+A body that nests deeper than MAX_DEPTH is refused before any parser reads it: the JSON
+parser underneath protobuf-py recurses natively and takes the process down at a depth of
+about 14,000 (`[[[…]]]` fits in the body limit many times over). This API's messages nest
+a few levels, so a body deeper than that is hostile or broken; a body too short to nest
+that deep (the IssueCoupon bodies clients send) is not looked at (too_deep).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from itertools import accumulate
 from operator import attrgetter
 from typing import Any
 
@@ -30,6 +38,26 @@ from connectrpc.errors import ConnectError
 
 from coupon.entrypoints.translate import STATUS_CHOICES
 from coupon.gen.coupon.v1 import coupon_pb
+
+# How deeply a request's JSON may nest (arrays and objects in one another).
+MAX_DEPTH = 64
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
+_TOO_DEEP = f"request body: JSON nested more than {MAX_DEPTH} levels deep"
+
+
+def too_deep(data: bytes | bytearray) -> bool:
+    """Whether a JSON body nests arrays and objects more than MAX_DEPTH deep. A body of
+    fewer than 2 * MAX_DEPTH bytes, or with no more than MAX_DEPTH opening brackets, cannot;
+    any other is measured, its strings (whose brackets do not nest) left out."""
+    if len(data) <= 2 * MAX_DEPTH or data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
+
 
 # What a request may say for an enum left unset (its zero, as number or name, or null).
 _UNSET_STATUS: tuple[object, ...] = (None, 0, "CAMPAIGN_STATUS_UNSPECIFIED")
@@ -97,6 +125,8 @@ def decode_json(data: bytes | bytearray, message_class: type[Any]) -> Any:
     colons than fields set (not left at their zero: "", 0, unset) therefore has one pair
     per field set and no other: no field is given twice, and nothing more is looked at
     (the common case). Any other body is read again, its keys seen one by one."""
+    if too_deep(data):
+        raise _invalid(_TOO_DEEP)
     try:
         message = message_class.from_json(data, ignore_unknown_fields=True)
     except Exception:  # noqa: BLE001 - said plainly
@@ -141,6 +171,8 @@ class IssueJsonCodec(JsonCodec):
     bodies clients send (40 bytes of room: any whitespace short of a 4-space indent)."""
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        if len(data) > 2 * MAX_DEPTH and too_deep(data):
+            raise _invalid(_TOO_DEEP)
         try:
             message = coupon_pb.IssueCouponRequest.from_json(data, ignore_unknown_fields=True)
         except Exception:  # noqa: BLE001 - said plainly
