@@ -15,6 +15,7 @@ import pytest
 
 from coupon.entrypoints.settings import SettingsError, load_settings
 from harness.server import ServerProcess
+from tests.clients.h2client import H2Client, Response
 
 pytestmark = pytest.mark.e2e
 
@@ -197,3 +198,95 @@ def test_grpc_web_text_mode_from_an_allowed_origin(cors_server: ServerProcess) -
     assert response.headers["access-control-allow-origin"] == PAGE
     assert "grpc-status" in listed(response.headers["access-control-expose-headers"])
     assert b"grpc-status: 3" in base64.b64decode(response.content)  # the trailer frame
+
+
+OVER_LIMIT = 70 * 1024
+SHOP = "https://shop.example.com"
+
+
+def chunks(body: bytes) -> Iterator[bytes]:
+    """A body sent without a Content-Length (chunked over HTTP/1.1)."""
+    for at in range(0, len(body), 8192):
+        yield body[at : at + 8192]
+
+
+def refused_over_h2(
+    url_port: int, headers: dict[str, str], body: bytes, declared: bool
+) -> Response:
+    """The answer to a POST of `body` over HTTP/2, sent in frames as the window allows until
+    the server answers (`declared`: with its content-length)."""
+    with H2Client(url_port) as client:
+        stream_id = client.conn.get_next_available_stream_id()
+        fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost")]
+        fields += [(b":path", ISSUE.encode())]
+        fields += [(k.encode(), v.encode()) for k, v in headers.items()]
+        if declared:
+            fields.append((b"content-length", str(len(body)).encode()))
+        client.conn.send_headers(stream_id, fields)
+        response = client.responses[stream_id] = Response()
+        client.flush()
+        sent = 0
+        while sent < len(body) and not response.ended and response.reset is None:
+            frame = body[sent : sent + 16_384]
+            if client.conn.local_flow_control_window(stream_id) < len(frame):
+                client.read()
+                continue
+            client.conn.send_data(stream_id, frame, end_stream=sent + len(frame) == len(body))
+            client.flush()
+            sent += len(frame)
+        [response] = client.wait(stream_id)
+    return response
+
+
+def over_the_limit(
+    url: str, port: int, http2: bool, headers: dict[str, str], body: bytes, declared: bool
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the answer to a POST to IssueCoupon."""
+    if http2:
+        answer = refused_over_h2(port, headers, body, declared)
+        fields = {k.decode(): v.decode() for k, v in answer.headers.items()}
+        return int(fields[":status"]), fields, answer.body
+    content = body if declared else chunks(body)
+    response = httpx.post(url + ISSUE, headers=headers, content=content)
+    return response.status_code, dict(response.headers), response.content
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/grpc-web+proto"])
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+def test_a_body_over_the_limit_from_an_allowed_origin_is_readable_by_the_page(
+    cors_server: ServerProcess, http2: bool, content_type: str, declared: bool
+) -> None:
+    """Refused by the HTTP layer before the app sees it, and still answered with the CORS
+    headers: a browser shows the page resource_exhausted, not a network error."""
+    body = b"x" * OVER_LIMIT
+    if "grpc" in content_type:
+        body = struct.pack(">BI", 0, len(body)) + body
+    headers = {"content-type": content_type, "origin": SHOP}
+    server = (cors_server.url, cors_server.port, http2)
+    status, answer, payload = over_the_limit(*server, headers, body, declared)
+    if content_type == "application/json":
+        assert status == 429
+        assert json.loads(payload)["code"] == "resource_exhausted"
+    else:
+        assert (status, answer["grpc-status"]) == (200, "8")
+    assert answer["access-control-allow-origin"] == SHOP
+    assert "grpc-status" in listed(answer["access-control-expose-headers"])
+    assert "origin" in answer["vary"].lower()
+    headers["origin"] = "https://evil.example"
+    status, answer, _ = over_the_limit(*server, headers, body, declared)
+    assert status in (200, 429)
+    assert not any(name.startswith("access-control-") for name in answer)
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+def test_a_header_list_over_the_limit_from_an_allowed_origin_is_readable_by_the_page(
+    cors_server: ServerProcess, http2: bool
+) -> None:
+    headers = {"content-type": "application/json", "origin": "https://shop.example.com"}
+    headers |= {f"x-filler-{i}": "y" * 200 for i in range(120)}
+    with httpx.Client(http1=not http2, http2=http2) as client:
+        response = client.post(cors_server.url + ISSUE, headers=headers, content=b"{}")
+    assert response.status_code == 429, response.text
+    assert response.json()["code"] == "resource_exhausted"
+    assert response.headers["access-control-allow-origin"] == "https://shop.example.com"

@@ -72,19 +72,33 @@ class Cors:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
+    def refusal_headers(self, request: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The CORS response headers for a request the HTTP layer answers itself (a header
+        list or a body over the limit, http/refusal.py), from its header list (names in
+        lower case): none unless its Origin is one of ours. Without them a browser would
+        see a network error where the service said `resource_exhausted`."""
+        for name, value in request:
+            if name == b"origin":
+                return response_headers(value) if value in self._origins else []
+        return []
+
     @staticmethod
     def sending(send: Send, origin: bytes) -> Send:
         """`send` with the CORS response headers added to the response's start."""
+        added = response_headers(origin)
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    *message.get("headers", ()),
-                    (b"access-control-allow-origin", origin),
-                    (b"access-control-expose-headers", EXPOSED_HEADERS),
-                    (b"vary", b"Origin"),
-                ]
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         return send_with_cors
+
+
+def response_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
+    """What an answer to an allowed origin carries."""
+    return [
+        (b"access-control-allow-origin", origin),
+        (b"access-control-expose-headers", EXPOSED_HEADERS),
+        (b"vary", b"Origin"),
+    ]

@@ -77,13 +77,21 @@ from coupon.entrypoints.fast_issue import (
     other_protocol_version,
 )
 from coupon.entrypoints.http.host import valid_host
-from coupon.entrypoints.http.refusal import PLAIN, body_refusal, declared_size, enveloped, refusal
+from coupon.entrypoints.http.refusal import (
+    PLAIN,
+    body_refusal,
+    declared_size,
+    enveloped,
+    refusal,
+    with_cors,
+)
 from coupon.entrypoints.logs import LogQuota
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
 
     from coupon.application.issue import Pending
+    from coupon.entrypoints.cors import Cors
 
 
 # codec, content length, keep-alive, number of fields, X-Request-Id (b"": none)
@@ -237,6 +245,7 @@ class Http1Protocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._front = front_app(config.loaded_app)
         self._route: IssueRoute | None = getattr(self._front, "issue_route", None)
+        self._cors: Cors | None = getattr(self._front, "cors", None)
         # Between requests: the parser holds no part of one (see _lane_at_once).
         self._fresh = True
         limits = limits_of(self._front)
@@ -832,7 +841,8 @@ class Http1Protocol(HttpToolsProtocol):
             f"request headers are limited to {self._max_headers} fields and "
             f"{self._max_header_bytes} bytes"
         )
-        self._close_with(refusal(self.url, self._content_type, message, status=431, plain=message))
+        answer = refusal(self.url, self._content_type, message, status=431, plain=message)
+        self._close_with(with_cors(answer, self.url, self.headers, self._cors))
 
     def _refuse_malformed(self, answer: Answer) -> None:
         """A request the parser read but HTTP/1.1 does not allow: refused as the parser's
@@ -846,7 +856,8 @@ class Http1Protocol(HttpToolsProtocol):
         self._close_with(answer)
 
     def _refuse_body(self, size: int) -> None:
-        self._close_with(body_refusal(self.url, self._content_type, size, self._max_body))
+        answer = body_refusal(self.url, self._content_type, size, self._max_body)
+        self._close_with(with_cors(answer, self.url, self.headers, self._cors))
 
     def _close_with(self, answer: Answer) -> None:
         """Answer (unless an answer has begun) and close: the rest of this request will not

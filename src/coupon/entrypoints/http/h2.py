@@ -84,9 +84,16 @@ from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.fast_issue import Answer
 from coupon.entrypoints.http.h1 import front_app, limits_of, unsent_bytes
-from coupon.entrypoints.http.refusal import body_refusal, declared_size, enveloped, refusal
+from coupon.entrypoints.http.refusal import (
+    body_refusal,
+    declared_size,
+    enveloped,
+    refusal,
+    with_cors,
+)
 
 log = logging.getLogger("uvicorn.error")
 
@@ -246,7 +253,9 @@ class H2Protocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.app_state = app_state
-        limits = limits_of(front_app(self.app))
+        front = front_app(self.app)
+        limits = limits_of(front)
+        self.cors: Cors | None = getattr(front, "cors", None)
         self.max_body = limits.max_request_bytes
         self.request_timeout = limits.request_timeout_seconds
         self.conn = _Connection(
@@ -575,7 +584,8 @@ class H2Protocol(asyncio.Protocol):
 
     def _body_refusal(self, request: Headers, size: int) -> Answer:
         path, content_type = _path_and_content_type(request)
-        return body_refusal(path, content_type, size, self.max_body)
+        answer = body_refusal(path, content_type, size, self.max_body)
+        return with_cors(answer, path, request, self.cors)
 
     def _refuse_headers(self, stream_id: int, request: Headers, ended: bool) -> None:
         """Refused on this stream alone, as HTTP/1.1 answers it (in the caller's protocol on
@@ -583,7 +593,7 @@ class H2Protocol(asyncio.Protocol):
         answer, RFC 9113, 8.1)."""
         path, content_type = _path_and_content_type(request)
         answer = refusal(path, content_type, _TOO_LARGE, status=431, plain=_TOO_LARGE)
-        self._answer_refusal(stream_id, answer, ended)
+        self._answer_refusal(stream_id, with_cors(answer, path, request, self.cors), ended)
 
     def _answer_refusal(self, stream_id: int, answer: Answer, ended: bool) -> None:
         """A refusal's answer, written here rather than by the app; then, unless the peer has

@@ -13,6 +13,10 @@ each gets `resource_exhausted` as its protocol carries it:
 * a Connect unary call, and anything else there: the Connect unary error (HTTP 429).
 
 Outside them (health, metrics, the example page) it is plain HTTP: 431 or 413.
+
+A refusal to a page of an allowed origin (COUPON_CORS_ORIGINS) carries the CORS headers
+the app's own answers carry (with_cors): without them the browser would hide the answer
+and report a network error.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.fast_issue import Answer, error_answer
 
 # The paths the Connect application and gRPC server reflection serve.
@@ -60,6 +66,20 @@ def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plai
         return error_answer(ConnectError(Code.RESOURCE_EXHAUSTED, message))
     trailers = [(b"grpc-status", _RESOURCE_EXHAUSTED), (b"grpc-message", grpc_message(message))]
     return 200, media if _MEDIA.fullmatch(media) else family, b"", trailers
+
+
+def with_cors(
+    answer: Answer, path: bytes, request: Iterable[tuple[bytes, bytes]], cors: Cors | None
+) -> Answer:
+    """`answer` to a request with its header list `request` (names in lower case), with the
+    CORS headers when it came from an allowed origin to the service (as app.py adds them)."""
+    if cors is None or not path.startswith(API_PREFIXES[0]):
+        return answer
+    added = cors.refusal_headers(request)
+    if not added:
+        return answer
+    status, media, payload, extra = answer
+    return status, media, payload, [*extra, *added]
 
 
 def body_refusal(path: bytes, content_type: bytes, size: int, limit: int) -> Answer:
