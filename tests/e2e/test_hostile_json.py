@@ -1,6 +1,8 @@
 """JSON nested past any message of this API, sent to a real server process over every
 protocol that carries JSON: refused as invalid_argument before a parser reads it, and the
-server stays up (the native JSON parser would crash the process at a depth of ~14,000)."""
+server stays up (the native JSON parser would crash the process at a depth of ~14,000).
+And bodies the parser refuses whole, which are answered in the service's words: a lone
+surrogate, a byte order mark, gzip that expands past the body limit."""
 
 from __future__ import annotations
 
@@ -145,3 +147,50 @@ def test_the_depth_limit_and_brackets_in_strings(server: ServerProcess) -> None:
     issued = httpx.post(url, content=json.dumps(body).encode(), headers=headers)
     assert issued.status_code == 200, issued.text
     assert issued.json()["coupon"]["userId"] == "[{" * 64
+
+
+# Bodies the JSON parser refuses as a whole where the service names what is wrong.
+NAMED = [
+    (b'{"userId": "\\ud800"}', "user_id: expected a string of Unicode characters"),
+    (b'{"userId": ["\\udfff"]}', "user_id: expected a string of Unicode characters"),
+    (b'\xef\xbb\xbf{"userId": "ana"}', "request body: JSON must not begin with a byte order mark"),
+]
+
+
+@pytest.mark.usefixtures("alive")
+@pytest.mark.parametrize(("body", "message"), NAMED)
+@pytest.mark.parametrize("rpc", ["IssueCoupon", "ListUserCoupons"])
+def test_a_lone_surrogate_or_a_byte_order_mark_is_named(
+    server: ServerProcess, rpc: str, body: bytes, message: str
+) -> None:
+    headers = {"content-type": "application/json", **AUTH}
+    response = httpx.post(server.url + SERVICE + rpc, content=body, headers=headers)
+    error = connect_error(response)
+    assert error["code"] == "invalid_argument"
+    assert error["message"].startswith(message), error
+
+
+@pytest.mark.usefixtures("alive")
+@pytest.mark.parametrize("content_type", ["application/json", "application/connect+json"])
+def test_gzip_that_expands_past_the_limit_is_said_in_the_service_words(
+    server: ServerProcess, content_type: str
+) -> None:
+    """Small on the wire, over 64 KiB once decompressed: refused as a body over the limit."""
+    message = gzip.compress(b'{"userId": "' + b"u" * 70_000 + b'"}')
+    if content_type == "application/json":
+        headers = {"content-type": content_type, "content-encoding": "gzip", **AUTH}
+        response = httpx.post(
+            server.url + SERVICE + "IssueCoupon", content=message, headers=headers
+        )
+        assert response.status_code == 429, response.text
+        error = response.json()
+    else:
+        headers = {"content-type": content_type, "connect-content-encoding": "gzip", **AUTH}
+        url = server.url + SERVICE + "ExportCoupons"
+        response = httpx.post(url, content=envelope(message, flags=1), headers=headers)
+        assert response.status_code == 200 and response.content[:1] == b"\x02", response.content
+        error = json.loads(response.content[5:])["error"]
+    assert error == {
+        "code": "resource_exhausted",
+        "message": "request body is over the limit of 65536 bytes once decompressed",
+    }

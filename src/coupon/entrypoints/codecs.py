@@ -215,15 +215,19 @@ def codecs() -> list[Codec]:
 
 class PlainGzip(GzipCompression):
     """gzip, a body that is not gzip said plainly (the library passes zlib's words on:
-    `decompress: Error -3 while decompressing data: incorrect header check`)."""
+    `decompress: Error -3 while decompressing data: incorrect header check`), and one that
+    decompresses past the limit as the HTTP layers say a body over it is."""
 
     def decompress(
         self, data: bytes | bytearray | memoryview, read_max_bytes: int | None = None
     ) -> bytes:
         try:
             return super().decompress(data, read_max_bytes)
-        except ConnectError:
-            raise  # over the size limit, said by the library
+        except ConnectError as exc:  # over the size limit, said in the service's words
+            raise ConnectError(
+                exc.code,
+                f"request body is over the limit of {read_max_bytes} bytes once decompressed",
+            ) from None
         except Exception:  # noqa: BLE001 - zlib's, gzip's and EOFError: said plainly
             raise _invalid("request body: not valid gzip") from None
 
@@ -276,7 +280,10 @@ def _expected(field: Any) -> str:
 
 def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectError:
     """What a JSON body that could not be read is told: the first field that cannot be
-    read alone, else what is wrong with the body."""
+    read alone, else what is wrong with the body. A UTF-8 byte order mark, which RFC 8259
+    forbids a sender to add, is refused as such (Python's parser would skip it)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        return _invalid("request body: JSON must not begin with a byte order mark (U+FEFF)")
     try:
         value = json.loads(data)
     except (ValueError, RecursionError):
@@ -288,11 +295,27 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
         field = fields.get(key)
         if field is None:
             continue
+        if _lone_surrogate(item):
+            # Read by Python's parser, not by the native one (nor by any UTF-8 encoder).
+            return _invalid(
+                f"{field.name}: expected a string of Unicode characters (got a lone surrogate)"
+            )
         try:
             message_class._from_json_value({key: item}, ignore_unknown_fields=True)
         except Exception:  # noqa: BLE001 - this field is the one
             return _invalid(f"{field.name}: {_expected(field)}")
     return _invalid(f"request body: not a valid {message_class.__name__}")
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a JSON value holds a string with a surrogate not paired (`"\\ud800"`)."""
+    if isinstance(value, str):
+        return not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list):
+        return any(_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    return False
 
 
 def _varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
