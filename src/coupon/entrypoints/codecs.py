@@ -17,7 +17,7 @@ as a whole. Those are worked out only once a body has failed (json_error, binary
 
 A body that nests deeper than MAX_DEPTH is refused before any parser reads it: the JSON
 parser underneath protobuf-py recurses natively and takes the process down at a depth of
-about 14,000 (`[[[…]]]` fits in the body limit many times over). This API's messages nest
+about 14,000 (28 KB of `[[[…]]]`, within the body limit). This API's messages nest
 a few levels, so a body deeper than that is hostile or broken; a body too short to nest
 that deep (the IssueCoupon bodies clients send) is not looked at (too_deep).
 """
@@ -46,14 +46,16 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = [0] * 256
 _STEP[ord("[")] = _STEP[ord("{")] = 1
 _STEP[ord("]")] = _STEP[ord("}")] = -1
+# A body of at most this many bytes cannot nest deeper (each level takes two).
+_SHALLOW_BYTES = 2 * MAX_DEPTH
 _TOO_DEEP = f"request body: JSON nested more than {MAX_DEPTH} levels deep"
 
 
 def too_deep(data: bytes | bytearray) -> bool:
     """Whether a JSON body nests arrays and objects more than MAX_DEPTH deep. A body of
-    fewer than 2 * MAX_DEPTH bytes, or with no more than MAX_DEPTH opening brackets, cannot;
+    at most 2 * MAX_DEPTH bytes, or with no more than MAX_DEPTH opening brackets, cannot;
     any other is measured, its strings (whose brackets do not nest) left out."""
-    if len(data) <= 2 * MAX_DEPTH or data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+    if len(data) <= _SHALLOW_BYTES or data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
         return False
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
@@ -171,7 +173,7 @@ class IssueJsonCodec(JsonCodec):
     bodies clients send (40 bytes of room: any whitespace short of a 4-space indent)."""
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
-        if len(data) > 2 * MAX_DEPTH and too_deep(data):
+        if len(data) > _SHALLOW_BYTES and too_deep(data):
             raise _invalid(_TOO_DEEP)
         try:
             message = coupon_pb.IssueCouponRequest.from_json(data, ignore_unknown_fields=True)
