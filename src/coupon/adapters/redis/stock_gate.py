@@ -501,8 +501,11 @@ def _in_time(queue: list[_Waiting], previous_call: float) -> list[_Waiting]:
             if deadline < now:
                 future = entry[1]
                 if late is None:
+                    # The call's time counts this process's own delays (a busy event
+                    # loop) as well as Redis's: it is not said to be Redis's alone.
                     late = Overloaded(
-                        f"Redis is slow: the admission call before took {previous_call:.1f} s"
+                        f"the gate is slow: the admission call before took "
+                        f"{previous_call:.1f} s; retry"
                         if previous_call > 0.25
                         else "waited too long for the gate; retry"
                     )
