@@ -107,6 +107,13 @@ RESET_BUDGET = 100
 # the peer, still sending, reads the GOAWAY before a TCP reset would discard it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
+# A request refused before its body ended (over the body limit, or its header list over
+# MAX_HEADER_LIST_SIZE): what the peer still sends of it is read and dropped, its window
+# given back, up to DRAIN_BYTES and for DRAIN_SECONDS, then its stream is reset (NO_ERROR).
+# Reset at once, the answer is lost to some clients (curl 7.x drops a response whose
+# stream is reset before its upload ended, though RFC 9113, 8.1 allows the reset).
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 1.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
 # A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (`resource_exhausted`
 # in the caller's protocol on the API's paths, 431 elsewhere: http/refusal.py), the
@@ -274,6 +281,8 @@ class H2Protocol(asyncio.Protocol):
         # Streams the peer reset before their answers (or had refused), and streams answered.
         self.resets = 0
         self.answered = 0
+        # Streams refused before their bodies ended: bytes dropped so far (DRAIN_BYTES).
+        self.draining: dict[int, int] = {}
         self.lingering = -1  # bytes dropped since that GOAWAY; -1: not closing so
         # Loop time a response's DATA last went out on the connection, or its paused
         # transport last drained some.
@@ -390,6 +399,7 @@ class H2Protocol(asyncio.Protocol):
         elif isinstance(event, DataReceived):
             self._data(event)
         elif isinstance(event, StreamEnded):
+            self.draining.pop(event.stream_id, None)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.ended = True
@@ -408,6 +418,7 @@ class H2Protocol(asyncio.Protocol):
                 stream.ended = True
                 stream.wake()
         elif isinstance(event, StreamReset):
+            self.draining.pop(event.stream_id, None)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 self._release_body(stream)
@@ -530,6 +541,9 @@ class H2Protocol(asyncio.Protocol):
         stream.wake()
 
     def _data(self, event: DataReceived) -> None:
+        if self.draining and event.stream_id in self.draining:
+            self._drain(event)
+            return
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length or 0
         if stream is None or stream.closed or stream.end_delivered:
@@ -609,7 +623,29 @@ class H2Protocol(asyncio.Protocol):
                 self.conn.send_headers(stream_id, headers)
                 self.conn.send_data(stream_id, payload, end_stream=True)
             if not ended:
-                self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+                # The rest of its body is dropped as it comes, for a moment, then the
+                # stream is reset (NO_ERROR) if it has not ended.
+                self.draining[stream_id] = 0
+                self.loop.call_later(DRAIN_SECONDS, self._drained, stream_id)
+
+    def _drain(self, event: DataReceived) -> None:
+        stream_id = event.stream_id
+        size = event.flow_controlled_length or 0
+        self._acknowledge(stream_id, size)
+        if event.stream_ended is not None:
+            del self.draining[stream_id]
+            return
+        self.draining[stream_id] += size
+        if self.draining[stream_id] > DRAIN_BYTES:
+            self._drained(stream_id)
+
+    def _drained(self, stream_id: int) -> None:
+        """The peer is still sending a refused request's body: its stream is reset."""
+        if self.draining.pop(stream_id, None) is None or self.transport is None:
+            return
+        with contextlib.suppress(ProtocolError, StreamClosedError):
+            self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        self._flush()
 
     def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int, int, bytes]:
         """The request's ASGI scope (None: nothing the app serves, or a malformed request,
