@@ -375,8 +375,14 @@ def create_client(url: str, max_connections: int = 64) -> RedisClient:
         # After Redis restarts, every idle pooled connection is closed, and the pool's
         # check on checkout does not see it: the first command on each would fail. Retry
         # on a new connection, as the cluster client does (the gate's admissions use
-        # their own connections and retry on their own, see ScriptLane).
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        # their own connections and retry on their own, see ScriptLane). A time-out is
+        # not retried: Redis hangs, and retrying it (a new connection's set-up retries
+        # too, each step a time-out) held a command for up to 80 s instead of 5.
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+            retries=3,
+            supported_errors=(RedisConnectionError,),
+        ),
     )
     pool.connection_class = _for_uvloop(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
