@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -12,13 +13,24 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 
-async def _call(conn: AbstractConnection, *command: EncodableT) -> Any:
-    """One command on `conn`, bypassing the pool's health check, and its reply."""
+def _late(wait: float) -> RedisTimeoutError:
+    return RedisTimeoutError(f"no answer from Redis within {wait:g} s")
+
+
+async def _call(conn: AbstractConnection, give_up: float, wait: float, *command: EncodableT) -> Any:
+    """One command on `conn`, bypassing the pool's health check, and its reply, read until
+    `give_up` (time.monotonic()) at most. The lane's scripts always return a value."""
     await conn.send_packed_command(conn.pack_command(*command), check_health=False)
-    return await conn.read_response()
+    # This read's time-out in place of the socket's (one timer either way); redis-py
+    # answers None when it runs out, and leaves the connection to us.
+    reply = await conn.read_response(timeout=max(0.0, give_up - time.monotonic()))
+    if reply is None:
+        raise _late(wait)
+    return reply
 
 
 class ScriptLane:
@@ -48,19 +60,29 @@ class ScriptLane:
         self._turns: deque[asyncio.Future[AbstractConnection | None]] = deque()
 
     async def run(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        wait: float,
     ) -> Any:
+        """The script's reply, or a failure, within `wait` seconds whatever Redis does:
+        taking a connection (waiting for one, connecting), loading the script, sending it
+        again, and reading its reply all count. A Redis that hangs otherwise held a call
+        for a connection's time-out at each of these steps, and a new connection's set-up
+        for several (80 s in all was seen with Redis stopped by SIGSTOP)."""
+        give_up = time.monotonic() + wait
         for attempt in range(1, self.ATTEMPTS + 1):
-            conn = self._idle.pop() if self._idle else await self._connection()
+            conn = self._idle.pop() if self._idle else await self._connection(give_up, wait)
             try:
-                reply = await self._evalsha(conn, script, keys, args)
+                reply = await self._evalsha(conn, script, keys, args, give_up, wait)
             except (RedisConnectionError, OSError):
                 # A connection the server has closed (Redis restarted, or dropped an idle
                 # client), kept here or idle in the pool: once more on another, as the
                 # client's own retry would. Safe even if the first send ran: the admission
                 # script answers a call sent again (same token) with the same admissions.
                 await self._drop(conn)
-                if attempt == self.ATTEMPTS:
+                if attempt == self.ATTEMPTS or time.monotonic() >= give_up:
                     raise
                 continue
             except BaseException:
@@ -77,15 +99,30 @@ class ScriptLane:
         script: AsyncScript,
         keys: Sequence[str],
         args: Sequence[EncodableT],
+        give_up: float,
+        wait: float,
     ) -> Any:
         try:
-            return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
+            return await _call(conn, give_up, wait, "EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             # The server lost its scripts (restarted, flushed): load it and send again.
-            script.sha = await self._client.script_load(script.script)
-        return await _call(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                async with asyncio.timeout(give_up - time.monotonic()):
+                    script.sha = await self._client.script_load(script.script)
+            except TimeoutError:  # the timer's; raised as Redis's, not retried as OSError
+                raise _late(wait) from None
+        return await _call(conn, give_up, wait, "EVALSHA", script.sha, len(keys), *keys, *args)
 
-    async def _connection(self) -> AbstractConnection:
+    async def _connection(self, give_up: float, wait: float) -> AbstractConnection:
+        """A connection to use, by `give_up` at the latest: a turn among the lane's, or a
+        new one from the pool (a timer only here: the common call has an idle one)."""
+        try:
+            async with asyncio.timeout(give_up - time.monotonic()):
+                return await self._take()
+        except TimeoutError:  # the timer's; raised as Redis's, not retried as OSError
+            raise _late(wait) from None
+
+    async def _take(self) -> AbstractConnection:
         if self._held < self._limit:
             self._held += 1
         else:
@@ -123,7 +160,8 @@ class ScriptLane:
 
     async def _drop(self, conn: AbstractConnection) -> None:
         try:
-            await conn.disconnect()
+            # Not waiting for the socket to close: a hung server's included, at once.
+            await conn.disconnect(nowait=True)
         finally:
             self._hand_over(None)
             await self._pool.release(conn)

@@ -70,6 +70,11 @@ class RedisStockGate:
     # was stalled (a long fork, SIGSTOP, a failover) does not hand out slots to requests
     # that have long been answered `unavailable`.
     ADMIT_BUDGET_S = 2.0
+    # An admission call is given up this long after it was sent, whatever Redis does
+    # (hangs, connections that cannot be set up): with a request's 500-ms deadline for
+    # reaching a call, every request is answered within 5 s of its arrival. What such a
+    # call may have admitted is given back (see _admit_batch).
+    ADMIT_WAIT_S = 4.5
     # The rebuild lock: short, renewed while the rebuild runs, so a crashed rebuilder holds
     # a campaign up for seconds, not a minute; others wait for it this long at most.
     LOCK_LEASE_MS = 5_000
@@ -224,7 +229,7 @@ class RedisStockGate:
         ]
         try:
             if self._lane is not None:
-                raw = await self._lane.run(self._admit, keys, args)
+                raw = await self._lane.run(self._admit, keys, args, self.ADMIT_WAIT_S)
             else:
                 raw = await self._admit(keys=keys, args=args)
         except BaseException as exc:
