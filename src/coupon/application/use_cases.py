@@ -3,6 +3,7 @@ orchestrates ports only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -84,6 +85,8 @@ async def _no_holdings() -> AsyncIterator[Sequence[Coupon]]:
 
 
 class CreateCampaign:
+    PREWARM_WAIT_S = 1.0
+
     def __init__(self, campaigns: CampaignRepository, gate: StockGate, clock: ViewClock) -> None:
         self._campaigns = campaigns
         self._gate = gate
@@ -108,13 +111,21 @@ class CreateCampaign:
         )
         await self._campaigns.add(campaign)
         try:
-            # Prewarm so the burst at the start finds the gate ready.
-            await self._gate.load(campaign, _no_holdings())
-        except Unavailable as exc:
+            # Prewarm so the burst at the start finds the gate ready; not for longer than
+            # the clock is waited for: a Redis that hangs does not hold the answer.
+            async with asyncio.timeout(self.PREWARM_WAIT_S):
+                await self._gate.load(campaign, _no_holdings())
+        except (Unavailable, TimeoutError) as exc:
             # The campaign is durable; the gate is rebuilt on first use.
             log.warning(
                 "gate prewarm failed",
-                extra={"campaign_id": campaign.id, "error": str(exc), "cause": exc.detail},
+                extra={
+                    "campaign_id": campaign.id,
+                    "error": str(exc) or "Redis is unavailable",
+                    "cause": exc.detail
+                    if isinstance(exc, Unavailable)
+                    else f"no answer from Redis within {self.PREWARM_WAIT_S:g} s",
+                },
             )
         return campaign
 
