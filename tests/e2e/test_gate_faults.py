@@ -7,6 +7,8 @@ the shared one is never touched):
 * the gate rebuilt while a holder's coupon was being committed: the holder is not left out;
 * Redis hung longer than the server waits: the user's retry succeeds within a second of
   Redis answering again;
+* Redis hung for three times the bound: every request is answered within it all along,
+  CreateCampaign answers, and those refused are issued at once after the hang;
 * a server killed while it rebuilds a large campaign's gate: its rebuild lock lapses within
   seconds, not a minute, and the restarted server takes over and serves;
 * a server stopped (SIGTERM) while Redis is down or hangs: it exits within seconds, not
@@ -30,7 +32,7 @@ from connectrpc.errors import ConnectError
 
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
-from harness.client import connect_client, create_campaign, issue_retrying
+from harness.client import connect_client, create_campaign, issue_retrying, retry_delay
 from harness.private_redis import PrivateRedis
 from harness.server import ServerProcess
 
@@ -188,6 +190,63 @@ async def test_a_user_whose_request_failed_in_a_redis_hang_succeeds_at_once_afte
         recovered = time.monotonic() - resumed
         print(f"after the hang: the user's retry succeeded {recovered * 1000:.0f} ms after resume")
         assert recovered < 1.0
+
+
+async def test_every_request_is_answered_within_5_s_however_long_redis_hangs(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    """Requests sent one after another while Redis hangs for three times the bound are
+    each answered `unavailable` with a hint within it (a hung connection's set-up and the
+    client's retries once held them for 81 s), CreateCampaign answers meanwhile, and the
+    users refused are issued at once after the hang: nothing they were refused was kept."""
+    bound = 5.0
+    async with connect_client(server.url) as client:
+        c = (await create_campaign(client, total=10, name="long hang")).id
+        await code_of(client, c, "before")
+        refused_users: list[str] = []
+        took: list[float] = []
+        create_took = 0.0
+        made_in_hang = ""
+        private_redis.pause()
+        try:
+            paused = time.monotonic()
+            while time.monotonic() - paused < 3 * bound:
+                user = f"hung-{len(refused_users)}"
+                sent = time.monotonic()
+                with pytest.raises(ConnectError) as caught:
+                    await client.issue_coupon(
+                        coupon_pb.IssueCouponRequest(campaign_id=c, user_id=user),
+                        timeout_ms=120_000,
+                    )
+                took.append(time.monotonic() - sent)
+                assert caught.value.code is Code.UNAVAILABLE, caught.value
+                assert retry_delay(caught.value) is not None, caught.value
+                refused_users.append(user)
+                if not made_in_hang:
+                    started = time.monotonic()
+                    made_in_hang = (await create_campaign(client, total=3, name="in a hang")).id
+                    create_took = time.monotonic() - started
+        finally:
+            private_redis.resume()
+        resumed = time.monotonic()
+        print(
+            f"in a {3 * bound:g}-s hang: IssueCoupon answered in "
+            f"{', '.join(f'{t:.2f}' for t in took)} s; CreateCampaign in {create_took:.2f} s"
+        )
+        assert max(took) < bound + 0.5, took  # the margin: a busy machine's scheduling
+        assert create_took < 3.0, create_took  # the clock's 1 s, the gate's prewarm's 1 s
+        for user in refused_users:
+            reply = await issue_retrying(client, c, user)
+            assert reply.coupon is not None and not reply.already_issued, user
+        recovered = time.monotonic() - resumed
+        print(f"after the hang: {len(refused_users)} users issued {recovered * 1000:.0f} ms after")
+        assert recovered < 1.0
+        made = await issue_retrying(client, made_in_hang, "first")
+        assert made.coupon is not None
+        seen = await client.get_campaign(coupon_pb.GetCampaignRequest(campaign_id=c))
+        assert sorted(coupon.user_id for coupon in seen.coupons) == sorted(
+            ["before", *refused_users]
+        )
 
 
 async def test_a_redis_full_under_noeviction_makes_the_server_not_ready_and_says_why(
