@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from connectrpc.errors import ConnectError
 
+from coupon.adapters.postgres.ledger import RECORD_BOUND_SECONDS
 from coupon.adapters.postgres.pool import COMMAND_TIMEOUT_SECONDS
 from coupon.application.ports import STUCK
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
@@ -108,6 +109,66 @@ async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_tim
     assert view["campaign"]["issuedCount"] == "3"
     assert sorted(c["userId"] for c in coupons) == ["after", "before", "during"]
     assert len({c["code"] for c in coupons}) == 3
+
+
+async def test_each_request_is_answered_within_its_own_bound_through_a_long_stall(
+    stallable: tuple[PrivatePostgres, ServerProcess],
+) -> None:
+    """PostgreSQL stalls for longer than two command timeouts while a new user asks every
+    two seconds: each is answered `unavailable` within the bound from its own arrival, not
+    after the stuck commits queued before it; a request with a Connect deadline, by then.
+    Afterwards every user's retry gets one coupon."""
+    postgres, server = stallable
+    users = [f"user-{i}" for i in range(12)]
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=100, name="long stall")
+        first = await issue_retrying(client, campaign.id, "before")
+        assert first.coupon is not None
+
+        async def ask(user: str, after: float) -> tuple[float, httpx.Response]:
+            await asyncio.sleep(after)
+            return await timed_post(
+                server.url, "IssueCoupon", {"campaignId": campaign.id, "userId": user}
+            )
+
+        async def with_deadline(after: float) -> tuple[float, httpx.Response]:
+            await asyncio.sleep(after)
+            started = time.monotonic()
+            async with httpx.AsyncClient(timeout=120) as web:
+                response = await web.post(
+                    f"{server.url}{RPC}IssueCoupon",
+                    json={"campaignId": campaign.id, "userId": "hasty"},
+                    headers={"connect-timeout-ms": "3000"},
+                )
+            return time.monotonic() - started, response
+
+        postgres.pause()
+        try:
+            answers, hasty = await asyncio.gather(
+                asyncio.gather(*(ask(user, 2.0 * i) for i, user in enumerate(users))),
+                with_deadline(5.0),
+            )
+        finally:
+            postgres.resume()
+        late = 2.0 * (len(users) - 1)
+        assert late > 2 * COMMAND_TIMEOUT_SECONDS  # the last asked long after two timeouts
+        for user, (elapsed, response) in zip(users, answers, strict=True):
+            assert response.status_code == 503, (user, response.text)
+            assert response.json()["code"] == "unavailable", (user, response.text)
+            assert "retry-after-ms" in response.headers
+            assert elapsed < RECORD_BOUND_SECONDS + 2.5, (user, elapsed, response.text)
+        elapsed, response = hasty
+        assert response.json()["code"] == "deadline_exceeded", response.text
+        assert elapsed < 3.0 + 2.0, (elapsed, response.text)
+
+        # PostgreSQL moves again: each user holds one coupon, whatever was cut off.
+        held = {u: await outcome(client, campaign.id, u) for u in [*users, "hasty", "before"]}
+    assert all(len(code) == 10 for code in held.values()), held
+    assert held["before"] == first.coupon.code
+    _, got = await timed_post(server.url, "GetCampaign", {"campaignId": campaign.id})
+    view = got.json()
+    assert view["campaign"]["issuedCount"] == str(len(users) + 2)
+    assert {c["userId"]: c["code"] for c in view["coupons"]} == held
 
 
 async def outcome(client: CouponServiceClient, campaign_id: str, user: str) -> str:

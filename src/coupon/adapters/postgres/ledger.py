@@ -17,7 +17,13 @@ from datetime import datetime
 
 import asyncpg
 
-from coupon.adapters.postgres.pool import KeptConnection, connection, from_db_end
+from coupon.adapters.postgres.pool import (
+    COMMAND_TIMEOUT_SECONDS,
+    POOL_TIMEOUT_SECONDS,
+    KeptConnection,
+    connection,
+    from_db_end,
+)
 from coupon.application.ports import (
     ConstraintViolation,
     CouponPage,
@@ -151,6 +157,15 @@ def coupon_from_row(row: asyncpg.Record, campaign_id: str | None = None) -> Coup
 
 BatchObserver = Callable[[int, float], None]
 
+# A coupon handed to the ledger is answered within this many seconds of being queued,
+# however long PostgreSQL stalls: its batch's statement gives up after the command
+# timeout, and waits for a pooled connection only as long as the coupon that has waited
+# longest leaves room for. A coupon still queued behind a stuck commit once the command
+# timeout no longer fits in its bound is answered `unavailable` unsent (nothing recorded:
+# its slot goes back), rather than wait for that commit's time-out and then its own.
+RECORD_BOUND_SECONDS = COMMAND_TIMEOUT_SECONDS + POOL_TIMEOUT_SECONDS
+MAX_QUEUE_WAIT_SECONDS = RECORD_BOUND_SECONDS - COMMAND_TIMEOUT_SECONDS
+
 
 class PostgresCouponLedger:
     def __init__(
@@ -167,7 +182,8 @@ class PostgresCouponLedger:
         self._pool = pool
         self._commits = KeptConnection(pool)
         self._max_batch = max_batch
-        self._queue: list[tuple[Coupon, Settles[Recorded]]] = []
+        # Each coupon with the moment it was queued (time.monotonic()).
+        self._queue: list[tuple[Coupon, Settles[Recorded], float]] = []
         self._wakeup = asyncio.Event()
         self._batch_slots = asyncio.Semaphore(max_concurrent_batches)
         self._batches: set[asyncio.Task[None]] = set()
@@ -211,7 +227,7 @@ class PostgresCouponLedger:
         if self._closing and self._flusher is not None and self._flusher.done():
             decision.set_exception(Unavailable("the server is shutting down"))
             return
-        self._queue.append((coupon, decision))
+        self._queue.append((coupon, decision, time.monotonic()))
         self._wakeup.set()
 
     async def _flush_forever(self) -> None:
@@ -223,6 +239,12 @@ class PostgresCouponLedger:
                 # While all batch slots are busy, requests keep queueing: the next batch
                 # takes them all at once. That is the group commit.
                 await self._batch_slots.acquire()
+                now = time.monotonic()
+                if self._queue[0][2] < now - MAX_QUEUE_WAIT_SECONDS:
+                    self._expire(now - MAX_QUEUE_WAIT_SECONDS)
+                    if not self._queue:
+                        self._batch_slots.release()
+                        break
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 task = loop.create_task(self._commit(batch))
@@ -231,23 +253,43 @@ class PostgresCouponLedger:
             if self._closing:
                 return
 
+    def _expire(self, queued_before: float) -> None:
+        """Answer the coupons queued before `queued_before` (the queue's head: it is in
+        the order queued) `unavailable`, unsent: the commits before them were stuck, and
+        theirs would end past their bound."""
+        count = 0
+        for _, _, queued_at in self._queue:
+            if queued_at >= queued_before:
+                break
+            count += 1
+        expired = self._queue[:count]
+        del self._queue[:count]
+        error = Unavailable(
+            "PostgreSQL is unavailable: the commits before this coupon's did not finish in"
+            " time; nothing was recorded"
+        )
+        for _, decision, _ in expired:
+            if not decision.done():
+                decision.set_exception(error)
+        log.warning("coupons not recorded: PostgreSQL is stuck", extra={"coupons": count})
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         self._batch_slots.release()
 
-    async def _commit(self, batch: list[tuple[Coupon, Settles[Recorded]]]) -> None:
+    async def _commit(self, batch: list[tuple[Coupon, Settles[Recorded], float]]) -> None:
         started = time.perf_counter()
         try:
             results = await self._record_batch(batch)
         except BaseException as exc:
             # Transient database failures arrive as Unavailable already (see `connection`).
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 if isinstance(result, Exception):
                     future.set_exception(result)
@@ -257,11 +299,13 @@ class PostgresCouponLedger:
             self._observer(len(batch), time.perf_counter() - started)
 
     async def _record_batch(
-        self, batch: list[tuple[Coupon, Settles[Recorded]]]
+        self, batch: list[tuple[Coupon, Settles[Recorded], float]]
     ) -> list[Recorded | Exception]:
         """One transaction for the batch; the outcome of each of its coupons."""
-        coupons = [coupon for coupon, _ in batch]
-        async with self._commits.use() as conn:
+        coupons = [coupon for coupon, _, _ in batch]
+        # What the oldest coupon's bound leaves beyond the statement's own time-out.
+        room = batch[0][2] + MAX_QUEUE_WAIT_SECONDS - time.monotonic()
+        async with self._commits.use(acquire_within=min(POOL_TIMEOUT_SECONDS, room)) as conn:
             try:
                 inserted = await self._insert_batch(conn, coupons)
             except asyncpg.IntegrityConstraintViolationError as exc:

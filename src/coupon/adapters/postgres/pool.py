@@ -49,6 +49,8 @@ REFUSED = (asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionErr
 COMMAND_TIMEOUT_SECONDS = 10.0
 # How long a graceful shutdown waits for PostgreSQL to take the connections' close.
 CLOSE_WAIT_SECONDS = 2.0
+# How long a request waits for a pooled connection (one being opened included).
+POOL_TIMEOUT_SECONDS = 5.0
 INFINITY = datetime.max.replace(tzinfo=UTC)
 
 
@@ -90,7 +92,7 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             # the client gives up after as long (asyncio.TimeoutError, so Unavailable).
             server_settings={"statement_timeout": "10s", "application_name": "coupon"},
             command_timeout=COMMAND_TIMEOUT_SECONDS,
-            timeout=5,
+            timeout=POOL_TIMEOUT_SECONDS,
             reset=_keep_session,
             init=_durable_commits,
         )
@@ -133,7 +135,7 @@ async def warm(pool: asyncpg.Pool, count: int) -> None:
 async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; transient database failures become `Unavailable`."""
     try:
-        async with pool.acquire(timeout=5) as conn:
+        async with pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as conn:
             yield conn
     except TRANSIENT as exc:
         await _refused_read_only(pool, exc)
@@ -181,12 +183,16 @@ class KeptConnection:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._kept: asyncpg.Connection | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
 
     @asynccontextmanager
-    async def use(self) -> AsyncIterator[asyncpg.Connection]:
-        """The kept connection, or one from the pool when it is in use or gone; transient
-        database failures become `Unavailable`, as with `connection` — `OutcomeUnknown`
-        once the connection was in use, since what was sent may have been done."""
+    async def use(
+        self, acquire_within: float = POOL_TIMEOUT_SECONDS
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """The kept connection, or one from the pool (waiting at most `acquire_within`
+        seconds) when it is in use or gone; transient database failures become
+        `Unavailable`, as with `connection` — `OutcomeUnknown` once the connection was in
+        use, since what was sent may have been done."""
         conn, self._kept = self._kept, None
         used = False
         try:
@@ -194,12 +200,15 @@ class KeptConnection:
                 await self._release_quietly(conn)
                 conn = None
             if conn is None:
-                conn = await self._pool.acquire(timeout=5)
+                conn = await self._pool.acquire(timeout=max(0.001, acquire_within))
             used = True
             yield conn
         except BaseException as exc:
             if conn is not None:
-                await self._release_quietly(conn)
+                # Not waited for: the pool waits for a statement's cancellation before it
+                # takes the connection back (up to the pool's time-out, asked of a server
+                # that may be stalled), and the failure is answered now.
+                self._release_later(conn)
             if isinstance(exc, TRANSIENT):
                 await _refused_read_only(self._pool, exc)
                 # Failed in use, a write may have reached the server before it broke;
@@ -216,7 +225,14 @@ class KeptConnection:
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
 
+    def _release_later(self, conn: asyncpg.Connection) -> None:
+        task = asyncio.ensure_future(self._release_quietly(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
     async def close(self) -> None:
         conn, self._kept = self._kept, None
         if conn is not None:
             await self._release_quietly(conn)
+        if self._releasing:
+            await asyncio.gather(*self._releasing)
