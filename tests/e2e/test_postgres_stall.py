@@ -116,8 +116,8 @@ async def test_each_request_is_answered_within_its_own_bound_through_a_long_stal
 ) -> None:
     """PostgreSQL stalls for longer than two command timeouts while a new user asks every
     two seconds: each is answered `unavailable` within the bound from its own arrival, not
-    after the stuck commits queued before it; a request with a Connect deadline, by then.
-    Afterwards every user's retry gets one coupon."""
+    after the stuck commits queued before it; a request with a Connect deadline, by then;
+    /readyz says 503 within its own 2 s. Afterwards every user's retry gets one coupon."""
     postgres, server = stallable
     users = [f"user-{i}" for i in range(12)]
     async with connect_client(server.url) as client:
@@ -142,11 +142,19 @@ async def test_each_request_is_answered_within_its_own_bound_through_a_long_stal
                 )
             return time.monotonic() - started, response
 
+        async def ready(after: float) -> tuple[float, httpx.Response]:
+            await asyncio.sleep(after)
+            started = time.monotonic()
+            async with httpx.AsyncClient(timeout=120) as web:
+                response = await web.get(f"{server.url}/readyz")
+            return time.monotonic() - started, response
+
         postgres.pause()
         try:
-            answers, hasty = await asyncio.gather(
+            answers, hasty, probes = await asyncio.gather(
                 asyncio.gather(*(ask(user, 2.0 * i) for i, user in enumerate(users))),
                 with_deadline(5.0),
+                asyncio.gather(*(ready(after) for after in (3.0, 11.0))),
             )
         finally:
             postgres.resume()
@@ -160,6 +168,10 @@ async def test_each_request_is_answered_within_its_own_bound_through_a_long_stal
         elapsed, response = hasty
         assert response.json()["code"] == "deadline_exceeded", response.text
         assert elapsed < 3.0 + 2.0, (elapsed, response.text)
+        for elapsed, response in probes:
+            assert response.status_code == 503, response.text
+            assert "no answer" in response.json()["checks"]["postgres"], response.text
+            assert elapsed < 2.0 + 0.8, (elapsed, response.text)
 
         # PostgreSQL moves again: each user holds one coupon, whatever was cut off.
         held = {u: await outcome(client, campaign.id, u) for u in [*users, "hasty", "before"]}
