@@ -318,6 +318,8 @@ REDIS_PROBE_SECONDS = 3.0
 def _warn_unless_redis_answers(redis_url: str) -> None:
     """PING Redis once at start-up; when it does not answer, say so in one warning line, as
     for PostgreSQL: the server starts anyway and /readyz names Redis until it answers."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     from coupon.adapters.redis.client import answers, create_client, is_cluster_url
 
     async def ping() -> bool:
@@ -343,7 +345,8 @@ def _warn_unless_redis_answers(redis_url: str) -> None:
                 extra={"redis_url": redacted(redis_url)},
             )
     except Exception as exc:  # noqa: BLE001 - whatever fails, the server serves and says so
-        if isinstance(exc, TimeoutError):
+        # The probe's own bound, or the client's connect time-out (2 s) before it.
+        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
             failure = f"no answer within {REDIS_PROBE_SECONDS:g} s"
             if redis_url.startswith("rediss"):
                 # A TLS handshake to a server without TLS waits in silence this way.
