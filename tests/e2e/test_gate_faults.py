@@ -273,6 +273,28 @@ async def test_a_redis_full_under_noeviction_makes_the_server_not_ready_and_says
         await admin.aclose()
 
 
+async def test_a_redis_user_the_acl_keeps_from_info_is_ready_and_issues(
+    server_env: dict[str, str], private_redis: PrivateRedis
+) -> None:
+    """A hardened Redis user (no @dangerous commands, INFO among them): the memory check
+    is left out, PING decides, and coupons are issued."""
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "svc", "on", ">svc-password", "~*", "&*", "+@all", "-@dangerous"
+        )
+    finally:
+        await admin.aclose()
+    url = private_redis.url.replace("redis://", "redis://svc:svc-password@")
+    with ServerProcess(env={**server_env, "REDIS_URL": url, "COUPON_REDIS_PREFIX": PREFIX}) as proc:
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{proc.url}/readyz")
+        assert ready.status_code == 200, ready.text
+        async with connect_client(proc.url) as client:
+            c = (await create_campaign(client, total=10, name="acl")).id
+            assert await code_of(client, c, "someone")
+
+
 async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_seconds(
     server_env: dict[str, str], private_redis: PrivateRedis, pg_pool: asyncpg.Pool
 ) -> None:

@@ -194,7 +194,13 @@ class StorageProvider(Provider):
             try:
                 await answers(client, timeout=1.5)  # within the check's 2 s
                 if not isinstance(client, QueueingRedisCluster):
-                    full = refuses_writes(await client.info("memory"))
+                    try:
+                        memory = await client.info("memory")
+                    except RedisResponseError:
+                        # A user the ACL does not let run INFO (or INFO renamed away):
+                        # PING decides, as without this check.
+                        memory = {}
+                    full = refuses_writes(memory)
                     if full:
                         raise NotReady(full)
             except RedisResponseError as exc:
