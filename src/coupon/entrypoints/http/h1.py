@@ -561,9 +561,13 @@ class Http1Protocol(HttpToolsProtocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_count > self._max_headers or self._header_bytes > self._max_header_bytes:
             self._too_large = True
-            # Still wanted: the refusal is written in the protocol the content type names.
-            if not self._content_type and name.lower() == b"content-type":
+            # Still wanted: the refusal is written in the protocol the content type names,
+            # with the CORS headers its origin is allowed (browsers send Origin last).
+            lowered = name.lower()
+            if not self._content_type and lowered == b"content-type":
                 self._content_type = value
+            elif lowered == b"origin" and all(n != b"origin" for n, _ in self.headers):
+                self.headers.append((lowered, value))
             return
         name = name.lower()
         if name == b"content-type":
