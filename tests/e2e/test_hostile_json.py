@@ -154,6 +154,14 @@ NAMED = [
     (b'{"userId": "\\ud800"}', "user_id: expected a string of Unicode characters"),
     (b'{"userId": ["\\udfff"]}', "user_id: expected a string of Unicode characters"),
     (b'\xef\xbb\xbf{"userId": "ana"}', "request body: JSON must not begin with a byte order mark"),
+    # UTF-16 and UTF-32 (with or without their marks): deep ones got past the depth check.
+    *[
+        (
+            ('["\u2241", ' + "[" * 7_000 + "]" * 7_000 + ', "\u2241"]').encode(encoding),
+            "request body: JSON must be UTF-8",
+        )
+        for encoding in ("utf-16-le", "utf-16", "utf-32-be")
+    ],
 ]
 
 

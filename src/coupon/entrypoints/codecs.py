@@ -286,6 +286,9 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
     forbids a sender to add, is refused as such (Python's parser would skip it)."""
     if data.startswith(b"\xef\xbb\xbf"):
         return _invalid("request body: JSON must not begin with a byte order mark (U+FEFF)")
+    if b"\x00" in data[:4] or data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # UTF-16 or UTF-32, which Python's parser would read (RFC 8259: UTF-8 only).
+        return _invalid("request body: JSON must be UTF-8 (this is UTF-16 or UTF-32)")
     try:
         value = json.loads(data)
     except (ValueError, RecursionError):
