@@ -18,6 +18,14 @@ NAME_MAX_CHARS = 200
 _UNSHOWABLE = re.compile(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 )
+# Characters that show nothing but are neither spaces nor format characters (Cf): the
+# Hangul fillers, the combining grapheme joiner, variation selectors, the blank braille
+# pattern. A name of these alone (and spaces, and Cf) is blank.
+_BLANK = frozenset(
+    "\u115f\u1160\u3164\uffa0\u034f\u2800\u180b\u180c\u180d\u180f"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
 TOTAL_COUPONS_MAX = 10_000_000
 # Timestamps outside this range cannot be stored by PostgreSQL's timestamptz without
 # surprises and make no sense for a campaign; refusing them early gives a clear error.
@@ -79,8 +87,9 @@ class Campaign:
 
 
 def validate_name(name: str) -> str:
-    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in name):
-        # Empty, or only spaces and invisible format characters (U+200B, U+FEFF, …).
+    if all(c.isspace() or c in _BLANK or unicodedata.category(c) == "Cf" for c in name):
+        # Empty, or only spaces and characters that show nothing (U+200B, U+FEFF, the
+        # Hangul fillers, variation selectors, …).
         raise InvalidArgument("name", "must not be empty or blank")
     if len(name) > NAME_MAX_CHARS:
         raise InvalidArgument(
