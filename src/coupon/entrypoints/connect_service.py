@@ -38,6 +38,7 @@ from coupon.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from coupon.domain.times import rfc3339
 from coupon.entrypoints.logs import LogQuota, request_id
 from coupon.entrypoints.metrics import CounterTally, Metrics
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
@@ -294,7 +295,7 @@ class CouponService:
                     "campaign_id": campaign.id,
                     "campaign_name": campaign.name,
                     "total_coupons": campaign.total_coupons,
-                    "starts_at": campaign.starts_at.isoformat(),
+                    "starts_at": rfc3339(campaign.starts_at),
                     "request_id": request_id(),
                 },
             )
@@ -363,7 +364,7 @@ class CouponService:
                     "campaign ended",
                     extra={
                         "campaign_id": campaign.id,
-                        "ended_at": None if end is None else end.isoformat(),
+                        "ended_at": None if end is None else rfc3339(end),
                         "request_id": request_id(),
                     },
                 )

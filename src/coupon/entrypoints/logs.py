@@ -11,6 +11,8 @@ from collections.abc import Hashable, Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from coupon.domain.times import rfc3339
+
 # The raw headers of the request being served, so a log line can carry its request id.
 REQUEST_HEADERS: ContextVar[Iterable[tuple[bytes, bytes]]] = ContextVar(
     "request_headers", default=()
@@ -61,7 +63,7 @@ _UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "time": rfc3339(datetime.fromtimestamp(record.created, UTC)),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
