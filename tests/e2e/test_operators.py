@@ -17,6 +17,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from coupon.domain.times import rfc3339
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.burst import Outcome, drive
@@ -248,7 +249,7 @@ async def test_issue_after_the_end_says_when_it_ended(server: ServerProcess) -> 
         await issue(client, campaign.id, "warm")  # both paths have cached the campaign
         ended = await end(client, campaign.id)
         assert ended.ended_at is not None
-        stamp = ended.ended_at.to_datetime().isoformat()
+        stamp = rfc3339(ended.ended_at.to_datetime())
         for user in ("late-1", "late-2", "warm-again"):
             with pytest.raises(ConnectError) as refused:
                 await issue(client, campaign.id, user)
