@@ -214,7 +214,7 @@ def split_by_kill(result: RoundResult) -> dict[str, Counter[str]]:
     (requests sent after the kill; those in flight at that moment may have gone either
     way). Errors from the gate's Redis are told apart from the rest by their message, and
     from requests turned away because they waited past their deadline behind a slow call
-    ("Redis is slow: ..."), which is shedding, not a failure: the call before was slowed by
+    ("the gate is slow: ..."), which is shedding, not a failure: the call before was slowed by
     the kill (the cluster client reloads the slot map) or by a busy machine."""
     assert result.killed_at is not None
     dead = {c.id for c in result.campaigns if c.master == result.killed}
@@ -223,7 +223,7 @@ def split_by_kill(result: RoundResult) -> dict[str, Counter[str]]:
         if o.sent_at < result.killed_at:
             continue
         kind = o.kind
-        if kind == "unavailable" and o.message.startswith("Redis is slow"):
+        if kind == "unavailable" and o.message.startswith("the gate is slow"):
             kind = "unavailable (waited too long)"
         elif kind == "unavailable" and o.message.startswith("Redis"):
             kind = "unavailable (Redis)"
