@@ -940,8 +940,10 @@ class _Flow(FlowControl):
         self._pipeline = pipeline
 
     def resume_reading(self) -> None:
-        if not self.write_paused and not self._pipeline:
-            super().resume_reading()
+        # FlowControl's, inlined: once per answer.
+        if self.read_paused and not self.write_paused and not self._pipeline:
+            self.read_paused = False
+            self._transport.resume_reading()
 
 
 def _unsupported(version: str, hosts: int, bad_host: bool) -> Answer | None:
