@@ -17,12 +17,12 @@ from datetime import datetime
 
 import asyncpg
 
+from coupon.adapters.postgres.campaigns import campaign_from_row
 from coupon.adapters.postgres.pool import (
     COMMAND_TIMEOUT_SECONDS,
     POOL_TIMEOUT_SECONDS,
     KeptConnection,
     connection,
-    from_db_end,
 )
 from coupon.application.ports import (
     ConstraintViolation,
@@ -89,8 +89,8 @@ SELECT id, {_COUPON_COLUMNS} FROM coupons
 # The campaign and a page of its coupons in one statement, so from one snapshot: the
 # issued count is that of the coupons listed (a row with no coupon when the page is empty).
 _CAMPAIGN_PAGE = f"""
-SELECT c.name, c.total_coupons, c.issued_count, c.starts_at, c.ends_at, c.created_at,
-       c.ended_at, p.id, p.code, p.campaign_id, p.user_id, p.issued_at, p.slot
+SELECT c.id, c.name, c.total_coupons, c.issued_count, c.starts_at, c.ends_at, c.created_at,
+       c.ended_at, p.id AS position, p.code, p.campaign_id, p.user_id, p.issued_at, p.slot
   FROM campaigns c
   LEFT JOIN LATERAL (
        SELECT id, {_COUPON_COLUMNS} FROM coupons
@@ -444,23 +444,13 @@ class PostgresCouponLedger:
             rows = await conn.fetch(_CAMPAIGN_PAGE, uuid.UUID(campaign_id), after, limit + 1)
         if not rows:
             return None
-        first = rows[0]
-        campaign_id = str(uuid.UUID(campaign_id))  # the rows' spelling
-        campaign = Campaign(
-            id=campaign_id,
-            name=first["name"],
-            total_coupons=first["total_coupons"],
-            starts_at=first["starts_at"],
-            ends_at=from_db_end(first["ends_at"]),
-            created_at=first["created_at"],
-            issued_count=first["issued_count"],
-            ended_at=first["ended_at"],
-        )
-        if first["id"] is None:
+        campaign = campaign_from_row(rows[0])
+        if rows[0]["position"] is None:
             return campaign, CouponPage([], after, has_more=False)
         has_more = len(rows) > limit
         rows = rows[:limit]
-        page = CouponPage([coupon_from_row(r, campaign_id) for r in rows], rows[-1]["id"], has_more)
+        coupons = [coupon_from_row(r, campaign.id) for r in rows]
+        page = CouponPage(coupons, rows[-1]["position"], has_more)
         return campaign, page
 
     async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
