@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from coupon.entrypoints.app import MAX_REQUEST_BYTES
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import connect_client, create_campaign
-from harness.raw_http import ISSUE, last_words, open_connection, read_response
+from harness.raw_http import ISSUE, last_words, open_connection, read_response, rpc_error
 from harness.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -363,3 +363,78 @@ async def test_any_mix_of_fields_is_answered_in_one_read_as_the_parser_answers_i
         ]
         answers.append(await answer(server, request(payload, lines), split=split))
     assert answers[0] == answers[1], f"{fields}: one read {answers[0]}, two reads {answers[1]}"
+
+
+# A Connect header of one value given twice -> the header the refusal names.
+REPEATED: dict[str, tuple[list[str], str]] = {
+    "two content types": (["Content-Type: application/proto"], "content-type"),
+    "the same content type twice": (["Content-Type: application/json"], "content-type"),
+    "protocol versions 1 and 2": (
+        ["Connect-Protocol-Version: 1", "Connect-Protocol-Version: 2"],
+        "connect-protocol-version",
+    ),
+    "protocol version 1 twice": (
+        ["Connect-Protocol-Version: 1", "Connect-Protocol-Version: 1"],
+        "connect-protocol-version",
+    ),
+    "two deadlines": (
+        ["Connect-Timeout-Ms: 5000", "Connect-Timeout-Ms: 1"],
+        "connect-timeout-ms",
+    ),
+    "two identity encodings": (
+        ["Content-Encoding: identity", "Content-Encoding: identity"],
+        "content-encoding",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REPEATED)
+async def test_a_connect_header_given_twice_is_refused_whichever_way_it_is_read(
+    server: ServerProcess, campaign: str, case: str
+) -> None:
+    """A header of one value given twice would be read as its first value by one reader
+    and its last by another: it is refused, naming the header, on the lane, through the
+    parser and over HTTP/2, and issues nothing."""
+    extra, header = REPEATED[case]
+    user = f"repeated-{case}"
+    payload = body(campaign, user)
+    fields = ["Host: t", "Content-Type: application/json", *extra]
+    raw = request(payload, [*fields, f"Content-Length: {len(payload)}"])
+    for split in (False, False, True):
+        status, code, _ = await answer(server, raw, split=split)
+        assert (status, code) == (400, "invalid_argument"), (case, split)
+    headers = [("content-type", "application/json")]
+    headers += [tuple(f.lower().split(": ", 1)) for f in extra]  # type: ignore[misc]
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2:
+        response = await h2.post(server.url + ISSUE, content=payload, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument"
+    assert header in response.json()["message"]
+    async with connect_client(server.url) as client:
+        mine = await client.list_user_coupons(coupon_pb.ListUserCouponsRequest(user_id=user))
+    assert not mine.coupons
+
+
+async def test_a_repeated_header_is_refused_in_the_callers_protocol(
+    server: ServerProcess, campaign: str
+) -> None:
+    """Off IssueCoupon too, and in the protocol the caller speaks: gRPC-Web reads the
+    refusal from grpc-status."""
+    envelope = b"\x00\x00\x00\x00\x00"  # an empty message: refused before it is read
+    media = "application/grpc-web+proto"
+    path = "/coupon.v1.CouponService/GetCampaign"
+    headers = [("content-type", media), ("x-grpc-web", "1"), ("grpc-timeout", "5S")]
+    headers.append(("grpc-timeout", "1S"))
+    async with httpx.AsyncClient(http1=True, http2=False, timeout=10) as h1:
+        response = await h1.post(server.url + path, content=envelope, headers=headers)
+    assert rpc_error(response.status_code, dict(response.headers), response.content, media) == (
+        "invalid_argument",
+        "the grpc-timeout header is given more than once",
+    )
+    json_headers = [("content-type", "application/json")] * 2
+    async with httpx.AsyncClient(http1=True, http2=False, timeout=10) as h1:
+        response = await h1.post(
+            server.url + path, content=json.dumps({"campaignId": campaign}), headers=json_headers
+        )
+    assert response.status_code == 400
+    assert response.json()["message"] == "the content-type header is given more than once"

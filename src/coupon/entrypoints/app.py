@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from connectrpc.code import Code
 from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
     ServerReflectionAlphaASGIApplication,
     ServerReflectionAlphaService,
@@ -38,10 +39,17 @@ from coupon.entrypoints.connect_service import AdminGuard, CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
 from coupon.entrypoints.dashboard import Dashboard, http_error
-from coupon.entrypoints.fast_issue import ISSUE_PATH, FastIssue, IssueRoute
+from coupon.entrypoints.fast_issue import (
+    ISSUE_PATH,
+    SINGLE_VALUED,
+    FastIssue,
+    IssueRoute,
+    respond,
+)
 from coupon.entrypoints.grpc_web_text import serve_text, text_media
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.http.host import valid_host
+from coupon.entrypoints.http.refusal import refusal
 from coupon.entrypoints.ioc import make_container
 from coupon.entrypoints.logs import REQUEST_HEADERS, configure_logging
 from coupon.entrypoints.metrics import get_metrics, render
@@ -304,7 +312,16 @@ class CouponApp:
             return
         accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
         refused_coding = _refused_coding(scope, content_type)
-        if any(_to_normalize(n, v) for n, v in scope["headers"]):
+        normalize = False
+        given: set[bytes] = set()
+        repeated = b""
+        for name, value in scope["headers"]:
+            if name in SINGLE_VALUED:
+                if name in given and not repeated:
+                    repeated = name
+                given.add(name)
+            normalize = normalize or _to_normalize(name, value)
+        if normalize:
             headers = [(n, _normalized(n, v)) for n, v in scope["headers"]]
             scope = {**scope, "headers": headers}  # type: ignore[assignment]
         body_done = False
@@ -329,6 +346,21 @@ class CouponApp:
                 message = {**message, "headers": headers}
             await send(message)
 
+        if repeated:
+            # One value each (RFC 9110, 5.3 lets a recipient refuse a list in its place): read
+            # as the first or the last, the call would mean one thing here and another to
+            # the next server along.
+            message = f"the {repeated.decode()} header is given more than once"
+            answer = refusal(
+                scope["path"].encode(),
+                content_type,
+                message,
+                status=400,
+                plain=message,
+                code=Code.INVALID_ARGUMENT,
+            )
+            await respond(send_closing, answer)
+            return
         text = text_media(content_type)
         if text is not None:
             await serve_text(connect, scope, receive_tracking, send_closing, text)

@@ -69,6 +69,18 @@ _STATUS = {
     Code.UNAUTHENTICATED: 401,
 }
 _NO_HEADERS: Headers = []
+# The Connect (and gRPC) headers that carry one value: a request giving one of them more
+# than once is refused (invalid_argument, app.py) rather than read one way or another.
+SINGLE_VALUED = frozenset(
+    {
+        b"content-type",
+        b"connect-protocol-version",
+        b"connect-timeout-ms",
+        b"grpc-timeout",
+        b"content-encoding",
+        b"connect-content-encoding",
+    }
+)
 
 
 class IssueService(Protocol):
@@ -261,18 +273,26 @@ class FastIssue:
             return None
         codec = None
         length = -1
+        # Given twice, a header the app refuses (SINGLE_VALUED).
+        typed = versioned = encoded = False
         for name, value in scope["headers"]:
             if name == b"content-type":
+                if typed:
+                    return None
+                typed = True
                 codec = codec_for(value)
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -1
             elif name in (b"content-encoding", b"connect-content-encoding"):
-                if value.strip().lower() != b"identity":
+                if encoded or value.strip().lower() != b"identity":
                     return None
-            elif name == b"connect-timeout-ms" or (
-                name == b"connect-protocol-version" and other_protocol_version(value)
-            ):
-                return None
+                encoded = True
+            elif name == b"connect-protocol-version":
+                if versioned or other_protocol_version(value):
+                    return None
+                versioned = True
+            elif name in (b"connect-timeout-ms", b"grpc-timeout"):
+                return None  # a deadline (or, twice, a refusal): the app's
         if codec is None or not 0 <= length <= self._max_bytes:
             return None
         return codec

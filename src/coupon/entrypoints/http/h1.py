@@ -71,6 +71,7 @@ from uvicorn.server import ServerState
 
 from coupon.entrypoints.fast_issue import (
     ISSUE_PATH_BYTES,
+    SINGLE_VALUED,
     Answer,
     IssueRoute,
     codec_for,
@@ -153,6 +154,7 @@ def _lane_fields(block: bytes) -> LaneFields | None:
     keep_alive = True
     request_id = b""
     hosts = 0
+    versioned = encoded = False
     for line in lines:
         name, colon, value = line.partition(b":")
         name = name.lower()
@@ -173,10 +175,13 @@ def _lane_fields(block: bytes) -> LaneFields | None:
                 elif value != b"keep-alive":
                     return None
             elif name == _PROTOCOL_VERSION:
-                if other_protocol_version(value):
-                    return None
-            elif value.strip(b" \t").lower() != b"identity":  # an encoding
+                if versioned or other_protocol_version(value):
+                    return None  # twice: refused by the app (SINGLE_VALUED)
+                versioned = True
+            elif encoded or value.strip(b" \t").lower() != b"identity":  # an encoding
                 return None
+            else:
+                encoded = True
         elif not colon or not name or not _is_token(name) or name in _NOT_FOR_THE_LANE:
             return None
         elif name == _REQUEST_ID and not request_id:
@@ -570,6 +575,8 @@ class Http1Protocol(HttpToolsProtocol):
                 self.headers.append((lowered, value))
             return
         name = name.lower()
+        if name in SINGLE_VALUED and any(n == name for n, _ in self.headers):
+            self._lane_ok = False  # refused by the app
         if name == b"content-type":
             self._content_type = value
         elif name == b"content-length":

@@ -41,16 +41,24 @@ API_PREFIXES = (
 PLAIN = b"text/plain; charset=utf-8"
 # A media type safe to echo in an answer's Content-Type.
 _MEDIA = re.compile(rb"application/[a-z0-9.+-]+")
-# gRPC's status for resource_exhausted.
-_RESOURCE_EXHAUSTED = b"8"
+# gRPC's status for each code a refusal here carries.
+_GRPC_STATUS = {Code.RESOURCE_EXHAUSTED: b"8", Code.INVALID_ARGUMENT: b"3"}
 # The Connect protocol's flag of the end-stream message.
 _END_STREAM = 0x02
 
 
-def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plain: str) -> Answer:
+def refusal(
+    path: bytes,
+    content_type: bytes,
+    message: str,
+    *,
+    status: int,
+    plain: str,
+    code: Code = Code.RESOURCE_EXHAUSTED,
+) -> Answer:
     """The answer refusing a request to `path` of `content_type` (b"": not known): on an API
-    path, `resource_exhausted` with `message` as the caller's protocol sends it; elsewhere
-    `status` with `plain` as text."""
+    path, `code` with `message` as the caller's protocol sends it; elsewhere `status` with
+    `plain` as text."""
     if not path.startswith(API_PREFIXES):
         return status, PLAIN, plain.encode(), []
     media = content_type.split(b";", 1)[0].strip().lower()
@@ -59,12 +67,12 @@ def refusal(path: bytes, content_type: bytes, message: str, *, status: int, plai
     elif media == b"application/grpc" or media.startswith(b"application/grpc+"):
         family = b"application/grpc"
     elif media.startswith(b"application/connect+") and _MEDIA.fullmatch(media):
-        end = {"error": {"code": Code.RESOURCE_EXHAUSTED.value, "message": message}}
+        end = {"error": {"code": code.value, "message": message}}
         payload = json.dumps(end, ensure_ascii=False).encode()
         return 200, media, struct.pack(">BI", _END_STREAM, len(payload)) + payload, []
     else:
-        return error_answer(ConnectError(Code.RESOURCE_EXHAUSTED, message))
-    trailers = [(b"grpc-status", _RESOURCE_EXHAUSTED), (b"grpc-message", grpc_message(message))]
+        return error_answer(ConnectError(code, message))
+    trailers = [(b"grpc-status", _GRPC_STATUS[code]), (b"grpc-message", grpc_message(message))]
     return 200, media if _MEDIA.fullmatch(media) else family, b"", trailers
 
 
