@@ -153,6 +153,9 @@ def test_the_depth_limit_and_brackets_in_strings(server: ServerProcess) -> None:
 NAMED = [
     (b'{"userId": "\\ud800"}', "user_id: expected a string of Unicode characters"),
     (b'{"userId": ["\\udfff"]}', "user_id: expected a string of Unicode characters"),
+    # In a field the message does not have, otherwise ignored: named all the same.
+    (b'{"userId": "x", "junk": "\\ud800"}', "junk: expected a string of Unicode characters"),
+    (b'{"userId": "x", "\\udc00": 1}', "\\udc00: expected a string of Unicode characters"),
     (b'\xef\xbb\xbf{"userId": "ana"}', "request body: JSON must not begin with a byte order mark"),
     # UTF-16 and UTF-32 (with or without their marks): deep ones got past the depth check.
     *[

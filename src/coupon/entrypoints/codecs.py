@@ -298,18 +298,27 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
     fields = message_class._desc._fields_by_json_name
     for key, item in value.items():
         field = fields.get(key)
+        if _lone_surrogate(key) or _lone_surrogate(item):
+            # Read by Python's parser, not by the native one (nor by any UTF-8 encoder),
+            # which refuses the whole body whatever field holds it, known or not.
+            name = field.name if field is not None else _unknown_name(key)
+            return _invalid(
+                f"{name}: expected a string of Unicode characters (got a lone surrogate)"
+            )
         if field is None:
             continue
-        if _lone_surrogate(item):
-            # Read by Python's parser, not by the native one (nor by any UTF-8 encoder).
-            return _invalid(
-                f"{field.name}: expected a string of Unicode characters (got a lone surrogate)"
-            )
         try:
             message_class._from_json_value({key: item}, ignore_unknown_fields=True)
         except Exception:  # noqa: BLE001 - this field is the one
             return _invalid(f"{field.name}: {_expected(field)}")
     return _invalid(f"request body: not a valid {message_class.__name__}")
+
+
+def _unknown_name(key: str) -> str:
+    """A field name the message does not have, as an error names it: its surrogates
+    escaped, cut short if long."""
+    name = key.encode("utf-8", "backslashreplace").decode()
+    return name if len(name) <= 64 else name[:64] + "…"
 
 
 def _lone_surrogate(value: object) -> bool:
