@@ -897,7 +897,10 @@ def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess)
     [
         ("http://127.0.0.1:{closed}", "connection refused"),
         ("http://no-such-host.invalid:8000", "name not resolved"),
-        ("https://127.0.0.1:{port}", "the port does not speak TLS (use http://)"),
+        (
+            "https://127.0.0.1:{port}",
+            "the port does not speak TLS (use http:// in --url or COUPON_URL)",
+        ),
     ],
 )
 def test_an_unreachable_service_is_one_plain_line(

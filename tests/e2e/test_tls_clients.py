@@ -189,6 +189,14 @@ def test_the_load_tool_runs_over_tls_with_the_ca_file(
         "COUPON_CA_FILE trusts a private CA)\n"
     )
     assert not report.exists()
+    # The plain scheme to a TLS port: where to change it is said.
+    code = loadtest_main([f"--url=http://127.0.0.1:{proc.port}", *common])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"loadtest: cannot reach the service at http://127.0.0.1:{proc.port}: the port speaks "
+        "TLS (use https:// in --url or COUPON_URL)\n"
+    )
+    assert not report.exists()
     monkeypatch.setenv("COUPON_CA_FILE", str(tmp_path / "missing.pem"))
     code = loadtest_main([f"--url=https://localhost:{proc.port}", *common])
     assert code == 2
@@ -211,7 +219,8 @@ def test_the_load_tool_runs_over_tls_with_the_ca_file(
         ("CA as server", "https://localhost:{port}", True,
          "TLS: the service's certificate is a CA's (CA:TRUE), which is refused as a "
          "server's: make one with CA:FALSE (docs/clients.md#tls)"),
-        ("private CA", "http://127.0.0.1:{port}", True, "the port speaks TLS (use https://)"),
+        ("private CA", "http://127.0.0.1:{port}", True,
+         "the port speaks TLS (use https:// in --url or COUPON_URL)"),
     ],
 )  # fmt: skip
 def test_a_tls_failure_is_one_line_that_says_why(

@@ -350,7 +350,10 @@ def test_a_campaign_that_can_issue_nothing_more_is_refused_at_set_up(
     [
         ("http://127.0.0.1:{closed}", "connection refused"),
         ("http://no-such-host.invalid:8000", "name not resolved"),
-        ("https://127.0.0.1:{port}", "the port does not speak TLS (use http://)"),
+        (
+            "https://127.0.0.1:{port}",
+            "the port does not speak TLS (use http:// in --url or COUPON_URL)",
+        ),
         ("http://127.0.0.1:{silent}", "timed out"),  # accepts, never answers
     ],
 )

@@ -34,7 +34,7 @@ _REASONS = (
      "name not resolved"),
     (("timed out", "timeout"), "timed out"),
     (("corrupt message", "invalidcontenttype"),
-     "the port does not speak TLS (use http://)"),
+     "the port does not speak TLS (use http:// in --url or COUPON_URL)"),
     (("unknownissuer",),
      f"TLS: the service's certificate is not signed by a trusted CA ({TRUST_HINT})"),
     (("causedasendentity",),
@@ -83,7 +83,7 @@ def unreachable(exc: BaseException, url: str) -> str | None:
         "the connection failed",
     )
     if reason in ("the connection failed", "connection reset") and _speaks_tls(url):
-        return "the port speaks TLS (use https://)"
+        return "the port speaks TLS (use https:// in --url or COUPON_URL)"
     return reason
 
 
