@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import deque
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import ScriptTextT
 from redis.utils import str_if_bytes
+
+from coupon.adapters.redis.turns import Turns
 
 # What a Redis call can fail with: the server's errors, the network's, the cluster client's
 # (no node reachable, a node not in cluster mode: RedisClusterException, not a RedisError).
@@ -170,7 +171,7 @@ class QueueingConnectionPool(aioredis.ConnectionPool):
         super().__init__(**kwargs)
         self.timeout = timeout
         self._in_use_connections = weakref.WeakSet()  # type: ignore[assignment]
-        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+        self._turns: Turns[AbstractConnection] = Turns()
 
     def _has_room(self) -> bool:
         return bool(self._available_connections) or (
@@ -192,33 +193,20 @@ class QueueingConnectionPool(aioredis.ConnectionPool):
         return connection
 
     async def _wait_turn(self) -> AbstractConnection:
-        turn: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
-        self._waiters.append(turn)
         try:
             async with asyncio.timeout(self.timeout):
-                return await turn
-        except BaseException as exc:
-            if turn.done() and not turn.cancelled():
-                # Handed one just as it stopped waiting: the next in line takes it.
-                self._give_back(turn.result())
-            else:
-                turn.cancel()  # skipped by _give_back
-            if isinstance(exc, TimeoutError):
-                if self._has_room():  # room left by connections lost and collected
-                    return self.get_available_connection()  # type: ignore[no-any-return,no-untyped-call]
-                raise RedisConnectionError("No connection available.") from None
-            raise
+                return await self._turns.wait(self._give_back)
+        except TimeoutError:
+            if self._has_room():  # room left by connections lost and collected
+                return self.get_available_connection()  # type: ignore[no-any-return,no-untyped-call]
+            raise RedisConnectionError("No connection available.") from None
 
     def _give_back(self, connection: AbstractConnection) -> None:
         if connection not in self._in_use_connections:
             return  # not this pool's (any more): dropped
-        while self._waiters:
-            turn = self._waiters.popleft()
-            if not turn.done():
-                turn.set_result(connection)  # in use still, by the next caller
-                return
-        self._in_use_connections.discard(connection)
-        self._available_connections.append(connection)
+        if not self._turns.hand(connection):  # else in use still, by the next caller
+            self._in_use_connections.discard(connection)
+            self._available_connections.append(connection)
 
     async def release(self, connection: AbstractConnection) -> None:
         self._give_back(connection)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
+
+from coupon.adapters.redis.turns import Turns
 
 
 def _late(wait: float) -> RedisTimeoutError:
@@ -57,7 +58,7 @@ class ScriptLane:
         self._limit = max(1, (self._pool.max_connections or 2) // 2)
         self._held = 0  # taken from the pool, idle or in use
         # Batches waiting for a connection: handed an idle one, or None, room to take one.
-        self._turns: deque[asyncio.Future[AbstractConnection | None]] = deque()
+        self._turns: Turns[AbstractConnection | None] = Turns()
 
     async def run(
         self,
@@ -126,16 +127,7 @@ class ScriptLane:
         if self._held < self._limit:
             self._held += 1
         else:
-            turn: asyncio.Future[AbstractConnection | None] = (
-                asyncio.get_running_loop().create_future()
-            )
-            self._turns.append(turn)
-            try:
-                handed = await turn
-            except BaseException:
-                if turn.done() and not turn.cancelled():
-                    self._hand_over(turn.result())  # handed just as it left: to the next
-                raise
+            handed = await self._turns.wait(self._hand_over)
             if handed is not None:
                 return handed
         try:
@@ -148,11 +140,8 @@ class ScriptLane:
     def _hand_over(self, conn: AbstractConnection | None) -> None:
         """A connection done with (None: one given up) goes to the batch that waited
         longest, else back to the idle ones (None: the room it leaves)."""
-        while self._turns:
-            turn = self._turns.popleft()
-            if not turn.done():
-                turn.set_result(conn)
-                return
+        if self._turns.hand(conn):
+            return
         if conn is None:
             self._held -= 1
         else:
