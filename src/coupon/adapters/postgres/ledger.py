@@ -305,7 +305,7 @@ class PostgresCouponLedger:
         coupons = [coupon for coupon, _, _ in batch]
         # What the oldest coupon's bound leaves beyond the statement's own time-out.
         room = batch[0][2] + MAX_QUEUE_WAIT_SECONDS - time.monotonic()
-        async with self._commits.use(acquire_within=min(POOL_TIMEOUT_SECONDS, room)) as conn:
+        async with self._commits.use(acquire_within=room) as conn:
             try:
                 inserted = await self._insert_batch(conn, coupons)
             except asyncpg.IntegrityConstraintViolationError as exc:

@@ -369,8 +369,8 @@ class Http1Protocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._unwatch_writes()
-        if not self.pipeline and self._refused is None and not self.transport.is_closing():
-            self.flow.resume_reading()
+        if self._refused is None and not self.transport.is_closing():
+            self.flow.resume_reading()  # unless requests wait their turn (_Flow)
 
     def _unwatch_writes(self) -> None:
         if self._write_watch is not None:
