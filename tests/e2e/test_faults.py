@@ -418,13 +418,21 @@ async def test_a_request_on_its_way_in_at_sigterm_is_answered_then_closed(
         for user, (reader, writer) in connections.items():
             writer.write(raws[user][cuts[user] :])
             await writer.drain()
-            answers[user] = await asyncio.wait_for(read_response(reader), 10)
-            assert await closed_by_peer(reader, 5), user
-            writer.close()
+            answers[user] = await last_answer(reader, writer, user)
         code = server.process.wait(30)
     finally:
         server.stop()
     await assert_issued_then_closed(pg_pool, campaign_id, answers, code)
+
+
+async def last_answer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: str
+) -> Response:
+    """The connection's answer, after which the server closes it."""
+    answer = await asyncio.wait_for(read_response(reader), 10)
+    assert await closed_by_peer(reader, 5), user
+    writer.close()
+    return answer
 
 
 async def assert_issued_then_closed(
@@ -484,9 +492,7 @@ async def test_a_request_arrived_on_an_idle_connection_at_sigterm_is_answered_th
                 os.kill(pid, signal.SIGCONT)
         answers = {}
         for user, (reader, writer) in connections.items():
-            answers[user] = await asyncio.wait_for(read_response(reader), 10)
-            assert await closed_by_peer(reader, 5), user
-            writer.close()
+            answers[user] = await last_answer(reader, writer, user)
         code = server.process.wait(30)
     finally:
         server.stop()
