@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
-from coupon.entrypoints.reach import read_ca_file
+from coupon.entrypoints.reach import add_cacert_argument, read_ca_file
 from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
@@ -48,14 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="token for CreateCampaign/GetCampaign (default: $COUPON_ADMIN_TOKEN)",
     )
-    target.add_argument(
-        "--cacert",
-        default=None,
-        metavar="FILE",
-        help="trust the CA certificates in this PEM file instead of the system's, for an "
-        "https:// URL served with a private CA's or a self-signed certificate (default: "
-        "$COUPON_CA_FILE; $SSL_CERT_FILE replaces the system's too)",
-    )
+    add_cacert_argument(target)
     target.add_argument(
         "--campaign-id",
         default=None,

@@ -35,7 +35,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
-from coupon.entrypoints.reach import cannot_reach, read_ca_file, unreachable
+from coupon.entrypoints.reach import add_cacert_argument, cannot_reach, read_ca_file, unreachable
 from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
@@ -77,14 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the service's base URL (default: $COUPON_URL, else http://127.0.0.1:$PORT, "
         "else http://127.0.0.1:8000)",
     )
-    parser.add_argument(
-        "--cacert",
-        default=None,
-        metavar="FILE",
-        help="trust the CA certificates in this PEM file instead of the system's, for an "
-        "https:// URL served with a private CA's or a self-signed certificate (default: "
-        "$COUPON_CA_FILE; $SSL_CERT_FILE replaces the system's too)",
-    )
+    add_cacert_argument(parser)
     parser.add_argument(
         "--json", action="store_true", help="print the API's JSON instead of a table"
     )

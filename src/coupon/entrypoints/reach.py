@@ -16,6 +16,7 @@ not speak TLS, or an http:// URL to one that does, says so and which scheme to u
 
 from __future__ import annotations
 
+import argparse
 import re
 import socket
 import ssl
@@ -121,3 +122,15 @@ def read_ca_file(path: str, name: str) -> bytes:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ValueError(f"{name} must name a PEM file of CA certificates (got {path!r})")
     return data
+
+
+def add_cacert_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--cacert FILE`, as the operators' command line and the load tool both take it."""
+    parser.add_argument(
+        "--cacert",
+        default=None,
+        metavar="FILE",
+        help="trust the CA certificates in this PEM file instead of the system's, for an "
+        "https:// URL served with a private CA's or a self-signed certificate (default: "
+        "$COUPON_CA_FILE; $SSL_CERT_FILE replaces the system's too)",
+    )
