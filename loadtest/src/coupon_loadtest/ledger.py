@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import asyncpg
 
+from coupon.adapters.postgres.migrate import describe_failure
 from coupon_loadtest import audit
 from coupon_loadtest.scenario import AdminApi, SetupError, timestamp_ns
 from coupon_loadtest.verify import CampaignFacts, Ledger, ListedCoupon
@@ -62,22 +61,9 @@ def _ns(value: datetime | None) -> int | None:
 
 
 def _unreachable(exc: BaseException, database_url: str) -> str:
-    """Why PostgreSQL could not be reached, in a few words naming where (never the
+    """Why PostgreSQL could not be reached, as `coupon migrate` says it (never the
     password): `connection refused by 127.0.0.1:5433`."""
-    try:
-        parts = urlsplit(database_url)
-        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
-    except ValueError:
-        where = "the URL's host"
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host ({exc.strerror})"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {where}"
-    if isinstance(exc, TimeoutError):
-        return f"no answer from {where} (timed out)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot reach {where}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+    return describe_failure(exc, database_url) or f"{type(exc).__name__}: {exc}"
 
 
 async def check_database(database_url: str, campaign_id: str | None, timeout_s: float) -> None:

@@ -114,11 +114,16 @@ async def migrate(
 
 def describe_failure(exc: BaseException, database_url: str) -> str | None:
     """What went wrong reaching or migrating PostgreSQL, in a few words for an operator; None
-    for a failure that is not about the database (a bug, to be reported in full)."""
-    parts = urlsplit(database_url)
-    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    for a failure that is not about the database (a bug, to be reported in full). Never
+    the password: the host and port alone."""
+    try:
+        parts = urlsplit(database_url)
+        host = parts.hostname or "localhost"
+        where = f"{host}:{parts.port or 5432}"
+    except ValueError:  # no URL to read (an unclosed IPv6 bracket, a port that is no number)
+        host, where = "?", "its host"
     if isinstance(exc, socket.gaierror):
-        return f"unknown host {parts.hostname!r} ({exc.strerror})"
+        return f"unknown host {host!r} ({exc.strerror})"
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where}"
     if isinstance(exc, TimeoutError):
