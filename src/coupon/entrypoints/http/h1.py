@@ -196,8 +196,10 @@ def _lane_fields(block: bytes) -> LaneFields | None:
     return codec, length, keep_alive, len(lines), request_id
 
 
-# The second look of the send time-out's watch, this long after the first found it past.
-_OVERDUE_GRACE = 0.05
+# A send time-out found already past (the loop was busy) is confirmed this much later, so
+# that the loop has read what the peer sent and written what it could meanwhile: the
+# server's own stall is not counted against the peer (HTTP/2's watches too).
+OVERDUE_GRACE = 0.05
 
 
 class Limits(Protocol):
@@ -402,7 +404,7 @@ class Http1Protocol(HttpToolsProtocol):
             return
         if not self._overdue:
             self._overdue = True
-            self._write_watch = self.loop.call_later(_OVERDUE_GRACE, self._watch_writes)
+            self._write_watch = self.loop.call_later(OVERDUE_GRACE, self._watch_writes)
             return
         self.logger.debug("HTTP/1.1 connection from %s: nothing written to it in time", self.client)
         sock = transport.get_extra_info("socket")

@@ -86,7 +86,7 @@ from uvicorn.server import ServerState
 
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.fast_issue import Answer
-from coupon.entrypoints.http.h1 import front_app, limits_of, unsent_bytes
+from coupon.entrypoints.http.h1 import OVERDUE_GRACE, front_app, limits_of, unsent_bytes
 from coupon.entrypoints.http.refusal import (
     body_refusal,
     declared_size,
@@ -126,10 +126,6 @@ MAX_FRAME_SIZE = 16 * 1024  # the protocol's minimum: larger frames buy nothing 
 # may have this much unread across its streams.
 STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-# A send time-out found already past (the loop was busy) is confirmed this much later, so
-# that the loop has read what the peer sent and written what it could meanwhile: the
-# server's own stall is not counted against the peer.
-OVERDUE_GRACE = 0.05
 
 # Connection-specific headers do not exist in HTTP/2 (RFC 9113, 8.2.2): an ASGI app
 # written for HTTP/1.1 may still set them, and h2 would refuse to send them.
