@@ -65,10 +65,13 @@ import logging
 import re
 import socket
 import struct
+import time
 from collections import deque
+from functools import partial
 from typing import Any, cast
 from urllib.parse import unquote
 
+from connectrpc.codec import Codec
 from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, H2Connection
 from h2.errors import ErrorCodes
@@ -93,8 +96,9 @@ from hyperframe.frame import GoAwayFrame
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from coupon.application.issue import Pending
 from coupon.entrypoints.cors import Cors
-from coupon.entrypoints.fast_issue import Answer
+from coupon.entrypoints.fast_issue import ISSUE_PATH, Answer, FastIssue, IssueRoute
 from coupon.entrypoints.http.h1 import OVERDUE_GRACE, front_app, limits_of, unsent_bytes
 from coupon.entrypoints.http.refusal import (
     body_refusal,
@@ -313,10 +317,13 @@ class _Stream:
         "end_delivered",
         "ended",
         "headers_sent",
+        "lane",
         "overdue",
+        "pending",
         "prefix",
         "received",
         "request",
+        "request_id",
         "response_complete",
         "response_headers",
         "response_status",
@@ -357,6 +364,11 @@ class _Stream:
         # Loop time the response last moved: a byte of it sent, or a send begun.
         self.sent_at = 0.0
         self.overdue = False  # its send time-out found past, to be confirmed
+        # IssueCoupon's common request, answered without a task (H2Protocol._lane_*): its
+        # codec, its X-Request-Id, and its outcome while it settles.
+        self.lane: tuple[Codec, bytes] | None = None
+        self.request_id = b""
+        self.pending: Pending | None = None
 
     def wake(self) -> None:
         self.changed.set()
@@ -382,6 +394,8 @@ class H2Protocol(asyncio.Protocol):
         front = front_app(self.app)
         limits = limits_of(front)
         self.cors: Cors | None = getattr(front, "cors", None)
+        self.route: IssueRoute | None = getattr(front, "issue_route", None)
+        self.fast: FastIssue | None = getattr(front, "fast_issue", None)
         self.max_body = limits.max_request_bytes
         self.request_timeout = limits.request_timeout_seconds
         # Outbound header lists are the app's, written lower-case and without
@@ -531,8 +545,7 @@ class H2Protocol(asyncio.Protocol):
             self.draining.pop(event.stream_id, None)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.ended = True
-                stream.wake()
+                self._ended(stream)
         elif isinstance(event, TrailersReceived):
             # Request trailers carry nothing the app reads: the body has ended, unless they
             # are malformed; then so is the request, refused on its stream alone.
@@ -544,8 +557,7 @@ class H2Protocol(asyncio.Protocol):
             ):
                 self._malformed(stream)
             elif event.stream_ended is not None:
-                stream.ended = True
-                stream.wake()
+                self._ended(stream)
         elif isinstance(event, StreamReset):
             self.draining.pop(event.stream_id, None)
             stream = self.streams.get(event.stream_id)
@@ -606,11 +618,107 @@ class H2Protocol(asyncio.Protocol):
         else:
             stream.timer = self.loop.call_later(self.request_timeout, self._late, stream)
         self.streams[stream_id] = stream
+        if self._lane_takes(stream, scope):
+            if stream.ended:
+                self._lane_begin(stream)
+            return
         task = stream.task = self.loop.create_task(self._run(stream, scope))
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
         # Here rather than in _run: a task cancelled before it began runs none of it.
         task.add_done_callback(lambda _: self._finish(stream))
+
+    # --- IssueCoupon's lane -------------------------------------------------------------
+
+    def _lane_takes(self, stream: _Stream, scope: dict[str, Any]) -> bool:
+        """IssueCoupon's common request (FastIssue.accepts), not from a browser's page the
+        CORS rules would have to answer, is answered here, as the HTTP/1.1 protocol answers
+        it: no task, no ASGI messages, the answer written as its outcome settles. The same
+        route answers it either way (the app's FastIssue takes the rest that qualify)."""
+        fast = self.fast
+        if fast is None or self.route is None or scope["path"] != ISSUE_PATH:
+            return False
+        request_id = b""
+        for name, value in stream.request:
+            if name == b"origin" and self.cors is not None:
+                return False
+            if name == b"x-request-id":
+                request_id = value
+        codec = fast.accepts(cast(Any, scope))
+        if codec is None:
+            return False
+        stream.lane = codec
+        stream.request_id = request_id
+        return True
+
+    def _lane_begin(self, stream: _Stream) -> None:
+        """The whole request is here: from now on it runs to its answer, whatever the peer
+        does (as a task that has read its request would)."""
+        route, codec = self.route, stream.lane
+        assert route is not None and codec is not None
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        stream.end_delivered = True
+        chunks = list(stream.body)
+        stream.body.clear()
+        self._acknowledge(stream.stream_id, sum(size for _, size in chunks))
+        body = chunks[0][0] if len(chunks) == 1 else b"".join(c for c, _ in chunks)
+        arrived = time.monotonic()
+        answer = route.at_once(body, codec, arrived)
+        if isinstance(answer, tuple):
+            self._lane_answer(stream, answer)
+            return
+        pending = route.answer_soon(
+            answer, codec, arrived, partial(self._lane_answer, stream), stream.request_id
+        )
+        if not stream.response_complete and self.streams.get(stream.stream_id) is stream:
+            # Until it is answered it stands in the server's tasks, which a graceful
+            # shutdown waits for (or cancels).
+            stream.pending = pending
+            self.server_state.tasks.add(pending)  # type: ignore[arg-type]
+
+    def _lane_answer(self, stream: _Stream, answer: Answer) -> None:
+        if stream.pending is not None:
+            self.server_state.tasks.discard(stream.pending)
+            stream.pending = None
+        status, content_type, payload, extra = answer
+        stream.response_status = status
+        stream.response_headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(payload)).encode()),
+            *extra,
+        ]
+        if stream.closed:
+            self._finish(stream)  # the peer left; the coupon (if any) is committed all the same
+            return
+        try:
+            window = self.conn.local_flow_control_window(stream.stream_id)
+        except StreamClosedError:
+            self._finish(stream)
+            return
+        if (
+            self.writable.is_set()
+            and len(payload) <= window
+            and len(payload) <= self.conn.max_outbound_frame_size
+        ):
+            self._send_headers(stream, end_stream=False, flush=False)
+            with contextlib.suppress(FlowControlError, StreamClosedError):
+                self.conn.send_data(stream.stream_id, payload, end_stream=True)
+            self.sent_at = stream.sent_at = self.loop.time()
+            self._complete(stream)
+            self._finish(stream)  # flushes: HEADERS and DATA in one write
+            return
+        # The windows or the transport hold it back: sent as any response is, by a task.
+        task = stream.task = self.loop.create_task(self._lane_send(stream, payload))
+        self.server_state.tasks.add(task)
+        task.add_done_callback(self.server_state.tasks.discard)
+        task.add_done_callback(lambda _: self._finish(stream))
+
+    async def _lane_send(self, stream: _Stream, payload: bytes) -> None:
+        self._send_headers(stream, end_stream=False, flush=False)
+        await self._send_data(stream, payload, True)
+        self._complete(stream)
 
     def _unanswered(self) -> int:
         """Streams whose tasks still run the app and have not answered, reset ones
@@ -658,6 +766,10 @@ class H2Protocol(asyncio.Protocol):
         if stream.task is not None and not stream.end_delivered and not stream.stopped:
             stream.stopped = True
             stream.task.cancel()
+        elif stream.lane is not None and not stream.end_delivered and not stream.stopped:
+            # Taken by the lane, not yet begun: nothing runs for it.
+            stream.stopped = True
+            self._finish(stream)
 
     def _late(self, stream: _Stream) -> None:
         """The request time-out: a request not arrived whole is reset, its task stopped."""
@@ -698,8 +810,17 @@ class H2Protocol(asyncio.Protocol):
             return
         stream.body.append((data, size))
         if event.stream_ended is not None:
-            stream.ended = True
-        stream.wake()
+            self._ended(stream)
+        else:
+            stream.wake()
+
+    def _ended(self, stream: _Stream) -> None:
+        """The peer has sent the whole request."""
+        stream.ended = True
+        if stream.lane is not None and not stream.end_delivered and not stream.closed:
+            self._lane_begin(stream)
+        else:
+            stream.wake()
 
     def _malformed(self, stream: _Stream) -> None:
         """A request found malformed after its headers (its body, its trailers): its stream
