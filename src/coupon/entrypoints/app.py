@@ -46,6 +46,7 @@ from coupon.entrypoints.fast_issue import (
     IssueRoute,
     respond,
 )
+from coupon.entrypoints.grpc_health import HealthService
 from coupon.entrypoints.grpc_web_text import serve_text, text_media
 from coupon.entrypoints.health import Readiness
 from coupon.entrypoints.http.host import valid_host
@@ -57,6 +58,8 @@ from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
+from coupon.gen.grpc.health.v1 import health_pb
+from coupon.gen.grpc.health.v1.health_connect import HealthASGIApplication
 
 log = logging.getLogger("coupon")
 
@@ -163,6 +166,7 @@ def _content_type(scope: Scope) -> bytes:
 # Requests are a few dozen bytes; anything near this is not a request of ours.
 MAX_REQUEST_BYTES = 64 * 1024
 REFLECTION_PREFIX = "/grpc.reflection."
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Every gRPC method this port serves: a gRPC call of any other path is `unimplemented`.
 GRPC_METHODS = frozenset(
     [CONNECT_PREFIX + method.name for method in coupon_pb.desc().services[0].methods]
@@ -170,6 +174,7 @@ GRPC_METHODS = frozenset(
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
         for version in ("v1", "v1alpha")
     ]
+    + [HEALTH_PREFIX + method.name for method in health_pb.desc().services[0].methods]
 )
 # A page that issues a coupon from a browser with connect-web (see web/ for its source).
 EXAMPLE_PAGE = Path(__file__).parent / "static" / "example"
@@ -218,13 +223,22 @@ class CouponApp:
         self.readiness: Readiness | None = None
         self.dashboard: Dashboard | None = None
         self.cors = Cors(settings.cors_origins) if settings.cors_origins else None
+        # The gRPC health-checking protocol: load balancers' and Kubernetes' gRPC probes.
+        self.health = HealthASGIApplication(
+            HealthService(lambda: self.readiness),
+            read_max_bytes=MAX_REQUEST_BYTES,
+            codecs=codecs(),
+            compressions=compressions(),
+        )
         # grpcurl, buf curl and other gRPC tools list and call the service without its proto.
         self.reflection = {
             app.path: app
             for app in (
-                ServerReflectionASGIApplication(ServerReflectionService(coupon_pb.desc())),
+                ServerReflectionASGIApplication(
+                    ServerReflectionService(coupon_pb.desc(), health_pb.desc())
+                ),
                 ServerReflectionAlphaASGIApplication(
-                    ServerReflectionAlphaService(coupon_pb.desc())
+                    ServerReflectionAlphaService(coupon_pb.desc(), health_pb.desc())
                 ),
             )
         }
@@ -264,6 +278,10 @@ class CouponApp:
                     scope = _utf8_headers(scope)
                     await self._connect_closing_unread(connect, scope, receive, send)
                 return
+        elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(HEALTH_PREFIX):
+            if not await _unknown_grpc_method(scope, receive, send):
+                await self.health(_utf8_headers(scope), receive, send)
+            return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
             reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
             if reflection is not None:
