@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 from datetime import UTC, datetime
 
 import pytest
@@ -83,3 +84,21 @@ def test_holdings_of_coupons_issued_at_other_times_name_their_own_time() -> None
     for when in (first, first, later, first, equal, later):
         coupon = Coupon("가나다라마바자차카타", "c", "bob", when, 3)
         assert held_coupon("c", "bob", holding(coupon).encode()) == coupon
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "2000-01-01T00:00:00+00:00",
+        "2026-12-05T13:00:00.123456+00:00",
+        "2300-01-01T00:00:00.999999+00:00",
+        "8999-12-31T23:59:59.999998+00:00",  # the last day a campaign may start
+    ],
+)
+def test_a_time_goes_to_the_gate_to_the_microsecond(moment: str) -> None:
+    """Past about 2242 a float timestamp rounds x.999999 up to the next second: the gate
+    took such a campaign's start (and end) a second late."""
+    value = datetime.fromisoformat(moment)
+    exact = calendar.timegm(value.utctimetuple()) * 1_000_000 + value.microsecond
+    assert micros(value) == exact
+    assert from_micros(exact) == value

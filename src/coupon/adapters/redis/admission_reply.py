@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from coupon.domain.coupon import Coupon
@@ -29,8 +29,14 @@ RESULT_ENDED = -1
 NO_END = -1
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def micros(value: datetime) -> int:
-    return int(value.timestamp()) * 1_000_000 + value.microsecond
+    """Microseconds since the epoch, exactly: a float timestamp rounds x.999999 up to the
+    next second past about 2242, and a campaign's window then moved by a second."""
+    return (value - _EPOCH) // _MICROSECOND
 
 
 def from_micros(value: int) -> datetime:
