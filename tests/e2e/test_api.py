@@ -265,6 +265,8 @@ async def test_times_are_kept_to_the_microsecond_and_said_so_when_that_decides(
         ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "\x1b[31mred", "user_id"),
         ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "a\x7f", "user_id"),
         ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "a\x85", "user_id"),
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "\u200b", "user_id"),  # shows nothing
+        ("0192f5e0-7c1a-7b3e-9d2a-5b1c2d3e4f50", "\u3164 \ufeff", "user_id"),
     ],
 )
 async def test_bad_issue_fields_are_invalid_argument_naming_the_field(

@@ -43,6 +43,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from coupon.domain.campaign import shows_nothing
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import admin
 from harness.server import ServerProcess
@@ -314,9 +315,9 @@ good_names = st.text(plain_chars, max_size=190).map(lambda t: f"fuzz {t}")
 good_user_ids = st.one_of(
     st.sampled_from(["alice", "bob", "카카오"]),  # repeats: already_issued
     st.uuids().map(str),
-    # Not blank, no control characters (C0, DEL, C1).
+    # Not blank (nor only characters that show nothing), no control characters (C0, DEL, C1).
     st.text(st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=128).filter(
-        lambda t: not t.isspace()
+        lambda t: not shows_nothing(t)
     ),
 )
 

@@ -94,7 +94,9 @@ def test_name_of_200_characters_and_ten_million_coupons_are_accepted() -> None:
     assert c.total_coupons == 10_000_000
 
 
-@pytest.mark.parametrize("user_id", ["", "x" * 129, "a\x00b"])
+@pytest.mark.parametrize(
+    "user_id", ["", "x" * 129, "a\x00b", " ", "\u200b", "\u3164", "\ufeff\u2060 "]
+)
 def test_bad_user_ids_are_refused(user_id: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         validate_user_id(user_id)

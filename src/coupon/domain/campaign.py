@@ -86,10 +86,14 @@ class Campaign:
         return replace(self, ends_at=self.effective_end)
 
 
+def shows_nothing(text: str) -> bool:
+    """Empty, or only spaces and characters that show nothing (U+200B, U+FEFF, the Hangul
+    fillers, variation selectors, …): blank to whoever reads it."""
+    return all(c.isspace() or c in _BLANK or unicodedata.category(c) == "Cf" for c in text)
+
+
 def validate_name(name: str) -> str:
-    if all(c.isspace() or c in _BLANK or unicodedata.category(c) == "Cf" for c in name):
-        # Empty, or only spaces and characters that show nothing (U+200B, U+FEFF, the
-        # Hangul fillers, variation selectors, …).
+    if shows_nothing(name):
         raise InvalidArgument("name", "must not be empty or blank")
     if len(name) > NAME_MAX_CHARS:
         raise InvalidArgument(

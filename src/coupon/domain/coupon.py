@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from coupon.domain.campaign import shows_nothing
 from coupon.domain.errors import InvalidArgument
 
 USER_ID_MAX_CHARS = 128
@@ -45,7 +46,8 @@ def validate_user_id(user_id: str) -> str:
                 f"must not contain control characters (got {control.group()!r} "
                 f"at {control.start()})",
             )
-    if user_id.isspace():
+    if user_id.isspace() or (not user_id.isascii() and shows_nothing(user_id)):
+        # As a campaign's name: an id that shows nothing (U+200B alone) is blank too.
         raise InvalidArgument("user_id", "must not be blank")
     return user_id
 
