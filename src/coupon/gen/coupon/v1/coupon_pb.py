@@ -124,6 +124,11 @@ class Coupon(Message[_CouponFields]):
             string user_id = 3;
             ```
         issued_at:
+            When the gate admitted it, by the clock that decides the start. Lists in issue order
+            are in the order coupons were recorded: those admitted together (the same issued_at)
+            or recorded by different server processes may appear a few milliseconds out of
+            issued_at's order.
+
             ```proto
             optional google.protobuf.Timestamp issued_at = 4;
             ```
@@ -171,7 +176,8 @@ class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
             int64 total_coupons = 2;
             ```
         starts_at:
-            Required. Kept to the microsecond (nanoseconds beyond are dropped), as are all times.
+            Required. Kept to the microsecond (nanoseconds beyond are dropped), as are all times;
+            from 2000-01-01T00:00:00Z to 9000-01-01T00:00:00Z, as is ends_at.
 
             ```proto
             optional google.protobuf.Timestamp starts_at = 3;
