@@ -100,6 +100,7 @@ WRONG_BEARER = {
 
 def assert_unauthenticated(response: httpx.Response, case: str = "missing") -> None:
     assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"  # RFC 9110, 11.6.1
     body = response.json()
     assert body["code"] == "unauthenticated"
     assert body["message"] == (WRONG_TOKEN if case in WRONG_BEARER else NEEDS_THE_HEADER)
@@ -299,8 +300,9 @@ def test_without_a_configured_token_admin_rpcs_are_open(
 
 
 def fake_context(headers: dict[str, str]) -> Any:
-    """AdminGuard reads only the request headers of the Connect request context."""
-    return SimpleNamespace(request_headers=headers)
+    """AdminGuard reads the request headers of the Connect request context, and adds to
+    its response headers."""
+    return SimpleNamespace(request_headers=headers, response_headers={})
 
 
 @pytest.mark.parametrize("case", [*REFUSED, "good", *ALSO_GOOD, *TRAILING_WHITESPACE])

@@ -215,6 +215,8 @@ class AdminGuard:
     def check(self, ctx: RequestContext[object, object]) -> None:
         authorization = ctx.request_headers.get("authorization", "")
         if not self.allows(authorization):
+            # The Connect protocol's 401 says how to authenticate, as RFC 9110, 11.6.1 asks.
+            ctx.response_headers["www-authenticate"] = "Bearer"
             raise ConnectError(Code.UNAUTHENTICATED, refusal(authorization, "this RPC"))
 
 
