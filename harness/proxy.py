@@ -17,6 +17,8 @@ class CuttableProxy:
         self.port = free_port()
         self._blocked = False
         self._writers: set[asyncio.StreamWriter] = set()
+        # Connections that carry nothing more, either way, though they stay open (freeze).
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -58,12 +60,15 @@ class CuttableProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    if writer in self._frozen:
+                        continue  # dropped on the way
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.difference_update((writer, up_writer))
+        self._frozen.discard(writer)
 
     def _cut_all(self) -> None:
         for w in list(self._writers):
@@ -76,10 +81,30 @@ class CuttableProxy:
         self._blocked = True
         self._loop.call_soon_threadsafe(self._cut_all)
 
+    def freeze(self) -> None:
+        """The open connections carry nothing more, either way, and stay open (a NAT or
+        firewall that lost their state); new ones go through."""
+
+        async def freeze_all() -> None:
+            self._frozen.update(self._writers)
+
+        asyncio.run_coroutine_threadsafe(freeze_all(), self._loop).result(5)
+
     def unblock(self) -> None:
         self._blocked = False
 
     def close(self) -> None:
         self.block()
+
+        async def finish() -> None:
+            # What still carries a connection ends here, not with the loop's garbage (a
+            # task destroyed pending is a warning at any later moment of the test run).
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)

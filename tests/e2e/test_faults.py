@@ -172,6 +172,29 @@ def redis_proxy(server_env: dict[str, str]) -> Iterator[tuple[CuttableProxy, Ser
         yield found
 
 
+async def test_sessions_gone_silent_are_replaced_after_one_time_out(
+    pg_proxy: tuple[CuttableProxy, ServerProcess],
+) -> None:
+    """A NAT or firewall that lost the connections' state: PostgreSQL is well and new
+    connections work, but the pooled ones carry nothing. The first command that has no
+    answer in time costs its request the command time-out; every pooled session is then
+    replaced as it is next taken, rather than each found dead by a request of its own, one
+    time-out (10 s) at a time, for minutes."""
+    proxy, server = pg_proxy
+    async with connect_client(server.url) as client:
+        campaign_id = await create(client, 100)
+        # Enough at once to open every pooled session.
+        await asyncio.gather(*(issue(client, campaign_id, f"w{i}") for i in range(48)))
+        proxy.freeze()
+        assert await issue(client, campaign_id, "first") == "error:unavailable"
+        loop = asyncio.get_running_loop()
+        for i in range(6):
+            started = loop.time()
+            code = await issue(client, campaign_id, f"after-{i}")
+            assert not code.startswith("error:"), (i, code)
+            assert loop.time() - started < 3, (i, loop.time() - started)
+
+
 async def test_postgres_outage_gives_unavailable_loses_nothing_and_recovers(
     pg_proxy: tuple[CuttableProxy, ServerProcess], pg_pool: asyncpg.Pool
 ) -> None:

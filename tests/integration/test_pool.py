@@ -194,3 +194,28 @@ async def test_commits_wait_for_the_disk_even_where_the_database_says_not_to(
     finally:
         await admin.close()
         await drop_database(url)
+
+
+async def test_a_serializable_default_does_not_reach_the_services_sessions(
+    database: str,
+) -> None:
+    """The group commit is written for read committed: a database whose default is
+    serializable made concurrent commits fail (and their outcome look unknown)."""
+    name = urlsplit(database).path.lstrip("/")
+    url = with_database(database, f"{name}_ser{uuid.uuid4().hex[:6]}")
+    admin = await asyncpg.connect(with_database(database, "postgres"))
+    try:
+        db = url.rsplit("/", 1)[1]
+        await admin.execute(f'CREATE DATABASE "{db}"')
+        await admin.execute(
+            f'ALTER DATABASE "{db}" SET default_transaction_isolation = serializable'
+        )
+        pool = await create_pool(url, 1)
+        try:
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SHOW transaction_isolation") == "read committed"
+        finally:
+            await pool.close()
+    finally:
+        await admin.close()
+        await drop_database(url)

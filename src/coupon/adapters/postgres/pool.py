@@ -42,9 +42,15 @@ TRANSIENT = (
     asyncpg.UndefinedTableError,
 )
 
-# Refusals by the server of a statement it did not run: retrying later can succeed, and
-# nothing of what was sent was done (not an outcome unknown).
-REFUSED = (asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
+# Refusals by the server of a statement it did not run, or of a transaction it rolled back
+# whole: retrying later can succeed, and nothing of what was sent was done (not an outcome
+# unknown).
+REFUSED = (
+    asyncpg.InsufficientResourcesError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
 
 COMMAND_TIMEOUT_SECONDS = 10.0
 # How long a graceful shutdown waits for PostgreSQL to take the connections' close.
@@ -90,7 +96,13 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             # A stuck statement must not hold a request (and its Redis slot) for long; nor
             # a stalled or unreachable server, which cannot enforce its statement_timeout:
             # the client gives up after as long (asyncio.TimeoutError, so Unavailable).
-            server_settings={"statement_timeout": "10s", "application_name": "coupon"},
+            # The isolation the group commit is written for, whatever the database's default
+            # (a serializable default made concurrent commits fail, to no purpose).
+            server_settings={
+                "statement_timeout": f"{COMMAND_TIMEOUT_SECONDS:g}s",
+                "application_name": "coupon",
+                "default_transaction_isolation": "read committed",
+            },
             command_timeout=COMMAND_TIMEOUT_SECONDS,
             timeout=POOL_TIMEOUT_SECONDS,
             reset=_keep_session,
@@ -134,20 +146,30 @@ async def warm(pool: asyncpg.Pool, count: int) -> None:
 @asynccontextmanager
 async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; transient database failures become `Unavailable`."""
+    acquired = False
     try:
         async with pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as conn:
+            acquired = True
             yield conn
     except TRANSIENT as exc:
-        await _refused_read_only(pool, exc)
+        await _replace_sessions_after(pool, exc, acquired)
         raise _unavailable(exc) from exc
 
 
-async def _refused_read_only(pool: asyncpg.Pool, exc: BaseException) -> None:
-    """After a read-only refusal, every pooled session is replaced as it is next taken: a
-    session keeps the read-only state it opened with (default_transaction_read_only), and
-    a failover leaves the old ones on the demoted server; new sessions find the writable
-    one once there is one."""
-    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+async def _replace_sessions_after(pool: asyncpg.Pool, exc: BaseException, used: bool) -> None:
+    """After these failures every pooled session is replaced as it is next taken:
+    - a read-only refusal: a session keeps the read-only state it opened with
+      (default_transaction_read_only), and a failover leaves the old ones on the demoted
+      server; new sessions find the writable one once there is one;
+    - a command on a session that had no answer in time: its peer may be gone while the
+      socket stays open (a NAT or firewall that lost the connection's state, an address
+      moved by a failover), and so may every session opened alongside it. Found one at a
+      time, each would cost a request its command time-out, for minutes; new sessions
+      either work at once or fail as fast (a server that is down or stalled fails them
+      within the pool's time-out, as the old ones would have)."""
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) or (
+        used and isinstance(exc, asyncio.TimeoutError)
+    ):
         with contextlib.suppress(Exception):
             await pool.expire_connections()
 
@@ -210,7 +232,7 @@ class KeptConnection:
                 # that may be stalled), and the failure is answered now.
                 self._release_later(conn)
             if isinstance(exc, TRANSIENT):
-                await _refused_read_only(self._pool, exc)
+                await _replace_sessions_after(self._pool, exc, used)
                 # Failed in use, a write may have reached the server before it broke;
                 # not when the server refused it.
                 unknown = used and not isinstance(exc, REFUSED)
