@@ -125,6 +125,38 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(
         assert "development" in lines[0] and "production" in lines[0]
 
 
+def unreadable_dotenv(where: Path, kind: str) -> None:
+    """A `.env` in `where` that is there but cannot be read as settings."""
+    dotenv = where / ".env"
+    if kind == "latin-1":
+        dotenv.write_bytes("# réglages\nPORT=9000\n".encode("latin-1"))
+    elif kind == "directory":
+        dotenv.mkdir()
+    else:
+        dotenv.symlink_to(where / "settings.env")
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "directory", "link to nothing"])
+@pytest.mark.parametrize("command", ["serve", "migrate", "campaigns", "loadtest"])
+def test_a_dotenv_that_cannot_be_read_stops_every_command_in_one_line(
+    tmp_path: Path, command: str, kind: str
+) -> None:
+    """Never a traceback, and never silently without the settings written there."""
+    unreadable_dotenv(tmp_path, kind)
+    args = {
+        "serve": ["serve", "--port", str(free_port())],
+        "migrate": ["migrate"],
+        "campaigns": ["campaigns", "list"],
+        "loadtest": ["loadtest", "--help"],
+    }[command]
+    env = clean_env(tmp_path, DATABASE_URL=closed_port_url(), COUPON_REDIS_PREFIX="coupon-refused")
+    done = run_coupon(args, env, tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("coupon: .env"), done.stderr
+    assert "serving" not in done.stdout
+
+
 def test_documented_values_pass_the_settings_check(tmp_path: Path) -> None:
     env = clean_env(
         tmp_path,

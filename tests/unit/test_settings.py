@@ -377,3 +377,26 @@ def test_a_dotenv_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     source = tmp_path / ".env"
     source.write_bytes("\ufeffPORT=9000\n".encode())
     assert read_dotenv(source) == {"PORT": "9000"}
+
+
+def test_no_dotenv_is_no_settings(tmp_path: Path) -> None:
+    assert read_dotenv(tmp_path / ".env") == {}
+
+
+def test_a_dotenv_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
+    source = tmp_path / ".env"
+    source.write_bytes("PORT=9000\n# réglages\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match=r"\.env:2: not UTF-8 text \(byte 0xe9\)"):
+        read_dotenv(source)
+
+
+@pytest.mark.parametrize("kind", ["directory", "link to nothing"])
+def test_a_dotenv_that_is_there_but_no_file_is_refused(tmp_path: Path, kind: str) -> None:
+    """Ignoring it would start the service without the settings written for it."""
+    source = tmp_path / ".env"
+    if kind == "directory":
+        source.mkdir()
+    else:
+        source.symlink_to(tmp_path / "settings.env")
+    with pytest.raises(SettingsError, match=r"\.env: cannot be read"):
+        read_dotenv(source)

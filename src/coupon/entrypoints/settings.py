@@ -264,11 +264,30 @@ def read_dotenv(path: Path) -> dict[str, str]:
     or double quotes is taken as written between them ('#' and spaces included; no escapes),
     and may be followed by a comment. In a value without quotes, whitespace then '#' begins
     a comment (`TOKEN=abc # rotate monthly` is `abc`; `abc#1` stays whole), and the
-    whitespace around the value is dropped."""
+    whitespace around the value is dropped.
+
+    No `.env` at all is no settings; one that is there but cannot be read (a directory, a
+    link to nothing, not UTF-8) is a SettingsError naming it: ignoring it would start the
+    service without the settings the operator wrote there."""
     values: dict[str, str] = {}
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return values
-    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        at = exc.object[: exc.start].count(b"\n") + 1
+        raise SettingsError(
+            f"{path}:{at}: not UTF-8 text (byte {exc.object[exc.start]:#04x}): "
+            "save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if path.is_symlink() and not path.exists():
+            why = f"a link to {os.readlink(path)!r}, which does not exist"
+        raise SettingsError(
+            f"{path}: cannot be read ({why}): it must be a readable text file"
+        ) from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
