@@ -95,6 +95,8 @@ BAD_SETTINGS = [
     ({"DATABASE_URL": "mysql://shop:hunter2@db.example/coupon"}, "DATABASE_URL"),
     ({"REDIS_URL": "http://:hunter2@cache.example:6379/0"}, "REDIS_URL"),
     ({"REDIS_URL": "redis+cluster://:hunter2@cache.example:99999"}, "REDIS_URL"),
+    # redis-py would take a database that is no number for database 0, silently.
+    ({"REDIS_URL": "redis://:hunter2@127.0.0.1:6379/1x"}, "REDIS_URL"),
 ]
 
 

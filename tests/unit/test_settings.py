@@ -400,3 +400,37 @@ def test_a_dotenv_that_is_there_but_no_file_is_refused(tmp_path: Path, kind: str
         source.symlink_to(tmp_path / "settings.env")
     with pytest.raises(SettingsError, match=r"\.env: cannot be read"):
         read_dotenv(source)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://cache:6379/abc",
+        "redis://:pw@cache:6379/1x",
+        "rediss://cache/-1",
+        "redis://cache/1_0",
+        "redis://cache/0/",
+        "redis://cache/3?db=abc",
+        "unix:///run/redis.sock?db=x",
+    ],
+)
+def test_a_redis_url_whose_database_is_no_whole_number_is_refused(url: str) -> None:
+    """redis-py would take `/abc` for database 0, silently: refused as REDIS_DB=abc is."""
+    with pytest.raises(SettingsError, match=r"^REDIS_URL: ") as refused:
+        load_settings({"REDIS_URL": url}, dotenv=None)
+    assert ":pw@" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://cache",
+        "redis://cache/",
+        "redis://cache:6379/15",
+        "redis://cache/?db=4",
+        "rediss://:pw@cache:6380/2?ssl_cert_reqs=none",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_a_redis_url_with_a_database_number_or_none_passes(url: str) -> None:
+    assert load_settings({"REDIS_URL": url}, dotenv=None).redis_url == url

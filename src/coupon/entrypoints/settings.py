@@ -383,15 +383,17 @@ def _redis_url(env: Mapping[str, str]) -> str:
                 "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// "
                 f"or rediss+cluster:// (got {redacted(url)!r})"
             )
-        if scheme.endswith("+cluster"):
-            from coupon.adapters.redis.client import parse_cluster_url
+        from coupon.adapters.redis.client import parse_cluster_url, parse_server_url
 
-            try:
-                parse_cluster_url(url)
-            except ValueError as exc:
-                # The parser quotes the URL it was given: quote it without its password.
-                message = str(exc).replace(repr(url), repr(redacted(url)))
-                raise SettingsError(f"REDIS_URL: {message.replace(url, redacted(url))}") from None
+        # As the client will read it: a database part that is not a number (`/abc`) would
+        # otherwise be database 0, silently.
+        parse = parse_cluster_url if scheme.endswith("+cluster") else parse_server_url
+        try:
+            parse(url)
+        except ValueError as exc:
+            # The parser quotes the URL it was given: quote it without its password.
+            message = str(exc).replace(repr(url), repr(redacted(url)))
+            raise SettingsError(f"REDIS_URL: {message.replace(url, redacted(url))}") from None
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")

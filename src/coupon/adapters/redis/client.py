@@ -16,7 +16,7 @@ import asyncio
 import weakref
 from collections.abc import Iterable
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -49,6 +49,25 @@ RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def parse_server_url(url: str) -> dict[str, Any]:
+    """`redis://`, `rediss://` or `unix://` URL -> client kwargs, as `create_client` reads it.
+
+    redis-py takes a database part that is not a whole number (`/abc`, `/1x`) for database
+    0 without a word: the service would then share database 0 with whatever uses it, so such
+    a path is refused here. Raises ValueError naming what is wrong (a query value redis-py
+    cannot read, `?db=x`, too).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "unix":  # a unix:// path is the socket's; its database is ?db=N
+        db = unquote(parts.path).removeprefix("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError(
+                f"the database after the host must be a whole number, 0 or more "
+                f"(got {parts.path!r} in {url!r})"
+            )
+    return dict(parse_url(url))
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
