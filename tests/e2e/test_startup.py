@@ -10,6 +10,7 @@ was pointed at). The metrics directory a server makes is gone after it exits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from coupon.adapters.postgres.migrate import latest_version, migrations
 from harness.client import connect_client, create_campaign
 from harness.private_postgres import PrivatePostgres, postgres_bindir
 from harness.server import ServerProcess, free_port
-from harness.services import TestServices
+from harness.services import TestServices, drop_database, with_database
 
 pytestmark = pytest.mark.e2e
 
@@ -472,6 +473,40 @@ def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     for name in theirs:
         assert (given / name).read_text() == "the operator's", name
     assert metrics_dirs(tmp_path) == []
+
+
+def test_a_metrics_directory_that_cannot_be_one_stops_serve_before_the_database_is_made(
+    tmp_path: Path, services: TestServices
+) -> None:
+    """A bad PROMETHEUS_MULTIPROC_DIR is a bad setting: refused before anything else."""
+    not_a_directory = tmp_path / "metrics"
+    not_a_directory.write_text("a file")
+    url = with_database(services.database_url, f"{urlsplit(services.database_url).path[1:]}_md")
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=url,
+        PROMETHEUS_MULTIPROC_DIR=str(not_a_directory),
+        COUPON_REDIS_PREFIX=services.redis_prefix,
+    )
+    try:
+        done = run_coupon(["serve", "--port", str(free_port())], env, tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1 and "PROMETHEUS_MULTIPROC_DIR" in lines[0], done.stderr
+
+        async def exists() -> bool:
+            admin = await asyncpg.connect(with_database(url, "postgres"))
+            try:
+                name = urlsplit(url).path[1:]
+                return bool(
+                    await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+                )
+            finally:
+                await admin.close()
+
+        assert not asyncio.run(exists()), "the database was made before the setting was refused"
+    finally:
+        asyncio.run(drop_database(url))
 
 
 def test_a_tls_url_to_a_redis_without_tls_is_said_to_be_maybe_that(

@@ -121,25 +121,27 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from coupon.entrypoints.logs import configure_logging
 
     configure_logging(settings.log_level)  # the supervisor's own lines (worker restarts)
-    schema: BackgroundMigration | None = None
-    if settings.backend == "postgres":
-        schema = _migrate_or_defer(settings.database_url)
-        _warn_unless_redis_answers(settings.redis_url)
-    if settings.tls_cert_file and _is_ca_certificate(settings.tls_cert_file):
-        log.warning(
-            "COUPON_TLS_CERT_FILE is a CA's certificate (CA:TRUE), which clients built on "
-            "rustls (coupon campaigns, coupon loadtest) refuse as a server's: make one with "
-            "CA:FALSE (docs/clients.md#tls)",
-            extra={"file": settings.tls_cert_file},
-        )
-    if settings.backend == "memory" and settings.workers > 1:
-        log.warning(
-            "--in-memory keeps state in one process: serving with 1 worker",
-            extra={"workers": settings.workers},
-        )
-        settings = settings.with_overrides(workers=1)
+    # Before the schema: a PROMETHEUS_MULTIPROC_DIR that cannot be used is a bad setting,
+    # which stops start-up before anything else is touched (the database created).
     metrics_dir, created = _metrics_dir(settings.metrics_dir)
+    schema: BackgroundMigration | None = None
     try:
+        if settings.backend == "postgres":
+            schema = _migrate_or_defer(settings.database_url)
+            _warn_unless_redis_answers(settings.redis_url)
+        if settings.tls_cert_file and _is_ca_certificate(settings.tls_cert_file):
+            log.warning(
+                "COUPON_TLS_CERT_FILE is a CA's certificate (CA:TRUE), which clients built on "
+                "rustls (coupon campaigns, coupon loadtest) refuse as a server's: make one "
+                "with CA:FALSE (docs/clients.md#tls)",
+                extra={"file": settings.tls_cert_file},
+            )
+        if settings.backend == "memory" and settings.workers > 1:
+            log.warning(
+                "--in-memory keeps state in one process: serving with 1 worker",
+                extra={"workers": settings.workers},
+            )
+            settings = settings.with_overrides(workers=1)
         # Worker processes build their settings from the environment: hand the overrides on.
         os.environ.update(
             {
