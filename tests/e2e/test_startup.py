@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from coupon.adapters.postgres.migrate import latest_version, migrations
+from coupon.entrypoints.metrics import metrics_files
 from harness.client import connect_client, create_campaign
 from harness.private_postgres import PrivatePostgres, postgres_bindir
 from harness.server import ServerProcess, free_port
@@ -451,13 +452,20 @@ def test_serve_on_a_taken_port_says_so_in_one_line_without_claiming_to_serve(
 
 def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     """...and every file in it but the metrics files of an earlier run (no process can have
-    the pid in their names), which it deletes: /metrics reads the metrics files alone."""
+    the pid in their names, or one that is no coupon server has it now), which it deletes:
+    /metrics reads the metrics files alone."""
     given = tmp_path / "metrics"
     given.mkdir()
     theirs = ["keep.txt", "users.db", "counter.db", "my_counter_1.db"]
     for name in theirs:
         (given / name).write_text("the operator's")
-    stale = ["counter_99999999.db", "histogram_99999999.db", "gauge_livesum_99999999.db"]
+    other_program = subprocess.Popen(["sleep", "60"])
+    stale = [
+        "counter_99999999.db",
+        "histogram_99999999.db",
+        "gauge_livesum_99999999.db",
+        f"counter_{other_program.pid}.db",
+    ]
     for name in stale:
         (given / name).write_bytes(b"\0" * 8)
     env = clean_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given))
@@ -469,10 +477,35 @@ def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
         assert metrics.status_code == 200, metrics.text
         assert "coupon_rpc_requests_total" in metrics.text
     finally:
+        other_program.kill()
+        other_program.wait()
         assert server.stop() == 0
     for name in theirs:
         assert (given / name).read_text() == "the operator's", name
     assert metrics_dirs(tmp_path) == []
+
+
+def test_serve_refuses_the_metrics_directory_of_a_server_still_running(
+    tmp_path: Path, server_env: dict[str, str]
+) -> None:
+    """Deleting a running server's metrics files would lose its counts for good (its
+    workers write on into files no one reads): each server needs a directory of its own."""
+    given = tmp_path / "metrics"
+    env = {**server_env, "PROMETHEUS_MULTIPROC_DIR": str(given)}
+    with ServerProcess(env=env, workers=2, log_dir=tmp_path) as first:
+        files = metrics_files(given)
+        workers = first.worker_pids()
+        assert files and {int(path.stem.rpartition("_")[2]) for path in files} <= set(workers)
+        second = run_coupon(
+            ["serve", "--port", str(free_port())], clean_env(tmp_path, **env), tmp_path
+        )
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2, second.stderr
+        assert len(lines) == 1 and "PROMETHEUS_MULTIPROC_DIR" in lines[0], second.stderr
+        assert "its own directory" in lines[0]
+        assert any(str(pid) in lines[0] for pid in workers), lines[0]
+        assert "serving" not in second.stdout
+        assert all(path.exists() for path in files)
 
 
 def test_a_metrics_directory_that_cannot_be_one_stops_serve_before_the_database_is_made(

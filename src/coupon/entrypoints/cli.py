@@ -274,7 +274,11 @@ def _cannot_listen(host: str, port: int) -> str | None:
 def _metrics_dir(given: str) -> tuple[str, bool]:
     """Where the workers add up their metrics, fresh for each start, and whether it was made
     here (then it is removed at exit; a directory given by PROMETHEUS_MULTIPROC_DIR is the
-    operator's and stays, and of its files only the metrics files of earlier runs go)."""
+    operator's and stays, and of its files only the metrics files of earlier runs go).
+
+    A directory another server still writes its metrics in is refused: deleting its files
+    would lose its counts for good (its workers keep writing to files no one reads), and
+    /metrics would add up both servers' counts."""
     if not given:
         # Not importing prometheus_client first: it picks where values live (in memory, or
         # in this directory's files) when imported, and with one worker the app runs in
@@ -284,13 +288,48 @@ def _metrics_dir(given: str) -> tuple[str, bool]:
 
     try:
         Path(given).mkdir(parents=True, exist_ok=True)
-        for stale in metrics_files(given):
-            stale.unlink()
+        stale = metrics_files(given)
+        live = sorted({pid for pid in map(_metrics_pid, stale) if _is_live_server(pid)})
+        if live:
+            raise SettingsError(
+                f"PROMETHEUS_MULTIPROC_DIR {given!r} holds the metrics of a coupon server that "
+                f"is still running (pid {', '.join(map(str, live))}): give each server its "
+                "own directory"
+            )
+        for path in stale:
+            path.unlink()
     except OSError as exc:
         raise SettingsError(
             f"PROMETHEUS_MULTIPROC_DIR must be a writable directory ({given!r}: {exc.strerror})"
         ) from None
     return given, False
+
+
+def _metrics_pid(path: Path) -> int:
+    """The process a metrics file belongs to: `<type>_<pid>.db`."""
+    return int(path.stem.rpartition("_")[2])
+
+
+def _is_live_server(pid: int) -> bool:
+    """Whether `pid` is a running coupon server process: its command line names coupon or,
+    for a worker (started as `python -c 'from multiprocessing.spawn ...'`), its supervisor's
+    does. A pid the system has since given to another program is no server."""
+    if pid == os.getpid():
+        return False  # this start's own pid: the file is an earlier process's
+    for _ in range(2):  # the process, then a worker's supervisor
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # gone (or no /proc: nothing to tell by)
+            return False
+        if "\nState:\tZ" in status:  # exited, not yet reaped
+            return False
+        if b"coupon" in command:
+            return True
+        if b"multiprocessing" not in command:
+            return False
+        pid = int(status.partition("\nPPid:")[2].split()[0])
+    return False
 
 
 def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
