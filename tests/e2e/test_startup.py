@@ -450,6 +450,67 @@ def test_serve_on_a_taken_port_says_so_in_one_line_without_claiming_to_serve(
     assert done.stderr == f"coupon: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_on_an_ipv6_address_says_a_url_that_can_be_called(tmp_path: Path) -> None:
+    """`http://::1:8000` is no URL: the address goes in brackets, `http://[::1]:8000`."""
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        done = run_coupon(
+            ["serve", "--in-memory", "--host", "::1", "--port", str(port)],
+            clean_env(tmp_path),
+            tmp_path,
+        )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == f"coupon: cannot listen on [::1]:{port}: address already in use\n"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coupon",
+            "serve",
+            "--in-memory",
+            "--host",
+            "::1",
+            "--port",
+            str(port),
+        ],
+        env=clean_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith(f"coupon: serving on http://[::1]:{port} "), line
+        url = line.split()[3]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"nothing answered at {url}"
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0
+
+
 def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     """...and every file in it but the metrics files of an earlier run (no process can have
     the pid in their names, or one that is no coupon server has it now), which it deletes:

@@ -434,3 +434,10 @@ def test_a_redis_url_whose_database_is_no_whole_number_is_refused(url: str) -> N
 )
 def test_a_redis_url_with_a_database_number_or_none_passes(url: str) -> None:
     assert load_settings({"REDIS_URL": url}, dotenv=None).redis_url == url
+
+
+def test_an_ipv6_redis_address_becomes_a_url_with_brackets() -> None:
+    """`redis://::1:6379/0` is no URL: redis-py would fail to read its port."""
+    for address in ("::1:6379", "[::1]:6379"):
+        settings = load_settings({"REDIS_ADDRESS": address}, dotenv=None)
+        assert settings.redis_url == "redis://[::1]:6379/0"

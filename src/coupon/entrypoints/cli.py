@@ -19,6 +19,7 @@ from types import FrameType
 from coupon.entrypoints.settings import (
     Settings,
     SettingsError,
+    host_port,
     load_settings,
     read_dotenv,
     redacted,
@@ -110,7 +111,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     unusable = _cannot_listen(settings.host, settings.port)
     if unusable is not None:
         print(
-            f"coupon: cannot listen on {settings.host}:{settings.port}: {unusable}",
+            f"coupon: cannot listen on {host_port(settings.host, settings.port)}: {unusable}",
             file=sys.stderr,
         )
         return 3
@@ -155,7 +156,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         scheme = "https" if settings.tls_cert_file else "http"
         # For the person at the terminal, on stdout: stderr carries JSON log lines only.
         print(
-            f"coupon: serving on {scheme}://{settings.host}:{settings.port} "
+            f"coupon: serving on {scheme}://{host_port(settings.host, settings.port)} "
             f"({settings.backend}, {settings.workers} worker(s))",
             flush=True,
         )

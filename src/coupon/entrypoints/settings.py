@@ -213,6 +213,14 @@ def admin_token_problem(token: str, name: str = "COUPON_ADMIN_TOKEN") -> str | N
     return None
 
 
+def host_port(host: str, port: int | str) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets (`[::1]:8000`), else
+    the port would read as one more group of the address."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 PORT_TEXT = re.compile(r"[0-9]{1,5}")
 
 
@@ -406,7 +414,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
         raise SettingsError(f"REDIS_DB must be 0 or more (got {db})")
     password = env.get("REDIS_PASSWORD", "")
     auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/{db}"
+    return f"redis://{auth}{host_port(host, port)}/{db}"
 
 
 DEFAULTS = Settings()
