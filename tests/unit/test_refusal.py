@@ -64,12 +64,20 @@ def test_outside_the_api_it_is_plain_http() -> None:
 
 def test_a_body_over_the_limit_names_its_size_and_the_limit() -> None:
     message = b"request body of 70000 bytes is over the limit of 65536 bytes"
-    _, _, _, headers = body_refusal(ISSUE, b"application/grpc", 70_000, 65_536)
+    _, _, _, headers = body_refusal(ISSUE, b"application/grpc", 70_000, 65_536, declared=True)
     assert headers == [(b"grpc-status", b"8"), (b"grpc-message", message)]
-    answer = body_refusal(b"/healthz", b"application/json", 70_000, 65_536)
+    answer = body_refusal(b"/healthz", b"application/json", 70_000, 65_536, declared=False)
     assert answer == (
         413,
         b"text/plain; charset=utf-8",
         b"request body is limited to 65536 bytes",
         [],
     )
+
+
+def test_a_body_of_no_declared_length_is_said_to_be_at_least_what_arrived() -> None:
+    """Sent chunked (or over HTTP/2 without a content-length), the body is refused once
+    what has arrived passes the limit: its whole size is never known, so none is claimed."""
+    message = b"request body of at least 81920 bytes is over the limit of 65536 bytes"
+    _, _, _, headers = body_refusal(ISSUE, b"application/grpc", 81_920, 65_536, declared=False)
+    assert headers == [(b"grpc-status", b"8"), (b"grpc-message", message)]

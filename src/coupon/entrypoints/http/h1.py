@@ -615,7 +615,7 @@ class Http1Protocol(HttpToolsProtocol):
                 self._refuse_malformed(refused)
                 return
         if self._content_length > self._max_body:
-            self._refuse_body(self._content_length)
+            self._refuse_body(self._content_length, declared=True)
             return
         if self._content_length < 0 and enveloped(self._content_type):
             self._prefix = b""  # sent chunked: its first message's prefix says its size
@@ -661,7 +661,7 @@ class Http1Protocol(HttpToolsProtocol):
             self._prefix, declared = declared_size(self._prefix, body)
             size = max(size, declared)
         if size > self._max_body:
-            self._refuse_body(size)
+            self._refuse_body(size, declared=False)
             return
         if self._lane:
             self._body += body
@@ -868,8 +868,8 @@ class Http1Protocol(HttpToolsProtocol):
             )
         self._close_with(answer)
 
-    def _refuse_body(self, size: int) -> None:
-        answer = body_refusal(self.url, self._content_type, size, self._max_body)
+    def _refuse_body(self, size: int, *, declared: bool) -> None:
+        answer = body_refusal(self.url, self._content_type, size, self._max_body, declared=declared)
         self._close_with(with_cors(answer, self.url, self.headers, self._cors))
 
     def _close_with(self, answer: Answer) -> None:

@@ -599,7 +599,7 @@ class H2Protocol(asyncio.Protocol):
             return
         if length > self.max_body:
             # Said over the limit by its content-length: refused before any of it is read.
-            answer = self._body_refusal(request, length)
+            answer = self._body_refusal(request, length, declared=True)
             self._answer_refusal(stream_id, answer, event.stream_ended is not None)
             return
         if len(self.streams) >= MAX_CONCURRENT_STREAMS and self._unanswered() >= (
@@ -842,13 +842,13 @@ class H2Protocol(asyncio.Protocol):
             stream.closed = True
             stream.response_complete = True
             self._release_body(stream)
-            answer = self._body_refusal(stream.request, size)
+            answer = self._body_refusal(stream.request, size, declared=False)
             self._answer_refusal(stream.stream_id, answer, ended)
         stream.wake()
 
-    def _body_refusal(self, request: Headers, size: int) -> Answer:
+    def _body_refusal(self, request: Headers, size: int, *, declared: bool) -> Answer:
         path, content_type = _path_and_content_type(request)
-        answer = body_refusal(path, content_type, size, self.max_body)
+        answer = body_refusal(path, content_type, size, self.max_body, declared=declared)
         return with_cors(answer, path, request, self.cors)
 
     def _refuse_headers(self, stream_id: int, request: Headers, ended: bool) -> None:

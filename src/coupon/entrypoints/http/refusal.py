@@ -90,13 +90,18 @@ def with_cors(
     return status, media, payload, [*extra, *added]
 
 
-def body_refusal(path: bytes, content_type: bytes, size: int, limit: int) -> Answer:
-    """The answer refusing a request body of `size` bytes (declared, or received so far)
-    over `limit`, whichever HTTP version carried it."""
+def body_refusal(
+    path: bytes, content_type: bytes, size: int, limit: int, *, declared: bool
+) -> Answer:
+    """The answer refusing a request body over `limit`, whichever HTTP version carried it:
+    of `size` bytes when its Content-Length `declared` so, else (sent chunked, or over
+    HTTP/2 without a content-length) of at least `size` bytes, what has arrived of it or
+    what its first message's prefix says, as the rest of it is never read."""
+    of = f"{size}" if declared else f"at least {size}"
     return refusal(
         path,
         content_type,
-        f"request body of {size} bytes is over the limit of {limit} bytes",
+        f"request body of {of} bytes is over the limit of {limit} bytes",
         status=413,
         plain=f"request body is limited to {limit} bytes",
     )
