@@ -31,6 +31,10 @@ Limits (each answered, then the connection closed; but the send time-out, which 
 A refused request pipelined behind others waits for their answers (RFC 9112 §9.3.2: in
 the order of the requests); nothing more is read meanwhile.
 
+An answer from the ASGI app to an HTTP/1.0 request is its connection's last (uvicorn's
+way); one that names no length goes unchunked, its end the close of the connection (RFC
+9112 §6.1: chunked framing is HTTP/1.1's; see _Cycle).
+
 Graceful shutdown (`shutdown`): an idle connection is closed, unless a request's bytes have
 reached it (read in part, or still in the kernel): that request is read and answered with
 `Connection: close` first. An answer in flight is the connection's last (uvicorn's way).
@@ -229,6 +233,44 @@ class _LaneCycle:
         self.response_complete = False
         # In the server's tasks until answered (a shutdown that cancels it moves on).
         self.pending: Pending | None = None
+
+
+class _Cycle(RequestResponseCycle):
+    """uvicorn's cycle of a request the ASGI app answers (Http1Protocol makes uvicorn's its
+    own as uvicorn makes it), but an answer to an HTTP/1.0 request that names no length
+    is sent as it is, its end told by the close of the connection (RFC 9112 §6.3), rather
+    than chunked: chunked framing is HTTP/1.1's, which a server must not send to an
+    HTTP/1.0 client (§6.1), and which such a client reads as part of the body. (uvicorn
+    keeps no HTTP/1.0 connection alive: each answer is its connection's last.)"""
+
+    until_close = False  # the answer's end is the connection's
+
+    async def send(self, message: Any) -> None:
+        if self.until_close:
+            if message["type"] == "http.response.body":
+                # uvicorn checks an unchunked body against its Content-Length: here it is
+                # as long as the part at hand.
+                self.expected_content_length = len(message.get("body", b""))
+        elif (
+            message["type"] == "http.response.start"
+            and not self.response_started
+            and self.scope["http_version"] == "1.0"
+            and _unframed(message, self.scope["method"])
+        ):
+            self.until_close = True
+            self.chunked_encoding = False  # nor chunked by uvicorn
+        await super().send(message)
+
+
+def _unframed(start: Any, method: str) -> bool:
+    """An answer's start (an ASGI message) for which uvicorn would choose its framing
+    itself (chunked): one with a body, no Content-Length and no Transfer-Encoding."""
+    if method == "HEAD" or start["status"] in (204, 304):
+        return False
+    return all(
+        name.lower() not in (b"content-length", b"transfer-encoding")
+        for name, _ in start.get("headers", ())
+    )
 
 
 class Http1Protocol(HttpToolsProtocol):
@@ -634,6 +676,9 @@ class Http1Protocol(HttpToolsProtocol):
             return
         self.scope = self._scope()
         super().on_headers_complete()
+        if type(self.cycle) is RequestResponseCycle:
+            # Made ours before its task first runs (see _Cycle).
+            self.cycle.__class__ = _Cycle
         self._own = self.cycle
         if self._closing and self.cycle is not None:
             self.cycle.keep_alive = False
