@@ -313,7 +313,9 @@ class CouponApp:
         connect: CouponServiceASGIApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """A response sent before the request body was read (an early refusal) closes the
-        connection: the unread body would otherwise be taken for the next request. A 415
+        connection: the unread body would otherwise be taken for the next request (over
+        HTTP/1.1 the close lingers, h1.py, so that a client still sending it reads the
+        answer). A 415
         lists the content types this method accepts (the library's lists the unary Connect
         ones whatever the method), and an `unimplemented` for a coding the service does not
         decode lists those it does; gRPC without trailers (HTTP/1.1) is refused plainly.

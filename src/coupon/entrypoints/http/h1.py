@@ -33,7 +33,9 @@ the order of the requests); nothing more is read meanwhile.
 
 An answer from the ASGI app to an HTTP/1.0 request is its connection's last (uvicorn's
 way); one that names no length goes unchunked, its end the close of the connection (RFC
-9112 §6.1: chunked framing is HTTP/1.1's; see _Cycle).
+9112 §6.1: chunked framing is HTTP/1.1's). One that closes the connection before the
+request's body has all arrived (a refusal from the headers) closes it lingering, as the
+refusals above do (see _Cycle).
 
 Graceful shutdown (`shutdown`): an idle connection is closed, unless a request's bytes have
 reached it (read in part, or still in the kernel): that request is read and answered with
@@ -59,7 +61,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -237,13 +239,26 @@ class _LaneCycle:
 
 class _Cycle(RequestResponseCycle):
     """uvicorn's cycle of a request the ASGI app answers (Http1Protocol makes uvicorn's its
-    own as uvicorn makes it), but an answer to an HTTP/1.0 request that names no length
-    is sent as it is, its end told by the close of the connection (RFC 9112 §6.3), rather
-    than chunked: chunked framing is HTTP/1.1's, which a server must not send to an
-    HTTP/1.0 client (§6.1), and which such a client reads as part of the body. (uvicorn
-    keeps no HTTP/1.0 connection alive: each answer is its connection's last.)"""
+    own as uvicorn makes it), but
+    * an answer to an HTTP/1.0 request that names no length is sent as it is, its end told
+      by the close of the connection (RFC 9112 §6.3), rather than chunked: chunked framing
+      is HTTP/1.1's, which a server must not send to an HTTP/1.0 client (§6.1), and which
+      such a client reads as part of the body. (uvicorn keeps no HTTP/1.0 connection
+      alive: each answer is its connection's last.)
+    * an answer that ends its connection before the request's body has all arrived (a
+      refusal made from the headers: app.py closes the connection after it) closes it
+      lingering, as the front door's own refusals do (`linger`): uvicorn closes at once,
+      and the client's bytes arriving after that make the kernel reset the connection, so
+      that a client still sending its body never reads the answer."""
 
     until_close = False  # the answer's end is the connection's
+    linger: Callable[[], None]  # the protocol's lingering close
+
+    @classmethod
+    def adopt(cls, cycle: RequestResponseCycle, linger: Callable[[], None]) -> None:
+        """Make uvicorn's cycle, just made, one of these (before its task first runs)."""
+        cycle.__class__ = cls
+        cycle.linger = linger  # type: ignore[attr-defined]
 
     async def send(self, message: Any) -> None:
         if self.until_close:
@@ -259,7 +274,32 @@ class _Cycle(RequestResponseCycle):
         ):
             self.until_close = True
             self.chunked_encoding = False  # nor chunked by uvicorn
-        await super().send(message)
+        if (
+            message["type"] != "http.response.body"
+            or message.get("more_body", False)
+            or self.keep_alive
+            or not self.more_body  # the request has all arrived
+            or not self.response_started
+            or self.response_complete
+            or self.disconnected
+        ):
+            await super().send(message)
+            return
+        # The answer's end, and its connection's, the request's body still on its way: the
+        # answer ends as uvicorn ends it, but for the close, which lingers.
+        on_response = self.on_response
+        self.keep_alive, self.on_response = True, _nothing
+        try:
+            await super().send(message)
+        finally:
+            self.keep_alive, self.on_response = False, on_response
+        if self.response_complete:
+            on_response()
+            self.linger()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _unframed(start: Any, method: str) -> bool:
@@ -677,8 +717,7 @@ class Http1Protocol(HttpToolsProtocol):
         self.scope = self._scope()
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
-            # Made ours before its task first runs (see _Cycle).
-            self.cycle.__class__ = _Cycle
+            _Cycle.adopt(self.cycle, self._linger)
         self._own = self.cycle
         if self._closing and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -945,15 +984,21 @@ class Http1Protocol(HttpToolsProtocol):
             # send could not be written after the end written below.
             cycle.disconnected = True
             cycle.message_event.set()
+        self._linger()
+
+    def _linger(self) -> None:
+        """A lingering close, once an answer is written: end our side, and read (and drop)
+        what the client is still sending for a moment (LINGER_SECONDS, LINGER_BYTES at
+        most). Closing with its bytes unread would make the kernel reset the connection,
+        and a client still sending its body would never read the answer."""
         if not self.transport.can_write_eof():
             self.transport.close()
             return
-        # A lingering close: end our side, and read (and drop) what the client is still
-        # sending for a moment. Closing with its bytes unread would make the kernel reset
-        # the connection, and a client still sending its body would never read the answer.
         self.transport.write_eof()
         self._draining_until = self.loop.time() + self.LINGER_SECONDS
         self._drained = 0
+        self._receiving_since = self._idle_since = 0.0
+        self.flow.resume_reading()
 
     def _earlier_unanswered(self) -> bool:
         """Whether a request before the one being refused awaits its answer. A queued
