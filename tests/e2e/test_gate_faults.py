@@ -34,7 +34,7 @@ from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.client import connect_client, create_campaign, issue_retrying, retry_delay
 from harness.private_redis import PrivateRedis
-from harness.server import ServerProcess
+from harness.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 PREFIX = "faults"
@@ -270,6 +270,29 @@ async def test_a_redis_full_under_noeviction_makes_the_server_not_ready_and_says
             assert (await http.get(f"{server.url}/readyz")).status_code == 200
     finally:
         await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+
+
+async def test_a_redis_turned_read_only_replica_makes_the_server_not_ready_and_says_why(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    """A replica (a demoted primary after a failover) answers PING but refuses every
+    admission (READONLY): /readyz says so, and is ready again once it is a primary."""
+    async with connect_client(server.url) as client:
+        c = (await create_campaign(client, total=10, name="replica")).id
+        await code_of(client, c, "before")
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        # A primary nobody runs: it keeps its data, and refuses writes.
+        await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{server.url}/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "read-only replica" in ready.json()["checks"]["redis"], ready.text
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            assert (await http.get(f"{server.url}/readyz")).status_code == 200
+    finally:
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
         await admin.aclose()
 
 

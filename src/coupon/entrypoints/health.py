@@ -97,3 +97,15 @@ def refuses_writes(memory: Mapping[str, object]) -> str | None:
             "refuses writes and no coupon can be admitted; raise maxmemory"
         )
     return None
+
+
+def read_only_replica(replication: Mapping[str, object]) -> str | None:
+    """Why Redis, by its INFO replication, refuses every write, or None: a read-only replica
+    (a demoted primary after a failover, a URL that names a replica) answers PING but
+    refuses each admission (READONLY)."""
+    if replication.get("role") == "slave" and str(replication.get("slave_read_only", 1)) == "1":
+        return (
+            "Redis is a read-only replica (role:slave), so it refuses writes and no coupon "
+            "can be admitted; point REDIS_URL at the primary"
+        )
+    return None

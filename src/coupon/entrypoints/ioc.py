@@ -62,7 +62,7 @@ from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign, GetCampaign
 from coupon.entrypoints.connect_service import AdminGuard, CouponService, Operations
 from coupon.entrypoints.dashboard import Dashboard
-from coupon.entrypoints.health import NotReady, Readiness, refuses_writes
+from coupon.entrypoints.health import NotReady, Readiness, read_only_replica, refuses_writes
 from coupon.entrypoints.metrics import Metrics, get_metrics
 from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings
@@ -190,19 +190,23 @@ class StorageProvider(Provider):
                     "(coupon serve applies it once PostgreSQL answers; or run coupon migrate)"
                 )
 
+        async def info(section: str) -> dict[str, object]:
+            try:
+                return dict(await client.info(section))
+            except RedisResponseError:
+                # A user the ACL does not let run INFO (or INFO renamed away): PING
+                # decides, as without these checks.
+                return {}
+
         async def redis() -> None:
             try:
                 await answers(client, timeout=1.5)  # within the check's 2 s
                 if not isinstance(client, QueueingRedisCluster):
-                    try:
-                        memory = await client.info("memory")
-                    except RedisResponseError:
-                        # A user the ACL does not let run INFO (or INFO renamed away):
-                        # PING decides, as without this check.
-                        memory = {}
-                    full = refuses_writes(memory)
-                    if full:
-                        raise NotReady(full)
+                    refusal = refuses_writes(await info("memory")) or read_only_replica(
+                        await info("replication")
+                    )
+                    if refusal:
+                        raise NotReady(refusal)
             except RedisResponseError as exc:
                 # Redis's own words (a REDIS_DB beyond its databases, a refused password,
                 # a dataset still loading) name no address, and say what to fix.
