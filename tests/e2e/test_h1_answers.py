@@ -107,6 +107,20 @@ async def test_a_unary_answer_to_http_1_0_is_unchunked_and_ends_with_the_connect
 
 
 @KEEP_ALIVE
+async def test_an_issue_answered_to_http_1_0_ends_with_the_connection(
+    server: ServerProcess, campaign: str, fields: tuple[str, ...]
+) -> None:
+    """IssueCoupon's answer (the lane's) ends its connection as the app's answers do: kept
+    alive, it would have needed a Connection: keep-alive an HTTP/1.0 client looks for."""
+    body = json.dumps({"campaignId": campaign, "userId": "ana"}).encode()
+    request = post("IssueCoupon", "application/json", body, "HTTP/1.0", *fields)
+    status, headers, payload = await answer_to_close(request, server.url)
+    assert status.split()[1] == b"200"
+    assert headers["connection"] == "close"
+    assert json.loads(payload)["alreadyIssued"] is True
+
+
+@KEEP_ALIVE
 async def test_an_error_answer_to_http_1_0_is_unchunked(
     server: ServerProcess, fields: tuple[str, ...]
 ) -> None:

@@ -765,7 +765,13 @@ class Http1Protocol(HttpToolsProtocol):
         self._body = b""
         route = self._route
         assert route is not None  # the lane was taken
-        keep_alive = self.parser.should_keep_alive() and not self._closing
+        # An HTTP/1.0 request's answer is its connection's last, as the app's answers are
+        # (uvicorn's way): kept alive, it would need a Connection: keep-alive of its own.
+        keep_alive = (
+            self.parser.should_keep_alive()
+            and not self._closing
+            and self.parser.get_http_version() != "1.0"
+        )
         self._lane_request(route, self._lane_codec, body, keep_alive, self._request_id)
 
     # --- the lane ---------------------------------------------------------------------
