@@ -114,3 +114,24 @@ def test_grpcurl_issues_a_coupon_and_reads_every_error_as_a_grpc_status(
 
     page = call(coupon_server, "GetCampaign", {"campaignId": campaign["id"]})
     assert page["coupons"] == [coupon]
+
+
+def test_grpcurl_prints_the_retry_hint_of_an_unavailable(
+    redis_down_server: ServerProcess,
+) -> None:
+    """The RetryInfo detail is resolved through reflection like the service's own types:
+    grpcurl -format-error prints it, where it said 'google.rpc.RetryInfo is not
+    recognized'."""
+    starts = (datetime.now(UTC) - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    created = call(
+        redis_down_server,
+        "CreateCampaign",
+        {"name": "retry hint", "totalCoupons": 5, "startsAt": starts},
+    )
+    campaign_id = created["campaign"]["id"]
+    answer = call(redis_down_server, "IssueCoupon", {"campaignId": campaign_id, "userId": "u"})
+    error = answer["error"]
+    assert error["code"] == 14, error  # UNAVAILABLE
+    [detail] = error["details"]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.RetryInfo", detail
+    assert detail["retryDelay"].endswith("s"), detail

@@ -58,6 +58,7 @@ from coupon.entrypoints.overload import Doorman
 from coupon.entrypoints.settings import Settings, load_settings
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceASGIApplication
+from coupon.gen.google.rpc import error_details_pb
 from coupon.gen.grpc.health.v1 import health_pb
 from coupon.gen.grpc.health.v1.health_connect import HealthASGIApplication
 
@@ -167,6 +168,9 @@ def _content_type(scope: Scope) -> bytes:
 MAX_REQUEST_BYTES = 64 * 1024
 REFLECTION_PREFIX = "/grpc.reflection."
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# What server reflection serves: the services, and the error detail `unavailable` answers
+# carry (so that grpcurl -format-error can print a RetryInfo).
+REFLECTED = (coupon_pb.desc(), health_pb.desc(), error_details_pb.desc())
 # Every gRPC method this port serves: a gRPC call of any other path is `unimplemented`.
 GRPC_METHODS = frozenset(
     [CONNECT_PREFIX + method.name for method in coupon_pb.desc().services[0].methods]
@@ -234,12 +238,8 @@ class CouponApp:
         self.reflection = {
             app.path: app
             for app in (
-                ServerReflectionASGIApplication(
-                    ServerReflectionService(coupon_pb.desc(), health_pb.desc())
-                ),
-                ServerReflectionAlphaASGIApplication(
-                    ServerReflectionAlphaService(coupon_pb.desc(), health_pb.desc())
-                ),
+                ServerReflectionASGIApplication(ServerReflectionService(*REFLECTED)),
+                ServerReflectionAlphaASGIApplication(ServerReflectionAlphaService(*REFLECTED)),
             )
         }
         self.web = Litestar(
