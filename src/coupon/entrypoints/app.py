@@ -120,16 +120,29 @@ _OWS = b" \t"
 
 def _to_normalize(name: bytes, value: bytes) -> bool:
     """Whether a header's value is to be rewritten before the Connect application reads
-    it: a content coding not in lower case, or a deadline with whitespace around it."""
+    it: a content coding not in lower case, a deadline with whitespace around it, or a gRPC
+    or gRPC-Web media type other than in lower case without parameters."""
     if name in _CODINGS:
         return value != value.lower()
+    if name == b"content-type":
+        return value[:16].lower() == b"application/grpc" and _grpc_media_type(value) != value
     return name in _TIMEOUTS and value != value.strip(_OWS)
 
 
 def _normalized(name: bytes, value: bytes) -> bytes:
     if name in _CODINGS:
         return value.lower()  # codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip
+    if name == b"content-type":
+        # A media type is case-insensitive and may carry parameters (RFC 9110, 8.3.1), and
+        # gRPC's own servers take `application/grpc; charset=utf-8`; the Connect application
+        # compares it as written, and took `Application/gRPC-Web+Proto` for the Connect
+        # protocol's (a 415).
+        return _grpc_media_type(value) if value[:16].lower() == b"application/grpc" else value
     return value.strip(_OWS) if name in _TIMEOUTS else value
+
+
+def _grpc_media_type(value: bytes) -> bytes:
+    return value.split(b";", 1)[0].strip().lower()
 
 
 # The content codings the Connect application decodes: its compressions, and none.
