@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -154,7 +155,7 @@ def test_real_server_passes_every_check(memory_server: ServerProcess, tmp_path: 
     assert document["timeline"]["sold_out"] is True
     outcomes = document["outcomes"]
     assert outcomes["ok_new"] == 200
-    assert outcomes["failed_precondition"] > 0  # the early probe reached the server
+    assert outcomes["failed_precondition (not started)"] > 0  # the early probe reached it
     assert outcomes["resource_exhausted"] > 0  # and so did the demand beyond the stock
     assert document["generator"]["kept_up"] is True
     assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
@@ -207,7 +208,8 @@ def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
 
     assert code == 0, document["verdict"]
     assert failed_checks(document) == set()
-    assert document["outcomes"]["failed_precondition"] > 0  # the burst began before the start
+    # The burst began before the start.
+    assert document["outcomes"]["failed_precondition (not started)"] > 0
     assert document["outcomes"]["ok_new"] == 200  # and sold out after it
     clock = document["clock"]
     assert clock["source"].startswith("GetCampaign.server_time")
@@ -226,15 +228,18 @@ def campaigns(server: ServerProcess) -> list[dict[str, Any]]:
     return found
 
 
-def create_campaign(server: ServerProcess, total: int, starts_at: datetime) -> str:
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def create_campaign(
+    server: ServerProcess, total: int, starts_at: datetime, ends_at: datetime | None = None
+) -> str:
+    body = {"name": "existing", "totalCoupons": total, "startsAt": rfc3339(starts_at)}
+    if ends_at is not None:
+        body["endsAt"] = rfc3339(ends_at)
     created = httpx.post(
-        f"{server.url}/coupon.v1.CouponService/CreateCampaign",
-        json={
-            "name": "existing",
-            "totalCoupons": total,
-            "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
-        },
-        timeout=30,
+        f"{server.url}/coupon.v1.CouponService/CreateCampaign", json=body, timeout=30
     )
     assert created.status_code == 200, created.text
     campaign_id: str = created.json()["campaign"]["id"]
@@ -248,6 +253,60 @@ def call(server: ServerProcess, method: str, body: dict[str, str]) -> None:
 
 def run_tool(*argv: str) -> int:
     return main([*argv, "--no-chart", "--quiet", "--max-lag", "1000"])
+
+
+def test_a_burst_stops_a_tail_after_its_campaign_ends(
+    memory_server: ServerProcess, tmp_path: Path
+) -> None:
+    # Far more stock than the users can take: only the campaign's end can settle the run,
+    # which must stop then (plus the tail), not at --max-duration.
+    now = datetime.now(UTC)
+    campaign_id = create_campaign(
+        memory_server, 5000, now + timedelta(seconds=2), now + timedelta(seconds=3)
+    )
+    report = tmp_path / "report.json"
+    code = run_tool(
+        "--url", memory_server.url, "--campaign-id", campaign_id, "--users", "3000",
+        "--rate", "100", "--processes", "1", "--tail", "0.5", "--max-duration", "15",
+        "--report", str(report),
+    )  # fmt: skip
+    document = json.loads(report.read_text())
+
+    assert code == 0, document["verdict"]
+    stopped = datetime.fromisoformat(document["timeline"]["load_stopped_at"])
+    ends_at = datetime.fromisoformat(document["target"]["ends_at"])
+    assert stopped - ends_at < timedelta(seconds=2.5), (stopped, ends_at)
+    # Refusals before the start and after the end are counted apart, each with its words.
+    outcomes, messages = document["outcomes"], document["messages"]
+    assert outcomes["failed_precondition (not started)"] > 0, outcomes
+    assert outcomes["failed_precondition (ended)"] > 0, outcomes
+    assert "failed_precondition" not in outcomes
+    assert messages["failed_precondition (not started)"].startswith("campaign has not started")
+    assert messages["failed_precondition (ended)"].startswith("campaign has ended")
+
+
+def test_a_burst_stops_a_tail_after_its_campaign_is_ended_by_hand(
+    memory_server: ServerProcess, tmp_path: Path
+) -> None:
+    # No end time to watch: the refusal that says the campaign has ended settles the run.
+    campaign_id = create_campaign(memory_server, 5000, datetime.now(UTC))
+    ender = threading.Timer(1.5, call, (memory_server, "EndCampaign", {"campaignId": campaign_id}))
+    ender.start()
+    started = time.monotonic()
+    report = tmp_path / "report.json"
+    try:
+        run_tool(
+            "--url", memory_server.url, "--campaign-id", campaign_id, "--users", "3000",
+            "--rate", "100", "--processes", "1", "--tail", "0.5", "--max-duration", "15",
+            "--report", str(report),
+        )  # fmt: skip
+    finally:
+        ender.join()
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 10, elapsed
+    outcomes = json.loads(report.read_text())["outcomes"]
+    assert outcomes["failed_precondition (ended)"] > 0, outcomes
 
 
 @pytest.mark.parametrize(

@@ -113,14 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration",
         type=float,
         default=None,
-        help="seconds of load from its start (default: until sold out, or every user served, "
-        "plus --tail; not with --herd)",
+        help="seconds of load from its start (default: until sold out, every user served or "
+        "the campaign ended, plus --tail; not with --herd)",
     )
     load.add_argument(
         "--tail",
         type=float,
         default=None,
-        help="seconds of load after sell-out (default 2; not with --herd)",
+        help="seconds of load after sell-out or the campaign's end (default 2; not with --herd)",
     )
     load.add_argument(
         "--max-duration",
@@ -456,7 +456,9 @@ def _draw(
     if sold_out is not None:
         markers["first sold-out answer"] = (sold_out - starts_rel) / NS_PER_S
     elif data.settled_rel_ns is not None:
-        markers["every user served"] = (data.settled_rel_ns - starts_rel) / NS_PER_S
+        markers[data.settled_by or "every user served"] = (
+            data.settled_rel_ns - starts_rel
+        ) / NS_PER_S
     markers["load stopped"] = (data.stop_rel_ns - starts_rel) / NS_PER_S
     if config.herd:
         load = f"herd, spread {config.spread_s:g} s, patience {config.patience_s:g} s"

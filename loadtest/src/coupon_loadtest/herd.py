@@ -25,7 +25,15 @@ from array import array
 from dataclasses import dataclass
 from enum import IntEnum
 
-from coupon_loadtest.records import LOST, NOT_OPEN, OK, OUTCOME_UNKNOWN, SOLD_OUT, UNAVAILABLE
+from coupon_loadtest.records import (
+    ENDED_PREFIX,
+    LOST,
+    NOT_OPEN,
+    OK,
+    OUTCOME_UNKNOWN,
+    SOLD_OUT,
+    UNAVAILABLE,
+)
 
 NS_PER_S = 1_000_000_000
 NS_PER_MS = 1_000_000
@@ -40,12 +48,6 @@ class Final(IntEnum):
     SOLD_OUT = 2
     ERROR = 3
     ENDED = 4  # the campaign has ended: nothing more to get, like sold out
-
-
-# The service's `failed_precondition` says which of its two windows' edges it is at by its
-# message alone (src/coupon/domain/errors.py: CampaignNotStarted, CampaignEnded); it sends
-# no structured detail. "Not started yet" is worth pressing again, "ended" is not.
-ENDED_PREFIX = "campaign has ended"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def decide(
     if outcome == SOLD_OUT:
         return Decision(Final.SOLD_OUT)
     if outcome == NOT_OPEN and message.startswith(ENDED_PREFIX):
+        # "Not started yet" is worth pressing again, "ended" is not (records.ENDED_PREFIX).
         return Decision(Final.ENDED)
     if outcome not in (UNAVAILABLE, OUTCOME_UNKNOWN, NOT_OPEN, LOST):
         return Decision(Final.ERROR)

@@ -112,6 +112,7 @@ class HerdWorker:
             lost_reasons=dict(self._book.lost_reasons),
             error_examples=self._book.examples,
             herd=self.book,
+            ended=self._book.ended,
         )
 
     async def _schedule(self, pool: HttpPool) -> None:

@@ -26,6 +26,14 @@ SOLD_OUT = OUTCOME_INDEX[Code.RESOURCE_EXHAUSTED.value]
 NOT_OPEN = OUTCOME_INDEX[Code.FAILED_PRECONDITION.value]
 UNAVAILABLE = OUTCOME_INDEX[Code.UNAVAILABLE.value]
 
+# The service's `failed_precondition` says which of its two windows' edges it is at by its
+# message alone (src/coupon/domain/errors.py: CampaignNotStarted, CampaignEnded); it sends
+# no structured detail. The report counts the two apart, under these names: a refusal
+# before the start probes early issuance, one after the end says the load went on too long.
+ENDED_PREFIX = "campaign has ended"
+NOT_STARTED_NAME = f"{Code.FAILED_PRECONDITION.value} (not started)"
+ENDED_NAME = f"{Code.FAILED_PRECONDITION.value} (ended)"
+
 
 def user_id(prefix: str, user: int) -> str:
     return f"{prefix}{user}"

@@ -9,7 +9,15 @@ from coupon_loadtest.chart import Series
 from coupon_loadtest.clock import iso_ms
 from coupon_loadtest.herd import HerdSummary, press_origin_ns, summarize
 from coupon_loadtest.histogram import LatencyHistogram
-from coupon_loadtest.records import LOST, SOLD_OUT, Observations
+from coupon_loadtest.records import (
+    ENDED_NAME,
+    LOST,
+    NOT_OPEN,
+    NOT_STARTED_NAME,
+    OUTCOMES,
+    SOLD_OUT,
+    Observations,
+)
 from coupon_loadtest.runner import RunData
 from coupon_loadtest.schedule import GeneratorVerdict, judge_generator, judge_herd_generator
 from coupon_loadtest.verify import Verification
@@ -106,6 +114,23 @@ def first_sold_out_rel(run: RunData) -> int | None:
     return min(times, default=None)
 
 
+def outcome_counts(run: RunData) -> dict[str, int]:
+    """Requests per outcome (only those that happened): new coupons apart from repeats, and
+    a campaign's refusals apart by the edge of its window they were at, before the start or
+    after the end."""
+    obs = run.observations
+    counts = obs.counts()
+    fresh = sum(1 for a in obs.ok_already if not a)
+    out = {"ok_new": fresh, "ok_already_issued": counts.get("ok", 0) - fresh}
+    ended = sum(r.ended for r in run.results)
+    for name, n in counts.items():
+        if name == OUTCOMES[NOT_OPEN]:
+            out |= {k: v for k, v in ((NOT_STARTED_NAME, n - ended), (ENDED_NAME, ended)) if v}
+        elif name != "ok":
+            out[name] = n
+    return out
+
+
 def first_coupon_answers(obs: Observations) -> list[int]:
     """When each user first received their coupon (ns after the load start), one time per
     user: a coupon whose first answer was lost comes back `alreadyIssued` on a retry, and
@@ -144,9 +169,8 @@ def build(
 ) -> dict[str, Any]:
     config, target, obs = run.config, run.target, run.observations
     plan, clock = target.plan, target.clock
-    counts = obs.counts()
-    fresh = sum(1 for a in obs.ok_already if not a)
-    completed = len(obs) - counts.get("lost", 0)
+    outcomes = outcome_counts(run)
+    completed = len(obs) - outcomes.get("lost", 0)
     # From the first request sent: a herd presses only around the start, seconds after the
     # load began, and its rate counted from then would read far lower than it was.
     first_sent_ns = min(obs.sent_ns) if len(obs) else 0
@@ -250,13 +274,9 @@ def build(
             "inflight_cap_waits": generator.inflight_cap_waits,
             "message": generator.message,
         },
-        "outcomes": {
-            "ok_new": fresh,
-            "ok_already_issued": counts.get("ok", 0) - fresh,
-            **{name: n for name, n in counts.items() if name != "ok"},
-        },
+        "outcomes": outcomes,
         "messages": examples,
-        "lost": {"count": counts.get("lost", 0), "reasons": lost_reasons},
+        "lost": {"count": outcomes.get("lost", 0), "reasons": lost_reasons},
         "latency_ms": {
             "measured_from": "send time" if config.load_model == "closed" else "intended send time",
             **{name: histogram.summary() for name, histogram in sorted(run.histograms.items())},
@@ -360,9 +380,10 @@ def summary_text(report: dict[str, Any]) -> str:
         if name in report["latency_ms"]:
             lines.append(_latency_line(name, report["latency_ms"][name]))
     lines += ["", "outcomes:"]
+    width = max(20, *map(len, report["outcomes"]))
     for name, n in report["outcomes"].items():
         example = report["messages"].get(name, "")
-        lines.append(f"  {name:<20} {n:>9}" + (f"   e.g. {example}" if example else ""))
+        lines.append(f"  {name:<{width}} {n:>9}" + (f"   e.g. {example}" if example else ""))
     for reason, n in report["lost"]["reasons"].items():
         lines.append(f"    lost: {n} x {reason}")
     lines += ["", "verification:"]

@@ -63,6 +63,9 @@ class RunData:
     starts_rel_ns: int = 0  # starts_at in the client's clock, after t0
     # Sources whose coupons could not be read back after the load, and why.
     unread: dict[str, str] = field(default_factory=dict)
+    # Why the burst settled at settled_rel_ns: "sold out", "every user served" or
+    # "campaign ended".
+    settled_by: str = ""
 
 
 class Console:
@@ -251,7 +254,7 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
             last_s = config.spread_s + config.patience_s + config.timeout_s + 5.0
             end_rel = max(starts_rel, 0) + round(last_s * NS_PER_S)
         pool.send_all(("go", Go(plan.campaign_id, t0, end_rel, starts_rel)))
-        settled, interrupted = await _drive(config, target, pool, api, t0)
+        settled, settled_by, interrupted = await _drive(config, target, pool, api, t0)
         messages = await pool.receive("reporting", config.timeout_s + _READY_TIMEOUT_S)
         results: list[WorkerResult] = sorted((m[1] for m in messages), key=lambda r: r.index)
     finally:
@@ -281,6 +284,7 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
         # A herd's processes end when their users have: the load lasts until the last one.
         stop_rel_ns=(max if config.herd else min)(r.stop_rel_ns for r in results),
         settled_rel_ns=settled,
+        settled_by=settled_by,
         results=results,
         observations=observations,
         histograms=histograms,
@@ -325,8 +329,13 @@ async def _read_back(config: LoadConfig, campaign_id: str) -> tuple[list[Ledger]
 
 async def _drive(
     config: LoadConfig, target: Target, pool: _Pool, api: AdminApi, t0: int
-) -> tuple[int | None, bool]:
-    """Watch the workers until they are done; stop them once the campaign has settled."""
+) -> tuple[int | None, str, bool]:
+    """Watch the workers until they are done; stop them once the campaign has settled.
+
+    A burst's campaign has settled when nothing more can be issued: it is sold out, every
+    user holds a coupon, or it has ended (a refusal said so, or its end time has passed by
+    the server's clock). The load then goes on for --tail, unless --duration sets it.
+    """
     progress = Progress(quiet=config.quiet)
     interrupted = False
     loop = asyncio.get_running_loop()
@@ -346,7 +355,15 @@ async def _drive(
     poller = asyncio.create_task(_poll_stock(api, target, stock_left)) if progress.live else None
     # starts_at in our clock, relative to the load start.
     starts_rel = target.plan.starts_at_ns - target.clock.offset_ns - t0
+    # ends_at in our clock: the latest moment the server's clock can still be before it.
+    ends_at = target.plan.ends_at_ns
+    ends_rel = (
+        None
+        if ends_at is None
+        else ends_at - target.clock.offset_ns + target.clock.uncertainty_ns - t0
+    )
     settled: int | None = None
+    settled_by = ""
     last_sent, last_time = 0, time.monotonic()
     tick = 0
     try:
@@ -358,15 +375,17 @@ async def _drive(
                 raise SetupError(f"worker {dead} failed mid-run: {pool.last_words(dead)}")
             now_rel = time.time_ns() - t0
             # A herd ends by itself: every user stops at a final answer or their patience.
-            if (
-                settled is None
-                and not config.herd
-                and (pool.total("sold_out") > 0 or pool.total("users_served") >= config.users)
-            ):
-                # Nothing more can be issued: sold out, or every user holds a coupon.
-                settled = now_rel
-                if config.duration_s is None:
-                    pool.stop(now_rel + round(config.tail_s * NS_PER_S))
+            if settled is None and not config.herd:
+                if pool.total("sold_out") > 0:
+                    settled_by = "sold out"
+                elif pool.total("users_served") >= config.users:
+                    settled_by = "every user served"
+                elif pool.total("ended") > 0 or (ends_rel is not None and now_rel >= ends_rel):
+                    settled_by = "campaign ended"
+                if settled_by:
+                    settled = now_rel
+                    if config.duration_s is None:
+                        pool.stop(now_rel + round(config.tail_s * NS_PER_S))
             if progress.live and tick % _DRAW_EVERY == 0:
                 sent = pool.total("sent")
                 issued = pool.total("ok")
@@ -399,7 +418,7 @@ async def _drive(
             poller.cancel()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
-    return settled, interrupted
+    return settled, settled_by, interrupted
 
 
 async def _poll_stock(api: AdminApi, target: Target, out: list[int | None]) -> None:

@@ -24,8 +24,11 @@ from coupon_loadtest.herd import UserBook
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.http import HttpPool
 from coupon_loadtest.records import (
+    ENDED_NAME,
+    ENDED_PREFIX,
     LOST,
     NOT_OPEN,
+    NOT_STARTED_NAME,
     OK,
     OUTCOMES,
     SOLD_OUT,
@@ -42,6 +45,7 @@ COUNTERS = (
     "ok_repeat",
     "sold_out",
     "not_open",
+    "ended",
     "errors",
     "lost",
     "inflight",
@@ -107,6 +111,7 @@ class WorkerResult:
     lost_reasons: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, str] = field(default_factory=dict)
     herd: UserBook | None = None  # the herd's users, one record each
+    ended: int = 0  # failed_precondition refusals that said the campaign has ended
 
 
 class Worker:
@@ -201,6 +206,7 @@ class Worker:
             inflight_cap_waits=self._cap_waits,
             lost_reasons=dict(self._book.lost_reasons),
             error_examples=self._book.examples,
+            ended=self._book.ended,
         )
 
     async def _open_loop(self, schedule: OpenLoopSchedule) -> int:
@@ -299,8 +305,9 @@ class Worker:
 
 class AnswerBook:
     """A worker's answers as they arrive: tallies by outcome, the rows verification reads,
-    why responses were lost, a message per kind of refusal, and the counters the parent
-    shows live. Shared by the load models' workers."""
+    why responses were lost, a message per kind of refusal (a campaign not started apart
+    from one ended), and the counters the parent shows live and stops the load by. Shared
+    by the load models' workers."""
 
     def __init__(self, observations: Observations, user_prefix: str, campaign_id: str) -> None:
         self.observations = observations
@@ -308,6 +315,7 @@ class AnswerBook:
         self._campaign_id = campaign_id
         self.tally = [0] * len(OUTCOMES)
         self.repeats = 0
+        self.ended = 0  # of the NOT_OPEN answers, those saying the campaign has ended
         self.lost_reasons: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
 
@@ -332,6 +340,10 @@ class AnswerBook:
             if reason not in self.lost_reasons and len(self.lost_reasons) >= _MAX_REASONS:
                 reason = "other"
             self.lost_reasons[reason] += 1
+        elif outcome == NOT_OPEN:
+            ended = reply.message.startswith(ENDED_PREFIX)
+            self.ended += ended
+            self.examples.setdefault(ENDED_NAME if ended else NOT_STARTED_NAME, reply.message)
         elif OUTCOMES[outcome] not in self.examples:
             self.examples[OUTCOMES[outcome]] = reply.message
 
@@ -348,6 +360,7 @@ class AnswerBook:
             "ok_repeat": self.repeats,
             "sold_out": tally[SOLD_OUT],
             "not_open": tally[NOT_OPEN],
+            "ended": self.ended,
             "errors": answered - tally[OK] - tally[SOLD_OUT] - tally[NOT_OPEN] - tally[LOST],
             "lost": tally[LOST],
             "inflight": inflight,
