@@ -5,6 +5,7 @@ breaks the invariants."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -434,6 +435,53 @@ def test_an_unreachable_service_is_one_plain_line_at_set_up(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == f"loadtest: cannot reach the service at {url}: {reason}\n"
+    assert not report.exists()
+
+
+@pytest.fixture
+def other_web_server(tmp_path: Path) -> Iterator[str]:
+    """A plain web server that is not the service, as a wrong --url may name."""
+    port = free_port()
+    (tmp_path / "index.html").write_text("a site")
+    other = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url)
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("where", ["the service under a path", "another web server"])
+def test_a_url_that_is_not_the_service_is_said_plainly_at_set_up(
+    memory_server: ServerProcess,
+    other_web_server: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    url = memory_server.url + "/api" if where == "the service under a path" else other_web_server
+    report = tmp_path / "report.json"
+    code = run_tool("--url", url, "--report", str(report))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # As `coupon campaigns` says it.
+    assert err == (
+        f"loadtest: {url} does not serve the coupon API (its paths are not found there); "
+        "give the service's base URL, such as http://127.0.0.1:8000\n"
+    )
+    assert campaigns(memory_server) == []
     assert not report.exists()
 
 

@@ -14,7 +14,12 @@ from connectrpc.codec import proto_json_codec
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from coupon.entrypoints.reach import cannot_reach, unreachable
+from coupon.entrypoints.reach import (
+    cannot_reach,
+    not_the_service,
+    serves_something_else,
+    unreachable,
+)
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from coupon_loadtest.clock import (
@@ -100,6 +105,8 @@ def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> Se
     reason = unreachable(exc, url)
     if reason is not None:
         return SetupError(cannot_reach(url, reason))
+    if serves_something_else(exc):
+        return SetupError(not_the_service(url))
     if isinstance(exc, ConnectError):
         if exc.code is Code.UNAUTHENTICATED and token_sent:
             # A token the service does not take is not reported as none at all.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import http
 import json
 import math
 import os
@@ -29,13 +28,19 @@ from typing import IO, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 import pyqwest
-from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.domain.campaign import TOTAL_COUPONS_MAX
 from coupon.entrypoints.output_path import can_create_in, cannot_write, directory_not_writable
-from coupon.entrypoints.reach import add_cacert_argument, cannot_reach, read_ca_file, unreachable
+from coupon.entrypoints.reach import (
+    add_cacert_argument,
+    cannot_reach,
+    not_the_service,
+    read_ca_file,
+    serves_something_else,
+    unreachable,
+)
 from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
@@ -56,8 +61,6 @@ CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 3_600.0
 MIN_TIMEOUT_SECONDS = 0.001
-# What a plain web server's error says (a Connect error names its cause in words).
-_HTTP_PHRASES = frozenset(status.phrase for status in http.HTTPStatus)
 # `list`'s table: ENDS is the scheduled end (ends_at), ENDED when EndCampaign ended it.
 LIST_COLUMNS = ("ID", "NAME", "STATUS", "ISSUED", "STARTS", "ENDS", "ENDED")
 
@@ -223,17 +226,8 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
             )
         elif reason is not None:
             print(f"coupon: {cannot_reach(url, reason)}", file=sys.stderr)
-        elif exc.code is Code.UNIMPLEMENTED or (
-            exc.code is Code.UNKNOWN and exc.message in _HTTP_PHRASES
-        ):
-            # A 404, or a bare HTTP error (a 405 or 501 to a POST): something else answers
-            # at that URL (a web server's page, or the service under a wrong prefix); none
-            # of the calls made here is unimplemented by the service itself.
-            print(
-                f"coupon: {url} does not serve the coupon API (its paths are not found there);"
-                " give the service's base URL, such as http://127.0.0.1:8000",
-                file=sys.stderr,
-            )
+        elif serves_something_else(exc):
+            print(f"coupon: {not_the_service(url)}", file=sys.stderr)
         else:
             print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 1

@@ -12,11 +12,15 @@ such a failure: it has no HTTP client error behind it, and keeps its code and me
 TLS failures say why, as curl does: the certificate's issuer is not trusted, it is not
 valid for the URL's host, it has expired, it is a CA's; an https:// URL to a port that does
 not speak TLS, or an http:// URL to one that does, says so and which scheme to use.
+
+A URL where something else answers (another web server, or the service under a path it
+does not have: `http://host:8000/api`) says so too, and asks for the service's base URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import http
 import re
 import socket
 import ssl
@@ -24,6 +28,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyqwest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 
 # How a client is told to trust a private CA: the option, else the variable.
 TRUST_HINT = "--cacert FILE or COUPON_CA_FILE trusts a private CA"
@@ -59,6 +65,8 @@ _WRONG_NAME = re.compile(r'not valid for name "([^"]*)"')
 _NAMES = re.compile(r'DnsName\("([^"]*)"\)')
 # How long a plain connection that failed waits to learn whether its port speaks TLS.
 _PROBE_SECONDS = 2.0
+# The Connect client's message for an HTTP error without a Connect body: its reason phrase.
+_HTTP_PHRASES = frozenset(status.phrase for status in http.HTTPStatus)
 
 
 def unreachable(exc: BaseException, url: str) -> str | None:
@@ -109,6 +117,24 @@ def _speaks_tls(url: str) -> bool:
 
 def cannot_reach(url: str, reason: str) -> str:
     return f"cannot reach the service at {url}: {reason}"
+
+
+def serves_something_else(exc: BaseException) -> bool:
+    """Whether `exc` says something other than the service answers at the URL: a 404
+    (`unimplemented`), or a bare HTTP error (a 405 or 501 to a POST, `unknown` with the
+    status's reason phrase): a web server's page, or the service under a wrong prefix. The
+    clients call none of the service's methods that it does not implement."""
+    return isinstance(exc, ConnectError) and (
+        exc.code is Code.UNIMPLEMENTED
+        or (exc.code is Code.UNKNOWN and exc.message in _HTTP_PHRASES)
+    )
+
+
+def not_the_service(url: str) -> str:
+    return (
+        f"{url} does not serve the coupon API (its paths are not found there); give the "
+        "service's base URL, such as http://127.0.0.1:8000"
+    )
 
 
 def read_ca_file(path: str, name: str) -> bytes:
