@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -845,6 +846,38 @@ def test_a_url_that_is_not_the_service_is_said_plainly(
     assert elsewhere.stderr.startswith(f"coupon: {url} does not serve the coupon API"), (
         elsewhere.stderr
     )
+
+
+def test_a_password_in_the_url_is_never_printed(server: ServerProcess) -> None:
+    # As the server prints DATABASE_URL and REDIS_URL: the user, never the password.
+    port = urlsplit(server.url).port
+    closed = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        quiet = silent.getsockname()[1]
+        for url, said in (
+            (
+                f"http://admin:hunter2@127.0.0.1:{closed}",
+                f"cannot reach the service at http://admin:***@127.0.0.1:{closed}: "
+                "connection refused",
+            ),
+            (
+                f"http://admin:hunter2@127.0.0.1:{quiet}",
+                f"the service at http://admin:***@127.0.0.1:{quiet} did not answer within 1s",
+            ),
+            (
+                f"http://admin:hunter2@127.0.0.1:{port}/api",
+                f"http://admin:***@127.0.0.1:{port}/api does not serve the coupon API",
+            ),
+            (
+                "http://admin:hunter2@127.0.0.1:99999",
+                "--url has no valid port: 1 to 65535 (got 'http://admin:***@127.0.0.1:99999')",
+            ),
+            ("ftp://admin:hunter2@host", "--url must start with http:// or https://"),
+        ):
+            result = coupon(server, "--url", url, "--timeout", "1", "list", url=False)
+            assert result.returncode in (1, 2), result.stderr
+            assert result.stderr.startswith(f"coupon: {said}"), result.stderr
+            assert "hunter2" not in result.stderr + result.stdout
 
 
 def test_list_show_and_export_work_while_redis_is_down(server_env: dict[str, str]) -> None:

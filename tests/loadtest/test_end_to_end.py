@@ -485,6 +485,44 @@ def test_a_url_that_is_not_the_service_is_said_plainly_at_set_up(
     assert not report.exists()
 
 
+def test_a_password_in_the_url_is_never_printed(
+    memory_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As the server prints DATABASE_URL and REDIS_URL: the user, never the password.
+    port = urlsplit(memory_server.url).port
+    closed = free_port()
+    report = tmp_path / "report.json"
+    for url, said in (
+        (
+            f"http://admin:hunter2@127.0.0.1:{closed}",
+            f"cannot reach the service at http://admin:***@127.0.0.1:{closed}: connection refused",
+        ),
+        (
+            f"http://admin:hunter2@127.0.0.1:{port}/api",
+            f"http://admin:***@127.0.0.1:{port}/api does not serve the coupon API",
+        ),
+        ("ftp://admin:hunter2@host", "--url must start with http:// or https://"),
+    ):
+        code = run_tool("--url", url, "--report", str(report))
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"loadtest: {said}"), err
+        assert "hunter2" not in err
+    code = run_tool(
+        "--url", "http://127.0.0.1:1", "--database-url", "mysql://admin:hunter2@host/coupon",
+        "--report", str(report),
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "mysql://admin:***@host/coupon" in err and "hunter2" not in err, err
+    # A run through such a URL keeps the password out of its report, which may be shared.
+    code = run_tool(
+        "--url", f"http://admin:hunter2@127.0.0.1:{port}", *SMALL_RUN, "--report", str(report)
+    )
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(report.read_text())["target"]["url"] == f"http://admin:***@127.0.0.1:{port}"
+    assert "hunter2" not in report.read_text()
+
+
 @pytest.mark.parametrize("option", ["--report", "--chart"])
 def test_an_output_in_a_missing_folder_is_refused_before_any_load(
     memory_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str

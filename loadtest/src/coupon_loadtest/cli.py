@@ -23,7 +23,7 @@ import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
 from coupon.entrypoints.reach import add_cacert_argument, read_ca_file
-from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv
+from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv, redacted
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
 from coupon_loadtest.runner import Console, RunData, execute
@@ -336,9 +336,11 @@ def config_from_args(
     if args.database_url is not None and not args.database_url.startswith(
         ("postgresql://", "postgres://")
     ):
-        problems.append(f"--database-url must start with postgresql:// (got {args.database_url!r})")
+        problems.append(
+            f"--database-url must start with postgresql:// (got {redacted(args.database_url)!r})"
+        )
     if not url.startswith(("http://", "https://")):
-        problems.append(f"--url must start with http:// or https:// (got {url!r})")
+        problems.append(f"--url must start with http:// or https:// (got {redacted(url)!r})")
     # As the operators' command line: the option, else COUPON_CA_FILE, else the system's.
     ca_file = args.cacert or env.get("COUPON_CA_FILE", "")
     if ca_file:

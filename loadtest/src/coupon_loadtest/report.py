@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coupon.entrypoints.settings import redacted
 from coupon_loadtest.chart import Series
 from coupon_loadtest.clock import iso_ms
 from coupon_loadtest.herd import HerdSummary, press_origin_ns, summarize
@@ -214,7 +215,7 @@ def build(
         "report_version": 1,
         "created_at": _iso(run.t0_wall_ns + run.stop_rel_ns),
         "target": {
-            "url": config.url,
+            "url": redacted(config.url),  # the report may be shared: never the password
             "campaign_id": plan.campaign_id,
             "created_by_run": target.created,
             "name": target.name,

@@ -16,6 +16,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.entrypoints.reach import (
     cannot_reach,
+    masked,
     not_the_service,
     serves_something_else,
     unreachable,
@@ -119,8 +120,8 @@ def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> Se
                 f"{what}: the server wants an admin token: pass --admin-token or set "
                 "COUPON_ADMIN_TOKEN"
             )
-        return SetupError(f"{what}: {exc.code.value}: {exc.message}")
-    return SetupError(f"{what}: {type(exc).__name__}: {exc}")
+        return SetupError(f"{what}: {exc.code.value}: {masked(exc.message, url)}")
+    return SetupError(f"{what}: {type(exc).__name__}: {masked(str(exc), url)}")
 
 
 class AdminApi:

@@ -36,12 +36,13 @@ from coupon.entrypoints.output_path import can_create_in, cannot_write, director
 from coupon.entrypoints.reach import (
     add_cacert_argument,
     cannot_reach,
+    masked,
     not_the_service,
     read_ca_file,
     serves_something_else,
     unreachable,
 )
-from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url
+from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url, redacted
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         reason = unreachable(exc, url)
         if reason == "timed out":
             print(
-                f"coupon: the service at {url} did not answer within {timeout:g}s "
+                f"coupon: the service at {redacted(url)} did not answer within {timeout:g}s "
                 "(--timeout SECONDS waits longer)",
                 file=sys.stderr,
             )
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         elif serves_something_else(exc):
             print(f"coupon: {not_the_service(url)}", file=sys.stderr)
         else:
-            print(f"coupon: {exc.code.value}: {exc.message}", file=sys.stderr)
+            print(f"coupon: {exc.code.value}: {masked(exc.message, url)}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
@@ -307,16 +308,18 @@ def _timeout(option: str | None, variable: str) -> float:
 
 
 def _check_url(url: str, name: str) -> None:
-    """`name`: where the URL came from (--url, COUPON_URL), as the message names it."""
+    """`name`: where the URL came from (--url, COUPON_URL), as the message names it; the
+    message shows it without its password."""
+    shown = redacted(url)
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"{name} must start with http:// or https:// (got {url!r})")
+        raise UsageError(f"{name} must start with http:// or https:// (got {shown!r})")
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - parsing it is the check
     except ValueError:
-        raise UsageError(f"{name} has no valid port: 1 to 65535 (got {url!r})") from None
+        raise UsageError(f"{name} has no valid port: 1 to 65535 (got {shown!r})") from None
     if not parts.hostname:
-        raise UsageError(f"{name} names no host (got {url!r})")
+        raise UsageError(f"{name} names no host (got {shown!r})")
 
 
 class Call:

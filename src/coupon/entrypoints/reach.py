@@ -15,6 +15,9 @@ not speak TLS, or an http:// URL to one that does, says so and which scheme to u
 
 A URL where something else answers (another web server, or the service under a path it
 does not have: `http://host:8000/api`) says so too, and asks for the service's base URL.
+
+A URL is never printed with its password (`http://admin:***@host`), as the server prints
+neither DATABASE_URL's nor REDIS_URL's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from urllib.parse import urlsplit
 import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+
+from coupon.entrypoints.settings import redacted
 
 # How a client is told to trust a private CA: the option, else the variable.
 TRUST_HINT = "--cacert FILE or COUPON_CA_FILE trusts a private CA"
@@ -116,7 +121,12 @@ def _speaks_tls(url: str) -> bool:
 
 
 def cannot_reach(url: str, reason: str) -> str:
-    return f"cannot reach the service at {url}: {reason}"
+    return f"cannot reach the service at {redacted(url)}: {reason}"
+
+
+def masked(text: str, url: str) -> str:
+    """An HTTP client's `text` (which may quote the URL called) without `url`'s password."""
+    return text.replace(url, redacted(url)) if url else text
 
 
 def serves_something_else(exc: BaseException) -> bool:
@@ -132,8 +142,8 @@ def serves_something_else(exc: BaseException) -> bool:
 
 def not_the_service(url: str) -> str:
     return (
-        f"{url} does not serve the coupon API (its paths are not found there); give the "
-        "service's base URL, such as http://127.0.0.1:8000"
+        f"{redacted(url)} does not serve the coupon API (its paths are not found there); "
+        "give the service's base URL, such as http://127.0.0.1:8000"
     )
 
 
