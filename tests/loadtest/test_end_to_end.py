@@ -296,7 +296,7 @@ def test_a_burst_stops_a_tail_after_its_campaign_is_ended_by_hand(
     started = time.monotonic()
     report = tmp_path / "report.json"
     try:
-        run_tool(
+        code = run_tool(
             "--url", memory_server.url, "--campaign-id", campaign_id, "--users", "3000",
             "--rate", "100", "--processes", "1", "--tail", "0.5", "--max-duration", "15",
             "--report", str(report),
@@ -304,10 +304,13 @@ def test_a_burst_stops_a_tail_after_its_campaign_is_ended_by_hand(
     finally:
         ender.join()
     elapsed = time.monotonic() - started
+    document = json.loads(report.read_text())
 
     assert elapsed < 10, elapsed
-    outcomes = json.loads(report.read_text())["outcomes"]
-    assert outcomes["failed_precondition (ended)"] > 0, outcomes
+    assert document["outcomes"]["failed_precondition (ended)"] > 0, document["outcomes"]
+    # The refusals after the kill switch are right: the campaign was not open any more.
+    assert code == 0, document["verdict"]
+    assert failed_checks(document) == set()
 
 
 @pytest.mark.parametrize(

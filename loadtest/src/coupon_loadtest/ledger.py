@@ -51,6 +51,7 @@ async def api_ledger(api: AdminApi, campaign_id: str) -> Ledger:
             issued_count=campaign.issued_count,
             starts_at_ns=0 if starts is None else starts,
             ends_at_ns=timestamp_ns(campaign.ends_at),
+            ended_at_ns=timestamp_ns(campaign.ended_at),
         ),
         coupons=[ListedCoupon(c.user_id, c.code, timestamp_ns(c.issued_at) or 0) for c in coupons],
     )

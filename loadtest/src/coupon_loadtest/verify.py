@@ -12,14 +12,15 @@ Each check names the invariant it guards (as the README lists them):
 
 Times compare in the server's clock: client times are shifted by the measured offset and
 given the benefit of its uncertainty, so only a difference the clock error cannot explain is
-a violation.
+a violation. The end is the one the service kept: a campaign ended by hand (EndCampaign)
+during the run, as the API reads it back, closed then, before any scheduled end.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from coupon_loadtest.clock import ClockOffset
@@ -50,6 +51,7 @@ class CampaignFacts:
     issued_count: int
     starts_at_ns: int
     ends_at_ns: int | None
+    ended_at_ns: int | None = None  # when EndCampaign ended it; None: not ended by hand
 
 
 @dataclass(frozen=True)
@@ -485,6 +487,19 @@ def agreement_check(api: Ledger, database: Ledger) -> Check:
 UNREAD_CHECK = "read back the issued coupons"
 
 
+def kept_window(plan: Plan, ledgers: Sequence[Ledger]) -> Plan:
+    """The plan with the end the service kept: the kill switch's, when EndCampaign ended
+    the campaign before its scheduled end. Requests after it were rightly refused as ended,
+    and a coupon issued at or after it is late."""
+    ended = min(
+        (e for e in (ledger.campaign.ended_at_ns for ledger in ledgers) if e is not None),
+        default=None,
+    )
+    if ended is None or (plan.ends_at_ns is not None and plan.ends_at_ns <= ended):
+        return plan
+    return replace(plan, ends_at_ns=ended)
+
+
 def verify(
     observations: Observations,
     plan: Plan,
@@ -494,6 +509,7 @@ def verify(
 ) -> Verification:
     """`unread`: sources ("api", "database") that could not be read back, and why; their
     checks are marked not done."""
+    plan = kept_window(plan, ledgers)
     view = summarize(observations, plan, clock)
     checks = client_checks(view)
     for ledger in ledgers:
