@@ -786,6 +786,14 @@ def test_a_wrong_token_is_said_refused_and_a_missing_one_missing(
             "coupon: --url has no valid port: 1 to 65535 (got 'http://127.0.0.1:99999')",
         ),
         (["--url", "http://:8000", "list"], "coupon: --url names no host (got 'http://:8000')"),
+        (
+            ["--url", "http://127.0.0.1:0", "list"],
+            "coupon: --url has no valid port: 1 to 65535 (got 'http://127.0.0.1:0')",
+        ),
+        (
+            ["--url", "http://[::1:8000", "list"],
+            "coupon: --url must be a URL (Invalid IPv6 URL; got 'http://[::1:8000')",
+        ),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(

@@ -526,6 +526,26 @@ def test_a_password_in_the_url_is_never_printed(
     assert "hunter2" not in report.read_text()
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://127.0.0.1:99999", "--url has no valid port: 1 to 65535"),
+        ("http://127.0.0.1:0", "--url has no valid port: 1 to 65535"),
+        ("http://:8000", "--url names no host"),
+        ("http://[::1:8000", "--url must be a URL (Invalid IPv6 URL"),
+    ],
+)
+def test_a_url_no_call_can_use_is_refused_as_the_operators_command_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, said: str
+) -> None:
+    report = tmp_path / "report.json"
+    code = run_tool("--url", url, "--report", str(report))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"loadtest: {said}") and err.count("\n") == 1, err
+    assert not report.exists()
+
+
 @pytest.mark.parametrize("option", ["--report", "--chart"])
 def test_an_output_in_a_missing_folder_is_refused_before_any_load(
     memory_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str

@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from coupon.entrypoints.output_path import cannot_write
-from coupon.entrypoints.reach import add_cacert_argument, read_ca_file
+from coupon.entrypoints.reach import add_cacert_argument, read_ca_file, url_problem
 from coupon.entrypoints.settings import SettingsError, client_url, read_dotenv, redacted
 from coupon_loadtest import chart, report
 from coupon_loadtest.herd import answered_ns
@@ -339,8 +339,10 @@ def config_from_args(
         problems.append(
             f"--database-url must start with postgresql:// (got {redacted(args.database_url)!r})"
         )
-    if not url.startswith(("http://", "https://")):
-        problems.append(f"--url must start with http:// or https:// (got {redacted(url)!r})")
+    # As the operators' command line: a URL no call can use is refused before any.
+    bad_url = url_problem(url, "--url" if args.url else "COUPON_URL") if url else None
+    if bad_url is not None:
+        problems.append(bad_url)
     # As the operators' command line: the option, else COUPON_CA_FILE, else the system's.
     ca_file = args.cacert or env.get("COUPON_CA_FILE", "")
     if ca_file:

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, NoReturn, TextIO
-from urllib.parse import urlsplit
 
 import pyqwest
 from connectrpc.errors import ConnectError
@@ -41,6 +40,7 @@ from coupon.entrypoints.reach import (
     read_ca_file,
     serves_something_else,
     unreachable,
+    url_problem,
 )
 from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url, redacted
 from coupon.gen.coupon.v1 import coupon_pb
@@ -308,18 +308,9 @@ def _timeout(option: str | None, variable: str) -> float:
 
 
 def _check_url(url: str, name: str) -> None:
-    """`name`: where the URL came from (--url, COUPON_URL), as the message names it; the
-    message shows it without its password."""
-    shown = redacted(url)
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"{name} must start with http:// or https:// (got {shown!r})")
-    parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - parsing it is the check
-    except ValueError:
-        raise UsageError(f"{name} has no valid port: 1 to 65535 (got {shown!r})") from None
-    if not parts.hostname:
-        raise UsageError(f"{name} names no host (got {shown!r})")
+    problem = url_problem(url, name)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 class Call:

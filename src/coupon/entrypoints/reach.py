@@ -120,6 +120,28 @@ def _speaks_tls(url: str) -> bool:
         return False
 
 
+def url_problem(url: str, name: str) -> str | None:
+    """Why the service's clients cannot call `url`, before any call; None if they can.
+    `name`: where the URL came from (--url, COUPON_URL), as the message names it; the
+    message shows the URL without its password."""
+    shown = redacted(url)
+    if not url.startswith(("http://", "https://")):
+        return f"{name} must start with http:// or https:// (got {shown!r})"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed IPv6 bracket
+        return f"{name} must be a URL ({exc}; got {shown!r})"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"{name} has no valid port: 1 to 65535 (got {shown!r})"
+    if not parts.hostname:
+        return f"{name} names no host (got {shown!r})"
+    return None
+
+
 def cannot_reach(url: str, reason: str) -> str:
     return f"cannot reach the service at {redacted(url)}: {reason}"
 
