@@ -17,6 +17,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame
 
 from coupon.gen.coupon.v1 import coupon_pb
+from harness.private_redis import PrivateRedis
 from harness.server import ServerProcess
 from tests.clients.h2client import CODEC, SERVICE, H2Client, Response
 
@@ -286,3 +287,82 @@ def test_graceful_shutdown_answers_a_stream_whose_body_comes_after_it(tmp_path: 
         assert "Traceback" not in proc.log()
     finally:
         proc.stop()
+
+
+def test_a_reset_in_the_same_read_as_the_request_it_ends_leaves_the_connection_serving(
+    server: ServerProcess,
+) -> None:
+    """An answer made at once (here: unreadable input, and sold out from memory) is written
+    while the read that ended the request is still being handled: a RST_STREAM later in the
+    same read had closed the stream in h2, and writing to it ended the whole connection
+    (and every other stream on it) with no GOAWAY."""
+    campaign_id = create_campaign(server.port, 1)
+    with H2Client(server.port) as client:
+        [first] = client.wait(start_issue(client, campaign_id, "first"))
+        assert coupon_of(first)["coupon"]
+        for body in (b"{}", json.dumps({"campaignId": campaign_id, "userId": "late"}).encode()):
+            for _ in range(3):
+                stream_id = client.conn.get_next_available_stream_id()
+                client.conn.send_headers(stream_id, connect_headers(b"application/json", len(body)))
+                client.conn.send_data(stream_id, body, end_stream=True)
+                client.conn.reset_stream(stream_id)
+                client.flush()  # HEADERS, DATA and RST_STREAM in one write
+        [after] = client.wait(start_issue(client, campaign_id, "first"))
+        assert coupon_of(after)["alreadyIssued"] is True
+        assert client.goaway is None
+    assert "Fatal error" not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_value_the_app_built_from_the_request_goes_out_without_surrounding_space(
+    server: ServerProcess,
+) -> None:
+    """An unknown method's path ending in a space (%20) is in its grpc-message: a field
+    value with a space around it is malformed (RFC 9113, 8.2.1), and h2-based clients
+    (this one) end the connection for it."""
+    with H2Client(server.port) as client:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.responses[stream_id] = Response()
+        client.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"localhost"),
+                (b":path", b"/coupon.v1.CouponService/Nope%20"),
+                (b"content-type", b"application/grpc ;a=b"),
+                (b"te", b"trailers"),
+            ],
+        )
+        client.conn.send_data(stream_id, b"\x00\x00\x00\x00\x00", end_stream=True)
+        client.flush()
+        [answer] = client.wait(stream_id)
+    assert answer.grpc_status == b"12", answer
+    assert not answer.headers[b"content-type"].endswith(b" ")
+    message = answer.headers.get(b"grpc-message", answer.trailers.get(b"grpc-message", b""))
+    assert message.startswith(b"unknown method") and not message.endswith(b" "), answer
+
+
+def test_the_lanes_log_lines_carry_the_first_request_id_as_over_http_1_1(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    redis = PrivateRedis()
+    try:
+        env = {**server_env, "REDIS_URL": redis.url}
+        with ServerProcess(env=env, log_dir=tmp_path) as proc:
+            campaign_id = create_campaign(proc.port, 5)
+            redis.kill()  # so that the request fails, in a log line
+            with H2Client(proc.port) as client:
+                [answer] = client.wait(
+                    start_issue(
+                        client,
+                        campaign_id,
+                        "logged",
+                        extra=((b"x-request-id", b"  RID-FIRST "), (b"x-request-id", b"RID-2")),
+                    )
+                )
+            assert answer.headers[b":status"] == b"503", answer
+            entries = [json.loads(line) for line in proc.log().splitlines() if line[:1] == "{"]
+            ids = {e.get("request_id") for e in entries if "request_id" in e}
+            assert "RID-FIRST" in ids and "RID-2" not in ids, ids
+    finally:
+        redis.kill()

@@ -75,3 +75,19 @@ def test_a_reused_block_is_a_new_list_each_time() -> None:
         (b":method", b"POST"),
         (b":path", b"/coupon.v1.CouponService/X"),
     ]
+
+
+def test_a_repeated_table_size_still_has_the_changes_before_it_signalled() -> None:
+    """A peer's SETTINGS 0, then 4096, then 4096 again: h2 sets the encoder's size each
+    time, and hpack's flag of a change is cleared by the repeat with the changes unsent.
+    The next block must still begin with the smallest size (0), then the current."""
+    encoder, peer = _Encoder(), Decoder()
+    for size in (0, 4096, 4096):
+        encoder.header_table_size = size
+    block = encoder.encode(LISTS[0])
+    assert block.startswith(b"\x20\x3f\xe1\x1f"), block.hex()  # 0, then 4096
+    assert peer.decode(block, raw=True) == LISTS[0]
+    assert not encoder.encode(LISTS[0]).startswith(b"\x20")  # signalled once
+    encoder.header_table_size = 100
+    encoder.header_table_size = 100
+    assert encoder.encode(LISTS[0]).startswith(b"\x3f\x45"), "100, signalled once"

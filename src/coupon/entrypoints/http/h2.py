@@ -240,9 +240,8 @@ class _Encoder(Encoder):
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         fields = tuple(headers)
         prefix = b""
-        if self.header_table.resized:
-            prefix = self._encode_table_size_change()
-            self.header_table.resized = False
+        if self.table_size_changes:
+            prefix = self._size_updates()
         block = _ENCODED.get(fields)
         if block is None:
             block = _encode_block(fields)
@@ -251,6 +250,21 @@ class _Encoder(Encoder):
                     _ENCODED.clear()
                 _ENCODED[fields] = block
         return prefix + block if prefix else block
+
+    def _size_updates(self) -> bytes:
+        """The table size updates a block must begin with after the peer changed its
+        SETTINGS_HEADER_TABLE_SIZE (RFC 7541, 4.2): the smallest size since the last
+        block, then the current one if larger. (Read from the changes queued, not hpack's
+        `resized` flag, which a repeated setting clears with the changes still unsent.)"""
+        smallest, final = min(self.table_size_changes), self.table_size_changes[-1]
+        self.table_size_changes = []
+        self.header_table.resized = False
+        out = bytearray()
+        for size in (smallest, final) if final != smallest else (final,):
+            update = encode_integer(size, 5)
+            update[0] |= 0x20
+            out += update
+        return bytes(out)
 
 
 def _encode_block(fields: tuple[Any, ...]) -> bytes:
@@ -642,8 +656,8 @@ class H2Protocol(asyncio.Protocol):
         for name, value in stream.request:
             if name == b"origin" and self.cors is not None:
                 return False
-            if name == b"x-request-id":
-                request_id = value
+            if name == b"x-request-id" and not request_id:
+                request_id = value.strip(_WHITESPACE)  # the first, as over HTTP/1.1
         codec = fast.accepts(cast(Any, scope))
         if codec is None:
             return False
@@ -693,21 +707,24 @@ class H2Protocol(asyncio.Protocol):
             self._finish(stream)  # the peer left; the coupon (if any) is committed all the same
             return
         try:
+            # An answer made at once is written while h2 still hands over the events of the
+            # read that ended the request: a RST_STREAM or GOAWAY later in the same read has
+            # already closed the stream (or the connection) in h2, before its event is seen.
             window = self.conn.local_flow_control_window(stream.stream_id)
-        except StreamClosedError:
-            self._finish(stream)
-            return
-        if (
-            self.writable.is_set()
-            and len(payload) <= window
-            and len(payload) <= self.conn.max_outbound_frame_size
-        ):
-            self._send_headers(stream, end_stream=False, flush=False)
-            with contextlib.suppress(FlowControlError, StreamClosedError):
+            if (
+                self.writable.is_set()
+                and len(payload) <= window
+                and len(payload) <= self.conn.max_outbound_frame_size
+            ):
+                self._send_headers(stream, end_stream=False, flush=False)
                 self.conn.send_data(stream.stream_id, payload, end_stream=True)
-            self.sent_at = stream.sent_at = self.loop.time()
-            self._complete(stream)
-            self._finish(stream)  # flushes: HEADERS and DATA in one write
+                self.sent_at = stream.sent_at = self.loop.time()
+                self._complete(stream)
+                self._finish(stream)  # flushes: HEADERS and DATA in one write
+                return
+        except ProtocolError:  # closed meanwhile: the peer no longer wants the answer
+            self._reset(stream, ErrorCodes.CANCEL)
+            self._finish(stream)
             return
         # The windows or the transport hold it back: sent as any response is, by a task.
         task = stream.task = self.loop.create_task(self._lane_send(stream, payload))
@@ -716,7 +733,13 @@ class H2Protocol(asyncio.Protocol):
         task.add_done_callback(lambda _: self._finish(stream))
 
     async def _lane_send(self, stream: _Stream, payload: bytes) -> None:
-        self._send_headers(stream, end_stream=False, flush=False)
+        if stream.closed:
+            return
+        try:
+            self._send_headers(stream, end_stream=False, flush=False)
+        except ProtocolError:
+            stream.closed = True
+            return
         await self._send_data(stream, payload, True)
         self._complete(stream)
 
@@ -1036,11 +1059,7 @@ class H2Protocol(asyncio.Protocol):
             if stream.response_status:
                 raise RuntimeError("http.response.start sent twice")
             stream.response_status = int(message["status"])
-            stream.response_headers = [
-                (name.lower(), value)
-                for name, value in message.get("headers", ())
-                if name.lower() not in _HOP_BY_HOP
-            ]
+            stream.response_headers = _outbound(message.get("headers", ()))
             stream.trailers_expected = bool(message.get("trailers", False))
         elif kind == "http.response.body":
             if not stream.response_status or stream.response_complete:
@@ -1067,11 +1086,7 @@ class H2Protocol(asyncio.Protocol):
             if not stream.headers_sent:
                 self._send_headers(stream, end_stream=False)
             if not message.get("more_trailers", False):
-                trailers = [
-                    (name.lower(), value)
-                    for name, value in message.get("headers", ())
-                    if name.lower() not in _HOP_BY_HOP
-                ]
+                trailers = _outbound(message.get("headers", ()))
                 while not self.writable.is_set() and not stream.closed:
                     # Bounded by the connection's watch (_watch_writes).
                     await self._wait(stream, None)
@@ -1314,6 +1329,18 @@ def _path_and_content_type(request: Headers) -> tuple[bytes, bytes]:
         elif name == b"content-type" and not content_type:
             content_type = value.strip(b" \t")
     return path, content_type
+
+
+def _outbound(headers: Any) -> Headers:
+    """An app's header list as HTTP/2 sends it (h2's own normalising is off): names in lower
+    case, no connection-specific field, no space or tab around a value (RFC 9113, 8.2.1 makes
+    such a field malformed; a value the app built from the request, as an unknown method's
+    path, may end in one)."""
+    return [
+        (name.lower(), value.strip(_WHITESPACE))
+        for name, value in headers
+        if name.lower() not in _HOP_BY_HOP
+    ]
 
 
 def _malformed_trailers(trailers: Headers) -> bool:
