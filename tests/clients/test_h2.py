@@ -584,8 +584,13 @@ def test_a_header_list_over_the_limit_refuses_its_stream_alone(server: ServerPro
             "application/grpc",
             (200, "application/grpc", ("resource_exhausted", TOO_LARGE)),
         ),
+        (
+            "/grpc.health.v1.Health/Check",
+            "application/grpc",
+            (200, "application/grpc", ("resource_exhausted", TOO_LARGE)),
+        ),
     ],
-    ids=["outside-the-api", "connect-unary", "connect-stream", "grpc-web-text", "grpc"],
+    ids=["outside-the-api", "connect-unary", "connect-stream", "grpc-web-text", "grpc", "health"],
 )
 def test_a_header_list_over_the_limit_is_answered_in_the_callers_protocol(
     server: ServerProcess, path: str, content_type: str, expected: tuple[int, str, object]

@@ -141,6 +141,23 @@ def _normalized(name: bytes, value: bytes) -> bytes:
     return value.strip(_OWS) if name in _TIMEOUTS else value
 
 
+def _stream_header_problem(scope: Scope) -> str:
+    """What is wrong with a Connect stream's protocol headers, or "". The Connect
+    application checks them before it knows the call is a stream, and answered a unary
+    call's error (HTTP 400), which a stream's client cannot read: it reads its end-stream
+    message, which this refusal is."""
+    for name, value in scope["headers"]:
+        if name == b"connect-timeout-ms":
+            timeout = value.strip(_OWS)
+            if not (timeout.isdigit() and len(timeout) <= 10):
+                shown = value.decode("latin-1")
+                return f"connect-timeout-ms: {shown!r} is not a time-out (1 to 10 digits of ms)"
+        elif name == b"connect-protocol-version" and value.strip(_OWS) != b"1":
+            shown = value.decode("latin-1")
+            return f"connect-protocol-version: {shown!r} is not a version served (1)"
+    return ""
+
+
 def _grpc_media_type(value: bytes) -> bytes:
     return value.split(b";", 1)[0].strip().lower()
 
@@ -379,11 +396,15 @@ class CouponApp:
                 message = {**message, "headers": headers}
             await send(message)
 
+        message = ""
         if repeated:
             # One value each (RFC 9110, 5.3 lets a recipient refuse a list in its place): read
             # as the first or the last, the call would mean one thing here and another to
             # the next server along.
             message = f"the {repeated.decode()} header is given more than once"
+        elif content_type.startswith(b"application/connect+"):
+            message = _stream_header_problem(scope)
+        if message:
             answer = refusal(
                 scope["path"].encode(),
                 content_type,

@@ -32,11 +32,12 @@ from connectrpc.errors import ConnectError
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.fast_issue import Answer, error_answer
 
-# The paths the Connect application and gRPC server reflection serve.
+# The paths the Connect application, gRPC server reflection and health checking serve.
 API_PREFIXES = (
     b"/coupon.v1.CouponService/",
     b"/grpc.reflection.v1.ServerReflection/",
     b"/grpc.reflection.v1alpha.ServerReflection/",
+    b"/grpc.health.v1.Health/",
 )
 PLAIN = b"text/plain; charset=utf-8"
 # A media type safe to echo in an answer's Content-Type.
