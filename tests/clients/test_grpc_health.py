@@ -84,3 +84,36 @@ def test_grpcurl_finds_and_calls_it_through_reflection(coupon_server: ServerProc
 def test_the_connect_protocol_asks_it_too(coupon_server: ServerProcess) -> None:
     answer = httpx.post(f"{coupon_server.url}{CHECK}", json={}, timeout=10)
     assert answer.status_code == 200 and answer.json() == {"status": "SERVING"}
+
+
+def test_grpc_over_http_1_1_is_refused_plainly_as_for_the_service(
+    coupon_server: ServerProcess,
+) -> None:
+    """gRPC needs trailers, which HTTP/1.1 here does not carry: the same trailers-only
+    answer as the service's RPCs give, and nothing in the error log (a traceback per
+    request, which anyone could have the service write)."""
+    for _ in range(2):
+        answer = httpx.post(
+            f"{coupon_server.url}{CHECK}",
+            content=b"\x00\x00\x00\x00\x00",
+            headers={"content-type": "application/grpc"},
+            timeout=10,
+        )
+        assert answer.status_code == 200 and answer.headers["grpc-status"] == "12", answer
+    assert "Traceback" not in coupon_server.log()
+
+
+@pytest.mark.parametrize(
+    "content_type", ["Application/gRPC-Web+Proto", "application/grpc-web+proto; charset=utf-8"]
+)
+def test_grpc_web_media_types_are_read_in_any_case_as_for_the_service(
+    coupon_server: ServerProcess, content_type: str
+) -> None:
+    answer = httpx.post(
+        f"{coupon_server.url}{CHECK}",
+        content=b"\x00\x00\x00\x00\x00",
+        headers={"content-type": content_type},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert b"grpc-status:0" in answer.content.replace(b" ", b""), answer.content

@@ -794,6 +794,15 @@ def test_a_wrong_token_is_said_refused_and_a_missing_one_missing(
             ["--url", "http://[::1:8000", "list"],
             "coupon: --url must be a URL (Invalid IPv6 URL; got 'http://[::1:8000')",
         ),
+        (
+            ["--url", "http://%zz", "list"],
+            "coupon: --url must be a URL (invalid international domain name; got 'http://%zz')",
+        ),
+        (
+            ["--url", "http://[fe80::1%25eth0]:8000", "list"],
+            "coupon: --url must be a URL (invalid IPv6 address; "
+            "got 'http://[fe80::1%25eth0]:8000')",
+        ),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(

@@ -521,11 +521,16 @@ def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     for name in theirs:
         (given / name).write_text("the operator's")
     other_program = subprocess.Popen(["sleep", "60"])
+    # A program whose command line names coupon (a pager on the service's log) is no server.
+    pager = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "coupon.log")]
+    )
     stale = [
         "counter_99999999.db",
         "histogram_99999999.db",
         "gauge_livesum_99999999.db",
         f"counter_{other_program.pid}.db",
+        f"counter_{pager.pid}.db",
     ]
     for name in stale:
         (given / name).write_bytes(b"\0" * 8)
@@ -538,8 +543,9 @@ def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
         assert metrics.status_code == 200, metrics.text
         assert "coupon_rpc_requests_total" in metrics.text
     finally:
-        other_program.kill()
-        other_program.wait()
+        for program in (other_program, pager):
+            program.kill()
+            program.wait()
         assert server.stop() == 0
     for name in theirs:
         assert (given / name).read_text() == "the operator's", name

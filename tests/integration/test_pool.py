@@ -219,3 +219,21 @@ async def test_a_serializable_default_does_not_reach_the_services_sessions(
     finally:
         await admin.close()
         await drop_database(url)
+
+
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001"])  # a deadlock, a serialization failure
+async def test_a_transaction_failure_in_use_may_follow_writes_that_were_done(
+    pool: asyncpg.Pool, sqlstate: str
+) -> None:
+    """The group commit's statements each commit on their own: one that fails may follow
+    others of the same use that were recorded, so the answer says the outcome is unknown,
+    never that nothing was done."""
+    kept = KeptConnection(pool)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            async with kept.use() as conn:
+                await conn.execute(
+                    f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$"
+                )
+    finally:
+        await kept.close()

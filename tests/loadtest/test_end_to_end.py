@@ -533,6 +533,7 @@ def test_a_password_in_the_url_is_never_printed(
         ("http://127.0.0.1:0", "--url has no valid port: 1 to 65535"),
         ("http://:8000", "--url names no host"),
         ("http://[::1:8000", "--url must be a URL (Invalid IPv6 URL"),
+        ("http://a b:80", "--url must be a URL (invalid international domain name"),
     ],
 )
 def test_a_url_no_call_can_use_is_refused_as_the_operators_command_refuses_it(

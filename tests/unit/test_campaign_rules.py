@@ -95,7 +95,7 @@ def test_name_of_200_characters_and_ten_million_coupons_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "user_id", ["", "x" * 129, "a\x00b", " ", "\u200b", "\u3164", "\ufeff\u2060 "]
+    "user_id", ["", "x" * 129, "a\x00b", " ", "\u200b", "\u3164", "\ufeff\u2060 ", "\u17b4\u17b5"]
 )
 def test_bad_user_ids_are_refused(user_id: str) -> None:
     with pytest.raises(InvalidArgument) as caught:

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from coupon.entrypoints.settings import SettingsError, client_url, load_settings, read_dotenv
+from coupon.entrypoints.settings import (
+    SettingsError,
+    client_url,
+    load_settings,
+    read_dotenv,
+    redacted,
+)
 
 
 def test_defaults_point_at_local_postgres_and_redis() -> None:
@@ -400,6 +407,34 @@ def test_a_dotenv_that_is_there_but_no_file_is_refused(tmp_path: Path, kind: str
         source.symlink_to(tmp_path / "settings.env")
     with pytest.raises(SettingsError, match=r"\.env: cannot be read"):
         read_dotenv(source)
+
+
+def test_a_dotenv_that_is_a_fifo_is_refused_rather_than_waited_on(tmp_path: Path) -> None:
+    """Opened, a FIFO waits for a writer: every command hung without a word."""
+    source = tmp_path / ".env"
+    os.mkfifo(source)
+    with pytest.raises(SettingsError, match=r"\.env: not a regular file"):
+        read_dotenv(source)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:hunter2@host:8000", "http://admin:***@host:8000"),
+        ("http://admin:hun/ter2@host:8000", "http://admin:***@host:8000"),
+        ("http://admin:hun#ter2@host:8000/x", "http://admin:***@host:8000/x"),
+        (
+            "postgresql://postgres:se?cret@db:5432/coupon",
+            "postgresql://postgres:***@db:5432/coupon",
+        ),
+        ("redis://:s3cr/etpass@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("http://host:8000/path", "http://host:8000/path"),
+    ],
+)
+def test_a_password_never_shows_in_a_url_however_it_is_written(url: str, shown: str) -> None:
+    """Operators write passwords with '/', '?' or '#' unencoded: to a URL parser the
+    authority ends there, and the password was printed whole."""
+    assert redacted(url) == shown
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,9 @@ _UNSHOWABLE = re.compile(
 )
 # Characters that show nothing but are neither spaces nor format characters (Cf): the
 # Hangul fillers, the combining grapheme joiner, variation selectors, the blank braille
-# pattern. A name of these alone (and spaces, and Cf) is blank.
+# pattern, the Khmer inherent vowels. A name of these alone (and spaces, and Cf) is blank.
 _BLANK = frozenset(
-    "\u115f\u1160\u3164\uffa0\u034f\u2800\u180b\u180c\u180d\u180f"
+    "\u115f\u1160\u3164\uffa0\u034f\u2800\u180b\u180c\u180d\u180f\u17b4\u17b5"
     + "".join(map(chr, range(0xFE00, 0xFE10)))
     + "".join(map(chr, range(0xE0100, 0xE01F0)))
 )

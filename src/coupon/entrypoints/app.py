@@ -32,7 +32,16 @@ from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.file_system import BaseLocalFileSystem
 from litestar.static_files import create_static_files_router
-from litestar.types import FileInfo, Message, PathType, Receive, ReceiveMessage, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    FileInfo,
+    Message,
+    PathType,
+    Receive,
+    ReceiveMessage,
+    Scope,
+    Send,
+)
 
 from coupon.entrypoints.codecs import codecs, compressions
 from coupon.entrypoints.connect_service import AdminGuard, CouponService
@@ -309,14 +318,17 @@ class CouponApp:
                     await self._connect_closing_unread(connect, scope, receive, send)
                 return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(HEALTH_PREFIX):
+            # Read as the service's own RPCs are read (gRPC over HTTP/1.1 said plainly, media
+            # types and codings in any case, an unread body's connection closed).
             if not await _unknown_grpc_method(scope, receive, send):
-                await self.health(_utf8_headers(scope), receive, send)
+                await self._connect_closing_unread(self.health, _utf8_headers(scope), receive, send)
             return
         elif scope["type"] == ScopeType.HTTP and scope["path"].startswith(REFLECTION_PREFIX):
             reflection = self.reflection.get(scope["path"].rsplit("/", 1)[0])
             if reflection is not None:
                 if not await _unknown_grpc_method(scope, receive, send):
-                    await reflection(_utf8_headers(scope), receive, send)
+                    scope = _utf8_headers(scope)
+                    await self._connect_closing_unread(reflection, scope, receive, send)
                 return
         if scope["type"] == ScopeType.HTTP:
             if await _unknown_grpc_method(scope, receive, send):
@@ -340,7 +352,7 @@ class CouponApp:
 
     @staticmethod
     async def _connect_closing_unread(
-        connect: CouponServiceASGIApplication, scope: Scope, receive: Receive, send: Send
+        connect: ASGIApp, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """A response sent before the request body was read (an early refusal) closes the
         connection: the unread body would otherwise be taken for the next request (over
@@ -360,7 +372,8 @@ class CouponApp:
             await send(_GRPC_NEEDS_HTTP2)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        accepted = _ACCEPT_POST[scope["path"] == EXPORT_PATH, trailers]
+        streaming = scope["path"] == EXPORT_PATH or scope["path"].startswith(REFLECTION_PREFIX)
+        accepted = _ACCEPT_POST[streaming, trailers]
         refused_coding = _refused_coding(scope, content_type)
         normalize = False
         given: set[bytes] = set()

@@ -312,7 +312,7 @@ def _metrics_pid(path: Path) -> int:
 
 
 def _is_live_server(pid: int) -> bool:
-    """Whether `pid` is a running coupon server process: its command line names coupon or,
+    """Whether `pid` is a running coupon server process: its command line is `coupon serve` or,
     for a worker (started as `python -c 'from multiprocessing.spawn ...'`), its supervisor's
     does. A pid the system has since given to another program is no server."""
     if pid == os.getpid():
@@ -325,8 +325,9 @@ def _is_live_server(pid: int) -> bool:
             return False
         if "\nState:\tZ" in status:  # exited, not yet reaped
             return False
-        if b"coupon" in command:
-            return True
+        args = command.split(b"\0")
+        if b"serve" in args and any(a == b"coupon" or a.endswith(b"/coupon") for a in args):
+            return True  # `coupon serve` (or `python -m coupon serve`), not a pager on coupon.log
         if b"multiprocessing" not in command:
             return False
         pid = int(status.partition("\nPPid:")[2].split()[0])

@@ -139,6 +139,11 @@ def url_problem(url: str, name: str) -> str | None:
         return f"{name} has no valid port: 1 to 65535 (got {shown!r})"
     if not parts.hostname:
         return f"{name} names no host (got {shown!r})"
+    try:
+        pyqwest.SyncRequest("POST", url)  # as the clients' HTTP client reads it
+    except ValueError as exc:  # a host it cannot encode, say ("Invalid URL: ...")
+        why = str(exc).removeprefix("Invalid URL: ")
+        return f"{name} must be a URL ({why}; got {shown!r})"
     return None
 
 

@@ -186,9 +186,15 @@ def redacted(url: str) -> str:
     netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
     userinfo, at, hostport = netloc.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
+    if at and colon:
+        return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
+    # A password written with '/', '?' or '#' unencoded ends the authority early to a
+    # parser: what stands before the last '@' is still taken for credentials here.
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon and not re.search(r"[/?#]", user):
+        return f"{scheme}://{user}:***@{after}"
+    return url
 
 
 def admin_token_problem(token: str, name: str = "COUPON_ADMIN_TOKEN") -> str | None:
@@ -280,6 +286,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.exists() and not path.is_symlink():
         return values
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A FIFO or a device: reading one would wait, silently, for a writer.
+        raise SettingsError(f"{path}: not a regular file: it must be a readable text file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -42,15 +42,11 @@ TRANSIENT = (
     asyncpg.UndefinedTableError,
 )
 
-# Refusals by the server of a statement it did not run, or of a transaction it rolled back
-# whole: retrying later can succeed, and nothing of what was sent was done (not an outcome
-# unknown).
-REFUSED = (
-    asyncpg.InsufficientResourcesError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-)
+# Refusals by the server of a statement it did not run: retrying later can succeed, and
+# nothing of what was sent was done (not an outcome unknown). Not a serialization failure
+# or a deadlock: the group commit's statements each commit on their own, so one that failed
+# may follow others of the same use that did.
+REFUSED = (asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
 
 COMMAND_TIMEOUT_SECONDS = 10.0
 # How long a graceful shutdown waits for PostgreSQL to take the connections' close.
