@@ -124,6 +124,24 @@ class H2Client:
         self.flush()
         return stream_id
 
+    def request(self, path: bytes, content_type: bytes, body: bytes) -> int:
+        """A whole POST to `path` of `content_type` (any bytes: the case under test), as
+        gRPC sends it (te: trailers)."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.responses[stream_id] = Response()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", path),
+            (b"content-type", content_type),
+            (b"te", b"trailers"),
+        ]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, body, end_stream=True)
+        self.flush()
+        return stream_id
+
     def send(self, stream_id: int, body: bytes, *, end: bool = True) -> None:
         self.conn.send_data(stream_id, body, end_stream=end)
         self.flush()

@@ -320,21 +320,9 @@ def test_a_value_the_app_built_from_the_request_goes_out_without_surrounding_spa
     value with a space around it is malformed (RFC 9113, 8.2.1), and h2-based clients
     (this one) end the connection for it."""
     with H2Client(server.port) as client:
-        stream_id = client.conn.get_next_available_stream_id()
-        client.responses[stream_id] = Response()
-        client.conn.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"localhost"),
-                (b":path", b"/coupon.v1.CouponService/Nope%20"),
-                (b"content-type", b"application/grpc ;a=b"),
-                (b"te", b"trailers"),
-            ],
+        stream_id = client.request(
+            b"/coupon.v1.CouponService/Nope%20", b"application/grpc ;a=b", b"\x00" * 5
         )
-        client.conn.send_data(stream_id, b"\x00\x00\x00\x00\x00", end_stream=True)
-        client.flush()
         [answer] = client.wait(stream_id)
     assert answer.grpc_status == b"12", answer
     assert not answer.headers[b"content-type"].endswith(b" ")

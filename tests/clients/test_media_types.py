@@ -9,7 +9,7 @@ import pytest
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.server import ServerProcess
-from tests.clients.h2client import SERVICE, H2Client, Response, grpc_frame
+from tests.clients.h2client import SERVICE, H2Client, grpc_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -45,21 +45,7 @@ def test_grpc_in_any_case_or_with_parameters(
     coupon_server: ServerProcess, content_type: bytes
 ) -> None:
     with H2Client(coupon_server.port) as client:
-        stream_id = client.conn.get_next_available_stream_id()
-        client.responses[stream_id] = Response()
-        client.conn.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"localhost"),
-                (b":path", f"{SERVICE}ListUserCoupons".encode()),
-                (b"content-type", content_type),
-                (b"te", b"trailers"),
-            ],
-        )
-        client.conn.send_data(stream_id, REQUEST, end_stream=True)
-        client.flush()
+        stream_id = client.request(f"{SERVICE}ListUserCoupons".encode(), content_type, REQUEST)
         [response] = client.wait(stream_id)
     assert response.headers[b":status"] == b"200", response
     assert response.grpc_status == b"0", response
