@@ -48,3 +48,19 @@ def test_a_malformed_protocol_header_of_a_stream_is_its_end_stream_error(
     error = end_stream(answer.content)["error"]
     assert isinstance(error, dict)
     assert error["code"] == "invalid_argument" and str(error["message"]).startswith(named)
+
+
+def test_a_unary_method_called_as_a_stream_is_refused_for_its_media_type(
+    coupon_server: ServerProcess,
+) -> None:
+    """The method is no stream: never answered with a stream's end-stream message, whatever
+    its protocol headers say (a 415 for the media type, or the unary call's own error for a
+    malformed deadline)."""
+    for timeout, status in (("5", 415), ("x", 400)):
+        answer = httpx.post(
+            f"{coupon_server.url}/coupon.v1.CouponService/IssueCoupon",
+            content=b"\x00\x00\x00\x00\x02{}",
+            headers={"content-type": "application/connect+json", "connect-timeout-ms": timeout},
+            timeout=10,
+        )
+        assert answer.status_code == status, (timeout, answer.text)

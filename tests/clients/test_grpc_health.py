@@ -117,3 +117,15 @@ def test_grpc_web_media_types_are_read_in_any_case_as_for_the_service(
     )
     assert answer.status_code == 200, answer.text
     assert b"grpc-status:0" in answer.content.replace(b" ", b""), answer.content
+
+
+def test_watch_refusing_a_media_type_lists_the_stream_types(coupon_server: ServerProcess) -> None:
+    """Watch is a stream: its 415 lists what a stream is sent as, not a unary call's types."""
+    answer = httpx.post(
+        f"{coupon_server.url}/grpc.health.v1.Health/Watch",
+        content=b"{}",
+        headers={"content-type": "text/plain"},
+        timeout=10,
+    )
+    assert answer.status_code == 415
+    assert answer.headers["accept-post"].startswith("application/connect+proto"), answer.headers

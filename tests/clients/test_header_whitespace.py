@@ -90,3 +90,35 @@ async def test_a_malformed_deadline_is_still_refused_without_its_whitespace(
         "code": "invalid_argument",
         "message": "Invalid timeout header: '12x'",
     }
+
+
+async def send_raw(server: ServerProcess, request: bytes) -> Response:
+    reader, writer = await open_connection(server.url)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(read_response(reader), 30)
+    finally:
+        writer.close()
+
+
+async def test_a_host_with_whitespace_after_it_is_the_host(coupon_server: ServerProcess) -> None:
+    """The front door took it for a host, the framework for no host (400)."""
+    answer = await send_raw(coupon_server, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1   \r\n\r\n")
+    assert answer.status == 200, answer
+
+
+async def test_a_request_id_is_logged_without_the_whitespace_after_it(
+    coupon_server: ServerProcess,
+) -> None:
+    body = json.dumps({"name": "spaced", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"})
+    answer = await send_raw(
+        coupon_server,
+        b"POST /coupon.v1.CouponService/CreateCampaign HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nX-Request-Id: rid-spaced   \r\n"
+        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body.encode(),
+    )
+    assert answer.status == 200, answer
+    logged = [line for line in coupon_server.log().splitlines() if "rid-spaced" in line]
+    ids = {json.loads(line).get("request_id") for line in logged if line.startswith("{")}
+    assert ids == {"rid-spaced"}, ids

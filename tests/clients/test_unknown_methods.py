@@ -52,3 +52,15 @@ def test_connect_of_an_unknown_method_stays_404(coupon_server: ServerProcess) ->
     """The Connect protocol's answer for a path it does not serve."""
     answer = httpx.post(f"{coupon_server.url}{UNKNOWN[0]}", json={})
     assert answer.status_code == 404
+
+
+def test_an_unknown_method_is_named_as_its_path_was_written(coupon_server: ServerProcess) -> None:
+    """A method's name followed by a space (%20) is not that method: the message keeps the
+    space, percent-encoded, rather than naming a method that exists."""
+    answer = httpx.post(
+        f"{coupon_server.url}/grpc.health.v1.Health/Check%20",
+        content=b"\x00\x00\x00\x00\x00",
+        headers={"content-type": "application/grpc-web+proto"},
+    )
+    assert answer.headers["grpc-status"] == "12"
+    assert answer.headers["grpc-message"] == "unknown method /grpc.health.v1.Health/Check%20"

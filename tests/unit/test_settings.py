@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from coupon.entrypoints.reach import url_problem
 from coupon.entrypoints.settings import (
     SettingsError,
     client_url,
@@ -428,6 +429,11 @@ def test_a_dotenv_that_is_a_fifo_is_refused_rather_than_waited_on(tmp_path: Path
             "postgresql://postgres:***@db:5432/coupon",
         ),
         ("redis://:s3cr/etpass@cache:6379/0", "redis://:***@cache:6379/0"),
+        (
+            "postgresql://postgres:pa@ss/word@db:5432/coupon",
+            "postgresql://postgres:***@db:5432/coupon",
+        ),
+        ("redis://u:pa@ss?word@cache:6379/0", "redis://u:***@cache:6379/0"),
         ("http://host:8000/path", "http://host:8000/path"),
     ],
 )
@@ -476,3 +482,13 @@ def test_an_ipv6_redis_address_becomes_a_url_with_brackets() -> None:
     for address in ("::1:6379", "[::1]:6379"):
         settings = load_settings({"REDIS_ADDRESS": address}, dotenv=None)
         assert settings.redis_url == "redis://[::1]:6379/0"
+
+
+def test_a_url_a_parser_refuses_is_said_without_its_password() -> None:
+    """The parser's own message quotes the URL's authority, password included."""
+    url = "postgresql://postgres:s3cret@\u2100.example:5432/coupon"
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"DATABASE_URL": url}, dotenv=None)
+    assert "s3cret" not in str(refused.value) and "***" in str(refused.value)
+    problem = url_problem("http://admin:s3cret@\u2100.example:8000", "--url")
+    assert problem is not None and "s3cret" not in problem, problem

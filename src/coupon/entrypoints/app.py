@@ -207,6 +207,8 @@ def _content_type(scope: Scope) -> bytes:
 MAX_REQUEST_BYTES = 64 * 1024
 REFLECTION_PREFIX = "/grpc.reflection."
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# The server-streaming methods besides reflection's (whose 415 lists the stream types).
+_STREAMING_PATHS = frozenset({EXPORT_PATH, HEALTH_PREFIX + "Watch"})
 # What server reflection serves: the services, and the error detail `unavailable` answers
 # carry (so that grpcurl -format-error can print a RetryInfo).
 REFLECTED = (coupon_pb.desc(), health_pb.desc(), error_details_pb.desc())
@@ -372,7 +374,7 @@ class CouponApp:
             await send(_GRPC_NEEDS_HTTP2)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        streaming = scope["path"] == EXPORT_PATH or scope["path"].startswith(REFLECTION_PREFIX)
+        streaming = scope["path"] in _STREAMING_PATHS or scope["path"].startswith(REFLECTION_PREFIX)
         accepted = _ACCEPT_POST[streaming, trailers]
         refused_coding = _refused_coding(scope, content_type)
         normalize = False
@@ -415,7 +417,7 @@ class CouponApp:
             # as the first or the last, the call would mean one thing here and another to
             # the next server along.
             message = f"the {repeated.decode()} header is given more than once"
-        elif content_type.startswith(b"application/connect+"):
+        elif streaming and content_type.startswith(b"application/connect+"):
             message = _stream_header_problem(scope)
         if message:
             answer = refusal(
@@ -597,9 +599,9 @@ async def _unknown_grpc_method(scope: Scope, receive: Receive, send: Send) -> bo
             "type": "http.response.start",
             "status": 200,
             "headers": [
-                (b"content-type", _content_type(scope).split(b";")[0]),
+                (b"content-type", _content_type(scope).split(b";")[0].strip()),
                 (b"grpc-status", b"12"),
-                (b"grpc-message", quote(f"unknown method {path}", safe=" /").encode()),
+                (b"grpc-message", ("unknown method " + quote(path, safe="/")).encode()),
             ],
         }
     )

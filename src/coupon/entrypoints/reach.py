@@ -34,7 +34,7 @@ import pyqwest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from coupon.entrypoints.settings import redacted
+from coupon.entrypoints.settings import redacted, without_password
 
 # How a client is told to trust a private CA: the option, else the variable.
 TRUST_HINT = "--cacert FILE or COUPON_CA_FILE trusts a private CA"
@@ -129,8 +129,8 @@ def url_problem(url: str, name: str) -> str | None:
         return f"{name} must start with http:// or https:// (got {shown!r})"
     try:
         parts = urlsplit(url)
-    except ValueError as exc:  # an unclosed IPv6 bracket
-        return f"{name} must be a URL ({exc}; got {shown!r})"
+    except ValueError as exc:  # an unclosed IPv6 bracket; it may quote the password
+        return f"{name} must be a URL ({without_password(str(exc), url)}; got {shown!r})"
     try:
         port = parts.port
     except ValueError:
@@ -142,7 +142,7 @@ def url_problem(url: str, name: str) -> str | None:
     try:
         pyqwest.SyncRequest("POST", url)  # as the clients' HTTP client reads it
     except ValueError as exc:  # a host it cannot encode, say ("Invalid URL: ...")
-        why = str(exc).removeprefix("Invalid URL: ")
+        why = without_password(str(exc).removeprefix("Invalid URL: "), url)
         return f"{name} must be a URL ({why}; got {shown!r})"
     return None
 

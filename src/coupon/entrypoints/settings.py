@@ -183,18 +183,23 @@ def redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    userinfo, at, hostport = netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if at and colon:
-        return f"{scheme}://{user}:***@{hostport}{rest[len(netloc) :]}"
-    # A password written with '/', '?' or '#' unencoded ends the authority early to a
-    # parser: what stands before the last '@' is still taken for credentials here.
+    # Everything before the last '@' is taken for credentials when it begins with a user
+    # name and a colon: a password may hold '@', '/', '?' or '#' unencoded, which ends the
+    # authority early to a parser. (A path with an '@' in it is hidden too: never a password
+    # shown.)
     userinfo, at, after = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
     if at and colon and not re.search(r"[/?#]", user):
         return f"{scheme}://{user}:***@{after}"
     return url
+
+
+def without_password(text: str, url: str) -> str:
+    """`text` (a parser's message, which may quote the URL's authority) with `url`'s
+    password, however written, replaced by ***."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    return text.replace(password, "***") if password else text
 
 
 def admin_token_problem(token: str, name: str = "COUPON_ADMIN_TOKEN") -> str | None:
@@ -258,8 +263,9 @@ def _url_scheme(name: str, url: str) -> str:
     comma-separated host list, as libpq allows) is 1 to 65535."""
     try:
         parts = urlsplit(url)
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise SettingsError(f"{name} must be a URL ({exc}; got {redacted(url)!r})") from None
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket; it may quote the password
+        why = without_password(str(exc), url)
+        raise SettingsError(f"{name} must be a URL ({why}; got {redacted(url)!r})") from None
     for item in parts.netloc.rpartition("@")[2].split(","):
         if item.startswith("["):
             port = item.partition("]")[2].removeprefix(":")

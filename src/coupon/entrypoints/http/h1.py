@@ -659,6 +659,10 @@ class Http1Protocol(HttpToolsProtocol):
                 self.headers.append((lowered, value))
             return
         name = name.lower()
+        # llhttp drops the spaces before a value but keeps those after it, which are no part
+        # of it either (RFC 9110, 5.5): a Host or an X-Request-Id read as it was written.
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
         if name in SINGLE_VALUED and any(n == name for n, _ in self.headers):
             self._lane_ok = False  # refused by the app
         if name == b"content-type":
