@@ -273,6 +273,19 @@ async def test_a_redis_full_under_noeviction_makes_the_server_not_ready_and_says
         await admin.aclose()
 
 
+async def test_a_stalled_redis_is_said_to_give_no_answer_in_time(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    private_redis.pause()
+    try:
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{server.url}/readyz", timeout=10)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["checks"]["redis"] == "error: no answer within 1.5 s", ready.text
+    finally:
+        private_redis.resume()
+
+
 async def test_a_redis_turned_read_only_replica_makes_the_server_not_ready_and_says_why(
     server: ServerProcess, private_redis: PrivateRedis
 ) -> None:

@@ -575,6 +575,41 @@ def test_serve_refuses_the_metrics_directory_of_a_server_still_running(
         assert all(path.exists() for path in files)
 
 
+def test_two_servers_started_at_once_on_one_metrics_directory_do_not_both_serve(
+    tmp_path: Path,
+) -> None:
+    """Started at the same moment, neither finds the other's metrics files yet: the
+    directory's lock lets one of them have it."""
+    given = tmp_path / "metrics"
+    env = clean_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given), COUPON_BACKEND="memory")
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "coupon", "serve", "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        refused = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not refused:
+            refused = [p for p in starts if p.poll() is not None]
+            time.sleep(0.1)
+        assert len(refused) == 1, "both started, or neither was refused"
+        assert refused[0].returncode == 2
+        message = refused[0].communicate()[1]
+        assert "PROMETHEUS_MULTIPROC_DIR" in message and "its own directory" in message, message
+    finally:
+        for start in starts:
+            if start.poll() is None:
+                start.send_signal(signal.SIGTERM)
+            start.wait(timeout=30)
+
+
 def test_a_metrics_directory_that_cannot_be_one_stops_serve_before_the_database_is_made(
     tmp_path: Path, services: TestServices
 ) -> None:

@@ -466,15 +466,57 @@ def other_web_server(tmp_path: Path) -> Iterator[str]:
         other.wait()
 
 
-@pytest.mark.parametrize("where", ["the service under a path", "another web server"])
+CATCH_ALL = """
+import http.server, sys
+class Page(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b"<html>a shop</html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Page).serve_forever()
+"""
+
+
+@pytest.fixture
+def catch_all_web_server() -> Iterator[str]:
+    """A web server that answers every path with a page of its own (200, text/html)."""
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-c", CATCH_ALL, str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url)
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize(
+    "where", ["the service under a path", "another web server", "a catch-all page"]
+)
 def test_a_url_that_is_not_the_service_is_said_plainly_at_set_up(
     memory_server: ServerProcess,
-    other_web_server: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
     where: str,
 ) -> None:
-    url = memory_server.url + "/api" if where == "the service under a path" else other_web_server
+    if where == "the service under a path":
+        url = memory_server.url + "/api"
+    elif where == "another web server":
+        url = request.getfixturevalue("other_web_server")
+    else:
+        url = request.getfixturevalue("catch_all_web_server")
     report = tmp_path / "report.json"
     code = run_tool("--url", url, "--report", str(report))
     err = capsys.readouterr().err

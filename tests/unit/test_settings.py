@@ -44,6 +44,9 @@ def test_redis_url_wins_over_the_parts() -> None:
         ({"WORKERS": "0"}, "WORKERS"),
         ({"REDIS_DB": "x"}, "REDIS_DB"),
         ({"REDIS_ADDRESS": "nohost"}, "REDIS_ADDRESS"),
+        ({"REDIS_ADDRESS": "::1"}, "REDIS_ADDRESS"),  # host ':' and port 1, read plainly
+        ({"REDIS_ADDRESS": "2001:db8::1"}, "REDIS_ADDRESS"),
+        ({"REDIS_ADDRESS": "[::1:6379"}, "REDIS_ADDRESS"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
         ({"COUPON_BACKEND": "sqlite"}, "COUPON_BACKEND"),
         ({"COUPON_PENDING_LEASE_SECONDS": "-1"}, "COUPON_PENDING_LEASE_SECONDS"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import logging
 import os
@@ -297,6 +298,11 @@ def _metrics_dir(given: str) -> tuple[str, bool]:
                 f"is still running (pid {', '.join(map(str, live))}): give each server its "
                 "own directory"
             )
+        if not _lock_metrics_dir(given):
+            raise SettingsError(
+                f"PROMETHEUS_MULTIPROC_DIR {given!r} is taken by a coupon server that is "
+                "starting or running: give each server its own directory"
+            )
         for path in stale:
             path.unlink()
     except OSError as exc:
@@ -304,6 +310,24 @@ def _metrics_dir(given: str) -> tuple[str, bool]:
             f"PROMETHEUS_MULTIPROC_DIR must be a writable directory ({given!r}: {exc.strerror})"
         ) from None
     return given, False
+
+
+# The lock on the metrics directory, held as long as this server runs (see below).
+_held: list[int] = []
+
+
+def _lock_metrics_dir(directory: str) -> bool:
+    """Take the directory for this server: an exclusive lock on a file in it, which the
+    system releases when the process ends however it ends. Two servers started at the same
+    moment would both find no other's metrics files yet; one of them cannot have the lock."""
+    fd = os.open(os.path.join(directory, ".coupon-serve.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _held.append(fd)
+    return True
 
 
 def _metrics_pid(path: Path) -> int:

@@ -200,7 +200,10 @@ class StorageProvider(Provider):
 
         async def redis() -> None:
             try:
-                await answers(client, timeout=1.5)  # within the check's 2 s
+                try:
+                    await answers(client, timeout=1.5)  # within the check's 2 s
+                except TimeoutError:
+                    raise NotReady("no answer within 1.5 s") from None
                 if not isinstance(client, QueueingRedisCluster):
                     refusal = refuses_writes(await info("memory")) or read_only_replica(
                         await info("replication")

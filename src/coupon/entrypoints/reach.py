@@ -164,6 +164,11 @@ def serves_something_else(exc: BaseException) -> bool:
     return isinstance(exc, ConnectError) and (
         exc.code is Code.UNIMPLEMENTED
         or (exc.code is Code.UNKNOWN and exc.message in _HTTP_PHRASES)
+        # A 200 that is no Connect answer: a catch-all page, some other JSON API.
+        or (
+            exc.code in (Code.UNKNOWN, Code.INTERNAL)
+            and exc.message.startswith("invalid content-type")
+        )
     )
 
 

@@ -6,6 +6,7 @@ REDIS_ADDRESS, REDIS_PASSWORD, REDIS_DB). Nothing else in the project reads os.e
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -192,6 +193,19 @@ def redacted(url: str) -> str:
     if at and colon and not re.search(r"[/?#]", user):
         return f"{scheme}://{user}:***@{after}"
     return url
+
+
+def _ipv6_or_name(host: str) -> bool:
+    """Whether `host` (of host:port) can be one: a name or IPv4 address, or an IPv6 address,
+    in brackets or not."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" not in inner and not host.startswith("["):
+        return True
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        return False
+    return True
 
 
 def without_password(text: str, url: str) -> str:
@@ -420,8 +434,11 @@ def _redis_url(env: Mapping[str, str]) -> str:
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise SettingsError(f"REDIS_ADDRESS must be host:port (got {address!r})")
+    if not sep or not host or not port.isdigit() or not _ipv6_or_name(host):
+        # `::1` alone would be host ':' and port 1.
+        raise SettingsError(
+            f"REDIS_ADDRESS must be host:port, an IPv6 address as [::1]:6379 (got {address!r})"
+        )
     if not _is_port(port):
         raise SettingsError(f"REDIS_ADDRESS must have a port between 1 and 65535 (got {address!r})")
     db = _int(env, "REDIS_DB", 0)
