@@ -441,17 +441,10 @@ def test_an_unreachable_service_is_one_plain_line_at_set_up(
     assert not report.exists()
 
 
-@pytest.fixture
-def other_web_server(tmp_path: Path) -> Iterator[str]:
-    """A plain web server that is not the service, as a wrong --url may name."""
-    port = free_port()
-    (tmp_path / "index.html").write_text("a site")
-    other = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+@contextlib.contextmanager
+def web_server(argv: list[str], port: int, cwd: Path | None = None) -> Iterator[str]:
+    """A web server that is not the service, as a wrong --url may name, once it answers."""
+    other = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
@@ -464,6 +457,16 @@ def other_web_server(tmp_path: Path) -> Iterator[str]:
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.fixture
+def other_web_server(tmp_path: Path) -> Iterator[str]:
+    """A plain web server: a 501 to a POST."""
+    port = free_port()
+    (tmp_path / "index.html").write_text("a site")
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with web_server(argv, port, cwd=tmp_path) as url:
+        yield url
 
 
 CATCH_ALL = """
@@ -486,19 +489,8 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Page).serve_forever()
 def catch_all_web_server() -> Iterator[str]:
     """A web server that answers every path with a page of its own (200, text/html)."""
     port = free_port()
-    other = subprocess.Popen([sys.executable, "-c", CATCH_ALL, str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(url)
-                break
-            time.sleep(0.1)
+    with web_server([sys.executable, "-c", CATCH_ALL, str(port)], port) as url:
         yield url
-    finally:
-        other.kill()
-        other.wait()
 
 
 @pytest.mark.parametrize(
