@@ -674,10 +674,7 @@ class H2Protocol(asyncio.Protocol):
             stream.timer.cancel()
             stream.timer = None
         stream.end_delivered = True
-        chunks = list(stream.body)
-        stream.body.clear()
-        self._acknowledge(stream.stream_id, sum(size for _, size in chunks))
-        body = chunks[0][0] if len(chunks) == 1 else b"".join(c for c, _ in chunks)
+        body = self._take_body(stream)
         arrived = time.monotonic()
         answer = route.at_once(body, codec, arrived)
         if isinstance(answer, tuple):
@@ -1035,13 +1032,10 @@ class H2Protocol(asyncio.Protocol):
             if stream.closed:
                 return {"type": "http.disconnect"}
             if stream.body:
-                chunks = list(stream.body)
-                stream.body.clear()
-                self._acknowledge(stream.stream_id, sum(size for _, size in chunks))
+                body = self._take_body(stream)
                 self._flush()
                 more = not stream.ended
                 stream.end_delivered = not more
-                body = chunks[0][0] if len(chunks) == 1 else b"".join(c for c, _ in chunks)
                 return {"type": "http.request", "body": body, "more_body": more}
             if stream.ended and not stream.end_delivered:
                 stream.end_delivered = True
@@ -1261,6 +1255,14 @@ class H2Protocol(asyncio.Protocol):
         self._release_body(stream)
         self._flush()
 
+    def _take_body(self, stream: _Stream) -> bytes:
+        """The request body that has arrived and not been read, read now: its window goes
+        back to the peer (sent with the next flush)."""
+        chunks = list(stream.body)
+        stream.body.clear()
+        self._acknowledge(stream.stream_id, sum(size for _, size in chunks))
+        return chunks[0][0] if len(chunks) == 1 else b"".join(c for c, _ in chunks)
+
     def _release_body(self, stream: _Stream) -> None:
         """Unread body of a stream nobody will read: its bytes free the connection window."""
         if stream.body:
@@ -1337,9 +1339,9 @@ def _outbound(headers: Any) -> Headers:
     such a field malformed; a value the app built from the request, as an unknown method's
     path, may end in one)."""
     return [
-        (name.lower(), value.strip(_WHITESPACE))
+        (lowered, value.strip(_WHITESPACE))
         for name, value in headers
-        if name.lower() not in _HOP_BY_HOP
+        if (lowered := name.lower()) not in _HOP_BY_HOP
     ]
 
 
