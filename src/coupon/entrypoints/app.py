@@ -53,6 +53,7 @@ from coupon.entrypoints.fast_issue import (
     SINGLE_VALUED,
     FastIssue,
     IssueRoute,
+    other_protocol_version,
     respond,
 )
 from coupon.entrypoints.grpc_health import HealthService
@@ -127,18 +128,10 @@ _TIMEOUTS = frozenset({b"connect-timeout-ms", b"grpc-timeout"})
 _OWS = b" \t"
 
 
-def _to_normalize(name: bytes, value: bytes) -> bool:
-    """Whether a header's value is to be rewritten before the Connect application reads
-    it: a content coding not in lower case, a deadline with whitespace around it, or a gRPC
-    or gRPC-Web media type other than in lower case without parameters."""
-    if name in _CODINGS:
-        return value != value.lower()
-    if name == b"content-type":
-        return value[:16].lower() == b"application/grpc" and _grpc_media_type(value) != value
-    return name in _TIMEOUTS and value != value.strip(_OWS)
-
-
 def _normalized(name: bytes, value: bytes) -> bytes:
+    """A header's value as the Connect application is to read it: a content coding in lower
+    case, a deadline without whitespace around it, a gRPC or gRPC-Web media type in lower
+    case without parameters; any other as it is."""
     if name in _CODINGS:
         return value.lower()  # codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip
     if name == b"content-type":
@@ -161,7 +154,7 @@ def _stream_header_problem(scope: Scope) -> str:
             if not (timeout.isdigit() and len(timeout) <= 10):
                 shown = value.decode("latin-1")
                 return f"connect-timeout-ms: {shown!r} is not a time-out (1 to 10 digits of ms)"
-        elif name == b"connect-protocol-version" and value.strip(_OWS) != b"1":
+        elif name == b"connect-protocol-version" and other_protocol_version(value):
             shown = value.decode("latin-1")
             return f"connect-protocol-version: {shown!r} is not a version served (1)"
     return ""
@@ -385,7 +378,7 @@ class CouponApp:
                 if name in given and not repeated:
                     repeated = name
                 given.add(name)
-            normalize = normalize or _to_normalize(name, value)
+            normalize = normalize or _normalized(name, value) != value
         if normalize:
             headers = [(n, _normalized(n, v)) for n, v in scope["headers"]]
             scope = {**scope, "headers": headers}  # type: ignore[assignment]
@@ -599,7 +592,7 @@ async def _unknown_grpc_method(scope: Scope, receive: Receive, send: Send) -> bo
             "type": "http.response.start",
             "status": 200,
             "headers": [
-                (b"content-type", _content_type(scope).split(b";")[0].strip()),
+                (b"content-type", _grpc_media_type(_content_type(scope))),
                 (b"grpc-status", b"12"),
                 (b"grpc-message", ("unknown method " + quote(path, safe="/")).encode()),
             ],
