@@ -16,11 +16,11 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.entrypoints.reach import (
     cannot_reach,
-    masked,
     not_the_service,
     serves_something_else,
     unreachable,
 )
+from coupon.entrypoints.settings import without_password
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from coupon_loadtest.clock import (
@@ -120,8 +120,8 @@ def _explain(exc: BaseException, url: str, what: str, *, token_sent: bool) -> Se
                 f"{what}: the server wants an admin token: pass --admin-token or set "
                 "COUPON_ADMIN_TOKEN"
             )
-        return SetupError(f"{what}: {exc.code.value}: {masked(exc.message, url)}")
-    return SetupError(f"{what}: {type(exc).__name__}: {masked(str(exc), url)}")
+        return SetupError(f"{what}: {exc.code.value}: {without_password(exc.message, url)}")
+    return SetupError(f"{what}: {type(exc).__name__}: {without_password(str(exc), url)}")
 
 
 class AdminApi:

@@ -35,14 +35,19 @@ from coupon.entrypoints.output_path import can_create_in, cannot_write, director
 from coupon.entrypoints.reach import (
     add_cacert_argument,
     cannot_reach,
-    masked,
     not_the_service,
     read_ca_file,
     serves_something_else,
     unreachable,
     url_problem,
 )
-from coupon.entrypoints.settings import SettingsError, admin_token_problem, client_url, redacted
+from coupon.entrypoints.settings import (
+    SettingsError,
+    admin_token_problem,
+    client_url,
+    redacted,
+    without_password,
+)
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClientSync
 
@@ -230,7 +235,9 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         elif serves_something_else(exc):
             print(f"coupon: {not_the_service(url)}", file=sys.stderr)
         else:
-            print(f"coupon: {exc.code.value}: {masked(exc.message, url)}", file=sys.stderr)
+            print(
+                f"coupon: {exc.code.value}: {without_password(exc.message, url)}", file=sys.stderr
+            )
         return 1
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)

@@ -151,11 +151,6 @@ def cannot_reach(url: str, reason: str) -> str:
     return f"cannot reach the service at {redacted(url)}: {reason}"
 
 
-def masked(text: str, url: str) -> str:
-    """An HTTP client's `text` (which may quote the URL called) without `url`'s password."""
-    return text.replace(url, redacted(url)) if url else text
-
-
 def serves_something_else(exc: BaseException) -> bool:
     """Whether `exc` says something other than the service answers at the URL: a 404
     (`unimplemented`), or a bare HTTP error (a 405 or 501 to a POST, `unknown` with the

@@ -429,8 +429,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
             parse(url)
         except ValueError as exc:
             # The parser quotes the URL it was given: quote it without its password.
-            message = str(exc).replace(repr(url), repr(redacted(url)))
-            raise SettingsError(f"REDIS_URL: {message.replace(url, redacted(url))}") from None
+            raise SettingsError(f"REDIS_URL: {without_password(str(exc), url)}") from None
         return url
     address = env.get("REDIS_ADDRESS", "") or "127.0.0.1:6379"
     host, sep, port = address.rpartition(":")
