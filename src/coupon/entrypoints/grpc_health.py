@@ -15,7 +15,6 @@ hold a PostgreSQL and a Redis round trip every few seconds for each of them.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -56,8 +55,4 @@ class HealthService:
         ctx: RequestContext[HealthCheckRequest, HealthCheckResponse],
         /,
     ) -> AsyncIterator[HealthCheckResponse]:
-        _not_watched()
-
-
-def _not_watched() -> NoReturn:
-    raise ConnectError(Code.UNIMPLEMENTED, "Watch is not served here; call Check")
+        raise ConnectError(Code.UNIMPLEMENTED, "Watch is not served here; call Check")
