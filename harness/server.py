@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -179,3 +179,22 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def web_server(argv: Sequence[str], port: int, cwd: Path | None = None) -> Iterator[str]:
+    """Another web server (`argv`, listening on `port`), as a wrong URL may name: its URL
+    once it answers; stopped afterwards."""
+    other = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url)
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        other.kill()
+        other.wait()

@@ -3,7 +3,6 @@ the admin token from the environment, tables or JSON on stdout, one-line errors.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -30,7 +29,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.private_redis import PrivateRedis
-from harness.server import ServerProcess, free_port
+from harness.server import ServerProcess, free_port, web_server
 
 TOKEN = "cli-token"
 pytestmark = pytest.mark.e2e
@@ -841,24 +840,9 @@ def test_a_url_that_is_not_the_service_is_said_plainly(
     # Another web server, whose 404 has a page of its own.
     port = free_port()
     (tmp_path / "index.html").write_text("a site")
-    other = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(url)
-                break
-            time.sleep(0.1)
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with web_server(argv, port, cwd=tmp_path) as url:
         elsewhere = coupon(server, "--url", url, "list", url=False)
-    finally:
-        other.kill()
-        other.wait()
     assert elsewhere.returncode == 1
     assert elsewhere.stderr.startswith(f"coupon: {url} does not serve the coupon API"), (
         elsewhere.stderr

@@ -5,6 +5,7 @@ commits is reused, replaced when it broke, and given back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -173,13 +174,7 @@ async def test_commits_wait_for_the_disk_even_where_the_database_says_not_to(
     """I5: with synchronous_commit off (for the database, the role or the server), a
     commit is acknowledged before it is on disk and a crash loses it; the service's own
     sessions turn it back on."""
-    name = urlsplit(database).path.lstrip("/")
-    url = with_database(database, f"{name}_sc{uuid.uuid4().hex[:6]}")
-    admin = await asyncpg.connect(with_database(database, "postgres"))
-    try:
-        db = url.rsplit("/", 1)[1]
-        await admin.execute(f'CREATE DATABASE "{db}"')
-        await admin.execute(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+    async with database_where(database, "synchronous_commit = off") as url:
         plain = await asyncpg.connect(url)
         try:
             assert await plain.fetchval("SHOW synchronous_commit") == "off"
@@ -191,9 +186,6 @@ async def test_commits_wait_for_the_disk_even_where_the_database_says_not_to(
                 assert await conn.fetchval("SHOW synchronous_commit") == "on"
         finally:
             await pool.close()
-    finally:
-        await admin.close()
-        await drop_database(url)
 
 
 async def test_a_serializable_default_does_not_reach_the_services_sessions(
@@ -201,21 +193,27 @@ async def test_a_serializable_default_does_not_reach_the_services_sessions(
 ) -> None:
     """The group commit is written for read committed: a database whose default is
     serializable made concurrent commits fail (and their outcome look unknown)."""
-    name = urlsplit(database).path.lstrip("/")
-    url = with_database(database, f"{name}_ser{uuid.uuid4().hex[:6]}")
-    admin = await asyncpg.connect(with_database(database, "postgres"))
-    try:
-        db = url.rsplit("/", 1)[1]
-        await admin.execute(f'CREATE DATABASE "{db}"')
-        await admin.execute(
-            f'ALTER DATABASE "{db}" SET default_transaction_isolation = serializable'
-        )
+    async with database_where(database, "default_transaction_isolation = serializable") as url:
         pool = await create_pool(url, 1)
         try:
             async with pool.acquire() as conn:
                 assert await conn.fetchval("SHOW transaction_isolation") == "read committed"
         finally:
             await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def database_where(database: str, setting: str) -> AsyncIterator[str]:
+    """A scratch database beside `database` whose sessions default to `setting` (as an
+    operator may have set it), dropped afterwards: its URL."""
+    name = urlsplit(database).path.lstrip("/")
+    url = with_database(database, f"{name}_{uuid.uuid4().hex[:8]}")
+    db = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(with_database(database, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{db}"')
+        await admin.execute(f'ALTER DATABASE "{db}" SET {setting}')
+        yield url
     finally:
         await admin.close()
         await drop_database(url)

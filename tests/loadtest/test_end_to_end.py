@@ -5,7 +5,6 @@ breaks the invariants."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from coupon_loadtest.cli import main
-from harness.server import ServerProcess, free_port
+from harness.server import ServerProcess, free_port, web_server
 from harness.services import TestServices, drop_database
 
 pytestmark = pytest.mark.e2e
@@ -439,24 +438,6 @@ def test_an_unreachable_service_is_one_plain_line_at_set_up(
     assert code == 2, err
     assert err == f"loadtest: cannot reach the service at {url}: {reason}\n"
     assert not report.exists()
-
-
-@contextlib.contextmanager
-def web_server(argv: list[str], port: int, cwd: Path | None = None) -> Iterator[str]:
-    """A web server that is not the service, as a wrong --url may name, once it answers."""
-    other = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(url)
-                break
-            time.sleep(0.1)
-        yield url
-    finally:
-        other.kill()
-        other.wait()
 
 
 @pytest.fixture
