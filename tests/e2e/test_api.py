@@ -96,6 +96,25 @@ async def test_issue_then_repeat_returns_the_same_coupon(client: CouponServiceCl
     assert first.coupon.campaign_id == c.id and first.coupon.user_id == "alice"
 
 
+async def test_user_ids_are_compared_exactly_as_sent(client: CouponServiceClient) -> None:
+    # The proto's promise: no case folding, no Unicode normalization.
+    c = await create(client, total=10)
+    users = [
+        "Jos\u00e9",
+        "Jose\u0301",
+        "jos\u00e9",
+        "\ud64d\uae38\ub3d9",
+        "\u1112\u1169\u11bc\u1100\u1175\u11af\u1103\u1169\u11bc",
+    ]
+    answers = [
+        await client.issue_coupon(coupon_pb.IssueCouponRequest(campaign_id=c.id, user_id=u))
+        for u in users
+    ]
+    assert [a.already_issued for a in answers] == [False] * len(users)
+    assert [a.coupon.user_id for a in answers] == users
+    assert len({a.coupon.code for a in answers}) == len(users)
+
+
 async def test_get_campaign_pages_through_issued_coupons(client: CouponServiceClient) -> None:
     c = await create(client, total=5)
     codes = []

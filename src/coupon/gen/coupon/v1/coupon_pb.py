@@ -347,7 +347,9 @@ class IssueCouponRequest(Message[_IssueCouponRequestFields]):
             string campaign_id = 1;
             ```
         user_id:
-            1 to 128 characters; not blank, no control characters.
+            1 to 128 characters; not blank, no control characters. Compared exactly as sent:
+            no case folding or Unicode normalization ("é" composed and decomposed are two
+            users), so send your own system's id for the user, not text they typed.
 
             ```proto
             string user_id = 2;
@@ -565,7 +567,9 @@ class ListUserCouponsRequest(Message[_ListUserCouponsRequestFields]):
 
     Attributes:
         user_id:
-            1 to 128 characters; not blank, no control characters.
+            1 to 128 characters; not blank, no control characters. Compared exactly as sent:
+            no case folding or Unicode normalization ("é" composed and decomposed are two
+            users), so send your own system's id for the user, not text they typed.
 
             ```proto
             string user_id = 1;
