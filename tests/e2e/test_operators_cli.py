@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -192,6 +194,69 @@ def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
     )
     assert refused.json()["code"] == "failed_precondition"
     assert "ended" in ok(coupon(server, "show", str(campaign["id"])))
+
+
+def at_a_terminal(server: ServerProcess, answer: str, *args: str) -> tuple[int, str]:
+    """`coupon campaigns ARGS...` with a terminal for stdin, stdout and stderr, `answer`
+    typed at it: its exit status and everything it wrote to the terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env |= {"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coupon", "campaigns", *args],
+        env=env,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        while b"[y/N]" not in seen and (chunk := read_terminal(leader, 30)):
+            seen += chunk
+        if b"[y/N]" in seen:
+            os.write(leader, answer.encode() + b"\n")
+        status = proc.wait(timeout=60)
+        while chunk := read_terminal(leader, 0.2):
+            seen += chunk
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    return status, seen.decode()
+
+
+def read_terminal(leader: int, wait: float) -> bytes:
+    """What the program wrote to its terminal within `wait` seconds; b"" once it has
+    closed the terminal (Linux then answers EIO) or wrote nothing in time."""
+    if not select.select([leader], [], [], wait)[0]:
+        return b""
+    try:
+        return os.read(leader, 4096)
+    except OSError:
+        return b""
+
+
+def test_end_at_a_terminal_names_the_campaign_and_waits_for_yes(server: ServerProcess) -> None:
+    campaign = create(server, "asked first")
+    issue(server, campaign["id"], ["one"])
+    status, seen = at_a_terminal(server, "n", "end", str(campaign["id"]))
+    assert status == 1, seen
+    assert "End campaign 'asked first'" in seen and "1 of 50 issued" in seen
+    assert "coupon: not ended" in seen
+    shown = rpc(server, "GetCampaign", {"campaignId": campaign["id"]})["campaign"]
+    assert shown["status"] == "CAMPAIGN_STATUS_ACTIVE" and "endedAt" not in shown
+
+    status, seen = at_a_terminal(server, "yes", "end", str(campaign["id"]))
+    assert status == 0, seen
+    assert rpc(server, "GetCampaign", {"campaignId": campaign["id"]})["campaign"]["endedAt"]
+    # Ended already: nothing to ask. --yes never asks.
+    status, seen = at_a_terminal(server, "", "end", str(campaign["id"]))
+    assert status == 0 and "[y/N]" not in seen, seen
+    other = create(server, "not asked")
+    status, seen = at_a_terminal(server, "", "end", "--yes", str(other["id"]))
+    assert status == 0 and "[y/N]" not in seen, seen
+    assert rpc(server, "GetCampaign", {"campaignId": other["id"]})["campaign"]["endedAt"]
 
 
 def test_export_csv_to_stdout_and_json_lines_to_a_file(

@@ -79,6 +79,10 @@ class OutputError(Exception):
     """The output file cannot be written; the message names it and says why."""
 
 
+class Declined(Exception):
+    """The operator did not confirm; nothing was changed."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -129,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "their coupons, nothing is issued after it; ending an ended campaign changes nothing",
     )
     end.add_argument("campaign_id")
+    end.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="end it without asking (it is asked only when run at a terminal)",
+    )
 
     export = actions.add_parser(
         "export", help="write every issued coupon of a campaign, in issue order"
@@ -242,7 +252,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
         return 2
-    except OutputError as exc:
+    except (OutputError, Declined) as exc:
         print(f"coupon: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -548,6 +558,10 @@ def _show(call: Call, args: argparse.Namespace) -> None:
 
 
 def _end(call: Call, args: argparse.Namespace) -> None:
+    # An end cannot be undone: at a terminal the operator sees which campaign it is and
+    # says yes. A script (no terminal) ends it at once, as it did before any question.
+    if not args.yes and sys.stdin.isatty() and sys.stderr.isatty():
+        _confirm_end(call, args.campaign_id)
     response = call.client.end_campaign(
         coupon_pb.EndCampaignRequest(campaign_id=args.campaign_id),
         headers=call.headers,
@@ -555,6 +569,27 @@ def _end(call: Call, args: argparse.Namespace) -> None:
     )
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
+
+
+def _confirm_end(call: Call, campaign_id: str) -> None:
+    """Name the campaign and wait for the operator's yes; anything else ends nothing."""
+    view = call.client.get_campaign(
+        coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=1),
+        headers=call.headers,
+        timeout_ms=call.timeout_ms,
+    )
+    campaign = view.campaign
+    assert campaign is not None
+    if campaign.status == coupon_pb.CampaignStatus.ENDED:
+        return  # ending an ended campaign changes nothing: nothing to ask
+    sys.stderr.write(
+        f"End campaign {campaign.name!r} ({campaign.id}), {campaign.issued_count:,} of "
+        f"{campaign.total_coupons:,} issued? No coupon is issued after the end, and it "
+        "cannot be undone. [y/N] "
+    )
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise Declined("not ended (answer y to end it; --yes ends it without asking)")
 
 
 def _export(call: Call, args: argparse.Namespace) -> None:
