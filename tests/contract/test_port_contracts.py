@@ -501,6 +501,7 @@ async def test_gate_says_already_held_with_the_same_slot(adapters: Adapters) -> 
     assert again.kind is AdmissionKind.ALREADY_HELD
     assert again.slot == first.slot and again.pending
     assert again.held is None
+    assert again.stale == ()  # well within the lease: nothing to settle yet
     coupon = await adapters.coupon(c, "alice", first.slot)
     adapters.gate.confirm(coupon)
     # Confirms are sent in the background, but before any admission asked after them.
@@ -534,6 +535,27 @@ async def test_gate_ignores_a_confirm_for_a_released_admission(adapters: Adapter
     # Alice's confirm names bob's slot now: it neither takes it nor puts alice back into it.
     adapters.gate.confirm(await adapters.coupon(c, "alice", a.slot))
     assert (await adapters.gate.admit(c.id, "bob")).slot == b.slot
+
+
+async def test_gate_leaves_a_users_newer_admission_alone_when_an_older_one_is_confirmed(
+    adapters: Adapters,
+) -> None:
+    """Alice's first admission was settled while its coupon was being committed, and she was
+    admitted again; the first commit's confirm then arrives. Her newer admission stays
+    pending (the ledger refuses its coupon, one per user), and gives its slot back."""
+    c = await adapters.new_campaign(total=2)
+    first = await adapters.gate.admit(c.id, "alice")
+    await adapters.gate.release(c.id, "alice", first.slot)
+    second = await adapters.gate.admit(c.id, "alice")
+    assert second.kind is AdmissionKind.ADMITTED and second.slot != first.slot
+    adapters.gate.confirm(await adapters.coupon(c, "alice", first.slot))
+    held = await adapters.gate.admit(c.id, "alice")
+    assert held.kind is AdmissionKind.ALREADY_HELD
+    assert held.slot == second.slot and held.pending
+    await adapters.gate.release(c.id, "alice", second.slot)
+    await asyncio.sleep(DELAY)
+    slots = {(await adapters.gate.admit(c.id, u)).slot for u in ("carol", "dave")}
+    assert second.slot in slots
 
 
 async def test_gate_refuses_before_start_and_at_end(adapters: Adapters) -> None:
@@ -893,6 +915,18 @@ async def test_gate_end_recorded_without_state_is_applied_by_the_rebuild(
 
 async def test_gate_load_applies_the_campaigns_recorded_end(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=5)
+    await adapters.lose_gate_state(c.id)
+    now = await adapters.clock.now()
+    await adapters.gate.load(c.ended(now), chunks())
+    assert (await adapters.gate.admit(c.id, "a")).kind is AdmissionKind.ENDED
+
+
+async def test_gate_load_of_a_campaign_ended_before_its_start_says_ended(
+    adapters: Adapters,
+) -> None:
+    """Ended while still scheduled, its gate state then lost: the rebuild's window is empty,
+    and a request is told the campaign ended, not that it has not started yet."""
+    c = await adapters.new_campaign(starts_in=3600)
     await adapters.lose_gate_state(c.id)
     now = await adapters.clock.now()
     await adapters.gate.load(c.ended(now), chunks())
