@@ -103,6 +103,11 @@ def test_bad_user_ids_are_refused(user_id: str) -> None:
     assert caught.value.field == "user_id"
 
 
+@pytest.mark.parametrize("user_id", ["x" * 128, "쿠" * 128, "a", "a b|c"])
+def test_user_ids_up_to_128_characters_are_accepted(user_id: str) -> None:
+    assert validate_user_id(user_id) == user_id
+
+
 @pytest.mark.parametrize("campaign_id", ["", "42", "not-a-uuid", "x" * 500])
 def test_bad_campaign_ids_are_refused(campaign_id: str) -> None:
     with pytest.raises(InvalidArgument) as caught:

@@ -142,6 +142,21 @@ async def test_list_campaigns_refuses_bad_paging(world: World, page_size: int, t
     assert refused.value.field == ("page_size" if token == "" else "page_token")
 
 
+@pytest.mark.parametrize("page_size", [1, 1000])
+async def test_list_pages_at_the_bounds_are_accepted(world: World, page_size: int) -> None:
+    made = await world.campaign()
+    world.clock.advance(120)
+    await world.process().issue.execute(campaign_id=made.id, user_id="alice")
+    campaigns = await ListCampaigns(world.campaigns, world.clock).execute(
+        page_size=page_size, page_token="", status=None
+    )
+    assert len(campaigns.campaigns) == 1
+    coupons = await ListUserCoupons(world.ledger).execute(
+        user_id="alice", page_size=page_size, page_token=""
+    )
+    assert [c.campaign_id for c in coupons.coupons] == [made.id]
+
+
 async def test_a_page_token_belongs_to_its_status_filter(world: World) -> None:
     for _ in range(3):
         await world.campaign()

@@ -280,6 +280,13 @@ async def test_page_size_out_of_range_is_refused(world: World, size: int) -> Non
     assert caught.value.field == "page_size"
 
 
+@pytest.mark.parametrize("size", [1, 10_000])
+async def test_page_size_at_the_bounds_is_accepted(world: World, size: int) -> None:
+    c = await world.campaign()
+    view = await world.get.execute(campaign_id=c.id, page_size=size, page_token="")
+    assert view.campaign.id == c.id
+
+
 async def test_campaign_status_and_count_follow_issuance(world: World) -> None:
     c = await world.campaign(total=2)
     view = await world.get.execute(campaign_id=c.id, page_size=0, page_token="")
