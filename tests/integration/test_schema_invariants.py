@@ -101,6 +101,32 @@ async def test_a_slot_beyond_the_stock_is_refused_even_with_a_forged_total(
     assert await count(pg_pool, campaign_id) == 0
 
 
+@pytest.mark.parametrize(
+    ("starts_at", "ends_at"),
+    [
+        (STARTS - timedelta(days=1), None),  # an earlier start: the coupon is in its window
+        (STARTS, STARTS + timedelta(days=1)),  # an end where the campaign has none
+    ],
+)
+async def test_a_coupon_with_a_forged_window_is_refused(
+    pg_pool: asyncpg.Pool, starts_at: datetime, ends_at: datetime | None
+) -> None:
+    campaign_id = await make_campaign(pg_pool, total=2)
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as refused:
+        await pg_pool.execute(
+            "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot, code,"
+            " user_id, issued_at)"
+            " VALUES ($1, 2, $2, coalesce($3, 'infinity'::timestamptz), 1, $4, 'u1', $5)",
+            campaign_id,
+            starts_at,
+            ends_at,
+            uuid.uuid4().hex[:8],
+            STARTS,
+        )
+    assert refused.value.constraint_name == "coupons_campaign_match"
+    assert await count(pg_pool, campaign_id) == 0
+
+
 async def test_coupons_of_an_unknown_campaign_are_refused(pg_pool: asyncpg.Pool) -> None:
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await pg_pool.execute(FORGED, uuid.uuid4(), STARTS, uuid.uuid4().hex[:6], [2], [1])
@@ -119,6 +145,7 @@ async def test_a_campaign_with_coupons_keeps_its_stock_window_and_row(
         "DELETE FROM campaigns WHERE id = $1",
         "UPDATE coupons SET total_coupons = 1000 WHERE campaign_id = $1",
         "UPDATE coupons SET starts_at = starts_at - interval '1 day' WHERE campaign_id = $1",
+        "UPDATE coupons SET ends_at = starts_at + interval '1 day' WHERE campaign_id = $1",
     ]
     for change in changes:
         with pytest.raises(asyncpg.ForeignKeyViolationError):
@@ -201,3 +228,44 @@ async def test_codes_longer_than_ten_characters_are_refused(pg_pool: asyncpg.Poo
     assert await insert(pg_pool, campaign_id, 1, "가" * 11, "u1") == "coupons_code_format"
     tag = uuid.uuid4().hex[:4]
     assert await insert(pg_pool, campaign_id, 2, f"{tag}가나다라마바", "u2") is None
+
+
+async def add_campaign(pool: asyncpg.Pool, name: str, ends_at: datetime) -> str | None:
+    """None when the campaign was stored, else the name of the check that refused it."""
+    try:
+        await pool.execute(
+            "INSERT INTO campaigns (id, name, total_coupons, starts_at, ends_at)"
+            " VALUES ($1, $2, 1, $3, $4)",
+            uuid.uuid4(),
+            name,
+            STARTS,
+            ends_at,
+        )
+    except asyncpg.CheckViolationError as exc:
+        return str(exc.constraint_name)
+    return None
+
+
+async def test_a_campaign_window_must_not_be_empty(pg_pool: asyncpg.Pool) -> None:
+    assert await add_campaign(pg_pool, "w", STARTS) == "campaigns_check"
+    assert await add_campaign(pg_pool, "w", STARTS - timedelta(microseconds=1)) == "campaigns_check"
+    assert await add_campaign(pg_pool, "w", STARTS + timedelta(microseconds=1)) is None
+
+
+async def test_campaign_names_are_1_to_200_characters(pg_pool: asyncpg.Pool) -> None:
+    end = STARTS + timedelta(days=1)
+    assert await add_campaign(pg_pool, "", end) == "campaigns_name_check"
+    assert await add_campaign(pg_pool, "쿠" * 201, end) == "campaigns_name_check"
+    assert await add_campaign(pg_pool, "쿠" * 200, end) is None
+    assert await add_campaign(pg_pool, "x", end) is None
+
+
+async def test_user_ids_are_1_to_128_characters(pg_pool: asyncpg.Pool) -> None:
+    campaign_id = await make_campaign(pg_pool, total=5)
+    tag = uuid.uuid4().hex[:6]
+    refused = "coupons_user_id_length"
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}a", "") == refused
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}b", "쿠" * 129) == refused
+    assert await insert(pg_pool, campaign_id, 1, f"{tag}c", "쿠" * 128) is None
+    assert await insert(pg_pool, campaign_id, 2, f"{tag}d", "u") is None
+    assert await count(pg_pool, campaign_id) == 2
