@@ -12,7 +12,10 @@ the shared one is never touched):
 * a server killed while it rebuilds a large campaign's gate: its rebuild lock lapses within
   seconds, not a minute, and the restarted server takes over and serves;
 * a server stopped (SIGTERM) while Redis is down or hangs: it exits within seconds, not
-  after the lease, saying what it gave up, and every coupon it acknowledged is stored.
+  after the lease, saying what it gave up, and every coupon it acknowledged is stored;
+* gate rebuilds that Redis refuses halfway (full under noeviction): each gives its
+  PostgreSQL connection back at once, none left idle in a transaction, and issuance
+  resumes once Redis has room.
 """
 
 from __future__ import annotations
@@ -393,6 +396,77 @@ async def test_a_server_killed_while_it_rebuilds_a_large_gate_is_serving_within_
         assert held.already_issued and held.coupon is not None and held.coupon.code == "z7"
     finally:
         second.stop()
+
+
+async def test_rebuilds_that_redis_refuses_halfway_leave_no_connection_in_a_transaction(
+    server_env: dict[str, str], private_redis: PrivateRedis, pg_pool: asyncpg.Pool
+) -> None:
+    """A rebuild reads the ledger in one snapshot while it loads Redis; when Redis refuses
+    a load (full, here), the read must end with it. It used to stay suspended, its pooled
+    connection idle in a transaction for good: a few such rebuilds took every connection
+    of the pool, and the server answered `unavailable` blaming PostgreSQL until restarted."""
+    pool_size = 3
+    env = {
+        **server_env,
+        "REDIS_URL": private_redis.url,
+        "COUPON_REDIS_PREFIX": PREFIX,
+        "COUPON_DB_POOL_SIZE": str(pool_size),
+    }
+    database = await pg_pool.fetchval("SELECT current_database()")
+    admin = aioredis.Redis.from_url(private_redis.url)
+    with ServerProcess(env=env) as proc:
+        try:
+            async with connect_client(proc.url) as client:
+                c = (await create_campaign(client, total=100_000, name="refused rebuild")).id
+                # More holders than one ledger read and two Redis loads: the second load of
+                # the first read is the one refused.
+                await pg_pool.execute(
+                    """
+                    INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot,
+                                         code, user_id, issued_at)
+                    SELECT c.id, c.total_coupons, c.starts_at, c.ends_at, g, 'y' || g,
+                           'stored-' || g, c.starts_at + interval '1 second'
+                      FROM campaigns c, generate_series(1, 25000) g
+                     WHERE c.id = $1
+                    """,
+                    uuid.UUID(c),
+                )
+                await admin.flushall()
+                await admin.config_set("maxmemory-policy", "noeviction")
+                users = f"{PREFIX}:{{{c}}}:users"
+                lock = f"{PREFIX}:{{{c}}}:loading"
+                for attempt in range(pool_size + 1):
+                    # Room for the lock and the first load; the second is refused.
+                    used = (await admin.info("memory"))["used_memory"]
+                    await admin.config_set("maxmemory", str(used + 300_000))
+                    with pytest.raises(ConnectError) as caught:
+                        await client.issue_coupon(
+                            coupon_pb.IssueCouponRequest(campaign_id=c, user_id=f"u{attempt}")
+                        )
+                    assert caught.value.code is Code.UNAVAILABLE, caught.value
+                    # The rebuild's partial load, as eviction would; the next starts clean.
+                    await admin.config_set("maxmemory", "0")
+                    await admin.delete(users)
+                    deadline = time.monotonic() + 10
+                    while await admin.exists(lock):
+                        assert time.monotonic() < deadline, "the rebuild's lock stayed"
+                        await asyncio.sleep(0.05)
+                stuck = await pg_pool.fetchval(
+                    """
+                    SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'coupon'
+                       AND state = 'idle in transaction'
+                    """,
+                    database,
+                )
+                assert stuck == 0, f"{stuck} connections left idle in a transaction"
+                reply = await issue_retrying(client, c, "after", give_up_after=30)
+                held = await issue_retrying(client, c, "stored-7")
+            assert reply.coupon is not None and not reply.already_issued
+            assert held.already_issued and held.coupon is not None and held.coupon.code == "y7"
+        finally:
+            await admin.config_set("maxmemory", "0")
+            await admin.aclose()
 
 
 @pytest.mark.parametrize("fault", ["stopped", "hung"])

@@ -1,6 +1,7 @@
 """The service's connection pool: releasing a connection costs no round trip, and still
 leaves no transaction open for the next user; a connection kept aside for the group
-commits is reused, replaced when it broke, and given back."""
+commits is reused, replaced when it broke, and given back; a session a fault left idle
+in a transaction is ended by the server."""
 
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ from coupon.domain.errors import OutcomeUnknown, Unavailable
 from coupon.entrypoints.connect_service import connect_error
 from harness.server import free_port as a_free_port
 from harness.services import drop_database, with_database
+
+
+async def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server(
+    database: str,
+) -> None:
+    """A backstop for a read of the ledger that a fault left suspended in its transaction:
+    PostgreSQL ends the session after a minute, rather than keep its snapshot for good."""
+    pool = await create_pool(database, 1)
+    try:
+        async with pool.acquire() as conn:
+            timeout = await conn.fetchval("SHOW idle_in_transaction_session_timeout")
+    finally:
+        await pool.close()
+    assert timeout == "1min"
 
 
 @pytest.fixture

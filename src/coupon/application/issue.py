@@ -541,7 +541,11 @@ class IssueCoupon:
 
     async def _load(self, campaign_id: str) -> None:
         campaign = await self._directory.fresh(campaign_id)
-        await self._gate.load(campaign, self._ledger.holdings(campaign_id))
+        # Closed here, whatever the load does: a load that fails halfway (Redis refused a
+        # write) would otherwise leave the read suspended, its pooled connection idle in a
+        # transaction for good.
+        async with contextlib.aclosing(self._ledger.holdings(campaign_id)) as holdings:
+            await self._gate.load(campaign, holdings)
 
     def _rebuilt(self, campaign_id: str, task: asyncio.Task[None]) -> None:
         self._rebuilding.pop(campaign_id, None)

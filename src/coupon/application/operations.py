@@ -8,7 +8,7 @@ import binascii
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -196,7 +196,7 @@ class ExportCoupons:
         self._campaigns = campaigns
         self._ledger = ledger
 
-    async def execute(self, *, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+    async def execute(self, *, campaign_id: str) -> AsyncGenerator[Sequence[Coupon], None]:
         """Checks the campaign first (errors before anything is streamed), then returns the
         chunks."""
         campaign_id = validate_campaign_id(campaign_id)
@@ -204,7 +204,7 @@ class ExportCoupons:
             raise CampaignNotFound(campaign_id)
         return self._chunks(campaign_id)
 
-    async def _chunks(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+    async def _chunks(self, campaign_id: str) -> AsyncGenerator[Sequence[Coupon], None]:
         after = 0
         while True:
             page = await self._ledger.page(campaign_id, after, EXPORT_CHUNK)

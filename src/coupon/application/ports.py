@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, Protocol, TypeVar
@@ -166,12 +166,15 @@ class CouponLedger(Protocol):
         moment: its issued count counts the coupons the pages show. None: no such campaign."""
         ...
 
-    def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
-        """Every coupon of the campaign, in chunks: what a gate rebuild needs."""
+    def holdings(self, campaign_id: str) -> AsyncGenerator[Sequence[Coupon], None]:
+        """Every coupon of the campaign, in chunks: what a gate rebuild needs. The read
+        holds a connection (and a snapshot) until it ends: whoever starts it closes it
+        (`contextlib.aclosing`), so one given up halfway gives them back at once."""
         ...
 
-    def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
-        """The ids of the users who hold a coupon of the campaign, in chunks."""
+    def holders(self, campaign_id: str) -> AsyncGenerator[Sequence[str], None]:
+        """The ids of the users who hold a coupon of the campaign, in chunks; closed by
+        whoever starts it, as `holdings`."""
         ...
 
     async def user_coupons(

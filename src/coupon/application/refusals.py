@@ -213,8 +213,9 @@ class RefusalMemory:
         try:
             holders = HolderFilter(version, total)
             holders.add(await self._gate.pending_users(campaign_id))
-            async for chunk in self._ledger.holders(campaign_id):
-                holders.add(chunk)
+            async with contextlib.aclosing(self._ledger.holders(campaign_id)) as chunks:
+                async for chunk in chunks:
+                    holders.add(chunk)
         except Exception as exc:  # noqa: BLE001 - the refusals keep asking the ledger meanwhile
             log.warning(
                 "could not read the holders of a campaign",

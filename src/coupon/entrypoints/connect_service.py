@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -406,8 +407,12 @@ class CouponService:
         try:
             self._admin.check(ctx)
             chunks = await self._operations.export_coupons.execute(campaign_id=request.campaign_id)
-            async for chunk in chunks:
-                yield coupon_pb.ExportCouponsResponse(coupons=[coupon_message(c) for c in chunk])
+            # Closed with the stream, however it ends (a client gone midway included).
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield coupon_pb.ExportCouponsResponse(
+                        coupons=[coupon_message(c) for c in chunk]
+                    )
         except CouponError as exc:
             error = connect_error(exc)
             observed.failed(started, error.code, error.message, detail=_detail(exc))

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -163,10 +163,10 @@ class MemoryCouponLedger:
         issued = len(self._store.coupons[campaign_id])
         return campaign.with_issued_count(issued), await self.page(campaign_id, after, limit)
 
-    async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+    async def holdings(self, campaign_id: str) -> AsyncGenerator[Sequence[Coupon], None]:
         yield list(self._store.coupons.get(campaign_id, []))
 
-    async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
+    async def holders(self, campaign_id: str) -> AsyncGenerator[Sequence[str], None]:
         yield [c.user_id for c in self._store.coupons.get(campaign_id, [])]
 
     async def user_coupons(

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -453,17 +453,23 @@ class PostgresCouponLedger:
         page = CouponPage(coupons, rows[-1]["position"], has_more)
         return campaign, page
 
-    async def holdings(self, campaign_id: str) -> AsyncIterator[Sequence[Coupon]]:
+    async def holdings(self, campaign_id: str) -> AsyncGenerator[Sequence[Coupon], None]:
         campaign = str(uuid.UUID(campaign_id))  # every row's, in the rows' spelling
-        async for rows in self._read_all(_HOLDINGS, campaign_id):
-            yield [coupon_from_row(r, campaign) for r in rows]
+        async with contextlib.aclosing(self._read_all(_HOLDINGS, campaign_id)) as chunks:
+            async for rows in chunks:
+                yield [coupon_from_row(r, campaign) for r in rows]
 
-    async def holders(self, campaign_id: str) -> AsyncIterator[Sequence[str]]:
-        async for rows in self._read_all(_HOLDERS, campaign_id):
-            yield [r[0] for r in rows]
+    async def holders(self, campaign_id: str) -> AsyncGenerator[Sequence[str], None]:
+        async with contextlib.aclosing(self._read_all(_HOLDERS, campaign_id)) as chunks:
+            async for rows in chunks:
+                yield [r[0] for r in rows]
 
-    async def _read_all(self, query: str, campaign_id: str) -> AsyncIterator[list[asyncpg.Record]]:
-        """A campaign's rows in chunks, from one snapshot, never all in memory at once."""
+    async def _read_all(
+        self, query: str, campaign_id: str
+    ) -> AsyncGenerator[list[asyncpg.Record], None]:
+        """A campaign's rows in chunks, from one snapshot, never all in memory at once. The
+        connection stays checked out, in its transaction, while the read waits between
+        chunks: a consumer that stops early closes it, or it waits so for good."""
         async with (
             connection(self._pool) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),

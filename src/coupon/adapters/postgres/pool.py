@@ -49,6 +49,13 @@ TRANSIENT = (
 REFUSED = (asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError)
 
 COMMAND_TIMEOUT_SECONDS = 10.0
+# The only transactions kept open between statements are the reads of a campaign's holders
+# in one snapshot; the longest wait between two of their statements is a gate rebuild's,
+# loading a chunk into Redis (a few commands, each given up after 5 s). ExportCoupons reads
+# page by page outside any transaction, so a slow client holds none. A session idle in a
+# transaction far longer was left so by a fault: PostgreSQL ends it, so its snapshot (which
+# holds back vacuum) and its place among max_connections are not held until a restart.
+IDLE_IN_TRANSACTION_SECONDS = 60.0
 # How long a graceful shutdown waits for PostgreSQL to take the connections' close.
 CLOSE_WAIT_SECONDS = 2.0
 # How long a request waits for a pooled connection (one being opened included).
@@ -96,6 +103,7 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             # (a serializable default made concurrent commits fail, to no purpose).
             server_settings={
                 "statement_timeout": f"{COMMAND_TIMEOUT_SECONDS:g}s",
+                "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_SECONDS:g}s",
                 "application_name": "coupon",
                 "default_transaction_isolation": "read committed",
             },
