@@ -165,11 +165,14 @@ def main() -> None:
     parser.add_argument("--dispatch", choices=("connect", "fast"), default="connect")
     args = parser.parse_args()
 
-    from coupon.entrypoints.cli import run_asgi
+    from coupon.entrypoints.cli import listen, run_asgi
 
     # The same server and options as `coupon serve`.
     factory = "create_fast_app" if args.dispatch == "fast" else "create_connect_app"
-    run_asgi(f"bench.noop_app:{factory}", args.host, args.port, args.workers)
+    sockets = listen(args.host, args.port)
+    if isinstance(sockets, str):
+        raise SystemExit(f"noop_app: cannot listen on {args.host}:{args.port}: {sockets}")
+    run_asgi(f"bench.noop_app:{factory}", sockets, args.workers)
 
 
 if __name__ == "__main__":

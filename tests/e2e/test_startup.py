@@ -11,6 +11,7 @@ was pointed at). The metrics directory a server makes is gone after it exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -448,6 +449,74 @@ def test_serve_on_a_taken_port_says_so_in_one_line_without_claiming_to_serve(
         done = run_coupon(["serve", "--port", str(port), "--workers", "2"], env, tmp_path)
     assert done.returncode == 3, done.stderr
     assert done.stderr == f"coupon: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_a_server_started_while_another_starts_on_its_port_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """The first server holds its port from its check on: a second one started while the
+    first still starts up (here: waiting for a Redis that accepted and says nothing) is the
+    one refused, in the documented line, never a claim to serve followed by a bind error."""
+    port = free_port()
+    with socket.socket() as silent_redis:
+        silent_redis.bind(("127.0.0.1", 0))
+        silent_redis.listen()
+        silent_redis.settimeout(60)
+        env = clean_env(
+            tmp_path,
+            DATABASE_URL=closed_port_url(),
+            REDIS_URL=f"redis://127.0.0.1:{silent_redis.getsockname()[1]}/0",
+        )
+        first = subprocess.Popen(
+            [sys.executable, "-m", "coupon", "serve", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        second: subprocess.Popen[str] | None = None
+        try:
+            # Past its port check, waiting for Redis's answer (3 s).
+            probe, _ = silent_redis.accept()
+            second = subprocess.Popen(
+                [sys.executable, "-m", "coupon", "serve", "--in-memory", "--port", str(port)],
+                env=clean_env(tmp_path),
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            starts = [first, second]
+            ended: list[subprocess.Popen[str]] = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not ended:
+                ended = [p for p in starts if p.poll() is not None]
+                time.sleep(0.1)
+            probe.close()
+            assert ended == [second], "the second server was not the one refused"
+            out, err = second.communicate()
+            assert second.returncode == 3, err
+            assert err == f"coupon: cannot listen on 127.0.0.1:{port}: address already in use\n"
+            assert out == ""
+            assert first.stdout is not None
+            line = first.stdout.readline()
+            assert line.startswith(f"coupon: serving on http://127.0.0.1:{port} "), line
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the first server never answered"
+                time.sleep(0.2)
+        finally:
+            for start in (first, second):
+                if start is not None and start.poll() is None:
+                    start.send_signal(signal.SIGTERM)
+                if start is not None:
+                    start.communicate(timeout=30)
 
 
 def ipv6_loopback() -> bool:

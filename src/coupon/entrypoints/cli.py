@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -33,17 +34,51 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+# Connections the kernel queues for a worker that has not accepted them yet (a burst).
+BACKLOG = 4096
+
+
+def listen(host: str, port: int) -> list[socket.socket] | str:
+    """Listening sockets on every address host:port resolves to (SO_REUSEADDR, IPv6
+    sockets IPv6 only, as the event loop binds them), for `run_asgi`; or why the server
+    cannot listen there. Bound and listening here, once: a port that was only tried and let
+    go could be taken before the server bound it (two servers started at once), and the
+    loser would fail after saying it serves."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"unknown host ({exc.strerror})"
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Listening at once: Linux lets SO_REUSEADDR sockets share a port until one of
+            # them listens, so a bind alone would not keep another server off it.
+            sock.bind(address)
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            for opened in sockets:
+                opened.close()
+            return (exc.strerror or str(exc)).lower()
+        sock.set_inheritable(True)
+    return sockets
+
+
 def run_asgi(
     factory: str,
-    host: str,
-    port: int,
+    sockets: list[socket.socket],
     workers: int,
     *,
     keepalive_seconds: float = 75.0,
     tls_cert_file: str = "",
     tls_key_file: str = "",
 ) -> None:
-    """Serve an ASGI app factory with uvicorn (uvloop, httptools), as `coupon serve` does.
+    """Serve an ASGI app factory with uvicorn (uvloop, httptools), as `coupon serve` does,
+    on the sockets `listen` opened (each worker accepts on them).
 
     Every connection first meets `AutoProtocol`, which hands it to uvicorn's httptools
     HTTP/1.1 protocol or to our HTTP/2 one (gRPC needs HTTP/2 and trailers): one check per
@@ -57,17 +92,16 @@ def run_asgi(
     8,250-10,400 issues/s on two cores (bench/RESULTS.md).
     """
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: with these, a graceful stop exits 0 (and a signal that comes before
     # uvicorn takes over still stops the process).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         factory,
         factory=True,
-        host=host,
-        port=port,
         workers=workers,
         loop="uvloop",
         # One port for HTTP/1.1 and HTTP/2: a sniffer per connection hands it to our
@@ -81,7 +115,7 @@ def run_asgi(
         # theirs (httpx 5 s, undici 4 s, aiohttp 15 s), so clients close first and a request
         # never meets the server's close on the wire.
         timeout_keep_alive=max(1, round(keepalive_seconds)),
-        backlog=4096,
+        backlog=BACKLOG,
         access_log=False,
         # The service's own JSON logging (configured by the factory) applies, not uvicorn's.
         log_config=None,
@@ -91,6 +125,14 @@ def run_asgi(
         # Bound the graceful shutdown: in-flight issues get this long to commit.
         timeout_graceful_shutdown=30,
     )
+    # What uvicorn.run does, on the sockets given rather than ones it would bind itself.
+    if workers > 1:
+        Multiprocess(config, sockets=sockets).run()
+        return
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -106,13 +148,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(**overrides)
     if settings.tls_cert_file:
         _check_tls(settings.tls_cert_file, settings.tls_key_file)
-    # The port is tried before saying "serving on": a port already taken is one line and
-    # exit status 3, before the schema is touched, never a claim to serve followed by
-    # uvicorn's failure.
-    unusable = _cannot_listen(settings.host, settings.port)
-    if unusable is not None:
+    # The port is taken before saying "serving on", and kept for uvicorn: a port already
+    # taken is one line and exit status 3, before the schema is touched, never a claim to
+    # serve followed by uvicorn's failure.
+    sockets = listen(settings.host, settings.port)
+    if isinstance(sockets, str):
         print(
-            f"coupon: cannot listen on {host_port(settings.host, settings.port)}: {unusable}",
+            f"coupon: cannot listen on {host_port(settings.host, settings.port)}: {sockets}",
             file=sys.stderr,
         )
         return 3
@@ -165,14 +207,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             schema.start()
         run_asgi(
             "coupon.entrypoints.app:create_app",
-            settings.host,
-            settings.port,
+            sockets,
             settings.workers,
             keepalive_seconds=settings.keepalive_seconds,
             tls_cert_file=settings.tls_cert_file,
             tls_key_file=settings.tls_key_file,
         )
     finally:
+        for sock in sockets:
+            sock.close()
         if schema is not None:
             schema.stop()
         if created:
@@ -250,27 +293,6 @@ def _is_ca_certificate(cert_file: str) -> bool:
         and rest[4:6] == b"\x01\x01"
         and (rest[6:7] not in (b"", b"\x00"))
     )
-
-
-def _cannot_listen(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (binding every address it resolves to,
-    with SO_REUSEADDR as uvicorn does), or None when it can."""
-    import socket
-
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return f"unknown host ({exc.strerror})"
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                return (exc.strerror or str(exc)).lower()
-    return None
 
 
 def _metrics_dir(given: str) -> tuple[str, bool]:
