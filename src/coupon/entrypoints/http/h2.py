@@ -600,7 +600,7 @@ class H2Protocol(asyncio.Protocol):
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         if self.last_stream_id is not None and stream_id > self.last_stream_id:
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._reset_id(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         request = event.headers or []
         scope, size, length, content_type = self._scope(request)
@@ -609,7 +609,7 @@ class H2Protocol(asyncio.Protocol):
             return
         if scope is None or (event.stream_ended is not None and length > 0):
             # Malformed, or of no body but a content-length that says otherwise.
-            self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._reset_id(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         if length > self.max_body:
             # Said over the limit by its content-length: refused before any of it is read.
@@ -621,7 +621,7 @@ class H2Protocol(asyncio.Protocol):
         ):
             # Only reset streams whose tasks still run can take it here: h2 itself refuses
             # a peer that opens more than that many at once.
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._reset_id(stream_id, ErrorCodes.REFUSED_STREAM)
             self._count_reset()
             return
         self._disarm_idle()
@@ -913,8 +913,7 @@ class H2Protocol(asyncio.Protocol):
         """The peer is still sending a refused request's body: its stream is reset."""
         if self.draining.pop(stream_id, None) is None or self.transport is None:
             return
-        with contextlib.suppress(ProtocolError, StreamClosedError):
-            self.conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        self._reset_id(stream_id, ErrorCodes.NO_ERROR)
         self._flush()
 
     def _scope(self, headers: Headers) -> tuple[dict[str, Any] | None, int, int, bytes]:
@@ -1016,7 +1015,7 @@ class H2Protocol(asyncio.Protocol):
             log.exception("Exception in ASGI application")
             if not stream.closed:
                 if stream.headers_sent:
-                    self.conn.reset_stream(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+                    self._reset_id(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
                 else:
                     self.conn.send_headers(
                         stream.stream_id, [(b":status", b"500")], end_stream=True
@@ -1250,10 +1249,16 @@ class H2Protocol(asyncio.Protocol):
 
     def _reset(self, stream: _Stream, code: ErrorCodes) -> None:
         stream.closed = True
-        with contextlib.suppress(ProtocolError, StreamClosedError):  # closed by the peer
-            self.conn.reset_stream(stream.stream_id, code)
+        self._reset_id(stream.stream_id, code)
         self._release_body(stream)
         self._flush()
+
+    def _reset_id(self, stream_id: int, code: ErrorCodes) -> None:
+        """RST_STREAM, unless the stream is closed already: h2 reads a whole read's frames
+        before its events are seen, so the peer's own RST_STREAM (or GOAWAY) later in the
+        same read has closed it in h2 by then. Nothing is left to say on it either way."""
+        with contextlib.suppress(ProtocolError, StreamClosedError):
+            self.conn.reset_stream(stream_id, code)
 
     def _take_body(self, stream: _Stream) -> bytes:
         """The request body that has arrived and not been read, read now: its window goes
