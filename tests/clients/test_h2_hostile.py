@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import HeadersFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import in_seconds
 from harness.server import ServerProcess
-from tests.clients.h2client import H2Client, grpc_frame, grpc_headers
+from tests.clients.h2client import H2Client, grpc_frame, grpc_headers, headers_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +88,99 @@ def test_a_malformed_request_reset_by_its_peer_in_the_same_read_ends_that_stream
         [answered] = client.wait(beside)
         assert answered.grpc_status == b"0", answered
         no_goaway_and_serving(server, client, campaign_id)
+
+
+def outcomes(client: H2Client, stream_ids: list[int]) -> tuple[dict[int, bytes | int], list[int]]:
+    """Read past the client's h2 (which knows nothing of streams sent around it) until each
+    stream has its grpc-status (bytes) or RST_STREAM code (int), or a GOAWAY ends the
+    connection: what each stream got, and the GOAWAY codes."""
+    got: dict[int, bytes | int] = {}
+    goaways: list[int] = []
+    for frame in client.raw_frames():
+        if isinstance(frame, HeadersFrame):
+            fields = client.decode(frame)
+            if b"grpc-status" in fields:
+                got[frame.stream_id] = fields[b"grpc-status"]
+        elif isinstance(frame, RstStreamFrame):
+            got.setdefault(frame.stream_id, frame.error_code)
+        elif isinstance(frame, GoAwayFrame):
+            goaways.append(frame.error_code)
+            break
+        if all(s in got for s in stream_ids):
+            break
+    return got, goaways
+
+
+def serving(server: ServerProcess, campaign_id: str) -> None:
+    """Another connection is answered, and the server logged no failure of its own."""
+    with H2Client(server.port) as client:
+        answer = client.call(
+            "GetCampaign",
+            coupon_pb.GetCampaignRequest(campaign_id=campaign_id),
+            coupon_pb.GetCampaignResponse,
+        )
+    assert answer.campaign is not None
+    assert "Traceback" not in server.log()
+
+
+def test_the_stream_over_the_limit_is_refused_and_the_others_answered(
+    server: ServerProcess,
+) -> None:
+    """RFC 9113, 5.1.2: a stream over SETTINGS_MAX_CONCURRENT_STREAMS is a stream error
+    (REFUSED_STREAM), not the end of the connection and of the streams open on it."""
+    with H2Client(server.port) as client:
+        campaign_id = create_campaign(client)  # the server's SETTINGS read and acknowledged
+        opened = [client.start("GetCampaign", end=False) for _ in range(100)]
+        extra = opened[-1] + 2
+        client.sock.sendall(headers_frame(client, extra, "GetCampaign").serialize())
+        for stream_id in opened:
+            client.conn.send_data(stream_id, get_campaign(campaign_id), end_stream=True)
+        client.flush()
+        got, goaways = outcomes(client, [*opened, extra])
+    assert goaways == []
+    assert got.pop(extra) == ErrorCodes.REFUSED_STREAM
+    assert set(got.values()) == {b"0"} and len(got) == 100
+    serving(server, campaign_id)
+
+
+def test_a_first_flight_over_the_limit_has_the_excess_refused(server: ServerProcess) -> None:
+    """150 whole requests sent before the server's SETTINGS were read (RFC 9113, 6.5.3: a
+    client may): as many as the limit answered, the rest refused, REFUSED_STREAM (safe to
+    retry), the connection going on."""
+    with H2Client(server.port) as client:
+        campaign_id = create_campaign(client)
+    with H2Client(server.port) as client:
+        sent = []
+        for _ in range(150):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, grpc_headers("GetCampaign", (b"te", b"trailers")))
+            client.conn.send_data(stream_id, get_campaign(campaign_id), end_stream=True)
+            sent.append(stream_id)
+        client.flush()  # in one write
+        got, goaways = outcomes(client, sent)
+    assert goaways == []
+    answered = [s for s in sent if got[s] == b"0"]
+    assert len(answered) >= 100
+    assert all(got[s] == ErrorCodes.REFUSED_STREAM for s in sent if s not in answered)
+    serving(server, campaign_id)
+
+
+def test_a_stream_over_the_limit_reset_by_its_peer_in_the_same_read_is_dropped_quietly(
+    server: ServerProcess,
+) -> None:
+    """The stream over the limit, and its peer's RST_STREAM in the same write: h2 has
+    closed it before it is seen, and refusing it must not end the connection."""
+    with H2Client(server.port) as client:
+        campaign_id = create_campaign(client)
+        opened = [client.start("GetCampaign", end=False) for _ in range(100)]
+        extra = opened[-1] + 2
+        client.sock.sendall(
+            headers_frame(client, extra, "GetCampaign").serialize() + reset_frame(extra)
+        )
+        for stream_id in opened:
+            client.conn.send_data(stream_id, get_campaign(campaign_id), end_stream=True)
+        client.flush()
+        got, goaways = outcomes(client, opened)
+    assert goaways == []
+    assert [got[s] for s in opened] == [b"0"] * 100
+    serving(server, campaign_id)

@@ -312,6 +312,23 @@ class _Connection(H2Connection):
         return stream
 
 
+class _Settings(Settings):
+    """The server's own settings, as advertised; but h2's check of a new stream against
+    SETTINGS_MAX_CONCURRENT_STREAMS finds no limit. h2 would end the whole connection for
+    the stream over it (PROTOCOL_ERROR, the other streams unanswered), where RFC 9113,
+    5.1.2 makes it a stream error; and a client may open more before it has read the
+    setting. The limit is kept when the request is seen (H2Protocol._request): the stream
+    over it is refused, REFUSED_STREAM, the others answered."""
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return 2**31
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
+
 def _no_content_length(headers: object) -> None:
     pass
 
@@ -458,7 +475,7 @@ class H2Protocol(asyncio.Protocol):
         self.server = _address(transport.get_extra_info("sockname"))
         self.client = _address(transport.get_extra_info("peername"))
         self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
-        self.conn.local_settings = Settings(
+        self.conn.local_settings = _Settings(
             client=False,
             initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
@@ -619,8 +636,8 @@ class H2Protocol(asyncio.Protocol):
         if len(self.streams) >= MAX_CONCURRENT_STREAMS and self._unanswered() >= (
             MAX_CONCURRENT_STREAMS
         ):
-            # Only reset streams whose tasks still run can take it here: h2 itself refuses
-            # a peer that opens more than that many at once.
+            # The stream over the limit (h2 does not count them: _Settings), or one more
+            # while reset streams' tasks still run: a stream error, the others going on.
             self._reset_id(stream_id, ErrorCodes.REFUSED_STREAM)
             self._count_reset()
             return
