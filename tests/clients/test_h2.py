@@ -1028,6 +1028,9 @@ MALFORMED: dict[str, list[tuple[bytes, bytes]]] = {
     "two :path": [(b":path", (SERVICE + "GetCampaign").encode()), *GOOD_REQUEST],
     "host other than :authority": get_campaign_headers((b"host", b"elsewhere")),
     "content-length not digits": get_campaign_headers((b"content-length", b"12a")),
+    # More digits than any length (Python's int() refuses more than 4,300).
+    "content-length of 5000 digits": get_campaign_headers((b"content-length", b"9" * 5000)),
+    "content-length of 19 digits": get_campaign_headers((b"content-length", b"1" * 19)),
     "two content-lengths": get_campaign_headers(
         (b"content-length", b"16000"), (b"content-length", b"16001")
     ),

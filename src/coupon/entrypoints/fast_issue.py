@@ -69,6 +69,9 @@ _STATUS = {
     Code.UNAUTHENTICATED: 401,
 }
 _NO_HEADERS: Headers = []
+# The most digits a Content-Length has: more would be past any body limit (a quintillion
+# bytes), and Python's int() refuses a string of more than 4,300 of them.
+CONTENT_LENGTH_DIGITS = 18
 # The Connect (and gRPC) headers that carry one value: a request giving one of them more
 # than once is refused (invalid_argument, app.py) rather than read one way or another.
 SINGLE_VALUED = frozenset(
@@ -111,6 +114,12 @@ class IssueService(Protocol):
 
 
 _BY_HEADER: dict[bytes, tuple[Codec, bytes] | None] = {}
+
+
+def content_length(value: bytes) -> int:
+    """A Content-Length value as a number; -1 when it is malformed: not digits alone (RFC
+    9110, 8.6), or more of them than CONTENT_LENGTH_DIGITS."""
+    return int(value) if value.isdigit() and len(value) <= CONTENT_LENGTH_DIGITS else -1
 
 
 def other_protocol_version(value: bytes) -> bool:
@@ -282,7 +291,7 @@ class FastIssue:
                 typed = True
                 codec = codec_for(value)
             elif name == b"content-length":
-                length = int(value) if value.isdigit() else -1
+                length = content_length(value)
             elif name in (b"content-encoding", b"connect-content-encoding"):
                 if encoded or value.strip().lower() != b"identity":
                     return None

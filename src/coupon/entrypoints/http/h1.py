@@ -12,7 +12,8 @@ Limits (each answered, then the connection closed; but the send time-out, which 
 * a request must arrive whole within `request_timeout` of its first byte -> 408: slow
   senders are closed, not held;
 * an HTTP/1.1 request without exactly one Host field, an HTTP/1.0 one with more than one,
-  a Host that is no authority (RFC 9112 §3.2; http/host.py) -> 400; a request line of
+  a Host that is no authority (RFC 9112 §3.2; http/host.py), a Content-Length of more
+  digits than any length (fast_issue.CONTENT_LENGTH_DIGITS) -> 400; a request line of
   HTTP/0.9 or HTTP/2.0, which llhttp reads ->
   505 (HTTP/2 with prior knowledge never reaches this protocol: sniff.py hands it over);
 * answers the client does not read (the send time-out): while the transport is paused
@@ -81,6 +82,7 @@ from coupon.entrypoints.fast_issue import (
     Answer,
     IssueRoute,
     codec_for,
+    content_length,
     other_protocol_version,
 )
 from coupon.entrypoints.http.host import valid_host
@@ -170,10 +172,11 @@ def _lane_fields(block: bytes) -> LaneFields | None:
                     return None
                 content_type = value.strip(b" \t")
             elif name == b"content-length":
-                value = value.strip(b" \t")
-                if length >= 0 or not value.isdigit():
+                if length >= 0:
                     return None
-                length = int(value)
+                length = content_length(value.strip(b" \t"))
+                if length < 0:
+                    return None  # malformed: the parser's path refuses it
             elif name == b"connection":
                 value = value.strip(b" \t").lower()
                 if value == b"close":
@@ -668,7 +671,11 @@ class Http1Protocol(HttpToolsProtocol):
         if name == b"content-type":
             self._content_type = value
         elif name == b"content-length":
-            self._content_length = int(value) if value.isdigit() else -1
+            self._content_length = content_length(value)
+            if self._content_length < 0:
+                # Digits llhttp took (leading zeros without end, or a length below 2**64)
+                # but too many to be a length: refused as llhttp refuses a longer one, 400.
+                raise ValueError("Content-Length of too many digits")
         elif name == _HOST:
             self._hosts += 1
             if not valid_host(value):

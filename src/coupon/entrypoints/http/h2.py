@@ -35,12 +35,12 @@ stream goes back to its idle timer.
 
 A malformed request (RFC 9113, 8.1.1: a field name or value HTTP/2 forbids, a
 connection-specific field, a pseudo-header missing, repeated, unknown or misplaced, a
-content-length not digits or not what the body is, or such a trailer section) is a
-stream error: RST_STREAM PROTOCOL_ERROR on its stream alone. h2's own checks of inbound
-header lists and of content-length are off, since they end the whole connection for it:
-the header list is checked in the one pass that builds the request's scope, the body
-against its content-length as it arrives. Spaces and tabs around a value are dropped,
-not refused, as over HTTP/1.1 (RFC 9110, 5.5).
+content-length not digits, of too many, or not what the body is, or such a trailer
+section) is a stream error: RST_STREAM PROTOCOL_ERROR on its stream alone. h2's own
+checks of inbound header lists and of content-length are off, since they end the whole
+connection for it: the header list is checked in the one pass that builds the request's
+scope, the body against its content-length as it arrives. Spaces and tabs around a value
+are dropped, not refused, as over HTTP/1.1 (RFC 9110, 5.5).
 
 Header compression costs less than h2's own (_Encoder, _Decoder): a response's header
 list is encoded without the dynamic table, so the same list is the same block, computed
@@ -98,7 +98,13 @@ from uvicorn.server import ServerState
 
 from coupon.application.issue import Pending
 from coupon.entrypoints.cors import Cors
-from coupon.entrypoints.fast_issue import ISSUE_PATH, Answer, FastIssue, IssueRoute
+from coupon.entrypoints.fast_issue import (
+    ISSUE_PATH,
+    Answer,
+    FastIssue,
+    IssueRoute,
+    content_length,
+)
 from coupon.entrypoints.http.h1 import OVERDUE_GRACE, front_app, limits_of, unsent_bytes
 from coupon.entrypoints.http.refusal import (
     body_refusal,
@@ -956,11 +962,12 @@ class H2Protocol(asyncio.Protocol):
                 if not name or _BAD_NAME.search(name) is not None or name in _HOP_BY_HOP:
                     malformed = True
                 elif name == b"content-length":
-                    # Digits only (RFC 9110, 8.6); repeated, the same each time.
-                    if not value.isdigit() or (length >= 0 and int(value) != length):
+                    # Digits only (RFC 9110, 8.6), not too many; repeated, the same each time.
+                    declared = content_length(value)
+                    if declared < 0 or 0 <= length != declared:
                         malformed = True
                     else:
-                        length = int(value)
+                        length = declared
                 elif name == b"content-type" and not content_type:
                     content_type = value
                 elif name == b"te" and value.lower() != b"trailers":
