@@ -4,11 +4,24 @@ other clients' calls."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import in_seconds
@@ -183,4 +196,119 @@ def test_a_stream_over_the_limit_reset_by_its_peer_in_the_same_read_is_dropped_q
         got, goaways = outcomes(client, opened)
     assert goaways == []
     assert [got[s] for s in opened] == [b"0"] * 100
+    serving(server, campaign_id)
+
+
+def ping(i: int, _: int) -> bytes:
+    return PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
+
+
+def settings(i: int, _: int) -> bytes:
+    frame = SettingsFrame(0)
+    frame.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 65_536 + i % 7}
+    return frame.serialize()
+
+
+def empty_data(_: int, stream_id: int) -> bytes:
+    return DataFrame(stream_id).serialize()
+
+
+def window_update(_: int, stream_id: int) -> bytes:
+    return WindowUpdateFrame(stream_id, window_increment=1).serialize()
+
+
+def priority(_: int, stream_id: int) -> bytes:
+    return PriorityFrame(stream_id, depends_on=0, stream_weight=16).serialize()
+
+
+FLOODS: dict[str, Callable[[int, int], bytes]] = {
+    "PING": ping,
+    "SETTINGS": settings,
+    "empty DATA": empty_data,
+    "WINDOW_UPDATE": window_update,
+    "PRIORITY": priority,
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOODS))
+def test_a_flood_of_frames_that_ask_nothing_ends_its_connection_alone(
+    server: ServerProcess, kind: str
+) -> None:
+    """One connection sends frames that give the app nothing to do, 50,000 of them, while
+    another makes calls: the flood's connection gets a GOAWAY (ENHANCE_YOUR_CALM), the
+    other connection's calls are answered."""
+    with H2Client(server.port) as setup:
+        campaign_id = create_campaign(setup)
+    flooder = H2Client(server.port)
+    flooder.sock.settimeout(10)
+    open_stream = flooder.start("GetCampaign", end=False)  # for the frames on a stream
+    frame = FLOODS[kind]
+    received = bytearray()
+
+    def read_all() -> None:
+        try:
+            while data := flooder.sock.recv(65_536):
+                received.extend(data)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    probe = H2Client(server.port)
+    answered = 0
+    try:
+        with contextlib.suppress(OSError):  # closed by the server meanwhile
+            for batch in range(50):
+                flooder.sock.sendall(
+                    b"".join(frame(batch * 1000 + i, open_stream) for i in range(1000))
+                )
+                if batch % 10 == 0:
+                    answer = probe.call(
+                        "GetCampaign",
+                        coupon_pb.GetCampaignRequest(campaign_id=campaign_id),
+                        coupon_pb.GetCampaignResponse,
+                    )
+                    answered += answer.campaign is not None
+        with contextlib.suppress(OSError):
+            flooder.sock.shutdown(socket.SHUT_WR)
+        reader.join(15)
+    finally:
+        probe.close()
+        flooder.close()
+    frames = FrameBuffer(server=False)
+    frames.max_frame_size = flooder.conn.max_inbound_frame_size
+    frames.add_data(bytes(received))
+    goaways = [f.error_code for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaways == [ErrorCodes.ENHANCE_YOUR_CALM]
+    assert answered >= 1
+    serving(server, campaign_id)
+
+
+def test_a_read_of_many_frames_that_carry_requests_is_served_whole(
+    server: ServerProcess,
+) -> None:
+    """Far more than the server gives h2 in one turn, in one write: requests whose bodies
+    come in pieces, each frame padded (frames that carry data, not idle ones): every
+    request is answered."""
+    with H2Client(server.port) as client:
+        campaign_id = create_campaign(client)
+        body = get_campaign(campaign_id)
+        out = b""
+        sent = []
+        for _ in range(100):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.highest_outbound_stream_id = stream_id
+            out += headers_frame(client, stream_id, "GetCampaign").serialize()
+            pieces = [body[i : i + 8] for i in range(0, len(body), 8)]
+            for i, piece in enumerate(pieces):
+                frame = DataFrame(stream_id, piece, pad_length=250, flags=["PADDED"])
+                if i == len(pieces) - 1:
+                    frame.flags.add("END_STREAM")
+                out += frame.serialize()
+            sent.append(stream_id)
+        assert len(out) > 2 * 64 * 1024
+        client.sock.sendall(out)
+        got, goaways = outcomes(client, sent)
+    assert goaways == []
+    assert [got[s] for s in sent] == [b"0"] * 100
     serving(server, campaign_id)

@@ -16,7 +16,10 @@ CVE-2023-44487): at most MAX_CONCURRENT_STREAMS streams of a connection are unan
 once, reset ones included (a new stream beyond is refused, REFUSED_STREAM), and a
 connection whose peer has reset (or had refused) more than RESET_BUDGET streams before
 their answers, and more of them than it had answered, is closed with a GOAWAY
-(ENHANCE_YOUR_CALM).
+(ENHANCE_YOUR_CALM). So is one that floods frames that ask nothing of the app (PING,
+SETTINGS, WINDOW_UPDATE, ...: IDLE_FRAMES, counted frame by frame as h2 reads them), and
+h2 is given at most READ_CHUNK of a connection's bytes a turn of the loop: one connection
+cannot hold a worker's others up for long.
 
 Time limits: a request must arrive whole within the service's request time-out of its
 HEADERS, or its stream is reset (CANCEL) and its task cancelled. A response must not stand
@@ -86,13 +89,28 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import (
+    DenialOfServiceError,
+    FlowControlError,
+    ProtocolError,
+    StreamClosedError,
+)
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream
 from hpack.hpack import Decoder, Encoder, encode_integer
 from hpack.struct import HeaderTuple
 from hpack.table import HeaderTable
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -134,6 +152,21 @@ LINGER_BYTES = 16 * 1024 * 1024
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 1.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
+# Frames that ask nothing of the app (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, RST_STREAM,
+# a DATA frame of no payload that ends nothing, a frame of an unknown type) cost a worker
+# as much as a request's, and a read may hold thousands. A connection may send IDLE_FRAMES
+# of them at once, IDLE_FRAME_RATE a second after that, and IDLE_FRAMES_EARNED more for
+# each HEADERS or DATA frame the server sends it (a client's window updates and its pings
+# for bandwidth follow what it receives), up to IDLE_FRAMES_HELD in hand; one more ends
+# the connection with a GOAWAY (ENHANCE_YOUR_CALM), as nghttp2 and Go end such floods.
+IDLE_FRAMES = 1000
+IDLE_FRAME_RATE = 100.0
+IDLE_FRAMES_EARNED = 4
+IDLE_FRAMES_HELD = 10_000
+# What h2 is given of a read in one turn of the loop: the rest waits for the next turns,
+# the connection's reading paused meanwhile, so that one connection's read (uvloop reads up
+# to 256 KiB) cannot hold the worker from its other connections for long.
+READ_CHUNK = 64 * 1024
 # A header list over MAX_HEADER_LIST_SIZE is refused on its own stream (`resource_exhausted`
 # in the caller's protocol on the API's paths, 431 elsewhere: http/refusal.py), the
 # connection and its other streams going on: its block must still be decoded whole, or the
@@ -309,7 +342,46 @@ def _as_bytes(text: bytes | str) -> bytes:
 class _Connection(H2Connection):
     """h2's connection, but a request's content-length is checked here (_scope, _data), as
     a stream error: h2 would end the whole connection for a malformed one, or for a body
-    that does not match it (RFC 9113, 8.1.1)."""
+    that does not match it (RFC 9113, 8.1.1); and the frames that ask nothing of the app
+    are counted against the peer's allowance (IDLE_FRAMES), checked frame by frame, so that
+    a flood ends within the read that carries it."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.idle_frames = float(IDLE_FRAMES)  # the allowance left
+        self.idle_counted_at = time.monotonic()
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        if type(frame) in _IDLE_FRAMES or (
+            isinstance(frame, DataFrame) and not frame.data and "END_STREAM" not in frame.flags
+        ):
+            self.idle_frames -= 1
+            if self.idle_frames < 0 and not self._idle_refilled():
+                # h2 queues the GOAWAY with this error's code, ENHANCE_YOUR_CALM.
+                raise DenialOfServiceError("too many frames that ask nothing")
+        return super()._receive_frame(frame)
+
+    def _idle_refilled(self) -> bool:
+        """The allowance grown by the time since it was last counted (IDLE_FRAME_RATE, up to
+        IDLE_FRAMES): whether there is any left."""
+        now = time.monotonic()
+        grown = (now - self.idle_counted_at) * IDLE_FRAME_RATE
+        self.idle_counted_at = now
+        if grown > 0 and self.idle_frames < IDLE_FRAMES:
+            self.idle_frames = min(float(IDLE_FRAMES), self.idle_frames + grown)
+        return self.idle_frames >= 0
+
+    def _earn(self) -> None:
+        if self.idle_frames < IDLE_FRAMES_HELD:
+            self.idle_frames += IDLE_FRAMES_EARNED
+
+    def send_headers(self, *args: Any, **kwargs: Any) -> None:
+        self._earn()
+        super().send_headers(*args, **kwargs)
+
+    def send_data(self, *args: Any, **kwargs: Any) -> None:
+        self._earn()
+        super().send_data(*args, **kwargs)
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
@@ -333,6 +405,18 @@ class _Settings(Settings):
     @max_concurrent_streams.setter
     def max_concurrent_streams(self, value: int) -> None:
         self[SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
+
+_IDLE_FRAMES = frozenset(
+    {
+        ExtensionFrame,
+        PingFrame,
+        PriorityFrame,
+        RstStreamFrame,
+        SettingsFrame,
+        WindowUpdateFrame,
+    }
+)
 
 
 def _no_content_length(headers: object) -> None:
@@ -463,6 +547,8 @@ class H2Protocol(asyncio.Protocol):
         # Streams refused before their bodies ended: bytes dropped so far (DRAIN_BYTES).
         self.draining: dict[int, int] = {}
         self.lingering = -1  # bytes dropped since that GOAWAY; -1: not closing so
+        # What has been read but not yet given to h2 (READ_CHUNK a turn).
+        self.backlog = bytearray()
         # Loop time a response's DATA last went out on the connection, or its paused
         # transport last drained some.
         self.sent_at = 0.0
@@ -505,8 +591,43 @@ class H2Protocol(asyncio.Protocol):
             if self.lingering > LINGER_BYTES and self.transport is not None:
                 self.transport.close()
             return
+        if self.backlog:
+            self.backlog += data  # behind what waits already
+            return
+        if len(data) > READ_CHUNK and self.transport is not None:
+            # READ_CHUNK now, the rest on the next turns (_read_backlog), reading paused.
+            self.backlog += memoryview(data)[READ_CHUNK:]
+            self.transport.pause_reading()
+            self.loop.call_soon(self._read_backlog)
+            data = data[:READ_CHUNK]
+        self._take_in(data)
+
+    def _read_backlog(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering >= 0:
+            self.backlog.clear()
+            if transport is not None and self.lingering >= 0:
+                transport.resume_reading()  # read and dropped while the close lingers
+            return
+        data = bytes(self.backlog[:READ_CHUNK])
+        del self.backlog[:READ_CHUNK]
+        if self.backlog:
+            self.loop.call_soon(self._read_backlog)
+        else:
+            transport.resume_reading()
+        self._take_in(data)
+
+    def _take_in(self, data: bytes) -> None:
         try:
             events = self.conn.receive_data(data)
+        except DenialOfServiceError as exc:
+            # A flood of frames that ask nothing (_Connection): h2 has queued the GOAWAY
+            # (ENHANCE_YOUR_CALM); sent, then the close lingers, as the peer is still
+            # sending: an abrupt close would reset the connection before it read why.
+            log.warning("HTTP/2 connection from %s closed: %s", self.client, exc)
+            self._flush()
+            self._linger()
+            return
         except ProtocolError as exc:
             # h2 has queued the GOAWAY with the reason (frame too large, too many
             # streams, header list too long, ...): send it and hang up.
