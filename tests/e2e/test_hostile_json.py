@@ -205,3 +205,28 @@ def test_gzip_that_expands_past_the_limit_is_said_in_the_service_words(
         "code": "resource_exhausted",
         "message": "request body is over the limit of 65536 bytes once decompressed",
     }
+
+
+HUGE = "9" * 50_000
+# Integers of more digits than Python's parser reads (4,300): valid JSON, a number out of
+# range, named by its field (a known one, or the unknown key).
+HUGE_NUMBERS = [
+    ("GetCampaign", f'{{"campaignId": "c", "pageSize": {HUGE}}}', "page_size: "),
+    ("GetCampaign", f'{{"campaignId": "c", "pageSize": -{HUGE}}}', "page_size: "),
+    ("IssueCoupon", f'{{"campaignId": "c", "userId": "u", "x": {HUGE}}}', "x: "),
+    ("IssueCoupon", f'{{"campaignId": "c", "userId": [{HUGE}]}}', "user_id: "),
+]
+
+
+@pytest.mark.usefixtures("alive")
+@pytest.mark.parametrize(("rpc", "body", "field"), HUGE_NUMBERS)
+def test_an_integer_of_too_many_digits_is_said_out_of_range(
+    server: ServerProcess, rpc: str, body: str, field: str
+) -> None:
+    headers = {"content-type": "application/json", **AUTH}
+    response = httpx.post(server.url + SERVICE + rpc, content=body.encode(), headers=headers)
+    error = connect_error(response)
+    assert error == {
+        "code": "invalid_argument",
+        "message": f"{field}number out of range (50000 digits)",
+    }

@@ -290,7 +290,7 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
         # UTF-16 or UTF-32, which Python's parser would read (RFC 8259: UTF-8 only).
         return _invalid("request body: JSON must be UTF-8 (this is UTF-16 or UTF-32)")
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_int=_integer)
     except (ValueError, RecursionError):
         return _invalid("request body: not valid JSON")
     if not isinstance(value, dict):
@@ -298,6 +298,10 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
     fields = message_class._desc._fields_by_json_name
     for key, item in value.items():
         field = fields.get(key)
+        if (huge := _huge(item)) is not None:
+            # Valid JSON, but no field holds it (the parsers refuse the whole body).
+            name = field.name if field is not None else _unknown_name(key)
+            return _invalid(f"{name}: number out of range ({huge.digits} digits)")
         if _lone_surrogate(key) or _lone_surrogate(item):
             # Read by Python's parser, not by the native one (nor by any UTF-8 encoder),
             # which refuses the whole body whatever field holds it, known or not.
@@ -312,6 +316,31 @@ def json_error(data: bytes | bytearray, message_class: type[Any]) -> ConnectErro
         except Exception:  # noqa: BLE001 - this field is the one
             return _invalid(f"{field.name}: {_expected(field)}")
     return _invalid(f"request body: not a valid {message_class.__name__}")
+
+
+class _Huge:
+    """A JSON integer of more digits than Python reads (sys.get_int_max_str_digits)."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _integer(text: str) -> int | _Huge:
+    try:
+        return int(text)
+    except ValueError:
+        return _Huge(len(text.lstrip("-")))
+
+
+def _huge(value: object) -> _Huge | None:
+    """The first integer too long to read in a JSON value, if any."""
+    if isinstance(value, _Huge):
+        return value
+    items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else ()
+    for item in items:
+        if (huge := _huge(item)) is not None:
+            return huge
+    return None
 
 
 def _unknown_name(key: str) -> str:
