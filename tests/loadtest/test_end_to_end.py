@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -218,6 +219,61 @@ def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
         # offset is zero, and must lie within the bound the tool claims (both rounded to
         # the microsecond in the report).
         assert abs(clock["offset_ms"]) <= clock["uncertainty_ms"] + 0.001, clock
+
+
+async def insert_early_coupon(database: str, campaign_id: str) -> None:
+    """A coupon of the campaign stamped an hour before its start, as a tampered or broken
+    writer would leave it: the guard is lifted for the one insert and put back (NOT VALID,
+    so that it keeps every later row, but lets this one be)."""
+    connection = await asyncpg.connect(database)
+    try:
+        async with connection.transaction():
+            await connection.execute("ALTER TABLE coupons DROP CONSTRAINT coupons_issued_in_window")
+            await connection.execute(
+                "INSERT INTO coupons (campaign_id, total_coupons, starts_at, ends_at, slot,"
+                " code, user_id, issued_at)"
+                " SELECT id, total_coupons, starts_at, ends_at, total_coupons, 'EARLY1',"
+                " 'eve', starts_at - interval '1 hour' FROM campaigns WHERE id = $1",
+                uuid.UUID(campaign_id),
+            )
+            await connection.execute(
+                "ALTER TABLE coupons ADD CONSTRAINT coupons_issued_in_window"
+                " CHECK (issued_at >= starts_at AND issued_at < ends_at) NOT VALID"
+            )
+    finally:
+        await connection.close()
+
+
+@pytest.mark.integration
+def test_a_coupon_issued_before_the_run_outside_the_window_fails_i3(
+    server_env: dict[str, str], database: str, tmp_path: Path
+) -> None:
+    # A campaign that holds coupons already is checked whole, as I1, I2 and I4 count every
+    # row: a coupon stamped before the start is a violation whoever issued it.
+    server = ServerProcess(env=server_env, workers=1, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        campaign_id = create_campaign(server, 200, datetime.now(UTC) + timedelta(seconds=1))
+        asyncio.run(insert_early_coupon(database, campaign_id))
+        # Fewer users than the stock: the run never reaches the slot the tampered row holds.
+        code, document = loadtest(
+            server.url, tmp_path, "--campaign-id", campaign_id, "--database-url", database,
+            "--users", "50", "--rate", "200", "--processes", "1",
+        )  # fmt: skip
+    finally:
+        server.stop()
+
+    outside = [
+        check
+        for check in document["verification"]["checks"]
+        if check["name"] == "no coupon issued outside the window"
+    ]
+    assert {check["source"] for check in outside} == {"api", "database"}
+    for check in outside:
+        assert check["passed"] is False, check
+        assert any("EARLY1 (user eve)" in example for example in check["examples"]), check
+    assert failed_checks(document) == {"no coupon issued outside the window"}
+    assert code == 1
 
 
 def campaigns(server: ServerProcess) -> list[dict[str, Any]]:

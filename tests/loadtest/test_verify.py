@@ -194,3 +194,26 @@ def test_coupons_issued_before_the_run_are_not_counted_as_the_runs() -> None:
     result = verify(run.observations, plan, CLOCK, [server.ledger()])
 
     assert result.passed, [c.as_dict() for c in result.failures]
+
+
+def test_a_coupon_issued_before_the_run_outside_the_window_fails() -> None:
+    # An existing campaign whose earlier coupons include one stamped an hour before its
+    # start: I3 judges every coupon listed, as I1, I2 and I4 do, not just the run's.
+    server = FakeServer(STOCK + 2, starting_after(0.3))
+    starts = starting_after(0.3)
+    earlier = [
+        ListedCoupon("someone", "OLD0", starts),
+        ListedCoupon("eve", "OLD1", starts - 3600 * 1000 * MS),
+    ]
+    server.recorded.extend(earlier)
+    server.issued = 2
+    run = drive(server, users=300, requests=1200)
+    plan = dataclasses.replace(
+        run.plan, total_coupons=STOCK + 2, baseline_codes=frozenset(c.code for c in earlier)
+    )
+
+    result = verify(run.observations, plan, CLOCK, [server.ledger()])
+
+    assert failed(result) == {"no coupon issued outside the window"}
+    (outside,) = result.failures
+    assert outside.examples[0].startswith("OLD1 (user eve) issued at ")

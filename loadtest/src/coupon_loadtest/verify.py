@@ -329,8 +329,10 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
         f"{code} is also a coupon of another campaign" for code in ledger.codes_used_elsewhere
     ]
 
+    # Every coupon listed, as I1, I2 and I4 count them: one issued before the run (on a
+    # campaign targeted with --campaign-id) outside the window breaks I3 all the same.
     outside = []
-    for c in run_coupons:
+    for c in coupons:
         if c.issued_at_ns < plan.starts_at_ns:
             outside.append(
                 f"{c.code} (user {c.user_id}) issued at {_iso(c.issued_at_ns)}, "
@@ -421,7 +423,8 @@ def ledger_checks(ledger: Ledger, plan: Plan, view: ClientView) -> list[Check]:
             "I3",
             src,
             outside,
-            "every coupon was issued at or after starts_at",
+            f"all {len(coupons)} coupons were issued at or after starts_at"
+            + ("" if plan.ends_at_ns is None else " and before the end"),
             f"{len(outside)} coupons issued outside [starts_at, ends_at)",
         ),
         _check(
