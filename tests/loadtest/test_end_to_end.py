@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,6 +143,34 @@ def test_the_admin_token_comes_from_the_environment_or_dotenv(tmp_path: Path, co
     broken = run_command(command, env, tmp_path)
     assert broken.returncode == 2 and len(broken.stderr.splitlines()) == 1, broken.stderr
     assert ".env:1: expected KEY=VALUE" in broken.stderr
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime (just test-deps)")
+def test_start_in_counts_from_the_services_clock_not_this_machines(
+    memory_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A load machine whose clock is 10 s slow: --start-in 2 still opens the campaign 2 s
+    after the service's now, so the early probe reaches it before the start, and the run
+    says how long until the start really is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    run = subprocess.run(
+        ["faketime", "-f", "-10s", *COMMANDS["coupon-loadtest"], "--url", memory_server.url,
+         "--coupons", "5", "--users", "10", "--rate", "20", "--start-in", "2", "--tail", "0.2",
+         "--processes", "1", "--max-lag", "1000", "--no-chart"],
+        env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    document = json.loads((tmp_path / "loadtest-report.json").read_text())
+    campaign = httpx.post(
+        f"{memory_server.url}/coupon.v1.CouponService/GetCampaign",
+        json={"campaignId": document["target"]["campaign_id"], "pageSize": 1},
+        timeout=30,
+    ).json()["campaign"]
+    created = datetime.fromisoformat(campaign["createdAt"].replace("Z", "+00:00"))
+    starts = datetime.fromisoformat(campaign["startsAt"].replace("Z", "+00:00"))
+    assert timedelta(seconds=1) < starts - created <= timedelta(seconds=2), (created, starts)
+    assert document["outcomes"]["failed_precondition (not started)"] > 0, document["outcomes"]
+    assert re.search(r"starts in [12]\.\d s", run.stderr), run.stderr
 
 
 def failed_checks(document: dict[str, Any]) -> set[str]:

@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--start-in",
         type=float,
         default=None,
-        help="seconds from creation to starts_at; load begins at once, to probe early "
-        "issuance (default 3; not with --campaign-id)",
+        help="seconds from creation to starts_at, by the service's clock; load begins at "
+        "once, to probe early issuance (default 3; not with --campaign-id)",
     )
     scenario.add_argument(
         "--repeat-fraction",

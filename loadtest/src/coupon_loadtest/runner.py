@@ -235,9 +235,11 @@ async def execute(config: LoadConfig, console: Console) -> RunData:
             f"± {target.clock.uncertainty_ns / 1e6:.3f} ms ({target.clock.source})"
         )
         if target.created:
+            # By the service's clock, which decides the start: what is left of --start-in.
+            starts_in_s = (plan.starts_at_ns - target.clock.to_server(time.time_ns())) / NS_PER_S
             console.info(
                 f"created campaign {plan.campaign_id}: {plan.total_coupons} coupons, starts in "
-                f"{config.start_in_s:g} s; {clock}"
+                f"{starts_in_s:.1f} s; {clock}"
             )
         else:
             console.info(

@@ -179,6 +179,29 @@ class AdminApi:
             raise SetupError("CreateCampaign answered without a campaign or its created_at")
         return campaign, ClockSample(sent, created_at, received, "CreateCampaign.created_at")
 
+    async def service_clock_samples(self, count: int) -> list[ClockSample]:
+        """ListCampaigns' server_time (a page of one campaign, so it needs no campaign of
+        its own) against our send and receipt times; none from a server that does not
+        send it or does not serve ListCampaigns."""
+        request = coupon_pb.ListCampaignsRequest(page_size=1)
+        samples: list[ClockSample] = []
+        for _ in range(count):
+            sent = time.time_ns()
+            try:
+                response = await self._client.list_campaigns(request, headers=self._headers)
+            except ConnectError as exc:
+                if exc.code is Code.UNIMPLEMENTED:
+                    return []
+                raise self._failure(exc, "clock probe failed") from exc
+            except Exception as exc:
+                raise self._failure(exc, "clock probe failed") from exc
+            received = time.time_ns()
+            server = timestamp_ns(response.server_time)
+            if server is None:
+                return []
+            samples.append(ClockSample(sent, server, received, "ListCampaigns.server_time"))
+        return samples
+
     async def get_page(
         self, campaign_id: str, page_token: str = "", page_size: int = MAX_PAGE_SIZE
     ) -> coupon_pb.GetCampaignResponse:
@@ -281,11 +304,17 @@ async def prepare(config: LoadConfig, api: AdminApi) -> Target:
     """Create the run's campaign (starting start_in_s from now) or read the one targeted."""
     await api.check_access()
     if config.campaign_id is None:
-        starts_at_ns = time.time_ns() + round(config.start_in_s * NS_PER_S)
+        # --start-in counts from the service's now, which opens the window, not from this
+        # machine's clock: one that is seconds off would open the campaign before the load
+        # could probe it, or leave the load waiting. A server that stamps no time leaves
+        # only this machine's clock.
+        early = await api.service_clock_samples(CLOCK_SAMPLES // 2)
+        offset_ns = shortest_round_trip(early).offset_ns if early else 0
+        starts_at_ns = time.time_ns() + offset_ns + round(config.start_in_s * NS_PER_S)
         campaign, created = await api.create_campaign(config.name, config.coupons, starts_at_ns)
         # created_at stays a candidate, but its round trip holds a PostgreSQL commit: the
-        # read-only GetCampaign probes are usually several times tighter.
-        clock = await api.estimate_clock(campaign.id, [created])
+        # read-only probes are usually several times tighter.
+        clock = await api.estimate_clock(campaign.id, [*early, created])
         starts = timestamp_ns(campaign.starts_at)
         plan = Plan(
             campaign_id=campaign.id,
