@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import multiprocessing
 from pathlib import Path
 
 from coupon_loadtest import chart, report, runner
+from coupon_loadtest.clock import ClockOffset, iso_ms
 from coupon_loadtest.herd import Final, UserBook
 from coupon_loadtest.histogram import LatencyHistogram
 from coupon_loadtest.progress import Progress, Snapshot, render
@@ -150,6 +152,26 @@ def test_report_counts_every_outcome_and_gives_the_verdicts() -> None:
     assert {"p50", "p90", "p99", "p99.9", "max"} <= set(doc["latency_ms"]["success"])
     assert doc["verification"]["passed"] is True
     assert doc["generator"]["kept_up"] is True
+
+
+def test_the_timeline_is_in_the_servers_clock() -> None:
+    # A load machine 10 s behind the server: every time of the timeline is shifted onto the
+    # server's clock, the one starts_at and issued_at are in, so they compare as they read.
+    run = fake_run()
+    behind = ClockOffset(10 * NS_PER_S, NS_PER_S // 1000, "test")
+    run = dataclasses.replace(run, target=dataclasses.replace(run.target, clock=behind))
+    first_sold_out = report.first_sold_out_rel(run)
+    assert first_sold_out is not None
+
+    timeline = json.loads(json.dumps(document(run)))["timeline"]
+
+    def server(rel_ns: int) -> str:
+        return iso_ms(T0 + rel_ns + 10 * NS_PER_S)
+
+    assert timeline["load_started_at"] == server(0)
+    assert timeline["first_sold_out_answer_at"] == server(first_sold_out)
+    assert timeline["load_stopped_at"] == server(run.stop_rel_ns)
+    assert timeline["starts_at"] == iso_ms(run.target.plan.starts_at_ns)
 
 
 def test_summary_names_each_failed_check() -> None:

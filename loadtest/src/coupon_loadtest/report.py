@@ -204,8 +204,10 @@ def build(
         for reason, n in result.lost_reasons.items():
             lost_reasons[reason] = lost_reasons.get(reason, 0) + n
 
-    def wall(rel: int | None) -> int | None:
-        return None if rel is None else run.t0_wall_ns + rel
+    def server(rel: int | None) -> int | None:
+        # The timeline is in the server's clock, as starts_at and issued_at are: this
+        # machine's times (relative to the load start) are shifted by the measured offset.
+        return None if rel is None else clock.to_server(run.t0_wall_ns + rel)
 
     sell_out_s = round(issue_span_s, 3) if sold_out and run_issued else None
     herd = herd_summary(run, sell_out_s, sold_out)
@@ -243,13 +245,13 @@ def build(
         },
         "clock": clock.as_dict(),
         "timeline": {
-            "load_started_at": _iso(run.t0_wall_ns),
+            "load_started_at": _iso(server(0)),
             "starts_at": _iso(plan.starts_at_ns),
-            "first_sold_out_answer_at": _iso(wall(first_sold_out)),
+            "first_sold_out_answer_at": _iso(server(first_sold_out)),
             "last_coupon_issued_at": _iso(run_issued[-1]) if run_issued else None,
             "sold_out": sold_out,
             "sell_out_s": sell_out_s,
-            "load_stopped_at": _iso(run.t0_wall_ns + run.stop_rel_ns),
+            "load_stopped_at": _iso(server(run.stop_rel_ns)),
             "interrupted": run.interrupted,
         },
         "throughput": {
