@@ -60,6 +60,14 @@ def test_a_rate_that_was_not_offered_exits_three() -> None:
     assert "asked rate not offered" in verdict.reasons[0]
 
 
+def test_an_interrupted_run_that_also_fell_behind_exits_130_saying_both() -> None:
+    verdict = report.decide(PASSED, generator(kept_up=False), interrupted=True)
+
+    assert (verdict.passed, verdict.exit_code) == (False, report.EXIT_INTERRUPTED)
+    assert verdict.reasons[0] == "interrupted before the planned end"
+    assert "asked rate not offered" in verdict.reasons[1]
+
+
 def test_closed_loop_has_no_rate_to_miss() -> None:
     assert report.decide(PASSED, None, interrupted=False).exit_code == report.EXIT_OK
 

@@ -95,17 +95,22 @@ def decide(
     unverified = [f"{c.source}: {c.detail}" for c in verification.not_done]
     if unverified:
         return Verdict(False, EXIT_UNVERIFIED, unverified)
-    if requests == 0 and not interrupted:
+    lag: list[str] = []
+    if generator is not None and not generator.kept_up:
+        # A herd has no asked rate (asked_rps 0): its crowd is what was not offered.
+        what = "asked rate not offered" if generator.asked_rps else "crowd not offered as modelled"
+        lag = [f"{what}: {generator.message}"]
+    if interrupted:
+        # Said first: a run cut short may well have fallen behind too, but the operator
+        # stopped it, and a script waits for 130 (the lag stays among the reasons).
+        return Verdict(False, EXIT_INTERRUPTED, ["interrupted before the planned end", *lag])
+    if requests == 0:
         # Checks of nothing pass vacuously: a run that tested nothing has not passed.
         return Verdict(
             False, EXIT_RATE_NOT_OFFERED, ["no request was sent: the run tested nothing"]
         )
-    if generator is not None and not generator.kept_up:
-        # A herd has no asked rate (asked_rps 0): its crowd is what was not offered.
-        what = "asked rate not offered" if generator.asked_rps else "crowd not offered as modelled"
-        return Verdict(False, EXIT_RATE_NOT_OFFERED, [f"{what}: {generator.message}"])
-    if interrupted:
-        return Verdict(False, EXIT_INTERRUPTED, ["interrupted before the planned end"])
+    if lag:
+        return Verdict(False, EXIT_RATE_NOT_OFFERED, lag)
     return Verdict(True, EXIT_OK, [])
 
 
