@@ -841,6 +841,18 @@ def test_a_wrong_token_is_said_refused_and_a_missing_one_missing(
             ["create", "--name", "x", "--coupons", "5", "--starts-at", "+99999999999d"],
             "coupon: --starts-at is too far from now (got '+99999999999d')",
         ),
+        # A time before now reaches the command, which says what it takes, rather than
+        # being taken for an option that is not there.
+        (
+            ["create", "--name", "x", "--coupons", "5", "--starts-at", "-5m"],
+            "coupon: --starts-at must be an ISO 8601 time such as 2026-12-01T12:00:00Z, 'now' "
+            "or a time from now: +30s, +5m, +2h or +1d (got '-5m')",
+        ),
+        (
+            ["create", "--name", "x", "--coupons", "5", "--ends-at", "-1d"],
+            "coupon: --ends-at must be an ISO 8601 time such as 2026-12-01T12:00:00Z, 'now' "
+            "or a time from now: +30s, +5m, +2h or +1d (got '-1d')",
+        ),
         (
             ["create", "--name", "x", "--coupons", "99999999999999999999"],
             "coupon: --coupons must be between 1 and 10000000 (got 99999999999999999999)",
@@ -971,6 +983,16 @@ def test_create_help_lists_every_unit_and_that_a_bare_time_is_utc(server: Server
     assert "without an offset is UTC" in helped
     bare = create(server, "bare time", "--starts-at", "2031-06-01T12:00:00")
     assert bare["startsAt"] == "2031-06-01T12:00:00Z"
+
+
+def test_a_lowercase_rfc_3339_time_is_taken(server: ServerProcess) -> None:
+    # RFC 3339 (5.6) lets the T and the Z be lowercase.
+    lower = create(server, "lowercase time", "--starts-at", "2031-06-01t12:00:00z")
+    assert lower["startsAt"] == "2031-06-01T12:00:00Z"
+    mixed = create(
+        server, "mixed", "--starts-at", "2031-06-01T12:00:00z", "--ends-at", "2031-06-02t00:00:00Z"
+    )
+    assert (mixed["startsAt"], mixed["endsAt"]) == ("2031-06-01T12:00:00Z", "2031-06-02T00:00:00Z")
 
 
 def test_the_url_comes_from_the_option_or_the_environment(server: ServerProcess) -> None:

@@ -142,6 +142,8 @@ def test_the_admin_token_comes_from_the_environment_or_dotenv(tmp_path: Path, co
     (tmp_path / ".env").write_text("this line is bad\n")
     broken = run_command(command, env, tmp_path)
     assert broken.returncode == 2 and len(broken.stderr.splitlines()) == 1, broken.stderr
+    # In the tool's own words, whichever command ran it.
+    assert broken.stderr.startswith("loadtest: "), broken.stderr
     assert ".env:1: expected KEY=VALUE" in broken.stderr
 
 

@@ -603,7 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             dotenv = read_dotenv(Path(".env"))
         except SettingsError as exc:
-            print(f"coupon: {exc}", file=sys.stderr)
+            # The load tool speaks as `loadtest:` (run as `coupon-loadtest` too), of its
+            # .env as of everything else.
+            who = "loadtest" if args.command == "loadtest" else "coupon"
+            print(f"{who}: {exc}", file=sys.stderr)
             return 2
         for key, value in dotenv.items():
             os.environ.setdefault(key, value)

@@ -59,6 +59,7 @@ STATUSES = {
 }
 _STATUS_NAMES = {value: name for name, value in STATUSES.items()}
 _RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+_DASH_VALUE = re.compile(r"^-\d")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EXPORT_FORMATS = ("csv", "jsonl")
 CSV_COLUMNS = ("code", "user_id", "campaign_id", "issued_at")
@@ -117,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "+30s, +5m, +2h, +1d (default: now)",
     )
     create.add_argument("--ends-at", help="when issuance closes, as --starts-at (default: never)")
+    # A time before now ('-5m') is a value for --starts-at and --ends-at to judge: argparse
+    # takes a word starting with '-' for a value only when it reads as a negative number,
+    # and would otherwise refuse it as an option it does not know, without saying why.
+    create._negative_number_matcher = _DASH_VALUE
 
     listing = actions.add_parser("list", help="list campaigns, newest first")
     listing.add_argument("--status", choices=sorted(STATUSES), help="only campaigns of this status")
@@ -853,7 +858,8 @@ def parse_time(option: str, text: str, now: datetime) -> datetime:
         except OverflowError:
             raise UsageError(f"{option} is too far from now (got {text!r})") from None
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # RFC 3339 lets the T and the Z be lowercase; fromisoformat takes neither z.
+        value = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
     except ValueError:
         raise UsageError(
             f"{option} must be an ISO 8601 time such as 2026-12-01T12:00:00Z, 'now' "
