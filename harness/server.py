@@ -56,10 +56,12 @@ class ServerProcess:
         name: str = "coupon",
         cpus: str | None = None,
         inherit_env: bool = False,
+        open_files: int | None = None,
     ) -> None:
         """`argv`: a server command instead of `coupon serve` (it gets --host, --port and
         --workers too). `cpus`: a `taskset -c` list to pin the server to. `inherit_env`:
-        start from this process's whole environment rather than a clean one."""
+        start from this process's whole environment rather than a clean one. `open_files`:
+        the server's RLIMIT_NOFILE, soft and hard (its workers inherit it)."""
         self.name = name
         self.port = port or free_port()
         self.workers = workers
@@ -72,6 +74,8 @@ class ServerProcess:
             command.append("--in-memory")
         if cpus is not None:
             command = ["taskset", "-c", cpus, *command]
+        if open_files is not None:
+            command = ["prlimit", f"--nofile={open_files}:{open_files}", *command]
         self.cpus = cpus
         base = dict(os.environ) if inherit_env else clean_environment()
         self.log_path = (log_dir or Path("/tmp")) / f"{name}-server-{self.port}.log"

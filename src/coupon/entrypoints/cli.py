@@ -94,11 +94,16 @@ def run_asgi(
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from coupon.entrypoints.http.budget import raise_open_files_limit
+
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: with these, a graceful stop exits 0 (and a signal that comes before
     # uvicorn takes over still stops the process).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
+    # Every connection is a file descriptor: the workers inherit the raised limit, and
+    # hold connections up to a budget below it (http/budget.py).
+    raise_open_files_limit()
     config = uvicorn.Config(
         factory,
         factory=True,

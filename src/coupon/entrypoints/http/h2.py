@@ -1466,6 +1466,15 @@ class H2Protocol(asyncio.Protocol):
             self.idle.cancel()
             self.idle = None
 
+    def idle_since(self) -> float:
+        """The loop time its last stream ended (or it began) while no stream is open and it
+        is not closing; 0 otherwise. Such a connection may be closed with a GOAWAY at any
+        time: the peer learns that no stream of its was taken."""
+        idle = self.idle
+        if idle is None or self.streams or self.last_stream_id is not None or self.backlog:
+            return 0.0
+        return idle.when() - self.config.timeout_keep_alive
+
     def _idle_close(self) -> None:
         """No stream for a while: say goodbye properly, so the client reconnects quietly."""
         self.idle = None

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from coupon.entrypoints.http.budget import ConnectionBudget
 from coupon.entrypoints.http.h1 import Http1Protocol, front_app, limits_of, unread_bytes
 from coupon.entrypoints.http.h2 import H2Protocol
 
@@ -31,6 +32,8 @@ class AutoProtocol(asyncio.Protocol):
 
     # uvicorn offers these through ALPN when it builds the TLS context.
     alpn_protocols: ClassVar[list[str]] = ["h2", "http/1.1"]
+    # The worker's connection budget, found once (one server per worker process).
+    budget: ClassVar[ConnectionBudget | None] = None
 
     def __init__(
         self,
@@ -55,6 +58,14 @@ class AutoProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        # Every connection starts here: past the worker's budget, idle ones make room for
+        # it, or it is closed at once (budget.py). One comparison otherwise.
+        budget = self.budget
+        if budget is None or budget.state is not self.server_state:
+            budget = AutoProtocol.budget = ConnectionBudget(self.server_state)
+        if len(self.server_state.connections) >= budget.size and not budget.make_room(self.loop):
+            transport.close()
+            return
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             alpn = ssl_object.selected_alpn_protocol()
@@ -68,6 +79,17 @@ class AutoProtocol(asyncio.Protocol):
         # time. Once its first byte is here, its request must arrive whole in time (408).
         self.server_state.connections.add(self)  # type: ignore[arg-type]
         self.idle = self.loop.call_later(self.config.timeout_keep_alive, self._idle_close)
+
+    def silent_since(self) -> float:
+        """The loop time it was made, while it has sent nothing and is not closing (then
+        it may be closed with nothing written); 0 otherwise."""
+        idle = self.idle
+        if idle is None or self.buffer or self.closing:
+            return 0.0
+        return idle.when() - self.config.timeout_keep_alive
+
+    def close_idle(self) -> None:
+        self._idle_close()
 
     def _idle_close(self) -> None:
         self.idle = None
