@@ -196,9 +196,10 @@ def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
     assert "ended" in ok(coupon(server, "show", str(campaign["id"])))
 
 
-def at_a_terminal(server: ServerProcess, answer: str, *args: str) -> tuple[int, str]:
+def at_a_terminal(server: ServerProcess, answer: str | None, *args: str) -> tuple[int, str]:
     """`coupon campaigns ARGS...` with a terminal for stdin, stdout and stderr, `answer`
-    typed at it: its exit status and everything it wrote to the terminal."""
+    typed at it (None: Ctrl-D, the end of input): its exit status and everything it wrote
+    to the terminal."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
     env |= {"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url}
     leader, follower = pty.openpty()
@@ -215,7 +216,7 @@ def at_a_terminal(server: ServerProcess, answer: str, *args: str) -> tuple[int, 
         while b"[y/N]" not in seen and (chunk := read_terminal(leader, 30)):
             seen += chunk
         if b"[y/N]" in seen:
-            os.write(leader, answer.encode() + b"\n")
+            os.write(leader, b"\x04" if answer is None else answer.encode() + b"\n")
         status = proc.wait(timeout=60)
         while chunk := read_terminal(leader, 0.2):
             seen += chunk
@@ -247,6 +248,10 @@ def test_end_at_a_terminal_names_the_campaign_and_waits_for_yes(server: ServerPr
     shown = rpc(server, "GetCampaign", {"campaignId": campaign["id"]})["campaign"]
     assert shown["status"] == "CAMPAIGN_STATUS_ACTIVE" and "endedAt" not in shown
 
+    status, seen = at_a_terminal(server, None, "end", str(campaign["id"]))
+    assert status == 1 and "coupon: not ended" in seen, seen
+    assert "[y/N] coupon" not in seen  # the prompt's line ended first
+
     status, seen = at_a_terminal(server, "yes", "end", str(campaign["id"]))
     assert status == 0, seen
     assert rpc(server, "GetCampaign", {"campaignId": campaign["id"]})["campaign"]["endedAt"]
@@ -257,6 +262,23 @@ def test_end_at_a_terminal_names_the_campaign_and_waits_for_yes(server: ServerPr
     status, seen = at_a_terminal(server, "", "end", "--yes", str(other["id"]))
     assert status == 0 and "[y/N]" not in seen, seen
     assert rpc(server, "GetCampaign", {"campaignId": other["id"]})["campaign"]["endedAt"]
+
+
+def test_end_with_stdin_closed_ends_the_campaign_without_asking(server: ServerProcess) -> None:
+    """A script started with its input closed (`cmd <&-`) has no terminal to ask at."""
+    campaign = create(server, "no input")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env |= {"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": server.url}
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m coupon campaigns end "$1" <&-', sys.executable, campaign["id"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert rpc(server, "GetCampaign", {"campaignId": campaign["id"]})["campaign"]["endedAt"]
 
 
 def test_export_csv_to_stdout_and_json_lines_to_a_file(

@@ -84,6 +84,10 @@ class Declined(Exception):
     """The operator did not confirm; nothing was changed."""
 
 
+# Set while `end` waits for the operator's answer at the terminal.
+_ASKING = threading.Event()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -268,6 +272,8 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
         # Ctrl-C: what was being written to a file is removed; nothing more to say.
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
         files.abandon()
+        if _ASKING.is_set():
+            print(file=sys.stderr)  # the prompt's line ends before the word
         print("coupon: interrupted", file=sys.stderr)
         sys.stderr.flush()
         # The action's thread may still wait for the service (or for a reader of a pipe),
@@ -565,7 +571,7 @@ def _show(call: Call, args: argparse.Namespace) -> None:
 def _end(call: Call, args: argparse.Namespace) -> None:
     # An end cannot be undone: at a terminal the operator sees which campaign it is and
     # says yes. A script (no terminal) ends it at once, as it did before any question.
-    if not args.yes and sys.stdin.isatty() and sys.stderr.isatty():
+    if not args.yes and _at_a_terminal():
         _confirm_end(call, args.campaign_id)
     response = call.client.end_campaign(
         coupon_pb.EndCampaignRequest(campaign_id=args.campaign_id),
@@ -574,6 +580,12 @@ def _end(call: Call, args: argparse.Namespace) -> None:
     )
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
+
+
+def _at_a_terminal() -> bool:
+    """Whether someone can be asked: stdin and stderr are a terminal (either may also be
+    closed, started as `cmd <&-`: then Python has no file for it)."""
+    return all(f is not None and f.isatty() for f in (sys.stdin, sys.stderr))
 
 
 def _confirm_end(call: Call, campaign_id: str) -> None:
@@ -593,7 +605,12 @@ def _confirm_end(call: Call, campaign_id: str) -> None:
         "cannot be undone. [y/N] "
     )
     sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+    _ASKING.set()  # a Ctrl-C meanwhile ends the prompt's line first (main)
+    answer = sys.stdin.readline()
+    _ASKING.clear()
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")  # end of input (Ctrl-D): the prompt's line ends here
+    if answer.strip().lower() not in ("y", "yes"):
         raise Declined("not ended (answer y to end it; --yes ends it without asking)")
 
 
