@@ -173,8 +173,10 @@ def test_a_first_flight_over_the_limit_has_the_excess_refused(server: ServerProc
         got, goaways = outcomes(client, sent)
     assert goaways == []
     answered = [s for s in sent if got[s] == b"0"]
-    assert len(answered) >= 100
-    assert all(got[s] == ErrorCodes.REFUSED_STREAM for s in sent if s not in answered)
+    refused = [s for s in sent if s not in answered]
+    # A stream answered before the last ones were read frees its place: 100 at least.
+    assert len(answered) >= 100 and refused
+    assert all(got[s] == ErrorCodes.REFUSED_STREAM for s in refused)
     serving(server, campaign_id)
 
 
