@@ -582,6 +582,38 @@ def test_serve_on_an_ipv6_address_says_a_url_that_can_be_called(tmp_path: Path) 
         assert server.wait(30) == 0
 
 
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_the_ipv6_wildcard_takes_ipv4_too(tmp_path: Path, workers: int) -> None:
+    """`--host ::` listens on every address, IPv6 and IPv4, with one worker or several."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "coupon", "serve", "--in-memory", "--host", "::"),
+            *("--port", str(port), "--workers", str(workers)),
+        ],
+        env=clean_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        for url in (f"http://[::1]:{port}/healthz", f"http://127.0.0.1:{port}/healthz"):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"nothing answered at {url}"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0
+
+
 def test_serve_keeps_a_metrics_directory_it_was_given(tmp_path: Path) -> None:
     """...and every file in it but the metrics files of an earlier run (no process can have
     the pid in their names, or one that is no coupon server has it now), which it deletes:

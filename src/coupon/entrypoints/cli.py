@@ -39,23 +39,25 @@ BACKLOG = 4096
 
 
 def listen(host: str, port: int) -> list[socket.socket] | str:
-    """Listening sockets on every address host:port resolves to (SO_REUSEADDR, IPv6
-    sockets IPv6 only, as the event loop binds them), for `run_asgi`; or why the server
-    cannot listen there. Bound and listening here, once: a port that was only tried and let
-    go could be taken before the server bound it (two servers started at once), and the
-    loser would fail after saying it serves."""
+    """Listening sockets on every address host:port resolves to (SO_REUSEADDR), for
+    `run_asgi`; or why the server cannot listen there. An IPv6 socket takes IPv4 too
+    (`--host ::` serves both, as in Node and Go) unless the host also resolves to an IPv4
+    address, which then has a socket of its own. Bound and listening here, once: a port
+    that was only tried and let go could be taken before the server bound it (two servers
+    started at once), and the loser would fail after saying it serves."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"unknown host ({exc.strerror})"
     sockets: list[socket.socket] = []
+    v6_only = any(family == socket.AF_INET for family, *_ in addresses)
     for family, kind, proto, _, address in addresses:
         sock = socket.socket(family, kind, proto)
         sockets.append(sock)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
             # Listening at once: Linux lets SO_REUSEADDR sockets share a port until one of
             # them listens, so a bind alone would not keep another server off it.
             sock.bind(address)
