@@ -215,6 +215,12 @@ def empty_data(_: int, stream_id: int) -> bytes:
     return DataFrame(stream_id).serialize()
 
 
+def byte_of_data(_: int, stream_id: int) -> bytes:
+    """A request body sent a byte a frame (50,000 of them stay within the body's limit and
+    the stream's window)."""
+    return DataFrame(stream_id, data=b"x").serialize()
+
+
 def window_update(_: int, stream_id: int) -> bytes:
     return WindowUpdateFrame(stream_id, window_increment=1).serialize()
 
@@ -227,6 +233,7 @@ FLOODS: dict[str, Callable[[int, int], bytes]] = {
     "PING": ping,
     "SETTINGS": settings,
     "empty DATA": empty_data,
+    "DATA of one byte": byte_of_data,
     "WINDOW_UPDATE": window_update,
     "PRIORITY": priority,
 }

@@ -153,16 +153,19 @@ DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 1.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
 # Frames that ask nothing of the app (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, RST_STREAM,
-# a DATA frame of no payload that ends nothing, a frame of an unknown type) cost a worker
-# as much as a request's, and a read may hold thousands. A connection may send IDLE_FRAMES
-# of them at once, IDLE_FRAME_RATE a second after that, and IDLE_FRAMES_EARNED more for
-# each HEADERS or DATA frame the server sends it (a client's window updates and its pings
-# for bandwidth follow what it receives), up to IDLE_FRAMES_HELD in hand; one more ends
-# the connection with a GOAWAY (ENHANCE_YOUR_CALM), as nghttp2 and Go end such floods.
+# a DATA frame of less than SMALL_DATA bytes that ends nothing, a frame of an unknown type)
+# cost a worker as much as a request's, and a read may hold thousands. (A request's body
+# is one message: a client sends it in a frame or a few, never byte by byte.) A connection
+# may send IDLE_FRAMES of them at once, IDLE_FRAME_RATE a second after that, and
+# IDLE_FRAMES_EARNED more for each HEADERS or DATA frame the server sends it (a client's
+# window updates and its pings for bandwidth follow what it receives), up to
+# IDLE_FRAMES_HELD in hand; one more ends the connection with a GOAWAY (ENHANCE_YOUR_CALM),
+# as nghttp2 and Go end such floods.
 IDLE_FRAMES = 1000
 IDLE_FRAME_RATE = 100.0
 IDLE_FRAMES_EARNED = 4
 IDLE_FRAMES_HELD = 10_000
+SMALL_DATA = 256
 # What h2 is given of a read in one turn of the loop: the rest waits for the next turns,
 # the connection's reading paused meanwhile, so that one connection's read (uvloop reads up
 # to 256 KiB) cannot hold the worker from its other connections for long.
@@ -353,7 +356,9 @@ class _Connection(H2Connection):
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         if type(frame) in _IDLE_FRAMES or (
-            isinstance(frame, DataFrame) and not frame.data and "END_STREAM" not in frame.flags
+            isinstance(frame, DataFrame)
+            and len(frame.data) < SMALL_DATA
+            and "END_STREAM" not in frame.flags
         ):
             self.idle_frames -= 1
             if self.idle_frames < 0 and not self._idle_refilled():
