@@ -530,6 +530,19 @@ def ipv6_loopback() -> bool:
     return True
 
 
+def healthy(url: str) -> None:
+    """Wait (a minute at most) until `url`/healthz answers 200."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"nothing answered at {url}"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 def test_serve_on_an_ipv6_address_says_a_url_that_can_be_called(tmp_path: Path) -> None:
     """`http://::1:8000` is no URL: the address goes in brackets, `http://[::1]:8000`."""
@@ -567,16 +580,7 @@ def test_serve_on_an_ipv6_address_says_a_url_that_can_be_called(tmp_path: Path) 
         assert server.stdout is not None
         line = server.stdout.readline()
         assert line.startswith(f"coupon: serving on http://[::1]:{port} "), line
-        url = line.split()[3]
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"nothing answered at {url}"
-            time.sleep(0.2)
+        healthy(line.split()[3])
     finally:
         server.terminate()
         assert server.wait(30) == 0
@@ -599,16 +603,8 @@ def test_serve_on_the_ipv6_wildcard_takes_ipv4_too(tmp_path: Path, workers: int)
         start_new_session=True,
     )
     try:
-        for url in (f"http://[::1]:{port}/healthz", f"http://127.0.0.1:{port}/healthz"):
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(url, timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, f"nothing answered at {url}"
-                time.sleep(0.2)
+        healthy(f"http://[::1]:{port}")
+        healthy(f"http://127.0.0.1:{port}")
     finally:
         server.terminate()
         assert server.wait(30) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,23 +184,18 @@ class AdminApi:
         its own) against our send and receipt times; none from a server that does not
         send it or does not serve ListCampaigns."""
         request = coupon_pb.ListCampaignsRequest(page_size=1)
-        samples: list[ClockSample] = []
-        for _ in range(count):
-            sent = time.time_ns()
+
+        async def ask() -> Timestamp | None:
             try:
                 response = await self._client.list_campaigns(request, headers=self._headers)
             except ConnectError as exc:
                 if exc.code is Code.UNIMPLEMENTED:
-                    return []
-                raise self._failure(exc, "clock probe failed") from exc
-            except Exception as exc:
-                raise self._failure(exc, "clock probe failed") from exc
-            received = time.time_ns()
-            server = timestamp_ns(response.server_time)
-            if server is None:
-                return []
-            samples.append(ClockSample(sent, server, received, "ListCampaigns.server_time"))
-        return samples
+                    return None
+                raise
+            stamp: Timestamp | None = response.server_time
+            return stamp
+
+        return await self._server_times(count, ask, "ListCampaigns.server_time")
 
     async def get_page(
         self, campaign_id: str, page_token: str = "", page_size: int = MAX_PAGE_SIZE
@@ -253,18 +248,31 @@ class AdminApi:
         """GetCampaign's server_time (the service's one clock) against our send and receipt
         times, `count` times in a row; none from a server that does not send server_time."""
         request = coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=1)
+
+        async def ask() -> Timestamp | None:
+            response = await self._client.get_campaign(request, headers=self._headers)
+            stamp: Timestamp | None = response.server_time
+            return stamp
+
+        return await self._server_times(count, ask, "GetCampaign.server_time")
+
+    async def _server_times(
+        self, count: int, ask: Callable[[], Awaitable[Timestamp | None]], source: str
+    ) -> list[ClockSample]:
+        """`count` readings of the service's clock by `ask`, each between our send and
+        receipt times; none when one of them has no time."""
         samples: list[ClockSample] = []
         for _ in range(count):
             sent = time.time_ns()
             try:
-                response = await self._client.get_campaign(request, headers=self._headers)
+                stamp = await ask()
             except Exception as exc:
                 raise self._failure(exc, "clock probe failed") from exc
             received = time.time_ns()
-            server = timestamp_ns(response.server_time)
+            server = timestamp_ns(stamp)
             if server is None:
                 return []
-            samples.append(ClockSample(sent, server, received, "GetCampaign.server_time"))
+            samples.append(ClockSample(sent, server, received, source))
         return samples
 
     async def clock_from_date_header(self, campaign_id: str) -> ClockOffset:
