@@ -556,12 +556,19 @@ def _list(call: Call, args: argparse.Namespace) -> None:
         )
 
 
-def _show(call: Call, args: argparse.Namespace) -> None:
+def _first_page(call: Call, campaign_id: str) -> coupon_pb.GetCampaignResponse:
+    """GetCampaign with a page of one coupon: the campaign, with what is known of it."""
     response = call.client.get_campaign(
-        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
+        coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=1),
         headers=call.headers,
         timeout_ms=call.timeout_ms,
     )
+    assert response.campaign is not None
+    return response
+
+
+def _show(call: Call, args: argparse.Namespace) -> None:
+    response = _first_page(call, args.campaign_id)
     assert response.campaign is not None
     # GetCampaign's own answer for a page of one coupon: the campaign, its first coupon,
     # nextPageToken when there are more, and serverTime.
@@ -590,12 +597,7 @@ def _at_a_terminal() -> bool:
 
 def _confirm_end(call: Call, campaign_id: str) -> None:
     """Name the campaign and wait for the operator's yes; anything else ends nothing."""
-    view = call.client.get_campaign(
-        coupon_pb.GetCampaignRequest(campaign_id=campaign_id, page_size=1),
-        headers=call.headers,
-        timeout_ms=call.timeout_ms,
-    )
-    campaign = view.campaign
+    campaign = _first_page(call, campaign_id).campaign
     assert campaign is not None
     if campaign.status == coupon_pb.CampaignStatus.ENDED:
         return  # ending an ended campaign changes nothing: nothing to ask
@@ -621,11 +623,7 @@ def _export(call: Call, args: argparse.Namespace) -> None:
         raise UsageError("--excel applies to --format csv only")
     # The campaign first: a clear error before any output, and the total for the progress.
     # (GetCampaign answers while Redis is down, as the export does: both read PostgreSQL.)
-    view = call.client.get_campaign(
-        coupon_pb.GetCampaignRequest(campaign_id=args.campaign_id, page_size=1),
-        headers=call.headers,
-        timeout_ms=call.timeout_ms,
-    )
+    view = _first_page(call, args.campaign_id)
     assert view.campaign is not None
     total = view.campaign.issued_count
     # `-o -` is standard output, as for curl and kubectl: not a file named "-".
