@@ -32,6 +32,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in a Prometheus exposition that carry `labels`."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def clean_environment() -> dict[str, str]:
     """This process's environment without the service's settings, so that a developer's
     shell (COUPON_*, REDIS_*, DATABASE_URL, APP_ENV) cannot leak into a server under test."""
@@ -144,6 +155,12 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-tail:]
         except OSError:
             return "(no log)"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A metric's value now, from /metrics (other workers' as of their last flush, at
+        most a second old)."""
+        exposition = httpx.get(f"{self.url}/metrics", timeout=10).raise_for_status().text
+        return metric_value(exposition, name, **labels)
 
     def pids(self) -> list[int]:
         """The main process and everything below it (workers, the resource tracker)."""

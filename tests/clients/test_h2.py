@@ -215,6 +215,7 @@ def test_rapid_reset_is_answered_with_goaway_and_the_server_serves_on(tmp_path: 
         answer.add_data(bytes(received))
         goaways = [f for f in answer if isinstance(f, GoAwayFrame)]
         assert [g.error_code for g in goaways] == [ErrorCodes.ENHANCE_YOUR_CALM]
+        assert proc.metric("coupon_connections_closed_total", reason="abuse") == 1
 
         started = time.monotonic()
         with H2Client(proc.port) as client:

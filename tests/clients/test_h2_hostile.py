@@ -239,6 +239,7 @@ def test_a_flood_of_frames_that_ask_nothing_ends_its_connection_alone(
     other connection's calls are answered."""
     with H2Client(server.port) as setup:
         campaign_id = create_campaign(setup)
+    closed_before = server.metric("coupon_connections_closed_total", reason="abuse")
     flooder = H2Client(server.port)
     flooder.sock.settimeout(10)
     open_stream = flooder.start("GetCampaign", end=False)  # for the frames on a stream
@@ -282,6 +283,8 @@ def test_a_flood_of_frames_that_ask_nothing_ends_its_connection_alone(
     assert goaways == [ErrorCodes.ENHANCE_YOUR_CALM]
     assert answered >= 1
     serving(server, campaign_id)
+    # Counted for the operator: one connection closed for abuse.
+    assert server.metric("coupon_connections_closed_total", reason="abuse") == closed_before + 1
 
 
 def test_a_read_of_many_frames_that_carry_requests_is_served_whole(

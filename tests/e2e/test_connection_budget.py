@@ -121,6 +121,10 @@ async def test_idle_connections_make_room_for_new_ones(server: ServerProcess) ->
     assert lines[0]["level"] == "warning"
     assert lines[0]["budget"] == BUDGET and lines[0]["open_files_limit"] == OPEN_FILES
     assert sum(int(line["idle_closed"]) for line in lines) >= 1
+    # And /metrics counts them, for the dashboards an operator watches.
+    assert server.metric("coupon_connections_closed_total", reason="budget_idle") >= (
+        NEVER_SPOKEN - BUDGET
+    )
     for _, writer in [*h2, *kept, *silent]:
         writer.close()
     slow_writer.close()
@@ -153,5 +157,6 @@ async def test_with_no_idle_connection_a_new_one_is_closed_at_once(
     await asyncio.sleep(LINE_EVERY)
     lines = budget_lines(server.log(tail=1_000_000))
     assert sum(int(line["new_refused"]) for line in lines) >= 1, server.log()
+    assert server.metric("coupon_connections_closed_total", reason="budget_full") >= 1
     for _, writer in begun:
         writer.close()

@@ -778,7 +778,9 @@ async def test_a_client_that_never_reads_its_answers_is_reset(
         pytest.skip(f"TCP send buffers of up to {wmem_max} bytes would take it all")
     count = 27_000_000 // await script_size(server) + 1
     user = f"never-reads-{uuid.uuid4().hex}"
+    stalled = server.metric("coupon_connections_closed_total", reason="stalled")
     await send_and_never_read(server, campaign, issue_request(campaign, user) + SCRIPT * count)
+    assert server.metric("coupon_connections_closed_total", reason="stalled") == stalled + 1
     reader, writer = await open_connection(server.url)
     writer.write(issue_request(campaign, user))
     retry = await asyncio.wait_for(read_response(reader), 10)

@@ -19,6 +19,7 @@ from harness.client import connect_client, create_campaign
 from harness.private_redis import PrivateRedis
 from harness.raw_http import open_connection, read_response
 from harness.server import ServerProcess, free_port
+from harness.server import metric_value as metric
 
 pytestmark = pytest.mark.e2e
 ISSUE = "/coupon.v1.CouponService/IssueCoupon"
@@ -29,16 +30,6 @@ CREATE = "/coupon.v1.CouponService/CreateCampaign"
 def server(server_env: dict[str, str]) -> Iterator[ServerProcess]:
     with ServerProcess(env=server_env, workers=2) as proc:
         yield proc
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_metrics_count_every_worker_s_requests_and_issues(server: ServerProcess) -> None:

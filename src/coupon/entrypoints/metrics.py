@@ -94,8 +94,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             **kw,  # type: ignore[arg-type]
         )
+        self.connections_closed = Counter(
+            "coupon_connections_closed",
+            "Client connections the server closed to protect itself, by reason: "
+            "'budget_idle' (idle, to make room past the connection budget), 'budget_full' "
+            "(new, with the budget held by busy ones), 'abuse' (an HTTP/2 peer that floods "
+            "frames that ask nothing or resets streams: GOAWAY ENHANCE_YOUR_CALM), "
+            "'stalled' (a peer that stopped reading its answers).",
+            ["reason"],
+            **kw,  # type: ignore[arg-type]
+        )
 
         self._tallies: list[CounterTally | HistogramTally] = []
+        self.connection_closes = self.counters(self.connections_closed)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

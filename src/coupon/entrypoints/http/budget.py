@@ -34,6 +34,7 @@ from uvicorn.server import ServerState
 from coupon.entrypoints.http.h1 import Http1Protocol, unread_bytes
 from coupon.entrypoints.http.h2 import H2Protocol
 from coupon.entrypoints.logs import LogQuota
+from coupon.entrypoints.metrics import get_metrics
 
 log = logging.getLogger("coupon.http")
 
@@ -78,6 +79,9 @@ class ConnectionBudget:
         self._refused = 0
         self._quota = LogQuota()
         self._told: asyncio.TimerHandle | None = None
+        closes = get_metrics().connection_closes
+        self._idle_closed = closes("budget_idle")
+        self._new_refused = closes("budget_full")
 
     def make_room(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Called with the budget held, for a new connection: close a batch of idle ones.
@@ -89,8 +93,11 @@ class ConnectionBudget:
             if closed < BATCH:
                 self._search_after = now + SEARCH_PAUSE
         self._closed += closed
-        if not closed:
+        if closed:
+            self._idle_closed.inc(closed)
+        else:
             self._refused += 1
+            self._new_refused.inc()
         self._tell(loop)
         return closed > 0
 

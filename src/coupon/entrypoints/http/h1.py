@@ -95,6 +95,7 @@ from coupon.entrypoints.http.refusal import (
     with_cors,
 )
 from coupon.entrypoints.logs import LogQuota
+from coupon.entrypoints.metrics import get_metrics
 
 if TYPE_CHECKING:
     from connectrpc.codec import Codec
@@ -492,6 +493,7 @@ class Http1Protocol(HttpToolsProtocol):
             self._write_watch = self.loop.call_later(OVERDUE_GRACE, self._watch_writes)
             return
         self.logger.debug("HTTP/1.1 connection from %s: nothing written to it in time", self.client)
+        get_metrics().connection_closes("stalled").inc()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Reset rather than closed: a close would leave the kernel holding the unsent

@@ -131,6 +131,7 @@ from coupon.entrypoints.http.refusal import (
     refusal,
     with_cors,
 )
+from coupon.entrypoints.metrics import get_metrics
 
 log = logging.getLogger("uvicorn.error")
 
@@ -630,6 +631,7 @@ class H2Protocol(asyncio.Protocol):
             # (ENHANCE_YOUR_CALM); sent, then the close lingers, as the peer is still
             # sending: an abrupt close would reset the connection before it read why.
             log.warning("HTTP/2 connection from %s closed: %s", self.client, exc)
+            get_metrics().connection_closes("abuse").inc()
             self._flush()
             self._linger()
             return
@@ -904,6 +906,7 @@ class H2Protocol(asyncio.Protocol):
                 self.client,
                 self.resets,
             )
+            get_metrics().connection_closes("abuse").inc()
             with contextlib.suppress(ProtocolError):
                 self.conn.close_connection(
                     error_code=ErrorCodes.ENHANCE_YOUR_CALM,
@@ -1349,6 +1352,7 @@ class H2Protocol(asyncio.Protocol):
             self.watch = self.loop.call_later(OVERDUE_GRACE, self._watch_writes)
             return
         log.debug("HTTP/2 connection from %s: nothing written to it in time", self.client)
+        get_metrics().connection_closes("stalled").inc()
         self._disarm_idle()
         with contextlib.suppress(ProtocolError):
             self.conn.close_connection(
