@@ -36,7 +36,8 @@ class CouponService(Protocol):
     """
     async def create_campaign(self, request: CreateCampaignRequest, ctx: RequestContext[CreateCampaignRequest, CreateCampaignResponse], /) -> CreateCampaignResponse:
         """
-        CreateCampaign opens a campaign with a fixed stock (admin).
+        CreateCampaign opens a campaign with a fixed stock (admin); with a request_id, safe to
+        retry: a repeat answers the campaign the first call created.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -199,7 +200,8 @@ class CouponServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> CreateCampaignResponse:
         """
-        CreateCampaign opens a campaign with a fixed stock (admin).
+        CreateCampaign opens a campaign with a fixed stock (admin); with a request_id, safe to
+        retry: a repeat answers the campaign the first call created.
         """
         return await self.execute_unary(
             request=request,
@@ -362,7 +364,8 @@ class CouponServiceSync(Protocol):
     """
     def create_campaign(self, request: CreateCampaignRequest, ctx: RequestContext[CreateCampaignRequest, CreateCampaignResponse], /) -> CreateCampaignResponse:
         """
-        CreateCampaign opens a campaign with a fixed stock (admin).
+        CreateCampaign opens a campaign with a fixed stock (admin); with a request_id, safe to
+        retry: a repeat answers the campaign the first call created.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -523,7 +526,8 @@ class CouponServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> CreateCampaignResponse:
         """
-        CreateCampaign opens a campaign with a fixed stock (admin).
+        CreateCampaign opens a campaign with a fixed stock (admin); with a request_id, safe to
+        retry: a repeat answers the campaign the first call created.
         """
         return self.execute_unary(
             request=request,
