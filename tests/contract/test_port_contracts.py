@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -70,11 +71,12 @@ class Adapters:
     # Loses a campaign's gate state, as a Redis flush would.
     lose_gate_state: Callable[[str], Awaitable[None]]
 
-    async def new_campaign(
+    async def draft(
         self, total: int = 5, *, starts_in: float = -60, ends_in: float | None = None
     ) -> Campaign:
+        """A campaign not yet added."""
         now = await self.clock.now()
-        campaign = Campaign(
+        return Campaign(
             id=new_campaign_id(),
             name="contract",
             total_coupons=total,
@@ -82,7 +84,12 @@ class Adapters:
             ends_at=None if ends_in is None else now + timedelta(seconds=ends_in),
             created_at=now,
         )
-        await self.campaigns.add(campaign)
+
+    async def new_campaign(
+        self, total: int = 5, *, starts_in: float = -60, ends_in: float | None = None
+    ) -> Campaign:
+        campaign = await self.draft(total, starts_in=starts_in, ends_in=ends_in)
+        assert await self.campaigns.add(campaign) == campaign
         await self.gate.load(campaign, chunks())
         return campaign
 
@@ -156,6 +163,50 @@ async def test_repository_keeps_open_ended_campaigns_open_ended(adapters: Adapte
 
 async def test_repository_returns_none_for_unknown_id(adapters: Adapters) -> None:
     assert await adapters.campaigns.get(new_campaign_id()) is None
+
+
+async def test_repository_adds_one_campaign_per_request_id(adapters: Adapters) -> None:
+    request_id = f"create-{uuid.uuid4()}"
+    first = await adapters.draft(ends_in=3600)
+    assert await adapters.campaigns.add(first, request_id) == first
+    assert await adapters.campaigns.find_by_request_id(request_id) == first
+    await adapters.ledger.record(await adapters.coupon(first, "alice", 1))
+    # Another campaign with the same request id: nothing is stored, and the first comes
+    # back as it is now, whatever the second one says.
+    second = await adapters.draft(total=7)
+    stored = await adapters.campaigns.add(second, request_id)
+    assert stored == first.with_issued_count(1)
+    assert await adapters.campaigns.get(second.id) is None
+    assert await adapters.campaigns.find_by_request_id(request_id) == stored
+
+
+async def test_repository_keeps_request_ids_apart_and_none_for_an_empty_one(
+    adapters: Adapters,
+) -> None:
+    tag = uuid.uuid4().hex
+    one, other = await adapters.draft(), await adapters.draft()
+    assert await adapters.campaigns.add(one, f"{tag}-1") == one
+    assert await adapters.campaigns.add(other, f"{tag}-2") == other
+    # Compared exactly: case and surrounding spaces make another request id.
+    upper = await adapters.draft()
+    assert await adapters.campaigns.add(upper, f"{tag}-1".upper()) == upper
+    # An empty request id is none: every add stores its campaign.
+    plain = [await adapters.draft() for _ in range(2)]
+    assert [await adapters.campaigns.add(c, "") for c in plain] == plain
+    assert [await adapters.campaigns.get(c.id) for c in plain] == plain
+    assert await adapters.campaigns.find_by_request_id(f"{tag}-3") is None
+
+
+async def test_repository_concurrent_adds_with_one_request_id_store_one_campaign(
+    adapters: Adapters,
+) -> None:
+    request_id = f"race-{uuid.uuid4()}"
+    drafts = [await adapters.draft(total=3) for _ in range(16)]
+    stored = await asyncio.gather(*(adapters.campaigns.add(c, request_id) for c in drafts))
+    assert len({c.id for c in stored}) == 1
+    kept = stored[0]
+    assert kept in drafts
+    assert [c.id for c in drafts if await adapters.campaigns.get(c.id) is not None] == [kept.id]
 
 
 # --- ledger --------------------------------------------------------------------------

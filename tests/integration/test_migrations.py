@@ -115,3 +115,54 @@ async def test_coupons_rekeyed_by_campaign_keep_every_row_and_page_by_range(
         await conn.close()
 
     assert await migrate(blank_database) == []
+
+
+async def test_request_ids_come_to_campaigns_already_there_and_each_names_one(
+    blank_database: str,
+) -> None:
+    assert await migrate(blank_database, upto=5) == [1, 2, 3, 4, 5]
+    conn = await asyncpg.connect(blank_database)
+    try:
+        ids = await fill(conn, campaigns=2, per_campaign=10)
+        before = await coupon_rows(conn)
+
+        assert await migrate(blank_database) == list(range(6, latest_version() + 1))
+
+        assert await coupon_rows(conn) == before
+        kept = await conn.fetch("SELECT id, request_id, issued_count FROM campaigns ORDER BY id")
+        assert [(r["id"], r["request_id"], r["issued_count"]) for r in kept] == [
+            (campaign_id, None, 10) for campaign_id in sorted(ids)
+        ]
+
+        async def add(request_id: str | None) -> None:
+            await conn.execute(
+                "INSERT INTO campaigns (id, name, total_coupons, starts_at, request_id)"
+                " VALUES ($1, 'm', 5, $2, $3)",
+                uuid.uuid4(),
+                STARTS,
+                request_id,
+            )
+
+        # Any number without one; one per request id, whatever else they say.
+        await add(None)
+        await add("first")
+        await add("second")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await add("first")
+        for bad in ("", "x" * 129):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await add(bad)
+        await add("x" * 128)
+        assert await conn.fetchval("SELECT count(*) FROM campaigns") == 2 + 4
+        # A create that finds its request id taken takes the campaign already there.
+        taken = await conn.fetchval(
+            "INSERT INTO campaigns (id, name, total_coupons, starts_at, request_id)"
+            " VALUES ($1, 'm', 5, $2, 'first') ON CONFLICT (request_id) DO NOTHING RETURNING id",
+            uuid.uuid4(),
+            STARTS,
+        )
+        assert taken is None
+    finally:
+        await conn.close()
+
+    assert await migrate(blank_database) == []

@@ -85,7 +85,18 @@ class ViewClock(Clock, Protocol):
 
 
 class CampaignRepository(Protocol):
-    async def add(self, campaign: Campaign) -> None: ...
+    async def add(self, campaign: Campaign, request_id: str = "") -> Campaign:
+        """Store `campaign` and return it; with a `request_id` (a create's, kept as long as
+        the campaign), unless a campaign was stored with that request_id before: then
+        nothing is stored, and that campaign is returned, with its current `issued_count`.
+        Concurrent adds with one request_id, from any number of processes, store one
+        campaign. Empty: no request_id, every add stores its campaign."""
+        ...
+
+    async def find_by_request_id(self, request_id: str) -> Campaign | None:
+        """The campaign stored with this (non-empty) request_id, with its current
+        `issued_count`, or None."""
+        ...
 
     async def get(self, campaign_id: str) -> Campaign | None:
         """The campaign with its current `issued_count`, or None."""

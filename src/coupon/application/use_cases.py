@@ -20,9 +20,10 @@ from coupon.application.ports import (
     StockGate,
     ViewClock,
 )
-from coupon.domain.campaign import Campaign, new_campaign
-from coupon.domain.coupon import Coupon, validate_campaign_id
+from coupon.domain.campaign import Campaign, differences, new_campaign, validate_fields
+from coupon.domain.coupon import Coupon, validate_campaign_id, validate_request_id
 from coupon.domain.errors import (
+    AlreadyExists,
     CampaignNotFound,
     InvalidArgument,
     Unavailable,
@@ -84,6 +85,25 @@ async def _no_holdings() -> AsyncIterator[Sequence[Coupon]]:
     yield
 
 
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What a create asks for."""
+
+    name: str
+    total_coupons: int
+    starts_at: datetime | None
+    ends_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    campaign: Campaign
+    # When its status is decided: its creation; for a repeat, now.
+    at: datetime
+    # False for a repeat: the campaign the same request_id created before.
+    created: bool
+
+
 class CreateCampaign:
     PREWARM_WAIT_S = 1.0
 
@@ -99,7 +119,40 @@ class CreateCampaign:
         total_coupons: int,
         starts_at: datetime | None,
         ends_at: datetime | None,
+        request_id: str = "",
     ) -> Campaign:
+        """The campaign `create` answers."""
+        created = await self.create(
+            name=name,
+            total_coupons=total_coupons,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            request_id=request_id,
+        )
+        return created.campaign
+
+    async def create(
+        self,
+        *,
+        name: str,
+        total_coupons: int,
+        starts_at: datetime | None,
+        ends_at: datetime | None,
+        request_id: str,
+    ) -> Created:
+        """A new campaign; with a `request_id` used before, the campaign that create made,
+        as it is now, and nothing made (AlreadyExists when it asked for another one)."""
+        request_id = validate_request_id(request_id)
+        asked = _Asked(name, total_coupons, starts_at, ends_at)
+        if request_id:
+            # Fields first, the request_id's campaign next: a repeat is answered whenever
+            # it comes, also once the campaign's end has passed (which a new one refuses).
+            validate_fields(
+                name=name, total_coupons=total_coupons, starts_at=starts_at, ends_at=ends_at
+            )
+            found = await self._campaigns.find_by_request_id(request_id)
+            if found is not None:
+                return await self._repeat(found, request_id, asked)
         now = await self._clock.now()
         campaign = new_campaign(
             campaign_id=new_campaign_id(),
@@ -109,7 +162,38 @@ class CreateCampaign:
             ends_at=ends_at,
             now=now,
         )
-        await self._campaigns.add(campaign)
+        stored = await self._campaigns.add(campaign, request_id)
+        if stored.id != campaign.id:
+            # A concurrent create with the same request_id stored its campaign first.
+            return await self._repeat(stored, request_id, asked)
+        await self._prewarm(campaign)
+        return Created(campaign, campaign.created_at, created=True)
+
+    async def _repeat(self, campaign: Campaign, request_id: str, asked: _Asked) -> Created:
+        """The campaign `request_id` created, for a repeat of its create. No gate is made:
+        the first create made it (or it is rebuilt from the ledger at the next request)."""
+        different = differences(
+            campaign,
+            name=asked.name,
+            total_coupons=asked.total_coupons,
+            starts_at=asked.starts_at,
+            ends_at=asked.ends_at,
+        )
+        if different:
+            raise AlreadyExists(
+                "request_id",
+                campaign.id,
+                f"campaign {campaign.id} was created with this request_id and a different "
+                f"{', '.join(different)}; nothing was created (send the same fields to get "
+                "that campaign, or a new request_id for another campaign)",
+            )
+        log.info(
+            "campaign create repeated",
+            extra={"campaign_id": campaign.id, "create_request_id": request_id},
+        )
+        return Created(campaign, await self._clock.now(), created=False)
+
+    async def _prewarm(self, campaign: Campaign) -> None:
         try:
             # Prewarm so the burst at the start finds the gate ready; not for longer than
             # the clock is waited for: a Redis that hangs does not hold the answer.
@@ -127,7 +211,6 @@ class CreateCampaign:
                     else f"no answer from Redis within {self.PREWARM_WAIT_S:g} s",
                 },
             )
-        return campaign
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,16 +131,10 @@ def validate_time(field: str, value: datetime | None, *, required: bool) -> date
     return value
 
 
-def new_campaign(
-    *,
-    campaign_id: str,
-    name: str,
-    total_coupons: int,
-    starts_at: datetime | None,
-    ends_at: datetime | None,
-    now: datetime,
-) -> Campaign:
-    """Validate every field of a new campaign; raise InvalidArgument naming the first bad one."""
+def validate_fields(
+    *, name: str, total_coupons: int, starts_at: datetime | None, ends_at: datetime | None
+) -> tuple[datetime, datetime | None]:
+    """Every field of a new campaign that does not depend on the time now; its window."""
     validate_name(name)
     validate_total_coupons(total_coupons)
     start = validate_time("starts_at", starts_at, required=True)
@@ -152,6 +146,22 @@ def new_campaign(
             "ends_at",
             f"must be after starts_at ({rfc3339(start)}); got {rfc3339(end)}{kept}",
         )
+    return start, end
+
+
+def new_campaign(
+    *,
+    campaign_id: str,
+    name: str,
+    total_coupons: int,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+    now: datetime,
+) -> Campaign:
+    """Validate every field of a new campaign; raise InvalidArgument naming the first bad one."""
+    start, end = validate_fields(
+        name=name, total_coupons=total_coupons, starts_at=starts_at, ends_at=ends_at
+    )
     if end is not None and end <= now:
         raise InvalidArgument(
             "ends_at", f"must be in the future (got {rfc3339(end)}, now {rfc3339(now)})"
@@ -164,3 +174,22 @@ def new_campaign(
         ends_at=end,
         created_at=now,
     )
+
+
+def differences(
+    campaign: Campaign,
+    *,
+    name: str,
+    total_coupons: int,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+) -> list[str]:
+    """The fields a create asks for otherwise than `campaign` was created with (times as
+    kept, to the microsecond), in the request's order."""
+    asked = {
+        "name": (name, campaign.name),
+        "total_coupons": (total_coupons, campaign.total_coupons),
+        "starts_at": (starts_at, campaign.starts_at),
+        "ends_at": (ends_at, campaign.ends_at),
+    }
+    return [field for field, (wanted, kept) in asked.items() if wanted != kept]

@@ -28,28 +28,35 @@ class Coupon:
     slot: int
 
 
-def validate_user_id(user_id: str) -> str:
+def validate_user_id(user_id: str, field: str = "user_id") -> str:
+    """A user's id (or, as `field`, another id a caller chooses: see validate_request_id)."""
     if not user_id:
-        raise InvalidArgument("user_id", "must not be empty")
+        raise InvalidArgument(field, "must not be empty")
     if len(user_id) > USER_ID_MAX_CHARS:
         raise InvalidArgument(
-            "user_id", f"must be at most {USER_ID_MAX_CHARS} characters (got {len(user_id)})"
+            field, f"must be at most {USER_ID_MAX_CHARS} characters (got {len(user_id)})"
         )
     if not user_id.isprintable():  # beyond visible characters and spaces: rare
         if "\x00" in user_id:
             # Also what lets the Redis gate send a batch's user ids as one NUL-joined string.
-            raise InvalidArgument("user_id", "must not contain NUL characters")
+            raise InvalidArgument(field, "must not contain NUL characters")
         control = _CONTROL.search(user_id)
         if control is not None:
             raise InvalidArgument(
-                "user_id",
+                field,
                 f"must not contain control characters (got {control.group()!r} "
                 f"at {control.start()})",
             )
     if user_id.isspace() or (not user_id.isascii() and shows_nothing(user_id)):
         # As a campaign's name: an id that shows nothing (U+200B alone) is blank too.
-        raise InvalidArgument("user_id", "must not be blank")
+        raise InvalidArgument(field, "must not be blank")
     return user_id
+
+
+def validate_request_id(request_id: str) -> str:
+    """CreateCampaign's request_id: empty (none), or an id by the rules of a user's id
+    (1 to 128 characters, not blank, no control characters), compared exactly as sent."""
+    return validate_user_id(request_id, "request_id") if request_id else ""
 
 
 # Ids already seen, canonical: a burst names one campaign in every request, and parsing a

@@ -29,6 +29,16 @@ class CampaignNotFound(CouponError):
         self.campaign_id = campaign_id
 
 
+class AlreadyExists(CouponError):
+    """A create's request_id was used before by a create that asked for another campaign:
+    nothing was created. `campaign_id` is the campaign that request_id created."""
+
+    def __init__(self, field: str, campaign_id: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.campaign_id = campaign_id
+
+
 class CampaignNotStarted(CouponError):
     def __init__(self, starts_at: datetime) -> None:
         super().__init__(f"campaign has not started yet: it starts at {rfc3339(starts_at)}")

@@ -28,6 +28,7 @@ from coupon.application.refusals import Remembered
 from coupon.application.use_cases import CreateCampaign, GetCampaign
 from coupon.domain.coupon import validate_campaign_id
 from coupon.domain.errors import (
+    AlreadyExists,
     CampaignEnded,
     CampaignNotFound,
     CampaignNotStarted,
@@ -58,6 +59,7 @@ log = logging.getLogger("coupon")
 # Every domain error maps to one Connect code, here and nowhere else.
 ERROR_CODES: dict[type[CouponError], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
+    AlreadyExists: Code.ALREADY_EXISTS,
     CampaignNotFound: Code.NOT_FOUND,
     CampaignNotStarted: Code.FAILED_PRECONDITION,
     CampaignEnded: Code.FAILED_PRECONDITION,
@@ -286,25 +288,28 @@ class CouponService:
     ) -> coupon_pb.CreateCampaignResponse:
         async def work() -> coupon_pb.CreateCampaignResponse:
             self._admin.check(ctx)
-            campaign = await self._create.execute(
+            created = await self._create.create(
                 name=request.name,
                 total_coupons=request.total_coupons,
                 starts_at=to_datetime("starts_at", request.starts_at),
                 ends_at=to_datetime("ends_at", request.ends_at),
+                request_id=request.request_id,
             )
-            log.info(
-                "campaign created",
-                extra={
-                    "campaign_id": campaign.id,
-                    "campaign_name": campaign.name,
-                    "total_coupons": campaign.total_coupons,
-                    "starts_at": rfc3339(campaign.starts_at),
-                    "request_id": request_id(),
-                },
-            )
-            return coupon_pb.CreateCampaignResponse(
-                campaign=campaign_message(campaign, campaign.created_at)
-            )
+            campaign = created.campaign
+            if created.created:
+                log.info(
+                    "campaign created",
+                    extra={
+                        "campaign_id": campaign.id,
+                        "campaign_name": campaign.name,
+                        "total_coupons": campaign.total_coupons,
+                        "starts_at": rfc3339(campaign.starts_at),
+                        "request_id": request_id(),
+                        # CreateCampaignRequest.request_id: the HTTP request's is above.
+                        "create_request_id": request.request_id,
+                    },
+                )
+            return coupon_pb.CreateCampaignResponse(campaign=campaign_message(campaign, created.at))
 
         return await self._observe_create.call(work(), ctx)
 

@@ -66,17 +66,31 @@ class MemoryStore:
     by_user: dict[tuple[str, str], Coupon] = field(default_factory=dict)
     slots: set[tuple[str, int]] = field(default_factory=set)
     codes: set[str] = field(default_factory=set)
+    # A create's request_id -> the campaign it created.
+    request_ids: dict[str, str] = field(default_factory=dict)
 
 
 class MemoryCampaignRepository:
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
 
-    async def add(self, campaign: Campaign) -> None:
+    async def add(self, campaign: Campaign, request_id: str = "") -> Campaign:
+        # No await between the look-up and the write: one campaign per request_id.
+        if request_id and request_id in self._store.request_ids:
+            stored = await self.get(self._store.request_ids[request_id])
+            assert stored is not None
+            return stored
         if campaign.id in self._store.campaigns:
             raise ConstraintViolation(f"campaign {campaign.id} exists")
         self._store.campaigns[campaign.id] = campaign
         self._store.coupons[campaign.id] = []
+        if request_id:
+            self._store.request_ids[request_id] = campaign.id
+        return campaign
+
+    async def find_by_request_id(self, request_id: str) -> Campaign | None:
+        campaign_id = self._store.request_ids.get(request_id)
+        return None if campaign_id is None else await self.get(campaign_id)
 
     async def get(self, campaign_id: str) -> Campaign | None:
         campaign = self._store.campaigns.get(campaign_id)
