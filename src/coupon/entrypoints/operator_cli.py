@@ -21,12 +21,14 @@ import sys
 import threading
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, NoReturn, TextIO
 
 import pyqwest
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
@@ -122,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "+30s, +5m, +2h, +1d (default: now)",
     )
     create.add_argument("--ends-at", help="when issuance closes, as --starts-at (default: never)")
+    create.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="the create's request id (default: a new UUID): the same command run again "
+        "with the same ID answers the campaign the first run created instead of creating "
+        "another; for a script that may run twice, with --starts-at and --ends-at as ISO "
+        "8601 times",
+    )
     # A time before now ('-5m') is a value for --starts-at and --ends-at to judge: argparse
     # takes a word starting with '-' for a value only when it reads as a negative number,
     # and would otherwise refuse it as an option it does not know, without saying why.
@@ -234,7 +244,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
                     url, send_compression=None, http_client=pyqwest.SyncClient(transport)
                 ) as client,
             ):
-                call = Call(client, headers, args.json, files, round(timeout * 1000))
+                call = Call(client, headers, args.json, files, round(timeout * 1000), url)
                 ACTIONS[args.action](call, args)
 
         interruptible(act)
@@ -257,6 +267,8 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
             print(
                 f"coupon: {exc.code.value}: {without_password(exc.message, url)}", file=sys.stderr
             )
+        for note in getattr(exc, "__notes__", ()):
+            print(f"coupon: {note}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"coupon: {exc}", file=sys.stderr)
@@ -349,6 +361,7 @@ class Call:
         as_json: bool,
         files: Unfinished,
         timeout_ms: int,
+        url: str,
     ) -> None:
         self.client = client
         self.headers = headers
@@ -356,6 +369,7 @@ class Call:
         self.files = files
         # Each unary call's deadline, sent as its connect-timeout-ms.
         self.timeout_ms = timeout_ms
+        self.url = url
 
 
 class Unfinished:
@@ -422,23 +436,82 @@ def _create(call: Call, args: argparse.Namespace) -> None:
         ends = None if args.ends_at is None else parse_time("--ends-at", args.ends_at, now)
         return starts, ends
 
+    if args.request_id == "":
+        raise UsageError("--request-id must not be empty (leave it out for a fresh one)")
     starts, ends = window(datetime.now(UTC))  # a bad value is refused before any call
     # 'now' and +N are the service's now: it opens and closes the window by its own clock,
     # which this machine's may be minutes off. An absolute time needs no clock.
-    if any(_is_relative(t) for t in (args.starts_at, args.ends_at) if t is not None):
+    relative = any(_is_relative(t) for t in (args.starts_at, args.ends_at) if t is not None)
+    if relative:
         starts, ends = window(service_now(call))
-    response = call.client.create_campaign(
-        coupon_pb.CreateCampaignRequest(
-            name=args.name,
-            total_coupons=args.coupons,
-            starts_at=Timestamp.from_datetime(starts),
-            ends_at=None if ends is None else Timestamp.from_datetime(ends),
-        ),
-        headers=call.headers,
-        timeout_ms=call.timeout_ms,
+    request = coupon_pb.CreateCampaignRequest(
+        name=args.name,
+        total_coupons=args.coupons,
+        starts_at=Timestamp.from_datetime(starts),
+        ends_at=None if ends is None else Timestamp.from_datetime(ends),
+        # Every create has one, so that the retries below (and a rerun given the same
+        # --request-id) never make a second campaign.
+        request_id=str(uuid.uuid4()) if args.request_id is None else args.request_id,
     )
+    try:
+        response = create_retrying(call, request)
+    except ConnectError as exc:
+        if exc.code is Code.ALREADY_EXISTS and relative:
+            exc.add_note(
+                "'now' and +N times are read anew on every run: give --starts-at and "
+                "--ends-at as ISO 8601 times with --request-id"
+            )
+        raise
     assert response.campaign is not None
     _print_campaign(call, response.campaign, response.to_json())
+
+
+# How long `create` waits before each retry of a CreateCampaign that failed in a way a
+# retry could fix; the request, its request id included, is sent again as it was.
+CREATE_RETRY_DELAYS = (0.5, 1.0, 2.0)
+# Failures to reach the service that may pass (a restart, a connection cut on the way);
+# not a name that does not resolve or a TLS failure.
+_PASSING = frozenset({"connection refused", "connection reset", "the connection failed"})
+
+
+def create_retrying(
+    call: Call, request: coupon_pb.CreateCampaignRequest
+) -> coupon_pb.CreateCampaignResponse:
+    """CreateCampaign, sent again with the same request id after a failure that a retry
+    could fix (no answer in time, a connection that failed, `unavailable`), saying so on
+    stderr: the service answers the campaign the first one created, if it did."""
+
+    def send() -> coupon_pb.CreateCampaignResponse:
+        return call.client.create_campaign(
+            request, headers=call.headers, timeout_ms=call.timeout_ms
+        )
+
+    for retry, delay in enumerate(CREATE_RETRY_DELAYS, start=1):
+        try:
+            return send()
+        except ConnectError as exc:
+            why = _passing_failure(exc, call)
+            if why is None:
+                raise
+        print(
+            f"coupon: CreateCampaign failed ({why}); retrying in {delay:g}s with the same "
+            f"request id (retry {retry} of {len(CREATE_RETRY_DELAYS)})",
+            file=sys.stderr,
+        )
+        time.sleep(delay)
+    return send()
+
+
+def _passing_failure(exc: ConnectError, call: Call) -> str | None:
+    """What went wrong, in a few words, when a retry could fix it; else None."""
+    reason = unreachable(exc, call.url)
+    if exc.code is Code.DEADLINE_EXCEEDED or reason == "timed out":
+        return f"no answer within {call.timeout_ms / 1000:g}s"
+    if reason is not None:
+        return reason if reason in _PASSING else None
+    if exc.code is Code.UNAVAILABLE:
+        return f"unavailable: {without_password(exc.message, call.url)}"
+    return None
 
 
 # How far this machine's clock may be from the service's before the command says so.
