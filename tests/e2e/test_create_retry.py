@@ -125,7 +125,7 @@ async def test_a_retried_create_answers_the_first_campaign_as_it_is_now(
 @pytest.mark.parametrize(
     ("changed", "named_fields"),
     [
-        ({"name": "x"}, "name"),
+        ({"name": "another name"}, "name"),
         ({"total": 4}, "total_coupons"),
         ({"starts_at": Timestamp(seconds=1_767_225_600, nanos=124_000_000)}, "starts_at"),
         ({"ends_at": in_seconds(3600)}, "ends_at"),
@@ -137,6 +137,8 @@ async def test_the_same_request_id_for_another_campaign_is_already_exists(
 ) -> None:
     name, request_id = unique("mismatch"), str(uuid.uuid4())
     first = await create(client, request(name, request_id))
+    if "name" in changed:
+        changed = {**changed, "name": unique(str(changed["name"]))}
     fields: dict[str, object] = {"name": name, "request_id": request_id, **changed}
     with pytest.raises(ConnectError) as caught:
         await create(client, request(**fields))  # type: ignore[arg-type]
