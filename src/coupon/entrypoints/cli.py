@@ -94,9 +94,9 @@ def run_asgi(
     8,250-10,400 issues/s on two cores (bench/RESULTS.md).
     """
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from coupon.entrypoints.http.budget import raise_open_files_limit
+    from coupon.entrypoints.supervisor import Supervisor
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
     # handlers it found: with these, a graceful stop exits 0 (and a signal that comes before
@@ -134,7 +134,8 @@ def run_asgi(
     )
     # What uvicorn.run does, on the sockets given rather than ones it would bind itself.
     if workers > 1:
-        Multiprocess(config, sockets=sockets).run()
+        # The supervisor stops listening as soon as it stops (supervisor.py).
+        Supervisor(config, sockets=sockets).run()
         return
     server = uvicorn.Server(config)
     server.run(sockets=sockets)
