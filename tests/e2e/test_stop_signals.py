@@ -10,9 +10,11 @@ group (a terminal or ssh session closed) cuts no request in flight.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +87,53 @@ async def test_a_connection_made_during_a_multi_worker_drain_is_refused_at_once(
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
         answer = await held.finish()
         assert answer.status == 200, answer.body
+        assert server.process.wait(30) == 0, server.log()
+    finally:
+        server.stop()
+
+
+async def test_sighup_stops_a_one_worker_server_as_sigterm_does(tmp_path: Path) -> None:
+    """No other process takes over: the hang-up of a terminal means stop, gracefully. The
+    request in flight is answered, the process exits 0 and removes its metrics directory."""
+    server = ServerProcess(env={"TMPDIR": str(tmp_path)}, in_memory=True, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        held = await HeldRequest.open(server.url, await new_campaign(server, 10), "held")
+        server.signal(signal.SIGHUP)
+        await logged(server, "Waiting for connections to close")
+        answer = await held.finish()
+        assert answer.status == 200, answer.body
+        assert answer.headers.get("connection") == "close", answer.headers
+        assert server.process.wait(30) == 0, server.log()
+        assert "SIGHUP: stopping gracefully" in server.log(), server.log()
+    finally:
+        server.stop()
+    assert sorted(tmp_path.glob("coupon-metrics-*")) == [], server.log()
+
+
+async def test_sighup_to_the_process_group_of_workers_cuts_no_request_in_flight(
+    server_env: dict[str, str],
+) -> None:
+    """A terminal or ssh hang-up reaches every process of the group: the workers leave it to
+    the supervisor, which replaces them one at a time, each drained."""
+    server = ServerProcess(env=server_env, workers=2)
+    try:
+        server.wait_ready()
+        campaign_id = await new_campaign(server, 20)
+        held = [await HeldRequest.open(server.url, campaign_id, f"held-{i}") for i in range(4)]
+        before = set(server.worker_pids())
+        os.killpg(server.process.pid, signal.SIGHUP)
+        await logged(server, "Received SIGHUP")
+        answers = [await request.finish() for request in held]
+        assert [a.status for a in answers] == [200] * 4, [a.body for a in answers]
+        # Both workers replaced, each once drained, and the server serves on.
+        for pid in before:
+            await logged(server, f"Finished server process [{pid}]")
+        await logged(server, '"message": "serving"', times=4)
+        server.wait_ready()
+        assert len(server.worker_pids()) == 2 and not before & set(server.worker_pids())
+        assert "Traceback" not in server.log() and "Warning" not in server.log(), server.log()
+        server.signal(signal.SIGTERM)
         assert server.process.wait(30) == 0, server.log()
     finally:
         server.stop()

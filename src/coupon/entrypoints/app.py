@@ -578,6 +578,23 @@ def stop_with_the_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def leave_hangups_to_the_supervisor() -> None:
+    """In a worker of `coupon serve --workers N`: SIGHUP is the supervisor's (it replaces
+    the workers one at a time, each drained). A hang-up of the whole process group (a
+    terminal or ssh session closed) reaches the workers too, and SIGHUP's default would end
+    each at once, its requests in flight cut: a worker says so and serves on."""
+    if multiprocessing.parent_process() is None or not hasattr(signal, "SIGHUP"):
+        return  # the server's only process: SIGHUP stops it gracefully (cli.run_asgi)
+    signal.signal(signal.SIGHUP, _hang_up_in_a_worker)
+
+
+def _hang_up_in_a_worker(signum: int, frame: object) -> None:
+    log.info(
+        "SIGHUP to a worker: ignored, the supervisor restarts the workers one at a time",
+        extra={"supervisor_pid": os.getppid()},
+    )
+
+
 async def _unknown_grpc_method(scope: Scope, receive: Receive, send: Send) -> bool:
     """A gRPC or gRPC-Web call of a method this port does not serve gets what gRPC servers
     answer, a trailers-only `unimplemented` (not a bare 404, which gRPC clients report as an
@@ -605,6 +622,7 @@ async def _unknown_grpc_method(scope: Scope, receive: Receive, send: Send) -> bo
 def create_app() -> CouponApp:
     """Factory for the ASGI server: settings from the environment of this process."""
     stop_with_the_supervisor()
+    leave_hangups_to_the_supervisor()
     settings = load_settings()
     configure_logging(settings.log_level)
     return CouponApp(settings)

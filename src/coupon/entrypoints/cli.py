@@ -134,10 +134,22 @@ def run_asgi(
     )
     # What uvicorn.run does, on the sockets given rather than ones it would bind itself.
     if workers > 1:
-        # The supervisor stops listening as soon as it stops (supervisor.py).
+        # SIGHUP: uvicorn's rolling restart of the workers (each worker ignores it, see
+        # app.py), and the supervisor stops listening as soon as it stops (supervisor.py).
         Supervisor(config, sockets=sockets).run()
         return
     server = uvicorn.Server(config)
+
+    def hang_up(signum: int, frame: FrameType | None) -> None:
+        # No other process would take over, and a terminal's hang-up means stop: the
+        # graceful stop of SIGTERM, not the instant end that is SIGHUP's default.
+        log.info(
+            "SIGHUP: stopping gracefully, as on SIGTERM (one worker; with --workers 2 or "
+            "more, SIGHUP restarts the workers one at a time)"
+        )
+        server.handle_exit(signal.SIGTERM, frame)
+
+    signal.signal(signal.SIGHUP, hang_up)
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
