@@ -404,6 +404,45 @@ async def test_serve_before_postgres_is_up_creates_the_schema_once_it_answers(
         postgres.close()
 
 
+async def test_a_schema_newer_than_the_release_is_served_and_said(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> None:
+    """A rollback after a newer release migrated: the schema is left as it is and served
+    (expand/contract deploys count on it), but `coupon migrate` says so, and the server
+    logs one warning at start."""
+    name = urlsplit(services.database_url).path.lstrip("/")
+    database_url = with_database(services.database_url, f"{name}_newer")
+    newer, latest = latest_version() + 1, latest_version()
+    env = clean_env(
+        tmp_path,
+        DATABASE_URL=database_url,
+        REDIS_URL=services.redis_url,
+        COUPON_REDIS_PREFIX=redis_prefix,
+    )
+    try:
+        assert run_coupon(["migrate"], env, tmp_path).returncode == 0
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, 'next')", newer
+            )
+        finally:
+            await conn.close()
+
+        done = run_coupon(["migrate"], env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        said = f"schema is at {newer}, newer than this release's {latest}"
+        assert said in done.stdout, (done.stdout, done.stderr)
+        assert "up to date" not in done.stdout
+
+        with ServerProcess(env=env, workers=2, log_dir=tmp_path) as server:
+            assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+            warned = warnings_about(said, server.log())
+            assert len(warned) == 1, server.log()
+    finally:
+        await drop_database(database_url)
+
+
 # -- the metrics directory ---------------------------------------------------------------
 
 

@@ -404,10 +404,10 @@ def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
     """Create the database and apply the migrations now; when PostgreSQL cannot be used
     yet, say so in one line and leave it to a background retry: the server starts and
     /readyz answers 503 until the schema is in place, rather than the process failing."""
-    from coupon.adapters.postgres.migrate import describe_failure, migrate
+    from coupon.adapters.postgres.migrate import describe_failure, migrate_schema
 
     try:
-        asyncio.run(migrate(database_url))
+        _warn_if_newer(asyncio.run(migrate_schema(database_url)).found)
     except Exception as exc:
         failure = describe_failure(exc, database_url)
         if failure is None:
@@ -419,6 +419,19 @@ def _migrate_or_defer(database_url: str) -> BackgroundMigration | None:
         )
         return BackgroundMigration(database_url, failure)
     return None
+
+
+def _warn_if_newer(version: int) -> None:
+    """One warning line when the schema is newer than this release's migrations: served
+    as it is (see `newer_than_release`), but an operator rolling back should know."""
+    from coupon.adapters.postgres.migrate import latest_version, newer_than_release
+
+    newer = newer_than_release(version)
+    if newer is not None:
+        log.warning(
+            f"{newer}: serving it as it is (a release rolled back after a newer one migrated?)",
+            extra={"schema_version": version, "release_schema_version": latest_version()},
+        )
 
 
 REDIS_PROBE_SECONDS = 3.0
@@ -513,14 +526,14 @@ class BackgroundMigration:
         asyncio.run(main())
 
     async def _retry(self) -> None:
-        from coupon.adapters.postgres.migrate import describe_failure, migrate
+        from coupon.adapters.postgres.migrate import describe_failure, migrate_schema
 
         delay = self.FIRST_DELAY
         while True:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.MAX_DELAY)
             try:
-                applied = await migrate(self._url)
+                migrated = await migrate_schema(self._url)
             except Exception as exc:  # noqa: BLE001 - whatever fails, the next try may not
                 failure = describe_failure(exc, self._url) or f"{type(exc).__name__}: {exc}"
                 if failure != self._failure:
@@ -532,16 +545,21 @@ class BackgroundMigration:
                 continue
             log.info(
                 "PostgreSQL answers: schema in place",
-                extra={"applied": [f"{v:04d}" for v in applied]},
+                extra={"applied": [f"{v:04d}" for v in migrated.applied]},
             )
+            _warn_if_newer(migrated.found)
             return
 
 
 def _migrate(_: argparse.Namespace, settings: Settings) -> int:
-    from coupon.adapters.postgres.migrate import describe_failure, migrate
+    from coupon.adapters.postgres.migrate import (
+        describe_failure,
+        migrate_schema,
+        newer_than_release,
+    )
 
     try:
-        applied = asyncio.run(migrate(settings.database_url))
+        migrated = asyncio.run(migrate_schema(settings.database_url))
     except Exception as exc:
         failure = describe_failure(exc, settings.database_url)
         if failure is None:
@@ -551,8 +569,11 @@ def _migrate(_: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
-    if applied:
-        print(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
+    newer = newer_than_release(migrated.found)
+    if newer is not None:
+        print(f"{newer}: left as it is")  # a rollback: the newer release's schema is kept
+    elif migrated.applied:
+        print(f"applied migrations: {', '.join(f'{v:04d}' for v in migrated.applied)}")
     else:
         print("schema is up to date")
     return 0

@@ -6,6 +6,7 @@ import functools
 import logging
 import re
 import socket
+from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -71,6 +72,22 @@ async def current_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
+def newer_than_release(version: int) -> str | None:
+    """What to say of a schema at `version` when it is newer than this release's migrations
+    (a rollback after a newer release migrated); None when it is not. Such a schema is
+    left as it is and served: in expand/contract deploys a release runs on the schema of
+    the next one, and Flyway, for one, ignores such migrations by default."""
+    if version <= latest_version():
+        return None
+    return f"schema is at {version}, newer than this release's {latest_version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    found: int  # the schema's version before (0: none)
+    applied: list[int]
+
+
 async def migrate(
     database_url: str,
     *,
@@ -80,10 +97,25 @@ async def migrate(
 ) -> list[int]:
     """Apply pending migrations (those up to version `upto`, when given); returns the
     versions applied."""
+    migrated = await migrate_schema(
+        database_url, create_database=create_database, upto=upto, timeout=timeout
+    )
+    return migrated.applied
+
+
+async def migrate_schema(
+    database_url: str,
+    *,
+    create_database: bool = True,
+    upto: int | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> Migrated:
+    """`migrate`, saying also the version the schema was at."""
     if create_database:
         await ensure_database(database_url, timeout)
     conn = await asyncpg.connect(database_url, timeout=timeout)
     applied: list[int] = []
+    done = 0
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
         try:
@@ -109,7 +141,7 @@ async def migrate(
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     finally:
         await conn.close()
-    return applied
+    return Migrated(done, applied)
 
 
 def describe_failure(exc: BaseException, database_url: str) -> str | None:
