@@ -41,6 +41,7 @@ from coupon.application.ports import (
     CouponLedger,
     CouponPage,
     Handoff,
+    LiveCountsNotStored,
     LiveStats,
     Recorded,
     RecordOutcome,
@@ -1009,6 +1010,22 @@ async def test_live_stats_add_up_every_process_counts(live_stats: LiveStats) -> 
     assert got == {second: {"issued": 5, "refused.sold_out": 1}, second + 1: {"issued": 7}}
     assert await live_stats.read(b, [second]) == {second: {"x": 1}}
     assert await live_stats.read(new_campaign_id(), [second]) == {}
+
+
+async def test_redis_live_stats_names_the_counts_it_could_not_store(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Counts refused in one campaign's call are named, to be sent again; the others are
+    stored (each campaign's counts go in a call of their own)."""
+    stats = RedisLiveStats(redis_client, prefix=redis_prefix)
+    a, b = new_campaign_id(), new_campaign_id()
+    second = 1_800_000_000
+    await redis_client.set(stats.key(b, second), "not a hash")  # HINCRBY refuses it
+    with pytest.raises(LiveCountsNotStored) as caught:
+        await stats.add({(a, second): {"issued": 3}, (b, second): {"issued": 4}})
+    assert caught.value.not_stored == {(b, second): {"issued": 4}}
+    assert "WRONGTYPE" in caught.value.detail
+    assert await stats.read(a, [second]) == {second: {"issued": 3}}
 
 
 def _admit_soon(

@@ -25,6 +25,7 @@ from coupon.application.live import (
     ISSUED,
     LATENCY_BOUNDS,
     REFUSED,
+    WINDOW_SECONDS,
     LiveTally,
     WatchCampaign,
     percentile,
@@ -36,7 +37,7 @@ from coupon.application.operations import (
     ListCampaigns,
     ListUserCoupons,
 )
-from coupon.application.ports import StockGate
+from coupon.application.ports import LiveCounts, StockGate
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign
 from coupon.domain.campaign import Campaign, CampaignStatus
@@ -363,7 +364,8 @@ async def test_live_view_adds_up_every_process_tallies(world: World) -> None:
         tally.record(campaign.id, REFUSED + "overloaded", 0.0001)  # a reason added later
         tally.record("another", ISSUED, 5.0)
         await tally.flush(stats)
-    view = await WatchCampaign(world.campaigns, stats, world.clock).execute(campaign_id=campaign.id)
+    watch = WatchCampaign(world.campaigns, stats, world.clock, LiveTally())
+    view = await watch.execute(campaign_id=campaign.id)
     assert sum(s.issued for s in view.seconds) == 2
     assert sum(s.already_issued for s in view.seconds) == 2
     assert view.refusals == {"sold_out": 2, "overloaded": 2}
@@ -371,6 +373,64 @@ async def test_live_view_adds_up_every_process_tallies(world: World) -> None:
     assert view.p99_seconds is not None and 0.002 <= view.p99_seconds < 0.0025
     assert len(view.seconds) == WatchCampaign.WINDOW_SECONDS
     assert view.seconds[-1].at == int(time.time()) or view.seconds[-1].at == int(time.time()) - 1
+
+
+class DownStats(MemoryLiveStats):
+    """Live stats whose store is down: `add` stores nothing and says so (as the port
+    allows), until `up`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    async def add(self, counts: LiveCounts) -> None:
+        if self.down:
+            raise Unavailable("Redis is unavailable", detail="ConnectionError: refused")
+        await super().add(counts)
+
+
+async def test_counts_a_flush_could_not_store_are_stored_by_the_next_and_said_missing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign = await world.campaign(total=3)
+    stats = DownStats()
+    tally = LiveTally()
+    watch = WatchCampaign(world.campaigns, stats, world.clock, tally)
+    now = time.time()
+    # Counts of a second beyond the view's window are not kept: it would never show them.
+    monkeypatch.setattr(time, "time", lambda: now - WINDOW_SECONDS - 5)
+    tally.record(campaign.id, REFUSED + "unavailable", 0.0001)
+    monkeypatch.setattr(time, "time", lambda: now)
+    tally.record(campaign.id, REFUSED + "unavailable", 3.0)
+    with pytest.raises(Unavailable):
+        await tally.flush(stats)
+    tally.record(campaign.id, REFUSED + "unavailable", 3.0)
+    with pytest.raises(Unavailable):
+        await tally.flush(stats)
+    missing = (await watch.execute(campaign_id=campaign.id)).figures_missing
+    assert missing.startswith("Redis is unavailable; this server's counts"), missing
+    stats.down = False
+    await tally.flush(stats)
+    view = await watch.execute(campaign_id=campaign.id)
+    assert view.figures_missing == ""
+    assert view.refusals == {"unavailable": 2}
+    assert view.p99_seconds is not None and view.p99_seconds >= 3.0
+
+
+async def test_counts_not_stored_for_longer_than_a_flush_takes_are_said_late(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign = await world.campaign(total=3)
+    stats = MemoryLiveStats()
+    tally = LiveTally()
+    watch = WatchCampaign(world.campaigns, stats, world.clock, tally)
+    assert (await watch.execute(campaign_id=campaign.id)).figures_missing == ""
+    stalled = time.monotonic() + LiveTally.LATE_SECONDS + 1
+    monkeypatch.setattr(time, "monotonic", lambda: stalled)
+    missing = (await watch.execute(campaign_id=campaign.id)).figures_missing
+    assert "the last flush has not ended" in missing, missing
+    await tally.flush(stats)
+    assert (await watch.execute(campaign_id=campaign.id)).figures_missing == ""
 
 
 def test_percentile_is_the_bucket_bound_holding_the_rank() -> None:

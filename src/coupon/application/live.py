@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from coupon.application.periodic import periodically
-from coupon.application.ports import CampaignRepository, LiveCounts, LiveStats, ViewClock
+from coupon.application.ports import (
+    CampaignRepository,
+    LiveCounts,
+    LiveCountsNotStored,
+    LiveStats,
+    ViewClock,
+)
 from coupon.domain.campaign import Campaign
 from coupon.domain.coupon import validate_campaign_id
 from coupon.domain.errors import CampaignNotFound, CouponError, Unavailable
@@ -31,13 +37,27 @@ _LATENCY_FIELDS = tuple(f"{LATENCY}{i}" for i in range(len(LATENCY_BOUNDS) + 1))
 _FIRST_BUCKET = _LATENCY_FIELDS[0]
 # Tallies of more campaigns than this in one second are dropped (a flood of ids).
 MAX_CAMPAIGNS_PER_FLUSH = 10_000
+# Campaign-seconds of counts a process keeps while its flushes fail, at most.
+MAX_KEPT = 10_000
+# The seconds the live view shows.
+WINDOW_SECONDS = 60
 
 
 class LiveTally:
-    """This process's counts since the last flush, by campaign and (wall-clock) second."""
+    """This process's counts since the last flush, by campaign and (wall-clock) second, and
+    how its flushes fare: counts a flush could not store are kept for the next one (those
+    of the last WINDOW_SECONDS, MAX_KEPT at most), and while flushes fail the live view
+    says its figures are missing, and why."""
+
+    # A flush every second: counts not stored for longer than this are late.
+    LATE_SECONDS = 5.0
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], dict[str, int]] = {}
+        self._kept: dict[tuple[str, int], dict[str, int]] = {}
+        self._stored_at = time.monotonic()  # the end of the last flush that stored all
+        self._failing = ""  # why the last flush failed; "" once one succeeds
+        self._failed_flushes = 0
 
     def record(self, campaign_id: str, outcome: str, seconds: float) -> None:
         """One IssueCoupon answer: `outcome` is ISSUED, ALREADY_ISSUED or REFUSED + reason;
@@ -60,34 +80,101 @@ class LiveTally:
         counts[bucket] = counts.get(bucket, 0) + 1
 
     def take(self) -> LiveCounts:
+        """Everything to store: the counts since the last flush and those kept from flushes
+        that failed."""
         counts, self._counts = self._counts, {}
-        return counts
+        if not self._kept:
+            return counts
+        taken, self._kept = self._kept, {}
+        _merge(taken, counts)
+        return taken
+
+    def _keep(self, counts: LiveCounts) -> None:
+        """Counts a flush did not store, for the next: none older than the live view's
+        window (it no longer shows them), and the newest MAX_KEPT seconds of campaigns."""
+        _merge(self._kept, counts)
+        oldest = int(time.time()) - WINDOW_SECONDS
+        kept = [key for key in self._kept if key[1] >= oldest]
+        kept.sort(key=lambda k: k[1], reverse=True)
+        self._kept = {key: self._kept[key] for key in kept[:MAX_KEPT]}
 
     async def flush(self, stats: LiveStats) -> None:
         counts = self.take()
-        if counts:
-            await stats.add(counts)
+        try:
+            if counts:
+                await stats.add(counts)
+        except LiveCountsNotStored as exc:
+            self._keep(exc.not_stored)
+            self._failed(exc)
+            raise
+        except CouponError as exc:
+            self._keep(counts)
+            self._failed(exc)
+            raise
+        self._stored_at = time.monotonic()
+        self._failing = ""
+
+    def _failed(self, exc: CouponError) -> None:
+        self._failing = str(exc)
+        self._failed_flushes += 1
+
+    def figures_missing(self) -> str:
+        """Why the shared figures lack this process's latest counts, or "": its flushes
+        fail, or have not stored them for longer than they should."""
+        late = time.monotonic() - self._stored_at
+        if not self._failing and late <= self.LATE_SECONDS:
+            return ""
+        why = self._failing or "the last flush has not ended"
+        return f"{why}; this server's counts of the last {late:.0f} s are not stored"
 
     def flushing(
         self, stats: LiveStats, seconds: float = 1.0
     ) -> contextlib.AbstractAsyncContextManager[None]:
-        """Add the tallies to `stats` every `seconds` while open, and once more when closed.
-        A failed flush drops its tallies: live figures, not records (a shutdown does not
-        wait for them longer than one flush waits, see LiveStats.add)."""
+        """Add the tallies to `stats` every `seconds` while open, and once more when closed
+        (a shutdown does not wait for them longer than one flush waits, see LiveStats.add).
+        A failing flush is logged once, with its cause, until one succeeds again (or fails
+        for another reason)."""
+        logged = ""
 
         async def flush_quietly() -> None:
+            nonlocal logged
             try:
                 await self.flush(stats)
             except CouponError as exc:
-                log.warning("live stats flush failed", extra={"error": str(exc)})
+                if str(exc) != logged:
+                    logged = str(exc)
+                    log.warning(
+                        "live stats flush failed",
+                        extra={"error": logged, "cause": _cause(exc), "kept": len(self._kept)},
+                    )
+                return
+            if logged:
+                logged = ""
+                log.info("live stats flushed again", extra={"failed_flushes": self._failed_flushes})
+            self._failed_flushes = 0
 
         async def flush_last() -> None:
             try:
                 await self.flush(stats)
             except CouponError as exc:
-                log.warning("live figures not flushed at shutdown", extra={"error": str(exc)})
+                log.warning(
+                    "live figures not flushed at shutdown",
+                    extra={"error": str(exc), "cause": _cause(exc)},
+                )
 
         return periodically(seconds, flush_quietly, flush_last)
+
+
+def _merge(into: dict[tuple[str, int], dict[str, int]], counts: LiveCounts) -> None:
+    for key, fields in counts.items():
+        merged = into.setdefault(key, {})
+        for name, count in fields.items():
+            merged[name] = merged.get(name, 0) + count
+
+
+def _cause(exc: CouponError) -> str:
+    """The failure in the dependency's own words (Redis's: OOM, connection refused, ...)."""
+    return exc.detail if isinstance(exc, Unavailable) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +200,18 @@ class LiveView:
 
 
 class WatchCampaign:
-    WINDOW_SECONDS = 60
+    WINDOW_SECONDS = WINDOW_SECONDS
     P99_SECONDS = 10
     # Processes add their counts once a second: the second before last is complete.
     SETTLE_SECONDS = 2
 
-    def __init__(self, campaigns: CampaignRepository, stats: LiveStats, clock: ViewClock) -> None:
+    def __init__(
+        self, campaigns: CampaignRepository, stats: LiveStats, clock: ViewClock, tally: LiveTally
+    ) -> None:
         self._campaigns = campaigns
         self._stats = stats
         self._clock = clock
+        self._tally = tally  # this process's: whether its counts reach `stats`
 
     async def execute(self, *, campaign_id: str) -> LiveView:
         campaign_id = validate_campaign_id(campaign_id)
@@ -136,6 +226,11 @@ class WatchCampaign:
             counts = await self._stats.read(campaign_id, list(window))
         except Unavailable as exc:
             return LiveView(campaign, now, (), 0, {}, None, 0, figures_missing=str(exc))
+        # Redis may answer reads and refuse writes (full, a replica): what it holds then
+        # is not what was answered, and a quiet window would hide an outage.
+        missing = self._tally.figures_missing()
+        if missing:
+            return LiveView(campaign, now, (), 0, {}, None, 0, figures_missing=missing)
         seconds = []
         refusals: dict[str, int] = {}
         latency = [0] * len(_LATENCY_FIELDS)

@@ -15,6 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 from coupon.domain.campaign import Campaign, CampaignStatus
 from coupon.domain.coupon import Coupon
+from coupon.domain.errors import Unavailable
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -308,11 +309,25 @@ class StockGate(Protocol):
 LiveCounts = Mapping[tuple[str, int], Mapping[str, int]]
 
 
+class LiveCountsNotStored(Unavailable):
+    """LiveStats.add stored only some of the counts, or none: `not_stored` are those it
+    knows were not (refused, or never sent), to be added again later. Those whose fate is
+    unknown (no answer in time: they may yet be stored) are not among them, so that none
+    is counted twice."""
+
+    def __init__(self, message: str, not_stored: LiveCounts, *, detail: str = "") -> None:
+        super().__init__(message, detail=detail)
+        self.not_stored = not_stored
+
+
 class LiveStats(Protocol):
     """Per-second counters of the issue path, added up across every server process and
     instance, kept for a short while (the live dashboard reads the last minute)."""
 
-    async def add(self, counts: LiveCounts) -> None: ...
+    async def add(self, counts: LiveCounts) -> None:
+        """Adds `counts` to the stored ones. Raises LiveCountsNotStored naming what it did
+        not store; any other Unavailable means that none was stored."""
+        ...
 
     async def read(self, campaign_id: str, seconds: Sequence[int]) -> dict[int, dict[str, int]]:
         """The counters of each of `seconds` that has any."""

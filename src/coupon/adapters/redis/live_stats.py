@@ -5,7 +5,8 @@ them on its node in a cluster.
 Each campaign's counts go in a script call of their own rather than in one pipeline: in a
 cluster, redis-py closes every connection of the client when a pipeline meets a node that
 is down, which would fail the requests of campaigns on the nodes that are up. A call that
-fails touches only its node, like any request of that campaign.
+fails touches only its node, like any request of that campaign, and only its counts are
+kept by the process for its next flush (LiveCountsNotStored).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import asyncio
 from collections.abc import Sequence
 from importlib import resources
 
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from coupon.adapters.redis.client import FAILURES, RedisClient
-from coupon.application.ports import LiveCounts
+from coupon.application.ports import LiveCounts, LiveCountsNotStored
 from coupon.domain.errors import Unavailable
 
 
@@ -25,6 +29,22 @@ def _script(name: str) -> str:
 
 def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("Redis is unavailable", detail=f"{type(exc).__name__}: {exc}")
+
+
+# A call not answered in time: Redis may still run it (a hung server runs what it was sent
+# once it wakes), so its counts are not sent again.
+_UNANSWERED = (TimeoutError, RedisTimeoutError)
+
+
+def _why(exc: BaseException) -> str:
+    """Why counts were not stored, for the panel: what kind of failure, not its details."""
+    if isinstance(exc, OutOfMemoryError):
+        return "Redis refuses writes: it is full (maxmemory)"
+    if isinstance(exc, ReadOnlyError):
+        return "Redis refuses writes: it is a read-only replica"
+    if isinstance(exc, _UNANSWERED):
+        return "Redis does not answer in time"
+    return "Redis is unavailable"
 
 
 class RedisLiveStats:
@@ -42,19 +62,32 @@ class RedisLiveStats:
         return f"{self._prefix}:{{{campaign_id}}}:live:{second}"
 
     async def add(self, counts: LiveCounts) -> None:
+        keys = []
         calls = []
-        for (campaign_id, second), fields in counts.items():
+        for key, fields in counts.items():
+            campaign_id, second = key
             args: list[str | int] = [self.KEEP_SECONDS]
             for name, count in fields.items():
                 args += (name, count)
             call = self._add(keys=[self.key(campaign_id, second)], args=args)
+            keys.append(key)
             calls.append(asyncio.wait_for(call, self.ADD_WAIT_SECONDS))
         results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, FAILURES):  # TimeoutError is an OSError
-                raise _unavailable(result)
-            if isinstance(result, BaseException):
+        failure: BaseException | None = None
+        not_stored = {}
+        for key, result in zip(keys, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if not isinstance(result, FAILURES):  # TimeoutError is an OSError
                 raise result
+            if failure is None or isinstance(failure, _UNANSWERED):
+                failure = result  # the first, but a refusal says more than a silence
+            if not isinstance(result, _UNANSWERED):
+                not_stored[key] = counts[key]
+        if failure is not None:
+            raise LiveCountsNotStored(
+                _why(failure), not_stored, detail=f"{type(failure).__name__}: {failure}"
+            )
 
     async def read(self, campaign_id: str, seconds: Sequence[int]) -> dict[int, dict[str, int]]:
         if not seconds:
