@@ -5,6 +5,7 @@
   missing and why, rather than showing a quiet campaign;
 * the refusals answered during an outage (Redis full, or stopped) appear in the panel once
   Redis is back, every one of them;
+* the p99 covers the requests refused after waiting on Redis, at the time they took;
 * a worker logs a failing flush once per outage, with Redis's own words, and once more
   when its counts are stored again.
 """
@@ -152,3 +153,29 @@ async def test_the_refusals_of_a_redis_stopped_appear_once_it_is_back(
     assert len(failed) == 1, failed
     assert "refused" in failed[0]["cause"].lower(), failed
 
+
+async def test_the_p99_covers_requests_refused_after_waiting_on_a_hung_redis(
+    server: ServerProcess, private_redis: PrivateRedis
+) -> None:
+    async with connect_client(server.url) as client:
+        campaign_id = await open_campaign(server, client)
+        private_redis.pause()
+        took: list[float] = []
+
+        async def slow_refusal(user: str) -> None:
+            started = time.monotonic()
+            with pytest.raises(ConnectError) as caught:
+                await client.issue_coupon(
+                    coupon_pb.IssueCouponRequest(campaign_id=campaign_id, user_id=user),
+                    timeout_ms=30_000,
+                )
+            took.append(time.monotonic() - started)
+            assert caught.value.code is Code.UNAVAILABLE, caught.value
+
+        try:
+            await asyncio.gather(*(slow_refusal(f"hung-{n}") for n in range(5)))
+        finally:
+            private_redis.resume()
+        # The five are all the requests of the p99's last seconds but for the first one.
+        view = await panel_until(server, campaign_id, lambda v: v["requests"] >= 6)
+    assert view["p99Ms"] is not None and view["p99Ms"] >= 900 * min(took), (view, took)

@@ -491,7 +491,7 @@ class CouponService:
         _, error, reason, rejections = known
         self._observe_issue.failed(arrived, error.code, logged=False)
         rejections.inc()
-        self._tally(campaign_id, REFUSED + reason, arrived)
+        self._tally(campaign_id, REFUSED + reason)
         return error
 
     def _shed(self, arrived: float, campaign_id: str) -> ConnectError:
@@ -507,7 +507,7 @@ class CouponService:
             )
         self._observe_issue.failed(arrived, Code.UNAVAILABLE, logged=False)
         self._overloaded.inc()
-        self._tally(campaign_id, REFUSED + "overloaded", arrived)
+        self._tally(campaign_id, REFUSED + "overloaded")
         return error
 
     async def issue_let_in(
@@ -572,14 +572,19 @@ class CouponService:
         reason = REJECTION_REASONS.get(type(exc), "other")
         self._rejections(reason).inc()
         if reason not in _NO_CAMPAIGN:
-            self._tally(campaign_id, REFUSED + reason, arrived)
+            # At the time it took: a refusal may come after Redis or PostgreSQL work, or
+            # after waiting for the deadline.
+            self._tally(campaign_id, REFUSED + reason, time.monotonic() - arrived)
         return error
 
-    def _tally(self, campaign_id: str, outcome: str, arrived: float) -> None:
-        """The live dashboard's per-campaign count of an answer given at once (a campaign
-        id that is not one: none)."""
+    def _tally(self, campaign_id: str, outcome: str, took: float | None = None) -> None:
+        """The live dashboard's per-campaign count of an answer that took `took` seconds, or
+        None: given at once, without I/O (a campaign id that is not one: none)."""
         try:
             campaign_id = validate_campaign_id(campaign_id)
         except InvalidArgument:
             return
-        self._live.record_at_once(campaign_id, outcome)
+        if took is None:
+            self._live.record_at_once(campaign_id, outcome)
+        else:
+            self._live.record(campaign_id, outcome, took)
