@@ -783,6 +783,29 @@ async def test_gate_lists_pending_users_until_confirmed(adapters: Adapters) -> N
     assert sorted(await adapters.gate.pending_users(c.id)) == ["bob", "carol"]
 
 
+async def test_gate_counts_the_admissions_before_an_end_still_being_recorded(
+    adapters: Adapters,
+) -> None:
+    c = await adapters.new_campaign(total=5)
+    stranded = await adapters.gate.admit(c.id, "stranded")  # its process died: no confirm
+    await asyncio.sleep(LEASE * 1.5)
+    alice = await adapters.gate.admit(c.id, "alice")
+    bob = await adapters.gate.admit(c.id, "bob")
+    assert stranded.kind is alice.kind is bob.kind is AdmissionKind.ADMITTED
+    end = await adapters.gate.end(c.id, None)
+    # The stranded admission is older than the lease: nobody is recording it any more.
+    assert await adapters.gate.pending_count(c.id, end) == 2
+    await adapters.gate.release(c.id, "bob", bob.slot)
+    assert await adapters.gate.pending_count(c.id, end) == 1
+    adapters.gate.confirm(await adapters.coupon(c, "alice", alice.slot))
+    # A confirm is queued, never waited for: it arrives soon after.
+    give_up = time.monotonic() + 5
+    while await adapters.gate.pending_count(c.id, end) and time.monotonic() < give_up:
+        await asyncio.sleep(0.01)
+    assert await adapters.gate.pending_count(c.id, end) == 0
+    assert await adapters.gate.pending_users(c.id) == ["stranded"]
+
+
 async def test_gate_turns_away_a_request_past_its_deadline_untouched(adapters: Adapters) -> None:
     c = await adapters.new_campaign(total=1)
     with pytest.raises(Overloaded):

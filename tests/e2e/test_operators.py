@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
@@ -43,11 +44,15 @@ async def issue(client: CouponServiceClient, campaign_id: str, user: str) -> cou
 
 
 async def end(client: CouponServiceClient, campaign_id: str) -> coupon_pb.Campaign:
-    reply = await client.end_campaign(
-        coupon_pb.EndCampaignRequest(campaign_id=campaign_id), headers=admin(TOKEN)
-    )
+    reply = await end_reply(client, campaign_id)
     assert reply.campaign is not None
     return reply.campaign
+
+
+async def end_reply(client: CouponServiceClient, campaign_id: str) -> coupon_pb.EndCampaignResponse:
+    return await client.end_campaign(
+        coupon_pb.EndCampaignRequest(campaign_id=campaign_id), headers=admin(TOKEN)
+    )
 
 
 async def test_every_operator_rpc_needs_the_admin_token(server: ServerProcess) -> None:
@@ -200,8 +205,10 @@ async def test_end_campaign_under_a_burst_issues_nothing_after_the_end(
         deadline = time.monotonic() + BURST_SECONDS
         while sum(1 for o in outcomes if o.code) < 300 and not burst.done():
             await asyncio.sleep(0.05)
-        ended = await end(client, campaign.id)
+        reply = await end_reply(client, campaign.id)
         answered = datetime.now(UTC)
+        assert reply.campaign is not None
+        ended = reply.campaign
         # The burst goes on against the ended campaign until requests sent after the end's
         # answer have theirs (however long a busy machine takes to answer them).
         while (
@@ -226,6 +233,9 @@ async def test_end_campaign_under_a_burst_issues_nothing_after_the_end(
     stored = {r["user_id"]: r for r in rows}
     assert rows, "coupons were issued before the end"
     assert max(r["issued_at"] for r in rows) < end_at
+    # The count EndCampaign answered is final: requests admitted before the end and
+    # committed after it were waited for.
+    assert (ended.issued_count, reply.still_recording) == (len(rows), 0)
     recorded = await pg_pool.fetchval(
         "SELECT ended_at FROM campaigns WHERE id = $1", uuid.UUID(campaign.id)
     )
@@ -241,6 +251,49 @@ async def test_end_campaign_under_a_burst_issues_nothing_after_the_end(
     assert all("ended" in o.message for o in late)
     errors = Counter(o.error for o in outcomes if o.error)
     assert set(errors) <= {"failed_precondition", "canceled", "deadline_exceeded"}, errors
+
+
+async def test_end_campaign_answers_the_final_count_of_commits_that_end_after_it(
+    server: ServerProcess,
+    pg_pool: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Requests admitted before the end whose commits wait on a lock until after the end
+    is recorded: EndCampaign's count includes them, as PostgreSQL's does afterwards."""
+    async with connect_client(server.url) as client:
+        campaign = await create_campaign(client, total=100, name="late commits", token=TOKEN)
+        await issue(client, campaign.id, "warm")
+        pending_key = f"{redis_prefix}:{{{campaign.id}}}:pending"
+        async with pg_pool.acquire() as locker:
+            held = locker.transaction()
+            await held.start()
+            try:
+                # Inserts wait behind this lock; reads do not.
+                await locker.execute("LOCK TABLE coupons IN SHARE MODE")
+                issues = [
+                    asyncio.ensure_future(issue(client, campaign.id, f"late-{i}"))
+                    for i in range(20)
+                ]
+                give_up = time.monotonic() + 30
+                while await redis_client.zcard(pending_key) < 20:
+                    assert time.monotonic() < give_up, "the requests were not admitted"
+                    await asyncio.sleep(0.02)
+                ending = asyncio.ensure_future(end_reply(client, campaign.id))
+                recorded = "SELECT ended_at FROM campaigns WHERE id = $1"
+                while await pg_pool.fetchval(recorded, uuid.UUID(campaign.id)) is None:
+                    assert time.monotonic() < give_up, "the end was not recorded"
+                    await asyncio.sleep(0.02)
+            finally:
+                await held.rollback()
+        reply = await ending
+        coupons = await asyncio.gather(*issues)
+    stored = await pg_pool.fetchval(
+        "SELECT count(*) FROM coupons WHERE campaign_id = $1", uuid.UUID(campaign.id)
+    )
+    assert reply.campaign is not None and reply.campaign.ended_at is not None
+    assert all(c.issued_at.to_datetime() < reply.campaign.ended_at.to_datetime() for c in coupons)
+    assert (reply.campaign.issued_count, reply.still_recording, stored) == (21, 0, 21)
 
 
 async def test_issue_after_the_end_says_when_it_ended(server: ServerProcess) -> None:

@@ -197,6 +197,32 @@ def test_end_is_the_kill_switch_and_idempotent(server: ServerProcess) -> None:
     assert "ended" in ok(coupon(server, "show", str(campaign["id"])))
 
 
+def test_end_says_when_its_count_is_not_final_yet() -> None:
+    """EndCampaign waited for the admissions made before the end, in vain (PostgreSQL that
+    slow): the table says the count is so far, and where the final one is."""
+
+    class Handler(ProtoHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            campaign = coupon_pb.Campaign(
+                id=CAMPAIGN_ID, total_coupons=20_000, issued_count=10_076, status=4
+            )
+            reply = coupon_pb.EndCampaignResponse(campaign=campaign, still_recording=15)
+            self.answer(reply.to_binary())
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    with FakeService(Handler) as service:
+        env.update({"COUPON_ADMIN_TOKEN": TOKEN, "COUPON_URL": service.url})
+        table = ok(command(env, None, "campaigns", "end", "--yes", CAMPAIGN_ID))
+        as_json = json.loads(ok(command(env, None, "campaigns", "--json", "end", CAMPAIGN_ID)))
+    issued = [line for line in table.splitlines() if line.startswith("issued")]
+    assert issued == [
+        "issued      10,076 of 20,000 so far; 15 still being recorded "
+        "(`coupon campaigns show` gives the final count)"
+    ], table
+    assert as_json["stillRecording"] == "15"
+
+
 def at_a_terminal(server: ServerProcess, answer: str | None, *args: str) -> tuple[int, str]:
     """`coupon campaigns ARGS...` with a terminal for stdin, stdout and stderr, `answer`
     typed at it (None: Ctrl-D, the end of input): its exit status and everything it wrote

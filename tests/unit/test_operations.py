@@ -41,6 +41,7 @@ from coupon.application.ports import LiveCounts, StockGate
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign
 from coupon.domain.campaign import Campaign, CampaignStatus
+from coupon.domain.coupon import Coupon
 from coupon.domain.errors import (
     CampaignEnded,
     CampaignNotFound,
@@ -183,6 +184,45 @@ async def test_end_campaign_ends_now_and_again_returns_it_unchanged(world: World
     world.clock.advance(5)
     again = await end.execute(campaign_id=campaign.id)
     assert again.campaign == ended.campaign
+
+
+async def test_end_campaign_answers_the_count_once_what_was_admitted_before_is_recorded(
+    world: World,
+) -> None:
+    """A request admitted before the end is recorded after it (allowed: its issued_at is
+    before the end): EndCampaign waits for it, so the count it answers is final."""
+    campaign = await world.campaign()
+    world.clock.advance(120)
+    admitted = await world.gate.admit(campaign.id, "before")
+
+    async def record_after_the_end() -> None:
+        while (found := await world.campaigns.get(campaign.id)) and found.ended_at is None:
+            await asyncio.sleep(0)
+        coupon = Coupon(
+            await world.codes.next_code(), campaign.id, "before", admitted.now, admitted.slot
+        )
+        await world.ledger.record(coupon)
+        world.gate.confirm(coupon)
+
+    late = asyncio.ensure_future(record_after_the_end())
+    ended = await world.end().execute(campaign_id=campaign.id)
+    await late
+    assert ended.campaign.ended_at is not None and admitted.now < ended.campaign.ended_at
+    assert (ended.campaign.issued_count, ended.still_recording) == (1, 0)
+
+
+async def test_end_campaign_says_what_is_still_being_recorded_when_its_wait_runs_out(
+    world: World,
+) -> None:
+    campaign = await world.campaign()
+    world.clock.advance(120)
+    await world.gate.admit(campaign.id, "slow")  # its commit never comes
+    ended = await world.end().execute(campaign_id=campaign.id, wait_seconds=0.05)
+    assert (ended.campaign.issued_count, ended.still_recording) == (0, 1)
+    assert ended.changed
+    # Asked again, it says the same until the admission is settled.
+    again = await world.end().execute(campaign_id=campaign.id, wait_seconds=0)
+    assert (again.campaign.issued_count, again.still_recording) == (0, 1)
 
 
 async def test_end_campaign_of_an_unknown_or_malformed_id(world: World) -> None:

@@ -3,10 +3,12 @@ kill switch), ListUserCoupons, ExportCoupons. Each orchestrates ports only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import hashlib
+import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -99,6 +101,18 @@ class EndedCampaign:
     now: datetime
     # Whether this call ended it (False: ended before, or over by its schedule).
     changed: bool = False
+    # Admissions made before the end whose coupons were still being recorded when the wait
+    # for them ran out: 0 when the campaign's issued count is final.
+    still_recording: int = 0
+
+
+# How long EndCampaign waits, once the end is in force, for the admissions made before it
+# to be recorded (or given back), so that its answer carries the final count. They take a
+# request's deadline to be sent to the gate (500 ms) and a group commit (milliseconds;
+# up to the 10-s command timeout only when PostgreSQL stalls): 3 s covers every healthy
+# case, and a stalled PostgreSQL is answered with what is left to record.
+SETTLE_WAIT_SECONDS = 3.0
+SETTLE_POLL_SECONDS = 0.02
 
 
 class EndCampaign:
@@ -129,7 +143,27 @@ class EndCampaign:
         self._directory.forget(campaign_id)
         self._refusals.forget(campaign_id)
 
-    async def execute(self, *, campaign_id: str) -> EndedCampaign:
+    async def _settle(
+        self, campaign: Campaign, end: datetime, wait_seconds: float
+    ) -> tuple[Campaign, int]:
+        """Wait (`wait_seconds` at most) until no admission made before `end` is still being
+        recorded, then read the campaign again: its issued count is then final. Returns it
+        with how many were still being recorded when the wait ran out (0: none)."""
+        give_up = time.monotonic() + wait_seconds
+        pending = await self._gate.pending_count(campaign.id, end)
+        while pending and time.monotonic() < give_up:
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+            try:
+                pending = await self._gate.pending_count(campaign.id, end)
+            except Unavailable:
+                break  # the gate went away meanwhile: what is known is said
+        return await self._campaigns.get(campaign.id) or campaign, pending
+
+    async def execute(
+        self, *, campaign_id: str, wait_seconds: float = SETTLE_WAIT_SECONDS
+    ) -> EndedCampaign:
+        """Ends the campaign, then waits up to `wait_seconds` for the admissions made
+        before the end to be recorded, so that the count answered is final."""
         campaign_id = validate_campaign_id(campaign_id)
         campaign = await self._campaigns.get(campaign_id)
         if campaign is None:
@@ -139,10 +173,12 @@ class EndCampaign:
             # ended it stopped before telling it; if it cannot (Redis down), the answer is
             # the same: the ledger refuses any coupon after the recorded end whatever the
             # gate says, and tells the gate again when it admits one.
+            pending = 0
             with contextlib.suppress(Unavailable):
                 await self._gate.end(campaign_id, campaign.ended_at)
+                campaign, pending = await self._settle(campaign, campaign.ended_at, wait_seconds)
             self._forget(campaign_id)
-            return EndedCampaign(campaign, await self._view_clock.now())
+            return EndedCampaign(campaign, await self._view_clock.now(), still_recording=pending)
         now = await self._clock.now()
         if campaign.ends_at is not None and campaign.ends_at <= now:
             return EndedCampaign(campaign, now)  # over by its schedule: nothing to end
@@ -160,10 +196,12 @@ class EndCampaign:
             ) from exc
         if ended is None:
             raise CampaignNotFound(campaign_id)
-        assert ended.ended_at is not None
-        await self._gate.end(campaign_id, ended.ended_at)
+        end = ended.ended_at
+        assert end is not None
+        await self._gate.end(campaign_id, end)
         self._forget(campaign_id)
-        return EndedCampaign(ended, max(now, ended.ended_at), changed=True)
+        ended, pending = await self._settle(ended, end, wait_seconds)
+        return EndedCampaign(ended, max(now, end), changed=True, still_recording=pending)
 
 
 @dataclass(frozen=True, slots=True)

@@ -293,6 +293,13 @@ class StockGate(Protocol):
     async def pending_users(self, campaign_id: str) -> Sequence[str]:
         """Users whose admission is not yet known to be committed."""
 
+    async def pending_count(self, campaign_id: str, end: datetime) -> int:
+        """Admissions made before `end` that are still pending (neither confirmed nor given
+        back): coupons that may still be recorded. Those admitted longer than the lease
+        before `end` are left out: no process is recording them any more (the lease
+        settles them)."""
+        ...
+
     async def end(self, campaign_id: str, at: datetime | None) -> datetime:
         """Admit nobody from `at` on (None: now, by the gate's clock, the one that decides
         every admission; its next microsecond, so that an admission at this instant is

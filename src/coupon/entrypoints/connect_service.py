@@ -18,6 +18,7 @@ from connectrpc.request import RequestContext
 from coupon.application.issue import IssueCoupon, Issued, Pending
 from coupon.application.live import ALREADY_ISSUED, ISSUED, REFUSED, LiveTally
 from coupon.application.operations import (
+    SETTLE_WAIT_SECONDS,
     EndCampaign,
     ExportCoupons,
     ListCampaigns,
@@ -364,7 +365,15 @@ class CouponService:
     ) -> coupon_pb.EndCampaignResponse:
         async def work() -> coupon_pb.EndCampaignResponse:
             self._admin.check(ctx)
-            ended = await self._operations.end_campaign.execute(campaign_id=request.campaign_id)
+            # The wait for the admissions made before the end ends well within the caller's
+            # own deadline, so that the end's answer reaches it.
+            left_ms = ctx.timeout_ms
+            wait = SETTLE_WAIT_SECONDS
+            if left_ms is not None:
+                wait = max(0.0, min(wait, left_ms / 1000 * 0.8 - 0.1))
+            ended = await self._operations.end_campaign.execute(
+                campaign_id=request.campaign_id, wait_seconds=wait
+            )
             campaign = ended.campaign
             end = campaign.effective_end
             if ended.changed:  # not again for a campaign ended before
@@ -376,7 +385,10 @@ class CouponService:
                         "request_id": request_id(),
                     },
                 )
-            return coupon_pb.EndCampaignResponse(campaign=campaign_message(campaign, ended.now))
+            return coupon_pb.EndCampaignResponse(
+                campaign=campaign_message(campaign, ended.now),
+                still_recording=ended.still_recording,
+            )
 
         return await self._observe_end.call(work(), ctx)
 

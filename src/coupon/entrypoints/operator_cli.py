@@ -659,7 +659,16 @@ def _end(call: Call, args: argparse.Namespace) -> None:
         timeout_ms=call.timeout_ms,
     )
     assert response.campaign is not None
-    _print_campaign(call, response.campaign, response.to_json())
+    campaign = response.campaign
+    issued = None
+    if response.still_recording:
+        # The service's wait for what was admitted before the end ran out: not final yet.
+        issued = (
+            f"{campaign.issued_count:,} of {campaign.total_coupons:,} so far; "
+            f"{response.still_recording:,} still being recorded "
+            "(`coupon campaigns show` gives the final count)"
+        )
+    _print_campaign(call, campaign, response.to_json(), issued=issued)
 
 
 def _at_a_terminal() -> bool:
@@ -874,7 +883,9 @@ class Progress:
         self._out.flush()
 
 
-def _print_campaign(call: Call, campaign: coupon_pb.Campaign, as_json: str) -> None:
+def _print_campaign(
+    call: Call, campaign: coupon_pb.Campaign, as_json: str, *, issued: str | None = None
+) -> None:
     if call.as_json:
         print(as_json)
         return
@@ -882,7 +893,7 @@ def _print_campaign(call: Call, campaign: coupon_pb.Campaign, as_json: str) -> N
         ("id", campaign.id),
         ("name", campaign.name),
         ("status", _STATUS_NAMES.get(campaign.status, "?")),
-        ("issued", f"{campaign.issued_count:,} of {campaign.total_coupons:,}"),
+        ("issued", issued or f"{campaign.issued_count:,} of {campaign.total_coupons:,}"),
         ("starts_at", _time(campaign.starts_at)),
         ("ends_at", _time(campaign.ends_at)),
         ("ended_at", _time(campaign.ended_at)),

@@ -375,6 +375,13 @@ class MemoryStockGate:
         state = self._states.get(campaign_id)
         return [] if state is None else list(state.pending)
 
+    async def pending_count(self, campaign_id: str, end: datetime) -> int:
+        state = self._states.get(campaign_id)
+        if state is None:
+            return 0
+        since = end - self._lease
+        return sum(1 for at in state.pending.values() if since <= at < end)
+
     async def _end_admission(
         self, campaign_id: str, user_id: str, slot: int, *, slot_back: bool
     ) -> None:

@@ -491,6 +491,17 @@ class RedisStockGate:
             raise _unavailable(exc) from exc
         return [user.decode() if isinstance(user, bytes) else str(user) for user in found]
 
+    async def pending_count(self, campaign_id: str, end: datetime) -> int:
+        # Scored by admission time (admit.lua): those within the lease before the end.
+        until = wire.micros(end)
+        try:
+            found = await self._client.zcount(
+                self.keys(campaign_id)[3], until - self._lease_us, f"({until}"
+            )
+        except FAILURES as exc:
+            raise _unavailable(exc) from exc
+        return int(found)
+
 
 def _in_time(queue: list[_Waiting], previous_call: float) -> list[_Waiting]:
     """The requests still worth sending: one whose deadline passed while it waited for the

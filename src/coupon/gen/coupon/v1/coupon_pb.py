@@ -541,7 +541,7 @@ class EndCampaignRequest(Message[_EndCampaignRequestFields]):
 
         campaign_id: str
 
-_EndCampaignResponseFields: TypeAlias = Literal["campaign"]
+_EndCampaignResponseFields: TypeAlias = Literal["campaign", "still_recording"]
 
 class EndCampaignResponse(Message[_EndCampaignResponseFields]):
     """
@@ -551,14 +551,24 @@ class EndCampaignResponse(Message[_EndCampaignResponseFields]):
 
     Attributes:
         campaign:
-            Status ENDED; ended_at is when issuance ended.
+            Status ENDED; ended_at is when issuance ended. issued_count is final unless
+            still_recording says otherwise.
 
             ```proto
             optional coupon.v1.Campaign campaign = 1;
             ```
+        still_recording:
+            Coupons admitted before the end that were still being recorded when this answer was
+            sent: EndCampaign waits up to 3 s for them, so this is 0 and issued_count is the final
+            tally, unless PostgreSQL is that slow; then issued_count is the count so far, and
+            GetCampaign gives the final one once they are recorded.
+
+            ```proto
+            int64 still_recording = 2;
+            ```
     """
 
-    __slots__ = ("campaign",)
+    __slots__ = ("campaign", "still_recording")
 
     if TYPE_CHECKING:
 
@@ -566,10 +576,12 @@ class EndCampaignResponse(Message[_EndCampaignResponseFields]):
             self,
             *,
             campaign: Campaign | None = None,
+            still_recording: int = 0,
         ) -> None:
             pass
 
         campaign: Campaign | None
+        still_recording: int
 
 _ListUserCouponsRequestFields: TypeAlias = Literal["user_id", "page_size", "page_token"]
 
@@ -754,7 +766,7 @@ class CampaignStatus(Enum):
 
 
 _DESC = file_desc(
-    b'\n\x16coupon/v1/coupon.proto\x12\tcoupon.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\x89\x03\n\x08Campaign\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x03 \x01(\x03R\x0ctotalCoupons\x12!\n\x0cissued_count\x18\x04 \x01(\x03R\x0bissuedCount\x127\n\tstarts_at\x18\x05 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x121\n\x06status\x18\x08 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status\x125\n\x08ended_at\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endedAt"\x8f\x01\n\x06Coupon\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId\x127\n\tissued_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt"\xdd\x01\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x02 \x01(\x03R\x0ctotalCoupons\x127\n\tstarts_at\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId"I\n\x16CreateCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xd8\x01\n\x13GetCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign\x12+\n\x07coupons\x18\x02 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"N\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId"g\n\x13IssueCouponResponse\x12)\n\x06coupon\x18\x01 \x01(\x0b2\x11.coupon.v1.CouponR\x06coupon\x12%\n\x0ealready_issued\x18\x02 \x01(\x08R\ralreadyIssued"\x85\x01\n\x14ListCampaignsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x121\n\x06status\x18\x03 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status"\xaf\x01\n\x15ListCampaignsResponse\x121\n\tcampaigns\x18\x01 \x03(\x0b2\x13.coupon.v1.CampaignR\tcampaigns\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"5\n\x12EndCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"F\n\x13EndCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"m\n\x16ListUserCouponsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"n\n\x17ListUserCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"7\n\x14ExportCouponsRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"D\n\x15ExportCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons*\xa5\x01\n\x0eCampaignStatus\x12\x1f\n\x1bCAMPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19CAMPAIGN_STATUS_SCHEDULED\x10\x01\x12\x1a\n\x16CAMPAIGN_STATUS_ACTIVE\x10\x02\x12\x1c\n\x18CAMPAIGN_STATUS_SOLD_OUT\x10\x03\x12\x19\n\x15CAMPAIGN_STATUS_ENDED\x10\x042\xd4\x04\n\rCouponService\x12U\n\x0eCreateCampaign\x12 .coupon.v1.CreateCampaignRequest\x1a!.coupon.v1.CreateCampaignResponse\x12L\n\x0bGetCampaign\x12\x1d.coupon.v1.GetCampaignRequest\x1a\x1e.coupon.v1.GetCampaignResponse\x12L\n\x0bIssueCoupon\x12\x1d.coupon.v1.IssueCouponRequest\x1a\x1e.coupon.v1.IssueCouponResponse\x12R\n\rListCampaigns\x12\x1f.coupon.v1.ListCampaignsRequest\x1a .coupon.v1.ListCampaignsResponse\x12L\n\x0bEndCampaign\x12\x1d.coupon.v1.EndCampaignRequest\x1a\x1e.coupon.v1.EndCampaignResponse\x12X\n\x0fListUserCoupons\x12!.coupon.v1.ListUserCouponsRequest\x1a".coupon.v1.ListUserCouponsResponse\x12T\n\rExportCoupons\x12\x1f.coupon.v1.ExportCouponsRequest\x1a .coupon.v1.ExportCouponsResponse0\x01b\x06proto3',
+    b'\n\x16coupon/v1/coupon.proto\x12\tcoupon.v1\x1a\x1fgoogle/protobuf/timestamp.proto"\x89\x03\n\x08Campaign\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x03 \x01(\x03R\x0ctotalCoupons\x12!\n\x0cissued_count\x18\x04 \x01(\x03R\x0bissuedCount\x127\n\tstarts_at\x18\x05 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x129\n\ncreated_at\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\tcreatedAt\x121\n\x06status\x18\x08 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status\x125\n\x08ended_at\x18\t \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endedAt"\x8f\x01\n\x06Coupon\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId\x127\n\tissued_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt"\xdd\x01\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rtotal_coupons\x18\x02 \x01(\x03R\x0ctotalCoupons\x127\n\tstarts_at\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08startsAt\x123\n\x07ends_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x06endsAt\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId"I\n\x16CreateCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xd8\x01\n\x13GetCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign\x12+\n\x07coupons\x18\x02 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x03 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"N\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId"g\n\x13IssueCouponResponse\x12)\n\x06coupon\x18\x01 \x01(\x0b2\x11.coupon.v1.CouponR\x06coupon\x12%\n\x0ealready_issued\x18\x02 \x01(\x08R\ralreadyIssued"\x85\x01\n\x14ListCampaignsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x121\n\x06status\x18\x03 \x01(\x0e2\x19.coupon.v1.CampaignStatusR\x06status"\xaf\x01\n\x15ListCampaignsResponse\x121\n\tcampaigns\x18\x01 \x03(\x0b2\x13.coupon.v1.CampaignR\tcampaigns\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12;\n\x0bserver_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\nserverTime"5\n\x12EndCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"o\n\x13EndCampaignResponse\x12/\n\x08campaign\x18\x01 \x01(\x0b2\x13.coupon.v1.CampaignR\x08campaign\x12\'\n\x0fstill_recording\x18\x02 \x01(\x03R\x0estillRecording"m\n\x16ListUserCouponsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"n\n\x17ListUserCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"7\n\x14ExportCouponsRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"D\n\x15ExportCouponsResponse\x12+\n\x07coupons\x18\x01 \x03(\x0b2\x11.coupon.v1.CouponR\x07coupons*\xa5\x01\n\x0eCampaignStatus\x12\x1f\n\x1bCAMPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19CAMPAIGN_STATUS_SCHEDULED\x10\x01\x12\x1a\n\x16CAMPAIGN_STATUS_ACTIVE\x10\x02\x12\x1c\n\x18CAMPAIGN_STATUS_SOLD_OUT\x10\x03\x12\x19\n\x15CAMPAIGN_STATUS_ENDED\x10\x042\xd4\x04\n\rCouponService\x12U\n\x0eCreateCampaign\x12 .coupon.v1.CreateCampaignRequest\x1a!.coupon.v1.CreateCampaignResponse\x12L\n\x0bGetCampaign\x12\x1d.coupon.v1.GetCampaignRequest\x1a\x1e.coupon.v1.GetCampaignResponse\x12L\n\x0bIssueCoupon\x12\x1d.coupon.v1.IssueCouponRequest\x1a\x1e.coupon.v1.IssueCouponResponse\x12R\n\rListCampaigns\x12\x1f.coupon.v1.ListCampaignsRequest\x1a .coupon.v1.ListCampaignsResponse\x12L\n\x0bEndCampaign\x12\x1d.coupon.v1.EndCampaignRequest\x1a\x1e.coupon.v1.EndCampaignResponse\x12X\n\x0fListUserCoupons\x12!.coupon.v1.ListUserCouponsRequest\x1a".coupon.v1.ListUserCouponsResponse\x12T\n\rExportCoupons\x12\x1f.coupon.v1.ExportCouponsRequest\x1a .coupon.v1.ExportCouponsResponse0\x01b\x06proto3',
     [
         timestamp_pb.desc(),
     ],
