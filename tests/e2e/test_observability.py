@@ -71,6 +71,33 @@ def test_metrics_count_every_worker_s_requests_and_issues(server: ServerProcess)
     )
 
 
+def test_the_rejections_help_says_already_issued_is_answered_with_the_coupon(
+    server: ServerProcess,
+) -> None:
+    """A repeat is answered `ok` with the user's coupon and counted under
+    reason="already_issued": the metric's HELP, all /metrics says of it, must not call every
+    one of its requests turned away."""
+    created = httpx.post(
+        f"{server.url}{CREATE}",
+        json={"name": "help", "totalCoupons": 5, "startsAt": "2026-01-01T00:00:00Z"},
+    ).json()["campaign"]["id"]
+    for _ in range(2):
+        answer = httpx.post(f"{server.url}{ISSUE}", json={"campaignId": created, "userId": "u"})
+        assert answer.status_code == 200, answer.text
+    prefix = "# HELP coupon_issue_rejections_total "
+    deadline = time.monotonic() + 10
+    while True:  # each worker writes its tallies out once a second
+        text = httpx.get(f"{server.url}/metrics").text
+        found = [line for line in text.splitlines() if line.startswith(prefix)]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(found) == 1, text[:2000]
+    words = found[0][len(prefix) :]
+    assert not words.startswith("IssueCoupon requests turned away"), words
+    assert "'already_issued' (a repeat, answered ok with the user's coupon)" in words, words
+
+
 def test_an_issue_request_whose_body_cannot_be_read_is_counted_as_invalid(
     server: ServerProcess,
 ) -> None:

@@ -78,7 +78,10 @@ class Metrics:
         )
         self.rejections = Counter(
             "coupon_issue_rejections",
-            "IssueCoupon requests turned away, by reason.",
+            "IssueCoupon requests answered without a new coupon, by reason: turned away "
+            "('overloaded', 'sold_out', 'not_started', 'ended', 'not_found', 'invalid', "
+            "'unavailable', 'other'), or 'already_issued' (a repeat, answered ok with the "
+            "user's coupon).",
             ["reason"],
             **kw,  # type: ignore[arg-type]
         )
