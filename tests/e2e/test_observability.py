@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -152,6 +153,78 @@ def test_metrics_of_a_single_worker_server(server_env: dict[str, str]) -> None:
             time.sleep(0.2)
         assert issued == 2, text[:2000]
         assert metric(text, "coupon_rpc_requests_total", rpc="IssueCoupon", code="ok") == 2
+
+
+async def test_gauges_tell_requests_in_flight_and_connections_in_use(
+    server_env: dict[str, str], pg_pool: asyncpg.Pool
+) -> None:
+    """While PostgreSQL holds every statement on `campaigns` (a lock), IssueCoupon requests
+    wait in flight and GetCampaign calls hold pool connections: /metrics says so, and says
+    both are let go once the lock is; the admission limit and the pool's size are there."""
+    with ServerProcess(env=server_env, workers=1) as single:
+
+        def gauges() -> dict[str, float]:
+            text = httpx.get(f"{single.url}/metrics").text
+            names = (
+                "coupon_issue_in_flight",
+                "coupon_issue_admission_limit",
+                "coupon_db_pool_connections_in_use",
+                "coupon_db_pool_connections_open",
+                "coupon_db_pool_connections_max",
+            )
+            return {name: metric(text, name) for name in names}
+
+        created = httpx.post(
+            f"{single.url}{CREATE}",
+            json={"name": "gauges", "totalCoupons": 50, "startsAt": "2026-01-01T00:00:00Z"},
+        ).json()["campaign"]["id"]
+        warm = httpx.post(f"{single.url}{ISSUE}", json={"campaignId": created, "userId": "w"})
+        assert warm.status_code == 200, warm.text
+        at_rest = gauges()
+        assert at_rest["coupon_issue_in_flight"] == 0, at_rest
+        assert at_rest["coupon_issue_admission_limit"] == 1024, at_rest  # a new process's
+        assert at_rest["coupon_db_pool_connections_max"] == 8, at_rest
+        async with httpx.AsyncClient(base_url=single.url, timeout=30) as client:
+            async with pg_pool.acquire() as locker:
+                held = locker.transaction()
+                await held.start()
+                try:
+                    await locker.execute("LOCK TABLE campaigns IN ACCESS EXCLUSIVE MODE")
+                    issues = [
+                        client.post(ISSUE, json={"campaignId": created, "userId": f"u{i}"})
+                        for i in range(10)
+                    ]
+                    gets = [
+                        client.post(
+                            "/coupon.v1.CouponService/GetCampaign", json={"campaignId": created}
+                        )
+                        for _ in range(4)
+                    ]
+                    calls = asyncio.gather(*issues, *gets)
+                    deadline = time.monotonic() + 8
+                    while True:
+                        held_up = await asyncio.to_thread(gauges)
+                        waiting = (
+                            held_up["coupon_issue_in_flight"] == 10
+                            and held_up["coupon_db_pool_connections_in_use"] >= 5
+                        )
+                        if waiting or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.1)
+                finally:
+                    await held.rollback()
+            answers = await calls
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert held_up["coupon_issue_in_flight"] == 10, held_up
+        assert held_up["coupon_db_pool_connections_in_use"] >= 5, held_up  # 4 reads, a commit
+        assert (
+            held_up["coupon_db_pool_connections_open"]
+            >= held_up["coupon_db_pool_connections_in_use"]
+        ), held_up
+        after = gauges()
+        assert after["coupon_issue_in_flight"] == 0, after
+        # The group commit keeps one connection between its commits; the reads gave theirs.
+        assert after["coupon_db_pool_connections_in_use"] <= 1, after
 
 
 def test_metrics_asks_for_its_token_when_one_is_set(server_env: dict[str, str]) -> None:

@@ -106,11 +106,12 @@ class StorageProvider(Provider):
     scope = Scope.APP
 
     @provide
-    async def pool(self, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    async def pool(self, settings: Settings, metrics: Metrics) -> AsyncIterator[asyncpg.Pool]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
         warming = asyncio.ensure_future(warm(pool, settings.db_pool_size))
         try:
-            yield pool
+            with metrics.watch_pool(pool):
+                yield pool
         finally:
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -269,7 +270,7 @@ class ApplicationProvider(Provider):
             await issue.close()
 
     @provide
-    def doorman(self, settings: Settings) -> Iterator[Doorman]:
+    def doorman(self, settings: Settings, metrics: Metrics) -> Iterator[Doorman]:
         ceiling = settings.max_in_flight
         doorman = Doorman(
             target_seconds=settings.target_latency_ms / 1000,
@@ -278,7 +279,8 @@ class ApplicationProvider(Provider):
             ceiling=ceiling,
         )
         try:
-            yield doorman
+            with metrics.watch_doorman(doorman):
+                yield doorman
         finally:
             doorman.close()
 

@@ -11,16 +11,18 @@ within `FLUSH_SECONDS`.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -29,6 +31,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.values import ValueClass
 
 from coupon.application.periodic import periodically
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from coupon.entrypoints.overload import Doorman
 
 FLUSH_SECONDS = 1.0
 
@@ -108,7 +115,38 @@ class Metrics:
             **kw,  # type: ignore[arg-type]
         )
 
+        # Gauges of what a process holds now, read when its tallies are written out (once a
+        # second, and when this worker renders /metrics), never per request; summed over
+        # the live workers. A worker that exits sets its own to 0 (see `watch`), and the
+        # supervisor drops the files of one that died (cli.py).
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, multiprocess_mode="livesum", **kw)  # type: ignore[arg-type]
+
+        self.issue_in_flight = gauge(
+            "coupon_issue_in_flight",
+            "IssueCoupon requests let in and not yet answered, summed over the workers.",
+        )
+        self.issue_admission_limit = gauge(
+            "coupon_issue_admission_limit",
+            "The overload controller's admission limit (IssueCoupon requests let in at "
+            "once), summed over the workers: in flight at the limit is overload.",
+        )
+        self.db_pool_in_use = gauge(
+            "coupon_db_pool_connections_in_use",
+            "PostgreSQL connections taken from the pools (the group commit keeps one "
+            "between its commits), summed over the workers: at the max, the pool is spent.",
+        )
+        self.db_pool_open = gauge(
+            "coupon_db_pool_connections_open",
+            "PostgreSQL connections open in the pools, summed over the workers.",
+        )
+        self.db_pool_max = gauge(
+            "coupon_db_pool_connections_max",
+            "PostgreSQL connections the pools may open (COUPON_DB_POOL_SIZE per worker).",
+        )
+
         self._tallies: list[CounterTally | HistogramTally] = []
+        self._samplers: list[Callable[[], None]] = []
         self.connection_closes = self.counters(self.connections_closed)
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -132,9 +170,46 @@ class Metrics:
         return tally
 
     def flush(self) -> None:
-        """Write every tally out to its metric."""
+        """Write every tally out to its metric, and set the gauges to what they watch."""
         for tally in self._tallies:
             tally.flush()
+        for sample in self._samplers:
+            sample()
+
+    def watch(
+        self, sample: Callable[[], None], gauges: Iterable[Gauge]
+    ) -> contextlib.AbstractContextManager[None]:
+        """While open, `sample` sets `gauges` at each flush; closed, they read 0 (the
+        worker's share leaves the sum as the worker stops)."""
+
+        @contextlib.contextmanager
+        def watching() -> Iterator[None]:
+            self._samplers.append(sample)
+            sample()
+            try:
+                yield
+            finally:
+                self._samplers.remove(sample)
+                for each in gauges:
+                    each.set(0)
+
+        return watching()
+
+    def watch_doorman(self, doorman: Doorman) -> contextlib.AbstractContextManager[None]:
+        def sample() -> None:
+            self.issue_in_flight.set(doorman.in_flight)
+            self.issue_admission_limit.set(math.floor(doorman.limit))
+
+        return self.watch(sample, (self.issue_in_flight, self.issue_admission_limit))
+
+    def watch_pool(self, pool: asyncpg.Pool) -> contextlib.AbstractContextManager[None]:
+        def sample() -> None:
+            size = pool.get_size()
+            self.db_pool_open.set(size)
+            self.db_pool_in_use.set(size - pool.get_idle_size())
+            self.db_pool_max.set(pool.get_max_size())
+
+        return self.watch(sample, (self.db_pool_in_use, self.db_pool_open, self.db_pool_max))
 
     def flushing(
         self, seconds: float = FLUSH_SECONDS
