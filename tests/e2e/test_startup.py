@@ -834,6 +834,37 @@ def test_workers_stop_when_their_supervisor_is_killed(server_env: dict[str, str]
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_worker_killed_outright_is_a_warning_naming_it_and_the_signal(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker SIGKILLed (as the out-of-memory killer does) is said at warning level, with
+    its pid and the signal, as nginx says it; another takes its place, and its gauges leave
+    /metrics' sums (its files are dropped)."""
+    metrics_dir = tmp_path / "metrics"
+    env = {**server_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with ServerProcess(env=env, workers=2) as server:
+        workers = server.worker_pids()
+        assert len(workers) == 2
+        victim = workers[0]
+        assert (metrics_dir / f"gauge_livesum_{victim}.db").exists()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+            said = [e for e in entries if e.get("pid") == victim and e["level"] != "info"]
+            if said or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(said) == 1, server.log()
+        assert said[0]["level"] == "warning", said
+        assert said[0]["message"] == f"worker process {victim} exited on signal 9 (SIGKILL)"
+        assert said[0]["signal"] == "SIGKILL", said
+        assert not (metrics_dir / f"gauge_livesum_{victim}.db").exists()
+        while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+
+
 @pytest.mark.parametrize("unreachable_server", ["unknown host"], indirect=True)
 def test_an_export_without_postgres_is_unavailable_with_the_retry_hint_and_a_logged_cause(
     unreachable_server: ServerProcess,

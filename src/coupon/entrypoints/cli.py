@@ -135,7 +135,8 @@ def run_asgi(
     # What uvicorn.run does, on the sockets given rather than ones it would bind itself.
     if workers > 1:
         # SIGHUP: uvicorn's rolling restart of the workers (each worker ignores it, see
-        # app.py), and the supervisor stops listening as soon as it stops (supervisor.py).
+        # app.py), the supervisor stops listening as soon as it stops, and a worker's death
+        # is a warning (supervisor.py).
         Supervisor(config, sockets=sockets).run()
         return
     server = uvicorn.Server(config)
