@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -246,6 +247,7 @@ def unreachable_server(
     url = {
         "unknown host": "postgresql://postgres@no-such-host.invalid/coupon",
         "unknown role": unknown_role_url(services),
+        "closed port": f"postgresql://postgres:s3cret-pw@127.0.0.1:{closed_port()}/coupon",
     }[request.param]
     env = clean_env(
         tmp_path,
@@ -863,6 +865,35 @@ def test_a_worker_killed_outright_is_a_warning_naming_it_and_the_signal(
         while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+
+
+@functools.cache
+def closed_port() -> int:
+    """A loopback port nothing listens on (one just freed), the same for the module."""
+    return free_port()
+
+
+@pytest.mark.parametrize("unreachable_server", ["closed port"], indirect=True)
+def test_a_postgres_refusal_is_logged_with_the_address_it_came_from(
+    unreachable_server: ServerProcess,
+) -> None:
+    """The cause logged for PostgreSQL names the host and port that refused, as Redis's
+    does, never the password; the caller is told neither."""
+    server = unreachable_server
+    wait_answering(server)
+    answer = httpx.post(
+        f"{server.url}/coupon.v1.CouponService/GetCampaign",
+        json={"campaignId": "01a244b6-5173-7232-9e3e-cfbd538716e1"},
+        timeout=30,
+    )
+    assert answer.json()["code"] == "unavailable", answer.text
+    assert "127.0.0.1" not in answer.text
+    entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+    failed = [e for e in entries if e.get("rpc") == "GetCampaign"]
+    assert failed, server.log()
+    cause = str(failed[0].get("cause"))
+    assert "ConnectionRefusedError" in cause and "s3cret" not in server.log(), cause
+    assert f"127.0.0.1:{closed_port()}" in cause, cause
 
 
 @pytest.mark.parametrize("unreachable_server", ["unknown host"], indirect=True)

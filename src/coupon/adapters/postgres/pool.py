@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -61,6 +63,9 @@ CLOSE_WAIT_SECONDS = 2.0
 # How long a request waits for a pooled connection (one being opened included).
 POOL_TIMEOUT_SECONDS = 5.0
 INFINITY = datetime.max.replace(tzinfo=UTC)
+# Where each pool of `create_pool` connects (host:port, no password), for the causes logged
+# of its failures; until `close_pool` (a pool takes no weak reference).
+_ADDRESSES: dict[int, tuple[asyncpg.Pool, str]] = {}
 
 
 def to_db_end(ends_at: datetime | None) -> datetime:
@@ -117,6 +122,7 @@ async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
             "PostgreSQL is unreachable", detail=f"{type(exc).__name__}: {exc}"
         ) from exc
     assert pool is not None
+    _ADDRESSES[id(pool)] = (pool, _address(database_url))
     return pool
 
 
@@ -125,6 +131,7 @@ async def close_pool(pool: asyncpg.Pool, wait: float = CLOSE_WAIT_SECONDS) -> No
     a PostgreSQL that hangs would hold the exit for as long as a command's time-out. Then
     they are dropped without a goodbye, in a warning line. Nothing acknowledged is at
     stake: every coupon answered was committed before its answer (I5)."""
+    _ADDRESSES.pop(id(pool), None)
     try:
         await asyncio.wait_for(pool.close(), wait)
     except TRANSIENT as exc:
@@ -157,7 +164,7 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
             yield conn
     except TRANSIENT as exc:
         await _replace_sessions_after(pool, exc, acquired)
-        raise _unavailable(exc) from exc
+        raise _unavailable(exc, pool) from exc
 
 
 async def _replace_sessions_after(pool: asyncpg.Pool, exc: BaseException, used: bool) -> None:
@@ -178,8 +185,8 @@ async def _replace_sessions_after(pool: asyncpg.Pool, exc: BaseException, used: 
             await pool.expire_connections()
 
 
-def _outcome_unknown(exc: BaseException) -> OutcomeUnknown:
-    unavailable = _unavailable(exc)
+def _outcome_unknown(exc: BaseException, pool: asyncpg.Pool | None = None) -> OutcomeUnknown:
+    unavailable = _unavailable(exc, pool)
     return OutcomeUnknown(
         f"{unavailable}, while recording: it may have been recorded all the same;"
         " retry (a coupon recorded is returned to its user, never issued twice)",
@@ -187,10 +194,35 @@ def _outcome_unknown(exc: BaseException) -> OutcomeUnknown:
     )
 
 
-def _unavailable(exc: BaseException) -> Unavailable:
+def _unavailable(exc: BaseException, pool: asyncpg.Pool | None = None) -> Unavailable:
+    known = _ADDRESSES.get(id(pool))
+    where = known[1] if known is not None and known[0] is pool else None
     if isinstance(exc, asyncio.TimeoutError) and not str(exc):
-        return Unavailable("PostgreSQL is unavailable: it did not answer in time")
-    return Unavailable("PostgreSQL is unavailable", detail=f"{type(exc).__name__}: {exc}")
+        return Unavailable(
+            "PostgreSQL is unavailable: it did not answer in time",
+            detail=f"no answer in time from {where}" if where else "",
+        )
+    detail = f"{type(exc).__name__}: {exc}"
+    if where and isinstance(exc, OSError):
+        # A connection that failed: where it was trying to go, as Redis's client says it
+        # (the address only, never the URL: it may hold the password).
+        detail = f"{detail} (connecting to {where})"
+    return Unavailable("PostgreSQL is unavailable", detail=detail)
+
+
+def _address(database_url: str) -> str:
+    """The host:port (or each of several) a PostgreSQL URL names, without its user or
+    password; PostgreSQL's defaults for what it leaves out."""
+    parts = urlsplit(database_url)
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts:
+        # No host in the URL: a host= parameter (often a Unix socket's folder), or the
+        # client's default.
+        given = parse_qs(parts.query).get("host", [""])[0]
+        return given or "localhost:5432"
+    return ",".join(
+        host if re.search(r":\d+$", host) else f"{host}:5432" for host in hosts.split(",")
+    )
 
 
 def _open(conn: asyncpg.Connection) -> bool:
@@ -240,7 +272,10 @@ class KeptConnection:
                 # Failed in use, a write may have reached the server before it broke;
                 # not when the server refused it.
                 unknown = used and not isinstance(exc, REFUSED)
-                raise (_outcome_unknown(exc) if unknown else _unavailable(exc)) from exc
+                failed = (
+                    _outcome_unknown(exc, self._pool) if unknown else _unavailable(exc, self._pool)
+                )
+                raise failed from exc
             raise
         if self._kept is None and _open(conn):
             self._kept = conn
