@@ -71,6 +71,8 @@ class Adapters:
     clock: Clock
     # Loses a campaign's gate state, as a Redis flush would.
     lose_gate_state: Callable[[str], Awaitable[None]]
+    # What the ledger reported newly recorded, per campaign.
+    issued: dict[str, int]
 
     async def draft(
         self, total: int = 5, *, starts_in: float = -60, ends_in: float | None = None
@@ -107,21 +109,28 @@ def memory_adapters() -> Adapters:
     async def lose(campaign_id: str) -> None:
         gate.drop(campaign_id)
 
+    issued: dict[str, int] = {}
     return Adapters(
         MemoryCampaignRepository(store),
-        MemoryCouponLedger(store),
+        MemoryCouponLedger(store, on_issued=partial(_add, issued)),
         gate,
         MemoryCodeGenerator(),
         clock,
         lose,
+        issued,
     )
+
+
+def _add(counts: dict[str, int], key: str, count: int) -> None:
+    counts[key] = counts.get(key, 0) + count
 
 
 @pytest.fixture
 async def real_adapters(
     pg_pool: asyncpg.Pool, redis_client: aioredis.Redis, redis_prefix: str
 ) -> AsyncIterator[Adapters]:
-    ledger = PostgresCouponLedger(pg_pool)
+    issued: dict[str, int] = {}
+    ledger = PostgresCouponLedger(pg_pool, on_issued=partial(_add, issued))
     gate = RedisStockGate(
         redis_client, prefix=redis_prefix, lease_seconds=LEASE, reissue_delay_seconds=DELAY
     )
@@ -136,6 +145,7 @@ async def real_adapters(
         PostgresCodeGenerator(pg_pool),
         RedisClock(redis_client),
         lose,
+        issued,
     )
     await gate.close()
     await ledger.close()
@@ -295,6 +305,30 @@ async def test_ledger_record_soon_left_by_its_caller_still_commits(adapters: Ada
         await asyncio.sleep(0.02)
     assert await adapters.ledger.find_by_user(c.id, "leaves") == coupon
     assert handed == []  # a cancelled handoff's step never runs
+
+
+async def test_ledger_reports_each_coupon_it_newly_records_once_whoever_waits(
+    adapters: Adapters,
+) -> None:
+    """Counted where the commit settles: a coupon whose caller left is counted as well, one
+    the ledger did not record (a taken slot, a user who holds one) is not."""
+    c = await adapters.new_campaign(total=3)
+    first = await adapters.coupon(c, "alice", 1)
+    assert (await adapters.ledger.record(first)).outcome is RecordOutcome.RECORDED
+    assert adapters.issued == {c.id: 1}  # by the time the caller hears of it
+    leaving: Handoff[Recorded] = Handoff(lambda _: None)
+    adapters.ledger.record_soon(await adapters.coupon(c, "leaves", 2), leaving)
+    assert leaving.cancel()
+    taken = await adapters.ledger.record(await adapters.coupon(c, "bob", 1))
+    again = await adapters.ledger.record(await adapters.coupon(c, "alice", 3))
+    assert taken.outcome is RecordOutcome.SLOT_TAKEN
+    assert again.outcome is RecordOutcome.USER_HAS_COUPON
+    for _ in range(250):
+        if adapters.issued[c.id] > 1:
+            break
+        await asyncio.sleep(0.02)
+    assert adapters.issued == {c.id: 2}
+    assert await adapters.ledger.find_by_user(c.id, "leaves") is not None
 
 
 async def test_ledger_refuses_a_taken_slot(adapters: Adapters) -> None:

@@ -272,7 +272,6 @@ class CouponService:
         self._live = live
         self._rejections = metrics.counters(metrics.rejections)
         self._overloaded = self._rejections("overloaded")
-        self._issued = metrics.counters(metrics.issued)
         self._observe_create = Observed(metrics, "CreateCampaign")
         self._observe_get = Observed(metrics, "GetCampaign")
         self._observe_issue = Observed(metrics, "IssueCoupon")
@@ -557,11 +556,12 @@ class CouponService:
         finally:
             self._doorman.leave(arrived)
         coupon = issued.coupon
+        # A coupon newly issued is counted by the ledger, where its commit settles (also
+        # when its caller has left by then).
         if issued.already_issued:
             self._rejections("already_issued").inc()
             outcome_name = ALREADY_ISSUED
         else:
-            self._issued(coupon.campaign_id).inc()
             outcome_name = ISSUED
         self._observe_issue.succeeded(arrived)
         self._live.record(coupon.campaign_id, outcome_name, time.monotonic() - arrived)

@@ -78,7 +78,11 @@ class MemoryProvider(Provider):
         return MemoryStore()
 
     campaigns = provide(MemoryCampaignRepository, provides=CampaignRepository)
-    ledger = provide(MemoryCouponLedger, provides=CouponLedger)
+
+    @provide
+    def ledger(self, store: MemoryStore, metrics: Metrics) -> CouponLedger:
+        return MemoryCouponLedger(store, on_issued=metrics.observe_issued)
+
     clock = provide(SystemClock, provides=Clock)
 
     @provide
@@ -133,7 +137,10 @@ class StorageProvider(Provider):
         self, pool: asyncpg.Pool, settings: Settings, metrics: Metrics
     ) -> AsyncIterator[CouponLedger]:
         ledger = PostgresCouponLedger(
-            pool, max_batch=settings.max_batch, observer=metrics.observe_batch
+            pool,
+            max_batch=settings.max_batch,
+            observer=metrics.observe_batch,
+            on_issued=metrics.observe_issued,
         )
         ledger.start()
         try:

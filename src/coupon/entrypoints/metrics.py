@@ -148,10 +148,16 @@ class Metrics:
         self._tallies: list[CounterTally | HistogramTally] = []
         self._samplers: list[Callable[[], None]] = []
         self.connection_closes = self.counters(self.connections_closed)
+        self._issued = self.counters(self.issued)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.commit_latency.observe(seconds)
+
+    def observe_issued(self, campaign_id: str, count: int) -> None:
+        """Coupons a commit newly recorded (the ledger says so where the commit settles,
+        whether or not their callers still wait for them)."""
+        self._issued(campaign_id).inc(count)
 
     def counter(self, child: Counter) -> CounterTally:
         """A tally in front of `child` (one labelled counter), written out by `flush`."""

@@ -11,7 +11,14 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -124,8 +131,12 @@ class MemoryCampaignRepository:
 
 
 class MemoryCouponLedger:
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(
+        self, store: MemoryStore, on_issued: Callable[[str, int], None] | None = None
+    ) -> None:
         self._store = store
+        # Told each coupon newly recorded, as PostgreSQL's ledger tells its commits'.
+        self._on_issued = on_issued
 
     def record_soon(self, coupon: Coupon, handoff: Handoff[Recorded]) -> None:
         # A later turn of the loop, as PostgreSQL's group commit answers; a caller that
@@ -157,6 +168,8 @@ class MemoryCouponLedger:
         store.slots.add((coupon.campaign_id, coupon.slot))
         store.codes.add(coupon.code)
         store.coupons[coupon.campaign_id].append(coupon)
+        if self._on_issued is not None:
+            self._on_issued(coupon.campaign_id, 1)
         return Recorded(RecordOutcome.RECORDED)
 
     async def find_by_user(self, campaign_id: str, user_id: str) -> Coupon | None:

@@ -156,6 +156,8 @@ def coupon_from_row(row: asyncpg.Record, campaign_id: str | None = None) -> Coup
 
 
 BatchObserver = Callable[[int, float], None]
+# Told the coupons a commit newly recorded, per campaign: (campaign id, how many).
+IssuedObserver = Callable[[str, int], None]
 
 # A coupon handed to the ledger is answered within this many seconds of being queued,
 # however long PostgreSQL stalls: its batch's statement gives up after the command
@@ -178,6 +180,7 @@ class PostgresCouponLedger:
         # 45 -> 34 us per coupon, IssueCoupon 9,052 -> 10,207/s, p99 at 1,000/s unchanged).
         max_concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
+        on_issued: IssuedObserver | None = None,
     ) -> None:
         self._pool = pool
         self._commits = KeptConnection(pool)
@@ -188,6 +191,7 @@ class PostgresCouponLedger:
         self._batch_slots = asyncio.Semaphore(max_concurrent_batches)
         self._batches: set[asyncio.Task[None]] = set()
         self._observer = observer
+        self._on_issued = on_issued
         # Look-ups by user waiting for their campaign's next query (see find_by_user).
         self._lookups: dict[str, list[tuple[str, asyncio.Future[Coupon | None]]]] = {}
         self._looking: set[str] = set()
@@ -289,6 +293,8 @@ class PostgresCouponLedger:
             if not isinstance(exc, Exception):
                 raise
             return
+        if self._on_issued is not None:
+            self._count_issued(batch, results)
         for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 if isinstance(result, Exception):
@@ -297,6 +303,22 @@ class PostgresCouponLedger:
                     future.set_result(result)
         if self._observer is not None:
             self._observer(len(batch), time.perf_counter() - started)
+
+    def _count_issued(
+        self,
+        batch: list[tuple[Coupon, Settles[Recorded], float]],
+        results: list[Recorded | Exception],
+    ) -> None:
+        """Report the coupons the commit newly recorded, here where it settles: a coupon
+        whose caller left meanwhile (its deadline passed, it disconnected) is issued all the
+        same, and counts as well."""
+        assert self._on_issued is not None
+        counts: dict[str, int] = {}
+        for (coupon, _, _), result in zip(batch, results, strict=True):
+            if type(result) is Recorded and result.outcome is RecordOutcome.RECORDED:
+                counts[coupon.campaign_id] = counts.get(coupon.campaign_id, 0) + 1
+        for campaign_id, count in counts.items():
+            self._on_issued(campaign_id, count)
 
     async def _record_batch(
         self, batch: list[tuple[Coupon, Settles[Recorded], float]]
