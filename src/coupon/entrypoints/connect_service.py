@@ -91,6 +91,23 @@ def retry_later(exc: Unavailable, busy_ms: int = 0) -> RetryLater:
     return RetryLater(str(exc), hint)
 
 
+# How near its deadline a request that stopped being waited for may be and still be said
+# to have run out of time: the Connect server times a deadline by the loop's clock, read
+# once per turn of the loop, so its timer can fire a little before the request's own
+# remaining time (`RequestContext.timeout_ms`) reaches zero.
+DEADLINE_SLACK_MS = 100.0
+
+
+def cancelled_code(ctx: RequestContext[Any, Any] | None) -> Code:
+    """How a request that stopped being waited for ended, as the Connect server answers
+    it: `deadline_exceeded` when its deadline has passed, else `canceled` (its caller left:
+    a disconnect, a reset stream)."""
+    remaining = None if ctx is None else ctx.timeout_ms
+    if remaining is not None and remaining <= DEADLINE_SLACK_MS:
+        return Code.DEADLINE_EXCEEDED
+    return Code.CANCELED
+
+
 def _detail(exc: CouponError) -> str:
     """What the log adds to a failure's message: a dependency's own words."""
     return exc.detail if isinstance(exc, Unavailable) else ""
@@ -194,6 +211,9 @@ class Observed:
             # `internal`, as IssueCoupon answers it: not `unknown`, and not in the words of
             # a dependency (the log line above has them).
             raise ConnectError(Code.INTERNAL, type(exc).__name__) from exc
+        except asyncio.CancelledError:
+            self.failed(started, cancelled_code(ctx), logged=False)
+            raise
         self.succeeded(started)
         return result
 
@@ -418,7 +438,7 @@ class CouponService:
     ) -> AsyncIterator[coupon_pb.ExportCouponsResponse]:
         """Chunks of coupons; the next chunk is read only once the last is sent (the server
         waits for the client to take it), so memory stays flat for any campaign."""
-        started = time.perf_counter()
+        started = time.monotonic()
         observed = self._observe_export
         try:
             self._admin.check(ctx)
@@ -442,6 +462,11 @@ class CouponService:
         except ConnectError as exc:
             observed.failed(started, exc.code, exc.message)
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # Ended by its deadline or its caller leaving, midway (cancelled in a read, or
+            # closed while it waited to send a chunk): counted as the server answers it.
+            observed.failed(started, cancelled_code(ctx), logged=False)
+            raise
         observed.succeeded(started)
 
     async def issue_coupon(
@@ -451,17 +476,21 @@ class CouponService:
         /,
     ) -> coupon_pb.IssueCouponResponse:
         try:
-            return await self.issue(request)
+            return await self.issue(request, ctx)
         except RetryLater as exc:
             ctx.response_headers["retry-after-ms"] = str(exc.retry_after_ms)
             raise
 
-    async def issue(self, request: coupon_pb.IssueCouponRequest) -> coupon_pb.IssueCouponResponse:
+    async def issue(
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        ctx: RequestContext[Any, Any] | None = None,
+    ) -> coupon_pb.IssueCouponResponse:
         arrived = time.monotonic()
         error = self.issue_at_once(request, arrived)
         if error is not None:
             raise error
-        return await self.issue_let_in(request, arrived)
+        return await self.issue_let_in(request, arrived, ctx)
 
     def issue_at_once(
         self, request: coupon_pb.IssueCouponRequest, arrived: float
@@ -522,10 +551,13 @@ class CouponService:
         return error
 
     async def issue_let_in(
-        self, request: coupon_pb.IssueCouponRequest, arrived: float
+        self,
+        request: coupon_pb.IssueCouponRequest,
+        arrived: float,
+        ctx: RequestContext[Any, Any] | None = None,
     ) -> coupon_pb.IssueCouponResponse:
         outcome = await self.issue_begin(request, arrived).settled()
-        issued = self.issue_finish(request, arrived, outcome)
+        issued = self.issue_finish(request, arrived, outcome, ctx)
         return issue_response(issued.coupon, issued.already_issued)
 
     def issue_begin(self, request: coupon_pb.IssueCouponRequest, arrived: float) -> Pending:
@@ -542,11 +574,19 @@ class CouponService:
         request: coupon_pb.IssueCouponRequest,
         arrived: float,
         outcome: asyncio.Future[Issued],
+        ctx: RequestContext[Any, Any] | None = None,
     ) -> Issued:
         """What was issued to a request let in, from its settled outcome (ConnectError
-        raised; CancelledError when it was cancelled); the request leaves the door."""
+        raised; CancelledError when it was cancelled: counted `deadline_exceeded` when
+        `ctx`, the Connect request's, says its deadline passed, else `canceled`); the
+        request leaves the door."""
         try:
             issued = outcome.result()
+        except asyncio.CancelledError:
+            # Nobody waits for the answer; a coupon its commit records all the same is
+            # counted by the ledger.
+            self._observe_issue.failed(arrived, cancelled_code(ctx), logged=False)
+            raise
         except CouponError as exc:
             raise self._refused(arrived, exc, request.campaign_id) from None
         except Exception as exc:
