@@ -187,6 +187,7 @@ class RedisStockGate:
         """One script call at a time per campaign: the requests and confirms that queued
         meanwhile go together in the next."""
         took = 0.0  # how long the call before this batch took
+        failed: Unavailable | None = None  # what it failed with, when Redis failed it
         try:
             while campaign_id in self._waiting or campaign_id in self._confirms:
                 queue = self._waiting.pop(campaign_id, [])
@@ -194,7 +195,7 @@ class RedisStockGate:
                     self._waiting[campaign_id] = queue[self.MAX_BATCH :]
                     queue = queue[: self.MAX_BATCH]
                 started = time.monotonic()
-                await self._admit_batch(campaign_id, _in_time(queue, took))
+                failed = await self._admit_batch(campaign_id, _in_time(queue, took, failed))
                 took = time.monotonic() - started
         finally:
             self._busy.discard(campaign_id)
@@ -212,10 +213,11 @@ class RedisStockGate:
         if self._offset_us is None or sample > self._offset_us or now - self._offset_at > 10:
             self._offset_us, self._offset_at = sample, now
 
-    async def _admit_batch(self, campaign_id: str, batch: list[_Waiting]) -> None:
+    async def _admit_batch(self, campaign_id: str, batch: list[_Waiting]) -> Unavailable | None:
+        """One admission call; what Redis failed it with, if it did (None: it answered)."""
         confirms = self._confirms.pop(campaign_id, [])
         if not batch and not confirms:
-            return
+            return None
         token = f"{self._origin}.{next(self._calls)}"
         users = "\0".join([user for user, _, _ in batch])
         keys = self.keys(campaign_id)
@@ -248,20 +250,25 @@ class RedisStockGate:
                 )
             if not failure:
                 raise
-            return
+            assert isinstance(error, Unavailable)
+            return error
         reply = wire.decode(raw)
         self._observe_clock(reply.now_us)
-        self._answer(campaign_id, batch, reply)
+        return self._answer(campaign_id, batch, reply)
 
-    def _answer(self, campaign_id: str, batch: list[_Waiting], reply: wire.Reply) -> None:
+    def _answer(
+        self, campaign_id: str, batch: list[_Waiting], reply: wire.Reply
+    ) -> Unavailable | None:
+        """Settle the batch from the script's reply; the error when Redis ran it too late
+        to admit anyone (a Redis that was stalled), else None."""
         now = wire.from_micros(reply.now_us)
         kind = reply.kind
         if kind is ReplyKind.TOO_LATE:
-            error = Unavailable("Redis answered too late to admit anyone; retry")
+            error = Unavailable("Redis is slow: it answered too late to admit anyone; retry")
             for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
-            return
+            return error
         if kind is not ReplyKind.DECIDED:
             whole = Admission(
                 AdmissionKind.NOT_LOADED
@@ -273,7 +280,7 @@ class RedisStockGate:
             for _, future, _ in batch:
                 if not future.done():
                     future.set_result(whole)
-            return
+            return None
         view: GateView | None = None
         for (user, future, _), result in zip(batch, reply.results, strict=True):
             if type(result) is int:
@@ -305,6 +312,7 @@ class RedisStockGate:
                         wire.held_coupon(campaign_id, user, result.value),
                     )
                 )
+        return None
 
     async def _give_back(self, campaign_id: str, token: str, users: str) -> None:
         """Abandon a call whose reply was lost, as soon as Redis answers again: its users
@@ -503,12 +511,17 @@ class RedisStockGate:
         return int(found)
 
 
-def _in_time(queue: list[_Waiting], previous_call: float) -> list[_Waiting]:
+def _in_time(
+    queue: list[_Waiting], previous_call: float, failed: Unavailable | None = None
+) -> list[_Waiting]:
     """The requests still worth sending: one whose deadline passed while it waited for the
-    call before it is answered `Overloaded` untouched (nothing taken, nothing to undo)."""
+    call before it is answered untouched (nothing taken, nothing to undo): with what that
+    call failed with when Redis failed it (unreachable, hung past ADMIT_WAIT_S, too late to
+    admit), as the requests in it were, since Redis is what held them up; else
+    `Overloaded`."""
     now = 0.0
     kept: list[_Waiting] = []
-    late: Overloaded | None = None
+    late: Unavailable | None = failed
     for entry in queue:
         deadline = entry[2]
         if deadline:
