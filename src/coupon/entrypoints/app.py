@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from connectrpc.code import Code
@@ -356,14 +356,14 @@ class CouponApp:
         lists the content types this method accepts (the library's lists the unary Connect
         ones whatever the method), and an `unimplemented` for a coding the service does not
         decode lists those it does; gRPC without trailers (HTTP/1.1) is refused plainly.
-        gRPC-Web's text mode is served as binary gRPC-Web, translated (grpc_web_text.py)."""
+        gRPC-Web's text mode is served as binary gRPC-Web, translated (grpc_web_text.py).
+        A gRPC answer's retry hint goes as gRPC's pushback too (_with_pushback)."""
         trailers = "http.response.trailers" in (scope.get("extensions") or {})
         content_type = _content_type(scope)
-        if (
-            not trailers
-            and content_type.startswith(b"application/grpc")
-            and not content_type.startswith(b"application/grpc-web")
-        ):
+        grpc = content_type.startswith(b"application/grpc") and not content_type.startswith(
+            b"application/grpc-web"
+        )
+        if grpc and not trailers:
             await send(_GRPC_NEEDS_HTTP2)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
@@ -391,9 +391,19 @@ class CouponApp:
                 body_done = True
             return message
 
+        hint = b""
+
         async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            nonlocal hint
+            kind: str = message["type"]  # Message leaves out http.response.trailers
+            if grpc and kind == "http.response.trailers":
+                given = cast("dict[str, Any]", message)
+                trailers, hint = _with_pushback(list(given.get("headers", ())), hint)
+                message = cast("Message", {**given, "headers": trailers})
+            elif message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
+                if grpc:  # a trailers-only answer's status is in its headers
+                    headers, hint = _with_pushback(headers, hint)
                 if message["status"] == 415:
                     headers = [h for h in headers if h[0].lower() != b"accept-post"]
                     headers.append((b"accept-post", accepted))
@@ -469,6 +479,34 @@ class CouponApp:
             self.connect = None
             self.issue_route = None
             self.fast_issue = None
+
+
+# gRPC statuses whose answers carry the service's retry hint as gRPC's pushback:
+# `unavailable`, and `resource_exhausted` should it ever carry one. A pushback on a status
+# the client's policy does not retry changes nothing (gRFC A6).
+_PUSHBACK_STATUSES = frozenset({b"14", b"8"})
+
+
+def _with_pushback(
+    fields: list[tuple[bytes, bytes]], hint: bytes
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A gRPC answer's headers or trailers, with `grpc-retry-pushback-ms` added when they
+    end the call with a status of _PUSHBACK_STATUSES and a retry hint (`retry-after-ms`,
+    here or in the headers before: `hint`) goes with it; and the hint known so far. A
+    gRPC client's retry policy waits the pushback instead of its own backoff (gRFC A6);
+    only a count of milliseconds is sent, since any other value tells it not to retry."""
+    status = None
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered == b"retry-after-ms" and value.strip().isdigit():
+            hint = value.strip()
+        elif lowered == b"grpc-status":
+            status = value.strip()
+        elif lowered == b"grpc-retry-pushback-ms":
+            return fields, hint
+    if status in _PUSHBACK_STATUSES and hint:
+        fields = [*fields, (b"grpc-retry-pushback-ms", hint)]
+    return fields, hint
 
 
 def _headless(send: Send) -> Send:

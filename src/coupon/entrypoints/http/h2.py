@@ -1213,6 +1213,10 @@ class H2Protocol(asyncio.Protocol):
             body: bytes = message.get("body", b"")
             more = bool(message.get("more_body", False))
             end = not more and not stream.trailers_expected
+            if not stream.headers_sent and not body and not more and stream.trailers_expected:
+                # No message before the status (a gRPC error): the headers wait for the
+                # trailers, to go out with them as one HEADERS frame (trailers-only).
+                return
             if not stream.headers_sent:
                 # A response without a body (a gRPC trailers-only error) is one HEADERS
                 # frame that ends the stream. Else the HEADERS go out with the first DATA,
@@ -1229,15 +1233,28 @@ class H2Protocol(asyncio.Protocol):
         elif kind == "http.response.trailers":
             if not stream.trailers_expected or stream.response_complete:
                 raise RuntimeError("http.response.trailers without trailers announced")
-            if not stream.headers_sent:
+            last = not message.get("more_trailers", False)
+            if not stream.headers_sent and not last:
                 self._send_headers(stream, end_stream=False)
-            if not message.get("more_trailers", False):
+            if last:
                 trailers = _outbound(message.get("headers", ()))
                 while not self.writable.is_set() and not stream.closed:
                     # Bounded by the connection's watch (_watch_writes).
                     await self._wait(stream, None)
                 if not stream.closed:
-                    self.conn.send_headers(stream.stream_id, trailers, end_stream=True)
+                    if stream.headers_sent:
+                        self.conn.send_headers(stream.stream_id, trailers, end_stream=True)
+                    else:
+                        # No DATA went out: the response is trailers-only, its headers and
+                        # trailers one HEADERS frame that ends the stream. gRPC clients
+                        # commit a call once they see a response's headers, so a status
+                        # sent after separate headers was never retried (gRFC A6). A field
+                        # given alike in both (a hint the app put in each) goes once.
+                        headers = [(b":status", str(stream.response_status).encode())]
+                        headers += stream.response_headers
+                        headers += [field for field in trailers if field not in headers]
+                        self.conn.send_headers(stream.stream_id, headers, end_stream=True)
+                        stream.headers_sent = True
                     self._flush()
                 self._complete(stream)
         else:
