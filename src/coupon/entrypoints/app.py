@@ -10,6 +10,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -121,6 +122,46 @@ _CODINGS = frozenset(
 )
 
 
+# Headers that list the codings a response may be in, with weights (RFC 9110, 12.5.3).
+_ACCEPTS = frozenset({b"accept-encoding", b"connect-accept-encoding", b"grpc-accept-encoding"})
+# A weight (RFC 9110, 12.4.2): 0 to 1, at most three decimals.
+_QVALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+
+
+def _by_preference(value: bytes) -> bytes:
+    """A list of acceptable codings as the Connect application reads it, which takes the
+    first it knows and reads no weights: the codings from the most wanted to the least (in
+    the order given where weights tie), without parameters, those weighted 0 (not
+    acceptable) left out, `*` standing for each coding served that the list does not name.
+    An element whose weight is malformed is left out. Read as given, `deflate, gzip;q=0.5`
+    was answered without compression, though gzip is acceptable there."""
+    lowered = value.lower()  # codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip
+    if b";" not in lowered and b"*" not in lowered:
+        return lowered  # no weights: already in the order the client prefers
+    weighted: list[tuple[float, int, bytes]] = []
+    named: set[bytes] = set()
+    anything: tuple[float, int] | None = None
+    for position, element in enumerate(lowered.split(b",")):
+        coding, *parameters = (part.strip(b" \t") for part in element.split(b";"))
+        weight: float | None = 1.0
+        for parameter in parameters:
+            key, _, given = parameter.partition(b"=")
+            if key.strip(b" \t") == b"q":
+                given = given.strip(b" \t")
+                weight = float(given) if _QVALUE.fullmatch(given) else None
+        if not coding or weight is None:
+            continue
+        if coding == b"*":
+            anything = (weight, position)
+        else:
+            named.add(coding)
+            weighted.append((-weight, position, coding))
+    if anything is not None:
+        for coding in sorted(ACCEPTED_CODINGS - named - {b"identity"}):
+            weighted.append((-anything[0], anything[1], coding))
+    return b", ".join(coding for weight, _, coding in sorted(weighted) if weight < 0)
+
+
 # Deadline headers, whose parser in the Connect application takes digits and a unit only:
 # spaces and tabs around a field's value are not part of it (RFC 9110, 5.5), but the
 # HTTP/1.1 parser leaves trailing ones in.
@@ -130,8 +171,11 @@ _OWS = b" \t"
 
 def _normalized(name: bytes, value: bytes) -> bytes:
     """A header's value as the Connect application is to read it: a content coding in lower
-    case, a deadline without whitespace around it, a gRPC or gRPC-Web media type in lower
-    case without parameters; any other as it is."""
+    case, a list of accepted codings by preference (_by_preference), a deadline without
+    whitespace around it, a gRPC or gRPC-Web media type in lower case without parameters;
+    any other as it is."""
+    if name in _ACCEPTS:
+        return _by_preference(value)
     if name in _CODINGS:
         return value.lower()  # codings are case-insensitive (RFC 9110, 8.4.1): GZIP is gzip
     if name == b"content-type":
