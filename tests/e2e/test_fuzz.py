@@ -122,9 +122,27 @@ class Request:
     def codec(self) -> str | None:
         """The codec the server must answer in, for the content types this API documents."""
         content_type = self.headers.get("content-type", "")
+        if other_charset(content_type) is not None:
+            return None
         return {"application/json": "json", "application/proto": "proto"}.get(
             content_type.partition(";")[0].strip().lower()
         )
+
+
+def other_charset(content_type: str) -> str | None:
+    """The charset, in lower case, a Connect JSON content type names other than UTF-8 (which
+    the server refuses, 415, as connect-go does); None for any other content type."""
+    media, _, parameters = content_type.partition(";")
+    if media.strip(" \t").lower() not in ("application/json", "application/connect+json"):
+        return None
+    for parameter in parameters.split(";"):
+        name, equals, value = parameter.partition("=")
+        if equals and name.strip(" \t").lower() == "charset":
+            value = value.strip(" \t")
+            if len(value) >= 2 and value[0] == '"' == value[-1]:
+                value = value[1:-1]
+            return None if value.lower() == "utf-8" else value.lower()
+    return None
 
     def __repr__(self) -> str:
         shown = self.body if len(self.body) <= 400 else self.body[:400] + b"..."
@@ -814,8 +832,15 @@ def check_answer(request: Request, response: httpx.Response) -> str:
             RESPONSES[request.rpc].from_binary(response.content)
         return "ok"
     if status == 415 and request.codec is None:
-        # Connect: a content type the server does not speak gets a bare 415.
-        assert response.content == b"", where
+        charset = other_charset(request.headers.get("content-type", ""))
+        if charset is None:
+            # Connect: a content type the server does not speak gets a bare 415.
+            assert response.content == b"", where
+        else:
+            # JSON in another charset: told which, as a Connect error.
+            error = response.json()
+            assert error["code"] == "invalid_argument", where
+            assert error["message"].startswith(f"content-type: charset {charset!r}"), where
         return "unsupported"
     assert response.headers.get("content-type") == "application/json", where
     try:

@@ -21,6 +21,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from connectrpc_grpcreflect import (  # type: ignore[import-untyped]
     ServerReflectionAlphaASGIApplication,
     ServerReflectionAlphaService,
@@ -44,7 +45,7 @@ from litestar.types import (
     Send,
 )
 
-from coupon.entrypoints.codecs import codecs, compressions
+from coupon.entrypoints.codecs import charset_message, codecs, compressions, refused_charset
 from coupon.entrypoints.connect_service import AdminGuard, CouponService
 from coupon.entrypoints.cors import Cors
 from coupon.entrypoints.dashboard import ROUTES as DASHBOARD_ROUTES
@@ -54,6 +55,7 @@ from coupon.entrypoints.fast_issue import (
     SINGLE_VALUED,
     FastIssue,
     IssueRoute,
+    error_answer,
     other_protocol_version,
     respond,
 )
@@ -466,6 +468,13 @@ class CouponApp:
             message = f"the {repeated.decode()} header is given more than once"
         elif streaming and content_type.startswith(b"application/connect+"):
             message = _stream_header_problem(scope)
+        if not message and (charset := refused_charset(content_type)) is not None:
+            # JSON in another charset, as connect-go answers it: 415 (with Accept-Post), the
+            # body the Connect protocol's error.
+            message = charset_message(content_type, charset)
+            error = error_answer(ConnectError(Code.INVALID_ARGUMENT, message))
+            await respond(send_closing, (415, *error[1:]))
+            return
         if message:
             answer = refusal(
                 scope["path"].encode(),

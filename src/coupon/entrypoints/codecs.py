@@ -215,6 +215,39 @@ def codecs() -> list[Codec]:
     return [BinaryCodec(), JsonCodec()]
 
 
+# The Connect protocol's JSON media types, unary and streaming.
+JSON_MEDIA_TYPES = frozenset({b"application/json", b"application/connect+json"})
+
+
+def refused_charset(content_type: bytes) -> bytes | None:
+    """For a Connect JSON Content-Type that names a charset other than UTF-8, that charset
+    (unquoted); else None. JSON is UTF-8 (RFC 8259), and connect-go takes only
+    `application/json` or `application/json; charset=utf-8`, in any case: a body declared
+    Latin-1 would be read as something it does not say. Other parameters are ignored."""
+    media, semicolon, parameters = content_type.partition(b";")
+    if not semicolon or media.strip(b" \t").lower() not in JSON_MEDIA_TYPES:
+        return None
+    for parameter in parameters.split(b";"):
+        name, equals, value = parameter.partition(b"=")
+        if equals and name.strip(b" \t").lower() == b"charset":
+            value = value.strip(b" \t")
+            if len(value) >= 2 and value[:1] == b'"' == value[-1:]:
+                value = value[1:-1]
+            return None if value.lower() == b"utf-8" else value
+    return None
+
+
+def charset_message(content_type: bytes, charset: bytes) -> str:
+    """What a request whose JSON Content-Type names `charset` (refused_charset) is told."""
+    media = content_type.partition(b";")[0].strip(b" \t").lower().decode("latin-1")
+    shown = charset.decode("latin-1")
+    shown = shown if len(shown) <= 64 else shown[:64] + "…"
+    return (
+        f"content-type: charset {shown!r} is not served: JSON is read as UTF-8"
+        f" ({media}, or {media}; charset=utf-8)"
+    )
+
+
 class PlainGzip(GzipCompression):
     """gzip, a body that is not gzip said plainly (the library passes zlib's words on:
     `decompress: Error -3 while decompressing data: incorrect header check`), and one that

@@ -35,7 +35,7 @@ from litestar.types import (
 )
 
 from coupon.application.issue import Issued, Pending
-from coupon.entrypoints.codecs import IssueJsonCodec, binary_error
+from coupon.entrypoints.codecs import IssueJsonCodec, binary_error, refused_charset
 from coupon.entrypoints.logs import REQUEST_HEADERS
 from coupon.entrypoints.overload import Doorman, RetryLater, retry_headers
 from coupon.entrypoints.translate import issue_response, issue_response_bytes
@@ -135,6 +135,8 @@ def codec_for(content_type: bytes) -> tuple[Codec, bytes] | None:
     except KeyError:
         pass
     codec = _CODECS.get(content_type.split(b";", 1)[0].strip().lower())
+    if codec is not None and refused_charset(content_type) is not None:
+        codec = None  # refused by the app (a 415)
     if len(_BY_HEADER) < 64:
         _BY_HEADER[content_type] = codec
     return codec
