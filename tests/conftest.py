@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from coupon.adapters.redis.client import create_client
+from harness.private_postgres import PrivatePostgres, postgres_bindir
+from harness.private_redis import PrivateRedis
+from harness.server import ServerProcess, free_port
 from harness.services import (
     TestServices,
     create_database,
@@ -68,3 +72,34 @@ def server_env(services: TestServices, database: str, redis_prefix: str) -> dict
         "REDIS_URL": services.redis_url,
         "COUPON_REDIS_PREFIX": redis_prefix,
     }
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A Redis of the test's own, which it may stop, pause or fill."""
+    redis = PrivateRedis()
+    try:
+        yield redis
+    finally:
+        redis.close()
+
+
+@pytest.fixture
+def stallable(
+    tmp_path: Path, services: TestServices, redis_prefix: str
+) -> Iterator[tuple[PrivatePostgres, ServerProcess]]:
+    """A server on a PostgreSQL of the test's own, which the test may pause."""
+    if postgres_bindir() is None:
+        pytest.skip("PostgreSQL's initdb is not installed: this test starts one of its own")
+    postgres = PrivatePostgres(free_port())
+    try:
+        postgres.start()
+        env = {
+            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon",
+            "REDIS_URL": services.redis_url,
+            "COUPON_REDIS_PREFIX": redis_prefix,
+        }
+        with ServerProcess(env=env, log_dir=tmp_path) as server:
+            yield postgres, server
+    finally:
+        postgres.close()

@@ -146,15 +146,6 @@ def retrying_channel(port: int) -> grpc.Channel:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    redis = PrivateRedis()
-    try:
-        yield redis
-    finally:
-        redis.close()
-
-
-@pytest.fixture
 def gated_server(
     server_env: dict[str, str], private_redis: PrivateRedis
 ) -> Iterator[ServerProcess]:

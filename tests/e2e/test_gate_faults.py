@@ -44,15 +44,6 @@ PREFIX = "faults"
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    redis = PrivateRedis()
-    try:
-        yield redis
-    finally:
-        redis.close()
-
-
-@pytest.fixture
 def server(server_env: dict[str, str], private_redis: PrivateRedis) -> Iterator[ServerProcess]:
     with ServerProcess(
         env={**server_env, "REDIS_URL": private_redis.url, "COUPON_REDIS_PREFIX": PREFIX}

@@ -11,8 +11,6 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -26,8 +24,7 @@ from coupon.application.ports import STUCK
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.client import connect_client, create_campaign, issue_retrying
 from harness.private_postgres import PrivatePostgres, postgres_bindir
-from harness.server import ServerProcess, free_port
-from harness.services import TestServices
+from harness.server import ServerProcess
 
 pytestmark = [
     pytest.mark.e2e,
@@ -47,25 +44,6 @@ async def timed_post(url: str, rpc: str, body: dict[str, object]) -> tuple[float
     async with httpx.AsyncClient(timeout=120) as web:
         response = await web.post(f"{url}{RPC}{rpc}", json=body)
     return time.monotonic() - started, response
-
-
-@pytest.fixture
-def stallable(
-    tmp_path: Path, services: TestServices, redis_prefix: str
-) -> Iterator[tuple[PrivatePostgres, ServerProcess]]:
-    """A server on a PostgreSQL of the test's own, which the test may pause."""
-    postgres = PrivatePostgres(free_port())
-    try:
-        postgres.start()
-        env = {
-            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon",
-            "REDIS_URL": services.redis_url,
-            "COUPON_REDIS_PREFIX": redis_prefix,
-        }
-        with ServerProcess(env=env, log_dir=tmp_path) as server:
-            yield postgres, server
-    finally:
-        postgres.close()
 
 
 async def test_a_stalled_postgres_is_answered_unavailable_within_the_command_timeout(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,11 +22,10 @@ import pytest
 
 from coupon.gen.coupon.v1 import coupon_pb
 from harness.client import connect_client, create_campaign, in_seconds, issue_retrying
-from harness.private_postgres import PrivatePostgres, postgres_bindir
+from harness.private_postgres import PrivatePostgres
 from harness.private_redis import PrivateRedis
-from harness.server import ServerProcess, free_port
+from harness.server import ServerProcess
 from harness.server import metric_value as metric
-from harness.services import TestServices
 from tests.clients.h2client import H2Client, Response, grpc_frame, grpc_headers
 
 pytestmark = pytest.mark.e2e
@@ -50,27 +48,6 @@ async def metric_reaches(server: ServerProcess, name: str, value: float, **label
         if found >= value or time.monotonic() > give_up:
             return found
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def stallable(
-    tmp_path: Path, services: TestServices, redis_prefix: str
-) -> Iterator[tuple[PrivatePostgres, ServerProcess]]:
-    """A server on a PostgreSQL of the test's own, which the test may pause."""
-    if postgres_bindir() is None:
-        pytest.skip("PostgreSQL's initdb is not installed: this test starts one of its own")
-    postgres = PrivatePostgres(free_port())
-    try:
-        postgres.start()
-        env = {
-            "DATABASE_URL": postgres.url.rsplit("/", 1)[0] + "/coupon",
-            "REDIS_URL": services.redis_url,
-            "COUPON_REDIS_PREFIX": redis_prefix,
-        }
-        with ServerProcess(env=env, log_dir=tmp_path) as server:
-            yield postgres, server
-    finally:
-        postgres.close()
 
 
 async def post(
@@ -194,15 +171,6 @@ def test_an_export_its_deadline_ends_midway_is_counted_deadline_exceeded(
                 break
             time.sleep(0.05)
     assert found == [1, 0, 1, 0]
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    redis = PrivateRedis()
-    try:
-        yield redis
-    finally:
-        redis.close()
 
 
 async def test_requests_behind_a_call_a_hung_redis_held_get_the_dependency_s_answer(
