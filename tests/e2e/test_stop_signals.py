@@ -137,3 +137,29 @@ async def test_sighup_to_the_process_group_of_workers_cuts_no_request_in_flight(
         assert server.process.wait(30) == 0, server.log()
     finally:
         server.stop()
+
+
+async def test_sigterm_during_a_rolling_restart_stops_it_there(
+    server_env: dict[str, str],
+) -> None:
+    """A stop asked while SIGHUP's restart replaces the workers is not held up by the rest
+    of the restart (each new worker's start, each old one's drain): the restart goes no
+    further, every worker drains, the request in flight is answered, and the exit is 0."""
+    server = ServerProcess(env=server_env, workers=2)
+    try:
+        server.wait_ready()
+        campaign_id = await new_campaign(server, 20)
+        held = await HeldRequest.open(server.url, campaign_id, "held")
+        server.signal(signal.SIGHUP)
+        await logged(server, "Received SIGHUP")
+        server.signal(signal.SIGTERM)
+        answer = await held.finish()
+        assert answer.status == 200, answer.body
+        assert server.process.wait(60) == 0, server.log()
+        log = server.log(tail=1_000_000)
+        # Two workers at the start, and at most the one new worker whose start was under
+        # way when the stop came; none killed.
+        assert log.count("Started server process") <= 3, log
+        assert "SIGKILL" not in log and "not ready in time" not in log, log
+    finally:
+        server.stop()

@@ -13,12 +13,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from multiprocessing import resource_tracker
 
+from uvicorn.config import Config
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 log = logging.getLogger("coupon")
+
+# How long a worker started by SIGHUP's rolling restart may take to serve before the
+# restart is given up (the old worker kept). uvicorn waits its health check's time, 5 s,
+# which a worker's start (2-6 s on a busy 2-core machine) can pass: it then killed a new
+# worker already serving, and the connections it had taken with it.
+RESTART_READY_SECONDS = 60.0
+STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_words(exitcode: int) -> tuple[str, dict[str, object]]:
@@ -69,6 +79,52 @@ class Supervisor(Multiprocess):
             )
             _drop_live_gauges(process.pid)
 
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        # Old workers still draining when a stop came during a rolling restart.
+        self._retiring: list[Process] = []
+
+    def stop_asked(self) -> bool:
+        """A stop is under way, or SIGTERM or SIGINT waits in the queue of signals that the
+        supervisor's loop handles (its handler only queues them)."""
+        return self.should_exit.is_set() or any(sig in STOPS for sig in self.signal_queue)
+
+    def restart_all(self) -> None:
+        # uvicorn's rolling restart (a new worker serving, then an old one drained, one at
+        # a time), which heeds a stop asked meanwhile: it ran to its end first, a SIGTERM
+        # waiting through every new worker's start and every old one's drain.
+        stop = _StopAsked(self)
+        retiring: list[Process] = []
+        for index, old in enumerate(self.processes):
+            if stop.is_set():
+                break
+            new = Process(self.config, self.sockets)
+            new.start()
+            if not new.wait_until_ready(RESTART_READY_SECONDS, stop):  # type: ignore[arg-type]
+                if stop.is_set() and new.process.is_alive():
+                    # Stopped with the others, drained like them: it may be serving already.
+                    self.processes.append(new)
+                    break
+                new.kill()
+                new.join()
+                log.error(
+                    f"new worker process {new.pid} did not serve within "
+                    f"{RESTART_READY_SECONDS:g} s: worker {old.pid} kept, restart given up"
+                )
+                break
+            old.terminate()
+            self.processes[index] = new
+            while old.process.is_alive() and not stop.is_set():
+                old.process.join(0.1)
+            if old.process.is_alive():
+                retiring.append(old)  # still draining as the stop begins
+        self._retiring.extend(retiring)
+
+    def join_all(self) -> None:
+        super().join_all()
+        for process in self._retiring:
+            process.join()
+
     def init_processes(self) -> None:
         # multiprocessing starts a resource tracker with the first worker, in the process
         # group too: a hang-up of the group (a terminal closed) ended it, and the next
@@ -88,6 +144,16 @@ class Supervisor(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+
+class _StopAsked:
+    """What `Process.wait_until_ready` asks of the event it is given: whether to give up."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def is_set(self) -> bool:
+        return self._supervisor.stop_asked()
 
 
 def _drop_live_gauges(pid: int) -> None:
