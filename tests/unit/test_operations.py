@@ -32,6 +32,7 @@ from coupon.application.live import (
 )
 from coupon.application.operations import (
     EXPORT_CHUNK,
+    STILL_RECORDING_UNKNOWN,
     EndCampaign,
     ExportCoupons,
     ListCampaigns,
@@ -319,6 +320,49 @@ async def test_an_end_the_database_could_not_record_says_so_and_a_retry_records_
     assert retried.changed
     ended_at = retried.campaign.ended_at
     assert ended_at is not None and ended_at < START + timedelta(seconds=61)  # the first end
+
+
+async def test_an_end_in_force_is_answered_when_its_count_cannot_be_settled(
+    world: World,
+) -> None:
+    """Once the end is in force, Redis or PostgreSQL failing while the count is settled
+    makes the count uncertain, not the end: the ended campaign is answered, saying so."""
+    campaign = await world.campaign()
+    a = world.process()
+    world.clock.advance(120)  # open
+
+    class Blip(MemoryStockGate):
+        async def pending_count(self, campaign_id: str, end: datetime) -> int:
+            raise Unavailable("Redis is unavailable")
+
+    blip = EndCampaign(
+        world.campaigns, Blip(world.clock), world.clock, a.directory, a.memory, world.clock
+    )
+    ended = await blip.execute(campaign_id=campaign.id)
+    assert ended.changed and ended.campaign.ended_at is not None
+    assert ended.still_recording == STILL_RECORDING_UNKNOWN
+
+    second = await world.campaign()
+
+    class Unreadable(MemoryCampaignRepository):
+        ends = 0
+
+        async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
+            ended = await super().end(campaign_id, at)
+            self.ends += 1
+            return ended
+
+        async def get(self, campaign_id: str) -> Campaign | None:
+            if self.ends:
+                raise Unavailable("PostgreSQL is unavailable")
+            return await super().get(campaign_id)
+
+    unreadable = EndCampaign(
+        Unreadable(world.store), a.gate, world.clock, a.directory, a.memory, world.clock
+    )
+    ended = await unreadable.execute(campaign_id=second.id)
+    assert ended.changed and ended.campaign.ended_at is not None
+    assert ended.still_recording == STILL_RECORDING_UNKNOWN
 
 
 async def test_an_ended_campaign_is_returned_as_it_is_while_the_gate_is_down(

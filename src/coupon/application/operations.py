@@ -102,7 +102,8 @@ class EndedCampaign:
     # Whether this call ended it (False: ended before, or over by its schedule).
     changed: bool = False
     # Admissions made before the end whose coupons were still being recorded when the wait
-    # for them ran out: 0 when the campaign's issued count is final.
+    # for them ran out: 0 when the campaign's issued count is final; STILL_RECORDING_UNKNOWN
+    # when Redis or PostgreSQL could not be asked once the end was in force.
     still_recording: int = 0
 
 
@@ -113,6 +114,8 @@ class EndedCampaign:
 # case, and a stalled PostgreSQL is answered with what is left to record.
 SETTLE_WAIT_SECONDS = 3.0
 SETTLE_POLL_SECONDS = 0.02
+# The end is in force, but whether its count is final could not be learnt.
+STILL_RECORDING_UNKNOWN = -1
 
 
 class EndCampaign:
@@ -149,15 +152,24 @@ class EndCampaign:
         """Wait (`wait_seconds` at most) until no admission made before `end` is still being
         recorded, then read the campaign again: its issued count is then final. Returns it
         with how many were still being recorded when the wait ran out (0: none)."""
+        # The end is in force before this is called: a dependency failing now makes the
+        # count uncertain, never the end, so it is answered, not raised.
         give_up = time.monotonic() + wait_seconds
-        pending = await self._gate.pending_count(campaign.id, end)
-        while pending and time.monotonic() < give_up:
+        try:
+            pending = await self._gate.pending_count(campaign.id, end)
+        except Unavailable:
+            pending = STILL_RECORDING_UNKNOWN
+        while pending > 0 and time.monotonic() < give_up:
             await asyncio.sleep(SETTLE_POLL_SECONDS)
             try:
                 pending = await self._gate.pending_count(campaign.id, end)
             except Unavailable:
                 break  # the gate went away meanwhile: what is known is said
-        return await self._campaigns.get(campaign.id) or campaign, pending
+        try:
+            fresh = await self._campaigns.get(campaign.id)
+        except Unavailable:
+            return campaign, STILL_RECORDING_UNKNOWN  # its count as of the end's record
+        return fresh or campaign, pending
 
     async def execute(
         self, *, campaign_id: str, wait_seconds: float = SETTLE_WAIT_SECONDS

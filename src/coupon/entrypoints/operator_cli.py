@@ -661,7 +661,14 @@ def _end(call: Call, args: argparse.Namespace) -> None:
     assert response.campaign is not None
     campaign = response.campaign
     issued = None
-    if response.still_recording:
+    if response.still_recording < 0:
+        # The end is in force, but Redis or PostgreSQL did not answer the count's wait.
+        issued = (
+            f"{campaign.issued_count:,} of {campaign.total_coupons:,} so far; whether more "
+            "are still being recorded is unknown (`coupon campaigns show` gives the final "
+            "count)"
+        )
+    elif response.still_recording:
         # The service's wait for what was admitted before the end ran out: not final yet.
         issued = (
             f"{campaign.issued_count:,} of {campaign.total_coupons:,} so far; "

@@ -560,8 +560,11 @@ class EndCampaignResponse(Message[_EndCampaignResponseFields]):
         still_recording:
             Coupons admitted before the end that were still being recorded when this answer was
             sent: EndCampaign waits up to 3 s for them, so this is 0 and issued_count is the final
-            tally, unless PostgreSQL is that slow; then issued_count is the count so far, and
-            GetCampaign gives the final one once they are recorded.
+            tally, unless PostgreSQL is that slow (or the confirmations of coupons already
+            recorded were lost to Redis, until the lease clears them); then issued_count is the
+            count so far, and GetCampaign gives the final one once they are recorded. -1: the end
+            is in force but Redis or PostgreSQL did not answer the wait, so whether the count is
+            final is unknown.
 
             ```proto
             int64 still_recording = 2;
