@@ -867,6 +867,34 @@ def test_a_worker_killed_outright_is_a_warning_naming_it_and_the_signal(
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
 
 
+def test_a_hung_worker_and_one_killed_meanwhile_are_each_told_as_what_they_did(
+    server_env: dict[str, str],
+) -> None:
+    """One worker stops answering (SIGSTOP): the supervisor's health check waits 5 s for it,
+    then kills it. The other is SIGKILLed during that wait: it is told as killed by the
+    signal, not as one whose check went unanswered."""
+    with ServerProcess(env=server_env, workers=2) as server:
+        hung, killed = sorted(server.worker_pids())  # the order the supervisor checks them
+        os.kill(hung, signal.SIGSTOP)
+        # Within the supervisor's 5-s wait for the stopped worker (its checks come every
+        # half second): the death of the other happens after that round began.
+        time.sleep(2.5)
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        said: dict[int, str] = {}
+        while len(said) < 2 and time.monotonic() < deadline:
+            for line in server.log(tail=1_000_000).splitlines():
+                entry = json.loads(line) if line.startswith("{") else {}
+                if entry.get("pid") in (hung, killed) and entry.get("level") == "warning":
+                    said[entry["pid"]] = entry["message"]
+            time.sleep(0.1)
+        assert said == {
+            hung: f"worker process {hung} did not answer the supervisor's health check in 5 s "
+            "and was killed",
+            killed: f"worker process {killed} exited on signal 9 (SIGKILL)",
+        }, server.log()
+
+
 @functools.cache
 def closed_port() -> int:
     """A loopback port nothing listens on (one just freed), the same for the module."""

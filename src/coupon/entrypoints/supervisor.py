@@ -14,10 +14,9 @@ import logging
 import os
 import signal
 import socket
-import time
 from multiprocessing import resource_tracker
 
-from uvicorn.config import Config
+from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
@@ -55,29 +54,43 @@ class Supervisor(Multiprocess):
     nginx's master do, a new connection is refused at once, as with one worker."""
 
     def keep_subprocess_alive(self) -> None:
-        # uvicorn replaces a worker that exited, and kills and replaces one that did not
-        # answer its health check: which had exited before its check tells them apart.
-        before = [(process, process.exitcode) for process in self.processes]
-        started = time.monotonic()
-        super().keep_subprocess_alive()
-        # A health check unanswered is one that waited this long.
-        waited = time.monotonic() - started >= self.config.timeout_worker_healthcheck
-        for process, exited in before:
-            if any(process is kept for kept in self.processes) or process.pid is None:
-                continue  # alive, or the server is stopping (uvicorn says why)
-            code = exited if exited is not None else process.exitcode
-            if code is None or (exited is None and code == -signal.SIGKILL and waited):
+        # uvicorn's: a worker that exited is replaced, one that does not answer its health
+        # check is killed and replaced, one that failed to start stops the server. Each
+        # death is told here, by what the worker itself did: still running after its check
+        # went unanswered (killed here), or exited by itself (a signal, a status).
+        if self.should_exit.is_set():
+            return
+        check = self.config.timeout_worker_healthcheck
+        for index, process in enumerate(self.processes):
+            if process.is_alive(timeout=check):
+                continue
+            hung = process.process.is_alive()
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                # The app, TLS or the sockets are broken: every restart would fail the same.
+                log.error(
+                    f"worker process {process.pid} failed to start: stopping the server",
+                    extra={"pid": process.pid},
+                )
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            if hung:
                 words = (
-                    "did not answer the supervisor's health check in "
-                    f"{self.config.timeout_worker_healthcheck:g} s and was killed"
+                    f"did not answer the supervisor's health check in {check:g} s and was killed"
                 )
                 fields: dict[str, object] = {"signal": "SIGKILL"}
             else:
-                words, fields = exit_words(code)
-            log.warning(
-                f"worker process {process.pid} {words}", extra={"pid": process.pid, **fields}
-            )
-            _drop_live_gauges(process.pid)
+                words, fields = exit_words(process.exitcode or 0)
+            pid = process.pid
+            assert pid is not None  # started
+            log.warning(f"worker process {pid} {words}", extra={"pid": pid, **fields})
+            _drop_live_gauges(pid)
+            replacement = Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[index] = replacement
 
     def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
         super().__init__(config, sockets)
