@@ -11,29 +11,17 @@ from urllib.parse import urlsplit, urlunsplit
 from harness.server import free_port
 
 
-class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+class LoopProxy:
+    """A TCP server on a free loopback port, on an event loop of its own in a thread, that
+    hands each connection to `_handle` (the proxies' common part)."""
+
+    def __init__(self) -> None:
         self.port = free_port()
-        self._blocked = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        # Connections that carry nothing more, either way, though they stay open (freeze).
-        self._frozen: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        self._ready.wait(5)
-
-    @classmethod
-    def for_url(cls, url: str) -> tuple[CuttableProxy, str]:
-        """A proxy in front of the server of `url`, and the same URL through the proxy."""
-        parts = urlsplit(url)
-        assert parts.hostname and parts.port
-        proxy = cls(parts.hostname, parts.port)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
-        return proxy, urlunsplit(parts._replace(netloc=netloc))
+        assert self._ready.wait(10)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -45,6 +33,43 @@ class CuttableProxy:
             self._loop.run_forever()
         finally:
             server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        async def finish() -> None:
+            # What still carries a connection ends here, not with the loop's garbage (a
+            # task destroyed pending is a warning at any later moment of the test run).
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+class CuttableProxy(LoopProxy):
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._blocked = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        # Connections that carry nothing more, either way, though they stay open (freeze).
+        self._frozen: set[asyncio.StreamWriter] = set()
+        super().__init__()
+
+    @classmethod
+    def for_url(cls, url: str) -> tuple[CuttableProxy, str]:
+        """A proxy in front of the server of `url`, and the same URL through the proxy."""
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port
+        proxy = cls(parts.hostname, parts.port)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+        return proxy, urlunsplit(parts._replace(netloc=netloc))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._blocked:
@@ -95,16 +120,4 @@ class CuttableProxy:
 
     def close(self) -> None:
         self.block()
-
-        async def finish() -> None:
-            # What still carries a connection ends here, not with the loop's garbage (a
-            # task destroyed pending is a warning at any later moment of the test run).
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        super().close()

@@ -11,7 +11,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -23,7 +22,8 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from coupon.gen.coupon.v1 import coupon_pb
 from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.client import admin, connect_client, in_seconds
-from harness.server import ServerProcess, free_port
+from harness.proxy import LoopProxy
+from harness.server import ServerProcess
 
 TOKEN = "retry-token"
 AUTH = admin(TOKEN)
@@ -210,7 +210,7 @@ async def test_a_bad_request_id_is_invalid_argument_and_creates_nothing(
 # --- the operators' command line ----------------------------------------------------------
 
 
-class LosesAnswers:
+class LosesAnswers(LoopProxy):
     """A TCP proxy in front of the server that loses the answers to CreateCampaign calls:
     the first `lose` connections that carry one are reset once the server has answered
     (`how="reset"`: the call was done, its answer never arrives), or their answers are
@@ -219,27 +219,12 @@ class LosesAnswers:
 
     def __init__(self, target_port: int, *, lose: int, how: str) -> None:
         self.target_port = target_port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""
         self._lose = lose
         self._how = how
         self.sent: list[bytes] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
-        self._ready.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = len(self.sent)
@@ -290,18 +275,6 @@ class LosesAnswers:
                 if b"/CreateCampaign " in head.split(b"\r\n", 1)[0]:
                     found.append(coupon_pb.CreateCampaignRequest.from_binary(body))
         return found
-
-    def close(self) -> None:
-        async def finish() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 @contextlib.contextmanager
