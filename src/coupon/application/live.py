@@ -145,7 +145,7 @@ class LiveTally:
                     logged = str(exc)
                     log.warning(
                         "live stats flush failed",
-                        extra={"error": logged, "cause": _cause(exc), "kept": len(self._kept)},
+                        extra={"error": logged, "cause": exc.detail, "kept": len(self._kept)},
                     )
                 return
             if logged:
@@ -159,7 +159,7 @@ class LiveTally:
             except CouponError as exc:
                 log.warning(
                     "live figures not flushed at shutdown",
-                    extra={"error": str(exc), "cause": _cause(exc)},
+                    extra={"error": str(exc), "cause": exc.detail},
                 )
 
         return periodically(seconds, flush_quietly, flush_last)
@@ -170,11 +170,6 @@ def _merge(into: dict[tuple[str, int], dict[str, int]], counts: LiveCounts) -> N
         merged = into.setdefault(key, {})
         for name, count in fields.items():
             merged[name] = merged.get(name, 0) + count
-
-
-def _cause(exc: CouponError) -> str:
-    """The failure in the dependency's own words (Redis's: OOM, connection refused, ...)."""
-    return exc.detail if isinstance(exc, Unavailable) else ""
 
 
 @dataclass(frozen=True, slots=True)

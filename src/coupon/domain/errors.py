@@ -11,7 +11,10 @@ from coupon.domain.times import rfc3339
 
 
 class CouponError(Exception):
-    """Base of every error the service reports to a caller."""
+    """Base of every error the service reports to a caller. `detail`: the failure in a
+    dependency's own words, for the service's log alone (Unavailable's; empty otherwise)."""
+
+    detail = ""
 
 
 class InvalidArgument(CouponError):

@@ -108,11 +108,6 @@ def cancelled_code(ctx: RequestContext[Any, Any] | None) -> Code:
     return Code.CANCELED
 
 
-def _detail(exc: CouponError) -> str:
-    """What the log adds to a failure's message: a dependency's own words."""
-    return exc.detail if isinstance(exc, Unavailable) else ""
-
-
 def connect_error(exc: CouponError) -> ConnectError:
     if isinstance(exc, Unavailable) and not isinstance(exc, Overloaded):
         return retry_later(exc)
@@ -198,7 +193,7 @@ class Observed:
             result = await work
         except CouponError as exc:
             error = connect_error(exc)
-            self.failed(started, error.code, error.message, detail=_detail(exc))
+            self.failed(started, error.code, error.message, detail=exc.detail)
             if isinstance(error, RetryLater):
                 for name, value in retry_headers(error.retry_after_ms):
                     ctx.response_headers[name.decode()] = value.decode()
@@ -451,7 +446,7 @@ class CouponService:
                     )
         except CouponError as exc:
             error = connect_error(exc)
-            observed.failed(started, error.code, error.message, detail=_detail(exc))
+            observed.failed(started, error.code, error.message, detail=exc.detail)
             if isinstance(error, RetryLater):
                 # The hint as unary answers carry it: in the headers when they have not
                 # gone yet, else in the trailers (the end of the stream's metadata).
@@ -619,7 +614,7 @@ class CouponService:
             error.code,
             error.message,
             logged=not isinstance(exc, Overloaded),
-            detail=_detail(exc),
+            detail=exc.detail,
         )
         reason = REJECTION_REASONS.get(type(exc), "other")
         self._rejections(reason).inc()
