@@ -118,7 +118,7 @@ class Metrics:
         # Gauges of what a process holds now, read when its tallies are written out (once a
         # second, and when this worker renders /metrics), never per request; summed over
         # the live workers. A worker that exits sets its own to 0 (see `watch`), and the
-        # supervisor drops the files of one that died (cli.py).
+        # supervisor drops the files of one that died (supervisor.py).
         def gauge(name: str, documentation: str) -> Gauge:
             return Gauge(name, documentation, multiprocess_mode="livesum", **kw)  # type: ignore[arg-type]
 
@@ -182,24 +182,18 @@ class Metrics:
         for sample in self._samplers:
             sample()
 
-    def watch(
-        self, sample: Callable[[], None], gauges: Iterable[Gauge]
-    ) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def watch(self, sample: Callable[[], None], gauges: Iterable[Gauge]) -> Iterator[None]:
         """While open, `sample` sets `gauges` at each flush; closed, they read 0 (the
         worker's share leaves the sum as the worker stops)."""
-
-        @contextlib.contextmanager
-        def watching() -> Iterator[None]:
-            self._samplers.append(sample)
-            sample()
-            try:
-                yield
-            finally:
-                self._samplers.remove(sample)
-                for each in gauges:
-                    each.set(0)
-
-        return watching()
+        self._samplers.append(sample)
+        sample()
+        try:
+            yield
+        finally:
+            self._samplers.remove(sample)
+            for each in gauges:
+                each.set(0)
 
     def watch_doorman(self, doorman: Doorman) -> contextlib.AbstractContextManager[None]:
         def sample() -> None:
