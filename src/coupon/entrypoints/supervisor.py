@@ -53,6 +53,11 @@ class Supervisor(Multiprocess):
     clients waited through the drain for a reset. Closed first, as gunicorn's arbiter and
     nginx's master do, a new connection is refused at once, as with one worker."""
 
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        # Old workers still draining when a stop came during a rolling restart.
+        self._retiring: list[Process] = []
+
     def keep_subprocess_alive(self) -> None:
         # uvicorn's: a worker that exited is replaced, one that does not answer its health
         # check is killed and replaced, one that failed to start stops the server. Each
@@ -92,11 +97,6 @@ class Supervisor(Multiprocess):
             replacement.start()
             self.processes[index] = replacement
 
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
-        super().__init__(config, sockets)
-        # Old workers still draining when a stop came during a rolling restart.
-        self._retiring: list[Process] = []
-
     def stop_asked(self) -> bool:
         """A stop is under way, or SIGTERM or SIGINT waits in the queue of signals that the
         supervisor's loop handles (its handler only queues them)."""
@@ -107,7 +107,6 @@ class Supervisor(Multiprocess):
         # a time), which heeds a stop asked meanwhile: it ran to its end first, a SIGTERM
         # waiting through every new worker's start and every old one's drain.
         stop = _StopAsked(self)
-        retiring: list[Process] = []
         for index, old in enumerate(self.processes):
             if stop.is_set():
                 break
@@ -130,8 +129,7 @@ class Supervisor(Multiprocess):
             while old.process.is_alive() and not stop.is_set():
                 old.process.join(0.1)
             if old.process.is_alive():
-                retiring.append(old)  # still draining as the stop begins
-        self._retiring.extend(retiring)
+                self._retiring.append(old)  # still draining as the stop begins
 
     def join_all(self) -> None:
         super().join_all()
