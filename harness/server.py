@@ -9,6 +9,7 @@ worker at once, and may be pinned to some CPUs (`taskset -c`), which its workers
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -155,6 +157,10 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-tail:]
         except OSError:
             return "(no log)"
+
+    def log_entries(self, tail: int = 20_000) -> list[dict[str, Any]]:
+        """The JSON lines of the log's end (`log`), parsed; the plain ones left out."""
+        return [json.loads(line) for line in self.log(tail).splitlines() if line.startswith("{")]
 
     def metric(self, name: str, **labels: str) -> float:
         """A metric's value now, from /metrics (other workers' as of their last flush, at

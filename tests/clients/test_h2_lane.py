@@ -349,7 +349,7 @@ def test_the_lanes_log_lines_carry_the_first_request_id_as_over_http_1_1(
                     )
                 )
             assert answer.headers[b":status"] == b"503", answer
-            entries = [json.loads(line) for line in proc.log().splitlines() if line[:1] == "{"]
+            entries = proc.log_entries()
             ids = {e.get("request_id") for e in entries if "request_id" in e}
             assert "RID-FIRST" in ids and "RID-2" not in ids, ids
     finally:

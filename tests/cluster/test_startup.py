@@ -3,8 +3,6 @@ said at once (it would reach only that node's slots)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from harness.redis_cluster import LocalRedisCluster
@@ -14,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 def warnings_about_cluster(server: ServerProcess) -> list[dict[str, object]]:
-    lines = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+    lines = server.log_entries()
     return [e for e in lines if e.get("level") == "warning" and "Redis Cluster" in str(e)]
 
 

@@ -269,7 +269,7 @@ def test_logs_are_json_lines_with_a_request_id(server: ServerProcess) -> None:
         json={"name": "logged", "totalCoupons": 1, "startsAt": "2026-01-01T00:00:00Z"},
         headers={"x-request-id": "req-logged-7"},
     )
-    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    entries = server.log_entries()
     created = [e for e in entries if e.get("message") == "campaign created"]
     assert any(
         e.get("request_id") == "req-logged-7" and e["campaign_name"] == "logged" for e in created
@@ -342,7 +342,7 @@ async def test_issue_coupon_failures_are_logged_with_the_caller_s_request_id_and
                 assert response.status == 503, response.body
                 answers.append(str(response.json()["message"]))
                 time.sleep(1.1)  # a failure of one kind is logged once a second
-            entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+            entries = server.log_entries()
             failed = [e for e in entries if e.get("message") == "rpc failed"]
             assert {e.get("request_id") for e in failed} >= {"rid-0", "rid-1"}, failed
             # Anonymous callers are not told where Redis is nor what its client said; the
@@ -366,7 +366,7 @@ def test_a_campaign_ended_is_logged_once_however_often_it_is_ended(
             f"{server.url}/coupon.v1.CouponService/EndCampaign", json={"campaignId": created}
         )
         assert ended.status_code == 200, ended.text
-    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    entries = server.log_entries()
     logged = [
         e for e in entries if e.get("message") == "campaign ended" and e["campaign_id"] == created
     ]

@@ -852,7 +852,7 @@ def test_a_worker_killed_outright_is_a_warning_naming_it_and_the_signal(
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while True:
-            entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+            entries = server.log_entries()
             said = [e for e in entries if e.get("pid") == victim and e["level"] != "info"]
             if said or time.monotonic() > deadline:
                 break
@@ -883,8 +883,7 @@ def test_a_hung_worker_and_one_killed_meanwhile_are_each_told_as_what_they_did(
         deadline = time.monotonic() + 60
         said: dict[int, str] = {}
         while len(said) < 2 and time.monotonic() < deadline:
-            for line in server.log(tail=1_000_000).splitlines():
-                entry = json.loads(line) if line.startswith("{") else {}
+            for entry in server.log_entries(tail=1_000_000):
                 if entry.get("pid") in (hung, killed) and entry.get("level") == "warning":
                     said[entry["pid"]] = entry["message"]
             time.sleep(0.1)
@@ -916,7 +915,7 @@ def test_a_postgres_refusal_is_logged_with_the_address_it_came_from(
     )
     assert answer.json()["code"] == "unavailable", answer.text
     assert "127.0.0.1" not in answer.text
-    entries = [json.loads(x) for x in server.log().splitlines() if x.startswith("{")]
+    entries = server.log_entries()
     failed = [e for e in entries if e.get("rpc") == "GetCampaign"]
     assert failed, server.log()
     cause = str(failed[0].get("cause"))
