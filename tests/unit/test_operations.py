@@ -38,7 +38,7 @@ from coupon.application.operations import (
     ListCampaigns,
     ListUserCoupons,
 )
-from coupon.application.ports import LiveCounts, StockGate
+from coupon.application.ports import CampaignRepository, LiveCounts, StockGate
 from coupon.application.refusals import RefusalMemory
 from coupon.application.use_cases import CampaignDirectory, CreateCampaign
 from coupon.domain.campaign import Campaign, CampaignStatus
@@ -87,10 +87,23 @@ class World:
         await asyncio.sleep(0.002)  # ids are ordered by the millisecond they were made in
         return campaign
 
-    def end(self, process: Process | None = None) -> EndCampaign:
+    def end(
+        self,
+        process: Process | None = None,
+        *,
+        campaigns: CampaignRepository | None = None,
+        gate: StockGate | None = None,
+    ) -> EndCampaign:
+        """The kill switch of `process` (a new one by default), on its own campaigns'
+        repository or gate when given (one made to fail)."""
         process = process or self.process()
         return EndCampaign(
-            self.campaigns, process.gate, self.clock, process.directory, process.memory, self.clock
+            campaigns or self.campaigns,
+            gate or process.gate,
+            self.clock,
+            process.directory,
+            process.memory,
+            self.clock,
         )
 
 
@@ -306,9 +319,7 @@ async def test_an_end_the_database_could_not_record_says_so_and_a_retry_records_
         async def end(self, campaign_id: str, at: datetime) -> Campaign | None:
             raise Unavailable("PostgreSQL is unavailable")
 
-    failing = EndCampaign(
-        Failing(world.store), a.gate, world.clock, a.directory, a.memory, world.clock
-    )
+    failing = world.end(a, campaigns=Failing(world.store))
     with pytest.raises(Unavailable) as caught:
         await failing.execute(campaign_id=campaign.id)
     assert "not recorded yet; retry EndCampaign to record it" in str(caught.value)
@@ -335,9 +346,7 @@ async def test_an_end_in_force_is_answered_when_its_count_cannot_be_settled(
         async def pending_count(self, campaign_id: str, end: datetime) -> int:
             raise Unavailable("Redis is unavailable")
 
-    blip = EndCampaign(
-        world.campaigns, Blip(world.clock), world.clock, a.directory, a.memory, world.clock
-    )
+    blip = world.end(a, gate=Blip(world.clock))
     ended = await blip.execute(campaign_id=campaign.id)
     assert ended.changed and ended.campaign.ended_at is not None
     assert ended.still_recording == STILL_RECORDING_UNKNOWN
@@ -357,9 +366,7 @@ async def test_an_end_in_force_is_answered_when_its_count_cannot_be_settled(
                 raise Unavailable("PostgreSQL is unavailable")
             return await super().get(campaign_id)
 
-    unreadable = EndCampaign(
-        Unreadable(world.store), a.gate, world.clock, a.directory, a.memory, world.clock
-    )
+    unreadable = world.end(a, campaigns=Unreadable(world.store))
     ended = await unreadable.execute(campaign_id=second.id)
     assert ended.changed and ended.campaign.ended_at is not None
     assert ended.still_recording == STILL_RECORDING_UNKNOWN
@@ -376,9 +383,7 @@ async def test_an_ended_campaign_is_returned_as_it_is_while_the_gate_is_down(
         async def end(self, campaign_id: str, at: datetime | None) -> datetime:
             raise Unavailable("Redis is unavailable")
 
-    down = EndCampaign(
-        world.campaigns, Down(world.clock), world.clock, a.directory, a.memory, world.clock
-    )
+    down = world.end(a, gate=Down(world.clock))
     again = await down.execute(campaign_id=campaign.id)
     assert again.campaign.ended_at == first.campaign.ended_at and not again.changed
 
