@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -92,3 +92,17 @@ async def delete_prefix(redis_url: str, prefix: str) -> None:
             await client.delete(*batch)
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def table_locked(pool: asyncpg.Pool, table: str, mode: str) -> AsyncIterator[None]:
+    """`table` locked in `mode` (`LOCK TABLE table IN mode MODE`) by a transaction of the
+    test's own, rolled back when the block ends: what needs that table waits meanwhile."""
+    async with pool.acquire() as locker:
+        held = locker.transaction()
+        await held.start()
+        try:
+            await locker.execute(f"LOCK TABLE {table} IN {mode} MODE")
+            yield
+        finally:
+            await held.rollback()

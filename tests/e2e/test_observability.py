@@ -21,6 +21,7 @@ from harness.private_redis import PrivateRedis
 from harness.raw_http import open_connection, read_response
 from harness.server import ServerProcess, free_port
 from harness.server import metric_value as metric
+from harness.services import table_locked
 
 pytestmark = pytest.mark.e2e
 ISSUE = "/coupon.v1.CouponService/IssueCoupon"
@@ -185,34 +186,28 @@ async def test_gauges_tell_requests_in_flight_and_connections_in_use(
         assert at_rest["coupon_issue_admission_limit"] == 1024, at_rest  # a new process's
         assert at_rest["coupon_db_pool_connections_max"] == 8, at_rest
         async with httpx.AsyncClient(base_url=single.url, timeout=30) as client:
-            async with pg_pool.acquire() as locker:
-                held = locker.transaction()
-                await held.start()
-                try:
-                    await locker.execute("LOCK TABLE campaigns IN ACCESS EXCLUSIVE MODE")
-                    issues = [
-                        client.post(ISSUE, json={"campaignId": created, "userId": f"u{i}"})
-                        for i in range(10)
-                    ]
-                    gets = [
-                        client.post(
-                            "/coupon.v1.CouponService/GetCampaign", json={"campaignId": created}
-                        )
-                        for _ in range(4)
-                    ]
-                    calls = asyncio.gather(*issues, *gets)
-                    deadline = time.monotonic() + 8
-                    while True:
-                        held_up = await asyncio.to_thread(gauges)
-                        waiting = (
-                            held_up["coupon_issue_in_flight"] == 10
-                            and held_up["coupon_db_pool_connections_in_use"] >= 5
-                        )
-                        if waiting or time.monotonic() > deadline:
-                            break
-                        await asyncio.sleep(0.1)
-                finally:
-                    await held.rollback()
+            async with table_locked(pg_pool, "campaigns", "ACCESS EXCLUSIVE"):
+                issues = [
+                    client.post(ISSUE, json={"campaignId": created, "userId": f"u{i}"})
+                    for i in range(10)
+                ]
+                gets = [
+                    client.post(
+                        "/coupon.v1.CouponService/GetCampaign", json={"campaignId": created}
+                    )
+                    for _ in range(4)
+                ]
+                calls = asyncio.gather(*issues, *gets)
+                deadline = time.monotonic() + 8
+                while True:
+                    held_up = await asyncio.to_thread(gauges)
+                    waiting = (
+                        held_up["coupon_issue_in_flight"] == 10
+                        and held_up["coupon_db_pool_connections_in_use"] >= 5
+                    )
+                    if waiting or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
             answers = await calls
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         assert held_up["coupon_issue_in_flight"] == 10, held_up

@@ -24,6 +24,7 @@ from coupon.gen.coupon.v1.coupon_connect import CouponServiceClient
 from harness.burst import Outcome, drive
 from harness.client import admin, all_coupons, connect_client, create_campaign, issue_retrying
 from harness.server import ServerProcess
+from harness.services import table_locked
 
 TOKEN = "operators-token"
 BURST_SECONDS = 60
@@ -265,27 +266,20 @@ async def test_end_campaign_answers_the_final_count_of_commits_that_end_after_it
         campaign = await create_campaign(client, total=100, name="late commits", token=TOKEN)
         await issue(client, campaign.id, "warm")
         pending_key = f"{redis_prefix}:{{{campaign.id}}}:pending"
-        async with pg_pool.acquire() as locker:
-            held = locker.transaction()
-            await held.start()
-            try:
-                # Inserts wait behind this lock; reads do not.
-                await locker.execute("LOCK TABLE coupons IN SHARE MODE")
-                issues = [
-                    asyncio.ensure_future(issue(client, campaign.id, f"late-{i}"))
-                    for i in range(20)
-                ]
-                give_up = time.monotonic() + 30
-                while await redis_client.zcard(pending_key) < 20:
-                    assert time.monotonic() < give_up, "the requests were not admitted"
-                    await asyncio.sleep(0.02)
-                ending = asyncio.ensure_future(end_reply(client, campaign.id))
-                recorded = "SELECT ended_at FROM campaigns WHERE id = $1"
-                while await pg_pool.fetchval(recorded, uuid.UUID(campaign.id)) is None:
-                    assert time.monotonic() < give_up, "the end was not recorded"
-                    await asyncio.sleep(0.02)
-            finally:
-                await held.rollback()
+        # Inserts wait behind this lock; reads do not.
+        async with table_locked(pg_pool, "coupons", "SHARE"):
+            issues = [
+                asyncio.ensure_future(issue(client, campaign.id, f"late-{i}")) for i in range(20)
+            ]
+            give_up = time.monotonic() + 30
+            while await redis_client.zcard(pending_key) < 20:
+                assert time.monotonic() < give_up, "the requests were not admitted"
+                await asyncio.sleep(0.02)
+            ending = asyncio.ensure_future(end_reply(client, campaign.id))
+            recorded = "SELECT ended_at FROM campaigns WHERE id = $1"
+            while await pg_pool.fetchval(recorded, uuid.UUID(campaign.id)) is None:
+                assert time.monotonic() < give_up, "the end was not recorded"
+                await asyncio.sleep(0.02)
         reply = await ending
         coupons = await asyncio.gather(*issues)
     stored = await pg_pool.fetchval(
