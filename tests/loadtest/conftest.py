@@ -13,9 +13,5 @@ from harness.server import ServerProcess
 @pytest.fixture
 def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A real server, serving from memory, for one test."""
-    server = ServerProcess(env={}, in_memory=True, log_dir=tmp_path)
-    try:
-        server.wait_ready()
+    with ServerProcess(env={}, in_memory=True, log_dir=tmp_path) as server:
         yield server
-    finally:
-        server.stop()

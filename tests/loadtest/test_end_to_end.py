@@ -198,12 +198,8 @@ def test_real_server_passes_every_check(memory_server: ServerProcess, tmp_path: 
 def test_real_server_passes_when_checked_in_postgresql_too(
     server_env: dict[str, str], database: str, tmp_path: Path
 ) -> None:
-    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
-    try:
-        server.wait_ready()
+    with ServerProcess(env=server_env, workers=2, log_dir=tmp_path) as server:
         code, document = loadtest(server.url, tmp_path, "--database-url", database, "--json")
-    finally:
-        server.stop()
 
     assert code == 0, document["verdict"]
     sources = {c["source"] for c in document["verification"]["checks"]}
@@ -218,9 +214,7 @@ def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
     # The tool targets a campaign it did not create, so it learns the server's clock from
     # GetCampaign alone; the burst begins before the start and sells out just after it,
     # where a clock estimate that is off by more than it admits condemns good successes.
-    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
-    try:
-        server.wait_ready()
+    with ServerProcess(env=server_env, workers=2, log_dir=tmp_path) as server:
         starts_at = datetime.now(UTC) + timedelta(seconds=4)
         created = httpx.post(
             f"{server.url}/coupon.v1.CouponService/CreateCampaign",
@@ -236,8 +230,6 @@ def test_an_existing_campaign_opening_mid_burst_has_no_success_before_its_start(
         code, document = loadtest(
             server.url, tmp_path, "--campaign-id", campaign_id, "--database-url", database
         )
-    finally:
-        server.stop()
 
     assert code == 0, document["verdict"]
     assert failed_checks(document) == set()
@@ -282,9 +274,7 @@ def test_a_coupon_issued_before_the_run_outside_the_window_fails_i3(
 ) -> None:
     # A campaign that holds coupons already is checked whole, as I1, I2 and I4 count every
     # row: a coupon stamped before the start is a violation whoever issued it.
-    server = ServerProcess(env=server_env, workers=1, log_dir=tmp_path)
-    try:
-        server.wait_ready()
+    with ServerProcess(env=server_env, workers=1, log_dir=tmp_path) as server:
         campaign_id = create_campaign(server, 200, datetime.now(UTC) + timedelta(seconds=1))
         asyncio.run(insert_early_coupon(database, campaign_id))
         # Fewer users than the stock: the run never reaches the slot the tampered row holds.
@@ -292,8 +282,6 @@ def test_a_coupon_issued_before_the_run_outside_the_window_fails_i3(
             server.url, tmp_path, "--campaign-id", campaign_id, "--database-url", database,
             "--users", "50", "--rate", "200", "--processes", "1",
         )  # fmt: skip
-    finally:
-        server.stop()
 
     outside = [
         check

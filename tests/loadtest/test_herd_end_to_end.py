@@ -59,9 +59,7 @@ def retries_sum(histogram: dict[str, int]) -> int:
 def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
     server_env: dict[str, str], database: str, tmp_path: Path
 ) -> None:
-    server = ServerProcess(env=server_env, workers=2, log_dir=tmp_path)
-    try:
-        server.wait_ready()
+    with ServerProcess(env=server_env, workers=2, log_dir=tmp_path) as server:
         code, document = herd(
             server.url,
             tmp_path,
@@ -72,8 +70,6 @@ def test_a_crowd_on_the_real_service_is_answered_and_every_invariant_holds(
             "--database-url",
             database,
         )
-    finally:
-        server.stop()
 
     assert code == 0, document["verdict"]
     checks = document["verification"]["checks"]
